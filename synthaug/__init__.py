@@ -1,0 +1,54 @@
+"""synthaug: class-accurate synthetic training sets from text-to-image diffusion models.
+
+The public API, one entry point per stage (see ARCHITECTURE.md). Imports are lazy so that ``import synthaug`` and
+``synthaug --help`` stay instant; torch/diffusers/transformers load on first use of a name that needs them.
+
+>>> from synthaug import load_diffusion, load_classifier, learn_dct_token, save_tokens, generate
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # config
+    "BuildConfig": "config", "DCTConfig": "config", "MCTIConfig": "config", "GenerateConfig": "config",
+    "load_config": "config",
+    "UserError": "errors",
+    # models
+    "load_diffusion": "models", "clip_tokenizer": "models", "tiny_pipeline": "models",
+    # classifier
+    "load_classifier": "classifier", "Classifier": "classifier",
+    # tokens
+    "learn_dct_token": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
+    "load_tokens": "tokens", "add_tokens": "tokens",
+    # mcti
+    "learn_mcti_token": "mcti", "classify": "mcti",
+    # generate
+    "generate": "generate", "GeneratedImage": "generate", "image_seed": "generate",
+    # shards
+    "write_shard": "shards", "merge_index": "shards", "read_sample": "shards", "verify": "shards",
+    # datasets / mix
+    "get_dataset": "datasets", "few_shot_indices": "datasets",
+    "SynthAugDataset": "mix",
+    # distributed
+    "build": "distributed",
+    # evaluate / report
+    "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
+    "write_report": "report",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'synthaug' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,380 @@
+"""Configuration: frozen dataclasses, one per stage, validated up front.
+
+Consumes ``configs/*.yaml`` + CLI ``--set key=value`` overrides and produces a frozen `BuildConfig`; the resolved
+config is written as ``out/config.yaml`` before any work. YAML keys equal field names (nested sections as mappings,
+``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``, ``fast``) are named override sets
+applied before the file's own keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .errors import UserError
+
+# The paper's two training prompts (DCT appendix D / §3 "Design choices"), with `{token}` for S_c and `{label}`.
+PAPER_PROMPTS = ("A high-resolution realistic image of a {token} {label}", "A photo of {token} {label}")
+
+
+@dataclass(frozen=True)
+class DCTConfig:
+    """Discriminative Class Token learning (DCT §3, appendix D)."""
+
+    max_steps: int = 200  # early stopping rule 3: the paper stops after 200 updates
+    batch_size: int = 5  # seeds per update; the paper picked 5 after trying 1-6 (appendix B)
+    lr: float | None = None  # None -> 0.00025 * batch_size, the paper's recommendation
+    grad_clip: float = 1.0  # max grad-norm, applied after backward on unscaled gradients
+    grad_steps: int = 1  # denoising steps that carry gradient (1 = the paper's "gradient skipping")
+    num_inference_steps: int = 50  # T during training
+    guidance_scale: float = 7.0  # CFG during training, as at generation
+    height: int = 512
+    width: int = 512
+    prompts: tuple[str, ...] = PAPER_PROMPTS  # cycled over updates; `{token}` = S_c, `{label}` = clean class name
+    init_token: str = "a"  # "bird" for bird classifiers, "a" for general ones (paper §3)
+    stop_all_correct: bool = True  # rule 1: stop when the whole batch is classified as the class
+    patience: int = 20  # rule 2: no loss improvement for this many updates ...
+    patience_min_accuracy: float = 0.5  # ... while at least this fraction of the batch is correct
+    fixed_seeds: bool = True  # reuse one batch of training seeds every update (NOTES.md: fresh noise diverged)
+    select: str = "min_loss"  # which token to keep: "min_loss" (reference code) or "last"
+    augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
+    straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (NOTES.md)
+    seed: int = 0  # base seed of the training noise
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 0.00025 * self.batch_size
+
+
+@dataclass(frozen=True)
+class MCTIConfig:
+    """Textual inversion and Multi-Class TI (MC-TI §3.2)."""
+
+    shots: int = 5  # real images per class the tokens are learned from
+    steps: int = 3000  # TI steps (the TI paper's schedule; MC-TI warm-up)
+    extra_steps: int = 100  # MC-TI joint-loss steps after the TI warm-up
+    lr: float = 5e-4  # AdamW
+    batch_size: int = 4
+    alpha: float = 1.0  # weight of the noise-prediction loss (Eq. 5)
+    beta: float = 1.0  # weight of the discriminative regularizer (Eq. 5); 0 -> plain TI
+    scale: float = 10.0  # s in Eq. 3: inverse softmax temperature
+    init_token: str = "a"
+    clip_model: str | None = None  # CLIP with the image tower paired to the text encoder; None -> the world's own
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Image generation with the learned tokens (and the plain prompt on the same seeds)."""
+
+    prompt: str = "A photo of {token} {label}"  # `{token}` is dropped for the plain-prompt baseline
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.0
+    height: int = 512
+    width: int = 512
+    batch_size: int = 8
+    seed: int = 0  # per-image seed = f(seed, class, index), see generate.image_seed
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """WebDataset shards."""
+
+    samples_per_shard: int = 1000  # a class's images are split into chunks of this size; one shard per chunk
+    image_format: str = "png"  # png | jpg | webp
+    quality: int = 95  # jpg/webp quality (recorded in the stats)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where and how the work runs."""
+
+    executor: str = "ray"  # ray | local
+    ray_address: str | None = None  # None -> start a local Ray; "auto" or an address -> attach
+    num_workers: int | None = None  # actors; None -> one per GPU, or 1 CPU actor per 2 CPUs without GPUs
+    cpus_per_worker: int = 2  # CPU slots per actor when the cluster has no GPU
+    max_retries: int = 2  # a failed class job is retried this many times
+    max_in_flight: int | None = None  # jobs submitted but not finished; None -> 2 x workers
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `synthaug build` needs. YAML keys equal these field names."""
+
+    dataset: str = "digits"  # digits | cub | inat | imagenet | imagefolder | a torchvision set name
+    root: str | None = None  # dataset root on disk (None for the embedded digits)
+    split: str = "train"
+    classes: str | None = None  # selection: "0-9,17" or comma-separated names; None -> all
+    model: str = "digits"  # diffusers hub id / local dir / embedded name
+    scheduler: str | None = None  # None keeps the model's scheduler
+    device: str = "auto"
+    dtype: str = "auto"
+    guide: str = "digits-guide"  # classifier that steers DCT tokens (see classifier.load_classifier)
+    guide_trained_on: str | None = None  # note of what the guide saw; None -> what the classifier source declares
+    method: str = "dct"  # dct | ti | mcti
+    per_class: int = 100
+    baseline: bool = False  # also generate plain-prompt ("sd") images with the same seeds
+    out: str = "out/digits"
+    dct: DCTConfig = field(default_factory=DCTConfig)
+    mcti: MCTIConfig = field(default_factory=MCTIConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Named override sets. `paper`: DCT appendix D. `fast`: see BENCHMARKS.md for why each change is allowed.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "dct.num_inference_steps": 50, "dct.guidance_scale": 7.0, "dct.height": 512, "dct.width": 512,
+        "dct.batch_size": 5, "dct.lr": None, "dct.grad_clip": 1.0, "dct.max_steps": 200, "dct.patience": 20,
+        "dct.patience_min_accuracy": 0.5, "dct.stop_all_correct": True, "dct.prompts": list(PAPER_PROMPTS),
+        "dct.grad_steps": 1, "generate.num_inference_steps": 50, "generate.guidance_scale": 7.0,
+        "generate.height": 512, "generate.width": 512,
+    },
+}
+
+VALID = {
+    "method": ("dct", "ti", "mcti"),
+    "run.executor": ("ray", "local"),
+    "shards.image_format": ("png", "jpg", "webp"),
+    "dct.select": ("min_loss", "last"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a config from mappings and overrides
+# --------------------------------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise a UserError naming the key."""
+    origin, args = get_origin(tp), get_args(tp)
+    if value is None:
+        if type(None) in args or tp is Any:
+            return None
+        raise UserError(f"`{key}` may not be null: give a value of type {getattr(tp, '__name__', tp)}.")
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"`{key}` must be a list but is {value!r}.")
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise UserError(f"`{key}` must be true or false but is {value!r}.")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"`{key}` must be a number but is {value!r}.")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise UserError(f"`{key}` must be {'an integer' if tp is int else 'a number'} but is {value!r}.") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise UserError(f"`{key}` must be an integer but is {value!r}.")
+        return out
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"section `{prefix[:-1]}`" if prefix else "the config"
+        raise UserError(
+            f"Unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}: valid keys are "
+            f"{', '.join(sorted(names))}. Fix the spelling or remove them."
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"`{prefix}{name}` must be a mapping of its fields but is {value!r}.")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"`--set {key}`: `{p}` is not a section.")
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["dct.lr=0.001", "per_class=10"]`` -> ``{"dct.lr": 0.001, "per_class": 10}`` (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"`--set` expects key=value but got {pair!r}: e.g. `--set dct.lr=0.001`.")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
+) -> BuildConfig:
+    """Resolve a `BuildConfig`: defaults <- preset <- YAML file <- overrides (dotted keys), then validate.
+
+    >>> cfg = load_config(overrides={"per_class": 10, "dct.lr": 1e-3})
+    >>> cfg.dct.learning_rate
+    0.001
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"`--config` {str(path)!r} does not exist: pass a YAML file such as configs/digits.yaml.")
+        try:
+            file_data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"`--config` {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}.") from None
+        if not isinstance(file_data, dict):
+            raise UserError(f"`--config` {str(path)!r} must hold a mapping of config keys, not {type(file_data).__name__}.")
+    preset = preset or file_data.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"`preset` must be one of {', '.join(PRESETS)} but is {preset!r}.")
+        for k, v in PRESETS[preset].items():
+            _set_dotted(data, k, v)
+    _merge(data, file_data)
+    for k, v in (overrides or {}).items():
+        _set_dotted(data, k, v)
+    cfg = _build(BuildConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    for p in dotted.split("."):
+        cfg = getattr(cfg, p)
+    return cfg
+
+
+def validate(cfg: BuildConfig) -> None:
+    """Every rule that can be checked without data or models (DESIGN.md §5). Raises `UserError`."""
+    for key, valid in VALID.items():
+        v = get(cfg, key)
+        if v not in valid:
+            raise UserError(f"`{key}` must be one of {', '.join(valid)} but is {v!r}.")
+    positive = ["per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "generate.batch_size",
+                "generate.num_inference_steps", "shards.samples_per_shard", "mcti.shots", "mcti.batch_size",
+                "run.cpus_per_worker"]
+    for key in positive:
+        if get(cfg, key) <= 0:
+            raise UserError(f"`{key}` must be > 0 but is {get(cfg, key)!r}.")
+    for key in ["dct.patience", "dct.augment", "run.max_retries", "mcti.steps", "mcti.extra_steps"]:
+        if get(cfg, key) < 0:
+            raise UserError(f"`{key}` must be >= 0 but is {get(cfg, key)!r}.")
+    if not 1 <= cfg.dct.grad_steps <= cfg.dct.num_inference_steps:
+        raise UserError(
+            f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({cfg.dct.num_inference_steps}) "
+            f"but is {cfg.dct.grad_steps}."
+        )
+    for sec in ("dct", "generate"):
+        h, w = get(cfg, f"{sec}.height"), get(cfg, f"{sec}.width")
+        if h % 8 or w % 8 or h <= 0 or w <= 0:
+            raise UserError(
+                f"`{sec}.height` and `{sec}.width` have to be positive and divisible by 8 but are {h} and {w}: "
+                f"use e.g. {max(8, h // 8 * 8)}."
+            )
+    if cfg.dct.lr is not None and cfg.dct.lr <= 0:
+        raise UserError(f"`dct.lr` must be > 0 (or null for 0.00025 x batch_size) but is {cfg.dct.lr!r}.")
+    if not 0 <= cfg.dct.patience_min_accuracy <= 1:
+        raise UserError(f"`dct.patience_min_accuracy` must be in [0, 1] but is {cfg.dct.patience_min_accuracy!r}.")
+    for p in cfg.dct.prompts:
+        if "{token}" not in p:
+            raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
+    if "{token}" not in cfg.generate.prompt:
+        raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
+    if cfg.scheduler is not None:
+        from .models import SCHEDULERS
+
+        if cfg.scheduler not in SCHEDULERS:
+            raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
+    if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):
+        raise UserError(f"`classes` must be like '0-9,17' or 'name1,name2' but is {cfg.classes!r}.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing and comparing
+# --------------------------------------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) — what ``out/config.yaml`` holds."""
+    def conv(v):
+        if is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def diff(a: BuildConfig | dict, b: BuildConfig | dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (the keys in `ignore` and below are skipped)."""
+    fa = flatten(a if isinstance(a, dict) else to_dict(a))
+    fb = flatten(b if isinstance(b, dict) else to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore)]
+
+
+def dump_yaml(cfg: BuildConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> BuildConfig:
+    """Inverse of `to_dict` (used to read ``out/config.yaml`` back)."""
+    return _build(BuildConfig, data)
+
+
+__all__ = ["BuildConfig", "DCTConfig", "MCTIConfig", "GenerateConfig", "ShardConfig", "RunConfig", "PRESETS",
+           "load_config", "parse_overrides", "to_dict", "from_dict", "diff", "dump_yaml", "validate", "replace"]

@@ -1,0 +1,259 @@
+"""Diffusion models: load a Stable Diffusion pipeline from a hub id, a local directory, or the embedded world.
+
+Consumes a diffusers model id / local `save_pretrained` directory / embedded name (``"digits"``) and produces a stock
+`StableDiffusionPipeline` (tokenizer, text encoder, UNet, VAE, scheduler) on the right device and dtype. Never
+downloads when offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``): absent weights give a one-line
+`UserError` instead of a hub stack trace.
+
+Also here: the real CLIP BPE tokenizer built without any download (from the OpenAI BPE merges shipped in the
+package), and the tiny model builder that tests use (configs in the manner of diffusers' own tests).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import UserError
+
+if TYPE_CHECKING:  # heavy imports stay out of module import time (``synthaug --help`` must be instant)
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+CLIP_BPE = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+
+# Embedded worlds: a name that resolves to a diffusers directory shipped inside the package.
+EMBEDDED_MODELS = {"digits": ASSETS / "digits" / "model"}
+
+# Schedulers by the names users type; each maps to (diffusers class name, extra config overrides).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Devices and dtypes
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> the first CUDA device if there is one, else CPU. Anything else is passed to torch."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' but is {device!r}: {e}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Weights dtype for UNet/VAE. ``"auto"``: bf16 on CUDA where supported (fp16 otherwise), fp32 on CPU.
+
+    The *token path* (the trained embedding and its optimizer state) is always fp32, whatever this returns; see
+    `synthaug.tokens`.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"`dtype` must be one of auto, {', '.join(DTYPES)} but is {dtype!r}.")
+    return DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The CLIP tokenizer, offline
+# --------------------------------------------------------------------------------------------------------------------
+def _bytes_to_unicode() -> dict[int, str]:
+    # OpenAI CLIP's reversible byte -> printable unicode table (simple_tokenizer.py).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer_dir() -> str:
+    """Write vocab.json/merges.txt/tokenizer_config.json once per process from the shipped BPE merges."""
+    lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]  # 48,894 merges, as OpenAI's recipe
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    d = Path(tempfile.mkdtemp(prefix="synthaug-clip-tokenizer-"))
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # model_max_length must be written: without it transformers reports 1e30 and SD pipelines overflow (NOTES.md).
+    config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
+              "tokenizer_class": "CLIPTokenizer"}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(d)
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP ViT-L/14 (Stable Diffusion 1.x) tokenizer, built with no download.
+
+    >>> clip_tokenizer()("a photo of a cat").input_ids
+    [49406, 320, 1125, 539, 320, 2368, 49407]
+    """
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(_clip_tokenizer_dir())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_model_path(model: str) -> str:
+    """An embedded name -> its shipped directory; an existing local path -> itself; anything else -> a hub id."""
+    if model in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[model]
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"`model` {model!r} is an embedded world but its weights are missing at {path}: reinstall synthaug, "
+                f"or rebuild them with `python scripts/train_digits_world.py`."
+            )
+        return str(path)
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "model_index.json").is_file():
+            raise UserError(
+                f"`model` {model!r} is a local path but has no model_index.json: pass a diffusers directory written "
+                f"by `StableDiffusionPipeline.save_pretrained`, or a hub id like 'CompVis/stable-diffusion-v1-4'."
+            )
+        return str(p)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"`model` {model!r} does not exist: pass an existing local diffusers directory or a hub id.")
+    return model
+
+
+def offline() -> bool:
+    """True when the user asked huggingface_hub not to touch the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None) -> StableDiffusionPipeline:
+    """Swap the pipeline's scheduler for a named one built from the same config (diffusers' `from_config` idiom)."""
+    if scheduler is None:
+        return pipe
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {scheduler!r}.")
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    return pipe
+
+
+def load_diffusion(
+    model: str,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    scheduler: str | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x/2.x pipeline, ready for token learning and generation.
+
+    Args:
+        model: hub id (``"CompVis/stable-diffusion-v1-4"``), local `save_pretrained` directory, or ``"digits"``.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:1"``...
+        dtype: UNet/VAE/text-encoder weights dtype; ``"auto"`` = bf16/fp16 on CUDA, fp32 on CPU.
+        scheduler: optional scheduler name (see `SCHEDULERS`); default keeps the model's own.
+        local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
+        revision: hub revision.
+
+    Returns:
+        A stock `StableDiffusionPipeline` with the safety checker removed, progress bar off, weights frozen.
+
+    >>> pipe = load_diffusion("digits", device="cpu")
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if local_files_only is None:
+        local_files_only = offline() or Path(path).exists()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, local_files_only=local_files_only, revision=revision,
+        )
+    except (OSError, ValueError) as e:  # huggingface_hub's not-found errors are OSError subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("it is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1 or "
+                "local_files_only): download it first with `huggingface-cli download " + model + "`, or pass a local "
+                "diffusers directory") if local_files_only else "pass a local diffusers directory or a valid hub id"
+        raise UserError(f"`model` {model!r} could not be loaded ({first[:200]}): {hint}.") from None
+    set_scheduler(pipe, scheduler)
+    pipe.to(dev)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.synthaug_model_id = model  # recorded in token files and index rows
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tiny models for tests (random weights: mechanics only; nothing learns with them, see NOTES.md)
+# --------------------------------------------------------------------------------------------------------------------
+def tiny_pipeline(seed: int = 0, *, sample_size: int = 32, hidden_size: int = 32) -> StableDiffusionPipeline:
+    """A random-weight Stable Diffusion pipeline built from configs, in the manner of diffusers' tests.
+
+    UNet (32, 64) channels with cross-attention, a two-block VAE (latents at half resolution), a 2-layer CLIP text
+    encoder over the real CLIP tokenizer, DDIM with SD's schedule. ~0.1 s per 10-step batch of 4 at 32 px on a CPU.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden_size, norm_num_groups=32, attention_head_dim=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=sample_size,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden_size, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+        max_position_embeddings=77, projection_dim=hidden_size,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.synthaug_model_id = f"tiny-{seed}"
+    return pipe

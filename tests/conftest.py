@@ -1,0 +1,21 @@
+"""Test set-up: never touch a hub, keep CPU threads modest, build tiny models once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A random-weight tiny Stable Diffusion pipeline (mechanics only: random weights don't learn)."""
+    from synthaug.models import tiny_pipeline
+
+    return tiny_pipeline(seed=0)
