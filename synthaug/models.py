@@ -166,6 +166,13 @@ def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None) -> Stabl
     return pipe
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    # diffusers renamed `torch_dtype` to `dtype` (0.36+, with a deprecation warning for the old name).
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def load_diffusion(
     model: str,
     *,
@@ -199,7 +206,7 @@ def load_diffusion(
         local_files_only = offline() or Path(path).exists()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            path, **_dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, local_files_only=local_files_only, revision=revision,
         )
     except (OSError, ValueError) as e:  # huggingface_hub's not-found errors are OSError subclasses

@@ -1,0 +1,289 @@
+"""The `synthaug` command line: argv -> exactly one public function per subcommand.
+
+User errors (`UserError`) print on one line and exit 2, without a traceback. Heavy libraries are imported inside the
+subcommands so that `synthaug --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import UserError
+
+log = logging.getLogger("synthaug")
+
+EPILOG = """examples:
+  synthaug build --dataset digits --per-class 100 --baseline          # the embedded world, on a CPU
+  synthaug build --dataset cub --root data/CUB_200_2011 --per-class 100 --out out/cub
+  synthaug build --config configs/cub.yaml --set model=stabilityai/stable-diffusion-2-1-base
+  synthaug evaluate out/digits --judge digits-judge
+  synthaug report out/digits
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------------------------------------------------
+def _config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (YAML keys = config field names; CLI flags override the file)")
+    g.add_argument("--config", help="YAML config file (see configs/); keys equal BuildConfig field names")
+    g.add_argument("--preset", help="named override set applied first: 'paper' (DCT appendix D settings)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, dotted for sections: --set dct.lr=0.001 --set per_class=10")
+    g.add_argument("--dataset", help="digits | cub | inat | imagenet | imagefolder | a torchvision set name")
+    g.add_argument("--root", help="dataset root on disk (not needed for digits)")
+    g.add_argument("--classes", help="class selection: indices/ranges '0-9,17' or names 'seven,one'")
+    g.add_argument("--model", help="diffusers hub id, local save_pretrained dir, or 'digits'")
+    g.add_argument("--scheduler", help="ddim | pndm | euler | euler_a | dpmsolver++ | lms (default: the model's own)")
+    g.add_argument("--guide", help="classifier that steers DCT tokens: timm name, hf-hub:id, torchvision:name, dir, ...")
+    g.add_argument("--method", choices=["dct", "ti", "mcti"], help="how class tokens are learned (default dct)")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--out", help="output directory (default out/digits)")
+
+
+def _overrides(args: argparse.Namespace, extra: dict | None = None) -> dict:
+    from .config import parse_overrides
+
+    flags = {"dataset": "dataset", "root": "root", "classes": "classes", "model": "model", "scheduler": "scheduler",
+             "guide": "guide", "method": "method", "device": "device", "out": "out"}
+    out = {}
+    for attr, key in flags.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out[key] = v
+    out.update(extra or {})
+    out.update(parse_overrides(args.overrides))
+    return out
+
+
+def _load_config(args: argparse.Namespace, extra: dict | None = None):
+    from .config import load_config
+
+    return load_config(args.config, _overrides(args, extra), preset=args.preset)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    from .distributed import build
+
+    extra = {}
+    if args.per_class is not None:
+        extra["per_class"] = args.per_class
+    if args.baseline:
+        extra["baseline"] = True
+    if args.shots is not None:
+        extra["mcti.shots"] = args.shots
+    if args.executor is not None:
+        extra["run.executor"] = args.executor
+    if args.ray_address is not None:
+        extra["run.ray_address"] = args.ray_address
+    if args.num_workers is not None:
+        extra["run.num_workers"] = args.num_workers
+    cfg = _load_config(args, extra)
+    result = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .tokens import learn_tokens
+
+    cfg = _load_config(args)
+    results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
+    for r in results:
+        print(f"{r.token}  class {r.class_index:>4} {r.label!r}: {r.steps} steps, stop={r.stop_reason}, "
+              f"best step {r.best_step}, {r.seconds:.1f}s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_to_folder
+
+    extra = {"per_class": args.n} if args.n is not None else {}
+    if args.baseline:
+        extra["baseline"] = True
+    cfg = _load_config(args, extra)
+    n = generate_to_folder(cfg, tokens=args.tokens, dest=args.dest, progress=not args.quiet)
+    print(f"wrote {n} images to {args.dest}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .distributed import inspect
+
+    result = inspect(args.out_dir, verify=args.verify)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .distributed import export_tokens
+
+    paths = export_tokens(args.out_dir, format=args.format, dest=args.dest)
+    print(f"wrote {len(paths)} {args.format} embeddings to {args.dest or args.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_judge, format_table
+
+    result = evaluate_judge(args.out_dir, judge=args.judge, device=args.device or "auto", batch_size=args.batch_size)
+    print(format_table(result))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .evaluate import format_table, train_downstream
+
+    shots = [int(s) for s in args.shots.split(",")]
+    result = train_downstream(args.out_dir, real=args.real, root=args.root, shots=shots, seeds=args.seeds,
+                              synthetic_per_class=args.synthetic_per_class, arch=args.arch, epochs=args.epochs,
+                              device=args.device or "auto", progress=not args.quiet)
+    print(format_table(result))
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from .evaluate import compute_fid, format_table
+
+    result = compute_fid(args.out_dir, real=args.real, root=args.root, features=args.features,
+                         device=args.device or "auto")
+    print(format_table(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.out_dir)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .mcti import classify_images
+
+    result = classify_images(args.out_dir, images=args.images, root=args.root, split=args.split,
+                             device=args.device or "auto")
+    print(result.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="synthaug", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Class-accurate synthetic training sets from text-to-image diffusion models.",
+    )
+    parser.add_argument("--version", action="version", version=f"synthaug {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("build", help="learn class tokens, generate images, write shards + index (resumable)",
+                       description="Learn one token per class, generate --per-class images per class (and with "
+                       "--baseline the plain-prompt images on the same seeds), write WebDataset shards and the "
+                       "parquet index. Re-running on an existing --out resumes.")
+    _config_options(p)
+    p.add_argument("--per-class", type=int, help="images per class (default 100)")
+    p.add_argument("--baseline", action="store_true", help="also generate plain-prompt images with the same seeds")
+    p.add_argument("--shots", type=int, help="real images per class for --method ti|mcti")
+    p.add_argument("--executor", choices=["ray", "local"], help="ray (default: one actor per GPU) or local")
+    p.add_argument("--ray-address", help="attach to a Ray cluster ('auto' or an address); default starts a local one")
+    p.add_argument("--num-workers", type=int, help="actors (default: one per GPU, or CPUs/cpus_per_worker)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("learn", help="learn DCT tokens for a few classes (no images)")
+    _config_options(p)
+    p.add_argument("--tokens-out", required=True, help="directory for the token files")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("generate", help="generate PNGs for a few classes with learned tokens (and the plain prompt)")
+    _config_options(p)
+    p.add_argument("--tokens", help="token file or directory written by `synthaug learn` (omit: plain prompt only)")
+    p.add_argument("--dest", required=True, help="folder for the PNGs and metadata.jsonl")
+    p.add_argument("-n", type=int, help="images per class")
+    p.add_argument("--baseline", action="store_true", help="also plain-prompt images with the same seeds")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="counts per class and method, config, failures of a build")
+    p.add_argument("out_dir")
+    p.add_argument("--verify", action="store_true", help="check every image's sha256 against the index")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="export a build's tokens for other tools")
+    p.add_argument("out_dir")
+    p.add_argument("--format", default="a1111", choices=["a1111", "diffusers"])
+    p.add_argument("--dest", help="destination folder (default OUT/export/FORMAT)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="judge accuracy of the generated images (paper Table 1)")
+    p.add_argument("out_dir")
+    p.add_argument("--judge", required=True, help="classifier that scores the images; must not be the guide")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="few-shot training with k real + N synthetic per class (paper Table 2)")
+    p.add_argument("out_dir")
+    p.add_argument("--real", required=True, help="real dataset name (digits, cub, ...)")
+    p.add_argument("--root", help="real dataset root")
+    p.add_argument("--shots", default="0,3,9", help="comma-separated real images per class")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--synthetic-per-class", type=int)
+    p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("fid", help="FID/KID of generated vs real images (paper Tables 3/5)")
+    p.add_argument("out_dir")
+    p.add_argument("--real", required=True)
+    p.add_argument("--root")
+    p.add_argument("--features", default="inception", help="inception | guide | judge | a classifier source")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("report", help="write OUT/report/index.html with galleries and tables")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("classify", help="classify images with MC-TI/TI tokens as a CLIP classifier (MC-TI Eq. 6)")
+    p.add_argument("out_dir")
+    p.add_argument("--images", help="image folder or dataset name")
+    p.add_argument("--root")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_classify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"synthaug {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"synthaug {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
