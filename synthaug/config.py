@@ -137,6 +137,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Defaults that follow from the dataset (applied under the preset, the file and the overrides): what a user of that
+# dataset expects without writing a config (DESIGN.md §7). Hub ids cannot be loaded offline; their loading path is
+# tested with local stand-ins.
+_BIRD_GUIDE = {"dct.init_token": "bird", "mcti.init_token": "bird"}
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "model": "digits", "guide": "digits-guide", "dct.height": 32, "dct.width": 32, "generate.height": 32,
+        "generate.width": 32, "dct.num_inference_steps": 10, "generate.num_inference_steps": 10,
+        "generate.batch_size": 50, "dct.max_steps": 30, "dct.lr": 1e-3, "dct.batch_size": 8,
+        "shards.samples_per_shard": 100,
+    },
+    "cub": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-cub",
+            "guide_trained_on": "CUB-200-2011 full train split (5,994 images): few-shot results are not leak-free",
+            **_BIRD_GUIDE},
+    "inat": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-inat21",
+             "guide_trained_on": "iNaturalist 2021 train split", **_BIRD_GUIDE},
+    "imagenet": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "google/vit-large-patch16-224",
+                 "guide_trained_on": "ImageNet-21k pre-training, ImageNet-1k train split fine-tuning"},
+}
+
 VALID = {
     "method": ("dct", "ti", "mcti"),
     "run.executor": ("ray", "local"),
@@ -239,7 +259,7 @@ def load_config(
     *,
     preset: str | None = None,
 ) -> BuildConfig:
-    """Resolve a `BuildConfig`: defaults <- preset <- YAML file <- overrides (dotted keys), then validate.
+    """Resolve a `BuildConfig`: defaults <- dataset defaults <- preset <- YAML file <- overrides, then validate.
 
     >>> cfg = load_config(overrides={"per_class": 10, "dct.lr": 1e-3})
     >>> cfg.dct.learning_rate
@@ -259,7 +279,12 @@ def load_config(
             raise UserError(f"`--config` {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}.") from None
         if not isinstance(file_data, dict):
             raise UserError(f"`--config` {str(path)!r} must hold a mapping of config keys, not {type(file_data).__name__}.")
-    preset = preset or file_data.pop("preset", None)
+    dataset = (overrides or {}).get("dataset", file_data.get("dataset", BuildConfig.dataset))
+    ds_defaults = dict(DATASET_DEFAULTS.get(dataset, {}))
+    preset = preset or file_data.pop("preset", None) or ds_defaults.pop("preset", None)
+    ds_defaults.pop("preset", None)
+    for k, v in ds_defaults.items():
+        _set_dotted(data, k, v)
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"`preset` must be one of {', '.join(PRESETS)} but is {preset!r}.")

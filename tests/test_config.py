@@ -11,8 +11,9 @@ def test_defaults_and_paper_lr():
     assert isinstance(cfg, BuildConfig)
     assert cfg.dataset == "digits" and cfg.method == "dct"
     # lr = 0.00025 * batch (DCT appendix D) unless given
-    assert cfg.dct.learning_rate == pytest.approx(0.00025 * 5)
-    assert load_config(overrides={"dct.batch_size": 4}).dct.learning_rate == pytest.approx(0.001)
+    cub = load_config(overrides={"dataset": "cub"})
+    assert cub.dct.learning_rate == pytest.approx(0.00025 * 5)
+    assert load_config(overrides={"dataset": "cub", "dct.batch_size": 4}).dct.learning_rate == pytest.approx(0.001)
 
 
 def test_paper_preset_matches_appendix_d():
@@ -76,3 +77,15 @@ def test_bad_files(tmp_path):
         load_config(preset="slow")
     with pytest.raises(UserError, match=r"`--set` expects key=value"):
         parse_overrides(["per_class"])
+
+
+def test_dataset_defaults_layer_under_preset_file_and_flags():
+    digits = load_config()
+    assert (digits.model, digits.guide, digits.generate.height) == ("digits", "digits-guide", 32)
+    cub = load_config(overrides={"dataset": "cub", "root": "data/CUB"})
+    assert cub.model == "CompVis/stable-diffusion-v1-4" and cub.guide == "vesteinn/vit-mae-cub"
+    assert cub.dct.init_token == "bird" and cub.generate.height == 512  # the paper preset comes with cub
+    assert "not leak-free" in cub.guide_trained_on
+    # an explicit preset beats the dataset defaults; a flag beats both
+    assert load_config(preset="paper").generate.height == 512
+    assert load_config(preset="paper", overrides={"generate.height": 64}).generate.height == 64
