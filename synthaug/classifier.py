@@ -16,7 +16,6 @@ give a one-line `UserError` naming `classifier`, the value and the fix, never a 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -31,8 +30,6 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .models import ASSETS, offline, resolve_device, resolve_dtype
-
-logger = logging.getLogger(__name__)
 
 # Embedded classifiers: names that resolve to timm hub-format directories shipped inside the package.
 EMBEDDED_CLASSIFIERS = {"digits-guide": ASSETS / "digits" / "guide", "digits-judge": ASSETS / "digits" / "judge"}
@@ -58,7 +55,6 @@ KNOWN_MODELS: dict[str, dict[str, str | None]] = {
 }
 
 PREFIXES = ("timm:", "hf-hub:", "local-dir:", "transformers:", "vit-mae:", "torchvision:")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar")
 
 # PIL resample codes (what HF preprocessor_config.json stores) -> timm interpolation names.
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -219,6 +215,9 @@ class Classifier(nn.Module):
             None -> resolved from a timm model's ``pretrained_cfg``.
         source: what the user passed (recorded in outputs).
         trained_on: what data the model was trained on (recorded in token files and results).
+        kind: where it came from; None -> guessed from the model's type.
+        model_labels: class names the source declares when the model does not carry them (torchvision categories);
+            used when `labels` is None and their count matches.
 
     Attributes:
         labels, source, trained_on, data_config, kind (``"timm"``, ``"transformers"``, ``"vit-mae"``,
