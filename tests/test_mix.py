@@ -145,8 +145,8 @@ def test_mode_errors(out, real):
 
 def test_class_alignment_is_checked(out, tmp_path):
     class Birds(torch.utils.data.Dataset):
-        classes = ["albatross", "one", "two"]
-        targets = [0, 1, 2]
+        classes = ("albatross", "one", "two")
+        targets = (0, 1, 2)
 
         def __len__(self):
             return 3
@@ -160,13 +160,13 @@ def test_class_alignment_is_checked(out, tmp_path):
     assert len(SynthAugDataset(out, real=Birds(), check_classes=False)) == 3 + 24
 
     class Few(Birds):
-        classes = ["zero", "one"]
+        classes = ("zero", "one")
 
     with pytest.raises(UserError, match="2: synthetic 'two' vs real None"):
         SynthAugDataset(out, real=Few())
 
     class Nameless(torch.utils.data.Dataset):
-        targets = [0]
+        targets = (0,)
 
     with pytest.raises(UserError, match="`real` \\(Nameless\\) has no `classes`"):
         SynthAugDataset(out, real=Nameless())
