@@ -1,0 +1,678 @@
+"""Discriminative Class Tokens (DCT, paper 000 §3 and appendix D): pipeline + classifier + class -> one token.
+
+Consumes a `StableDiffusionPipeline`, a frozen classifier (``forward(images in [0, 1]) -> logits``, with `labels`,
+`source`, `trained_on`) and a class, and produces a `TokenResult`: the learned embedding ``v_c`` of a new token
+``S_c`` plus its training history. Tokens are saved in diffusers' textual-inversion format (``{token: [1, dim]}`` in
+safetensors), so stock ``pipe.load_textual_inversion(path)`` loads them.
+
+How a token is learned (`learn_dct_token`): generate a batch of images from "A photo of S_c {label}" with classifier-
+free guidance, decode, classify, and minimise the cross-entropy to the class (Eq. 4) with respect to ``v_c`` only.
+Differences from the public reference code, on purpose (DESIGN.md §2): ``v_c`` is a standalone fp32 parameter spliced
+into the text encoder's input embeddings by a hook, so no model weight or other embedding row can change; the
+pipeline is left exactly as it was found (its tokenizer and text encoder do not even learn the token — call
+`add_tokens` to generate with it); gradients are clipped after backward; the number of gradient-carrying denoising
+steps is a setting (``grad_steps``) that works with any diffusers scheduler; prompts are padded as at inference; the
+decoded image is clamped straight-through (a hard clamp zeroes the gradient of saturated pixels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import write_bytes
+from .config import DCTConfig
+from .errors import UserError
+from .generate import render_prompt
+
+if TYPE_CHECKING:  # heavy imports stay out of module import time
+    from diffusers import StableDiffusionPipeline
+
+TOKEN_FORMAT = "<synthaug-{:03d}>"
+STOP_REASONS = ("all_correct", "patience", "max_steps")
+# Expectation over transformations (config.augment > 0). NOTES.md measured ±1 px shifts on 8 px digits (1/8 of the
+# side) and Gaussian noise sigma 0.1 as the best single lever with the one-step gradient; the shift scales with size.
+AUGMENT_SHIFT = 0.125
+AUGMENT_NOISE = 0.1
+
+
+@dataclass
+class TokenResult:
+    """A learned class token and how it was learned.
+
+    `history` has one entry per training iteration ``i`` (generate, classify, then maybe update): ``step``,
+    ``prompt`` (index into ``config.prompts``), ``loss`` (the optimised objective, Eq. 4), ``accuracy`` and
+    ``target_prob`` (mean softmax probability of the class) measured on ``v_c`` *before* update ``i``, then
+    ``grad_norm`` (before clipping; None if no update followed), ``lr``, ``updated`` and ``nonfinite`` (the update was
+    skipped because the loss or gradient was not finite). `best_step` indexes the entry whose ``v_c`` was kept.
+    """
+
+    token: str
+    class_index: int
+    label: str
+    embedding: torch.Tensor  # [1, dim] fp32, CPU
+    steps: int  # training iterations run (= len(history))
+    stop_reason: str  # "all_correct" | "patience" | "max_steps"
+    best_step: int  # the iteration whose v_c is `embedding`
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    unet_evals: int = 0  # UNet forward calls (each on the CFG batch of 2 x batch_size latents)
+    metadata: dict = field(default_factory=dict)  # model id, guide source + trained_on, config
+
+
+def token_name(class_index: int) -> str:
+    """The token string of a class: ``"<synthaug-007>"``; unlike a word, it can never collide with the vocabulary.
+
+    >>> token_name(7)
+    '<synthaug-007>'
+    """
+    if isinstance(class_index, bool) or not isinstance(class_index, int) or class_index < 0:
+        raise UserError(f"`class_index` must be a non-negative integer but is {class_index!r}.")
+    return TOKEN_FORMAT.format(class_index)
+
+
+def embedding_sha256(embedding: torch.Tensor) -> str:
+    """sha256 of an embedding's fp32 values (little-endian, C order): what `GeneratedImage.token_sha256` records."""
+    data = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()
+    return hashlib.sha256(data.astype("<f4", copy=False).tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Learning
+# --------------------------------------------------------------------------------------------------------------------
+def learn_dct_token(
+    pipe: StableDiffusionPipeline,
+    classifier: torch.nn.Module,
+    class_index: int,
+    label: str,
+    config: DCTConfig = DCTConfig(),  # noqa: B008 (frozen, so a shared default is safe)
+    *,
+    token: str | None = None,
+    progress: bool = False,
+    callback: Callable[[dict, torch.Tensor], None] | None = None,
+    checkpointing: bool = False,
+) -> TokenResult:
+    """Learn the discriminative class token ``S_c`` of one class (DCT §3, appendix D).
+
+    The pipeline is left exactly as it was: no weight, embedding row, tokenizer entry or grad/train flag changes.
+    To generate with the token afterwards, ``add_tokens(pipe, {result.token: result.embedding})``.
+
+    Args:
+        pipe: a Stable Diffusion pipeline (UNet/VAE may be fp16/bf16 on CUDA; ``v_c`` and Adam stay fp32).
+        classifier: the guide, ``forward(images [B, 3, H, W] in [0, 1]) -> logits``; it does its own resizing and
+            normalisation (ψ_C in Eq. 4). Frozen during training.
+        class_index: the target class, an index into the classifier's logits.
+        label: the clean class name used in the prompts (``{label}``).
+        config: every knob (`synthaug.config.DCTConfig`): steps, batch, lr, grad_steps, guidance, stopping, selection.
+        token: the token string; default `token_name(class_index)`.
+        progress: show a tqdm bar over training iterations.
+        callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
+            fp32 CPU copy of the embedding that was measured), before the update.
+        checkpointing: recompute the activations of gradient-carrying UNet calls during backward instead of storing
+            them (torch.utils.checkpoint) — makes ``grad_steps`` > 1 affordable at ~1 extra UNet pass per step.
+
+    Returns:
+        A `TokenResult`. With ``config.select == "min_loss"`` the kept embedding is the measured one with the lowest
+        loss; with ``"last"`` the last measured one. Stopping because the whole batch was correct keeps that
+        iteration's ``v_c`` in both modes.
+
+    >>> result = learn_dct_token(pipe, guide, 3, "three", DCTConfig(max_steps=30))
+    >>> add_tokens(pipe, {result.token: result.embedding})
+    """
+    started = time.perf_counter()
+
+    # 1. Check inputs (before any model work)
+    token = token if token is not None else token_name(class_index)
+    _check_inputs(pipe, classifier, class_index, label, config, token)
+    device = pipe._execution_device
+    do_cfg = config.guidance_scale > 1.0  # diffusers' convention: guidance_scale 1 means no CFG
+    text_dtype = pipe.text_encoder.dtype  # the pipeline runs its latents in the prompt embeddings' dtype
+
+    with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), torch.enable_grad():
+        # 2. A tokenizer that knows S_c. A copy: the pipeline's own tokenizer stays as it was.
+        tokenizer = pipe.tokenizer
+        if token not in tokenizer.get_added_vocab():
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_tokens(token)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+
+        # 3. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
+        embeddings = pipe.text_encoder.get_input_embeddings()
+        init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
+        v_c = torch.nn.Parameter(embeddings.weight[init_id].detach().to(device=device, dtype=torch.float32).clone())
+        optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
+
+        # 4. Encode the prompts: padded to model_max_length exactly as the pipeline does at inference. The
+        #    unconditional embedding does not depend on v_c: computed once, without a graph.
+        prompts = [render_prompt(p, label, token) for p in config.prompts]
+        prompt_inputs = [_tokenize(tokenizer, p) for p in prompts]
+        for p, inputs in zip(prompts, prompt_inputs):
+            if not bool((inputs.input_ids == token_id).any()):
+                raise UserError(
+                    f"`dct.prompts` entry {p!r} is longer than the tokenizer's {tokenizer.model_max_length} tokens and "
+                    f"the class token {token!r} was cut off: shorten the prompt or the label."
+                )
+        uncond = None
+        if do_cfg:
+            with torch.no_grad():
+                uncond = _encode(pipe, _tokenize(tokenizer, ""), device).to(text_dtype)
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets (LCM) take w as an input
+            w = torch.tensor(config.guidance_scale - 1).repeat(config.batch_size)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                w, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=text_dtype)
+        augment_generator = torch.Generator(device="cpu").manual_seed(_seed("augment", config.seed, class_index, 0))
+
+        # 5. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
+        history: list[dict] = []
+        best_loss, since_best = math.inf, 0
+        kept, kept_step, stop_reason = v_c.detach().clone(), 0, "max_steps"
+        unet_evals = 0
+        bar = _progress_bar(progress, config.max_steps, label)
+        for step in range(config.max_steps):
+            optimizer.zero_grad(set_to_none=True)
+            prompt_index = step % len(prompts)  # the paper's two prompts, cycled (§3 "Number of prompts")
+
+            # 5.1 Text conditioning with v_c spliced in at S_c's positions (the only tensor that carries gradient)
+            with _splice(embeddings, token_id, v_c):
+                cond = _encode(pipe, prompt_inputs[prompt_index], device).to(text_dtype)
+            cond = cond.expand(config.batch_size, -1, -1)
+            hidden = torch.cat([uncond.expand(config.batch_size, -1, -1), cond]) if do_cfg else cond
+
+            # 5.2 Seeds and initial noise. Fixed seeds: the same batch every update (NOTES.md: fresh noise diverged).
+            seeds = [_seed("train", config.seed, class_index, b + (0 if config.fixed_seeds else step * config.batch_size))
+                     for b in range(config.batch_size)]
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
+            timesteps = pipe.scheduler.timesteps
+            # prepare_latents after set_timesteps: init_noise_sigma depends on the schedule (Euler, LMS)
+            latents = pipe.prepare_latents(config.batch_size, pipe.unet.config.in_channels, config.height,
+                                           config.width, text_dtype, device, generators)
+            extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+
+            # 5.3 Denoise. Gradient skipping (§3, Fig. 3): all but the last `grad_steps` UNet calls run without a
+            #     graph, so memory does not grow with T. Works for any scheduler: the split is over its own timesteps.
+            first_grad = len(timesteps) - min(config.grad_steps, len(timesteps))
+            for i, t in enumerate(timesteps):
+                with torch.set_grad_enabled(i >= first_grad):
+                    h = hidden if i >= first_grad else hidden.detach()
+                    model_input = torch.cat([latents] * 2) if do_cfg else latents
+                    model_input = pipe.scheduler.scale_model_input(model_input, t)
+                    noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond, checkpointing and i >= first_grad)
+                    unet_evals += 1
+                    if do_cfg:
+                        noise_uncond, noise_text = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)  # Eq. (3)
+                    latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+            # 5.4 Decode and map [-1, 1] -> [0, 1], clamped straight-through (a hard clamp kills the gradient of
+            #     every saturated pixel; NOTES.md measured whole updates lost to it)
+            vae_in = (latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
+            images = pipe.vae.decode(vae_in, return_dict=False)[0].float() / 2 + 0.5
+            images = _clamp01(images, config.straight_through_clamp)
+
+            # 5.5 Classify and take the cross-entropy to the target class:
+            #     min_{v_c} CE(C(ψ_C(x(p))), 1_c)                                                            Eq. (4)
+            #     (ψ_C, the classifier's own resize/normalise, lives in its forward.) With EOT, the mean CE over
+            #     `augment` shifted, noised copies of every image.
+            logits = _classify(classifier, images)
+            if logits.shape[-1] <= class_index:
+                raise UserError(
+                    f"`class_index` {class_index} is out of range for the guide classifier, which has "
+                    f"{logits.shape[-1]} classes: pass an index below {logits.shape[-1]}."
+                )
+            if config.augment > 0:
+                aug_logits = _classify(classifier, _augment(images, config.augment, augment_generator))
+                loss = F.cross_entropy(aug_logits, _targets(aug_logits, class_index))
+            else:
+                loss = F.cross_entropy(logits, _targets(logits, class_index))
+            with torch.no_grad():
+                probs = logits.detach().float().softmax(-1)
+                accuracy = (probs.argmax(-1) == class_index).float().mean().item()
+                target_prob = probs[:, class_index].mean().item()
+            loss_value = loss.item()
+
+            # 5.6 Book-keeping: the measurement above is of v_c *before* this iteration's update
+            entry = {"step": step, "prompt": prompt_index, "loss": loss_value, "accuracy": accuracy,
+                     "target_prob": target_prob, "grad_norm": None, "lr": optimizer.param_groups[0]["lr"],
+                     "updated": False, "nonfinite": not math.isfinite(loss_value)}
+            history.append(entry)
+            if math.isfinite(loss_value) and loss_value < best_loss:
+                best_loss, since_best = loss_value, 0
+                if config.select == "min_loss":  # the reference code keeps the lowest-loss token (NOTES.md)
+                    kept, kept_step = v_c.detach().clone(), step
+            else:
+                since_best += 1
+            if callback is not None:
+                callback(entry, v_c.detach().to("cpu", torch.float32).clone())
+
+            # 5.7 Early stopping, the paper's three rules (appendix D)
+            stop = None
+            if config.stop_all_correct and accuracy == 1.0:
+                stop = "all_correct"
+                kept, kept_step = v_c.detach().clone(), step  # this v_c reached the goal: keep it in both modes
+            elif config.patience > 0 and since_best >= config.patience and accuracy >= config.patience_min_accuracy:
+                stop = "patience"
+            elif step == config.max_steps - 1:
+                stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
+            if stop is not None:
+                stop_reason = stop
+                if stop != "all_correct" and config.select == "last":
+                    kept, kept_step = v_c.detach().clone(), step
+                _bar_update(bar, entry)
+                break
+
+            # 5.8 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
+            if math.isfinite(loss_value):
+                loss.backward()
+                max_norm = config.grad_clip if config.grad_clip and config.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
+                entry["grad_norm"] = grad_norm
+                if math.isfinite(grad_norm):
+                    optimizer.step()
+                    entry["updated"] = True
+                else:
+                    entry["nonfinite"] = True
+            del loss, logits, images, latents, hidden, cond, noise_pred  # free the graph before the next forward
+            _bar_update(bar, entry)
+        if bar is not None:
+            bar.close()
+
+    # 6. Result: the kept embedding on the CPU in fp32, and what produced it
+    metadata = {
+        "model_id": str(getattr(pipe, "synthaug_model_id", None) or pipe.config.get("_name_or_path", "") or "unknown"),
+        "guide": str(getattr(classifier, "source", type(classifier).__name__)),
+        "guide_trained_on": str(getattr(classifier, "trained_on", "unknown")),
+        "scheduler": type(pipe.scheduler).__name__,
+        "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "checkpointing": checkpointing,
+        "config": dataclasses.asdict(config),
+    }
+    return TokenResult(
+        token=token, class_index=class_index, label=label,
+        embedding=kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
+        steps=len(history), stop_reason=stop_reason, best_step=kept_step, history=history,
+        seconds=time.perf_counter() - started, unet_evals=unet_evals, metadata=metadata,
+    )
+
+
+def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str) -> None:
+    """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`."""
+    if not isinstance(config, DCTConfig):
+        raise UserError(f"`config` must be a synthaug.config.DCTConfig but is {type(config).__name__}.")
+    if isinstance(class_index, bool) or not isinstance(class_index, int) or class_index < 0:
+        raise UserError(f"`class_index` must be a non-negative integer but is {class_index!r}.")
+    labels = getattr(classifier, "labels", None)
+    if labels is not None and class_index >= len(labels):
+        raise UserError(
+            f"`class_index` {class_index} is out of range for the guide classifier, which has {len(labels)} classes: "
+            f"pass an index below {len(labels)}."
+        )
+    if not isinstance(label, str) or not label.strip():
+        raise UserError(f"`label` must be a non-empty class name but is {label!r}.")
+    positive = {"max_steps": config.max_steps, "batch_size": config.batch_size,
+                "num_inference_steps": config.num_inference_steps}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"`dct.{key}` must be > 0 but is {value!r}.")
+    if not 1 <= config.grad_steps <= config.num_inference_steps:
+        raise UserError(
+            f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({config.num_inference_steps}) but is "
+            f"{config.grad_steps}."
+        )
+    h, w = config.height, config.width
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise UserError(f"`dct.height` and `dct.width` have to be positive and divisible by 8 but are {h} and {w}.")
+    if config.select not in ("min_loss", "last"):
+        raise UserError(f"`dct.select` must be one of min_loss, last but is {config.select!r}.")
+    if config.augment < 0:
+        raise UserError(f"`dct.augment` must be >= 0 but is {config.augment!r}.")
+    if config.learning_rate <= 0:
+        raise UserError(f"`dct.lr` must be > 0 (or null for 0.00025 x batch_size) but is {config.lr!r}.")
+    if not config.prompts:
+        raise UserError("`dct.prompts` is empty: give at least one template such as 'A photo of {token} {label}'.")
+    for p in config.prompts:
+        if "{token}" not in p:
+            raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
+    tokenizer = pipe.tokenizer
+    if not token or token != token.strip():
+        raise UserError(f"`token` must be a non-empty string without surrounding spaces but is {token!r}.")
+    if token in tokenizer.get_vocab() and token not in tokenizer.get_added_vocab():
+        raise UserError(
+            f"`token` {token!r} is already a word of the tokenizer's vocabulary: learning it would overwrite that "
+            f"word. Use a fresh string such as {token_name(class_index)!r}."
+        )
+    init_ids = tokenizer.encode(config.init_token, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise UserError(
+            f"`dct.init_token` {config.init_token!r} is {len(init_ids)} tokens, not one: pick a single-token word "
+            f"such as 'bird' (bird classifiers) or 'a' (general ones)."
+        )
+
+
+def _tokenize(tokenizer, prompt: str):
+    """Token ids ``[1, model_max_length]`` (+ attention mask), padded and truncated exactly as
+    `StableDiffusionPipeline.encode_prompt` does."""
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
+
+
+def _encode(pipe, text_inputs, device: torch.device) -> torch.Tensor:
+    """Text-encoder hidden states, as `StableDiffusionPipeline.encode_prompt` computes them (no clip skip)."""
+    attention_mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        attention_mask = text_inputs.attention_mask.to(device)
+    return pipe.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+
+
+@contextlib.contextmanager
+def _splice(embeddings: torch.nn.Module, token_id: int, v_c: torch.Tensor) -> Iterator[None]:
+    """While active, the embedding module returns `v_c` wherever its input is `token_id`.
+
+    A pre-hook swaps the id for 0 first (the text encoder may not have a row for the token at all); a forward hook
+    then puts ``v_c`` (cast to the encoder's dtype, so the gradient flows back in fp32) at those positions. The
+    embedding matrix itself is never read for S_c nor written.
+    """
+    masks: list[torch.Tensor] = []
+
+    def pre(module, args):
+        ids = args[0]
+        mask = ids == token_id
+        masks.append(mask)
+        return (ids.masked_fill(mask, 0), *args[1:])
+
+    def post(module, args, output):
+        mask = masks.pop()
+        return torch.where(mask.unsqueeze(-1), v_c.to(output.dtype), output)
+
+    handles = [embeddings.register_forward_pre_hook(pre), embeddings.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torch.Tensor:
+    def run(x, h):
+        return unet(x, t, encoder_hidden_states=h, timestep_cond=timestep_cond, return_dict=False)[0]
+
+    if checkpoint:
+        import torch.utils.checkpoint
+
+        return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
+    return run(model_input, hidden)
+
+
+def _clamp01(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """Clamp to [0, 1]. Straight-through: the forward value is exactly the clamp, the gradient is the identity."""
+    if not straight_through:
+        return x.clamp(0, 1)
+    return x.clamp(0, 1).detach() + (x - x.detach())
+
+
+def _augment(images: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
+    """`copies` differentiable random views of every image: a shift of up to ±AUGMENT_SHIFT of the side (the border
+    pixels, i.e. the background, fill the gap) plus Gaussian noise of std AUGMENT_NOISE. ``[B*copies, C, H, W]``,
+    the copies of image b adjacent. Randomness from the CPU `generator`, so it is the same on every device."""
+    b, c, h, w = images.shape
+    s = max(1, round(AUGMENT_SHIFT * min(h, w)))
+    padded = F.pad(images, (s, s, s, s), mode="replicate")
+    shifts = torch.randint(-s, s + 1, (b * copies, 2), generator=generator).tolist()
+    noise = torch.randn((b * copies, c, h, w), generator=generator).to(images)
+    views = [padded[k // copies, :, s + dy : s + dy + h, s + dx : s + dx + w] for k, (dy, dx) in enumerate(shifts)]
+    return _clamp01(torch.stack(views) + AUGMENT_NOISE * noise, True)
+
+
+def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of fp32 images in [0, 1], run on the classifier's own device and dtype."""
+    param = next(iter(classifier.parameters()), None)
+    if param is not None:
+        dtype = param.dtype if param.is_floating_point() else images.dtype
+        images = images.to(device=param.device, dtype=dtype)
+    return classifier(images).float()
+
+
+def _targets(logits: torch.Tensor, class_index: int) -> torch.Tensor:
+    return torch.full((logits.shape[0],), class_index, dtype=torch.long, device=logits.device)
+
+
+def _seed(kind: str, seed: int, class_index: int, index: int) -> int:
+    """Training seeds, from (config.seed, class): hashed like `generate.image_seed` but in their own namespace."""
+    digest = hashlib.sha256(f"synthaug-dct-{kind}:{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@contextlib.contextmanager
+def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """eval() and requires_grad_(False) for the duration; every module's flags are restored afterwards."""
+    saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+    try:
+        for m in modules:
+            m.eval().requires_grad_(False)
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def _progress_bar(enabled: bool, total: int, label: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"DCT {label}", unit="step")
+
+
+def _bar_update(bar, entry: dict) -> None:
+    if bar is not None:
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
+        bar.update(1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adding tokens to a pipeline, and token files (diffusers textual-inversion format)
+# --------------------------------------------------------------------------------------------------------------------
+def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -> None:
+    """Add tokens to the pipeline's tokenizer and set their text-encoder rows; every other row stays bit-identical.
+
+    A token the tokenizer already holds as an added token gets its row overwritten (so re-adding is safe); a token
+    that is an ordinary vocabulary word is refused. New rows are sized with ``mean_resizing=False`` and then set,
+    and the global RNG is left untouched (resizing draws random initial rows).
+
+    >>> add_tokens(pipe, load_tokens("out/digits/tokens/tokens.safetensors"))
+    >>> pipe("A photo of <synthaug-003> three").images[0]
+    """
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    weight = text_encoder.get_input_embeddings().weight
+    dim = weight.shape[-1]
+    rows = {}
+    for token, emb in tokens.items():
+        if not isinstance(token, str) or not token or token != token.strip():
+            raise UserError(f"Token {token!r} must be a non-empty string without surrounding spaces.")
+        if token in tokenizer.get_vocab() and token not in tokenizer.get_added_vocab():
+            raise UserError(
+                f"Token {token!r} is already a word of the tokenizer's vocabulary: adding it would overwrite that word. "
+                f"Rename it, e.g. {token_name(0)!r}."
+            )
+        emb = torch.as_tensor(emb)
+        if emb.reshape(-1).shape[0] != dim or (emb.dim() == 2 and emb.shape[0] != 1) or emb.dim() > 2:
+            raise UserError(
+                f"Token {token!r} has an embedding of shape {tuple(emb.shape)} but this text encoder takes [1, {dim}]: "
+                f"the token was learned for a different model; learn it again for this one."
+            )
+        rows[token] = emb.reshape(-1)
+    new = [t for t in rows if t not in tokenizer.get_added_vocab()]
+    if new:
+        tokenizer.add_tokens(new)
+    if len(tokenizer) > weight.shape[0]:
+        requires_grad = weight.requires_grad
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = text_encoder.get_input_embeddings().weight
+        weight.requires_grad_(requires_grad)
+    with torch.no_grad():
+        for token, emb in rows.items():
+            weight[tokenizer.convert_tokens_to_ids(token)] = emb.to(device=weight.device, dtype=weight.dtype)
+
+
+def save_token(result: TokenResult, path: str | os.PathLike) -> None:
+    """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [1, dim]}``) with string metadata.
+
+    Atomic; the same result gives the same bytes. Loadable by stock diffusers: ``pipe.load_textual_inversion(path)``.
+
+    >>> save_token(result, "out/digits/tokens/003.safetensors")
+    """
+    meta = {
+        "format": "diffusers-textual-inversion", "token": result.token, "class_index": str(result.class_index),
+        "label": result.label, "steps": str(result.steps), "stop_reason": result.stop_reason,
+        "best_step": str(result.best_step), "unet_evals": str(result.unet_evals),
+        "model_id": str(result.metadata.get("model_id", "unknown")),
+        "guide": str(result.metadata.get("guide", "unknown")),
+        "guide_trained_on": str(result.metadata.get("guide_trained_on", "unknown")),
+        "scheduler": str(result.metadata.get("scheduler", "")),
+        "config": json.dumps(result.metadata.get("config", {}), sort_keys=True),
+        "history": json.dumps(result.history),
+        "tokens": json.dumps([result.token]),
+    }
+    _write({result.token: result.embedding}, path, meta)
+
+
+def save_tokens(
+    results: list[TokenResult] | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> None:
+    """Write many tokens into one safetensors file ``{token: [1, dim], ...}`` (e.g. ``tokens/tokens.safetensors``).
+
+    Stock diffusers takes a multi-token file in one call as tensors:
+    ``sd = load_tokens(path); pipe.load_textual_inversion(list(sd.values()), token=list(sd))`` — or use
+    ``add_tokens(pipe, load_tokens(path))``.
+
+    >>> save_tokens(results, "out/digits/tokens/tokens.safetensors", {"model_id": "digits"})
+    """
+    meta: dict[str, str] = {"format": "diffusers-textual-inversion"}
+    if isinstance(results, dict):
+        tensors = dict(results)
+    else:
+        tensors = {}
+        for r in results:
+            if r.token in tensors:
+                raise UserError(f"`results` holds token {r.token!r} twice: pass one result per class.")
+            tensors[r.token] = r.embedding
+        meta["classes"] = json.dumps([
+            {"token": r.token, "class_index": r.class_index, "label": r.label, "steps": r.steps,
+             "stop_reason": r.stop_reason, "best_step": r.best_step, "model_id": r.metadata.get("model_id"),
+             "guide": r.metadata.get("guide"), "guide_trained_on": r.metadata.get("guide_trained_on")}
+            for r in results
+        ])
+    if not tensors:
+        raise UserError("`results` is empty: there are no tokens to save.")
+    meta["tokens"] = json.dumps(list(tensors))
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    _write(tensors, path, meta)
+
+
+def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a token file (one or many tokens; a directory means its ``learned_embeds.safetensors``).
+
+    Returns:
+        ``{token: fp32 tensor [1, dim]}`` in file order.
+
+    >>> tokens = load_tokens("out/digits/tokens/003.safetensors")
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = _token_file(path)
+    try:
+        raw = load_file(str(p), device="cpu")
+        order = json.loads(token_metadata(p).get("tokens", "[]"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"Token file {str(path)!r} is not a valid safetensors file ({e}): write it again.") from None
+    names = [t for t in order if t in raw] + sorted(t for t in raw if t not in order)
+    out = {}
+    for token, emb in ((t, raw[t]) for t in names):
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[0] != 1:
+            raise UserError(
+                f"Token {token!r} in {str(path)!r} has shape {tuple(emb.shape)}; synthaug tokens are [1, dim] "
+                f"(multi-vector embeddings are not supported): load it with pipe.load_textual_inversion instead."
+            )
+        out[token] = emb.float()
+    return out
+
+
+def token_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a token file (steps, stop reason, guide, model id, config...).
+
+    >>> token_metadata("out/digits/tokens/003.safetensors")["stop_reason"]
+    'all_correct'
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(_token_file(path)), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _token_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "learned_embeds.safetensors"
+    if not p.is_file():
+        raise UserError(
+            f"Token file {str(path)!r} does not exist: learn the tokens first (synthaug learn) or pass the path of "
+            f"a .safetensors file written by save_token / save_tokens."
+        )
+    return p
+
+
+def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Serialize a safetensors file by hand, with a sorted header: `safetensors.torch.save` orders the metadata by a
+    per-process random hash, so the same tokens would give different bytes on every run (DESIGN.md: same config and
+    seeds -> identical bytes). The layout is the format's own: u64 header length, JSON header, raw little-endian data.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for token, emb in tensors.items():
+        data = torch.as_tensor(emb).detach().to("cpu", torch.float32).reshape(1, -1).numpy().astype("<f4").tobytes()
+        header[token] = {"dtype": "F32", "shape": [1, len(data) // 4], "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes, keeping the data aligned
+    write_bytes(path, struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+__all__ = [
+    "STOP_REASONS",
+    "TokenResult",
+    "add_tokens",
+    "embedding_sha256",
+    "learn_dct_token",
+    "load_tokens",
+    "save_token",
+    "save_tokens",
+    "token_metadata",
+    "token_name",
+]
