@@ -1,0 +1,157 @@
+"""Generation: seeds, prompts, reproducible bytes, the baseline on identical seeds, per-sample metadata."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from synthaug.config import GenerateConfig
+from synthaug.errors import UserError
+from synthaug.generate import GeneratedImage, generate, image_seed, render_prompt
+from synthaug.models import tiny_pipeline
+from synthaug.tokens import add_tokens, embedding_sha256
+
+SIZE = 16
+TOKEN = "<synthaug-003>"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared 2-core machine two intra-op threads contend and run ~30x slower than one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_pipeline(seed=0)
+    # A large random embedding, so the token visibly changes even a random tiny model's output.
+    add_tokens(p, {TOKEN: 50 * torch.randn(1, 32, generator=torch.Generator().manual_seed(0))})
+    return p
+
+
+class Guide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 7))
+        self.labels, self.source, self.trained_on = [str(i) for i in range(7)], "test-guide", "nothing"
+        self.requires_grad_(False).eval()
+
+    def forward(self, images):
+        return self.net(images) * 10.0
+
+
+def gen_config(**kw) -> GenerateConfig:
+    base = {"num_inference_steps": 3, "height": SIZE, "width": SIZE, "batch_size": 2}
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_seed_is_stable_across_processes():
+    # Pinned values: a seed must never change between versions, machines or processes (resume relies on it).
+    assert image_seed(0, 0, 0) == 7549311139609492502
+    assert image_seed(0, 3, 7) == 3933939065013193192
+    code = "from synthaug.generate import image_seed; print(image_seed(1, 3, 7))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == image_seed(1, 3, 7) == 4504089984516691759
+    seeds = {image_seed(0, c, i) for c in range(10) for i in range(100)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_render_prompt():
+    assert render_prompt("A photo of {token} {label}", "three", TOKEN) == f"A photo of {TOKEN} three"
+    assert render_prompt("A photo of {token} {label}", "three", None) == "A photo of three"
+    assert render_prompt("  {label} by {token}  ", "a {weird} name", None) == "a {weird} name by"
+    with pytest.raises(UserError, match=r"has no \{token\} placeholder"):
+        render_prompt("A photo of {label}", "three", TOKEN)
+
+
+def test_same_seeds_same_bytes(pipe):
+    a = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0, 1, 2], config=gen_config())
+    b = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0, 1, 2], config=gen_config())
+    assert [png(x.image) for x in a] == [png(y.image) for y in b]
+    assert len({png(x.image) for x in a}) == 3  # different indices, different images
+    other = generate(pipe, class_index=4, label="three", token=TOKEN, indices=[0], config=gen_config())
+    assert png(other[0].image) != png(a[0].image)  # the class is part of the seed
+
+
+def test_baseline_shares_seeds_with_token_images(pipe):
+    dct = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[5, 6], config=gen_config())
+    sd = generate(pipe, class_index=3, label="three", token=None, indices=[5, 6], config=gen_config())
+    assert [x.seed for x in dct] == [y.seed for y in sd] == [image_seed(0, 3, 5), image_seed(0, 3, 6)]
+    assert [x.method for x in dct] == ["dct", "dct"] and [y.method for y in sd] == ["sd", "sd"]
+    assert dct[0].prompt == f"A photo of {TOKEN} three" and sd[0].prompt == "A photo of three"
+    assert sd[0].token_sha256 is None
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    assert dct[0].token_sha256 == embedding_sha256(weight[pipe.tokenizer.convert_tokens_to_ids(TOKEN)])
+    assert png(dct[0].image) != png(sd[0].image)  # only the token differs
+    mcti = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[5], config=gen_config(), method="mcti")
+    assert mcti[0].method == "mcti" and png(mcti[0].image) == png(dct[0].image)
+
+
+def test_batch_size_does_not_change_images(pipe):
+    one = generate(pipe, class_index=2, label="two", token=TOKEN, indices=[0, 1, 2], config=gen_config(batch_size=1))
+    three = generate(pipe, class_index=2, label="two", token=TOKEN, indices=[0, 1, 2], config=gen_config(batch_size=3))
+    two = generate(pipe, class_index=2, label="two", token=TOKEN, indices=[2, 0, 1], config=gen_config(batch_size=2))
+    for x, y in zip(one, three):
+        a, b = np.asarray(x.image, dtype=int), np.asarray(y.image, dtype=int)
+        assert np.abs(a - b).max() <= 1  # batched float kernels may round a pixel differently, never more
+    assert [z.index for z in two] == [2, 0, 1]  # results follow the order of `indices`
+    assert np.abs(np.asarray(two[0].image, dtype=int) - np.asarray(one[2].image, dtype=int)).max() <= 1
+
+
+def test_metadata_and_guide_scores(pipe):
+    guide = Guide()
+    images = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0, 1], config=gen_config(seed=7),
+                      classifier=guide)
+    x = images[0]
+    assert isinstance(x, GeneratedImage)
+    assert (x.class_index, x.class_name, x.index, x.seed) == (3, "three", 0, image_seed(7, 3, 0))
+    assert (x.model_id, x.scheduler, x.steps, x.guidance_scale, x.height, x.width) == (
+        "tiny-0", "DDIMScheduler", 3, 7.0, SIZE, SIZE)
+    assert x.image.size == (SIZE, SIZE) and x.image.mode == "RGB"
+    # the guide scores the 8-bit pixels that will be saved
+    pixels = torch.from_numpy(np.asarray(x.image)).permute(2, 0, 1)[None].float() / 255
+    probs = guide(pixels).softmax(-1)[0]
+    assert x.guide_prob == pytest.approx(probs[3].item(), rel=1e-5)
+    assert x.guide_top5 == probs.topk(5).indices.tolist()
+    plain = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0], config=gen_config(seed=7))
+    assert plain[0].guide_prob is None and plain[0].guide_top5 is None
+    assert png(plain[0].image) == png(x.image)
+
+
+def test_progress_bar(pipe, capsys):
+    generate(pipe, class_index=3, label="three", token=None, indices=[0], config=gen_config(), progress=True)
+    assert "generate sd three" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"token": "<synthaug-999>"}, r"`token` '<synthaug-999>' is not in the pipeline's tokenizer: add it first"),
+        ({"indices": []}, r"`indices` is empty"),
+        ({"indices": [0, -1]}, r"`indices` must be non-negative integers but contains -1"),
+        ({"label": ""}, r"`label` must be a non-empty class name"),
+        ({"config": gen_config(height=20)}, r"divisible by 8 but are 20 and 16"),
+    ],
+)
+def test_bad_input(pipe, kwargs, match):
+    args = {"class_index": 3, "label": "three", "token": TOKEN, "indices": [0], "config": gen_config()}
+    args.update(kwargs)
+    with pytest.raises(UserError, match=match):
+        generate(pipe, **args)
