@@ -1,0 +1,120 @@
+"""A tiny offline world for build tests: a saved random tiny pipeline, a saved tiny timm guide, small configs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_world(root: Path, num_classes: int = 10) -> tuple[Path, Path]:
+    """Write ``root/model`` (tiny SD pipeline, save_pretrained) and ``root/guide`` (tiny timm model, hub format)."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    from synthaug.models import tiny_pipeline
+
+    model = root / "model"
+    if not (model / "model_index.json").is_file():
+        tiny_pipeline(seed=0).save_pretrained(model)
+    guide = root / f"guide{num_classes}"
+    if not (guide / "config.json").is_file():
+        torch.manual_seed(0)
+        net = timm.create_model("test_efficientnet", num_classes=num_classes)
+        labels = DIGITS[:num_classes] if num_classes <= 10 else [f"c{i}" for i in range(num_classes)]
+        save_for_hf(net, str(guide), model_config={"label_names": labels, "trained_on": "nothing (random weights)"},
+                    data_config={"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear"},
+                    safe_serialization=True)
+    return model, guide
+
+
+def overrides(out: Path, model: Path, guide: Path, **extra) -> dict:
+    """Config overrides of a tiny build: 3 digit classes, 4 images each + the baseline, 2 images per shard."""
+    base = {
+        "dataset": "digits", "model": str(model), "guide": str(guide), "out": str(out), "classes": "0-2",
+        "per_class": 4, "baseline": True, "device": "cpu", "dtype": "float32",
+        "dct.height": 32, "dct.width": 32, "dct.num_inference_steps": 2, "dct.max_steps": 2, "dct.batch_size": 2,
+        "dct.lr": 1e-3,
+        "generate.height": 32, "generate.width": 32, "generate.num_inference_steps": 2, "generate.batch_size": 2,
+        "shards.samples_per_shard": 2, "run.executor": "local", "run.cpus_per_worker": 1, "run.max_retries": 2,
+    }
+    base.update(extra)
+    return base
+
+
+def config(out: Path, model: Path, guide: Path, **extra):
+    from synthaug.config import load_config
+
+    return load_config(overrides=overrides(out, model, guide, **extra))
+
+
+def snapshot(out: Path) -> dict[str, str]:
+    """sha256 of every file a build wrote, by relative path (config.yaml names the folder; dotfiles are runtime)."""
+    out = Path(out)
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "config.yaml"
+            and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def start_build(config_file: Path, log: Path, **env: str) -> subprocess.Popen:
+    """``python -m synthaug.cli build --config FILE -q`` in the background, output to `log`."""
+    return subprocess.Popen([sys.executable, "-m", "synthaug.cli", "build", "--config", str(config_file), "-q"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO, env=cli_env(**env))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Wait until `path` exists (the build reached its pause); fail with the build's log if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"build ended (rc {proc.returncode}) before pausing:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"build did not pause within {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A folder shared by every test module of the session (the world and the reference build are made once)."""
+    d = tmp_path_factory.getbasetemp() / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def reference_build(tmp_path_factory, model: Path, guide: Path) -> Path:
+    """The uninterrupted local build every other build of the same config is compared with (made once a session)."""
+    from synthaug.distributed import build
+
+    out = shared_dir(tmp_path_factory, "reference") / "build"
+    if not (out / "index.parquet").is_file():
+        build(config(out, model, guide), progress=False)
+    return out
+
+
+def write_config(path: Path, out: Path, model: Path, guide: Path, **extra) -> Path:
+    """A YAML config file holding the whole resolved config (what `--config` reads)."""
+    from synthaug.config import dump_yaml
+
+    path.write_text(dump_yaml(config(out, model, guide, **extra)))
+    return path

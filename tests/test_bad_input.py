@@ -1,0 +1,161 @@
+"""Bad input to `build`: one-line UserError naming the argument, before any model loads; nothing marked done."""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import buildworld as bw
+import pytest
+
+from synthaug.config import dump_yaml
+from synthaug.distributed import build
+from synthaug.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
+
+
+@pytest.fixture(scope="module")
+def guide3(tmp_path_factory):
+    _, guide = bw.save_world(bw.shared_dir(tmp_path_factory, "world"), num_classes=3)
+    return guide
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loads(monkeypatch):
+    """Validation must fail before any weights load: loading a model in these tests is itself a failure."""
+    import synthaug.classifier
+    import synthaug.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr(synthaug.models, "load_diffusion", refuse)
+    monkeypatch.setattr(synthaug.classifier, "load_classifier", refuse)
+
+
+def _nothing_done(out):
+    """No config, token, shard or index: the folder says nothing was built."""
+    if not out.exists():
+        return True
+    names = {p.name for p in out.rglob("*")}
+    return not names & {"config.yaml", "plan.json", "index.parquet", "classes.json"} and not any(
+        n.endswith((".safetensors", "_stats.json", ".tar")) for n in names)
+
+
+def _cfg(tmp_path, world, **extra):
+    return bw.config(tmp_path / "out", *world, **extra)
+
+
+def _sub(cfg, section, **changes):
+    return replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
+
+
+# Each case: (id, how to make the config from a valid one, the message it must give).
+CASES = [
+    ("unknown-dataset", lambda c, t, w: replace(c, dataset="mnist-2"), r"`dataset` must be one of .* but is 'mnist-2'"),
+    ("missing-root", lambda c, t, w: replace(c, dataset="cub", root=str(t / "nope")),
+     r"Dataset not found or corrupted at .*nope"),
+    ("bad-root-layout", lambda c, t, w: replace(c, dataset="cub", root=str(t)),
+     r"Dataset not found or corrupted at .*: expected .*Point `root` at the extracted CUB_200_2011 folder"),
+    ("unknown-class-name", lambda c, t, w: replace(c, classes="0,eleven"), r"`classes` entry 'eleven' is not a class"),
+    ("class-range", lambda c, t, w: replace(c, classes="0-12"), r"`classes` range '0-12' is not within 0-9"),
+    ("per-class-zero", lambda c, t, w: replace(c, per_class=0), r"`per_class` must be > 0 but is 0"),
+    ("size-not-multiple-of-8", lambda c, t, w: _sub(c, "generate", height=30),
+     r"`generate.height` and `generate.width` have to be positive and divisible by 8 but are 30 and 32"),
+    ("unknown-scheduler", lambda c, t, w: replace(c, scheduler="turbo"), r"`scheduler` must be one of .* 'turbo'"),
+    ("bad-device", lambda c, t, w: replace(c, device="tpu:0"), r"`device` must be 'auto', 'cpu', 'cuda'"),
+    ("bad-dtype", lambda c, t, w: replace(c, dtype="fp8"), r"`dtype` must be one of .* but is 'fp8'"),
+    ("missing-model", lambda c, t, w: replace(c, model=str(t / "no-model")), r"`model` .*no-model.* does not exist"),
+    ("model-dir-not-diffusers", lambda c, t, w: replace(c, model=str(w[1])),
+     r"`model` .* has no model_index.json"),
+    ("missing-guide", lambda c, t, w: replace(c, guide=str(t / "no-guide")), r"`guide` .*no-guide.* does not exist"),
+    ("guide-dir-without-config", lambda c, t, w: replace(c, guide=str(t)),
+     r"`guide` .* is a directory without config.json"),
+    ("too-many-shots", lambda c, t, w: _sub(replace(c, method="ti"), "mcti", shots=500),
+     r"`mcti.shots` is 500 but class 0 \('zero'\) has \d+ images in split 'train'"),
+    ("zero-workers", lambda c, t, w: _sub(c, "run", num_workers=0), r"`run.num_workers` must be > 0"),
+    ("unknown-method", lambda c, t, w: replace(c, method="lora"), r"`method` must be one of dct, ti, mcti"),
+]
+
+
+@pytest.mark.parametrize("make,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_nothing_is_done(tmp_path, world, make, match):
+    cfg = make(_cfg(tmp_path, world), tmp_path, world)
+    with pytest.raises(UserError, match=match) as info:
+        build(cfg, progress=False)
+    assert "\n" not in str(info.value)
+    assert _nothing_done(tmp_path / "out")
+
+
+def test_guide_with_the_wrong_label_count(tmp_path, world, guide3):
+    with pytest.raises(UserError, match=r"`guide` .*guide3.* predicts 3 classes but dataset 'digits' has 10: pass a "
+                                        r"guide trained on this dataset's classes"):
+        build(replace(_cfg(tmp_path, world), guide=str(guide3)), progress=False)
+    assert _nothing_done(tmp_path / "out")
+
+
+def test_output_that_is_a_file(tmp_path, world):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(UserError, match=r"`out` .* is a file, not a folder"):
+        build(_cfg(tmp_path, world), progress=False)
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_output_folder_with_other_files(tmp_path, world):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "holiday.jpg").write_bytes(b"\xff\xd8")
+    for overwrite in (False, True):  # --overwrite never deletes a folder that is not a synthaug build
+        with pytest.raises(UserError, match=r"is not empty and holds no synthaug build .*found holiday.jpg"):
+            build(_cfg(tmp_path, world), overwrite=overwrite, progress=False)
+    assert (tmp_path / "out" / "holiday.jpg").is_file() and _nothing_done(tmp_path / "out")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user")
+def test_output_not_writable(tmp_path, world):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match=r"`out` .* is not writable"):
+            build(bw.config(locked / "out", *world), progress=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_existing_build_with_another_config_is_refused(tmp_path, world):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = _cfg(tmp_path, world)
+    (out / "config.yaml").write_text(dump_yaml(old))
+    (out / "tokens").mkdir()
+    (out / "tokens" / "000.safetensors").write_bytes(b"a token of the old build")
+    new = _sub(replace(old, per_class=5), "dct", lr=0.01)
+    with pytest.raises(UserError, match=r"holds a build made with a different config \(dct.lr: 0.001 -> 0.01; "
+                                        r"per_class: 4 -> 5\): pass --overwrite to discard it"):
+        build(new, progress=False)
+    assert (out / "config.yaml").read_text() == dump_yaml(old)
+    assert (out / "tokens" / "000.safetensors").read_bytes() == b"a token of the old build"
+    assert not (out / "plan.json").exists()
+
+
+def test_ray_missing_is_a_loud_import_error(tmp_path, world, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "synthaug\[ray\]"'):
+        build(_cfg(tmp_path, world, **{"run.executor": "ray"}), progress=False)
+    assert _nothing_done(tmp_path / "out")
+
+
+def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
+    cfg_file = bw.write_config(tmp_path / "config.yaml", tmp_path / "out", *world)
+    done = subprocess.run([sys.executable, "-m", "synthaug.cli", "build", "--config", str(cfg_file), "--classes",
+                           "0,eleven"], cwd=bw.REPO, env=bw.cli_env(), capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("synthaug build: error: `classes` entry 'eleven' is not a class")
+    assert "Traceback" not in done.stderr
+    assert _nothing_done(tmp_path / "out")

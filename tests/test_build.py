@@ -1,0 +1,255 @@
+"""The build (local executor): plan, layout, resume, retries, failures, inspect, export, SIGKILL + resume.
+
+Tiny offline world: a random tiny SD pipeline and a tiny timm guide saved to a temp folder, 3 digit classes, 4 images
+per class plus the plain-prompt baseline, 2 images per shard (12 shards, 24 images).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import buildworld as bw
+import pytest
+
+from synthaug.config import BuildConfig, ShardConfig
+from synthaug.distributed import (
+    BuildFailed,
+    build,
+    export_tokens,
+    inspect,
+    plan,
+    resume_command,
+    select_classes,
+    shard_id,
+)
+from synthaug.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, world):
+    return bw.reference_build(tmp_path_factory, *world)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plan and class selection
+# --------------------------------------------------------------------------------------------------------------------
+def test_shard_ids_are_a_function_of_method_class_chunk_only():
+    names = [f"c{i}" for i in range(7)]
+    cfg = BuildConfig(per_class=5, baseline=True, shards=ShardConfig(samples_per_shard=2))  # chunks 0-1, 2-3, 4
+    full = plan(cfg, names, range(7))
+    ids = [t.shard_id for j in full for t in j.shards]
+    assert sorted(ids) == list(range(2 * 7 * 3))  # dense and unique with every class selected
+    some = plan(cfg, names, [2, 5])
+    by_key = {(t.method, t.class_index, t.chunk): t.shard_id for j in full for t in j.shards}
+    assert all(by_key[(t.method, t.class_index, t.chunk)] == t.shard_id for j in some for t in j.shards)
+    job = some[0]
+    assert job.token == "<synthaug-002>" and job.name == "c2"
+    assert [(t.method, t.start, t.stop) for t in job.shards] == [
+        ("dct", 0, 2), ("dct", 2, 4), ("dct", 4, 5), ("sd", 0, 2), ("sd", 2, 4), ("sd", 4, 5)]
+    assert shard_id(1, 2, 0, num_classes=7, chunks_per_class=3) == 27
+
+
+def test_select_classes_forms():
+    names = list(bw.DIGITS)
+    assert select_classes(None, names) == list(range(10))
+    assert select_classes("0-2,7,7,three", names) == [0, 1, 2, 3, 7]
+    assert select_classes("Seven, 9", names) == [7, 9]
+    drawn = select_classes("sample:4:1", names)
+    assert len(drawn) == 4 and drawn == select_classes("sample:4:1", names)
+    groups = ["a"] * 5 + ["b"] * 5
+    spread = select_classes("sample:2", names, supercategories=groups)
+    assert len(spread) == 2 and min(spread) < 5 <= max(spread)  # one per supercategory
+
+
+@pytest.mark.parametrize("selection,match", [
+    ("eleven", r"`classes` entry 'eleven' is not a class"), ("sevn", r"Did you mean 'seven'"),
+    ("3-1", r"`classes` range '3-1'"), ("0-10", r"`classes` range '0-10' is not within 0-9"),
+    ("12", r"`classes` index 12 is out of range"), ("sample:11", r"asks for 11 classes"),
+])
+def test_select_classes_errors(selection, match):
+    with pytest.raises(UserError, match=match):
+        select_classes(selection, list(bw.DIGITS))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A build and its layout
+# --------------------------------------------------------------------------------------------------------------------
+def test_build_writes_the_documented_layout(reference):
+    import pyarrow.parquet as pq
+
+    out = reference
+    assert (out / "config.yaml").is_file() and (out / "plan.json").is_file()
+    assert sorted(p.name for p in (out / "tokens").iterdir()) == [
+        "000.safetensors", "001.safetensors", "002.safetensors", "tokens.safetensors"]
+    stats = sorted(p.name for p in (out / "shards").glob("*_stats.json"))
+    # dct shards of classes 0-2 are 0..5 (2 chunks each); sd shards start after all 10 classes: 20..25
+    assert stats == [f"{i:05d}_stats.json" for i in [0, 1, 2, 3, 4, 5, 20, 21, 22, 23, 24, 25]]
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(rows) == 24
+    assert rows[0]["key"] == "dct-c000-s00000" and rows[-1]["key"] == "sd-c002-s00003"
+    assert {r["method"] for r in rows} == {"dct", "sd"}
+    assert all(r["token_sha256"] is None for r in rows if r["method"] == "sd")
+    assert all(r["guide_prob"] is not None for r in rows)
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["index"] for c in classes] == [0, 1, 2]
+    assert classes[1]["name"] == "one" and classes[1]["token"] == "<synthaug-001>"
+    assert classes[1]["steps"] == 2 and classes[1]["stop_reason"] in ("all_correct", "patience", "max_steps")
+    assert classes[1]["images"] == {"dct": 4, "sd": 4}
+    info = json.loads((out / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 12  # the baseline stays out of the train split
+    assert info["splits"]["sd"]["num_samples"] == 12
+    assert not (out / "failures.json").exists()
+
+
+def test_resuming_a_finished_build_does_nothing_quickly(reference, world):
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    t0 = time.perf_counter()
+    result = build(bw.config(reference, *world, **{"run.executor": "ray"}), progress=False)  # run.* may change
+    assert time.perf_counter() - t0 < 5
+    assert result.ok and result.resumed and result.executor == "none"
+    assert (result.images, result.images_new, result.tokens_new) == (24, 0, 0)
+    assert {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_resume_redoes_exactly_the_missing_work(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / "tokens" / "002.safetensors").unlink()
+    (out / "shards" / "00003_stats.json").unlink()  # shard 3 = dct class 1 chunk 1: "not done"
+    (out / "shards" / "00003.tar").write_bytes(b"garbage from a killed run")
+    (out / "index.parquet").unlink()
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.resumed and result.executor == "local"
+    assert (result.tokens_new, result.images_new) == (1, 2)
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_a_failed_attempt_is_retried_in_process(tmp_path, world, reference, monkeypatch):
+    monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ONCE", "class:1")
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok
+    assert (out / ".test-failed-once-c001").is_file()  # the failure really happened
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_a_job_that_fails_every_retry_lands_in_failures_json(tmp_path, world, reference, monkeypatch):
+    monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ALWAYS", "class:1")
+    out = tmp_path / "build"
+    with pytest.raises(BuildFailed, match=r"1 class job\(s\) failed every retry .*resume with: synthaug build "
+                                          r"--config .*config\.yaml") as info:
+        build(bw.config(out, *world, **{"run.max_retries": 1}), progress=False)
+    result = info.value.result
+    assert not result.ok and result.classes_done == 2 and result.classes == 3
+    failures = json.loads((out / "failures.json").read_text())
+    assert failures["resume"] == resume_command(out)
+    (failed,) = failures["failed"]
+    assert failed["class_index"] == 1 and failed["attempts"] == 2 and "SYNTHAUG_TEST_FAIL_ALWAYS" in failed["error"]
+    # nothing claims completeness: no index, no all-tokens file, class 1 has neither token nor shards
+    assert not (out / "index.parquet").exists() and not (out / "tokens" / "tokens.safetensors").exists()
+    assert not (out / "tokens" / "001.safetensors").exists()
+    summary = inspect(out)
+    assert not summary.ok and not summary.complete and summary.failures[0]["class_index"] == 1
+    assert summary.counts["dct"] == {0: 4, 1: 0, 2: 4}
+    # the failure gone, the same command finishes the build and clears failures.json
+    monkeypatch.delenv("SYNTHAUG_TEST_FAIL_ALWAYS")
+    assert build(bw.config(out, *world, **{"run.max_retries": 1}), progress=False).ok
+    assert not (out / "failures.json").exists()
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inspect and export
+# --------------------------------------------------------------------------------------------------------------------
+def test_inspect_counts_and_verify(tmp_path, reference):
+    import pyarrow.parquet as pq
+
+    result = inspect(reference, verify=True)
+    assert result.ok and result.complete and result.verified and result.problems == []
+    assert result.counts == {"dct": {0: 4, 1: 4, 2: 4}, "sd": {0: 4, 1: 4, 2: 4}}
+    assert (result.images, result.images_expected, result.shards_done, result.tokens_done) == (24, 24, 12, 3)
+    assert result.classes[0]["steps"] == 2 and result.config["method"] == "dct"
+    assert "complete" in result.summary() and "verify: OK" in result.summary()
+    # a flipped byte inside an image is found
+    out = _copy(reference, tmp_path / "build")
+    row = pq.read_table(out / "shards" / "00001.parquet").to_pylist()[1]
+    tar = out / "shards" / "00001.tar"
+    data = bytearray(tar.read_bytes())
+    data[row["offset"] + row["size"] // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    bad = inspect(out, verify=True)
+    assert not bad.ok and any("00001" in p and "sha256" in p for p in bad.problems)
+
+
+def test_inspect_refuses_a_folder_that_is_not_a_build(tmp_path):
+    with pytest.raises(UserError, match=r"`out` .* is not a synthaug build \(no config.yaml\)"):
+        inspect(tmp_path)
+
+
+def test_export_a1111_embeddings_load_in_diffusers(tmp_path, reference):
+    import torch
+
+    from synthaug.models import tiny_pipeline
+    from synthaug.tokens import load_tokens
+
+    paths = export_tokens(reference, format="a1111", dest=tmp_path / "a1111")
+    assert [p.name for p in paths] == ["synthaug-000.pt", "synthaug-001.pt", "synthaug-002.pt"]
+    data = torch.load(paths[1], weights_only=True)
+    assert data["string_to_token"] == {"*": 265} and data["name"] == "synthaug-001" and data["step"] == 2
+    learned = load_tokens(reference / "tokens" / "001.safetensors")["<synthaug-001>"]
+    assert torch.equal(data["string_to_param"]["*"], learned)
+    pipe = tiny_pipeline(seed=0)
+    pipe.load_textual_inversion(str(paths[1]), token="<one>")
+    row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<one>")]
+    assert torch.equal(row, learned[0])
+
+    paths = export_tokens(reference, format="diffusers", dest=tmp_path / "diffusers")
+    pipe.load_textual_inversion(str(paths[2]))
+    assert "<synthaug-002>" in pipe.tokenizer.get_added_vocab()
+    with pytest.raises(UserError, match=r"`format` must be one of a1111, diffusers but is 'ckpt'"):
+        export_tokens(reference, format="ckpt")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SIGKILL in the middle, then resume: the same bytes as an uninterrupted build
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_during_tokens_then_during_shards_then_resume(tmp_path, world, reference):
+    out = tmp_path / "build"
+    cfg_file = bw.write_config(tmp_path / "config.yaml", out, *world)
+    marker, log = tmp_path / "paused", tmp_path / "build.log"
+
+    # 1. Killed while class 1's token is learned but not yet saved: class 0 is complete, nothing of class 1 is.
+    proc = bw.start_build(cfg_file, log, SYNTHAUG_TEST_PAUSE="token:1", SYNTHAUG_TEST_PAUSE_FILE=str(marker))
+    bw.wait_for(marker, proc, 600, log)
+    bw.sigkill(proc)
+    assert (out / "config.yaml").is_file() and (out / "tokens" / "000.safetensors").is_file()
+    assert not (out / "tokens" / "001.safetensors").exists() and not (out / "index.parquet").exists()
+    assert not inspect(out).complete
+
+    # 2. Killed after class 2's first shard: class 1 done now, class 2 has a token and one shard.
+    marker.unlink()
+    proc = bw.start_build(cfg_file, log, SYNTHAUG_TEST_PAUSE="shard:2", SYNTHAUG_TEST_PAUSE_FILE=str(marker))
+    bw.wait_for(marker, proc, 600, log)
+    bw.sigkill(proc)
+    state = inspect(out)
+    assert state.classes[1]["shards_done"] == 4 and state.classes[2]["shards_done"] == 1 and not state.complete
+
+    # 3. The same command again finishes the build: byte-identical to the uninterrupted one.
+    done = subprocess.run([sys.executable, "-m", "synthaug.cli", "build", "--config", str(cfg_file), "-q"],
+                          cwd=bw.REPO, env=bw.cli_env(), capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3/3 classes, 24 images" in done.stdout
+    assert bw.snapshot(out) == bw.snapshot(reference)
+    assert inspect(out, verify=True).ok

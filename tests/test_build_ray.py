@@ -1,0 +1,100 @@
+"""The build on Ray: the same bytes as the local executor, dead actors retried, failures recorded, and a SIGKILLed
+driver that started its own local Ray leaves no Ray process behind.
+
+One local Ray cluster (2 CPUs) serves the module; the orphan test starts its own in a subprocess driver.
+"""
+
+import json
+import time
+
+import buildworld as bw
+import pytest
+
+from synthaug.distributed import BuildFailed, build, inspect
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+RAY = {"run.executor": "ray", "run.num_workers": 2, "run.cpus_per_worker": 1}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, world):
+    return bw.reference_build(tmp_path_factory, *world)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray for the module; `build` uses the session it finds and leaves it running."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def test_ray_and_local_executors_write_identical_bytes(tmp_path, world, reference, cluster):
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world, **RAY), progress=False)
+    assert result.ok and result.executor == "ray" and result.workers == 2
+    assert bw.snapshot(out) == bw.snapshot(reference)
+    assert ray.is_initialized()  # the caller's session stays up
+    assert not [a for a in ray.util.list_named_actors()]  # and holds no leftover actor of ours by name
+
+
+def test_an_actor_that_dies_mid_job_is_retried(tmp_path, world, reference, cluster, monkeypatch):
+    monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ONCE", "class:1")
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world, **RAY), progress=False)
+    assert result.ok
+    died = int((out / ".test-failed-once-c001").read_text())  # the pid of the worker process that exited
+    assert died != __import__("os").getpid()
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_a_job_that_fails_every_retry_is_recorded(tmp_path, world, cluster, monkeypatch):
+    monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ALWAYS", "class:2")
+    out = tmp_path / "build"
+    with pytest.raises(BuildFailed, match=r"failed every retry \(classes 2;.*resume with: synthaug build --config"):
+        build(bw.config(out, *world, **RAY, **{"run.max_retries": 1}), progress=False)
+    (failed,) = json.loads((out / "failures.json").read_text())["failed"]
+    assert failed["class_index"] == 2 and failed["attempts"] == 2
+    assert "SYNTHAUG_TEST_FAIL_ALWAYS" in failed["error"] and len(failed["errors"]) == 2
+    state = inspect(out)
+    assert not state.complete and [c["shards_done"] for c in state.classes] == [4, 4, 0]
+    assert not (out / "index.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_leaves_no_ray_processes_and_the_build_resumes(tmp_path, world, reference):
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "build"
+    cfg_file = bw.write_config(tmp_path / "config.yaml", out, *world, **RAY)
+    marker, log = tmp_path / "paused", tmp_path / "build.log"
+    proc = bw.start_build(cfg_file, log, SYNTHAUG_TEST_PAUSE="shard:1", SYNTHAUG_TEST_PAUSE_FILE=str(marker))
+    try:
+        bw.wait_for(marker, proc, 600, log)
+        time.sleep(1.0)  # let the reaper record the last processes Ray started
+        ours = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in ours), "the driver started no local Ray"
+        bw.sigkill(proc)
+        _, alive = psutil.wait_procs(ours, timeout=30)
+        survivors = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in alive if p.is_running()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for p in alive:  # clean up what this test caused, by process id, before failing
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert not survivors, f"processes left behind by the SIGKILLed driver: {survivors}"
+    # the interrupted build resumes (here in-process, on the local executor) to the same bytes
+    assert build(bw.config(out, *world), progress=False).ok
+    assert bw.snapshot(out) == bw.snapshot(reference)
