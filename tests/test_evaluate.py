@@ -1,0 +1,200 @@
+"""Evaluation: judge accuracy on hand-made images with known answers, FID/KID on known shifts, the downstream protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fakebuild import DIGITS, ColorJudge, ImageList, color_image, make_build
+from PIL import Image
+
+from synthaug.errors import UserError
+from synthaug.evaluate import (
+    SelfScoringWarning,
+    clean_label,
+    compute_fid,
+    evaluate_judge,
+    fid_kid,
+    format_table,
+    load_result,
+    map_classes,
+)
+
+CLASSES = (2, 3, 4, 5, 6)
+
+
+def encoded(method: str, t: int, seed: int) -> int:
+    """What the judge will predict for each image of the scenario (see `judge_build`)."""
+    miss = t + 3 if t <= 4 else t - 3  # 3 away from t and not at an edge: outside the top-5
+    if method == "sd":
+        return [t, t + 1, t, miss, t][seed]
+    return [t, t, t, miss, t if t in (2, 3) else t + 1][seed]
+
+
+@pytest.fixture
+def judge_build(tmp_path):
+    """Classes 2-6, seeds 0-4, methods sd and dct, each image encoding the judge's top-1.
+
+    sd: right, top-5 only, right, miss, right. dct: right, right, right, miss, right for classes 2-3 / top-5 only for
+    4-6. So dct fixes seed 1 in every class (5) and breaks seed 4 in classes 4-6 (3).
+    """
+    samples = [{"method": m, "class_index": t, "index": s, "image": color_image(encoded(m, t, s))}
+               for m in ("sd", "dct") for t in CLASSES for s in range(5)]
+    return make_build(tmp_path / "build", samples)
+
+
+def softmax_prob(p: int, t: int, n: int = 10) -> float:
+    z = [math.exp(-((c - p) ** 2)) for c in range(n)]
+    return z[t] / sum(z)
+
+
+def test_judge_accuracy_known_answers(judge_build):
+    result = evaluate_judge(judge_build, ColorJudge(), progress=False)
+    by_method = {m.method: m for m in result.methods}
+    assert [m.method for m in result.methods] == ["sd", "dct"]
+    assert by_method["sd"].images == by_method["dct"].images == 25
+    assert by_method["sd"].top1 == pytest.approx(15 / 25)
+    assert by_method["sd"].top5 == pytest.approx(20 / 25)
+    assert by_method["dct"].top1 == pytest.approx(17 / 25)
+    assert by_method["dct"].top5 == pytest.approx(20 / 25)
+    per_class = {(c.class_index, c.method): c for c in result.per_class}
+    assert per_class[(2, "dct")].top1 == pytest.approx(4 / 5)
+    assert per_class[(6, "dct")].top1 == pytest.approx(3 / 5)
+    assert per_class[(4, "sd")].top5 == pytest.approx(4 / 5)
+    assert result.shared_classes == result.total_classes == 10 and result.class_mapping == "identity"
+    assert not result.self_scored
+
+    (pair,) = result.paired
+    assert (pair.baseline, pair.method, pair.pairs) == ("sd", "dct", 25)
+    assert (pair.fixed, pair.broken, pair.both_right, pair.both_wrong) == (5, 3, 12, 5)
+    assert pair.p_value == pytest.approx(2 * (1 + 8 + 28 + 56) / 256)  # exact sign test, n=8, k=3
+
+
+def test_judge_prob_written_back_atomically(judge_build):
+    before = pq.read_table(judge_build / "index.parquet")
+    assert before.column("judge_prob").null_count == before.num_rows
+    evaluate_judge(judge_build, ColorJudge(), progress=False)
+    after = pq.read_table(judge_build / "index.parquet")
+    assert after.drop(["judge_prob"]).equals(before.drop(["judge_prob"]))  # nothing else changed
+    assert after.schema.metadata[b"synthaug.judge"] == b"color-judge"
+    for row in after.to_pylist():
+        t, s = row["class_index"], row["seed"]
+        assert row["judge_prob"] == pytest.approx(softmax_prob(encoded(row["method"], t, s), t), rel=1e-5)
+    assert not list(judge_build.glob(".tmp-*"))
+
+
+def test_judge_result_files(judge_build):
+    result = evaluate_judge(judge_build, ColorJudge(), progress=False)
+    saved = load_result(judge_build / "eval" / "judge.json")
+    assert saved == result
+    images = pq.read_table(judge_build / "eval" / "judge_images.parquet").to_pylist()
+    assert len(images) == 50
+    miss = next(r for r in images if r["key"] == "sd-c003-s00003")
+    assert (miss["judge_pred"], miss["top1"], miss["top5"]) == ("six", False, False)
+    csv_lines = (judge_build / "eval" / "judge_per_class.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("class_index,class_name,method,images,top1") and len(csv_lines) == 11
+    text = format_table(result, per_class=True)
+    assert "sd -> dct" in text and "68.0" in text and "2 two" in text
+
+
+def test_self_scoring_warns_and_is_recorded(tmp_path):
+    build = make_build(tmp_path / "b", [{"method": "dct", "class_index": 3, "index": 0, "image": color_image(3)}],
+                       guide="color-judge")
+    with pytest.warns(SelfScoringWarning, match="is the guide"):
+        result = evaluate_judge(build, ColorJudge(source="color-judge"), progress=False)
+    assert result.self_scored
+    assert json.loads((build / "eval" / "judge.json").read_text())["self_scored"] is True
+    assert format_table(result).startswith("WARNING: the judge is the guide")
+
+
+def test_judge_with_other_labels_maps_by_clean_name(judge_build):
+    # Judge outputs 0-4 are the build's zero..four under other spellings; 5-9 are classes the build lacks.
+    labels = ["000.Zero", "One", "two", "THREE", "four_"] + ["cat", "dog", "owl", "emu", "yak"]
+    result = evaluate_judge(judge_build, ColorJudge(labels), progress=False, write_back=False)
+    assert (result.class_mapping, result.shared_classes, result.total_classes) == ("name", 5, 10)
+    assert result.unmapped_classes == ["five", "six", "seven", "eight", "nine"]
+    assert sorted({c.class_index for c in result.per_class}) == [2, 3, 4]  # classes 5, 6 not scored
+    assert result.methods[0].images == 15
+    per_class = {(c.class_index, c.method): c.top1 for c in result.per_class}
+    assert per_class[(4, "sd")] == pytest.approx(3 / 5)
+    # Closed set over the shared labels: class 4's "five" and "seven" verdicts fall back to "four".
+    closed = evaluate_judge(judge_build, ColorJudge(labels), progress=False, write_back=False,
+                            restrict_to_shared=True)
+    assert {(c.class_index, c.method): c.top1 for c in closed.per_class}[(4, "sd")] == 1.0
+    assert closed.top5_k == 5
+
+
+def test_map_classes_rules():
+    assert clean_label("001.Black_footed_Albatross") == "black footed albatross"
+    assert clean_label("3 - three") == "three"
+    m = map_classes(["Black footed Albatross", "Dodo"], ["dog", "black_footed_albatross"])
+    assert (m.build_to_judge, m.shared, m.unmapped, m.by) == ({0: 1}, 1, ("Dodo",), "name")
+    m = map_classes(["Laysan Albatross"], ["Phoebastria immutabilis"], {"Laysan Albatross": "Phoebastria immutabilis"})
+    assert (m.build_to_judge, m.by) == ({0: 0}, "map")
+    with pytest.warns(UserWarning, match="by index"):
+        assert map_classes(["a", "b"], ["LABEL_0", "LABEL_1"]).by == "index"
+    with pytest.raises(UserError, match="shares no class names.*class_map"):
+        map_classes(["zero", "one"], ["cat", "dog", "owl"])
+    with pytest.raises(UserError, match="`class_map` maps 'zero' to 'nil'"):
+        map_classes(["zero"], ["cat"], {"zero": "nil"})
+
+
+def test_evaluate_bad_input(tmp_path, judge_build):
+    with pytest.raises(UserError, match="Build directory not found"):
+        evaluate_judge(tmp_path / "nope", ColorJudge())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="expected classes.json"):
+        evaluate_judge(tmp_path / "empty", ColorJudge())
+    with pytest.raises(UserError, match="`methods` mcti not in the build"):
+        evaluate_judge(judge_build, ColorJudge(), methods=["mcti"])
+    with pytest.raises(UserError, match="`batch_size` must be > 0"):
+        evaluate_judge(judge_build, ColorJudge(), batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID / KID
+# ----------------------------------------------------------------------------------------------------------------
+def test_fid_of_a_set_against_itself_is_zero_and_a_shift_costs_its_squared_norm():
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    same = fid_kid(x, x)
+    assert abs(same.fid) < 1e-6
+    # Equal covariances: FID = ||mu_1 - mu_2||^2 exactly = 8 dims x 0.5^2.
+    shifted = fid_kid(x, x + 0.5)
+    assert shifted.fid == pytest.approx(2.0, abs=1e-4)
+    assert shifted.kid_mean > 10 * abs(same.kid_mean)
+    assert fid_kid(x[:50], x[:40] + 0.5).kid_subset_size == 40  # adapted: the default 1000 would fail
+    with pytest.raises(UserError, match="at least 2"):
+        fid_kid(x[:1], x)
+
+
+def _noise_images(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 200, (8, 8, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_compute_fid_on_a_build(tmp_path):
+    real = _noise_images(30, 0)
+    targets = [i % 3 for i in range(30)]
+    brighter = [Image.fromarray(np.asarray(im) + 50) for im in real]  # +50 stays below 255
+    samples = [{"method": "sd", "class_index": t, "index": i, "image": im} for i, (im, t) in
+               enumerate(zip(real, targets))]
+    samples += [{"method": "dct", "class_index": t, "index": i, "image": im} for i, (im, t) in
+                enumerate(zip(brighter, targets))]
+    build = make_build(tmp_path / "b", samples)
+    result = compute_fid(build, ImageList(real, targets), features=ColorJudge(), progress=False)
+    rows = {r.method: r for r in result.rows}
+    assert rows["sd"].fid == pytest.approx(0.0, abs=1e-6)  # the very same images
+    assert rows["dct"].fid > 0.01
+    assert rows["sd"].kid_subset_size == 30 and result.feature_dim == 6
+    assert load_result(build / "eval" / "fid_classifier.json") == result
+    assert "FID" in format_table(result)
+
+
+def test_inception_without_weights_names_the_fix(tmp_path, monkeypatch, judge_build):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match="(Inception-v3 FID weights not found|needs torch-fidelity).*features='judge'"):
+        compute_fid(judge_build, ImageList(_noise_images(4, 0), [2, 3, 4, 5]), features="inception")

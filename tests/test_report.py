@@ -1,0 +1,100 @@
+"""The HTML report: self-contained, shows images side by side with verdicts and curves, renders in Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from fakebuild import ColorJudge, color_image, make_build
+from PIL import Image
+
+from synthaug.errors import UserError
+from synthaug.evaluate import EVAL_DIR, DownstreamResult, DownstreamRow, evaluate_judge
+from synthaug.report import write_report
+
+
+def _history(n: int) -> list[dict]:
+    return [{"step": i, "loss": 2.0 / (1 + i), "accuracy": min(1.0, i / n), "target_prob": min(1.0, i / (n + 2))}
+            for i in range(n)]
+
+
+@pytest.fixture
+def report_build(tmp_path):
+    # sd images: right on seeds 0, 2, wrong ("six"/"seven") on seeds 1, 3; dct right everywhere.
+    samples = []
+    for t in (2, 3):
+        samples += [{"method": "sd", "class_index": t, "index": s, "image": color_image(t if s % 2 == 0 else t + 4,
+                                                                                          size=16, green=40 * s),
+                     "guide_prob": 0.5} for s in range(4)]
+        samples += [{"method": "dct", "class_index": t, "index": s, "image": color_image(t, size=16, green=40 * s),
+                     "guide_prob": 0.9} for s in range(4)]
+    build = make_build(tmp_path / "build", samples, histories={2: _history(12)})
+    evaluate_judge(build, ColorJudge(), progress=False)
+    rows = [DownstreamRow("real", 3, 3, 0.5, 0.01, 0.9, 0.01), DownstreamRow("dct", 3, 3, 0.6, 0.02, 0.95, 0.01)]
+    (build / EVAL_DIR / "downstream.json").write_text(
+        __import__("json").dumps(DownstreamResult(str(build), "digits", "resnet10t", 100, rows, []).to_dict()))
+    return build
+
+
+def test_report_content_is_self_contained(report_build):
+    path = write_report(report_build, progress=False)
+    assert path == report_build / "report" / "index.html"
+    page = path.read_text()
+    assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == 16 and all(s.startswith("data:image/png;base64,") for s in srcs)  # 2 classes x 2 x 4
+    # same seeds side by side, verdicts on every image, the judge's wrong label named
+    assert page.count("<th>seed 0</th>") == 2
+    assert "✗ " in page and "→ six" in page and "→ seven" in page and page.count("✓ ") == 12
+    assert "guide 0.90" in page
+    # the token's curve for class 2 (history in its token file), a note for class 3 (no token file)
+    assert page.count("<polyline") == 3 and "stop: patience" in page
+    assert "no training history recorded" in page
+    # Table 1 and Table 2 from eval/
+    assert "Table 1 - judge accuracy" in page and "Table 2 - downstream training" in page
+    assert "sd -&gt; dct" in page and "60.0 ± 2.0" in page
+
+
+def test_report_png_grids(report_build):
+    write_report(report_build, progress=False)
+    grids = report_build / "report" / "grids"
+    assert sorted(p.name for p in grids.iterdir()) == ["c002.png", "c003.png", "overview.png"]
+    grid = Image.open(grids / "c002.png").convert("RGB")
+    assert grid.height > 2 * 96 and grid.width > 4 * 96  # 2 method rows x 4 seeds of 96 px tiles
+    pixels = np.asarray(grid).reshape(-1, 3)
+    assert ((pixels == (26, 127, 55)).all(1)).any() and ((pixels == (207, 34, 46)).all(1)).any()  # green + red
+
+
+def test_report_bad_input(report_build):
+    with pytest.raises(UserError, match="`classes` \\[42\\] not in the build"):
+        write_report(report_build, classes=[42])
+    with pytest.raises(UserError, match="`methods` mcti not in the build"):
+        write_report(report_build, methods=["mcti"])
+    with pytest.raises(UserError, match="`per_class` must be > 0"):
+        write_report(report_build, per_class=0)
+
+
+def _chromium() -> str | None:
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report_build, tmp_path):
+    path = write_report(report_build, progress=False)
+    shot = tmp_path / "shot.png"
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400", f"--screenshot={shot}",
+           path.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), proc.stderr[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[0] >= 1000 and img.shape[1] >= 1200
+    not_white = (img < 245).any(-1).mean()
+    assert not_white > 0.02, f"screenshot is blank ({not_white:.1%} non-white pixels)"
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+    # the verdict borders were painted: the embedded images and their captions rendered
+    near = lambda c: (np.abs(img.astype(int) - c).sum(-1) < 30).sum()  # noqa: E731
+    assert near((26, 127, 55)) > 100 and near((207, 34, 46)) > 100
