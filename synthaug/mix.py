@@ -23,7 +23,7 @@ from torchvision.datasets import VisionDataset
 
 from .datasets import few_shot_indices, normalize_name
 from .errors import UserError
-from .shards import CLASSES_FILE, KNOWN_METHODS, ShardReader, decode_image, load_index
+from .shards import CLASSES_FILE, KNOWN_METHODS, ShardReader, load_index
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class SynthAugDataset(VisionDataset):
         # 2. Synthetic rows: filter by method and confidence, then cap per class.
         table = load_index(root)
         rows = table.select(["key", "class_index", "class_name", "method", "index", "guide_prob", "shard",
-                             "offset", "size", "sha256"]).to_pydict()
+                             "offset", "size", "sha256", "image_format"]).to_pydict()
         available = sorted(set(rows["method"]))
         keep = np.ones(table.num_rows, dtype=bool)
         if methods is not None:
@@ -196,6 +196,7 @@ class SynthAugDataset(VisionDataset):
         order = np.asarray(order, dtype=np.int64)
         self.synthetic = {k: [rows[k][r] for r in order] for k in ("key", "class_index", "class_name", "method",
                                                                    "index", "guide_prob", "sha256")}
+        self._format = [rows["image_format"][r] for r in order]
         self._shard = np.asarray(rows["shard"], dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
         self._offset = np.asarray(rows["offset"], dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
         self._size = np.asarray(rows["size"], dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
@@ -336,10 +337,11 @@ class SynthAugDataset(VisionDataset):
 
     def load_synthetic(self, row: int) -> Any:
         """The PIL image (RGB) of synthetic row `row`: one positioned read from its tar, then decode."""
-        shard = int(self._shard[row])
-        sha = self.synthetic["sha256"][row] if self.check_sha256 else None
-        data = self._reader.read(shard, int(self._offset[row]), int(self._size[row]), sha)
-        return decode_image(data, where=f"{self.synthetic['key'][row]} in {self._reader.tar_path(shard)}")
+        return self._reader.read_image(
+            int(self._shard[row]), int(self._offset[row]), int(self._size[row]),
+            sha256=self.synthetic["sha256"][row] if self.check_sha256 else None,
+            key=self.synthetic["key"][row], image_format=self._format[row],
+        )
 
     @property
     def targets(self) -> list[int]:

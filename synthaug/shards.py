@@ -620,10 +620,14 @@ class ShardReader:
     def __init__(self, out: str | os.PathLike) -> None:
         self.out = Path(out)
         self._fds: dict[int, int] = {}
+        self._paths: dict[int, Path] = {}
         self._pid = os.getpid()
 
     def tar_path(self, shard: int) -> Path:
-        return shard_paths(self.out, shard).tar
+        path = self._paths.get(shard)
+        if path is None:  # Path arithmetic costs more than the read itself on small images: do it once per shard
+            path = self._paths[shard] = shard_paths(self.out, shard).tar
+        return path
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():
@@ -652,6 +656,15 @@ class ShardReader:
             raise _shard_error(self.tar_path(shard), f"is corrupt (sha256 mismatch at offset {offset})")
         return data
 
+    def read_image(self, shard: int, offset: int, size: int, *, sha256: str | None = None, key: str = "",
+                   image_format: str | None = None, mode: str = "RGB") -> Image.Image:
+        """`read`, then decode to a PIL image; undecodable bytes are reported as a corrupt shard."""
+        data = self.read(shard, offset, size, sha256)
+        try:
+            return decode_image(data, mode=mode, image_format=image_format)
+        except ShardError as e:
+            raise _shard_error(self.tar_path(shard), f"is corrupt ({key or f'offset {offset}'}: {e})") from None
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for fd in self._fds.values():
@@ -660,19 +673,27 @@ class ShardReader:
 
     def __getstate__(self) -> dict[str, Any]:
         # Descriptors do not travel to other processes (spawn, Ray, pickle): each process opens its own.
-        return {"out": self.out, "_fds": {}, "_pid": None}
+        return {"out": self.out, "_fds": {}, "_paths": {}, "_pid": None}
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
             self.close()
 
 
-def decode_image(data: bytes, *, where: str = "", mode: str = "RGB") -> Image.Image:
-    """PIL image from encoded bytes (fully loaded, converted to `mode`); a decode failure names `where`."""
+def decode_image(data: bytes, *, where: str = "", mode: str = "RGB", image_format: str | None = None) -> Image.Image:
+    """PIL image from encoded bytes, fully loaded and converted to `mode`; a decode failure names `where`.
+
+    `image_format` (``png``/``jpg``/``webp``, from the index row) spares PIL from probing every format plugin.
+
+    >>> from PIL import Image
+    >>> decode_image(encode_image(Image.new("RGB", (4, 4)))).size
+    (4, 4)
+    """
     from PIL import Image, UnidentifiedImageError
 
+    formats = [IMAGE_FORMATS[image_format]] if image_format in IMAGE_FORMATS else None
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=formats)
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ShardError(f"Image {where} cannot be decoded ({e}).") from None

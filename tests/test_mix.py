@@ -198,6 +198,9 @@ def test_corrupt_shard_error_names_shard_and_command(tmp_path):
     with pytest.raises(ShardError, match=r"00000\.tar is corrupt .*delete .*00000_stats\.json and rerun `synthaug "
                                          "build --config"):
         ds[1]
+    unchecked = SynthAugDataset(tmp_path)  # without the sha256 check the decoder still refuses the bytes
+    with pytest.raises(ShardError, match=r"00000\.tar is corrupt \(dct-c000-s00001: Image  cannot be decoded"):
+        unchecked[1]
     tar.write_bytes(bytes(data[:2000]))
     with pytest.raises(ShardError, match=r"00000\.tar is truncated"):
         SynthAugDataset(tmp_path)[2]
