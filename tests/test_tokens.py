@@ -303,6 +303,29 @@ def test_selection(tiny_pipe, select):
     assert torch.equal(result.embedding, snapshots[result.best_step].reshape(1, -1))
 
 
+def test_grad_clip_after_backward_on_unscaled_gradients(tiny_pipe, monkeypatch):
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, *args, **kwargs):
+        (p,) = params
+        assert p.grad is not None  # called after backward
+        before = p.grad.norm().item()
+        total = real(params, max_norm, *args, **kwargs)
+        calls.append((before, total.item(), p.grad.norm().item(), max_norm))
+        return total
+
+    class Loud(Guide):  # large logits -> gradient norms far above the clip
+        def forward(self, images):
+            return super().forward(images) * 1e6
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    result = learn_dct_token(tiny_pipe, Loud(), 3, "three", cfg(max_steps=3, grad_clip=1.0))
+    assert len(calls) == 2
+    for (before, total, after, max_norm), entry in zip(calls, result.history):
+        assert max_norm == 1.0 and before > 1.0 and after <= 1.0 + 1e-4
+        assert entry["grad_norm"] == pytest.approx(before, rel=1e-5) == total  # the raw norm is recorded
+
+
 class _NaNGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
