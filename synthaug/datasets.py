@@ -714,7 +714,7 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0, *, allow
         allow_fewer: take every sample of a class that has fewer than `shots` (default: error).
 
     >>> few_shot_indices([0, 0, 0, 1, 1, 1], shots=1, seed=0)
-    [2, 4]
+    [2, 5]
     """
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 0:
         raise UserError(f"`shots` must be an integer >= 0 but is {shots!r}.")

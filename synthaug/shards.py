@@ -115,7 +115,11 @@ def shard_paths(out: str | os.PathLike, shard_id: int) -> ShardPaths:
 
 
 def shard_done(out: str | os.PathLike, shard_id: int) -> bool:
-    """True when the shard's stats file exists (it is written last, after the tar and the parquet)."""
+    """True when the shard's stats file exists (it is written last, after the tar and the parquet).
+
+    >>> shard_done("out/does-not-exist", 0)
+    False
+    """
     return shard_paths(out, shard_id).stats.is_file()
 
 
@@ -383,14 +387,13 @@ def write_shard(
         f.write(buf.getvalue())
 
     # 4. Stats, last: from now on the shard counts as done.
-    rel = Path(SHARDS_DIR)
     stats = ShardStats(
         shard=shard_id,
         num_samples=len(rows),
-        tar=str(rel / paths.tar.name),
+        tar=f"{SHARDS_DIR}/{paths.tar.name}",  # "/" on every OS: _info.json is read by timm anywhere
         tar_bytes=tar_bytes,
         tar_sha256=tar_sha,
-        parquet=str(rel / paths.parquet.name),
+        parquet=f"{SHARDS_DIR}/{paths.parquet.name}",
         parquet_sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
         image_format=image_format,
         quality=None if image_format == "png" else quality,
