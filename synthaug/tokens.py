@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -41,6 +42,8 @@ from .generate import render_prompt
 
 if TYPE_CHECKING:  # heavy imports stay out of module import time
     from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
 
 TOKEN_FORMAT = "<synthaug-{:03d}>"
 STOP_REASONS = ("all_correct", "patience", "max_steps")
@@ -118,6 +121,8 @@ def learn_dct_token(
         class_index: the target class, an index into the classifier's logits.
         label: the clean class name used in the prompts (``{label}``).
         config: every knob (`synthaug.config.DCTConfig`): steps, batch, lr, grad_steps, guidance, stopping, selection.
+            ``grad_steps`` counts UNet calls at the end of the scheduler's own timesteps (2nd-order schedulers make
+            two calls per step).
         token: the token string; default `token_name(class_index)`.
         progress: show a tqdm bar over training iterations.
         callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
@@ -200,6 +205,8 @@ def learn_dct_token(
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
             timesteps = pipe.scheduler.timesteps
+            if step == 0:
+                _warn_if_last_step_is_noisy(pipe.scheduler, timesteps)
             # prepare_latents after set_timesteps: init_noise_sigma depends on the schedule (Euler, LMS)
             latents = pipe.prepare_latents(config.batch_size, pipe.unet.config.in_channels, config.height,
                                            config.width, text_dtype, device, generators)
@@ -406,6 +413,17 @@ def _splice(embeddings: torch.nn.Module, token_id: int, v_c: torch.Tensor) -> It
     finally:
         for h in handles:
             h.remove()
+
+
+def _warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
+    # NOTES.md: with "trailing" spacing the last gradient-carrying step sat at t=99 and the loss diverged; at t~1 it
+    # did not. The gradient only sees the final step(s), so they must be nearly clean.
+    total = getattr(scheduler.config, "num_train_timesteps", 1000)
+    last = float(timesteps[-1])
+    if last > 0.05 * total:
+        logger.warning(
+            "The scheduler's last timestep is %g of %d: DCT's gradient flows through the final denoising step(s) only "
+            "and diverged when that step was this noisy. Prefer timestep_spacing='leading' (SD's default).", last, total)
 
 
 def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torch.Tensor:

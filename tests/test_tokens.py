@@ -558,3 +558,18 @@ def test_load_tokens_errors(tmp_path):
     # a diffusers-style directory holding learned_embeds.safetensors
     save_file({"<x>": torch.ones(32)}, tmp_path / "learned_embeds.safetensors")
     assert load_tokens(tmp_path)["<x>"].shape == (1, 32)
+
+
+def test_warns_when_the_last_step_is_noisy(own_pipe, caplog):
+    from diffusers import DDIMScheduler
+
+    original = own_pipe.scheduler
+    own_pipe.scheduler = DDIMScheduler.from_config(original.config, timestep_spacing="trailing")
+    try:
+        learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=1))
+    finally:
+        own_pipe.scheduler = original
+    assert "last timestep is 332 of 1000" in caplog.text
+    caplog.clear()
+    learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=1))  # SD's leading spacing ends at t=1
+    assert "last timestep" not in caplog.text
