@@ -23,18 +23,22 @@ _EXPORTS = {
     "load_classifier": "classifier", "Classifier": "classifier",
     # tokens
     "learn_dct_token": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
-    "load_tokens": "tokens", "add_tokens": "tokens",
+    "load_tokens": "tokens", "add_tokens": "tokens", "token_name": "tokens", "token_metadata": "tokens",
+    "learn_tokens": "tokens",
     # mcti
     "learn_mcti_token": "mcti", "classify": "mcti",
     # generate
     "generate": "generate", "GeneratedImage": "generate", "image_seed": "generate",
+    "generate_to_folder": "generate",
     # shards
     "write_shard": "shards", "merge_index": "shards", "read_sample": "shards", "verify": "shards",
+    "load_index": "shards", "ShardReader": "shards", "ShardError": "shards",
     # datasets / mix
-    "get_dataset": "datasets", "few_shot_indices": "datasets",
+    "get_dataset": "datasets", "few_shot_indices": "datasets", "CUB200": "datasets", "INat2021": "datasets",
+    "ImageNet": "datasets", "ImageFolder": "datasets", "Digits": "datasets",
     "SynthAugDataset": "mix",
     # distributed
-    "build": "distributed",
+    "build": "distributed", "inspect": "distributed", "export_tokens": "distributed",
     # evaluate / report
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
     "write_report": "report",

@@ -196,3 +196,56 @@ def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple
 
 
 __all__ = ["GeneratedImage", "generate", "image_seed", "render_prompt"]
+
+
+def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool = True) -> int:
+    """Generate ``config.per_class`` PNGs for the selected classes into `dest` — what `synthaug generate` runs.
+
+    With `tokens` (a token file or the folder `synthaug learn` wrote) the images use each class's token; with
+    ``config.baseline`` (or without tokens) the plain prompt on the same seeds is generated too. Files are
+    ``{dest}/{key}.png`` with keys as in the build format, plus ``metadata.jsonl`` (one row per image).
+
+    >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
+    """
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .atomic import atomic_write, write_text
+    from .classifier import load_classifier
+    from .datasets import get_dataset
+    from .distributed import select_classes
+    from .models import load_diffusion
+    from .shards import encode_image, sample_key
+    from .tokens import add_tokens, load_tokens, token_name
+
+    dataset = get_dataset(config.dataset, config.root, config.split)
+    names = [str(c) for c in dataset.classes]
+    selected = select_classes(config.classes, names)
+    loaded: dict = {}
+    if tokens is not None:
+        p = Path(tokens)
+        loaded = load_tokens(p / "tokens.safetensors" if p.is_dir() else p)
+        missing = [c for c in selected if token_name(c) not in loaded]
+        if missing:
+            raise UserError(f"`--tokens` {tokens!r} has no token for class {missing[0]} ({names[missing[0]]!r}): "
+                            f"learn it with `synthaug learn --classes {missing[0]}` or select other --classes.")
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    add_tokens(pipe, loaded)
+    dest = Path(dest)
+    rows, n = [], 0
+    for c in selected:
+        variants = ([token_name(c)] if loaded else []) + ([None] if config.baseline or not loaded else [])
+        for token in variants:
+            method = "sd" if token is None else config.method
+            for im in generate(pipe, class_index=c, label=names[c], token=token, indices=range(config.per_class),
+                               config=config.generate, method=method, classifier=guide, progress=progress):
+                key = sample_key(im.method, c, im.index)
+                with atomic_write(dest / f"{key}.png") as f:
+                    f.write(encode_image(im.image, "png", 95))
+                row = {k: v for k, v in asdict(im).items() if k != "image"}
+                rows.append(json.dumps({"key": key, **row}, sort_keys=True))
+                n += 1
+    write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
+    return n

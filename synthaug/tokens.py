@@ -694,3 +694,52 @@ __all__ = [
     "token_metadata",
     "token_name",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `synthaug learn`: tokens for a few classes, without images
+# --------------------------------------------------------------------------------------------------------------------
+def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> list[TokenResult]:
+    """Learn DCT tokens for the config's selected classes and write them to `out` — what `synthaug learn` runs.
+
+    Writes ``{class:03d}.safetensors`` per class (the same files `synthaug build` writes under ``tokens/``) and
+    ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again.
+
+    >>> results = learn_tokens(load_config(overrides={"classes": "seven"}), out="tokens/")
+    """
+    from .classifier import load_classifier
+    from .datasets import get_dataset
+    from .distributed import select_classes
+    from .models import load_diffusion
+
+    if config.method != "dct":
+        raise UserError(f"`method` must be 'dct' for `synthaug learn` but is {config.method!r}: TI/MC-TI tokens "
+                        f"need the few-shot images, use `synthaug build --method {config.method}`.")
+    dataset = get_dataset(config.dataset, config.root, config.split)
+    names = [str(c) for c in dataset.classes]
+    selected = select_classes(config.classes, names)
+    out = Path(out)
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    if guide.num_classes != len(names):
+        raise UserError(f"`guide` {config.guide!r} predicts {guide.num_classes} classes but dataset "
+                        f"{config.dataset!r} has {len(names)}: pass a guide trained on this dataset's classes.")
+    results = []
+    for c in selected:
+        path = out / f"{c:03d}.safetensors"
+        if path.is_file():
+            meta = token_metadata(path)
+            (token, emb), = load_tokens(path).items()
+            results.append(TokenResult(token=token, class_index=c, label=names[c], embedding=emb,
+                                       steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
+                                       best_step=int(meta.get("best_step", 0)),
+                                       history=json.loads(meta.get("history", "[]")), seconds=0.0,
+                                       unet_evals=int(meta.get("unet_evals", 0)),
+                                       metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
+                                                 "guide_trained_on": meta.get("guide_trained_on")}))
+            continue
+        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress)
+        save_token(result, path)
+        results.append(result)
+    save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
+    return results

@@ -10,7 +10,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: on 2 contended cores two threads made a tiny UNet call ~30x slower (measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
