@@ -1299,7 +1299,8 @@ def compute_fid(
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
     result = FIDResult(build=str(view.root), real=real_name, features=extractor.name, feature_dim=int(real_feats.shape[1]),
                        image_size=list(size), rows=rows)
-    stem = "fid" if extractor.name == "inception" else "fid_classifier"
+    # One file per feature space: Inception's is fid.json, a classifier's fid_{its name}.json.
+    stem = "fid" if extractor.name == "inception" else "fid_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", extractor.name)
     result.files = {"result": str(out_dir / f"{stem}.json"), "csv": str(out_dir / f"{stem}.csv")}
     _write_csv(out_dir / f"{stem}.csv", [dataclasses.asdict(r) for r in rows], [f.name for f in dataclasses.fields(FIDRow)])
     write_text(out_dir / f"{stem}.json", json.dumps(result.to_dict(), indent=2) + "\n")

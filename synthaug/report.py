@@ -72,9 +72,9 @@ class _Cell:
 def _load_results(root: Path) -> dict[str, Any]:
     """Every evaluation result present under ``eval/``, by kind."""
     found = {}
-    for name, kind in (("judge.json", "judge"), ("downstream.json", "downstream"), ("fid.json", "fid"),
-                       ("fid_classifier.json", "fid_classifier")):
-        path = root / EVAL_DIR / name
+    paths = [(root / EVAL_DIR / "judge.json", "judge"), (root / EVAL_DIR / "downstream.json", "downstream")]
+    paths += [(p, p.stem) for p in sorted((root / EVAL_DIR).glob("fid*.json"))]
+    for path, kind in paths:
         if path.is_file():
             try:
                 found[kind] = load_result(path)
@@ -386,10 +386,11 @@ def write_report(
                     "please it, so the judge accuracies below are flattered.</p>")
     body.append("<h2>Results</h2>")
     labels = {"judge": "Table 1 - judge accuracy", "downstream": "Table 2 - downstream training",
-              "fid": "Table 3 - FID/KID (Inception-v3)", "fid_classifier": "Table 3/5 - FID/KID (classifier features)"}
+              "fid": "Table 3 - FID/KID (Inception-v3 features)"}
     if results:
         for kind, result in results.items():
-            body.append(f"<h3>{esc(labels[kind])}</h3>")
+            label = labels.get(kind) or f"Table 3/5 - FID/KID ({getattr(result, 'features', kind)} features)"
+            body.append(f"<h3>{esc(label)}</h3>")
             body += [_html_table(t.title, t.headers, t.rows) for t in result_tables(result, per_class=False)]
     else:
         body.append('<p class="muted">No evaluation yet: run <code>synthaug evaluate</code>, <code>synthaug '
@@ -458,4 +459,36 @@ def write_report(
     return path
 
 
-__all__ = ["write_report"]
+# --------------------------------------------------------------------------------------------------------------------
+# Tables into a shared markdown file (RESULTS.md)
+# --------------------------------------------------------------------------------------------------------------------
+def write_results_block(path: str | os.PathLike, block: str, markdown: str) -> Path:
+    """Put `markdown` between ``<!-- synthaug:BLOCK begin -->`` and ``<!-- synthaug:BLOCK end -->`` in `path`.
+
+    Only that block changes: the rest of the file (sections others own) is kept byte for byte. A missing block is
+    appended; a missing file is created. Atomic.
+
+    >>> write_results_block("RESULTS.md", "table1-digits", "| method | top-1 |\n| --- | --- |\n| dct | 80.1 |")
+    PosixPath('RESULTS.md')
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", block):
+        raise UserError(f"`block` must be letters, digits, '_', '-' or '.' but is {block!r}: e.g. 'table1-digits'.")
+    path = Path(path)
+    begin, end = f"<!-- synthaug:{block} begin -->", f"<!-- synthaug:{block} end -->"
+    text = path.read_text() if path.is_file() else ""
+    new = f"{begin}\n{markdown.strip()}\n{end}"
+    i, j = text.find(begin), text.find(end)
+    if i >= 0 and j > i:
+        text = text[:i] + new + text[j + len(end):]
+    elif i >= 0 or j >= 0:
+        raise UserError(f"{path} has a broken synthaug:{block} block (only one of its markers): fix the markers by "
+                        "hand or delete the partial block.")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + new + "\n"
+    write_text(path, text)
+    return path
+
+
+__all__ = ["write_report", "write_results_block"]

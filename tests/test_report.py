@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 from fakebuild import ColorJudge, color_image, make_build
 from PIL import Image
 
 from synthaug.errors import UserError
 from synthaug.evaluate import EVAL_DIR, DownstreamResult, DownstreamRow, evaluate_judge
 from synthaug.report import write_report
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread. On a shared 2-core machine two threads wait on each other (8x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _history(n: int) -> list[dict]:
@@ -34,8 +45,8 @@ def report_build(tmp_path):
     build = make_build(tmp_path / "build", samples, histories={2: _history(12)})
     evaluate_judge(build, ColorJudge(), progress=False)
     rows = [DownstreamRow("real", 3, 3, 0.5, 0.01, 0.9, 0.01), DownstreamRow("dct", 3, 3, 0.6, 0.02, 0.95, 0.01)]
-    (build / EVAL_DIR / "downstream.json").write_text(
-        __import__("json").dumps(DownstreamResult(str(build), "digits", "resnet10t", 100, rows, []).to_dict()))
+    result = DownstreamResult(str(build), "digits", "resnet10t", 100, rows, [])
+    (build / EVAL_DIR / "downstream.json").write_text(json.dumps(result.to_dict()))
     return build
 
 
@@ -88,7 +99,7 @@ def test_report_renders_in_headless_chromium(report_build, tmp_path):
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400", f"--screenshot={shot}",
            path.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
     assert shot.is_file(), proc.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[0] >= 1000 and img.shape[1] >= 1200
@@ -96,5 +107,7 @@ def test_report_renders_in_headless_chromium(report_build, tmp_path):
     assert not_white > 0.02, f"screenshot is blank ({not_white:.1%} non-white pixels)"
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50
     # the verdict borders were painted: the embedded images and their captions rendered
-    near = lambda c: (np.abs(img.astype(int) - c).sum(-1) < 30).sum()  # noqa: E731
+    def near(colour):
+        return int((np.abs(img.astype(int) - colour).sum(-1) < 30).sum())
+
     assert near((26, 127, 55)) > 100 and near((207, 34, 46)) > 100

@@ -1,0 +1,100 @@
+"""Paper Table 2 on a build: classifiers trained on k real + N synthetic images per class, tested on real images.
+
+    python pipelines/reproduce_table2.py out/digits --shots 0,3,9,15 --seeds 3 --results RESULTS.md
+
+For every method in the build (sd, dct, ...) and for real images alone, every k and every seed, a timm classifier is
+trained on `SynthAugDataset` and tested on the real test split (`synthaug.evaluate.train_downstream`). The k real
+images are the same for every method at a given seed. Each cell is saved as it finishes
+(``eval/downstream/cells/*.json``): rerunning the same command resumes. The real dataset defaults to the one the
+build was made from (its config's ``dataset``/``root``).
+
+Writes ``eval/downstream.json``/``.csv`` and ``eval/table2.md`` (command line + tables); with ``--results FILE`` also
+the block ``<!-- synthaug:table2-NAME begin/end -->`` of FILE (nothing else in it changes).
+
+Exit status: 0 done, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from synthaug.atomic import write_text
+from synthaug.errors import UserError
+from synthaug.evaluate import format_table, open_build, train_downstream
+from synthaug.report import write_results_block
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,3,9 but got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("build", help="build directory (synthaug build --out)")
+    parser.add_argument("--real", help="real dataset name (default: the build's dataset)")
+    parser.add_argument("--root", help="real dataset root (default: the build's root)")
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--methods", help="comma-separated build methods (default: all)")
+    parser.add_argument("--shots", type=_ints, default=[0, 3, 9, 15], help="real images per class (default 0,3,9,15)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    parser.add_argument("--synthetic-per-class", type=int, default=100)
+    parser.add_argument("--arch", help="timm architecture (default: a small ResNet for <= 64 px images)")
+    parser.add_argument("--arch-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"channels": [16,32,64,128]}\'')
+    parser.add_argument("--pretrained", default="auto", help="auto | true | false | checkpoint path (never downloads)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per cell (default: 10 epochs of the largest cell)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--results", help="markdown file whose synthaug:table2-NAME block gets the tables")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    command = shlex.join(["python", "pipelines/reproduce_table2.py", *(sys.argv[1:] if argv is None else argv)])
+    pretrained = {"true": True, "false": False}.get(str(args.pretrained).lower(), args.pretrained)
+    try:
+        view = open_build(args.build)
+        real = args.real or view.config.get("dataset")
+        if not real:
+            raise UserError(f"`--real` is needed: the build at {view.root} records no dataset in config.yaml.")
+        root = args.root if args.root is not None else (view.config.get("root") if not args.real else None)
+        result = train_downstream(
+            view.root, real, root=root, train_split=args.train_split, test_split=args.test_split,
+            methods=args.methods.split(",") if args.methods else None, shots=args.shots, seeds=args.seeds,
+            synthetic_per_class=args.synthetic_per_class, arch=args.arch, arch_kwargs=args.arch_kwargs,
+            pretrained=pretrained, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
+            num_workers=args.workers, progress=not args.quiet,
+        )
+    except UserError as e:
+        print(f"reproduce_table2: error: {e}", file=sys.stderr)
+        return 2
+
+    name = view.root.resolve().name
+    seconds = sum(c.seconds for c in result.cells)
+    steps = sorted({c.steps for c in result.cells})
+    markdown = "\n".join([
+        f"### Table 2: few-shot training with synthetic images ({name})", "", f"`{command}`", "",
+        format_table(result, markdown=True), "",
+        f"{len(result.cells)} cells, {'/'.join(map(str, steps))} steps each, {seconds / 60:.1f} min of training in all.",
+    ]) + "\n"
+    out = view.root / "eval" / "table2.md"
+    write_text(out, markdown)
+    if args.results:
+        write_results_block(Path(args.results), f"table2-{name}", markdown)
+    print(format_table(result))
+    print(f"\nwrote {out}" + (f" and the table2-{name} block of {args.results}" if args.results else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

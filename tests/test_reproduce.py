@@ -1,0 +1,87 @@
+"""The table-reproduction pipelines run end to end on a build and write only their own block of RESULTS.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fakebuild import color_image, make_build
+
+from synthaug.errors import UserError
+from synthaug.report import write_results_block
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread. On a shared 2-core machine two threads wait on each other (8x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pipeline(name: str):
+    spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def digits_build(tmp_path):
+    """A digits-named build (sd and dct, classes 0-9, 3 images each), as `synthaug build --dataset digits` writes."""
+    samples = [{"method": m, "class_index": c, "index": i, "image": color_image(c, size=32, green=30 * i)}
+               for m in ("sd", "dct") for c in range(10) for i in range(3)]
+    return make_build(tmp_path / "digits", samples)
+
+
+def test_results_block_replaces_only_its_own_block(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\n## Tokens (owned by someone else)\n\nkeep me\n")
+    write_results_block(path, "table1-digits", "| a |\n| --- |\n| 1 |")
+    write_results_block(path, "table2-digits", "| b |")
+    write_results_block(path, "table1-digits", "| a |\n| --- |\n| 2 |")
+    text = path.read_text()
+    assert text.startswith("# Results\n\n## Tokens (owned by someone else)\n\nkeep me\n")
+    assert "| 1 |" not in text and "| 2 |" in text and text.count("synthaug:table1-digits begin") == 1
+    assert text.index("table1-digits begin") < text.index("table2-digits begin")
+    path.write_text(text.replace("<!-- synthaug:table2-digits end -->", ""))
+    with pytest.raises(UserError, match="broken synthaug:table2-digits block"):
+        write_results_block(path, "table2-digits", "x")
+
+
+def test_reproduce_table1(digits_build, tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert _pipeline("reproduce_table1").main([str(digits_build), "--judge", "digits-judge", "--results",
+                                                str(results), "-q"]) == 0
+    md = (digits_build / "eval" / "table1.md").read_text()
+    assert "`python pipelines/reproduce_table1.py" in md and "--judge digits-judge" in md
+    assert "| sd -> dct |" in md and "self-scored" in md
+    assert md.strip() in results.read_text()
+    assert json.loads((digits_build / "eval" / "judge.json").read_text())["judge"] == "digits-judge"
+    guide = json.loads((digits_build / "eval" / "guide" / "judge.json").read_text())
+    assert guide["self_scored"] is True and guide["judge"] == "digits-guide"
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_reproduce_table2_and_fid(digits_build, capsys):
+    code = _pipeline("reproduce_table2").main([
+        str(digits_build), "--shots", "0,2", "--seeds", "1", "--steps", "2", "--batch-size", "16",
+        "--synthetic-per-class", "3", "--arch-kwargs", '{"channels": [4, 8, 8, 8], "stem_width": 4}', "-q"])
+    assert code == 0
+    md = (digits_build / "eval" / "table2.md").read_text()
+    assert "| k real/class | real | sd | dct |" in md and "5 cells" in md
+    assert len(list((digits_build / "eval" / "downstream" / "cells").glob("*.json"))) == 5
+
+    code = _pipeline("reproduce_fid").main([str(digits_build), "--features", "digits-judge", "--max-images", "20",
+                                            "-q"])
+    assert code == 0
+    md = (digits_build / "eval" / "fid.md").read_text()
+    assert "features: digits-judge" in md and "| dct |" in md
+    assert _pipeline("reproduce_fid").main([str(digits_build), "--features", "inception", "-q"]) == 2
+    assert "features='judge'" in capsys.readouterr().err
