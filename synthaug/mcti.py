@@ -11,8 +11,9 @@ features are computed once. Each class token is an independent job (the paper: "
 
 What we do on purpose (see also DESIGN.md §2, which applies to every token we train):
 
-- the token is a standalone fp32 parameter spliced into the embedding output by a forward hook; every other row of
-  the embedding matrix is bit-identical after training;
+- the token is a standalone fp32 parameter spliced into the embedding output by a forward hook; the pipeline is left
+  exactly as it was found (as with DCT tokens: the tokenizer learns the token in a copy; `synthaug.tokens.add_tokens`
+  puts learned tokens into a pipeline for generation);
 - the warm-up schedule is real: TI steps, then joint steps (the public reference code parses a warm-up option and
   never uses it);
 - Eq. 3 as printed puts ``s`` outside ``exp`` (where it cancels between numerator and denominator); we implement
@@ -31,7 +32,6 @@ import copy
 import json
 import logging
 import math
-import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .config import MCTIConfig
 from .errors import UserError
 from .models import ASSETS, offline
+from .tokens import save_tokens, token_name
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -75,15 +76,6 @@ METHODS = ("ti", "mcti")
 # OpenAI CLIP's normalisation, the default of CLIPImageProcessor when a checkpoint ships no preprocessor config.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def token_name(class_index: int) -> str:
-    """The class token of class `class_index` (the build's naming, shared with DCT tokens).
-
-    >>> token_name(7)
-    '<synthaug-007>'
-    """
-    return f"<synthaug-{class_index:03d}>"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,40 +112,12 @@ class MCTIResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        """Write the token in diffusers' textual-inversion format (``pipe.load_textual_inversion(path)`` loads it).
+        """Write the token in diffusers' textual-inversion format, as DCT tokens are (`synthaug.tokens.save_tokens`):
+        ``pipe.load_textual_inversion(path)`` and `synthaug.tokens.load_tokens` read it.
 
         >>> result.save("out/tokens/003.safetensors")  # doctest: +SKIP
         """
-        save_token_file(path, {self.token: self.embedding}, self.metadata)
-
-
-def save_token_file(path: str | Path, tokens: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """``{token: tensor[1, dim]}`` fp32 safetensors with str metadata, written atomically; same input -> same bytes."""
-    from .atomic import write_bytes
-
-    tensors = {k: v.detach().to("cpu", torch.float32).reshape(1, -1).contiguous() for k, v in tokens.items()}
-    write_bytes(path, safetensors_bytes(tensors, {str(k): str(v) for k, v in metadata.items()}))
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """The safetensors encoding of fp32 tensors, with the header's keys sorted.
-
-    ``safetensors.torch.save`` writes the metadata in hash-map order, which changes from call to call, so the
-    same token would get different bytes (and a different sha256 in the index) on every run.
-    """
-    header: dict[str, Any] = {}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        blob = t.numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment with spaces
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+        save_tokens({self.token: self.embedding}, path, self.metadata)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -274,10 +238,10 @@ def load_clip(
     clip.synthaug_id = name
     # A tokenizer saved beside the weights is the CLIP's own; otherwise the real CLIP BPE (SD 1.x's, OpenAI's).
     clip.synthaug_tokenizer = None
-    if Path(path).exists() and (Path(path) / "vocab.json").is_file():
-        from transformers import CLIPTokenizer
+    if Path(path).exists() and any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer
 
-        clip.synthaug_tokenizer = CLIPTokenizer.from_pretrained(path)
+        clip.synthaug_tokenizer = AutoTokenizer.from_pretrained(path)
     if pipe is not None:
         check_paired(clip, pipe.text_encoder)
     return clip
@@ -360,50 +324,51 @@ def _token_embedding(text_encoder: torch.nn.Module) -> torch.nn.Embedding:
 
 @contextlib.contextmanager
 def splice_tokens(text_encoder: torch.nn.Module, rows: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Within the block, token id ``i`` embeds to ``rows[i]`` (a ``[dim]`` tensor, gradients flow into it).
+    """Within the block, token id ``i`` embeds to ``rows[i]`` (a ``[dim]`` tensor; gradients flow into it).
 
-    The embedding matrix is neither read nor written for those ids, so a trained token is a standalone parameter
-    and every stored row stays bit-identical. Ids beyond the matrix (tokens added to a tokenizer copy only) are
-    looked up as row 0 and then replaced, so classification needs no resized encoder.
+    The embedding matrix is neither read nor written for those ids (a pre-hook looks them up as row 0, a forward hook
+    replaces the result), so a trained token is a standalone parameter, and ids the matrix has no row for (tokens
+    added to a tokenizer copy only) work too. Many tokens cost one lookup (K class tokens at once for Eq. 6), not K.
     """
     emb = _token_embedding(text_encoder)
-    ids_seen: list[torch.Tensor] = []
+    keys = sorted(rows)
+    key_t = torch.tensor(keys, dtype=torch.long, device=emb.weight.device)
+    table = torch.stack([rows[k].reshape(-1) for k in keys])  # [K, dim], carries the tokens' gradients
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def pre(module, args):
         ids = args[0]
-        ids_seen.append(ids)
-        if ids.numel() and int(ids.max()) >= module.num_embeddings:
-            return (ids.masked_fill(ids >= module.num_embeddings, 0),) + tuple(args[1:])
-        return None
+        pos = torch.searchsorted(key_t, ids).clamp(max=len(keys) - 1)
+        hit = key_t[pos] == ids
+        found.append((hit, pos))
+        return (ids.masked_fill(hit, 0), *args[1:])
 
     def post(module, args, output):
-        ids = ids_seen.pop()
-        for tid, vec in rows.items():
-            mask = (ids == tid).unsqueeze(-1)
-            if bool(mask.any()):
-                output = torch.where(mask, vec.to(output.dtype).view(*([1] * (output.dim() - 1)), -1), output)
-        return output
+        hit, pos = found.pop()
+        return torch.where(hit.unsqueeze(-1), table[pos].to(output.dtype), output)
 
-    h1 = emb.register_forward_pre_hook(pre)
-    h2 = emb.register_forward_hook(post)
+    handles = [emb.register_forward_pre_hook(pre), emb.register_forward_hook(post)]
     try:
         yield
     finally:
-        h1.remove()
-        h2.remove()
+        for h in handles:
+            h.remove()
 
 
-def _tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
+def _tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, max_length]`` on `device`."""
     # Padded to the tokenizer's max length, exactly as the pipeline encodes prompts at inference (DESIGN.md §2).
     # A tokenizer saved without model_max_length reports 1e30 (NOTES.md): fall back to CLIP's 77.
     max_length = tokenizer.model_max_length if tokenizer.model_max_length <= 4096 else 77
-    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return {"input_ids": enc.input_ids.to(device), "attention_mask": enc.attention_mask.to(device)}
 
 
-def _encode_hidden(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def _encode_hidden(text_encoder: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """The conditioning ``C = τ_φ(P)``: last hidden states (after the final layer norm), as SD pipelines use them."""
-    return text_encoder(input_ids)[0]
+    # `StableDiffusionPipeline.encode_prompt` passes the mask only to encoders configured to use one.
+    use_mask = getattr(getattr(text_encoder, "config", None), "use_attention_mask", False)
+    return text_encoder(enc["input_ids"], attention_mask=enc["attention_mask"] if use_mask else None)[0]
 
 
 def _pool_eos(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -414,10 +379,10 @@ def _pool_eos(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) 
 
 
 def _text_features(clip: CLIPModel, text_encoder: torch.nn.Module, tokenizer: CLIPTokenizer,
-                   input_ids: torch.Tensor) -> torch.Tensor:
+                   enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """``g = τ_φ(P)``: the pooled text feature through CLIP's text projection, L2-normalised, fp32."""
-    hidden = _encode_hidden(text_encoder, input_ids)
-    pooled = _pool_eos(hidden, input_ids, tokenizer.eos_token_id)
+    hidden = _encode_hidden(text_encoder, enc)
+    pooled = _pool_eos(hidden, enc["input_ids"], tokenizer.eos_token_id)
     proj = clip.text_projection
     return F.normalize(proj(pooled.to(proj.weight.dtype)).float(), dim=-1)
 
@@ -430,28 +395,19 @@ def _single_token_id(tokenizer: CLIPTokenizer, word: str, what: str) -> int:
     return ids[0]
 
 
-def _add_token(pipe: StableDiffusionPipeline, token: str, init: torch.Tensor) -> int:
-    """Make `token` a single tokenizer token with an embedding row set to `init`; returns its id.
-
-    Only that row is written. An existing token (a previous job on the same pipeline) is reused and re-initialised.
-    """
-    tok, te = pipe.tokenizer, pipe.text_encoder
-    if token not in tok.get_vocab():
-        tok.add_tokens([token])
-    tid = tok.convert_tokens_to_ids(token)
-    if tok(f"a {token} a", add_special_tokens=False).input_ids.count(tid) != 1:
-        raise UserError(f"`token` {token!r} does not tokenize to one token: use a name like '<synthaug-000>'.")
-    emb = _token_embedding(te)
-    if tid >= emb.num_embeddings:
-        try:
-            te.resize_token_embeddings(len(tok), mean_resizing=False)
-        except TypeError:  # transformers < 4.46 has no mean_resizing (and never mean-resizes)
-            te.resize_token_embeddings(len(tok))
-        emb = _token_embedding(te)
-        emb.requires_grad_(False)  # the resized matrix is a fresh Parameter; only the spliced token trains
-    with torch.no_grad():
-        emb.weight[tid] = init.to(emb.weight.dtype)
-    return tid
+def _tokenizer_with(tokenizer: CLIPTokenizer, tokens: Sequence[str]) -> CLIPTokenizer:
+    """`tokenizer` if it already knows `tokens` as added tokens, else a copy that does (the original stays as is)."""
+    for t in tokens:
+        if not isinstance(t, str) or not t or t != t.strip():
+            raise UserError(f"Token {t!r} must be a non-empty string without surrounding spaces, e.g. '<synthaug-000>'.")
+        if t in tokenizer.get_vocab() and t not in tokenizer.get_added_vocab():
+            raise UserError(f"Token {t!r} is already a word of the tokenizer's vocabulary: a class token must be new. "
+                            f"Rename it, e.g. {token_name(0)!r}.")
+    missing = [t for t in tokens if t not in tokenizer.get_added_vocab()]
+    if missing:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(missing)
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -512,8 +468,8 @@ def learn_mcti_token(
 
     Schedule: ``config.steps`` TI updates (Eq. 2: ``L_mse``, the warm-up), then, for ``method="mcti"``,
     ``config.extra_steps`` joint updates of ``α·L_mse + β·L_reg`` (Eq. 5). ``method="ti"`` is the warm-up alone.
-    Only the token trains (AdamW, ``config.lr``); the pipeline's weights are untouched except the token's own
-    embedding row, which is set to the learned vector at the end so the pipeline can generate with it at once.
+    Only the token trains (AdamW, ``config.lr``). The pipeline is left exactly as it was found, tokenizer included;
+    generate with the token after ``synthaug.tokens.add_tokens(pipe, {res.token: res.embedding})``.
 
     Args:
         pipe: a Stable Diffusion pipeline (`synthaug.models.load_diffusion`); frozen.
@@ -564,14 +520,15 @@ def learn_mcti_token(
                             f"the regularizer (Eq. 3-4) discriminates between classes; use method 'ti' for one.")
         check_paired(clip, pipe.text_encoder)
     token = token or token_name(class_index)
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    tokenizer = _tokenizer_with(pipe.tokenizer, [token])  # a copy that knows S_k; the pipeline's stays as it was
+    text_encoder, unet = pipe.text_encoder, pipe.unet
     device = unet.device
     resolution = resolution or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
 
     # 2. The token: a standalone fp32 parameter, initialised from `init_token`'s embedding.
     init_id = _single_token_id(tokenizer, config.init_token, "mcti.init_token")
     init = _token_embedding(text_encoder).weight[init_id].detach().float().clone()
-    tid = _add_token(pipe, token, init)
+    tid = tokenizer.convert_tokens_to_ids(token)
     vec = torch.nn.Parameter(init.to(device))
     optimizer = torch.optim.AdamW([vec], lr=config.lr)
     # fp16 weights need loss scaling for the token's gradient to survive; bf16 and fp32 do not.
@@ -597,7 +554,7 @@ def learn_mcti_token(
                             f"images_by_class) over the same classes.")
         feats = {k: feats[k].to(device, torch.float32) for k in classes}
         target = torch.tensor([classes.index(class_index)], device=device)
-        reg_ids = _tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=token)], device)
+        reg_enc = _tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=token)], device)
 
     # Separate random streams: the regularizer's draws never shift the L_mse draws, so that MC-TI with β=0 is TI,
     # update for update.
@@ -637,7 +594,7 @@ def learn_mcti_token(
         protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=gen_reg).item()]
                               for k in classes])
         with splice_tokens(text_encoder, {tid: vec}):
-            g = _text_features(clip, text_encoder, tokenizer, reg_ids)
+            g = _text_features(clip, text_encoder, tokenizer, reg_enc)
         logits = config.scale * g @ protos.T
         return F.cross_entropy(logits, target)
 
@@ -682,11 +639,8 @@ def learn_mcti_token(
         raise RuntimeError(f"token {token} became non-finite during {method} training (lr {config.lr}); "
                            f"lower `mcti.lr` or use fp32/bf16 weights.")
 
-    # 5. Leave the pipeline ready to generate with the token: its row (only) takes the learned vector.
+    # 5. The result (the pipeline is untouched: `add_tokens` puts the token in for generation).
     embedding = vec.detach().float().cpu().clone().view(1, -1)
-    with torch.no_grad():
-        w = _token_embedding(text_encoder).weight
-        w[tid] = embedding[0].to(w.device, w.dtype)
     last = history[-1] if history else {}
     metadata = {
         "method": method, "token": token, "class_index": class_index, "label": label or "",
@@ -764,10 +718,7 @@ def text_prototypes(
         tokenizer = clip_tokenizer()
     text_encoder = text_encoder if text_encoder is not None else clip.text_model
     emb = _token_embedding(text_encoder)
-    tok = copy.deepcopy(tokenizer)
-    new = [t for t in tokens if t not in tok.get_vocab()]
-    if new:
-        tok.add_tokens(new)
+    tok = _tokenizer_with(tokenizer, list(tokens))
     rows = {}
     for name, vecs in tokens.items():
         v = torch.as_tensor(vecs).reshape(-1)
@@ -775,9 +726,9 @@ def text_prototypes(
             raise UserError(f"`tokens` entry {name!r} has {v.numel()} values but the text encoder embeds in "
                             f"{emb.embedding_dim}: the tokens were learned for a different model.")
         rows[tok.convert_tokens_to_ids(name)] = v.to(emb.weight.device)
-    ids = _tokenize(tok, [template.format(token=t) for t in tokens], emb.weight.device)
+    enc = _tokenize(tok, [template.format(token=t) for t in tokens], emb.weight.device)
     with splice_tokens(text_encoder, rows):
-        return _text_features(clip, text_encoder, tok, ids).cpu()
+        return _text_features(clip, text_encoder, tok, enc).cpu()
 
 
 def classify(
@@ -818,25 +769,6 @@ def classify(
 # --------------------------------------------------------------------------------------------------------------------
 # N-shot evaluation: TI vs MC-TI vs a CLIP-feature prototype baseline
 # --------------------------------------------------------------------------------------------------------------------
-def few_shot_indices(targets: Sequence[int], shots: int, seed: int, classes: Sequence[int] | None = None
-                     ) -> dict[int, list[int]]:
-    """``{class: [dataset indices]}``, `shots` per class, a seeded draw independent per class.
-
-    >>> few_shot_indices([0, 1, 0, 1, 0], 2, seed=0)  # doctest: +SKIP
-    """
-    targets = np.asarray(targets)
-    classes = sorted(set(targets.tolist())) if classes is None else list(classes)
-    out = {}
-    for k in classes:
-        idx = np.flatnonzero(targets == k)
-        if len(idx) < shots:
-            raise UserError(f"`shots` {shots} exceeds the {len(idx)} training images of class {k}: use shots <= "
-                            f"{len(idx)} or a larger split.")
-        rng = np.random.default_rng([seed, int(k)])
-        out[int(k)] = sorted(rng.choice(idx, size=shots, replace=False).tolist())
-    return out
-
-
 def evaluate_shots(
     pipe: StableDiffusionPipeline,
     clip: CLIPModel,
@@ -903,7 +835,12 @@ def evaluate_shots(
     learn = [m for m in methods if m in ("ti", "mcti")]
     for seed in seeds:
         for n in shots:
-            picked = few_shot_indices(train.targets, int(n), seed, classes)
+            # The build's own few-shot draw (nested: the 1-shot set is inside the 2-shot set, and so on).
+            from .datasets import few_shot_indices
+
+            picked: dict[int, list[int]] = {k: [] for k in classes}
+            for i in few_shot_indices(train.targets, int(n), seed):
+                picked[int(train.targets[i])].append(i)
             images = {k: [train[i][0] for i in idx] for k, idx in picked.items()}
             feats = class_features(clip, images)
             if "prototype" in methods:
@@ -974,13 +911,10 @@ __all__ = [
     "class_features",
     "classify",
     "evaluate_shots",
-    "few_shot_indices",
     "format_table",
     "image_features",
     "learn_mcti_token",
     "load_clip",
-    "save_token_file",
     "splice_tokens",
     "text_prototypes",
-    "token_name",
 ]

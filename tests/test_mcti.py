@@ -1,5 +1,6 @@
 """TI / MC-TI token learning and token classification on tiny random models (mechanics, not learning quality)."""
 
+import copy
 import json
 
 import pytest
@@ -14,14 +15,13 @@ from synthaug.mcti import (
     class_features,
     classify,
     evaluate_shots,
-    few_shot_indices,
     format_table,
     image_features,
     learn_mcti_token,
     load_clip,
     text_prototypes,
-    token_name,
 )
+from synthaug.tokens import token_name
 
 
 def tiny_clip(seed: int = 0, text_hidden: int = 32):
@@ -81,35 +81,36 @@ def _trace(pipe, clip, imgs, k, config, **kw):
 # --------------------------------------------------------------------------------------------------------------------
 # Token-only training
 # --------------------------------------------------------------------------------------------------------------------
-def test_only_the_token_row_changes(world, few_shot):
+def test_only_the_token_trains_and_the_pipeline_is_untouched(world, few_shot):
     pipe, clip = world
-    tok = token_name(0)
-    learn_mcti_token(pipe, clip, few_shot, 0, cfg(steps=1, extra_steps=0), method="ti")  # the row exists now
-    before = {n: p.detach().clone() for n, p in pipe.text_encoder.state_dict().items()}
-    unet_before = {n: p.detach().clone() for n, p in pipe.unet.state_dict().items()}
-    vae_before = {n: p.detach().clone() for n, p in pipe.vae.state_dict().items()}
-    n_vocab = len(pipe.tokenizer)
+    before = {f"{m}.{n}": p.detach().clone() for m in ("text_encoder", "unet", "vae")
+              for n, p in getattr(pipe, m).state_dict().items()}
+    vocab = dict(pipe.tokenizer.get_vocab())
 
-    res = learn_mcti_token(pipe, clip, few_shot, 0, cfg(), method="mcti")
+    res, vecs = _trace(pipe, clip, few_shot, 0, cfg(), method="mcti")
 
-    tid = pipe.tokenizer.convert_tokens_to_ids(tok)
-    assert len(pipe.tokenizer) == n_vocab  # the existing token was reused, not added again
-    emb_key = next(n for n in before if n.endswith("token_embedding.weight"))
-    after = pipe.text_encoder.state_dict()
-    for name, p in before.items():
-        if name == emb_key:
-            others = torch.ones(p.shape[0], dtype=torch.bool)
-            others[tid] = False
-            assert torch.equal(after[name][others], p[others])  # every other row bit-identical
-            assert torch.equal(after[name][tid], res.embedding[0])  # the pipeline can generate with it now
-            assert not torch.equal(p[tid], res.embedding[0])  # and it did train
-        else:
-            assert torch.equal(after[name], p), name
-    assert all(torch.equal(pipe.unet.state_dict()[n], p) for n, p in unet_before.items())
-    assert all(torch.equal(pipe.vae.state_dict()[n], p) for n, p in vae_before.items())
-    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    after = {f"{m}.{n}": p for m in ("text_encoder", "unet", "vae") for n, p in getattr(pipe, m).state_dict().items()}
+    assert after.keys() == before.keys()
+    changed = [n for n, p in before.items() if not torch.equal(after[n], p)]
+    assert changed == []  # every weight, every embedding row bit-identical
+    assert pipe.tokenizer.get_vocab() == vocab  # the tokenizer learned S_k in a copy
+    assert not any(p.requires_grad for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters())
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("a", add_special_tokens=False).input_ids[0]]
+    assert not torch.equal(vecs[0], init) and torch.equal(vecs[-1], res.embedding[0])  # ... while the token trained
     assert res.embedding.shape == (1, 32) and res.embedding.dtype == torch.float32
     assert res.warmup_embedding.shape == (1, 32)
+
+    # Generating with it: add_tokens (on a copy of the text side) changes the token's own row and nothing else.
+    from types import SimpleNamespace
+
+    from synthaug.tokens import add_tokens
+
+    gen = SimpleNamespace(tokenizer=copy.deepcopy(pipe.tokenizer), text_encoder=copy.deepcopy(pipe.text_encoder))
+    add_tokens(gen, {res.token: res.embedding})
+    w = gen.text_encoder.get_input_embeddings().weight
+    tid = gen.tokenizer.convert_tokens_to_ids(res.token)
+    assert tid == len(vocab) and torch.equal(w[tid], res.embedding[0])
+    assert torch.equal(w[:tid], pipe.text_encoder.get_input_embeddings().weight)
 
 
 def test_regularizer_gradient_reaches_the_token(world, few_shot):
@@ -124,10 +125,12 @@ def test_regularizer_gradient_reaches_the_token(world, few_shot):
     from synthaug.mcti import _text_features, _tokenize, splice_tokens
 
     vec = torch.nn.Parameter(init.detach().clone())
-    tid = pipe.tokenizer.convert_tokens_to_ids(token_name(1))
-    ids = _tokenize(pipe.tokenizer, [CLASSIFY_TEMPLATE.format(token=token_name(1))], torch.device("cpu"))
+    tok = copy.deepcopy(pipe.tokenizer)
+    tok.add_tokens([token_name(1)])
+    tid = tok.convert_tokens_to_ids(token_name(1))
+    enc = _tokenize(tok, [CLASSIFY_TEMPLATE.format(token=token_name(1))], torch.device("cpu"))
     with splice_tokens(pipe.text_encoder, {tid: vec}):
-        g = _text_features(clip, pipe.text_encoder, pipe.tokenizer, ids)
+        g = _text_features(clip, pipe.text_encoder, tok, enc)
     feats = class_features(clip, few_shot)
     logits = 10.0 * g @ torch.stack([feats[k][0] for k in range(3)]).T
     torch.nn.functional.cross_entropy(logits, torch.tensor([1])).backward()
@@ -188,6 +191,10 @@ def test_token_file_is_diffusers_textual_inversion_format(world, few_shot, tmp_p
         meta = f.metadata()
     assert t.shape == (1, 32) and t.dtype == torch.float32 and torch.equal(t, res.embedding)
     assert meta["method"] == "mcti" and meta["label"] == "two" and meta["class_index"] == "2"
+    assert meta["format"] == "diffusers-textual-inversion"
+    from synthaug.tokens import load_tokens
+
+    assert list(load_tokens(path)) == [res.token] and torch.equal(load_tokens(path)[res.token], res.embedding)
     assert all(isinstance(v, str) for v in meta.values())
     fresh = tiny_pipeline(seed=0)
     fresh.load_textual_inversion(str(path))  # the stock diffusers loader takes it
@@ -288,6 +295,8 @@ def test_bad_input_is_a_user_error(world, few_shot):
         learn_mcti_token(pipe, clip, {0: few_shot[0]}, 0, cfg())
     with pytest.raises(UserError, match=r"`clip` is None"):
         learn_mcti_token(pipe, None, few_shot, 0, cfg())
+    with pytest.raises(UserError, match=r"Token 'cat' is already a word of the tokenizer's vocabulary"):
+        learn_mcti_token(pipe, clip, few_shot, 0, cfg(), token="cat")
     with pytest.raises(UserError, match=r"`mcti.init_token` 'red panda' must be a single token"):
         learn_mcti_token(pipe, clip, few_shot, 0, cfg(init_token="red panda"))
     with pytest.raises(UserError, match=r"`mcti.steps` \(0\) \+ `mcti.extra_steps` \(0\) is 0"):
@@ -307,16 +316,6 @@ def test_bad_input_is_a_user_error(world, few_shot):
 # --------------------------------------------------------------------------------------------------------------------
 # N-shot evaluation
 # --------------------------------------------------------------------------------------------------------------------
-def test_few_shot_indices_are_seeded_per_class():
-    targets = [0, 1, 2] * 10
-    a = few_shot_indices(targets, 4, seed=0)
-    assert a == few_shot_indices(targets, 4, seed=0) and a != few_shot_indices(targets, 4, seed=1)
-    assert sorted(a) == [0, 1, 2] and all(len(v) == 4 and all(targets[i] == k for i in v) for k, v in a.items())
-    assert few_shot_indices(targets, 2, seed=0, classes=[1]).keys() == {1}
-    with pytest.raises(UserError, match=r"`shots` 11 exceeds the 10 training images of class 0"):
-        few_shot_indices(targets, 11, seed=0)
-
-
 class _TinySet:
     """torchvision-style: `targets` and (image, target) items."""
 
