@@ -304,3 +304,27 @@ def test_downstream_bad_input(downstream_world):
     with pytest.raises(UserError, match="`pretrained` '/nope.pth' is not a file"):
         train_downstream(build, train, test=test, shots=[2], seeds=1, steps=1, arch="resnet10t",
                          pretrained="/nope.pth", progress=False)
+
+
+@pytest.mark.slow
+def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    # Random weights in the real file format: build the network without its download, save its state dict.
+    with monkeypatch.context() as m:
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), weights)
+
+    real = _noise_images(6, 0)
+    samples = [{"method": "sd", "class_index": 2, "index": i, "image": im} for i, im in enumerate(real)]
+    samples += [{"method": "dct", "class_index": 2, "index": i, "image": im} for i, im in enumerate(_noise_images(6, 1))]
+    build = make_build(tmp_path / "b", samples)
+    result = compute_fid(build, ImageList(real, [2] * 6), features="inception", inception_weights=weights,
+                         progress=False)
+    rows = {r.method: r for r in result.rows}
+    assert (result.features, result.feature_dim) == ("inception", 2048)
+    assert rows["sd"].fid < rows["dct"].fid
+    assert rows["sd"].fid == pytest.approx(0.0, abs=1e-2 * rows["dct"].fid)
+    assert (build / "eval" / "fid.json").is_file()
