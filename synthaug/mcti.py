@@ -474,14 +474,16 @@ def learn_mcti_token(
     Args:
         pipe: a Stable Diffusion pipeline (`synthaug.models.load_diffusion`); frozen.
         clip: the CLIP paired with the pipeline's text encoder (`load_clip`); may be None for ``method="ti"``.
-        images_by_class: the few-shot set ``{class_index: [images]}`` of *all* K classes (PIL, or ``[3, H, W]``
+        images_by_class: the few-shot set ``{class_index: [images]}`` of all K classes (PIL, or ``[3, H, W]``
             tensors in [0, 1]); this class's images feed ``L_mse``, one random image per class the regularizer.
+            With `features` given, only this class's images are needed.
         class_index: the class whose token is learned.
         config: `MCTIConfig` (steps, extra_steps, lr, batch_size, alpha, beta, scale, init_token, seed).
         method: ``"ti"`` or ``"mcti"``.
         token: the pseudo-word; default `token_name(class_index)`.
         label: the class name, recorded in metadata only.
-        features: precomputed `class_features` (the build computes them once for all class jobs).
+        features: precomputed `class_features` of all K classes (computed once, shared by all class jobs); they
+            define the classes of the regularizer.
         resolution: training image size; default the UNet's native size.
         flip_p: random horizontal flip probability (TI's default is 0.5; 0 here since digits and text are not
             mirror-symmetric).
@@ -511,13 +513,19 @@ def learn_mcti_token(
     if ti_steps + joint_steps == 0:
         raise UserError(f"`mcti.steps` ({config.steps}) + `mcti.extra_steps` ({config.extra_steps}) is 0 for method "
                         f"{method!r}: nothing would be learned; set `mcti.steps` > 0.")
-    classes = sorted(images_by_class)
+    # The K classes of the regularizer: those of `features` when given (a distributed job then needs only its own
+    # class's images), else those of `images_by_class`.
+    classes = sorted(features) if features is not None else sorted(images_by_class)
     if method == "mcti":
         if clip is None:
             raise UserError("`clip` is None but method 'mcti' needs the CLIP image tower: pass `load_clip(...)`.")
         if len(classes) < 2:
-            raise UserError(f"method 'mcti' needs at least 2 classes in `images_by_class` but got {len(classes)}: "
-                            f"the regularizer (Eq. 3-4) discriminates between classes; use method 'ti' for one.")
+            raise UserError(f"method 'mcti' needs at least 2 classes in `images_by_class` (or `features`) but got "
+                            f"{len(classes)}: the regularizer (Eq. 3-4) discriminates between classes; use method "
+                            f"'ti' for one.")
+        if class_index not in classes:
+            raise UserError(f"`features` has no entry for `class_index` {class_index}: compute class_features over "
+                            f"every class, this one included.")
         check_paired(clip, pipe.text_encoder)
     token = token or token_name(class_index)
     tokenizer = _tokenizer_with(pipe.tokenizer, [token])  # a copy that knows S_k; the pipeline's stays as it was
@@ -548,10 +556,9 @@ def learn_mcti_token(
     prediction_type = noise_scheduler.config.prediction_type
     if method == "mcti":
         feats = features if features is not None else class_features(clip, images_by_class)
-        missing = [k for k in classes if k not in feats or len(feats[k]) == 0]
-        if missing:
-            raise UserError(f"`features` lacks classes {missing[:10]}: compute them with class_features(clip, "
-                            f"images_by_class) over the same classes.")
+        empty = [k for k in classes if len(feats[k]) == 0]
+        if empty:
+            raise UserError(f"`features` of classes {empty[:10]} are empty: every class needs at least one image.")
         feats = {k: feats[k].to(device, torch.float32) for k in classes}
         target = torch.tensor([classes.index(class_index)], device=device)
         reg_enc = _tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=token)], device)
@@ -823,9 +830,16 @@ def evaluate_shots(
     order = list(range(len(test)))
     if max_test is not None and max_test < len(order):
         order = sorted(np.random.default_rng(12345).permutation(len(order))[:max_test].tolist())
-    test_items = [test[i] for i in order]
-    test_feats = image_features(clip, [x for x, _ in test_items])
-    test_targets = torch.tensor([classes.index(int(y)) for _, y in test_items])
+    feats_chunks, test_y = [], []
+    for start in range(0, len(order), 256):  # streamed: a large test split never sits in memory as images
+        items = [test[i] for i in order[start : start + 256]]
+        feats_chunks.append(image_features(clip, [x for x, _ in items]))
+        test_y.extend(int(y) for _, y in items)
+    unknown = sorted(set(test_y) - set(classes))
+    if unknown:
+        raise UserError(f"`test` has classes {unknown[:10]} that `train` lacks: both splits must share one label set.")
+    test_feats = torch.cat(feats_chunks) if feats_chunks else torch.zeros(0, clip.visual_projection.out_features)
+    test_targets = torch.tensor([classes.index(y) for y in test_y], dtype=torch.long)
 
     def accuracy(protos: torch.Tensor) -> float:
         probs = torch.softmax(scale * test_feats @ protos.T, dim=-1)

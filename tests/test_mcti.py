@@ -165,6 +165,16 @@ def test_warmup_switches_at_the_configured_step(world, few_shot):
     assert ti_only.warmup_embedding is None
 
 
+def test_a_class_job_needs_only_its_own_images_given_features(world, few_shot):
+    pipe, clip = world
+    feats = class_features(clip, few_shot)  # once, for every class job
+    full = learn_mcti_token(pipe, clip, few_shot, 1, cfg(steps=1, extra_steps=1))
+    job = learn_mcti_token(pipe, clip, {1: few_shot[1]}, 1, cfg(steps=1, extra_steps=1), features=feats)
+    assert torch.equal(full.embedding, job.embedding) and job.metadata["num_classes"] == "3"
+    with pytest.raises(UserError, match=r"`features` has no entry for `class_index` 1"):
+        learn_mcti_token(pipe, clip, {1: few_shot[1]}, 1, cfg(), features={0: feats[0], 2: feats[2]})
+
+
 def test_same_config_same_token_bytes(world, few_shot, tmp_path):
     pipe, clip = world
     a = learn_mcti_token(pipe, clip, few_shot, 1, cfg(steps=1, extra_steps=1), label="one")
@@ -347,6 +357,10 @@ def test_evaluate_shots_table(world):
     assert [line.split(" |")[0] for line in table.splitlines()[2:]] == ["| prototype", "| ti", "| mcti"]
     with pytest.raises(UserError, match=r"`methods` must be among prototype, ti, mcti but include \['dct'\]"):
         evaluate_shots(pipe, clip, train, test, methods=("dct",))
+    stranger = _TinySet(1)
+    stranger.items[0] = (stranger.items[0][0], 5)
+    with pytest.raises(UserError, match=r"`test` has classes \[5\] that `train` lacks"):
+        evaluate_shots(pipe, clip, train, stranger, methods=("prototype",))
 
 
 def test_format_table_mean_and_std_over_seeds():
