@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", help="timm architecture (default: a small ResNet for <= 64 px images)")
     parser.add_argument("--arch-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"channels": [16,32,64,128]}\'')
     parser.add_argument("--pretrained", default="auto", help="auto | true | false | checkpoint path (never downloads)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per cell (default: 10 epochs of the largest cell)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per cell (default: 10 epochs of N synthetic per class)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--device", default="auto")

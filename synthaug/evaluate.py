@@ -861,7 +861,7 @@ def train_downstream(
         pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
             checkpoint path. Nothing is ever downloaded.
         image_size: training resolution (default: the build's image height).
-        steps: optimizer steps per cell (default: 10 epochs of the largest cell, at least 100).
+        steps: optimizer steps per cell (default: 10 epochs of N synthetic images per class, at least 200).
         epochs: alternatively, epochs of each cell's own training set (ignored when `steps` is given).
         batch_size, lr, weight_decay: AdamW with linear warm-up (5%) and cosine decay.
         hflip: random horizontal flips (off: wrong for digits and text).
@@ -918,7 +918,9 @@ def train_downstream(
         counts = Counter(zip(view.index.column("method").to_pylist(), view.index.column("class_index").to_pylist()))
         n_syn = max(counts.values()) if counts else 0
     if steps is None and epochs is None:
-        steps = max(100, math.ceil(10 * num_classes * (n_syn + max(shots)) / batch_size))
+        # 10 epochs of a 100-per-class synthetic set (at least 200 steps), independent of `shots` and `seeds`, so
+        # that adding a k or a seed later resumes instead of invalidating the finished cells.
+        steps = max(200, math.ceil(10 * num_classes * max(n_syn, 15) / batch_size))
 
     protocol = {
         "arch": arch, "arch_kwargs": arch_kwargs, "pretrained": pretrained, "image_size": image_size, "steps": steps,
