@@ -1135,6 +1135,15 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
                 _run_ray(config, out, todo, len(prep.class_names), tracker, test_env)
             elif todo:
                 _run_local(config, out, todo, len(prep.class_names), tracker, test_env)
+        except UserError:
+            # Bad input that only a loaded model reveals (e.g. a guide whose label count no config file states).
+            # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead
+            # of being refused as "a different config".
+            if prep.mode != "resume" and not any((out / TOKENS_DIR).glob("*.safetensors")) and not any(
+                    (out / "shards").glob("*_stats.json")):
+                for name in (CONFIG_FILE, PLAN_FILE):
+                    (out / name).unlink(missing_ok=True)
+            raise
         finally:
             tracker.close()
         # 4. Finish: merge when all is done, else record the failures

@@ -253,3 +253,33 @@ def test_sigkill_during_tokens_then_during_shards_then_resume(tmp_path, world, r
     assert "3/3 classes, 24 images" in done.stdout
     assert bw.snapshot(out) == bw.snapshot(reference)
     assert inspect(out, verify=True).ok
+
+
+def test_bad_input_found_only_after_loading_leaves_nothing(tmp_path, world, monkeypatch):
+    """A guide whose label count no config file states is checked once loaded; the build then takes back its config."""
+    import synthaug.distributed as dist
+
+    _, guide3 = bw.save_world(world[0].parent, num_classes=3)
+    monkeypatch.setattr(dist, "guide_num_classes", lambda source: None)
+    out = tmp_path / "build"
+    with pytest.raises(UserError, match=r"`guide` .*guide3.* predicts 3 classes but dataset 'digits' has 10"):
+        build(bw.config(out, world[0], guide3), progress=False)
+    assert not (out / "config.yaml").exists() and not (out / "plan.json").exists()
+    assert not list(out.rglob("*.safetensors")) and not list(out.rglob("*.tar"))
+
+
+@pytest.mark.parametrize("name,dataset,guide,init", [
+    ("cub", "cub", "vesteinn/vit-mae-cub", "bird"), ("inat", "inat", "vesteinn/vit-mae-inat21", "a"),
+    ("inat50", "inat", "vesteinn/vit-mae-inat21", "a"), ("inat179", "cub", "vesteinn/vit-mae-cub", "bird"),
+    ("imagenet", "imagenet", "google/vit-large-patch16-224", "a"), ("digits", "digits", "digits-guide", "a"),
+])
+def test_shipped_configs_load(name, dataset, guide, init):
+    from synthaug.config import load_config
+
+    cfg = load_config(bw.REPO / "configs" / f"{name}.yaml")
+    assert (cfg.dataset, cfg.guide, cfg.dct.init_token) == (dataset, guide, init)
+    assert cfg.model == ("digits" if name == "digits" else "CompVis/stable-diffusion-v1-4")
+    if name != "digits":  # the paper's settings
+        assert (cfg.dct.num_inference_steps, cfg.dct.height, cfg.dct.batch_size, cfg.dct.max_steps) == (50, 512, 5, 200)
+    if name == "inat50":
+        assert cfg.classes == "sample:50:0"
