@@ -152,3 +152,32 @@ def test_plain_prompt_is_reliable_for_clean_classes_and_not_for_ambiguous_ones(p
     ambiguous = np.mean([per_class[n] for n in AMBIGUOUS])
     assert clean >= 0.9, per_class
     assert ambiguous <= clean - 0.15, per_class
+
+
+@pytest.mark.slow  # ~40 s on one free core (30 token updates + 100 images)
+def test_a_dct_token_raises_the_judges_accuracy_on_an_ambiguous_class(pipe, guide, judge):
+    """The method's effect, shown on the shipped world: one token for "nine" (captions swapped with "four" 35% of the
+    time), learned from the guide, then plain prompt vs token on the same 50 seeds, scored by the independent judge.
+    Measured with this exact config: judge 0.56 -> 0.66 (7 images fixed, 2 broken; RESULTS.md "Digits world")."""
+    from synthaug.config import DCTConfig, GenerateConfig
+    from synthaug.generate import generate
+    from synthaug.tokens import add_tokens, learn_dct_token
+
+    nine = DIGIT_NAMES.index("nine")
+    dct = DCTConfig(height=32, width=32, num_inference_steps=10, guidance_scale=7.0, batch_size=8, lr=3e-3,
+                    max_steps=30)
+    result = learn_dct_token(pipe, guide, nine, "nine", dct)
+    assert result.stop_reason != "all_correct" or result.steps > 1  # it had something to learn
+    gen = GenerateConfig(height=32, width=32, num_inference_steps=10, guidance_scale=7.0, batch_size=50)
+    plain = generate(pipe, class_index=nine, label="nine", token=None, indices=range(50), config=gen)
+    add_tokens(pipe, {result.token: result.embedding})
+    tokened = generate(pipe, class_index=nine, label="nine", token=result.token, indices=range(50), config=gen)
+
+    def judged(images) -> np.ndarray:
+        x = torch.stack([torch.from_numpy(np.asarray(g.image, dtype=np.float32) / 255).permute(2, 0, 1) for g in images])
+        with torch.no_grad():
+            return (judge(x).argmax(-1) == nine).numpy()
+
+    before, after = judged(plain), judged(tokened)
+    assert after.mean() >= before.mean() + 0.06, (before.mean(), after.mean())
+    assert (after & ~before).sum() > (before & ~after).sum()  # more images fixed than broken, paired by seed
