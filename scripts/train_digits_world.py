@@ -523,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--eval-guidance", type=float, default=7.0)
     p.add_argument("--eval-prompt", default="A photo of {}")
+    p.add_argument("--eval-out", default="eval_plain.json", help="file name of the eval summary inside --work")
     args = p.parse_args(argv)
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -547,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
             ship(args.work, args.out)
         elif stage == "eval":
             summary = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance, args.eval_prompt)
-            (args.work / "eval_plain.json").write_text(json.dumps(summary, indent=2))
+            (args.work / args.eval_out).write_text(json.dumps(summary, indent=2))
         else:
             raise SystemExit(f"--stages: unknown stage {stage!r}; valid: clip,vae,unet,guide,judge,ship,eval")
         timings[stage] = round(time.time() - ts, 1)
