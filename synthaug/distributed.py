@@ -931,6 +931,26 @@ class _Reaper:
             self.proc.wait(timeout=15)
 
 
+def _init_local_ray(ray: Any, attempts: int = 3, **kwargs: Any) -> None:
+    """Start a local Ray: a new cluster even where `ray start` left one running (attaching is what ``ray_address``
+    is for), without the dashboard, which a build does not need.
+
+    The raylet gives its metrics agent a hard-coded 15 s to start (ray-project/ray#65983); on a loaded machine the
+    agent can miss that and Ray fails with "The current node timed out during startup". That is worth another try.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            logger.warning("local Ray did not start in time (attempt %d of %d; a loaded machine?): trying again",
+                           attempt, attempts)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
+
 @contextlib.contextmanager
 def _ray_session(address: str | None):
     """Use the caller's Ray session if there is one; else attach to `address`; else start a local Ray (and stop it)."""
@@ -948,9 +968,7 @@ def _ray_session(address: str | None):
         return
     reaper = _Reaper()
     try:
-        # address="local": a new cluster even where `ray start` left one running (attaching is what ray_address
-        # is for); no dashboard, it is not needed for a build.
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        _init_local_ray(ray)
         yield ray
     finally:
         with contextlib.suppress(Exception):
