@@ -62,6 +62,7 @@ class _Cell:
     key: str
     method: str
     seed: int
+    index: int  # the sample's index within its class
     image: Image.Image
     verdict: _Verdict
 
@@ -131,7 +132,7 @@ def _select_cells(view: BuildView, rows: list[dict], methods: list[str], per_cla
                 continue
             pred, correct = verdicts.get(r["key"], (None, None))
             verdict = _Verdict(r.get("judge_prob"), pred, correct, r.get("guide_prob"))
-            cells[(m, s)] = _Cell(r["key"], m, s, read(r), verdict)
+            cells[(m, s)] = _Cell(r["key"], m, s, int(r["index"]), read(r), verdict)
     return seeds, cells
 
 
@@ -178,6 +179,12 @@ def _svg_curve(history: list[dict], best_step: Any, stop_reason: str | None, wid
     """Inline SVG of a token's training: loss (left scale), batch accuracy and class probability (0-1, right)."""
     if not history:
         return '<p class="muted">no training history recorded for this token</p>'
+    if len(history) == 1:  # stopped at the first measurement: a curve of one point says less than a sentence
+        e = history[0]
+        acc = f", batch accuracy {100 * e['accuracy']:.0f}%" if _finite(e.get("accuracy")) else ""
+        loss = f"loss {e['loss']:.3f}" if _finite(e.get("loss")) else "loss ?"
+        return (f'<p class="muted">stopped at the first step ({html.escape(str(stop_reason or "?"))}): '
+                f"{loss}{acc}; the initial token was kept</p>")
     pad_l, pad_r, pad_t, pad_b = 44, 34, 18, 26
     w, h = width - pad_l - pad_r, height - pad_t - pad_b
     steps = [int(e.get("step", i)) for i, e in enumerate(history)]
@@ -417,7 +424,10 @@ def write_report(
                 meta.append(f"stop: {esc(str(info['stop_reason']))}")
             if acc:
                 meta.append(f"judge top-1: {esc(acc)}")
-            grid = ['<table class="grid"><tr><th></th>' + "".join(f"<th>seed {s}</th>" for s in seeds) + "</tr>"]
+            # Columns are seeds (the same noise for every method); headed by the sample index, the seed on hover
+            index_of = {c.seed: c.index for c in cells.values()}
+            grid = ['<table class="grid"><tr><th></th>' + "".join(
+                f'<th title="seed {s}">#{index_of[s]}</th>' for s in seeds) + "</tr>"]
             png_rows = []
             for m in shown_methods:
                 tds, tiles = [], []

@@ -34,15 +34,15 @@ def _history(n: int) -> list[dict]:
 
 @pytest.fixture
 def report_build(tmp_path):
-    # sd images: right on seeds 0, 2, wrong ("six"/"seven") on seeds 1, 3; dct right everywhere.
+    # sd images: right on seeds 0, 2, wrong (class + 4) on seeds 1, 3; dct right everywhere.
     samples = []
-    for t in (2, 3):
+    for t in (2, 3, 4):
         samples += [{"method": "sd", "class_index": t, "index": s, "image": color_image(t if s % 2 == 0 else t + 4,
                                                                                           size=16, green=40 * s),
                      "guide_prob": 0.5} for s in range(4)]
         samples += [{"method": "dct", "class_index": t, "index": s, "image": color_image(t, size=16, green=40 * s),
                      "guide_prob": 0.9} for s in range(4)]
-    build = make_build(tmp_path / "build", samples, histories={2: _history(12)})
+    build = make_build(tmp_path / "build", samples, histories={2: _history(12), 4: _history(1)})
     evaluate_judge(build, ColorJudge(), progress=False)
     rows = [DownstreamRow("real", 3, 3, 0.5, 0.01, 0.9, 0.01), DownstreamRow("dct", 3, 3, 0.6, 0.02, 0.95, 0.01)]
     result = DownstreamResult(str(build), "digits", "resnet10t", 100, rows, [])
@@ -56,13 +56,15 @@ def test_report_content_is_self_contained(report_build):
     page = path.read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 16 and all(s.startswith("data:image/png;base64,") for s in srcs)  # 2 classes x 2 x 4
+    assert len(srcs) == 24 and all(s.startswith("data:image/png;base64,") for s in srcs)  # 3 classes x 2 x 4
     # same seeds side by side, verdicts on every image, the judge's wrong label named
-    assert page.count("<th>seed 0</th>") == 2
-    assert "✗ " in page and "→ six" in page and "→ seven" in page and page.count("✓ ") == 12
+    assert page.count('<th title="seed 0">#0</th>') == 3
+    assert "✗ " in page and "→ six" in page and "→ eight" in page and page.count("✓ ") == 18
     assert "guide 0.90" in page
-    # the token's curve for class 2 (history in its token file), a note for class 3 (no token file)
+    # the token's curve for class 2 (history in its token file), a sentence for class 4 (stopped at once), a note
+    # for class 3 (no token file)
     assert page.count("<polyline") == 3 and "stop: patience" in page
+    assert "stopped at the first step (patience): loss 2.000" in page
     assert "no training history recorded" in page
     # Table 1 and Table 2 from eval/
     assert "Table 1 - judge accuracy" in page and "Table 2 - downstream training" in page
@@ -72,7 +74,7 @@ def test_report_content_is_self_contained(report_build):
 def test_report_png_grids(report_build):
     write_report(report_build, progress=False)
     grids = report_build / "report" / "grids"
-    assert sorted(p.name for p in grids.iterdir()) == ["c002.png", "c003.png", "overview.png"]
+    assert sorted(p.name for p in grids.iterdir()) == ["c002.png", "c003.png", "c004.png", "overview.png"]
     grid = Image.open(grids / "c002.png").convert("RGB")
     assert grid.height > 2 * 96 and grid.width > 4 * 96  # 2 method rows x 4 seeds of 96 px tiles
     pixels = np.asarray(grid).reshape(-1, 3)
