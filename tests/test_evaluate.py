@@ -27,14 +27,6 @@ from synthaug.evaluate import (
 CLASSES = (2, 3, 4, 5, 6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. On a shared 2-core machine two threads wait on each other (8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def encoded(method: str, t: int, seed: int) -> int:
     """What the judge will predict for each image of the scenario (see `judge_build`)."""

@@ -9,22 +9,12 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from fakebuild import ColorJudge, color_image, make_build
 from PIL import Image
 
 from synthaug.errors import UserError
 from synthaug.evaluate import EVAL_DIR, DownstreamResult, DownstreamRow, evaluate_judge
 from synthaug.report import write_report
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. On a shared 2-core machine two threads wait on each other (8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _history(n: int) -> list[dict]:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from fakebuild import color_image, make_build
 
 from synthaug.errors import UserError
@@ -15,14 +14,6 @@ from synthaug.report import write_results_block
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. On a shared 2-core machine two threads wait on each other (8x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _pipeline(name: str):
