@@ -118,3 +118,23 @@ def write_config(path: Path, out: Path, model: Path, guide: Path, **extra) -> Pa
 
     path.write_text(dump_yaml(config(out, model, guide, **extra)))
     return path
+
+
+def save_clip(root: Path) -> Path:
+    """A random tiny CLIPModel whose text tower has the tiny pipeline's shape (hidden 32), saved for `mcti.clip_model`."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    path = root / "clip"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        cfg = CLIPConfig(
+            text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                         "vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+                         "eos_token_id": 49407, "pad_token_id": 49407},
+            vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                           "num_hidden_layers": 2, "image_size": 32, "patch_size": 8},
+            projection_dim=16,
+        )
+        CLIPModel(cfg).save_pretrained(path)
+    return path

@@ -283,3 +283,23 @@ def test_shipped_configs_load(name, dataset, guide, init):
         assert (cfg.dct.num_inference_steps, cfg.dct.height, cfg.dct.batch_size, cfg.dct.max_steps) == (50, 512, 5, 200)
     if name == "inat50":
         assert cfg.classes == "sample:50:0"
+
+
+@pytest.mark.parametrize("method,steps", [("ti", 2), ("mcti", 4)])
+def test_ti_and_mcti_builds(tmp_path, world, method, steps):
+    """The few-shot methods run through the same class jobs: tokens from real digits, then images, shards, index."""
+    import pyarrow.parquet as pq
+
+    clip = bw.save_clip(world[0].parent)
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world, method=method, classes="0-1", per_class=2, baseline=False,
+                             **{"mcti.shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2,
+                                "mcti.clip_model": str(clip)}), progress=False)
+    assert result.ok and result.tokens_new == 2 and result.images == 4
+    classes = json.loads((out / "classes.json").read_text())
+    assert [(c["token"], c["method"], c["steps"]) for c in classes] == [
+        ("<synthaug-000>", method, steps), ("<synthaug-001>", method, steps)]
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    assert [r["key"] for r in rows] == [f"{method}-c000-s00000", f"{method}-c000-s00001", f"{method}-c001-s00000",
+                                        f"{method}-c001-s00001"]
+    assert inspect(out, verify=True).ok
