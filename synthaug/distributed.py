@@ -555,9 +555,8 @@ class ClassWorker:
     """
 
     def __init__(self, config: dict[str, Any], out: str, num_classes: int, selected: Sequence[int] = (), *,
-                 report: Callable | None = None,
-                 device: str | None = None, threads: int | None = None, test_env: dict[str, str] | None = None,
-                 in_ray: bool = False) -> None:
+                 report: Callable | None = None, device: str | None = None, threads: int | None = None,
+                 test_env: dict[str, str] | None = None, in_ray: bool = False) -> None:
         self.config = from_dict(config)
         self.out = Path(out)
         self.num_classes = num_classes

@@ -303,3 +303,25 @@ def test_ti_and_mcti_builds(tmp_path, world, method, steps):
     assert [r["key"] for r in rows] == [f"{method}-c000-s00000", f"{method}-c000-s00001", f"{method}-c001-s00000",
                                         f"{method}-c001-s00001"]
     assert inspect(out, verify=True).ok
+
+
+def test_ray_job_entry_point_exit_codes(tmp_path, world, reference, monkeypatch, capsys):
+    """pipelines/ray_build.py: 0 when done, 1 when jobs failed every retry (with the resume command), 2 on bad input."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_build", bw.REPO / "pipelines" / "ray_build.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    out = _copy(reference, tmp_path / "build")
+    (out / "tokens" / "001.safetensors").unlink()
+    cfg_file = bw.write_config(tmp_path / "config.yaml", out, *world, **{"run.max_retries": 0})
+    monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ALWAYS", "class:1")
+    assert entry.main(["--config", str(cfg_file), "--executor", "local", "-q"]) == 1
+    assert "resume with: synthaug build --config" in capsys.readouterr().err
+    monkeypatch.delenv("SYNTHAUG_TEST_FAIL_ALWAYS")
+    assert entry.main(["--config", str(cfg_file), "--executor", "local", "-q"]) == 0
+    assert "3/3 classes, 24 images" in capsys.readouterr().out
+    assert bw.snapshot(out) == bw.snapshot(reference)
+    assert entry.main(["--config", str(cfg_file), "--set", f"out={tmp_path / 'other'}", "--set", "classes=0,eleven",
+                       "--executor", "local", "-q"]) == 2
+    assert capsys.readouterr().err.startswith("ray_build: error: `classes` entry 'eleven'")
