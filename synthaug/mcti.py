@@ -538,6 +538,7 @@ def learn_mcti_token(
     init = _token_embedding(text_encoder).weight[init_id].detach().float().clone()
     tid = tokenizer.convert_tokens_to_ids(token)
     vec = torch.nn.Parameter(init.to(device))
+    # AdamW with torch's default weight decay (0.01), as the TI implementations MC-TI builds on use it.
     optimizer = torch.optim.AdamW([vec], lr=config.lr)
     # fp16 weights need loss scaling for the token's gradient to survive; bf16 and fp32 do not.
     use_scaler = device.type == "cuda" and torch.float16 in (unet.dtype, text_encoder.dtype)
