@@ -38,7 +38,8 @@ _EXPORTS = {
     "ImageNet": "datasets", "ImageFolder": "datasets", "Digits": "datasets",
     "SynthAugDataset": "mix",
     # distributed
-    "build": "distributed", "inspect": "distributed", "export_tokens": "distributed",
+    "build": "distributed", "export_tokens": "distributed", "BuildResult": "distributed",
+    "BuildFailed": "distributed",
     # evaluate / report
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
     "write_report": "report",

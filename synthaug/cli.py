@@ -69,7 +69,7 @@ def _load_config(args: argparse.Namespace, extra: dict | None = None):
 # Subcommands
 # --------------------------------------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
-    from .distributed import build
+    from .distributed import BuildFailed, build
 
     extra = {}
     if args.per_class is not None:
@@ -85,7 +85,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.num_workers is not None:
         extra["run.num_workers"] = args.num_workers
     cfg = _load_config(args, extra)
-    result = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        result = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
+    except BuildFailed as e:  # some class jobs failed every retry: summary + the command that resumes, exit 1
+        print(e.result.summary(), file=sys.stderr)
+        return 1
     print(result.summary())
     return 0 if result.ok else 1
 
@@ -125,7 +129,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .distributed import export_tokens
 
     paths = export_tokens(args.out_dir, format=args.format, dest=args.dest)
-    print(f"wrote {len(paths)} {args.format} embeddings to {args.dest or args.out_dir}")
+    where = paths[0].parent if paths else args.dest or args.out_dir
+    print(f"wrote {len(paths)} {args.format} embeddings to {where}")
     return 0
 
 

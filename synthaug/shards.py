@@ -539,7 +539,9 @@ def merge_index(
         else:
             logger.info("no %r split in %s: some shards mix it with other methods", method, INFO_FILE)
     class_ids = table.column("class_index").to_pylist()
-    num_classes = len(classes) if classes is not None else max(class_ids) + 1
+    # Targets are dataset class indices, so a build of a class subset ("5,7") still needs num_classes > 7.
+    num_classes = max([len(classes or [])] + [int(c["index"]) + 1 for c in classes or []]
+                      + [int(c) + 1 for c in class_ids])
     info = {"name": "synthaug", "version": FORMAT_VERSION, "num_classes": num_classes, "splits": splits}
     write_text(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
     return MergeResult(num_samples=table.num_rows, num_shards=len(stats),
