@@ -11,6 +11,7 @@ package), and the tiny model builder that tests use (configs in the manner of di
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -166,6 +167,24 @@ def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None) -> Stabl
     return pipe
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" bars: one per actor drowns the build's own progress."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_on, t_on = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if d_on:
+            dlog.enable_progress_bar()
+        if t_on:
+            tlog.enable_progress_bar()
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
     # diffusers renamed `torch_dtype` to `dtype` (0.36+, with a deprecation warning for the old name).
     from diffusers.utils import deprecation_utils
@@ -205,10 +224,11 @@ def load_diffusion(
     if local_files_only is None:
         local_files_only = offline() or Path(path).exists()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path, **_dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=local_files_only, revision=revision,
-        )
+        with _quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, **_dtype_kwarg(torch_dtype), safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, local_files_only=local_files_only, revision=revision,
+            )
     except (OSError, ValueError) as e:  # huggingface_hub's not-found errors are OSError subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("it is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE=1 or "
