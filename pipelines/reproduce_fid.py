@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    command = shlex.join(["python", "pipelines/reproduce_fid.py", *(sys.argv[1:] if argv is None else argv)])
+    # The thread count changes float reduction order (so trained weights) on CPU: part of the command to rerun.
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+    command = threads + shlex.join(["python", "pipelines/reproduce_fid.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         view = open_build(args.build)
         real = args.real or view.config.get("dataset")
