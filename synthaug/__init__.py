@@ -42,6 +42,7 @@ _EXPORTS = {
     "BuildFailed": "distributed",
     # evaluate / report
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
+    "format_table": "evaluate", "load_result": "evaluate",
     "write_report": "report",
 }
 

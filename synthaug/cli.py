@@ -137,8 +137,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_judge, format_table
 
-    result = evaluate_judge(args.out_dir, judge=args.judge, device=args.device or "auto", batch_size=args.batch_size)
-    print(format_table(result))
+    result = evaluate_judge(args.out_dir, judge=args.judge, device=args.device or "auto", batch_size=args.batch_size,
+                            class_map=args.class_map, restrict_to_shared=args.restrict_to_shared)
+    print(format_table(result, per_class=args.per_class))
     return 0
 
 
@@ -156,7 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_fid(args: argparse.Namespace) -> int:
     from .evaluate import compute_fid, format_table
 
-    result = compute_fid(args.out_dir, real=args.real, root=args.root, features=args.features,
+    result = compute_fid(args.out_dir, real=args.real, root=args.root, split=args.split, features=args.features,
+                         inception_weights=args.inception_weights, max_images=args.max_images,
                          device=args.device or "auto")
     print(format_table(result))
     return 0
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--judge", required=True, help="classifier that scores the images; must not be the guide")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--class-map", help="JSON file {build class name: judge label} when the label sets differ")
+    p.add_argument("--restrict-to-shared", action="store_true", help="judge over the labels both sets share (iNat179)")
+    p.add_argument("--per-class", action="store_true", help="print the per-class table too")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
@@ -259,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True)
     p.add_argument("--root")
     p.add_argument("--features", default="inception", help="inception | guide | judge | a classifier source")
+    p.add_argument("--split", default="train", help="real split to compare against")
+    p.add_argument("--inception-weights", help="local Inception-v3 FID weights file (no download happens)")
+    p.add_argument("--max-images", type=int, help="cap images per method")
     p.add_argument("--device")
     p.set_defaults(func=cmd_fid)
 
