@@ -146,7 +146,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "model": "digits", "guide": "digits-guide", "dct.height": 32, "dct.width": 32, "generate.height": 32,
         "generate.width": 32, "dct.num_inference_steps": 10, "generate.num_inference_steps": 10,
         "generate.batch_size": 50, "dct.max_steps": 30, "dct.lr": 3e-3, "dct.batch_size": 8,
-        "shards.samples_per_shard": 100,
+        "shards.samples_per_shard": 100, "run.cpus_per_worker": 1,  # tiny models: 1 thread per actor, 1 actor per CPU
     },
     "cub": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-cub",
             "guide_trained_on": "CUB-200-2011 full train split (5,994 images): few-shot results are not leak-free",
