@@ -88,6 +88,15 @@ class BuildView:
         sizes = Counter(zip(self.index.column("height").to_pylist(), self.index.column("width").to_pylist()))
         return sizes.most_common(1)[0][0] if sizes else (512, 512)
 
+    def select_methods(self, methods: Sequence[str] | None) -> list[str]:
+        """`methods` checked against the build's (None -> all of them, baseline order)."""
+        present = self.methods
+        unknown = [m for m in methods or () if m not in present]
+        if unknown:
+            raise UserError(f"`methods` {', '.join(unknown)} not in the build at {self.root}: it has "
+                            f"{', '.join(present)}.")
+        return list(methods) if methods is not None else present
+
     def rows(self, methods: Sequence[str] | None = None) -> list[dict]:
         """Index rows as dicts (in index order: sorted by key), optionally only those of `methods`."""
         rows = self.index.to_pylist()
@@ -440,13 +449,7 @@ def evaluate_judge(
     if batch_size <= 0:
         raise UserError(f"`batch_size` must be > 0 but is {batch_size}.")
     view = open_build(build)
-    present = view.methods
-    if methods is not None:
-        unknown = [m for m in methods if m not in present]
-        if unknown:
-            raise UserError(f"`methods` {', '.join(unknown)} not in the build at {view.root}: it has "
-                            f"{', '.join(present)}.")
-    methods = list(methods) if methods is not None else present
+    methods = view.select_methods(methods)
 
     # 1. The judge, and whether it is the guide.
     if isinstance(judge, str):
@@ -880,11 +883,7 @@ def train_downstream(
 
     # 1. Check inputs.
     view = open_build(build)
-    present = view.methods
-    methods = list(methods) if methods is not None else present
-    unknown = [m for m in methods if m not in present]
-    if unknown:
-        raise UserError(f"`methods` {', '.join(unknown)} not in the build at {view.root}: it has {', '.join(present)}.")
+    methods = view.select_methods(methods)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seeds:
         raise UserError("`seeds` must name at least one seed (or a count >= 1), e.g. 3.")
@@ -1270,11 +1269,7 @@ def compute_fid(
     >>> print(format_table(result))
     """
     view = open_build(build)
-    present = view.methods
-    methods = list(methods) if methods is not None else present
-    unknown = [m for m in methods if m not in present]
-    if unknown:
-        raise UserError(f"`methods` {', '.join(unknown)} not in the build at {view.root}: it has {', '.join(present)}.")
+    methods = view.select_methods(methods)
     if max_images is not None and max_images < 2:
         raise UserError(f"`max_images` must be >= 2 (FID needs a covariance) but is {max_images}.")
 

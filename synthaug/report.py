@@ -355,13 +355,7 @@ def write_report(
     if per_class <= 0:
         raise UserError(f"`per_class` must be > 0 but is {per_class}.")
     view = open_build(build)
-    present = view.methods
-    if methods is not None:
-        unknown = [m for m in methods if m not in present]
-        if unknown:
-            raise UserError(f"`methods` {', '.join(unknown)} not in the build at {view.root}: it has "
-                            f"{', '.join(present)}.")
-    methods = list(methods) if methods is not None else present
+    methods = view.select_methods(methods)
     out_dir = Path(out) if out is not None else view.root / REPORT_DIR
     class_rows = {int(c["index"]): c for c in view.classes}
     rows_by_class: dict[int, list[dict]] = defaultdict(list)

@@ -23,15 +23,6 @@ CLEAN = ("zero", "two", "five", "six")  # always captioned right (the model card
 AMBIGUOUS = ("one", "seven", "three", "eight", "four", "nine")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads contend and run far slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return load_diffusion("digits", device="cpu")

@@ -21,15 +21,6 @@ SIZE = 16
 TOKEN = "<synthaug-003>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads contend and run ~30x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     p = tiny_pipeline(seed=0)

@@ -35,15 +35,6 @@ from synthaug.tokens import (
 SIZE = 16  # tiny pipeline, 8x8 latents: the fastest size that still runs the real code path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two intra-op threads contend and run ~30x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def own_pipe():
     """A tiny pipeline this module may mutate (schedulers, added tokens) without touching the shared fixture."""
