@@ -8,7 +8,6 @@ applied before the file's own keys.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
