@@ -146,6 +146,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "generate.width": 32, "dct.num_inference_steps": 10, "generate.num_inference_steps": 10,
         "generate.batch_size": 50, "dct.max_steps": 30, "dct.lr": 3e-3, "dct.batch_size": 8,
         "shards.samples_per_shard": 100, "run.cpus_per_worker": 1,  # tiny models: 1 thread per actor, 1 actor per CPU
+        "mcti.steps": 200, "mcti.extra_steps": 100,  # RESULTS.md "MC-TI": 200 TI steps suffice at 32 px
     },
     "cub": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-cub",
             "guide_trained_on": "CUB-200-2011 full train split (5,994 images): few-shot results are not leak-free",
