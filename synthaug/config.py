@@ -43,6 +43,10 @@ class DCTConfig:
     augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
     straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (NOTES.md)
     seed: int = 0  # base seed of the training noise
+    # >0: also classify the scheduler's predicted clean image (pred_original_sample) at every denoising step before
+    # the gradient-carrying ones, each through that step's UNet call only, and add weight x their mean CE. Gives the
+    # token a gradient at the high-noise steps where the image's class is decided (RESULTS.md, issue 8).
+    x0_weight: float = 0.0
 
     @property
     def learning_rate(self) -> float:

@@ -193,10 +193,14 @@ def learn_dct_token(
             optimizer.zero_grad(set_to_none=True)
             prompt_index = step % len(prompts)  # the paper's two prompts, cycled (§3 "Number of prompts")
 
-            # 5.1 Text conditioning with v_c spliced in at S_c's positions (the only tensor that carries gradient)
+            # 5.1 Text conditioning with v_c spliced in at S_c's positions (the only tensor that carries gradient).
+            #     With the x0 loss, the denoising sees a detached leaf copy of it: every step's loss is back-propagated
+            #     into the leaf as soon as it is computed (one step's graph in memory at a time), and the leaf's
+            #     gradient goes through the text encoder once, in 5.8.
             with _splice(embeddings, token_id, v_c):
-                cond = _encode(pipe, prompt_inputs[prompt_index], device).to(text_dtype)
-            cond = cond.expand(config.batch_size, -1, -1)
+                text_cond = _encode(pipe, prompt_inputs[prompt_index], device).to(text_dtype)
+            cond_leaf = text_cond.detach().requires_grad_() if config.x0_weight > 0 else None
+            cond = (cond_leaf if cond_leaf is not None else text_cond).expand(config.batch_size, -1, -1)
             hidden = torch.cat([uncond.expand(config.batch_size, -1, -1), cond]) if do_cfg else cond
 
             # 5.2 Seeds and initial noise. Fixed seeds: the same batch every update (NOTES.md: fresh noise diverged).
@@ -214,10 +218,14 @@ def learn_dct_token(
 
             # 5.3 Denoise. Gradient skipping (§3, Fig. 3): all but the last `grad_steps` UNet calls run without a
             #     graph, so memory does not grow with T. Works for any scheduler: the split is over its own timesteps.
+            #     With the x0 loss, each earlier step also classifies its own predicted clean image, the gradient
+            #     going through that step's UNet call only (its input latents carry none).
             first_grad = len(timesteps) - min(config.grad_steps, len(timesteps))
+            x0_losses: list[float] = []
             for i, t in enumerate(timesteps):
-                with torch.set_grad_enabled(i >= first_grad):
-                    h = hidden if i >= first_grad else hidden.detach()
+                x0_step = config.x0_weight > 0 and i < first_grad
+                with torch.set_grad_enabled(i >= first_grad or x0_step):
+                    h = hidden if i >= first_grad or x0_step else hidden.detach()
                     model_input = torch.cat([latents] * 2) if do_cfg else latents
                     model_input = pipe.scheduler.scale_model_input(model_input, t)
                     noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond, checkpointing and i >= first_grad)
@@ -225,13 +233,32 @@ def learn_dct_token(
                     if do_cfg:
                         noise_uncond, noise_text = noise_pred.chunk(2)
                         noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)  # Eq. (3)
-                    latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    if not x0_step:
+                        latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                        continue
+                    # The x0 comes from a copy of the scheduler (multistep schedulers keep model outputs as state:
+                    # the real one must only ever see detached tensors); the sampling chain is untouched.
+                    x0 = getattr(copy.deepcopy(pipe.scheduler).step(noise_pred, t, latents,
+                                                                   **_fork_generators(extra_step_kwargs)),
+                                 "pred_original_sample", None)
+                    if x0 is None:
+                        raise UserError(
+                            f"`dct.x0_weight` needs a scheduler whose step returns pred_original_sample, and "
+                            f"{type(pipe.scheduler).__name__} does not: use --scheduler ddim (or euler), or set "
+                            f"dct.x0_weight=0.")
+                    latents = pipe.scheduler.step(noise_pred.detach(), t, latents, **extra_step_kwargs,
+                                                  return_dict=False)[0]
+                    x0_images = _clamp01(_decode(pipe, x0), config.straight_through_clamp)
+                    x0_logits = _classify(classifier, x0_images)
+                    x0_loss = config.x0_weight / first_grad * F.cross_entropy(x0_logits, _targets(x0_logits, class_index))
+                    x0_losses.append(x0_loss.item())
+                    if math.isfinite(x0_losses[-1]):
+                        x0_loss.backward()  # into cond_leaf only: nothing before this step carries a graph
+                    del x0, x0_images, x0_logits, x0_loss
 
             # 5.4 Decode and map [-1, 1] -> [0, 1], clamped straight-through (a hard clamp kills the gradient of
             #     every saturated pixel; NOTES.md measured whole updates lost to it)
-            vae_in = (latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
-            images = pipe.vae.decode(vae_in, return_dict=False)[0].float() / 2 + 0.5
-            images = _clamp01(images, config.straight_through_clamp)
+            images = _clamp01(_decode(pipe, latents), config.straight_through_clamp)
 
             # 5.5 Classify and take the cross-entropy to the target class:
             #     min_{v_c} CE(C(ψ_C(x(p))), 1_c)                                                            Eq. (4)
@@ -256,6 +283,7 @@ def learn_dct_token(
 
             # 5.6 Book-keeping: the measurement above is of v_c *before* this iteration's update
             entry = {"step": step, "prompt": prompt_index, "loss": loss_value, "accuracy": accuracy,
+                     "x0_loss": sum(x0_losses) if x0_losses else None,
                      "target_prob": target_prob, "grad_norm": None, "lr": optimizer.param_groups[0]["lr"],
                      "updated": False, "nonfinite": not math.isfinite(loss_value)}
             history.append(entry)
@@ -287,6 +315,8 @@ def learn_dct_token(
             # 5.8 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
                 loss.backward()
+                if cond_leaf is not None:  # the final image's and every step's x0 gradient, through the encoder once
+                    text_cond.backward(cond_leaf.grad)
                 max_norm = config.grad_clip if config.grad_clip and config.grad_clip > 0 else math.inf
                 grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
                 entry["grad_norm"] = grad_norm
@@ -295,7 +325,7 @@ def learn_dct_token(
                     entry["updated"] = True
                 else:
                     entry["nonfinite"] = True
-            del loss, logits, images, latents, hidden, cond, noise_pred  # free the graph before the next forward
+            del loss, logits, images, latents, hidden, cond, text_cond, cond_leaf, noise_pred  # free the graph
             _bar_update(bar, entry)
         if bar is not None:
             bar.close()
@@ -349,6 +379,9 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
         raise UserError(f"`dct.select` must be one of min_loss, last but is {config.select!r}.")
     if config.augment < 0:
         raise UserError(f"`dct.augment` must be >= 0 but is {config.augment!r}.")
+    if not (config.x0_weight >= 0 and math.isfinite(config.x0_weight)):
+        raise UserError(f"`dct.x0_weight` must be a finite number >= 0 (0 turns the x0 loss off) but is "
+                        f"{config.x0_weight!r}.")
     if config.learning_rate <= 0:
         raise UserError(f"`dct.lr` must be > 0 (or null for 0.00025 x batch_size) but is {config.lr!r}.")
     if not config.prompts:
@@ -435,6 +468,26 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
 
         return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
     return run(model_input, hidden)
+
+
+def _fork_generators(kwargs: dict) -> dict:
+    """`kwargs` with its ``generator`` (one or a list) replaced by copies in the same state: a side computation (the
+    x0 loss's scheduler step) then draws no random numbers from the real sampling chain's generators."""
+    def fork(g: torch.Generator) -> torch.Generator:
+        clone = torch.Generator(device=g.device)
+        clone.set_state(g.get_state())
+        return clone
+
+    g = kwargs.get("generator")
+    if g is None:
+        return kwargs
+    return {**kwargs, "generator": [fork(x) for x in g] if isinstance(g, list) else fork(g)}
+
+
+def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents to fp32 images in [0, 1] (unclamped), as the pipeline's postprocessing maps them."""
+    vae_in = (latents / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
+    return pipe.vae.decode(vae_in, return_dict=False)[0].float() / 2 + 0.5
 
 
 def _clamp01(x: torch.Tensor, straight_through: bool) -> torch.Tensor:

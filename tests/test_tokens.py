@@ -378,6 +378,44 @@ def test_augment_in_training(tiny_pipe):
     assert result.history[0]["updated"]
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_x0_loss_adds_gradient_but_leaves_the_sampling_chain_alone(own_pipe, scheduler):
+    original = own_pipe.scheduler
+    set_scheduler(own_pipe, scheduler)
+    try:
+        plain = learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=2, num_inference_steps=4))
+        x0 = learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=2, num_inference_steps=4, x0_weight=1.0))
+    finally:
+        own_pipe.scheduler = original
+    # update 0 measures the same images: the side computation drew no noise (euler_a is ancestral) and left the
+    # scheduler's state alone
+    assert x0.history[0]["loss"] == plain.history[0]["loss"]
+    assert plain.history[0]["x0_loss"] is None and x0.history[0]["x0_loss"] > 0
+    # ... but the update is a different one: the x0 term carries gradient to v_c
+    assert x0.history[0]["grad_norm"] != pytest.approx(plain.history[0]["grad_norm"])
+    assert not torch.allclose(x0.embedding, plain.embedding)
+
+
+def test_x0_loss_with_every_step_carrying_gradient_is_the_plain_update(tiny_pipe):
+    # grad_steps = T leaves no step for the x0 term: only the route of the gradient (a detached leaf, then the text
+    # encoder once) differs, and it must give the same update
+    plain = learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=2, grad_steps=3))
+    leaf = learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=2, grad_steps=3, x0_weight=1.0))
+    assert leaf.history[0]["x0_loss"] is None
+    assert torch.allclose(leaf.embedding, plain.embedding, atol=1e-6)
+    assert leaf.history[1]["loss"] == pytest.approx(plain.history[1]["loss"], rel=1e-5)
+
+
+def test_x0_loss_needs_a_scheduler_that_predicts_x0(own_pipe):
+    original = own_pipe.scheduler
+    set_scheduler(own_pipe, "pndm")
+    try:
+        with pytest.raises(UserError, match=r"`dct.x0_weight` needs a scheduler .* PNDMScheduler does not"):
+            learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=1, num_inference_steps=4, x0_weight=1.0))
+    finally:
+        own_pipe.scheduler = original
+
+
 def test_mixed_precision_token_path_stays_fp32():
     pipe = tiny_pipeline(seed=0)
     pipe.unet.to(torch.bfloat16)
@@ -410,6 +448,7 @@ def test_progress_bar_and_callback(tiny_pipe, capsys):
         ({}, {"prompts": ("A photo of {label}",)}, r"has no \{token\} placeholder"),
         ({}, {"select": "best"}, r"`dct.select` must be one of min_loss, last"),
         ({}, {"lr": -1.0}, r"`dct.lr` must be > 0"),
+        ({}, {"x0_weight": -0.5}, r"`dct.x0_weight` must be a finite number >= 0"),
         ({}, {"prompts": ("word " * 80 + "{token} {label}",)}, r"cut off"),
     ],
 )
