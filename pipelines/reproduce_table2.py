@@ -49,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shots", type=_ints, default=[0, 3, 9, 15], help="real images per class (default 0,3,9,15)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     parser.add_argument("--synthetic-per-class", type=int, default=100)
+    parser.add_argument("--mode", default="concat", choices=("concat", "ratio", "replace"),
+                        help="how real and synthetic images mix (SynthAugDataset; default concat)")
+    parser.add_argument("--p", type=float, default=0.5, help="ratio: synthetic share of each epoch; replace: swap odds")
+    parser.add_argument("--min-confidence", type=float, help="keep synthetic images with guide probability >= this")
+    parser.add_argument("--out", help="result folder (default BUILD/eval); one per mixing setting")
     parser.add_argument("--arch", help="timm architecture (default: a small ResNet for <= 64 px images)")
     parser.add_argument("--arch-kwargs", type=json.loads, default=None, help='JSON, e.g. \'{"channels": [16,32,64,128]}\'')
     parser.add_argument("--pretrained", default="auto", help="auto | true | false | checkpoint path (never downloads)")
@@ -74,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train_downstream(
             view.root, real, root=root, train_split=args.train_split, test_split=args.test_split,
             methods=args.methods.split(",") if args.methods else None, shots=args.shots, seeds=args.seeds,
-            synthetic_per_class=args.synthetic_per_class, arch=args.arch, arch_kwargs=args.arch_kwargs,
+            synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
+            min_confidence=args.min_confidence, out=args.out, arch=args.arch, arch_kwargs=args.arch_kwargs,
             pretrained=pretrained, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
             num_workers=args.workers, progress=not args.quiet,
         )
@@ -85,12 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = view.root.resolve().name
     seconds = sum(c.seconds for c in result.cells)
     steps = sorted({c.steps for c in result.cells})
+    mixing = f"mixing: {args.mode}" + (f" p={args.p}" if args.mode != "concat" else "") + (
+        f", synthetic images with guide probability >= {args.min_confidence}" if args.min_confidence is not None else "")
     markdown = "\n".join([
         f"### Table 2: few-shot training with synthetic images ({name})", "", f"`{command}`", "",
         format_table(result, markdown=True), "",
-        f"{len(result.cells)} cells, {'/'.join(map(str, steps))} steps each, {seconds / 60:.1f} min of training in all.",
+        f"{len(result.cells)} cells, {'/'.join(map(str, steps))} steps each, {seconds / 60:.1f} min of training in all; "
+        f"{mixing}.",
     ]) + "\n"
-    out = view.root / "eval" / "table2.md"
+    out = (Path(args.out) if args.out else view.root / "eval") / "table2.md"
     write_text(out, markdown)
     if args.results:
         write_results_block(Path(args.results), f"table2-{name}", markdown)

@@ -148,7 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     shots = [int(s) for s in args.shots.split(",")]
     result = train_downstream(args.out_dir, real=args.real, root=args.root, shots=shots, seeds=args.seeds,
-                              synthetic_per_class=args.synthetic_per_class, arch=args.arch, epochs=args.epochs,
+                              synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
+                              min_confidence=args.min_confidence, arch=args.arch, epochs=args.epochs,
                               device=args.device or "auto", progress=not args.quiet)
     print(format_table(result))
     return 0
@@ -253,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="0,3,9", help="comma-separated real images per class")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--synthetic-per-class", type=int)
+    p.add_argument("--mode", default="concat", choices=("concat", "ratio", "replace"),
+                   help="how real and synthetic images mix (SynthAugDataset modes; default concat)")
+    p.add_argument("--p", type=float, default=0.5, help="ratio: synthetic share of each epoch; replace: swap odds")
+    p.add_argument("--min-confidence", type=float, help="keep synthetic images with guide probability >= this")
     p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--device")

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -821,6 +822,9 @@ def train_downstream(
     shots: Sequence[int] = (0, 3, 9, 15),
     seeds: int | Sequence[int] = 3,
     synthetic_per_class: int | None = 100,
+    mode: str = "concat",
+    p: float = 0.5,
+    min_confidence: float | None = None,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
     pretrained: bool | str = "auto",
@@ -859,6 +863,11 @@ def train_downstream(
         shots: real images per class, k.
         seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
         synthetic_per_class: synthetic images per class per method (None: all in the build).
+        mode, p: how real and synthetic images are mixed (`SynthAugDataset`): ``"concat"`` (every image, drawn
+            uniformly), ``"ratio"`` (synthetic images make a fraction `p` of each epoch, redrawn every epoch) or
+            ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
+            real images (k = 0) train on synthetic images alone in every mode.
+        min_confidence: keep only synthetic images whose stored guide probability is at least this.
         arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50).
         arch_kwargs: extra `timm.create_model` kwargs (e.g. ``{"channels": (16, 32, 64, 128)}``).
         pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
@@ -899,6 +908,14 @@ def train_downstream(
         raise UserError(f"`epochs` must be > 0 but is {epochs!r}.")
     if synthetic_per_class is not None and synthetic_per_class < 0:
         raise UserError(f"`synthetic_per_class` must be >= 0 (or None for all) but is {synthetic_per_class!r}.")
+    from .mix import MODES
+
+    if mode not in MODES:
+        raise UserError(f"`mode` must be one of {', '.join(MODES)} but is {mode!r}.")
+    if not 0.0 <= p < 1.0:
+        raise UserError(f"`p` must be in [0, 1) but is {p!r}: the synthetic share of the training images.")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
     real_name = real if isinstance(real, str) else type(real).__name__
     real_train = _resolve_real(real, root, train_split)
     real_test = _resolve_real(test if test is not None else real, root, test_split)
@@ -924,7 +941,7 @@ def train_downstream(
     protocol = {
         "arch": arch, "arch_kwargs": arch_kwargs, "pretrained": pretrained, "image_size": image_size, "steps": steps,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "hflip": hflip,
-        "synthetic_per_class": synthetic_per_class, "real": real_name, "train_split": train_split,
+        "synthetic_per_class": synthetic_per_class, **_mixing_protocol(mode, p, min_confidence), "real": real_name, "train_split": train_split,
         "test_split": test_split, "train_size": len(real_train), "test_size": len(real_test),
     }
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
@@ -953,7 +970,8 @@ def train_downstream(
                            num_classes=num_classes, arch=arch, arch_kwargs=arch_kwargs, pretrained=pretrained,
                            image_size=image_size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, hflip=hflip, device=dev, num_workers=num_workers,
-                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset)
+                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset,
+                           mixing={"mode": mode, "p": p, "min_confidence": min_confidence})
         write_text(path, json.dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
         cells.append(cell)
 
@@ -967,6 +985,17 @@ def train_downstream(
                [f.name for f in dataclasses.fields(DownstreamRow)])
     write_text(out_dir / "downstream.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _mixing_protocol(mode: str, p: float, min_confidence: float | None) -> dict[str, Any]:
+    """The mixing keys of a cell's protocol. The default (concat, no filter) adds none, so cells trained before these
+    options existed still resume."""
+    keys: dict[str, Any] = {}
+    if mode != "concat":
+        keys.update(mode=mode, p=p)
+    if min_confidence is not None:
+        keys["min_confidence"] = min_confidence
+    return keys
 
 
 def _summarise(cells: list[CellResult]) -> list[DownstreamRow]:
@@ -992,7 +1021,8 @@ def _real_indices(dataset) -> list[int]:
 
 def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, seed: int, *, n_syn, num_classes,
                 arch, arch_kwargs, pretrained, image_size, steps, epochs, batch_size, lr, weight_decay, hflip,
-                device: torch.device, num_workers, protocol, progress, dataset_cls) -> CellResult:
+                device: torch.device, num_workers, protocol, progress, dataset_cls,
+                mixing: Mapping[str, Any] | None = None) -> CellResult:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -1005,10 +1035,17 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
 
     # 2. Data: the real subset is a function of (k, seed) only, so every method sees the same real images.
     #    (real images with k = 0 still define the label set, checked against the build's classes.)
+    #    Mixing modes that redraw synthetic images per epoch ("ratio", "replace") need real images to mix with;
+    #    without them (k = 0, or real-only) every mode is the plain union.
+    mixing = dict(mixing or {})
+    mode = mixing.pop("mode", "concat")
     synthetic = 0 if method == REAL_ONLY else n_syn
     methods = [] if method == REAL_ONLY else [method]
+    if k == 0 or method == REAL_ONLY:
+        mode = "concat"
     train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf, methods=methods,
-                            synthetic_per_class=synthetic, seed=seed, mode="concat")
+                            synthetic_per_class=synthetic, seed=seed, mode=mode,
+                            **(mixing if method != REAL_ONLY else {}))
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
@@ -1016,11 +1053,19 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     n_real = len(real_idx)
     n_steps = steps if steps is not None else max(1, math.ceil(epochs * n_train / batch_size))
 
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch_size, sampler=_InfiniteSampler(n_train, seed), num_workers=num_workers,
-        pin_memory=device.type == "cuda", drop_last=False,
-        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
-    )
+    def batches():
+        """Training batches forever. "concat": seeded permutations back to back (full batches across epochs).
+        Per-epoch modes: one loader per epoch after `set_epoch`, so the draws are the same with any worker count."""
+        kwargs = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": device.type == "cuda",
+                  "drop_last": False, "persistent_workers": False}
+        if mode == "concat":
+            yield from torch.utils.data.DataLoader(train_set, sampler=_InfiniteSampler(n_train, seed),
+                                                   generator=torch.Generator().manual_seed(seed), **kwargs)
+            return
+        for epoch in itertools.count():
+            train_set.set_epoch(epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            yield from torch.utils.data.DataLoader(train_set, sampler=order.tolist(), **kwargs)
 
     # 3. Train: AdamW, 5% linear warm-up, cosine decay; bf16 autocast on CUDA.
     model.to(device).train()
@@ -1031,7 +1076,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-    it = iter(loader)
+    it = batches()
     bar = tqdm(range(n_steps), desc=f"{method} k={k} s={seed}", leave=False, disable=not progress)
     for _ in bar:
         x, y = next(it)
@@ -1044,7 +1089,8 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
         scaler.update()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    del it, loader
+    it.close()
+    del it
 
     # 4. Test on the real test split.
     top1, top5 = _test(model, _Transformed(real_test, test_tf), batch_size=max(batch_size, 128), device=device,

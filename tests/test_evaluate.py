@@ -283,6 +283,46 @@ def evaluate_downstream_once(build, train, test, out):
                             steps=3, batch_size=8, out=out, progress=False, **TINY_NET)
 
 
+def test_downstream_mixing_modes_and_confidence_filter(tmp_path):
+    from synthaug.evaluate import train_downstream
+
+    classes = DIGITS[:3]
+    rng = np.random.default_rng(1)
+
+    def image(c: int) -> Image.Image:
+        a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        a[..., c] += 150
+        return Image.fromarray(a)
+
+    # guide_prob 0.1, 0.4, 0.7, 1.0 for the 4 images of every class
+    samples = [{"method": "dct", "class_index": c, "index": i, "image": image(c), "guide_prob": 0.1 + 0.3 * i}
+               for c in range(3) for i in range(4)]
+    build = make_build(tmp_path / "build", samples, classes=classes)
+    train = ImageList([image(i % 3) for i in range(18)], [i % 3 for i in range(18)], classes)
+    test = ImageList([image(i % 3) for i in range(9)], [i % 3 for i in range(9)], classes)
+
+    def run(out, **kw):
+        return {(c.method, c.shots): c for c in train_downstream(
+            build, train, test=test, shots=[0, 2], seeds=[0], steps=3, batch_size=4, out=tmp_path / out,
+            progress=False, **TINY_NET, **kw).cells}
+
+    ratio = run("ratio", mode="ratio", p=0.25)
+    # ratio: the 6 real images plus synthetic draws making 25% of the epoch; k = 0 has nothing to mix with: all 12
+    assert (ratio[("dct", 2)].train_real, ratio[("dct", 2)].train_synthetic) == (6, 2)
+    assert (ratio[("dct", 0)].train_real, ratio[("dct", 0)].train_synthetic) == (0, 12)
+    assert ratio[("dct", 2)].protocol["mode"] == "ratio" and ratio[("dct", 2)].protocol["p"] == 0.25
+    again = run("ratio-again", mode="ratio", p=0.25)
+    assert [(c.top1, c.top5) for c in again.values()] == [(c.top1, c.top5) for c in ratio.values()]  # deterministic
+
+    filtered = run("filtered", min_confidence=0.5)  # keeps the 0.7 and 1.0 images of every class
+    assert filtered[("dct", 0)].train_synthetic == 6 and filtered[("dct", 2)].train_synthetic == 6
+    assert filtered[("real", 2)].train_synthetic == 0 and filtered[("real", 2)].protocol["min_confidence"] == 0.5
+    plain = run("plain")
+    assert "mode" not in plain[("dct", 2)].protocol  # the default adds no keys: older cells still resume
+    with pytest.raises(UserError, match="trained with other settings \\(mode, p differ\\)"):
+        run("plain", mode="replace", p=0.5)
+
+
 def test_downstream_bad_input(downstream_world):
     from synthaug.evaluate import train_downstream
 
@@ -291,6 +331,12 @@ def test_downstream_bad_input(downstream_world):
         train_downstream(build, train, test=test, shots=[-1])
     with pytest.raises(UserError, match="`methods` mcti not in the build"):
         train_downstream(build, train, test=test, methods=["mcti"])
+    with pytest.raises(UserError, match="`mode` must be one of concat, replace, ratio but is 'mix'"):
+        train_downstream(build, train, test=test, mode="mix")
+    with pytest.raises(UserError, match=r"`p` must be in \[0, 1\) but is 1.0"):
+        train_downstream(build, train, test=test, mode="ratio", p=1.0)
+    with pytest.raises(UserError, match=r"`min_confidence` must be in \[0, 1\]"):
+        train_downstream(build, train, test=test, min_confidence=2.0)
     with pytest.raises(UserError, match="`arch` 'no_such_net' is not a timm model"):
         train_downstream(build, train, test=test, shots=[2], seeds=1, steps=1, arch="no_such_net", progress=False)
     with pytest.raises(UserError, match="`pretrained` '/nope.pth' is not a file"):
