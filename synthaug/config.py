@@ -39,7 +39,12 @@ class DCTConfig:
     patience: int = 20  # rule 2: no loss improvement for this many updates ...
     patience_min_accuracy: float = 0.5  # ... while at least this fraction of the batch is correct
     fixed_seeds: bool = True  # reuse one batch of training seeds every update (NOTES.md: fresh noise diverged)
-    select: str = "min_loss"  # which token to keep: "min_loss" (reference code) or "last"
+    select: str = "min_loss"  # which token to keep: "min_loss" (reference code), "last", or "val" (see below)
+    # select="val": every `val_every` updates (and at the stop) generate `val_batch_size` images from held-out seeds
+    # with the first prompt, no gradient, and keep the token the guide scores best there (accuracy, then mean
+    # probability; the initial token competes too, so a token that only fits its training seeds is never kept)
+    val_batch_size: int = 16
+    val_every: int = 5
     augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
     straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (NOTES.md)
     seed: int = 0  # base seed of the training noise
@@ -165,7 +170,7 @@ VALID = {
     "method": ("dct", "ti", "mcti"),
     "run.executor": ("ray", "local"),
     "shards.image_format": ("png", "jpg", "webp"),
-    "dct.select": ("min_loss", "last"),
+    "dct.select": ("min_loss", "last", "val"),
 }
 
 

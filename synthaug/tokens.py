@@ -183,8 +183,21 @@ def learn_dct_token(
             ).to(device=device, dtype=text_dtype)
         augment_generator = torch.Generator(device="cpu").manual_seed(_seed("augment", config.seed, class_index, 0))
 
+        def validate(v: torch.Tensor) -> tuple[float, float]:
+            """Guide accuracy and mean class probability of `v` on the held-out validation seeds (no gradient)."""
+            nonlocal unet_evals
+            seeds = [_seed("val", config.seed, class_index, b) for b in range(config.val_batch_size)]
+            with torch.no_grad(), _splice(embeddings, token_id, v):
+                text = _encode(pipe, prompt_inputs[0], device).to(text_dtype)
+            images, calls = _sample(pipe, text, uncond, seeds, config, device, text_dtype)
+            unet_evals += calls
+            with torch.no_grad():
+                probs = _classify(classifier, images).softmax(-1)
+            return (float((probs.argmax(-1) == class_index).float().mean()), float(probs[:, class_index].mean()))
+
         # 5. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
         history: list[dict] = []
+        best_val: tuple[float, float] | None = None
         best_loss, since_best = math.inf, 0
         kept, kept_step, stop_reason = v_c.detach().clone(), 0, "max_steps"
         unet_evals = 0
@@ -293,6 +306,14 @@ def learn_dct_token(
                     kept, kept_step = v_c.detach().clone(), step
             else:
                 since_best += 1
+            will_stop = (step == config.max_steps - 1 or (config.stop_all_correct and accuracy == 1.0)
+                         or (config.patience > 0 and since_best >= config.patience
+                             and accuracy >= config.patience_min_accuracy))
+            if config.select == "val" and math.isfinite(loss_value) and (step % config.val_every == 0 or will_stop):
+                val = validate(v_c.detach())
+                entry["val_accuracy"], entry["val_prob"] = val
+                if best_val is None or val > best_val:
+                    best_val, kept, kept_step = val, v_c.detach().clone(), step
             if callback is not None:
                 callback(entry, v_c.detach().to("cpu", torch.float32).clone())
 
@@ -300,7 +321,8 @@ def learn_dct_token(
             stop = None
             if config.stop_all_correct and accuracy == 1.0:
                 stop = "all_correct"
-                kept, kept_step = v_c.detach().clone(), step  # this v_c reached the goal: keep it in both modes
+                if config.select != "val":  # this v_c reached the goal: keep it (val: only if it validates best)
+                    kept, kept_step = v_c.detach().clone(), step
             elif config.patience > 0 and since_best >= config.patience and accuracy >= config.patience_min_accuracy:
                 stop = "patience"
             elif step == config.max_steps - 1:
@@ -375,8 +397,11 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
     h, w = config.height, config.width
     if h <= 0 or w <= 0 or h % 8 or w % 8:
         raise UserError(f"`dct.height` and `dct.width` have to be positive and divisible by 8 but are {h} and {w}.")
-    if config.select not in ("min_loss", "last"):
-        raise UserError(f"`dct.select` must be one of min_loss, last but is {config.select!r}.")
+    if config.select not in ("min_loss", "last", "val"):
+        raise UserError(f"`dct.select` must be one of min_loss, last, val but is {config.select!r}.")
+    if config.select == "val" and (config.val_batch_size <= 0 or config.val_every <= 0):
+        raise UserError(f"`dct.val_batch_size` and `dct.val_every` must be > 0 with dct.select=val but are "
+                        f"{config.val_batch_size} and {config.val_every}.")
     if config.augment < 0:
         raise UserError(f"`dct.augment` must be >= 0 but is {config.augment!r}.")
     if not (config.x0_weight >= 0 and math.isfinite(config.x0_weight)):
@@ -468,6 +493,37 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
 
         return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
     return run(model_input, hidden)
+
+
+def _sample(pipe, text: torch.Tensor, uncond: torch.Tensor | None, seeds: list[int], config: DCTConfig,
+            device: torch.device, text_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Images ``[B, 3, H, W]`` in [0, 1] from text hidden states ``[1, L, D]`` on `seeds`, without gradient: the
+    training forward of `learn_dct_token` (same CFG, scheduler, size), for validation. Returns (images, UNet calls)."""
+    b = len(seeds)
+    do_cfg = uncond is not None
+    timestep_cond = None
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        w = torch.tensor(config.guidance_scale - 1).repeat(b)
+        timestep_cond = pipe.get_guidance_scale_embedding(
+            w, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=text_dtype)
+    with torch.no_grad():
+        cond = text.expand(b, -1, -1)
+        hidden = torch.cat([uncond.expand(b, -1, -1), cond]) if do_cfg else cond
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
+        latents = pipe.prepare_latents(b, pipe.unet.config.in_channels, config.height, config.width, text_dtype,
+                                       device, generators)
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+        calls = 0
+        for t in pipe.scheduler.timesteps:
+            model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+            noise_pred = _unet(pipe.unet, model_input, t, hidden, timestep_cond, False)
+            calls += 1
+            if do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)
+            latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+        return _decode(pipe, latents).clamp(0, 1), calls
 
 
 def _fork_generators(kwargs: dict) -> dict:

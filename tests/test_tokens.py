@@ -294,6 +294,34 @@ def test_selection(tiny_pipe, select):
     assert torch.equal(result.embedding, snapshots[result.best_step].reshape(1, -1))
 
 
+def test_val_selection_keeps_the_token_that_validates_best(tiny_pipe):
+    snapshots = []
+    result = learn_dct_token(tiny_pipe, Guide(), 3, "three",
+                             cfg(max_steps=5, lr=0.5, select="val", val_every=2, val_batch_size=3),
+                             callback=lambda entry, v: snapshots.append(v))
+    validated = [h for h in result.history if "val_accuracy" in h]
+    assert [h["step"] for h in validated] == [0, 2, 4]  # every val_every updates, and the last measured token
+    best = max(validated, key=lambda h: (h["val_accuracy"], h["val_prob"]))
+    assert result.best_step == best["step"]
+    assert torch.equal(result.embedding, snapshots[result.best_step].reshape(1, -1))
+    assert all(0.0 <= h["val_prob"] <= 1.0 for h in validated)
+
+
+def test_val_selection_never_trades_the_initial_token_for_one_that_does_not_validate_better(tiny_pipe):
+    # a classifier blind to the image: every token validates equally, so the initial one (step 0) stays
+    rigged = Rigged([False, False, False])
+    result = learn_dct_token(tiny_pipe, rigged, 3, "three", cfg(max_steps=4, select="val", val_every=1, val_batch_size=3))
+    assert result.best_step == 0
+    assert torch.equal(result.embedding, init_row(tiny_pipe))
+
+
+def test_val_selection_with_the_batch_all_correct_still_validates(tiny_pipe):
+    result = learn_dct_token(tiny_pipe, Rigged([True, True, True]), 3, "three",
+                             cfg(max_steps=4, select="val", val_every=3, val_batch_size=3, stop_all_correct=True))
+    assert result.stop_reason == "all_correct" and result.steps == 1
+    assert result.history[0]["val_accuracy"] == 1.0 and result.best_step == 0
+
+
 def test_grad_clip_after_backward_on_unscaled_gradients(tiny_pipe, monkeypatch):
     real, calls = torch.nn.utils.clip_grad_norm_, []
 
@@ -446,7 +474,8 @@ def test_progress_bar_and_callback(tiny_pipe, capsys):
         ({}, {"height": 20}, r"divisible by 8 but are 20 and 16"),
         ({}, {"grad_steps": 4}, r"`dct.grad_steps` must be between 1 and dct.num_inference_steps \(3\)"),
         ({}, {"prompts": ("A photo of {label}",)}, r"has no \{token\} placeholder"),
-        ({}, {"select": "best"}, r"`dct.select` must be one of min_loss, last"),
+        ({}, {"select": "best"}, r"`dct.select` must be one of min_loss, last, val"),
+        ({}, {"select": "val", "val_every": 0}, r"`dct.val_batch_size` and `dct.val_every` must be > 0"),
         ({}, {"lr": -1.0}, r"`dct.lr` must be > 0"),
         ({}, {"x0_weight": -0.5}, r"`dct.x0_weight` must be a finite number >= 0"),
         ({}, {"prompts": ("word " * 80 + "{token} {label}",)}, r"cut off"),
