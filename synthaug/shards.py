@@ -458,6 +458,37 @@ def _split(name: str, stats: list[ShardStats]) -> dict[str, Any]:
     }
 
 
+def _carry_judge_verdicts(index_path: Path, table):
+    """`table` with the ``judge_prob`` verdicts (and the judge's name) of the index it replaces, for every row whose
+    key and image bytes (sha256) are unchanged: `synthaug evaluate` writes them into the index only, and a resumed
+    or extended build must not drop them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not index_path.is_file():
+        return table
+    try:
+        old = pq.read_table(index_path, columns=["key", "sha256", "judge_prob"])
+    except (pa.ArrowInvalid, KeyError, OSError):  # no verdicts (or an unreadable old index): nothing to carry
+        return table
+    verdicts = {(k, h): p for k, h, p in zip(old.column("key").to_pylist(), old.column("sha256").to_pylist(),
+                                             old.column("judge_prob").to_pylist()) if p is not None}
+    if not verdicts:
+        return table
+    values = pa.array([verdicts.get(kh) for kh in zip(table.column("key").to_pylist(),
+                                                        table.column("sha256").to_pylist())], type=pa.float64())
+    if "judge_prob" in table.column_names:
+        i = table.column_names.index("judge_prob")
+        field = table.schema.field(i)
+        table = table.set_column(i, pa.field("judge_prob", field.type, nullable=True), values.cast(field.type))
+    else:
+        table = table.append_column(pa.field("judge_prob", pa.float64(), nullable=True), values)
+    judge = (pq.read_schema(index_path).metadata or {}).get(b"synthaug.judge")
+    if judge is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"synthaug.judge": judge})
+    return table
+
+
 def merge_index(
     out: str | os.PathLike,
     classes: list[dict[str, Any]] | None = None,
@@ -504,6 +535,7 @@ def merge_index(
         shards = sorted(set(where.column("shard").to_pylist()))
         raise ShardError(f"Key {dupes[0]!r} appears in shards {shards} ({len(dupes)} duplicate keys in all): delete "
                          f"the stale shard's files under {out / SHARDS_DIR} and rerun the build.")
+    table = _carry_judge_verdicts(out / INDEX_FILE, table)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with atomic_write(out / INDEX_FILE, "wb") as f:

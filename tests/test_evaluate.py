@@ -88,6 +88,17 @@ def test_judge_prob_written_back_atomically(judge_build):
     assert not list(judge_build.glob(".tmp-*"))
 
 
+def test_judge_verdicts_survive_a_rebuilt_index(judge_build):
+    from synthaug.shards import merge_index
+
+    evaluate_judge(judge_build, ColorJudge(), progress=False)
+    judged = pq.read_table(judge_build / "index.parquet")
+    merge_index(judge_build)  # what a resumed or extended build does
+    again = pq.read_table(judge_build / "index.parquet")
+    assert again.column("judge_prob").to_pylist() == judged.column("judge_prob").to_pylist()
+    assert again.schema.metadata[b"synthaug.judge"] == b"color-judge"
+
+
 def test_judge_result_files(judge_build):
     result = evaluate_judge(judge_build, ColorJudge(), progress=False)
     saved = load_result(judge_build / "eval" / "judge.json")
