@@ -322,6 +322,20 @@ def test_val_selection_with_the_batch_all_correct_still_validates(tiny_pipe):
     assert result.history[0]["val_accuracy"] == 1.0 and result.best_step == 0
 
 
+def test_val_selection_stops_on_all_correct_only_if_the_val_seeds_are_right_too(tiny_pipe):
+    class TrainRightValWrong(Rigged):  # the 2 training images right, the 3 validation images wrong
+        def forward(self, images):
+            n = images.shape[0]
+            return (self.logits[:n] if n == 2 else self.logits[2:2 + n]) + 0.0 * images.sum()
+
+    guide = TrainRightValWrong([True, True, False, False, False])
+    result = learn_dct_token(tiny_pipe, guide, 3, "three",
+                             cfg(max_steps=3, select="val", val_every=1, val_batch_size=3, stop_all_correct=True))
+    assert result.stop_reason == "max_steps" and result.steps == 3
+    assert [h["accuracy"] for h in result.history] == [1.0, 1.0, 1.0]
+    assert [h["val_accuracy"] for h in result.history] == [0.0, 0.0, 0.0]
+
+
 def test_grad_clip_after_backward_on_unscaled_gradients(tiny_pipe, monkeypatch):
     real, calls = torch.nn.utils.clip_grad_norm_, []
 
