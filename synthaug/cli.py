@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="0,3,9", help="comma-separated real images per class")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--synthetic-per-class", type=int)
-    p.add_argument("--mode", default="concat", choices=("concat", "ratio", "replace"),
-                   help="how real and synthetic images mix (SynthAugDataset modes; default concat)")
+    p.add_argument("--mode", default="ratio", choices=("concat", "ratio", "replace"),
+                   help="how real and synthetic images mix (SynthAugDataset modes). Default ratio with --p 0.5: the "
+                        "few-shot setting that measured best (RESULTS.md); concat is the paper's Table 2 protocol")
     p.add_argument("--p", type=float, default=0.5, help="ratio: synthetic share of each epoch; replace: swap odds")
     p.add_argument("--min-confidence", type=float, help="keep synthetic images with guide probability >= this")
     p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size)")
