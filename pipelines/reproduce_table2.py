@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     markdown = "\n".join([
         f"### Table 2: few-shot training with synthetic images ({name})", "", f"`{command}`", "",
         format_table(result, markdown=True), "",
-        f"{len(result.cells)} cells, {'/'.join(map(str, steps))} steps each, {seconds / 60:.1f} min of training in all; "
-        f"{mixing}.",
+        (f"{len(result.cells)} cells, {'/'.join(map(str, steps))} steps each, {seconds / 60:.1f} min of training in "
+         f"all; {mixing}."),
     ]) + "\n"
     out = (Path(args.out) if args.out else view.root / "eval") / "table2.md"
     write_text(out, markdown)
