@@ -306,10 +306,13 @@ def learn_dct_token(
                     kept, kept_step = v_c.detach().clone(), step
             else:
                 since_best += 1
-            will_stop = (step == config.max_steps - 1 or (config.stop_all_correct and accuracy == 1.0)
-                         or (config.patience > 0 and since_best >= config.patience
-                             and accuracy >= config.patience_min_accuracy))
-            if config.select == "val" and math.isfinite(loss_value) and (step % config.val_every == 0 or will_stop):
+            # the paper's three stopping rules (appendix D), checked in 5.7
+            batch_correct = config.stop_all_correct and accuracy == 1.0
+            out_of_patience = (config.patience > 0 and since_best >= config.patience
+                               and accuracy >= config.patience_min_accuracy)
+            last_step = step == config.max_steps - 1
+            if config.select == "val" and math.isfinite(loss_value) and (
+                    step % config.val_every == 0 or batch_correct or out_of_patience or last_step):
                 val = validate(v_c.detach())
                 entry["val_accuracy"], entry["val_prob"] = val
                 if best_val is None or val > best_val:
@@ -321,13 +324,13 @@ def learn_dct_token(
             stop = None
             # (with select="val" the held-out seeds must be all correct too: 8 training seeds all right says little
             # about a class at 86%, RESULTS.md "three")
-            if config.stop_all_correct and accuracy == 1.0 and entry.get("val_accuracy", 1.0) == 1.0:
+            if batch_correct and entry.get("val_accuracy", 1.0) == 1.0:
                 stop = "all_correct"
                 if config.select != "val":  # this v_c reached the goal: keep it (val: only if it validates best)
                     kept, kept_step = v_c.detach().clone(), step
-            elif config.patience > 0 and since_best >= config.patience and accuracy >= config.patience_min_accuracy:
+            elif out_of_patience:
                 stop = "patience"
-            elif step == config.max_steps - 1:
+            elif last_step:
                 stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
             if stop is not None:
                 stop_reason = stop
