@@ -1,0 +1,61 @@
+"""What a build's index already says about its images and tokens, without running a model (RESULTS.md, issue 8).
+
+Per method and class: the guide's top-1 on the generated images (from the stored ``guide_top5``: the guide scoring its
+own images, to set beside the judge's numbers from `synthaug evaluate`); how many images a guide-confidence filter
+keeps and, when `synthaug evaluate` has run, how many of those the judge calls right (``judge_prob`` >= 0.5); and per
+token the updates run, the stop rule and the kept update (token metadata).
+
+    python scripts/build_guide_stats.py out/digits-i8 --min-confidence 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import pyarrow.parquet as pq
+
+    from synthaug.tokens import token_metadata
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("build", type=Path)
+    p.add_argument("--min-confidence", type=float, default=0.9)
+    args = p.parse_args(argv)
+
+    rows = pq.read_table(args.build / "index.parquet").to_pylist()
+    guide_right, total, kept, kept_right = (defaultdict(int) for _ in range(4))
+    for r in rows:
+        key = (r["method"], r["class_index"])
+        total[key] += 1
+        guide_right[key] += bool(r["guide_top5"]) and r["guide_top5"][0] == r["class_index"]
+        if r["guide_prob"] is not None and r["guide_prob"] >= args.min_confidence:
+            kept[key] += 1
+            kept_right[key] += r.get("judge_prob") is not None and r["judge_prob"] >= 0.5
+    methods = sorted({m for m, _ in total})
+    classes = sorted({c for _, c in total})
+    print(f"| class | {' | '.join(f'guide top-1 {m}' for m in methods)} | "
+          f"{' | '.join(f'kept at >= {args.min_confidence} {m}' for m in methods)} | token updates (stop), kept |")
+    print("|---" * (1 + 2 * len(methods) + 1) + "|")
+    for c in classes:
+        token = args.build / "tokens" / f"{c:03d}.safetensors"
+        meta = token_metadata(token) if token.is_file() else {}
+        tok = f"{meta['steps']} ({meta['stop_reason']}), {meta['best_step']}" if meta else "-"
+        print(f"| {c} | " + " | ".join(f"{100 * guide_right[(m, c)] / total[(m, c)]:.0f}" for m in methods) + " | "
+              + " | ".join(str(kept[(m, c)]) for m in methods) + f" | {tok} |")
+    for m in methods:
+        n = sum(v for (mm, _), v in total.items() if mm == m)
+        g = sum(v for (mm, _), v in guide_right.items() if mm == m)
+        k = sum(v for (mm, _), v in kept.items() if mm == m)
+        kr = sum(v for (mm, _), v in kept_right.items() if mm == m)
+        print(f"{m}: guide top-1 {100 * g / n:.1f}% of {n}; kept at >= {args.min_confidence}: {k} "
+              f"({100 * kr / max(k, 1):.1f}% right by the judge)")
+
+
+if __name__ == "__main__":
+    main()
