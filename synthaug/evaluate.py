@@ -941,8 +941,8 @@ def train_downstream(
     protocol = {
         "arch": arch, "arch_kwargs": arch_kwargs, "pretrained": pretrained, "image_size": image_size, "steps": steps,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "hflip": hflip,
-        "synthetic_per_class": synthetic_per_class, **_mixing_protocol(mode, p, min_confidence), "real": real_name, "train_split": train_split,
-        "test_split": test_split, "train_size": len(real_train), "test_size": len(real_test),
+        "synthetic_per_class": synthetic_per_class, **_mixing_protocol(mode, p, min_confidence), "real": real_name,
+        "train_split": train_split, "test_split": test_split, "train_size": len(real_train), "test_size": len(real_test),
     }
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
     cell_dir = out_dir / "downstream" / "cells"
@@ -970,8 +970,8 @@ def train_downstream(
                            num_classes=num_classes, arch=arch, arch_kwargs=arch_kwargs, pretrained=pretrained,
                            image_size=image_size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, hflip=hflip, device=dev, num_workers=num_workers,
-                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset,
-                           mixing={"mode": mode, "p": p, "min_confidence": min_confidence})
+                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset, mode=mode, p=p,
+                           min_confidence=min_confidence)
         write_text(path, json.dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
         cells.append(cell)
 
@@ -1021,8 +1021,8 @@ def _real_indices(dataset) -> list[int]:
 
 def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, seed: int, *, n_syn, num_classes,
                 arch, arch_kwargs, pretrained, image_size, steps, epochs, batch_size, lr, weight_decay, hflip,
-                device: torch.device, num_workers, protocol, progress, dataset_cls,
-                mixing: Mapping[str, Any] | None = None) -> CellResult:
+                device: torch.device, num_workers, protocol, progress, dataset_cls, mode: str = "concat",
+                p: float = 0.5, min_confidence: float | None = None) -> CellResult:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -1037,15 +1037,12 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     #    (real images with k = 0 still define the label set, checked against the build's classes.)
     #    Mixing modes that redraw synthetic images per epoch ("ratio", "replace") need real images to mix with;
     #    without them (k = 0, or real-only) every mode is the plain union.
-    mixing = dict(mixing or {})
-    mode = mixing.pop("mode", "concat")
-    synthetic = 0 if method == REAL_ONLY else n_syn
-    methods = [] if method == REAL_ONLY else [method]
-    if k == 0 or method == REAL_ONLY:
+    real_only = method == REAL_ONLY
+    if k == 0 or real_only:
         mode = "concat"
-    train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf, methods=methods,
-                            synthetic_per_class=synthetic, seed=seed, mode=mode,
-                            **(mixing if method != REAL_ONLY else {}))
+    train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf,
+                            methods=[] if real_only else [method], synthetic_per_class=0 if real_only else n_syn,
+                            seed=seed, mode=mode, p=p, min_confidence=None if real_only else min_confidence)
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
