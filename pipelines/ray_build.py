@@ -24,8 +24,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from synthaug.builder.driver import BuildFailed, build
 from synthaug.config import load_config, parse_overrides
-from synthaug.distributed import BuildFailed, build
 from synthaug.errors import UserError
 
 

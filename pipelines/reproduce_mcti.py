@@ -60,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     command = shlex.join(["python", "pipelines/reproduce_mcti.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        from synthaug.datasets import get_dataset
-        from synthaug.mcti import evaluate_shots, format_table, load_clip
+        from synthaug.datasets.catalog import get_dataset
+        from synthaug.evaluate.shots import evaluate_shots, format_table
         from synthaug.models import load_diffusion
+        from synthaug.tokens.clip import load_clip
 
         config = MCTIConfig(steps=args.steps, extra_steps=args.extra_steps, lr=args.lr, batch_size=args.batch_size,
                             alpha=args.alpha, beta=args.beta, scale=args.scale, init_token=args.init_token)

@@ -26,8 +26,10 @@ from pathlib import Path
 
 from synthaug.atomic import write_text
 from synthaug.errors import UserError
-from synthaug.evaluate import SelfScoringWarning, evaluate_judge, format_table, open_build
+from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
+from synthaug.evaluate.tables import format_table
 from synthaug.report import write_results_block
+from synthaug.shards import open_build
 
 
 def main(argv: Sequence[str] | None = None) -> int:

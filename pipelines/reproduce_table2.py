@@ -27,8 +27,10 @@ from pathlib import Path
 
 from synthaug.atomic import write_text
 from synthaug.errors import UserError
-from synthaug.evaluate import format_table, open_build, train_downstream
+from synthaug.evaluate.downstream import train_downstream
+from synthaug.evaluate.tables import format_table
 from synthaug.report import write_results_block
+from synthaug.shards import open_build
 
 
 def _ints(text: str) -> list[int]:

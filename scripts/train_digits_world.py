@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -44,9 +43,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from synthaug.datasets import DIGIT_NAMES, digits_arrays
+from synthaug.datasets.digits import DIGIT_NAMES, digits_arrays
 from synthaug.models import clip_tokenizer
 
 log = logging.getLogger("train_digits_world")

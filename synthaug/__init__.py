@@ -18,18 +18,17 @@ _EXPORTS = {
     "load_config": "config",
     "UserError": "errors",
     # models
-    "load_diffusion": "models", "clip_tokenizer": "models", "tiny_pipeline": "models",
+    "load_diffusion": "models", "clip_tokenizer": "models", "tiny_pipeline": "testing",
     # classifier
     "load_classifier": "classifier", "Classifier": "classifier",
     # tokens
     "learn_dct_token": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
     "load_tokens": "tokens", "add_tokens": "tokens", "token_name": "tokens", "token_metadata": "tokens",
-    "learn_tokens": "tokens",
-    # mcti
-    "learn_mcti_token": "mcti", "classify": "mcti",
+    "learn_tokens": "commands",
+    "learn_mcti_token": "tokens", "classify": "tokens", "export_tokens": "commands",
     # generate
-    "generate": "generate", "GeneratedImage": "generate", "image_seed": "generate",
-    "generate_to_folder": "generate",
+    "generate": "generation", "GeneratedImage": "generation", "image_seed": "generation",
+    "generate_to_folder": "commands",
     # shards
     "write_shard": "shards", "merge_index": "shards", "read_sample": "shards", "verify": "shards",
     "load_index": "shards", "ShardReader": "shards", "ShardError": "shards",
@@ -37,16 +36,15 @@ _EXPORTS = {
     "get_dataset": "datasets", "few_shot_indices": "datasets", "CUB200": "datasets", "INat2021": "datasets",
     "ImageNet": "datasets", "ImageFolder": "datasets", "Digits": "datasets",
     "SynthAugDataset": "mix",
-    # distributed
-    "build": "distributed", "export_tokens": "distributed", "BuildResult": "distributed",
-    "BuildFailed": "distributed",
+    # build
+    "build": "builder", "BuildResult": "builder", "BuildFailed": "builder", "select_classes": "datasets",
     # evaluate / report
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
     "format_table": "evaluate", "load_result": "evaluate",
     "write_report": "report",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
 
 def __getattr__(name: str):

@@ -69,7 +69,7 @@ def _load_config(args: argparse.Namespace, extra: dict | None = None):
 # Subcommands
 # --------------------------------------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
-    from .distributed import BuildFailed, build
+    from .builder import BuildFailed, build
 
     extra = {}
     if args.per_class is not None:
@@ -95,7 +95,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .tokens import learn_tokens
+    from .commands import learn_tokens
 
     cfg = _load_config(args)
     results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
@@ -106,7 +106,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_to_folder
+    from .commands import generate_to_folder
 
     extra = {"per_class": args.n} if args.n is not None else {}
     if args.baseline:
@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .distributed import inspect
+    from .commands import inspect
 
     result = inspect(args.out_dir, verify=args.verify)
     print(result.summary())
@@ -126,7 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .distributed import export_tokens
+    from .commands import export_tokens
 
     paths = export_tokens(args.out_dir, format=args.format, dest=args.dest)
     where = paths[0].parent if paths else args.dest or args.out_dir
@@ -174,7 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .mcti import classify_images
+    from .commands import classify_images
 
     result = classify_images(args.out_dir, images=args.images, root=args.root, split=args.split,
                              device=args.device or "auto")

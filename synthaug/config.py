@@ -20,6 +20,17 @@ from .errors import UserError
 PAPER_PROMPTS = ("A high-resolution realistic image of a {token} {label}", "A photo of {token} {label}")
 
 
+# Schedulers by the names users type; each maps to (diffusers class name, extra config overrides).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+
+
 @dataclass(frozen=True)
 class DCTConfig:
     """Discriminative Class Token learning (DCT §3, appendix D)."""
@@ -361,11 +372,8 @@ def validate(cfg: BuildConfig) -> None:
             raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
     if "{token}" not in cfg.generate.prompt:
         raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
-    if cfg.scheduler is not None:
-        from .models import SCHEDULERS
-
-        if cfg.scheduler not in SCHEDULERS:
-            raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
+    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
+        raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
     if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):
         raise UserError(f"`classes` must be like '0-9,17' or 'name1,name2' but is {cfg.classes!r}.")
 
@@ -414,5 +422,20 @@ def from_dict(data: dict[str, Any]) -> BuildConfig:
     return _build(BuildConfig, data)
 
 
-__all__ = ["BuildConfig", "DCTConfig", "MCTIConfig", "GenerateConfig", "ShardConfig", "RunConfig", "PRESETS",
-           "load_config", "parse_overrides", "to_dict", "from_dict", "diff", "dump_yaml", "validate", "replace"]
+__all__ = [
+    "PRESETS",
+    "BuildConfig",
+    "DCTConfig",
+    "GenerateConfig",
+    "MCTIConfig",
+    "RunConfig",
+    "ShardConfig",
+    "diff",
+    "dump_yaml",
+    "from_dict",
+    "load_config",
+    "parse_overrides",
+    "replace",
+    "to_dict",
+    "validate",
+]

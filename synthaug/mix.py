@@ -21,9 +21,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from torchvision.datasets import VisionDataset
 
-from .datasets import few_shot_indices, normalize_name
+from .datasets.base import normalize_name
+from .datasets.fewshot import few_shot_indices
 from .errors import UserError
-from .shards import CLASSES_FILE, KNOWN_METHODS, ShardReader, load_index
+from .layout import CLASSES_FILE, KNOWN_METHODS
+from .shards import ShardReader, load_index
 
 logger = logging.getLogger(__name__)
 

@@ -22,27 +22,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .config import SCHEDULERS
 from .errors import UserError
 
-if TYPE_CHECKING:  # heavy imports stay out of module import time (``synthaug --help`` must be instant)
+if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
+
 
 ASSETS = Path(__file__).parent / "assets"
 CLIP_BPE = ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 # Embedded worlds: a name that resolves to a diffusers directory shipped inside the package.
 EMBEDDED_MODELS = {"digits": ASSETS / "digits" / "model"}
-
-# Schedulers by the names users type; each maps to (diffusers class name, extra config overrides).
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "lms": ("LMSDiscreteScheduler", {}),
-}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -241,46 +233,4 @@ def load_diffusion(
         m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     pipe.synthaug_model_id = model  # recorded in token files and index rows
-    return pipe
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Tiny models for tests (random weights: mechanics only; nothing learns with them, see NOTES.md)
-# --------------------------------------------------------------------------------------------------------------------
-def tiny_pipeline(seed: int = 0, *, sample_size: int = 32, hidden_size: int = 32) -> StableDiffusionPipeline:
-    """A random-weight Stable Diffusion pipeline built from configs, in the manner of diffusers' tests.
-
-    UNet (32, 64) channels with cross-attention, a two-block VAE (latents at half resolution), a 2-layer CLIP text
-    encoder over the real CLIP tokenizer, DDIM with SD's schedule. ~0.1 s per 10-step batch of 4 at 32 px on a CPU.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = clip_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size // 2, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=hidden_size, norm_num_groups=32, attention_head_dim=8,
-    )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=sample_size,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=hidden_size, intermediate_size=37,
-        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-        max_position_embeddings=77, projection_dim=hidden_size,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False).eval()
-    pipe.set_progress_bar_config(disable=True)
-    pipe.synthaug_model_id = f"tiny-{seed}"
     return pipe

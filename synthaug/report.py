@@ -27,22 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write, write_text
 from .errors import UserError
-from .evaluate import (
-    EVAL_DIR,
-    BuildView,
-    ImageReader,
-    _method_sort_key,
-    load_result,
-    open_build,
-    result_tables,
-)
+from .evaluate.images import ImageReader
+from .evaluate.tables import load_result, result_tables
+from .layout import EVAL_DIR, REPORT_DIR
+from .shards import BuildView, _method_sort_key, open_build
+from .tokens.io import token_metadata
 
 if TYPE_CHECKING:
     from PIL import Image
 
+
 log = logging.getLogger(__name__)
 
-REPORT_DIR = "report"
 OK, BAD, NEUTRAL = "#1a7f37", "#cf222e", "#6e7781"  # verdict colours (GitHub's green/red/grey)
 SMALL = 64  # images up to this size are shown upscaled with hard pixels (digits), never blurred
 
@@ -101,7 +97,6 @@ def _token_info(root: Path, class_row: dict) -> dict[str, Any]:
                             "best_step": class_row.get("best_step"), "token": class_row.get("token")}
     path = root / "tokens" / f"{int(class_row['index']):03d}.safetensors"
     if path.is_file():
-        from .tokens import token_metadata
 
         meta = token_metadata(path)
         try:

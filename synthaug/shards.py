@@ -1,6 +1,6 @@
 """WebDataset shards, their per-shard index, and random access into them (DESIGN.md §3).
 
-Consumes generated images with their metadata (any object with the attributes of `synthaug.generate.GeneratedImage`)
+Consumes generated images with their metadata (any object with the attributes of `synthaug.generation.GeneratedImage`)
 and produces, per shard id chosen by the build planner::
 
     shards/00003.tar          WebDataset: "dct-c017-s00042.png" (or .jpg/.webp), ".cls", ".json" per sample
@@ -27,13 +27,23 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write, write_text
 from .errors import UserError
+from .layout import (
+    CLASSES_FILE,
+    INDEX_FILE,
+    INFO_FILE,
+    SHARDS_DIR,
+    done_shard_ids,
+    rebuild_hint,
+    sample_key,
+    shard_paths,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,99 +51,34 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 FORMAT_VERSION = 1
-SHARDS_DIR = "shards"
-INDEX_FILE = "index.parquet"
-INFO_FILE = "_info.json"
-CLASSES_FILE = "classes.json"
+
+
 # Fixed tar member attributes: a rebuild with the same config and seeds must give identical bytes.
 TAR_MTIME = 946_684_800  # 2000-01-01T00:00:00Z
+
+
 TAR_USER = TAR_GROUP = "synthaug"  # uid/gid stay 0 (tarfile's default)
+
+
 TAR_MODE = 0o444
+
+
 # File extension in the tar -> PIL format name. The extension is what WebDataset and timm decode by.
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+
+
 PNG_COMPRESS_LEVEL = 6  # PIL's default, made explicit because it decides the bytes
-KNOWN_METHODS = ("dct", "sd", "ti", "mcti")
-_METHOD_RE = re.compile(r"[a-z0-9_]+")
-# Attributes every sample must carry (synthaug.generate.GeneratedImage); judge_prob is optional (filled later).
+
+
+# Attributes every sample must carry (synthaug.generation.GeneratedImage); judge_prob is optional (filled later).
 SAMPLE_FIELDS = ("image", "class_index", "class_name", "method", "index", "prompt", "seed", "token_sha256", "model_id",
                  "scheduler", "steps", "guidance_scale", "height", "width", "guide_prob", "guide_top5")
 
 
 class ShardError(UserError):
     """A shard on disk is missing, truncated or corrupt. The message names it and the command that rebuilds it."""
-
-
-def rebuild_hint(out: str | os.PathLike, shard_id: int) -> str:
-    """How a user rebuilds one shard; the only place that spells the command (the build planner owns the command).
-
-    The planner redoes every shard whose stats file is absent, so deleting the stats file and resuming is enough.
-
-    >>> rebuild_hint("out/cub", 3)
-    'delete out/cub/shards/00003_stats.json and rerun `synthaug build --config out/cub/config.yaml`'
-    """
-    out = Path(out)
-    stats = out / SHARDS_DIR / f"{shard_id:05d}_stats.json"
-    return f"delete {stats} and rerun `synthaug build --config {out / 'config.yaml'}`"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------------------------------------
-def sample_key(method: str, class_index: int, index: int) -> str:
-    """The WebDataset key of one sample: ``{method}-c{class:03d}-s{index:05d}`` (no dots: WebDataset splits there).
-
-    >>> sample_key("dct", 17, 42)
-    'dct-c017-s00042'
-    """
-    if not isinstance(method, str) or not _METHOD_RE.fullmatch(method):
-        raise ValueError(f"`method` must be lower-case letters, digits or '_' (e.g. 'dct') but is {method!r}.")
-    if int(class_index) < 0 or int(index) < 0:
-        raise ValueError(f"`class_index` and `index` must be >= 0 but are {class_index} and {index}.")
-    return f"{method}-c{int(class_index):03d}-s{int(index):05d}"
-
-
-@dataclass(frozen=True)
-class ShardPaths:
-    """The three files of one shard."""
-
-    tar: Path
-    parquet: Path
-    stats: Path
-
-
-def shard_paths(out: str | os.PathLike, shard_id: int) -> ShardPaths:
-    """``out/shards/{id:05d}.tar``, ``.parquet`` and ``_stats.json``.
-
-    >>> shard_paths("out", 3).tar.name
-    '00003.tar'
-    """
-    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
-        raise ValueError(f"`shard_id` must be an integer >= 0 but is {shard_id!r}.")
-    d = Path(out) / SHARDS_DIR
-    return ShardPaths(d / f"{shard_id:05d}.tar", d / f"{shard_id:05d}.parquet", d / f"{shard_id:05d}_stats.json")
-
-
-def shard_done(out: str | os.PathLike, shard_id: int) -> bool:
-    """True when the shard's stats file exists (it is written last, after the tar and the parquet).
-
-    >>> shard_done("out/does-not-exist", 0)
-    False
-    """
-    return shard_paths(out, shard_id).stats.is_file()
-
-
-def done_shard_ids(out: str | os.PathLike) -> list[int]:
-    """Ids of every finished shard under ``out/shards``, ascending."""
-    d = Path(out) / SHARDS_DIR
-    if not d.is_dir():
-        return []
-    ids = []
-    for p in d.glob("*_stats.json"):
-        m = re.fullmatch(r"(\d{5,})_stats\.json", p.name)
-        if m:
-            ids.append(int(m.group(1)))
-    return sorted(ids)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -195,7 +140,7 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
     if missing:
         raise TypeError(
             f"sample {position} ({type(sample).__name__}) lacks attribute(s) {', '.join(missing)}: write_shard "
-            f"expects objects like synthaug.generate.GeneratedImage with {', '.join(SAMPLE_FIELDS)}."
+            f"expects objects like synthaug.generation.GeneratedImage with {', '.join(SAMPLE_FIELDS)}."
         )
     key = sample_key(sample.method, sample.class_index, sample.index)
     return {
@@ -310,7 +255,7 @@ def write_shard(
     Args:
         out: the build directory; files go to ``out/shards/``.
         shard_id: chosen by the build planner (a deterministic function of class and chunk).
-        samples: objects with the attributes of `synthaug.generate.GeneratedImage`.
+        samples: objects with the attributes of `synthaug.generation.GeneratedImage`.
         image_format: ``"png"``, ``"jpg"`` or ``"webp"``.
         quality: JPEG/WebP quality 1-100 (recorded in the stats; unused for PNG).
 
@@ -815,8 +760,80 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
     return problems
 
 
-__all__ = [
-    "IMAGE_FORMATS", "KNOWN_METHODS", "MergeResult", "ShardError", "ShardPaths", "ShardReader", "ShardStats",
-    "decode_image", "done_shard_ids", "encode_image", "index_schema", "load_index", "merge_index", "read_sample",
-    "rebuild_hint", "sample_key", "shard_done", "shard_paths", "verify", "write_shard",
-]
+METHOD_ORDER = ("real", "sd", "ti", "mcti", "dct")  # table order: baselines first, the method last
+
+
+def _method_sort_key(m: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a build directory
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildView:
+    """A build directory, read-only: its classes, index rows and resolved config."""
+
+    root: Path
+    classes: list[dict]  # classes.json
+    index: pa.Table  # index.parquet (or, while a build runs, the finished shards' rows)
+    config: dict  # out/config.yaml as a plain dict ({} when absent)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in sorted(self.classes, key=lambda c: c["index"])]
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(set(self.index.column("method").to_pylist()), key=_method_sort_key)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The most common (height, width) of the build's images."""
+        sizes = Counter(zip(self.index.column("height").to_pylist(), self.index.column("width").to_pylist()))
+        return sizes.most_common(1)[0][0] if sizes else (512, 512)
+
+    def select_methods(self, methods: Sequence[str] | None) -> list[str]:
+        """`methods` checked against the build's (None -> all of them, baseline order)."""
+        present = self.methods
+        unknown = [m for m in methods or () if m not in present]
+        if unknown:
+            raise UserError(f"`methods` {', '.join(unknown)} not in the build at {self.root}: it has "
+                            f"{', '.join(present)}.")
+        return list(methods) if methods is not None else present
+
+    def rows(self, methods: Sequence[str] | None = None) -> list[dict]:
+        """Index rows as dicts (in index order: sorted by key), optionally only those of `methods`."""
+        rows = self.index.to_pylist()
+        if methods is not None:
+            wanted = set(methods)
+            rows = [r for r in rows if r["method"] in wanted]
+        return rows
+
+
+def open_build(root: str | os.PathLike) -> BuildView:
+    """Open a build directory for evaluation (a finished one, or the finished shards of a running one).
+
+    >>> build = open_build("out/digits")
+    >>> build.methods
+    ['sd', 'dct']
+    """
+    import yaml
+
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Build directory not found at {root}: run `synthaug build --out {root}` first.")
+    if not (root / CLASSES_FILE).is_file():
+        raise UserError(
+            f"Build not found or unfinished at {root}: expected {CLASSES_FILE}. Run (or resume) "
+            f"`synthaug build --out {root}` until it completes."
+        )
+    index = load_index(root)
+    if index.num_rows == 0:
+        raise UserError(f"The build at {root} holds no images: run (or resume) `synthaug build --out {root}`.")
+    classes = json.loads((root / CLASSES_FILE).read_text())
+    config = {}
+    if (root / "config.yaml").is_file():
+        config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    return BuildView(root=root, classes=classes, index=index, config=config)

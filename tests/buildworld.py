@@ -15,39 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def save_world(root: Path, num_classes: int = 10) -> tuple[Path, Path]:
-    """Write ``root/model`` (tiny SD pipeline, save_pretrained) and ``root/guide`` (tiny timm model, hub format)."""
-    import timm
-    import torch
-    from timm.models import save_for_hf
+    """Write ``root/model`` (tiny SD pipeline) and ``root/guide{n}`` (tiny timm model); see `save_tiny_world`."""
+    from synthaug.testing import save_tiny_world
 
-    from synthaug.models import tiny_pipeline
-
-    model = root / "model"
-    if not (model / "model_index.json").is_file():
-        tiny_pipeline(seed=0).save_pretrained(model)
-    guide = root / f"guide{num_classes}"
-    if not (guide / "config.json").is_file():
-        torch.manual_seed(0)
-        net = timm.create_model("test_efficientnet", num_classes=num_classes)
-        labels = DIGITS[:num_classes] if num_classes <= 10 else [f"c{i}" for i in range(num_classes)]
-        save_for_hf(net, str(guide), model_config={"label_names": labels, "trained_on": "nothing (random weights)"},
-                    data_config={"input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear"},
-                    safe_serialization=True)
-    return model, guide
+    return save_tiny_world(root, num_classes)
 
 
 def overrides(out: Path, model: Path, guide: Path, **extra) -> dict:
-    """Config overrides of a tiny build: 3 digit classes, 4 images each + the baseline, 2 images per shard."""
-    base = {
-        "dataset": "digits", "model": str(model), "guide": str(guide), "out": str(out), "classes": "0-2",
-        "per_class": 4, "baseline": True, "device": "cpu", "dtype": "float32",
-        "dct.height": 32, "dct.width": 32, "dct.num_inference_steps": 2, "dct.max_steps": 2, "dct.batch_size": 2,
-        "dct.lr": 1e-3,
-        "generate.height": 32, "generate.width": 32, "generate.num_inference_steps": 2, "generate.batch_size": 2,
-        "shards.samples_per_shard": 2, "run.executor": "local", "run.cpus_per_worker": 1, "run.max_retries": 2,
-    }
-    base.update(extra)
-    return base
+    """Config overrides of a tiny build; see `synthaug.testing.tiny_build_overrides`."""
+    from synthaug.testing import tiny_build_overrides
+
+    return tiny_build_overrides(out, model, guide, **extra)
 
 
 def config(out: Path, model: Path, guide: Path, **extra):
@@ -104,7 +82,7 @@ def shared_dir(tmp_path_factory, name: str) -> Path:
 
 def reference_build(tmp_path_factory, model: Path, guide: Path) -> Path:
     """The uninterrupted local build every other build of the same config is compared with (made once a session)."""
-    from synthaug.distributed import build
+    from synthaug.builder.driver import build
 
     out = shared_dir(tmp_path_factory, "reference") / "build"
     if not (out / "index.parquet").is_file():

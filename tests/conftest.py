@@ -7,8 +7,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # One thread: on 2 contended cores two threads made a tiny UNet call ~30x slower (measured).
 torch.set_num_threads(1)
@@ -17,6 +17,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A random-weight tiny Stable Diffusion pipeline (mechanics only: random weights don't learn)."""
-    from synthaug.models import tiny_pipeline
+    from synthaug.testing import tiny_pipeline
 
     return tiny_pipeline(seed=0)

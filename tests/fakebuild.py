@@ -66,7 +66,8 @@ def make_build(root: Path, samples: list[dict], *, classes: list[str] = DIGITS, 
     merge_index(root, classes=class_rows)
     (root / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "model": "test-model", "guide": guide}))
     if histories:
-        from synthaug.tokens import TokenResult, save_token
+        from synthaug.tokens.dct import TokenResult
+        from synthaug.tokens.io import save_token
 
         for ci, history in histories.items():
             result = TokenResult(

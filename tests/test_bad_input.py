@@ -8,8 +8,8 @@ from dataclasses import replace
 import buildworld as bw
 import pytest
 
+from synthaug.builder.driver import build
 from synthaug.config import dump_yaml
-from synthaug.distributed import build
 from synthaug.errors import UserError
 
 

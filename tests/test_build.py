@@ -9,22 +9,18 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import buildworld as bw
 import pytest
 
+from synthaug.builder.driver import BuildFailed, build
+from synthaug.builder.plan import plan, shard_id
+from synthaug.commands import export_tokens, inspect
 from synthaug.config import BuildConfig, ShardConfig
-from synthaug.distributed import (
-    BuildFailed,
-    build,
-    export_tokens,
-    inspect,
-    plan,
-    resume_command,
-    select_classes,
-    shard_id,
-)
+from synthaug.datasets.select import select_classes
 from synthaug.errors import UserError
+from synthaug.layout import resume_command
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +59,13 @@ def test_shard_ids_are_a_function_of_method_class_chunk_only():
 
 def test_select_classes_forms():
     names = list(bw.DIGITS)
-    assert select_classes(None, names) == list(range(10))
-    assert select_classes("0-2,7,7,three", names) == [0, 1, 2, 3, 7]
-    assert select_classes("Seven, 9", names) == [7, 9]
-    drawn = select_classes("sample:4:1", names)
-    assert len(drawn) == 4 and drawn == select_classes("sample:4:1", names)
-    groups = ["a"] * 5 + ["b"] * 5
-    spread = select_classes("sample:2", names, supercategories=groups)
+    assert select_classes(names, None) == list(range(10))
+    assert select_classes(names, "0-2,7,7,three") == [0, 1, 2, 3, 7]
+    assert select_classes(names, "Seven, 9") == [7, 9]
+    drawn = select_classes(names, "sample:4:1")
+    assert len(drawn) == 4 and drawn == select_classes(names, "sample:4:1")
+    grouped = SimpleNamespace(classes=names, supercategories=["a"] * 5 + ["b"] * 5)
+    spread = select_classes(grouped, "sample:2")
     assert len(spread) == 2 and min(spread) < 5 <= max(spread)  # one per supercategory
 
 
@@ -80,7 +76,7 @@ def test_select_classes_forms():
 ])
 def test_select_classes_errors(selection, match):
     with pytest.raises(UserError, match=match):
-        select_classes(selection, list(bw.DIGITS))
+        select_classes(list(bw.DIGITS), selection)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,8 +196,8 @@ def test_inspect_refuses_a_folder_that_is_not_a_build(tmp_path):
 def test_export_a1111_embeddings_load_in_diffusers(tmp_path, reference):
     import torch
 
-    from synthaug.models import tiny_pipeline
-    from synthaug.tokens import load_tokens
+    from synthaug.testing import tiny_pipeline
+    from synthaug.tokens.io import load_tokens
 
     paths = export_tokens(reference, format="a1111", dest=tmp_path / "a1111")
     assert [p.name for p in paths] == ["synthaug-000.pt", "synthaug-001.pt", "synthaug-002.pt"]
@@ -257,7 +253,7 @@ def test_sigkill_during_tokens_then_during_shards_then_resume(tmp_path, world, r
 
 def test_bad_input_found_only_after_loading_leaves_nothing(tmp_path, world, monkeypatch):
     """A guide whose label count no config file states is checked once loaded; the build then takes back its config."""
-    import synthaug.distributed as dist
+    import synthaug.builder.validate as dist
 
     _, guide3 = bw.save_world(world[0].parent, num_classes=3)
     monkeypatch.setattr(dist, "guide_num_classes", lambda source: None)
@@ -325,3 +321,26 @@ def test_ray_job_entry_point_exit_codes(tmp_path, world, reference, monkeypatch,
     assert entry.main(["--config", str(cfg_file), "--set", f"out={tmp_path / 'other'}", "--set", "classes=0,eleven",
                        "--executor", "local", "-q"]) == 2
     assert capsys.readouterr().err.startswith("ray_build: error: `classes` entry 'eleven'")
+
+
+def test_sample_selection_is_the_same_in_learn_generate_and_build(tmp_path, world, monkeypatch):
+    """`classes: sample:N` on a dataset with supercategories draws the same classes in every stage."""
+    from synthaug.commands import generate_to_folder, learn_tokens
+    from synthaug.datasets.digits import Digits
+    from synthaug.datasets.inat import per_supercategory_sample
+    from synthaug.shards import load_index
+
+    groups = ["even", "odd"] * 5
+    monkeypatch.setattr(Digits, "supercategories", groups, raising=False)
+    expected = per_supercategory_sample(groups, 2, 3)
+    assert expected != select_classes(list(bw.DIGITS), "sample:2:3")  # the uniform draw would differ
+    cfg = bw.config(tmp_path / "build", *world, classes="sample:2:3", per_class=1, baseline=False,
+                    **{"dct.max_steps": 1})
+
+    learned = learn_tokens(cfg, out=tmp_path / "tokens", progress=False)
+    assert sorted(r.class_index for r in learned) == expected
+    generate_to_folder(cfg, tokens=str(tmp_path / "tokens"), dest=str(tmp_path / "images"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert sorted({r["class_index"] for r in rows}) == expected
+    build(cfg, progress=False)
+    assert sorted(set(load_index(tmp_path / "build").column("class_index").to_pylist())) == expected

@@ -10,7 +10,8 @@ import time
 import buildworld as bw
 import pytest
 
-from synthaug.distributed import BuildFailed, build, inspect
+from synthaug.builder.driver import BuildFailed, build
+from synthaug.commands import inspect
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -32,7 +33,7 @@ def reference(tmp_path_factory, world):
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray for the module; `build` uses the session it finds and leaves it running."""
-    from synthaug.distributed import _init_local_ray
+    from synthaug.builder.executors import _init_local_ray
 
     started = not ray.is_initialized()
     if started:

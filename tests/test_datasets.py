@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthaug.datasets import (
-    CUB200,
-    DATASET_NAMES,
-    Digits,
-    ImageFolder,
-    ImageNet,
-    INat2021,
-    clean_class_name,
-    few_shot,
-    few_shot_indices,
-    get_dataset,
-    per_supercategory_sample,
-)
+from synthaug.datasets.base import clean_class_name
+from synthaug.datasets.catalog import DATASET_NAMES, get_dataset
+from synthaug.datasets.cub import CUB200
+from synthaug.datasets.digits import Digits
+from synthaug.datasets.fewshot import few_shot, few_shot_indices
+from synthaug.datasets.folder import ImageFolder
+from synthaug.datasets.imagenet import ImageNet
+from synthaug.datasets.inat import INat2021, per_supercategory_sample
 from synthaug.errors import UserError
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthaug.datasets import DIGIT_NAMES, digits_arrays
+from synthaug.datasets.digits import DIGIT_NAMES, digits_arrays
 from synthaug.models import EMBEDDED_MODELS, load_diffusion
 
 ASSETS = EMBEDDED_MODELS["digits"].parent
@@ -30,14 +30,14 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def judge():
-    from synthaug.classifier import load_classifier
+    from synthaug.classifier.load import load_classifier
 
     return load_classifier("digits-judge", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def guide():
-    from synthaug.classifier import load_classifier
+    from synthaug.classifier.load import load_classifier
 
     return load_classifier("digits-guide", device="cpu")
 
@@ -110,7 +110,7 @@ def test_clip_image_tower_is_paired_with_the_pipeline_text_encoder(pipe):
 def test_classifiers_load_through_synthaug_and_timm_and_are_accurate(role, split, family):
     import timm
 
-    from synthaug.classifier import load_classifier
+    from synthaug.classifier.load import load_classifier
 
     path = ASSETS / role
     config = json.loads((path / "config.json").read_text())
@@ -151,8 +151,9 @@ def test_a_dct_token_raises_the_judges_accuracy_on_an_ambiguous_class(pipe, guid
     time), learned from the guide, then plain prompt vs token on the same 50 seeds, scored by the independent judge.
     Measured with this exact config: judge 0.56 -> 0.66 (7 images fixed, 2 broken; RESULTS.md "Digits world")."""
     from synthaug.config import DCTConfig, GenerateConfig
-    from synthaug.generate import generate
-    from synthaug.tokens import add_tokens, learn_dct_token
+    from synthaug.generation import generate
+    from synthaug.tokens.dct import learn_dct_token
+    from synthaug.tokens.io import add_tokens
 
     nine = DIGIT_NAMES.index("nine")
     dct = DCTConfig(height=32, width=32, num_inference_steps=10, guidance_scale=7.0, batch_size=8, lr=3e-3,

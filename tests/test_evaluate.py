@@ -13,16 +13,10 @@ from fakebuild import DIGITS, ColorJudge, ImageList, color_image, make_build
 from PIL import Image
 
 from synthaug.errors import UserError
-from synthaug.evaluate import (
-    SelfScoringWarning,
-    clean_label,
-    compute_fid,
-    evaluate_judge,
-    fid_kid,
-    format_table,
-    load_result,
-    map_classes,
-)
+from synthaug.evaluate.fid import compute_fid, fid_kid
+from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
+from synthaug.evaluate.names import clean_label, map_classes
+from synthaug.evaluate.tables import format_table, load_result
 
 CLASSES = (2, 3, 4, 5, 6)
 
@@ -240,8 +234,8 @@ def downstream_world(tmp_path):
 def test_downstream_cells_share_the_few_shot_subset_and_resume(downstream_world, monkeypatch):
     import hashlib
 
-    from synthaug import evaluate
-    from synthaug.datasets import few_shot_indices
+    from synthaug.datasets.fewshot import few_shot_indices
+    from synthaug.evaluate import downstream as evaluate
 
     build, train, test = downstream_world
     result = evaluate.train_downstream(build, train, test=test, shots=[0, 2], seeds=2, steps=2, batch_size=8,
@@ -288,14 +282,14 @@ def test_downstream_cell_is_deterministic(downstream_world, tmp_path):
 
 
 def evaluate_downstream_once(build, train, test, out):
-    from synthaug.evaluate import train_downstream
+    from synthaug.evaluate.downstream import train_downstream
 
     return train_downstream(build, train, test=test, methods=["dct"], include_real=False, shots=[2], seeds=[3],
                             steps=3, batch_size=8, out=out, progress=False, **TINY_NET)
 
 
 def test_downstream_mixing_modes_and_confidence_filter(tmp_path):
-    from synthaug.evaluate import train_downstream
+    from synthaug.evaluate.downstream import train_downstream
 
     classes = DIGITS[:3]
     rng = np.random.default_rng(1)
@@ -335,7 +329,7 @@ def test_downstream_mixing_modes_and_confidence_filter(tmp_path):
 
 
 def test_downstream_bad_input(downstream_world):
-    from synthaug.evaluate import train_downstream
+    from synthaug.evaluate.downstream import train_downstream
 
     build, train, test = downstream_world
     with pytest.raises(UserError, match="`shots` must be a non-empty list of integers >= 0"):

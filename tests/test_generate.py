@@ -13,9 +13,10 @@ from torch import nn
 
 from synthaug.config import GenerateConfig
 from synthaug.errors import UserError
-from synthaug.generate import GeneratedImage, generate, image_seed, render_prompt
-from synthaug.models import tiny_pipeline
-from synthaug.tokens import add_tokens, embedding_sha256
+from synthaug.generation import GeneratedImage, generate, image_seed
+from synthaug.testing import tiny_pipeline
+from synthaug.tokens.io import add_tokens
+from synthaug.tokens.text import embedding_sha256, render_prompt
 
 SIZE = 16
 TOKEN = "<synthaug-003>"
@@ -57,7 +58,7 @@ def test_image_seed_is_stable_across_processes():
     # Pinned values: a seed must never change between versions, machines or processes (resume relies on it).
     assert image_seed(0, 0, 0) == 7549311139609492502
     assert image_seed(0, 3, 7) == 3933939065013193192
-    code = "from synthaug.generate import image_seed; print(image_seed(1, 3, 7))"
+    code = "from synthaug.generation import image_seed; print(image_seed(1, 3, 7))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == image_seed(1, 3, 7) == 4504089984516691759
     seeds = {image_seed(0, c, i) for c in range(10) for i in range(100)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import buildworld as bw  # noqa: E402
+import buildworld as bw
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -9,19 +9,18 @@ from PIL import Image
 
 from synthaug.config import MCTIConfig
 from synthaug.errors import UserError
-from synthaug.mcti import (
+from synthaug.evaluate.shots import evaluate_shots, format_table
+from synthaug.tokens.clip import (
     CLASSIFY_TEMPLATE,
     ClipPreprocess,
     class_features,
     classify,
-    evaluate_shots,
-    format_table,
     image_features,
-    learn_mcti_token,
     load_clip,
     text_prototypes,
 )
-from synthaug.tokens import token_name
+from synthaug.tokens.mcti import learn_mcti_token
+from synthaug.tokens.text import token_name
 
 
 def tiny_clip(seed: int = 0, text_hidden: int = 32):
@@ -43,7 +42,7 @@ def tiny_clip(seed: int = 0, text_hidden: int = 32):
 @pytest.fixture(scope="module")
 def world():
     """A tiny pipeline whose text encoder *is* the tiny CLIP's text tower (the pairing MC-TI assumes)."""
-    from synthaug.models import tiny_pipeline
+    from synthaug.testing import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0)
     clip = tiny_clip()
@@ -103,7 +102,7 @@ def test_only_the_token_trains_and_the_pipeline_is_untouched(world, few_shot):
     # Generating with it: add_tokens (on a copy of the text side) changes the token's own row and nothing else.
     from types import SimpleNamespace
 
-    from synthaug.tokens import add_tokens
+    from synthaug.tokens.io import add_tokens
 
     gen = SimpleNamespace(tokenizer=copy.deepcopy(pipe.tokenizer), text_encoder=copy.deepcopy(pipe.text_encoder))
     add_tokens(gen, {res.token: res.embedding})
@@ -122,13 +121,14 @@ def test_regularizer_gradient_reaches_the_token(world, few_shot):
     assert not torch.equal(vecs[0], init.cpu())
 
     # and directly: the gradient of L_reg w.r.t. the spliced token is finite and non-zero
-    from synthaug.mcti import _text_features, _tokenize, splice_tokens
+    from synthaug.tokens.clip import _text_features
+    from synthaug.tokens.text import splice_tokens, tokenize
 
     vec = torch.nn.Parameter(init.detach().clone())
     tok = copy.deepcopy(pipe.tokenizer)
     tok.add_tokens([token_name(1)])
     tid = tok.convert_tokens_to_ids(token_name(1))
-    enc = _tokenize(tok, [CLASSIFY_TEMPLATE.format(token=token_name(1))], torch.device("cpu"))
+    enc = tokenize(tok, [CLASSIFY_TEMPLATE.format(token=token_name(1))], torch.device("cpu"))
     with splice_tokens(pipe.text_encoder, {tid: vec}):
         g = _text_features(clip, pipe.text_encoder, tok, enc)
     feats = class_features(clip, few_shot)
@@ -189,7 +189,7 @@ def test_same_config_same_token_bytes(world, few_shot, tmp_path):
 def test_token_file_is_diffusers_textual_inversion_format(world, few_shot, tmp_path):
     from safetensors import safe_open
 
-    from synthaug.models import tiny_pipeline
+    from synthaug.testing import tiny_pipeline
 
     pipe, clip = world
     res = learn_mcti_token(pipe, clip, few_shot, 2, cfg(), label="two")
@@ -202,7 +202,7 @@ def test_token_file_is_diffusers_textual_inversion_format(world, few_shot, tmp_p
     assert t.shape == (1, 32) and t.dtype == torch.float32 and torch.equal(t, res.embedding)
     assert meta["method"] == "mcti" and meta["label"] == "two" and meta["class_index"] == "2"
     assert meta["format"] == "diffusers-textual-inversion"
-    from synthaug.tokens import load_tokens
+    from synthaug.tokens.io import load_tokens
 
     assert list(load_tokens(path)) == [res.token] and torch.equal(load_tokens(path)[res.token], res.embedding)
     assert all(isinstance(v, str) for v in meta.values())
@@ -283,7 +283,7 @@ def test_load_clip_errors(world, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"local path without config.json"):
         load_clip(str(tmp_path / "empty"))
-    monkeypatch.setattr("synthaug.mcti.DIGITS_CLIP", tmp_path / "absent")
+    monkeypatch.setattr("synthaug.tokens.clip.DIGITS_CLIP", tmp_path / "absent")
     with pytest.raises(UserError, match=r"embedded digits CLIP.*train_digits_world"):
         load_clip(None)
     wide = tiny_clip(text_hidden=48)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from synthaug.datasets import Digits
+from synthaug.datasets.digits import Digits
 from synthaug.errors import UserError
-from synthaug.generate import GeneratedImage
+from synthaug.generation import GeneratedImage
 from synthaug.mix import SynthAugDataset
 from synthaug.shards import ShardError, merge_index, write_shard
 

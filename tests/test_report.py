@@ -13,7 +13,9 @@ from fakebuild import ColorJudge, color_image, make_build
 from PIL import Image
 
 from synthaug.errors import UserError
-from synthaug.evaluate import EVAL_DIR, DownstreamResult, DownstreamRow, evaluate_judge
+from synthaug.evaluate.downstream import DownstreamResult, DownstreamRow
+from synthaug.evaluate.judge import evaluate_judge
+from synthaug.layout import EVAL_DIR
 from synthaug.report import write_report
 
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from synthaug.errors import UserError
-from synthaug.generate import GeneratedImage
+from synthaug.generation import GeneratedImage
+from synthaug.layout import rebuild_hint, sample_key, shard_done, shard_paths
 from synthaug.shards import (
     ShardError,
     ShardReader,
@@ -19,10 +20,6 @@ from synthaug.shards import (
     load_index,
     merge_index,
     read_sample,
-    rebuild_hint,
-    sample_key,
-    shard_done,
-    shard_paths,
     verify,
     write_shard,
 )

@@ -16,21 +16,12 @@ from torch import nn
 
 from synthaug.config import DCTConfig, GenerateConfig
 from synthaug.errors import UserError
-from synthaug.generate import generate
-from synthaug.models import set_scheduler, tiny_pipeline
-from synthaug.tokens import (
-    _augment,
-    _clamp01,
-    _seed,
-    add_tokens,
-    embedding_sha256,
-    learn_dct_token,
-    load_tokens,
-    save_token,
-    save_tokens,
-    token_metadata,
-    token_name,
-)
+from synthaug.generation import generate
+from synthaug.models import set_scheduler
+from synthaug.testing import tiny_pipeline
+from synthaug.tokens.dct import _augment, _clamp01, _seed, learn_dct_token
+from synthaug.tokens.io import add_tokens, load_tokens, save_token, save_tokens, token_metadata
+from synthaug.tokens.text import embedding_sha256, token_name
 
 SIZE = 16  # tiny pipeline, 8x8 latents: the fastest size that still runs the real code path
 

@@ -1,4 +1,4 @@
-"""Discriminative Class Tokens (DCT, paper 000 §3 and appendix D): pipeline + classifier + class -> one token.
+"""Discriminative Class Tokens: pipeline + classifier + class -> one token.
 
 Consumes a `StableDiffusionPipeline`, a frozen classifier (``forward(images in [0, 1]) -> logits``, with `labels`,
 `source`, `trained_on`) and a class, and produces a `TokenResult`: the learned embedding ``v_c`` of a new token
@@ -7,12 +7,12 @@ safetensors), so stock ``pipe.load_textual_inversion(path)`` loads them.
 
 How a token is learned (`learn_dct_token`): generate a batch of images from "A photo of S_c {label}" with classifier-
 free guidance, decode, classify, and minimise the cross-entropy to the class (Eq. 4) with respect to ``v_c`` only.
-Differences from the public reference code, on purpose (DESIGN.md §2): ``v_c`` is a standalone fp32 parameter spliced
-into the text encoder's input embeddings by a hook, so no model weight or other embedding row can change; the
-pipeline is left exactly as it was found (its tokenizer and text encoder do not even learn the token — call
-`add_tokens` to generate with it); gradients are clipped after backward; the number of gradient-carrying denoising
-steps is a setting (``grad_steps``) that works with any diffusers scheduler; prompts are padded as at inference; the
-decoded image is clamped straight-through (a hard clamp zeroes the gradient of saturated pixels).
+Differences from the public reference code, on purpose: ``v_c`` is a standalone fp32 parameter spliced into the text
+encoder's input embeddings by a hook, so no model weight or other embedding row can change; the pipeline is left
+exactly as it was found (its tokenizer and text encoder do not even learn the token — call `add_tokens` to generate
+with it); gradients are clipped after backward; the number of gradient-carrying denoising steps is a setting
+(``grad_steps``) that works with any diffusers scheduler; prompts are padded as at inference; the decoded image is
+clamped straight-through (a hard clamp zeroes the gradient of saturated pixels).
 """
 
 from __future__ import annotations
@@ -21,35 +21,33 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .atomic import write_bytes
-from .config import DCTConfig
-from .errors import UserError
-from .generate import render_prompt
+from ..config import DCTConfig
+from ..errors import UserError
+from .text import encode, render_prompt, splice_tokens, token_name, tokenize
 
-if TYPE_CHECKING:  # heavy imports stay out of module import time
+if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
-TOKEN_FORMAT = "<synthaug-{:03d}>"
 STOP_REASONS = ("all_correct", "patience", "max_steps")
+
+
 # Expectation over transformations (config.augment > 0). NOTES.md measured ±1 px shifts on 8 px digits (1/8 of the
 # side) and Gaussian noise sigma 0.1 as the best single lever with the one-step gradient; the shift scales with size.
 AUGMENT_SHIFT = 0.125
+
+
 AUGMENT_NOISE = 0.1
 
 
@@ -75,23 +73,6 @@ class TokenResult:
     seconds: float = 0.0
     unet_evals: int = 0  # UNet forward calls (each on the CFG batch of 2 x batch_size latents)
     metadata: dict = field(default_factory=dict)  # model id, guide source + trained_on, config
-
-
-def token_name(class_index: int) -> str:
-    """The token string of a class: ``"<synthaug-007>"``; unlike a word, it can never collide with the vocabulary.
-
-    >>> token_name(7)
-    '<synthaug-007>'
-    """
-    if isinstance(class_index, bool) or not isinstance(class_index, int) or class_index < 0:
-        raise UserError(f"`class_index` must be a non-negative integer but is {class_index!r}.")
-    return TOKEN_FORMAT.format(class_index)
-
-
-def embedding_sha256(embedding: torch.Tensor) -> str:
-    """sha256 of an embedding's fp32 values (little-endian, C order): what `GeneratedImage.token_sha256` records."""
-    data = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()
-    return hashlib.sha256(data.astype("<f4", copy=False).tobytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,9 +145,9 @@ def learn_dct_token(
         # 4. Encode the prompts: padded to model_max_length exactly as the pipeline does at inference. The
         #    unconditional embedding does not depend on v_c: computed once, without a graph.
         prompts = [render_prompt(p, label, token) for p in config.prompts]
-        prompt_inputs = [_tokenize(tokenizer, p) for p in prompts]
+        prompt_inputs = [tokenize(tokenizer, [p], device) for p in prompts]
         for p, inputs in zip(prompts, prompt_inputs):
-            if not bool((inputs.input_ids == token_id).any()):
+            if not bool((inputs["input_ids"] == token_id).any()):
                 raise UserError(
                     f"`dct.prompts` entry {p!r} is longer than the tokenizer's {tokenizer.model_max_length} tokens and "
                     f"the class token {token!r} was cut off: shorten the prompt or the label."
@@ -174,7 +155,7 @@ def learn_dct_token(
         uncond = None
         if do_cfg:
             with torch.no_grad():
-                uncond = _encode(pipe, _tokenize(tokenizer, ""), device).to(text_dtype)
+                uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], device)).to(text_dtype)
         timestep_cond = None
         if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets (LCM) take w as an input
             w = torch.tensor(config.guidance_scale - 1).repeat(config.batch_size)
@@ -187,8 +168,8 @@ def learn_dct_token(
             """Guide accuracy and mean class probability of `v` on the held-out validation seeds (no gradient)."""
             nonlocal unet_evals
             seeds = [_seed("val", config.seed, class_index, b) for b in range(config.val_batch_size)]
-            with torch.no_grad(), _splice(embeddings, token_id, v):
-                text = _encode(pipe, prompt_inputs[0], device).to(text_dtype)
+            with torch.no_grad(), splice_tokens(pipe.text_encoder, {token_id: v}):
+                text = encode(pipe.text_encoder, prompt_inputs[0]).to(text_dtype)
             images, calls = _sample(pipe, text, uncond, seeds, config, device, text_dtype)
             unet_evals += calls
             with torch.no_grad():
@@ -210,8 +191,8 @@ def learn_dct_token(
             #     With the x0 loss, the denoising sees a detached leaf copy of it: every step's loss is back-propagated
             #     into the leaf as soon as it is computed (one step's graph in memory at a time), and the leaf's
             #     gradient goes through the text encoder once, in 5.8.
-            with _splice(embeddings, token_id, v_c):
-                text_cond = _encode(pipe, prompt_inputs[prompt_index], device).to(text_dtype)
+            with splice_tokens(pipe.text_encoder, {token_id: v_c}):
+                text_cond = encode(pipe.text_encoder, prompt_inputs[prompt_index]).to(text_dtype)
             cond_leaf = text_cond.detach().requires_grad_() if config.x0_weight > 0 else None
             cond = (cond_leaf if cond_leaf is not None else text_cond).expand(config.batch_size, -1, -1)
             hidden = torch.cat([uncond.expand(config.batch_size, -1, -1), cond]) if do_cfg else cond
@@ -435,49 +416,6 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
         )
 
 
-def _tokenize(tokenizer, prompt: str):
-    """Token ids ``[1, model_max_length]`` (+ attention mask), padded and truncated exactly as
-    `StableDiffusionPipeline.encode_prompt` does."""
-    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt")
-
-
-def _encode(pipe, text_inputs, device: torch.device) -> torch.Tensor:
-    """Text-encoder hidden states, as `StableDiffusionPipeline.encode_prompt` computes them (no clip skip)."""
-    attention_mask = None
-    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        attention_mask = text_inputs.attention_mask.to(device)
-    return pipe.text_encoder(text_inputs.input_ids.to(device), attention_mask=attention_mask)[0]
-
-
-@contextlib.contextmanager
-def _splice(embeddings: torch.nn.Module, token_id: int, v_c: torch.Tensor) -> Iterator[None]:
-    """While active, the embedding module returns `v_c` wherever its input is `token_id`.
-
-    A pre-hook swaps the id for 0 first (the text encoder may not have a row for the token at all); a forward hook
-    then puts ``v_c`` (cast to the encoder's dtype, so the gradient flows back in fp32) at those positions. The
-    embedding matrix itself is never read for S_c nor written.
-    """
-    masks: list[torch.Tensor] = []
-
-    def pre(module, args):
-        ids = args[0]
-        mask = ids == token_id
-        masks.append(mask)
-        return (ids.masked_fill(mask, 0), *args[1:])
-
-    def post(module, args, output):
-        mask = masks.pop()
-        return torch.where(mask.unsqueeze(-1), v_c.to(output.dtype), output)
-
-    handles = [embeddings.register_forward_pre_hook(pre), embeddings.register_forward_hook(post)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
     # NOTES.md: with "trailing" spacing the last gradient-carrying step sat at t=99 and the loss diverged; at t~1 it
     # did not. The gradient only sees the final step(s), so they must be nearly clean.
@@ -617,243 +555,3 @@ def _bar_update(bar, entry: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
         bar.update(1)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Adding tokens to a pipeline, and token files (diffusers textual-inversion format)
-# --------------------------------------------------------------------------------------------------------------------
-def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -> None:
-    """Add tokens to the pipeline's tokenizer and set their text-encoder rows; every other row stays bit-identical.
-
-    A token the tokenizer already holds as an added token gets its row overwritten (so re-adding is safe); a token
-    that is an ordinary vocabulary word is refused. New rows are sized with ``mean_resizing=False`` and then set,
-    and the global RNG is left untouched (resizing draws random initial rows).
-
-    >>> add_tokens(pipe, load_tokens("out/digits/tokens/tokens.safetensors"))
-    >>> pipe("A photo of <synthaug-003> three").images[0]
-    """
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    weight = text_encoder.get_input_embeddings().weight
-    dim = weight.shape[-1]
-    rows = {}
-    for token, emb in tokens.items():
-        if not isinstance(token, str) or not token or token != token.strip():
-            raise UserError(f"Token {token!r} must be a non-empty string without surrounding spaces.")
-        if token in tokenizer.get_vocab() and token not in tokenizer.get_added_vocab():
-            raise UserError(
-                f"Token {token!r} is already a word of the tokenizer's vocabulary: adding it would overwrite that word. "
-                f"Rename it, e.g. {token_name(0)!r}."
-            )
-        emb = torch.as_tensor(emb)
-        if emb.reshape(-1).shape[0] != dim or (emb.dim() == 2 and emb.shape[0] != 1) or emb.dim() > 2:
-            raise UserError(
-                f"Token {token!r} has an embedding of shape {tuple(emb.shape)} but this text encoder takes [1, {dim}]: "
-                f"the token was learned for a different model; learn it again for this one."
-            )
-        rows[token] = emb.reshape(-1)
-    new = [t for t in rows if t not in tokenizer.get_added_vocab()]
-    if new:
-        tokenizer.add_tokens(new)
-    if len(tokenizer) > weight.shape[0]:
-        requires_grad = weight.requires_grad
-        devices = [weight.device] if weight.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        weight = text_encoder.get_input_embeddings().weight
-        weight.requires_grad_(requires_grad)
-    with torch.no_grad():
-        for token, emb in rows.items():
-            weight[tokenizer.convert_tokens_to_ids(token)] = emb.to(device=weight.device, dtype=weight.dtype)
-
-
-def save_token(result: TokenResult, path: str | os.PathLike) -> None:
-    """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [1, dim]}``) with string metadata.
-
-    Atomic; the same result gives the same bytes. Loadable by stock diffusers: ``pipe.load_textual_inversion(path)``.
-
-    >>> save_token(result, "out/digits/tokens/003.safetensors")
-    """
-    meta = {
-        "format": "diffusers-textual-inversion", "token": result.token, "class_index": str(result.class_index),
-        "label": result.label, "steps": str(result.steps), "stop_reason": result.stop_reason,
-        "best_step": str(result.best_step), "unet_evals": str(result.unet_evals),
-        "model_id": str(result.metadata.get("model_id", "unknown")),
-        "guide": str(result.metadata.get("guide", "unknown")),
-        "guide_trained_on": str(result.metadata.get("guide_trained_on", "unknown")),
-        "scheduler": str(result.metadata.get("scheduler", "")),
-        "config": json.dumps(result.metadata.get("config", {}), sort_keys=True),
-        "history": json.dumps(result.history),
-        "tokens": json.dumps([result.token]),
-    }
-    _write({result.token: result.embedding}, path, meta)
-
-
-def save_tokens(
-    results: list[TokenResult] | dict[str, torch.Tensor],
-    path: str | os.PathLike,
-    metadata: dict | None = None,
-) -> None:
-    """Write many tokens into one safetensors file ``{token: [1, dim], ...}`` (e.g. ``tokens/tokens.safetensors``).
-
-    Stock diffusers takes a multi-token file in one call as tensors:
-    ``sd = load_tokens(path); pipe.load_textual_inversion(list(sd.values()), token=list(sd))`` — or use
-    ``add_tokens(pipe, load_tokens(path))``.
-
-    >>> save_tokens(results, "out/digits/tokens/tokens.safetensors", {"model_id": "digits"})
-    """
-    meta: dict[str, str] = {"format": "diffusers-textual-inversion"}
-    if isinstance(results, dict):
-        tensors = dict(results)
-    else:
-        tensors = {}
-        for r in results:
-            if r.token in tensors:
-                raise UserError(f"`results` holds token {r.token!r} twice: pass one result per class.")
-            tensors[r.token] = r.embedding
-        meta["classes"] = json.dumps([
-            {"token": r.token, "class_index": r.class_index, "label": r.label, "steps": r.steps,
-             "stop_reason": r.stop_reason, "best_step": r.best_step, "model_id": r.metadata.get("model_id"),
-             "guide": r.metadata.get("guide"), "guide_trained_on": r.metadata.get("guide_trained_on")}
-            for r in results
-        ])
-    if not tensors:
-        raise UserError("`results` is empty: there are no tokens to save.")
-    meta["tokens"] = json.dumps(list(tensors))
-    for k, v in (metadata or {}).items():
-        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-    _write(tensors, path, meta)
-
-
-def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a token file (one or many tokens; a directory means its ``learned_embeds.safetensors``).
-
-    Returns:
-        ``{token: fp32 tensor [1, dim]}`` in file order.
-
-    >>> tokens = load_tokens("out/digits/tokens/003.safetensors")
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    p = _token_file(path)
-    try:
-        raw = load_file(str(p), device="cpu")
-        order = json.loads(token_metadata(p).get("tokens", "[]"))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"Token file {str(path)!r} is not a valid safetensors file ({e}): write it again.") from None
-    names = [t for t in order if t in raw] + sorted(t for t in raw if t not in order)
-    out = {}
-    for token, emb in ((t, raw[t]) for t in names):
-        if emb.dim() == 1:
-            emb = emb[None]
-        if emb.dim() != 2 or emb.shape[0] != 1:
-            raise UserError(
-                f"Token {token!r} in {str(path)!r} has shape {tuple(emb.shape)}; synthaug tokens are [1, dim] "
-                f"(multi-vector embeddings are not supported): load it with pipe.load_textual_inversion instead."
-            )
-        out[token] = emb.float()
-    return out
-
-
-def token_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a token file (steps, stop reason, guide, model id, config...).
-
-    >>> token_metadata("out/digits/tokens/003.safetensors")["stop_reason"]
-    'all_correct'
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(_token_file(path)), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def _token_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "learned_embeds.safetensors"
-    if not p.is_file():
-        raise UserError(
-            f"Token file {str(path)!r} does not exist: learn the tokens first (synthaug learn) or pass the path of "
-            f"a .safetensors file written by save_token / save_tokens."
-        )
-    return p
-
-
-def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Serialize a safetensors file by hand, with a sorted header: `safetensors.torch.save` orders the metadata by a
-    per-process random hash, so the same tokens would give different bytes on every run (DESIGN.md: same config and
-    seeds -> identical bytes). The layout is the format's own: u64 header length, JSON header, raw little-endian data.
-    """
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, offset = [], 0
-    for token, emb in tensors.items():
-        data = torch.as_tensor(emb).detach().to("cpu", torch.float32).reshape(1, -1).numpy().astype("<f4").tobytes()
-        header[token] = {"dtype": "F32", "shape": [1, len(data) // 4], "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes, keeping the data aligned
-    write_bytes(path, struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
-
-
-__all__ = [
-    "STOP_REASONS",
-    "TokenResult",
-    "add_tokens",
-    "embedding_sha256",
-    "learn_dct_token",
-    "load_tokens",
-    "save_token",
-    "save_tokens",
-    "token_metadata",
-    "token_name",
-]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# `synthaug learn`: tokens for a few classes, without images
-# --------------------------------------------------------------------------------------------------------------------
-def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> list[TokenResult]:
-    """Learn DCT tokens for the config's selected classes and write them to `out` — what `synthaug learn` runs.
-
-    Writes ``{class:03d}.safetensors`` per class (the same files `synthaug build` writes under ``tokens/``) and
-    ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again.
-
-    >>> results = learn_tokens(load_config(overrides={"classes": "seven"}), out="tokens/")
-    """
-    from .classifier import load_classifier
-    from .datasets import get_dataset
-    from .distributed import select_classes
-    from .models import load_diffusion
-
-    if config.method != "dct":
-        raise UserError(f"`method` must be 'dct' for `synthaug learn` but is {config.method!r}: TI/MC-TI tokens "
-                        f"need the few-shot images, use `synthaug build --method {config.method}`.")
-    dataset = get_dataset(config.dataset, config.root, config.split)
-    names = [str(c) for c in dataset.classes]
-    selected = select_classes(config.classes, names)
-    out = Path(out)
-    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
-    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
-    if guide.num_classes != len(names):
-        raise UserError(f"`guide` {config.guide!r} predicts {guide.num_classes} classes but dataset "
-                        f"{config.dataset!r} has {len(names)}: pass a guide trained on this dataset's classes.")
-    results = []
-    for c in selected:
-        path = out / f"{c:03d}.safetensors"
-        if path.is_file():
-            meta = token_metadata(path)
-            (token, emb), = load_tokens(path).items()
-            results.append(TokenResult(token=token, class_index=c, label=names[c], embedding=emb,
-                                       steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
-                                       best_step=int(meta.get("best_step", 0)),
-                                       history=json.loads(meta.get("history", "[]")), seconds=0.0,
-                                       unet_evals=int(meta.get("unet_evals", 0)),
-                                       metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
-                                                 "guide_trained_on": meta.get("guide_trained_on")}))
-            continue
-        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress)
-        save_token(result, path)
-        results.append(result)
-    save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
-    return results

@@ -11,17 +11,14 @@ token the updates run, the stop rule and the kept update (token metadata).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
     import pyarrow.parquet as pq
 
-    from synthaug.tokens import token_metadata
+    from synthaug.tokens.io import token_metadata
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("build", type=Path)

@@ -3,28 +3,23 @@
 NOTES.md found that on the prototype world classifier-free guidance with the caption partner's name as the negative
 prompt reached +13.6 to +16.9 points. This repeats it on the shipped world: 50 images per ambiguous class ("A photo of
 one", negative prompt none / "seven" / "A photo of seven"), CFG 7 and 12, generation seeds of
-`synthaug.generate.image_seed`, scored by the independent judge. Prints one line per setting (RESULTS.md).
+`synthaug.generation.image_seed`, scored by the independent judge. Prints one line per setting (RESULTS.md).
 
     python scripts/digits_negative_prompt_probe.py
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PARTNER = {1: 7, 7: 1, 3: 8, 8: 3, 4: 9, 9: 4}
 
 
 def main() -> None:
-    from synthaug.classifier import load_classifier
-    from synthaug.datasets import DIGIT_NAMES
-    from synthaug.generate import image_seed
+    from synthaug.classifier.load import load_classifier
+    from synthaug.datasets.digits import DIGIT_NAMES
+    from synthaug.generation import image_seed
     from synthaug.models import load_diffusion
 
     torch.set_num_threads(1)

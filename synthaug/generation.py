@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 from .config import GenerateConfig
 from .errors import UserError
+from .tokens.text import embedding_sha256, render_prompt
 
-if TYPE_CHECKING:  # heavy imports stay out of module import time
+if TYPE_CHECKING:
     import PIL.Image
     import torch
     from diffusers import StableDiffusionPipeline
@@ -35,23 +36,6 @@ def image_seed(seed: int, class_index: int, index: int) -> int:
     """
     digest = hashlib.sha256(f"synthaug-image:{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # [0, 2**63)
-
-
-def render_prompt(template: str, label: str, token: str | None) -> str:
-    """Fill a prompt template: ``{token}`` -> the class token (dropped when None), ``{label}`` -> the class name.
-
-    Whitespace is tidied, so the plain prompt has no double space where the token was. Plain replacement, not
-    `str.format`, so braces in a class name can do no harm.
-
-    >>> render_prompt("A photo of {token} {label}", "Black footed Albatross", "<synthaug-000>")
-    'A photo of <synthaug-000> Black footed Albatross'
-    >>> render_prompt("A photo of {token} {label}", "Black footed Albatross", None)
-    'A photo of Black footed Albatross'
-    """
-    if token is not None and "{token}" not in template:
-        raise UserError(f"Prompt template {template!r} has no {{token}} placeholder: add one where the class token goes.")
-    text = template.replace("{token}", token or "").replace("{label}", label)
-    return " ".join(text.split())
 
 
 @dataclass
@@ -130,7 +114,6 @@ def generate(
                 f"`token` {token!r} is not in the pipeline's tokenizer: add it first with "
                 f"synthaug.tokens.add_tokens(pipe, load_tokens(path)) or pipe.load_textual_inversion(path)."
             )
-        from .tokens import embedding_sha256
 
         token_id = pipe.tokenizer.convert_tokens_to_ids(token)
         token_sha = embedding_sha256(pipe.text_encoder.get_input_embeddings().weight[token_id])
@@ -193,59 +176,3 @@ def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple
         probs = classifier(x).float().softmax(-1)
     top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
     return probs[:, class_index].tolist(), top.tolist()
-
-
-__all__ = ["GeneratedImage", "generate", "image_seed", "render_prompt"]
-
-
-def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool = True) -> int:
-    """Generate ``config.per_class`` PNGs for the selected classes into `dest` — what `synthaug generate` runs.
-
-    With `tokens` (a token file or the folder `synthaug learn` wrote) the images use each class's token; with
-    ``config.baseline`` (or without tokens) the plain prompt on the same seeds is generated too. Files are
-    ``{dest}/{key}.png`` with keys as in the build format, plus ``metadata.jsonl`` (one row per image).
-
-    >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
-    """
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from .atomic import atomic_write, write_text
-    from .classifier import load_classifier
-    from .datasets import get_dataset
-    from .distributed import select_classes
-    from .models import load_diffusion
-    from .shards import encode_image, sample_key
-    from .tokens import add_tokens, load_tokens, token_name
-
-    dataset = get_dataset(config.dataset, config.root, config.split)
-    names = [str(c) for c in dataset.classes]
-    selected = select_classes(config.classes, names)
-    loaded: dict = {}
-    if tokens is not None:
-        p = Path(tokens)
-        loaded = load_tokens(p / "tokens.safetensors" if p.is_dir() else p)
-        missing = [c for c in selected if token_name(c) not in loaded]
-        if missing:
-            raise UserError(f"`--tokens` {tokens!r} has no token for class {missing[0]} ({names[missing[0]]!r}): "
-                            f"learn it with `synthaug learn --classes {missing[0]}` or select other --classes.")
-    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
-    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
-    add_tokens(pipe, loaded)
-    dest = Path(dest)
-    rows, n = [], 0
-    for c in selected:
-        variants = ([token_name(c)] if loaded else []) + ([None] if config.baseline or not loaded else [])
-        for token in variants:
-            method = "sd" if token is None else config.method
-            for im in generate(pipe, class_index=c, label=names[c], token=token, indices=range(config.per_class),
-                               config=config.generate, method=method, classifier=guide, progress=progress):
-                key = sample_key(im.method, c, im.index)
-                with atomic_write(dest / f"{key}.png") as f:
-                    f.write(encode_image(im.image, "png", 95))
-                row = {k: v for k, v in asdict(im).items() if k != "image"}
-                rows.append(json.dumps({"key": key, **row}, sort_keys=True))
-                n += 1
-    write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
-    return n

@@ -34,9 +34,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Build"
-sys.path.insert(0, str(ROOT / "tests"))  # buildworld: the tiny world the build tests use
 
 
 def cpu_seconds() -> float:
@@ -54,10 +53,12 @@ def bare(cfg, class_names: list[str], selected: list[int]) -> int:
     """The same work as the build, in a plain loop with the stock pipeline. Returns the images made."""
     import torch
 
-    from synthaug.classifier import load_classifier
-    from synthaug.generate import image_seed, render_prompt
+    from synthaug.classifier.load import load_classifier
+    from synthaug.generation import image_seed
     from synthaug.models import load_diffusion
-    from synthaug.tokens import add_tokens, learn_dct_token, token_name
+    from synthaug.tokens.dct import learn_dct_token
+    from synthaug.tokens.io import add_tokens
+    from synthaug.tokens.text import render_prompt, token_name
 
     torch.set_num_threads(cfg.run.cpus_per_worker)
     pipe = load_diffusion(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
@@ -91,12 +92,13 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="write the Build section of BENCHMARKS.md")
     args = parser.parse_args()
 
-    import buildworld as bw
     import torch
 
+    from synthaug.builder.driver import build
     from synthaug.config import dump_yaml, load_config
-    from synthaug.datasets import get_dataset
-    from synthaug.distributed import build, select_classes
+    from synthaug.datasets.catalog import get_dataset
+    from synthaug.datasets.select import select_classes
+    from synthaug.testing import save_tiny_world, tiny_build_overrides
 
     tmp = Path(tempfile.mkdtemp(prefix="synthaug-bench-build-"))
     try:
@@ -109,15 +111,15 @@ def main() -> int:
             ov = {"dataset": "digits", "model": "digits", "guide": "digits-guide", **common}
             world_note = "the embedded digits world (32 px)"
         else:
-            model, guide = bw.save_world(tmp / "world")
-            ov = {**bw.overrides(tmp / "x", model, guide), **common, "dct.batch_size": 4}
+            model, guide = save_tiny_world(tmp / "world")
+            ov = {**tiny_build_overrides(tmp / "x", model, guide), **common, "dct.batch_size": 4}
             world_note = "the random tiny pipeline + tiny timm guide of the tests (32 px)"
 
         def cfg(out: Path, **extra):
             return load_config(overrides={**ov, "out": str(out), **extra})
 
         names = list(get_dataset(ov["dataset"], None, "train").classes)
-        selected = select_classes(args.classes, names)
+        selected = select_classes(names, args.classes)
         base = cfg(tmp / "probe")
         images = len(selected) * args.per_class * 2
 

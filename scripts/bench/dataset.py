@@ -24,7 +24,7 @@ from PIL import Image
 
 @dataclass
 class FakeImage:
-    """Stands in for synthaug.generate.GeneratedImage (same attributes)."""
+    """Stands in for synthaug.generation.GeneratedImage (same attributes)."""
 
     image: Image.Image
     class_index: int

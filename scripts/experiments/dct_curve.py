@@ -2,7 +2,7 @@
 
 Learns the token of one class with the digits defaults (plus `--set` overrides), snapshots ``v_c`` every `--every`
 updates through `learn_dct_token`'s callback, then generates `--n` images per snapshot on the generation seeds
-(`synthaug.generate.image_seed`, never the training seeds) and scores them with the independent judge and with the
+(`synthaug.generation.image_seed`, never the training seeds) and scores them with the independent judge and with the
 guide (self-scoring). Shows whether more updates help, and whether the guide and the judge agree along the way.
 
     python scripts/dct_curve.py --cls 9 --set dct.max_steps=80 --set dct.patience=0 --set dct.stop_all_correct=false
@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from synthaug.classifier import load_classifier
+    from synthaug.classifier.load import load_classifier
     from synthaug.config import load_config, parse_overrides
-    from synthaug.datasets import DIGIT_NAMES
-    from synthaug.generate import image_seed
+    from synthaug.datasets.digits import DIGIT_NAMES
+    from synthaug.generation import image_seed
     from synthaug.models import load_diffusion
-    from synthaug.tokens import add_tokens, learn_dct_token
+    from synthaug.tokens.dct import learn_dct_token
+    from synthaug.tokens.io import add_tokens
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cls", type=int, default=9, help="class index (digit)")

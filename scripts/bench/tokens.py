@@ -34,10 +34,10 @@ from torch import nn
 
 from synthaug.atomic import write_text
 from synthaug.config import DCTConfig
-from synthaug.models import tiny_pipeline
-from synthaug.tokens import learn_dct_token
+from synthaug.testing import tiny_pipeline
+from synthaug.tokens.dct import learn_dct_token
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Token learning"
 
 

@@ -2,7 +2,7 @@
 
 For each class: learn a DCT token with the guide (the digits defaults of `synthaug.config`, or `--set` overrides),
 then generate `--per-class` images with the plain prompt and with the token on identical seeds
-(`synthaug.generate.generate`), and score both with the independent judge (trained on another split, another
+(`synthaug.generation.generate`), and score both with the independent judge (trained on another split, another
 architecture) and with the guide (self-scoring, flattering by construction). Writes a JSON of every number and prints
 a markdown table.
 
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
 CLEAN = (0, 2, 5, 6)  # never swapped in the world's captions (synthaug/assets/digits/README.md)
 
@@ -34,12 +32,13 @@ def _scores(classifier, images, class_index: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from synthaug.classifier import load_classifier
+    from synthaug.classifier.load import load_classifier
     from synthaug.config import load_config, parse_overrides
-    from synthaug.datasets import DIGIT_NAMES
-    from synthaug.generate import generate
+    from synthaug.datasets.digits import DIGIT_NAMES
+    from synthaug.generation import generate
     from synthaug.models import load_diffusion
-    from synthaug.tokens import add_tokens, learn_dct_token
+    from synthaug.tokens.dct import learn_dct_token
+    from synthaug.tokens.io import add_tokens
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--per-class", type=int, default=50)

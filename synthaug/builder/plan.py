@@ -1,0 +1,124 @@
+"""The build plan: class jobs and their shard tasks, a pure function of the config, saved as ``plan.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..atomic import write_text
+from ..config import BuildConfig
+from ..layout import PLAN_FILE, _token_name
+
+PLAN_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard of one class job: images ``start..stop-1`` of `class_index` made with `method`."""
+
+    shard_id: int
+    method: str
+    class_index: int
+    chunk: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ClassJob:
+    """Learn (or load) the token of one class, then write its shards."""
+
+    class_index: int
+    name: str
+    token: str
+    shards: tuple[ShardTask, ...]
+
+
+def methods_of(config: BuildConfig) -> tuple[str, ...]:
+    """The methods a build writes, in shard-id order: the token method, then ``"sd"`` with ``baseline``."""
+    return (config.method,) + (("sd",) if config.baseline else ())
+
+
+def shard_id(method_slot: int, class_index: int, chunk: int, *, num_classes: int, chunks_per_class: int) -> int:
+    """Shard id of (method, class, chunk): the same for every worker, every run, every class selection.
+
+    Ids run through the classes of the first method, then of the second, so with every class selected they are
+    dense: ``0 .. methods x classes x chunks - 1``.
+
+    >>> shard_id(1, 2, 0, num_classes=10, chunks_per_class=3)
+    36
+    """
+    return (method_slot * num_classes + class_index) * chunks_per_class + chunk
+
+
+def plan(config: BuildConfig, class_names: Sequence[str], selected: Sequence[int]) -> list[ClassJob]:
+    """The class jobs of a build: for each selected class, its token and its shards (all methods).
+
+    Args:
+        config: the build config (method, baseline, per_class, shards.samples_per_shard).
+        class_names: every class of the dataset, by index (shard ids depend on their count, not on the selection).
+        selected: the class indices to build.
+
+    >>> jobs = plan(BuildConfig(per_class=250, baseline=True), [str(i) for i in range(10)], [3])
+    >>> [(s.shard_id, s.method, s.start, s.stop) for s in jobs[0].shards]  # doctest: +NORMALIZE_WHITESPACE
+    [(3, 'dct', 0, 250), (13, 'sd', 0, 250)]
+    """
+    per_shard = config.shards.samples_per_shard
+    chunks = math.ceil(config.per_class / per_shard)
+    jobs = []
+    for c in selected:
+        tasks = []
+        for slot, method in enumerate(methods_of(config)):
+            for k in range(chunks):
+                sid = shard_id(slot, c, k, num_classes=len(class_names), chunks_per_class=chunks)
+                tasks.append(ShardTask(sid, method, c, k, k * per_shard, min(config.per_class, (k + 1) * per_shard)))
+        jobs.append(ClassJob(c, class_names[c], _token_name(c), tuple(tasks)))
+    return jobs
+
+
+def _write_plan(out: Path, prep: _Prepared) -> None:
+    """``plan.json``: the class jobs of the build, so `inspect` and a finished-build resume need no dataset scan."""
+    data = {
+        "format_version": PLAN_VERSION, "num_classes": len(prep.class_names),
+        "methods": list(methods_of(prep.config)), "per_class": prep.config.per_class,
+        "jobs": [{"class_index": j.class_index, "name": j.name, "token": j.token,
+                  "shards": [asdict(t) for t in j.shards]} for j in prep.jobs],
+    }
+    text = json.dumps(data, indent=1) + "\n"
+    path = out / PLAN_FILE
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
+
+
+def _read_plan(out: Path) -> list[ClassJob] | None:
+    try:
+        data = json.loads((out / PLAN_FILE).read_text())
+        if data.get("format_version") != PLAN_VERSION:
+            return None
+        return [ClassJob(j["class_index"], j["name"], j["token"], tuple(ShardTask(**t) for t in j["shards"]))
+                for j in data["jobs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation (DESIGN.md §5): everything, before a model loads or Ray starts
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    config: BuildConfig
+    out: Path
+    mode: str  # "new" | "resume" | "overwrite"
+    class_names: list[str]
+    selected: list[int]
+    jobs: list[ClassJob]

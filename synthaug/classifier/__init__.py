@@ -1,0 +1,22 @@
+"""Classifiers: a timm / transformers / torchvision model or a local checkpoint -> a frozen, differentiable `Classifier`.
+
+`load_classifier` takes a classifier *source* string (timm name, ``hf-hub:`` id, transformers id, torchvision name,
+local directory, ``ARCH@checkpoint`` file, or the embedded ``digits-guide`` / ``digits-judge``) and returns a
+`Classifier`: an `nn.Module` that maps images in [0, 1] to logits, with its `labels`, its `data_config` (the model's
+own eval preprocessing), a differentiable `preprocess` built from torch ops, penultimate `features`, and a
+`trained_on` note. One module per source: `from_timm`, `from_transformers`, `from_torchvision`, `from_checkpoint`.
+
+The wrapped model is frozen (``eval()``, ``requires_grad_(False)``, and it stays in eval mode even if a parent calls
+``.train()``), yet gradients flow to the *input images*: DCT backpropagates the guide's cross-entropy through the
+decoded image into a token.
+
+Nothing here downloads when offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``): weights that are not on disk
+give a one-line `UserError` naming `classifier`, the value and the fix, never a hub stack trace.
+"""
+
+from .base import Classifier, MeanPoolViT, eval_transform
+from .hub import KNOWN_MODELS
+from .load import EMBEDDED_CLASSIFIERS, PREFIXES, load_classifier
+
+__all__ = ["EMBEDDED_CLASSIFIERS", "KNOWN_MODELS", "PREFIXES", "Classifier", "MeanPoolViT", "eval_transform",
+           "load_classifier"]

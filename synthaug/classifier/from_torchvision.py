@@ -1,0 +1,51 @@
+"""Classifiers from torchvision's model zoo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UserError
+from .base import _Loaded
+from .from_timm import _torch_hub_cached
+from .hub import _first_line, _not_cached
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torchvision
+# --------------------------------------------------------------------------------------------------------------------
+def _torchvision_data_config(weights: Any) -> dict[str, Any]:
+    """torchvision's ``ImageClassification`` preset (resize shorter side, center crop, normalize) as a data config."""
+    t = weights.transforms()
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    return {"input_size": (3, int(crop), int(crop)), "interpolation": t.interpolation.value, "mean": tuple(t.mean),
+            "std": tuple(t.std), "crop_pct": int(crop) / int(resize), "crop_mode": "center"}
+
+
+def _load_torchvision(source: str, name: str, local_files_only: bool) -> _Loaded:
+    import torchvision
+
+    arch, _, tag = name.partition(".")
+    if arch not in torchvision.models.list_models():
+        raise UserError(
+            f"`classifier` {source!r}: {arch!r} is not a torchvision model: see torchvision.models.list_models()."
+        )
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        weights = enum.verify(tag) if tag else enum.DEFAULT
+    except (KeyError, ValueError):  # enum lookup of an unknown name
+        raise UserError(
+            f"`classifier` {source!r}: {arch} has no weights {tag!r}: use one of {', '.join(w.name for w in enum)}."
+        ) from None
+    cached = _torch_hub_cached(weights.url)
+    if local_files_only and not cached.is_file():
+        raise _not_cached(source, f"the torchvision weights {weights} ({cached})")
+    try:
+        model = torchvision.models.get_model(arch, weights=weights)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise UserError(
+            f"`classifier` {source!r} could not be loaded ({_first_line(e)}): download the weights first, or pass "
+            f"'torchvision:{arch}@CHECKPOINT'."
+        ) from None
+    return _Loaded(model, _torchvision_data_config(weights), f"torchvision weights {weights} (the dataset is in the "
+                   f"name)", "torchvision", list(weights.meta["categories"]))

@@ -1,0 +1,88 @@
+"""Hugging Face Hub lookups for classifiers: known model ids, cached files, offline errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+# Hub models whose loading needs more than the stock class, and what each was trained on (DESIGN.md §7).
+# "mean": an MAE ViT whose head sits on mean-pooled patch tokens, LayerNorm applied *after* pooling (the reference
+# code's `vitmae.CustomViTForImageClassification`), not on the stock HF ViT's normed CLS token.
+KNOWN_MODELS: dict[str, dict[str, str | None]] = {
+    "vesteinn/vit-mae-cub": {
+        "pooling": "mean",
+        "trained_on": "the FULL CUB-200-2011 train split (MAE ViT fine-tuned on all 5,994 training images): "
+        "few-shot results guided by it are not leak-free",
+    },
+    "vesteinn/vit-mae-inat21": {
+        "pooling": "mean",
+        "trained_on": "the FULL iNaturalist 2021 train split (MAE ViT fine-tuned on all ~2.7M training images): "
+        "few-shot results on iNat guided by it are not leak-free",
+    },
+    "google/vit-large-patch16-224": {
+        "pooling": None,
+        "trained_on": "ImageNet-21k pre-training, then the full ImageNet-1k train split",
+    },
+}
+
+
+def _known(hub_id: str) -> dict[str, str | None]:
+    """KNOWN_MODELS entry of a hub id (``@revision`` ignored), or of a path that ends in one; else {}."""
+    hub_id = hub_id.split("@")[0].rstrip("/")
+    return next((v for k, v in KNOWN_MODELS.items() if hub_id == k or hub_id.endswith("/" + k)), {})
+
+
+def _check_hub_id(source: str, hub_id: str) -> None:
+    if hub_id.startswith((".", "/", "~")) or hub_id.split("@")[0].count("/") != 1:
+        raise UserError(
+            f"`classifier` {source!r} is neither an existing directory nor a hub id 'ORG/NAME': check the path."
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _not_cached(source: str, what: str) -> UserError:
+    return UserError(
+        f"`classifier` {source!r}: {what} is not on this machine and the hub is offline (HF_HUB_OFFLINE=1 or "
+        f"local_files_only): download it first on a machine with network, or pass a local directory."
+    )
+
+
+def _hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, required: bool = True) -> str | None:
+    """A file of a hub repo (``repo@revision`` allowed), from the cache when offline; None if optional and absent."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo, _, revision = repo_id.partition("@")
+    try:
+        return hf_hub_download(repo, filename, revision=revision or None, local_files_only=local_files_only)
+    except LocalEntryNotFoundError:  # offline and not cached (a subclass of EntryNotFoundError: caught first)
+        if not required:
+            return None
+        raise _not_cached(source, f"{repo}/{filename}") from None
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise UserError(f"`classifier` {source!r}: the hub repo {repo!r} has no {filename}.") from None
+    except OSError as e:  # repository not found, gated, network down
+        raise UserError(
+            f"`classifier` {source!r} could not be fetched ({_first_line(e)}): check the id, log in for gated "
+            f"models, or pass a local directory."
+        ) from None
+
+
+def _hub_config(source: str, repo_id: str, local_files_only: bool) -> dict[str, Any]:
+    return _read_json(Path(_hub_file(source, repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"`classifier`: {path} is unreadable ({_first_line(e)}): re-save the model.") from None

@@ -1,0 +1,178 @@
+"""`load_classifier`: resolve a classifier source string to the loader that builds it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..models import ASSETS, offline, resolve_device, resolve_dtype
+from .base import Classifier, _Loaded
+from .from_checkpoint import _load_checkpoint
+from .from_timm import _load_timm_dir, _load_timm_pretrained
+from .from_torchvision import _load_torchvision
+from .from_transformers import _load_transformers
+from .hub import _check_hub_id, _hub_config, _known, _read_json
+
+# Embedded classifiers: names that resolve to timm hub-format directories shipped inside the package.
+EMBEDDED_CLASSIFIERS = {"digits-guide": ASSETS / "digits" / "guide", "digits-judge": ASSETS / "digits" / "judge"}
+
+
+PREFIXES = ("timm:", "hf-hub:", "local-dir:", "transformers:", "vit-mae:", "torchvision:")
+
+
+_HELP = ("a timm name ('resnet50'), 'hf-hub:ORG/NAME', a transformers id ('google/vit-large-patch16-224'), "
+         "'torchvision:NAME', a local directory, 'ARCH@CHECKPOINT' or 'digits-guide'/'digits-judge'")
+
+
+def load_classifier(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = torch.float32,
+    labels: Sequence[str] | None = None,
+    trained_on: str | None = None,
+    local_files_only: bool | None = None,
+) -> Classifier:
+    """Load a classifier, frozen, on `device`, with its labels and its own eval preprocessing.
+
+    `source` is resolved in this order (the first rule that applies wins):
+
+    1. An embedded name: ``"digits-guide"``, ``"digits-judge"`` (timm directories shipped in the package).
+    2. An explicit prefix:
+       ``"timm:NAME"`` (timm registry, pretrained weights; ``NAME`` may carry a tag, ``"resnet50.a1_in1k"``),
+       ``"hf-hub:ORG/NAME"`` (a timm model on the hub, ``@revision`` allowed),
+       ``"local-dir:PATH"`` (a timm or transformers directory),
+       ``"transformers:ID_OR_PATH"`` (``AutoModelForImageClassification``),
+       ``"vit-mae:ID_OR_PATH"`` (an HF ViT checkpoint whose head reads mean-pooled patch tokens, see `MeanPoolViT`),
+       ``"torchvision:NAME"`` or ``"torchvision:NAME.WEIGHTS"`` (``torchvision.models.get_model``, default weights).
+    3. A checkpoint file with its architecture: ``"ARCH@PATH"`` (timm), ``"timm:ARCH@PATH"`` or
+       ``"torchvision:ARCH@PATH"``. ``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt``/``.tar`` read with
+       ``torch.load(weights_only=True)``; a ``state_dict``/``model`` entry and ``module.`` prefixes are unwrapped. The
+       class count is read from the checkpoint's head; preprocessing is the architecture's default pretrained config
+       (timm) or its default weights' transforms (torchvision).
+    4. An existing local directory: ``config.json`` with ``"architecture"`` -> timm (``local-dir:``); with
+       ``"model_type"`` -> transformers (+ ``preprocessor_config.json``). A known MAE id in its ``_name_or_path``, or
+       the reference code's ``CustomViTForImageClassification`` in ``architectures``, selects mean pooling. A file
+       without ``ARCH@`` is refused with that syntax in the message.
+    5. A timm registry name (``"resnet50"``, ``"vit_base_patch16_224.augreg_in21k_ft_in1k"``): pretrained weights.
+    6. A hub id ``"ORG/NAME"``: the known MAE guides (``vesteinn/vit-mae-cub``, ``vesteinn/vit-mae-inat21``) use mean
+       pooling; otherwise the repo's ``config.json`` decides: ``"architecture"`` -> timm, else transformers.
+
+    Args:
+        source: see above.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:1"``...
+        dtype: weights dtype (logits are returned in fp32 whatever it is).
+        labels: class names overriding the model's own (timm ``label_names``, ``id2label``, torchvision
+            ``categories``); their count must equal the model's outputs. Without any: ``class_0, class_1, ...``.
+        trained_on: note of what data the model saw; default: the source's own note (embedded models, known hub
+            models, a ``trained_on`` key in config.json) or ``"unknown: ..."``.
+        local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
+
+    Returns:
+        A frozen `Classifier` in eval mode.
+
+    >>> guide = load_classifier("digits-guide", device="cpu")
+    >>> guide.labels[:3]
+    ['zero', 'one', 'two']
+    """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"`classifier` must be {_HELP}, but is {source!r}.")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if local_files_only is None:
+        local_files_only = offline()
+    loaded = _resolve(source.strip(), local_files_only)
+    loaded.model.to(device=dev, dtype=torch_dtype)
+    return Classifier(loaded.model, labels, loaded.data_config, source=source, trained_on=trained_on or loaded.trained_on,
+                      kind=loaded.kind, model_labels=loaded.labels)
+
+
+def _resolve(source: str, local_files_only: bool) -> _Loaded:
+    """`source` -> the loader that applies (order documented in `load_classifier`)."""
+    # 1. embedded
+    if source in EMBEDDED_CLASSIFIERS:
+        path = EMBEDDED_CLASSIFIERS[source]
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"`classifier` {source!r} is an embedded model but its weights are missing at {path}: reinstall "
+                f"synthaug, or rebuild them with `python scripts/train_digits_world.py`."
+            )
+        return _load_timm_dir(source, path)
+    # 2. explicit prefixes
+    if source.startswith(PREFIXES):
+        prefix, _, rest = source.partition(":")
+        if not rest:
+            raise UserError(f"`classifier` {source!r} names nothing after '{prefix}:': pass e.g. '{prefix}:NAME'.")
+        if prefix in ("timm", "torchvision"):
+            arch, at, ckpt = rest.partition("@")
+            if at:
+                return _load_checkpoint(source, prefix, arch, ckpt)
+            return _load_timm_pretrained(source, rest, local_files_only) if prefix == "timm" else \
+                _load_torchvision(source, rest, local_files_only)
+        if prefix == "hf-hub":
+            return _load_timm_pretrained(source, "hf-hub:" + rest, local_files_only)
+        if prefix == "local-dir":
+            return _load_dir(source, Path(rest).expanduser())
+        pooling = "mean" if prefix == "vit-mae" else None
+        if Path(rest).expanduser().is_dir():
+            return _load_transformers(source, str(Path(rest).expanduser()), True, pooling)
+        _check_hub_id(source, rest)
+        return _load_transformers(source, rest, local_files_only, pooling or _known(rest).get("pooling"))
+    # 3. ARCH@checkpoint
+    arch, at, ckpt = source.partition("@")
+    if at and "/" not in arch and not Path(source).exists():
+        return _load_checkpoint(source, "timm", arch, ckpt)
+    # 4. local path
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_dir(source, path)
+    if path.is_file():
+        raise UserError(
+            f"`classifier` {source!r} is a checkpoint file without an architecture: pass 'ARCH@{source}' "
+            f"(a timm architecture, e.g. 'resnet18@{source}') or 'torchvision:ARCH@{source}'."
+        )
+    # 5. timm registry name
+    import timm
+
+    if "/" not in source and timm.is_model(source):
+        return _load_timm_pretrained(source, source, local_files_only)
+    # 6. hub id
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source:
+        if _known(source).get("pooling") == "mean":
+            return _load_transformers(source, source, local_files_only, "mean")
+        if "architecture" in _hub_config(source, source, local_files_only):
+            return _load_timm_pretrained(source, "hf-hub:" + source, local_files_only)
+        return _load_transformers(source, source, local_files_only, None)
+    if source.startswith((".", "/", "~")) or os.sep in source:
+        raise UserError(f"`classifier` {source!r} does not exist: pass an existing directory, or {_HELP}.")
+    raise UserError(f"`classifier` {source!r} is not a known classifier: pass {_HELP}.")
+
+
+def _load_dir(source: str, path: Path) -> _Loaded:
+    """A local directory: timm hub format or transformers ``save_pretrained`` format, told apart by config.json."""
+    if not path.is_dir():
+        raise UserError(f"`classifier` {source!r}: directory {str(path)!r} does not exist.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"`classifier` {source!r} is a directory without config.json: pass a timm directory "
+            f"(timm.models.save_for_hf) or a transformers one (save_pretrained)."
+        )
+    config = _read_json(config_file)
+    if "architecture" in config:
+        return _load_timm_dir(source, path)
+    if "model_type" in config:
+        origin = str(config.get("_name_or_path") or "")  # a snapshot of a known hub model keeps its id here
+        pooling = _known(origin).get("pooling")
+        if "CustomViTForImageClassification" in (config.get("architectures") or []):
+            pooling = "mean"  # saved from the reference code's mean-pooling class
+        return _load_transformers(source, str(path), True, pooling, origin=origin)
+    raise UserError(
+        f"`classifier` {source!r}: {config_file} has neither 'architecture' (timm) nor 'model_type' (transformers)."
+    )

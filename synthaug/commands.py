@@ -1,0 +1,436 @@
+"""What the CLI subcommands run besides `build`: learn tokens, generate to a folder, classify images, inspect a build."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .atomic import atomic_write, write_bytes, write_text
+from .builder.plan import ClassJob, _read_plan
+from .classifier.load import load_classifier
+from .config import from_dict
+from .datasets.catalog import get_dataset
+from .datasets.select import select_classes
+from .errors import UserError
+from .generation import generate
+from .layout import (
+    CONFIG_FILE,
+    FAILURES_FILE,
+    FINAL_FILES,
+    PLAN_FILE,
+    TOKENS_DIR,
+    _shard_done,
+    resume_command,
+    sample_key,
+    token_path,
+)
+from .models import load_diffusion
+from .shards import encode_image
+from .shards import verify as verify_shards
+from .tokens.clip import classify, load_clip
+from .tokens.dct import TokenResult, learn_dct_token
+from .tokens.io import (
+    _int_or_none,
+    _token_file_metadata,
+    add_tokens,
+    load_tokens,
+    save_token,
+    save_tokens,
+    token_metadata,
+)
+from .tokens.text import token_name
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class InspectResult:
+    """What a build folder holds (`inspect`).
+
+    Attributes:
+        out: the build directory.
+        config: the build's resolved config (``config.yaml``) as a nested dict.
+        classes: per selected class: ``index``, ``name``, ``token``, ``token_done``, ``images`` ({method: count}),
+            ``shards_done``, ``shards`` (planned), and token ``steps`` / ``stop_reason`` where the token exists.
+        counts: ``{method: {class_index: images on disk}}``.
+        images: images on disk; `images_expected`: images the plan makes.
+        shards_done / shards_expected: finished shards / planned shards.
+        tokens_done: class tokens on disk.
+        complete: every shard and token done and the index merged.
+        failures: the entries of ``failures.json`` (empty when there is none).
+        problems: `synthaug.shards.verify` lines (only with ``verify=True``; empty when all is well).
+        verified: whether `problems` was computed.
+    """
+
+    out: Path
+    config: dict[str, Any]
+    classes: list[dict[str, Any]]
+    counts: dict[str, dict[int, int]]
+    images: int
+    images_expected: int
+    shards_done: int
+    shards_expected: int
+    tokens_done: int
+    complete: bool
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True for a complete build without failures (and, when verified, without problems)."""
+        return self.complete and not self.failures and not self.problems
+
+    def summary(self) -> str:
+        """A short human-readable report (what `synthaug inspect` prints)."""
+        cfg = self.config
+        methods = sorted({m for c in self.classes for m in c["images"]})
+        lines = [
+            (f"{self.out}: {'complete' if self.complete else 'INCOMPLETE'} — method {cfg.get('method')}"
+             f"{' + sd baseline' if cfg.get('baseline') else ''}, model {cfg.get('model')}, guide {cfg.get('guide')}"),
+            (f"classes {len(self.classes)}, tokens {self.tokens_done}/{len(self.classes)}, shards "
+             f"{self.shards_done}/{self.shards_expected}, images {self.images}/{self.images_expected}"),
+        ]
+        header = f"{'class':>6}  {'name':<28} {'token':<6} " + " ".join(f"{m:>6}" for m in methods) + "  steps  stop"
+        lines.append(header)
+        for c in self.classes:
+            lines.append(
+                f"{c['index']:>6}  {str(c['name'])[:28]:<28} {'yes' if c['token_done'] else 'no':<6} "
+                + " ".join(f"{c['images'].get(m, 0):>6}" for m in methods)
+                + f"  {'' if c.get('steps') is None else c['steps']:>5}  {c.get('stop_reason') or ''}"
+            )
+        for f in self.failures:
+            lines.append(f"FAILED class {f['class_index']} ({f.get('name')}) after {f.get('attempts')} attempt(s): "
+                         f"{f.get('error', '').splitlines()[0] if f.get('error') else ''}")
+        if self.verified:
+            lines.append("verify: OK" if not self.problems else f"verify: {len(self.problems)} problem(s)")
+            lines.extend(f"  {p}" for p in self.problems)
+        if not self.complete and not self.failures:
+            lines.append(f"resume with: {resume_command(self.out)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inspect and export
+# --------------------------------------------------------------------------------------------------------------------
+def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[ClassJob]]:
+    import yaml
+
+    out = Path(out).expanduser()
+    if not (out / CONFIG_FILE).is_file():
+        raise UserError(f"`out` {str(out)!r} is not a synthaug build (no {CONFIG_FILE}): pass the --out folder of "
+                        f"`synthaug build`.")
+    try:
+        config = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{out / CONFIG_FILE} is not valid YAML ({str(e).splitlines()[0]}): rerun the build with "
+                        f"--overwrite.") from None
+    jobs = _read_plan(out)
+    if jobs is None:
+        raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
+                        f"run `{resume_command(out)}`.")
+    return out, config, jobs
+
+
+def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
+    """What a build folder holds: per class and method counts, tokens, config, failures; optionally verified.
+
+    Reads ``config.yaml``, ``plan.json``, the shard stats files and the token files' headers — no dataset, no model.
+
+    Args:
+        out: the build directory.
+        verify: also check every shard and image against its recorded size and sha256 (`synthaug.shards.verify`).
+
+    >>> result = inspect("out/digits", verify=True)  # doctest: +SKIP
+    >>> print(result.summary())  # doctest: +SKIP
+    """
+    out, config, jobs = _open_build(out)
+    counts: dict[str, dict[int, int]] = {}
+    classes = []
+    shards_done = tokens_done = images = images_expected = shards_expected = 0
+    for j in jobs:
+        per: Counter[str] = Counter()
+        done_here = 0
+        for t in j.shards:
+            shards_expected += 1
+            images_expected += t.size
+            if _shard_done(out, t.shard_id):
+                per[t.method] += t.size
+                done_here += 1
+            counts.setdefault(t.method, {}).setdefault(j.class_index, 0)
+        for m, n in per.items():
+            counts[m][j.class_index] = n
+        path = token_path(out, j.class_index)
+        meta = _token_file_metadata(path) if path.is_file() else {}
+        tokens_done += path.is_file()
+        shards_done += done_here
+        images += sum(per.values())
+        classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": path.is_file(),
+                        "images": {m: per.get(m, 0) for m in sorted({t.method for t in j.shards})},
+                        "shards_done": done_here, "shards": len(j.shards), "steps": _int_or_none(meta.get("steps")),
+                        "stop_reason": meta.get("stop_reason") or None})
+    failures: list[dict[str, Any]] = []
+    if (out / FAILURES_FILE).is_file():
+        with contextlib.suppress(OSError, ValueError):
+            failures = json.loads((out / FAILURES_FILE).read_text()).get("failed", [])
+    complete = (shards_done == shards_expected and tokens_done == len(jobs)
+                and all((out / f).is_file() for f in FINAL_FILES))
+    problems: list[str] = []
+    if verify:
+
+        problems = verify_shards(out)
+        planned = {t.shard_id for j in jobs for t in j.shards}
+        stray = sorted(set(_all_stats_ids(out)) - planned)
+        problems += [f"shards/{s:05d}: not in this build's plan (left from another config?); delete its files."
+                     for s in stray]
+    return InspectResult(out=out, config=config, classes=classes, counts=counts, images=images,
+                         images_expected=images_expected, shards_done=shards_done, shards_expected=shards_expected,
+                         tokens_done=tokens_done, complete=complete, failures=failures, problems=problems,
+                         verified=verify)
+
+
+def _all_stats_ids(out: Path) -> list[int]:
+    d = out / "shards"
+    return sorted(int(m.group(1)) for p in d.glob("*_stats.json") if (m := re.fullmatch(r"(\d+)_stats\.json", p.name))
+                  ) if d.is_dir() else []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `synthaug learn`: tokens for a few classes, without images
+# --------------------------------------------------------------------------------------------------------------------
+def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> list[TokenResult]:
+    """Learn DCT tokens for the config's selected classes and write them to `out` — what `synthaug learn` runs.
+
+    Writes ``{class:03d}.safetensors`` per class (the same files `synthaug build` writes under ``tokens/``) and
+    ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again.
+
+    >>> results = learn_tokens(load_config(overrides={"classes": "seven"}), out="tokens/")
+    """
+    if config.method != "dct":
+        raise UserError(f"`method` must be 'dct' for `synthaug learn` but is {config.method!r}: TI/MC-TI tokens "
+                        f"need the few-shot images, use `synthaug build --method {config.method}`.")
+    dataset = get_dataset(config.dataset, config.root, config.split)
+    names = [str(c) for c in dataset.classes]
+    selected = select_classes(dataset, config.classes)
+    out = Path(out)
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    if guide.num_classes != len(names):
+        raise UserError(f"`guide` {config.guide!r} predicts {guide.num_classes} classes but dataset "
+                        f"{config.dataset!r} has {len(names)}: pass a guide trained on this dataset's classes.")
+    results = []
+    for c in selected:
+        path = out / f"{c:03d}.safetensors"
+        if path.is_file():
+            meta = token_metadata(path)
+            (token, emb), = load_tokens(path).items()
+            results.append(TokenResult(token=token, class_index=c, label=names[c], embedding=emb,
+                                       steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
+                                       best_step=int(meta.get("best_step", 0)),
+                                       history=json.loads(meta.get("history", "[]")), seconds=0.0,
+                                       unet_evals=int(meta.get("unet_evals", 0)),
+                                       metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
+                                                 "guide_trained_on": meta.get("guide_trained_on")}))
+            continue
+        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress)
+        save_token(result, path)
+        results.append(result)
+    save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `synthaug classify`: a build's tokens as a CLIP classifier (Eq. 6)
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ClassifyResult:
+    """Per-image class probabilities under a build's tokens."""
+
+    names: list[str]  # image ids (file names, or dataset sample ids)
+    labels: list[str]  # class names, the columns of `probs`
+    probs: torch.Tensor  # [N, K]
+    targets: list[int] | None  # ground truth when the images came from a dataset
+
+    @property
+    def predictions(self) -> list[int]:
+        return self.probs.argmax(-1).tolist()
+
+    @property
+    def accuracy(self) -> float | None:
+        if self.targets is None:
+            return None
+        return sum(int(p == t) for p, t in zip(self.predictions, self.targets)) / max(1, len(self.targets))
+
+    def summary(self) -> str:
+        lines = [f"{n}\t{self.labels[p]}\t{float(self.probs[i, p]):.3f}"
+                 for i, (n, p) in enumerate(zip(self.names[:20], self.predictions[:20]))]
+        if len(self.names) > 20:
+            lines.append(f"... {len(self.names) - 20} more")
+        if self.accuracy is not None:
+            lines.append(f"accuracy {self.accuracy:.3%} on {len(self.names)} images ({len(self.labels)} classes)")
+        return "\n".join(lines)
+
+
+def classify_images(build: str | os.PathLike, *, images: str | None = None, root: str | None = None,
+                    split: str = "test", device: str = "auto", batch_size: int = 64) -> ClassifyResult:
+    """Classify images with a TI/MC-TI build's tokens (Eq. 6) — what `synthaug classify` runs.
+
+    Args:
+        build: a build directory (``config.yaml`` + ``tokens/``) made with ``--method ti|mcti`` (DCT tokens work too).
+        images: an image folder, or a dataset name (default: the build's dataset, `split`, with accuracy).
+        root: the dataset root when `images` is a dataset name.
+        split: the dataset split.
+
+    >>> classify_images("out/digits-mcti").accuracy  # doctest: +SKIP
+    """
+    import yaml
+    from PIL import Image
+
+
+    out = Path(build)
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"`build` {str(build)!r} has no config.yaml: pass a folder written by `synthaug build`.")
+    cfg = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    classes = json.loads((out / "classes.json").read_text()) if (out / "classes.json").is_file() else []
+    files = sorted((out / "tokens").glob("[0-9][0-9][0-9]*.safetensors"))
+    if not files:
+        raise UserError(f"`build` {str(build)!r} has no learned tokens under tokens/: run `synthaug build` first.")
+    tokens: dict[str, torch.Tensor] = {}
+    for f in files:
+        tokens.update(load_tokens(f))
+    by_token = {c.get("token"): c.get("name") for c in classes}
+    labels = [by_token.get(t, t) for t in tokens]
+    targets = None
+    if images is not None and Path(images).is_dir():
+        paths = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not paths:
+            raise UserError(f"`--images` {images!r} holds no .png/.jpg/.webp files: pass an image folder.")
+        names, pil = [str(p.relative_to(images)) for p in paths], [Image.open(p).convert("RGB") for p in paths]
+    else:
+        ds = get_dataset(images or cfg.dataset, root or cfg.root, split)
+        pil, ys = zip(*(ds[i] for i in range(len(ds))))
+        pil, names = list(pil), [str(s[0]) for s in ds.samples]
+        # Columns are the build's tokens; map dataset targets onto them (a build may cover a subset of classes).
+        col = {int(token_name_index): j for j, token_name_index in enumerate(
+            int(t.strip("<>").rsplit("-", 1)[-1]) for t in tokens)}
+        keep = [i for i, y in enumerate(ys) if int(y) in col]
+        pil, names, targets = [pil[i] for i in keep], [names[i] for i in keep], [col[int(ys[i])] for i in keep]
+    pipe = load_diffusion(cfg.model, device=device, dtype="float32")
+    clip = load_clip(cfg.mcti.clip_model, pipe)
+    probs = classify(clip, tokens, pil, scale=cfg.mcti.scale, text_encoder=pipe.text_encoder,
+                     tokenizer=pipe.tokenizer, batch_size=batch_size)
+    return ClassifyResult(names=names, labels=labels, probs=probs.cpu(), targets=targets)
+
+
+def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool = True) -> int:
+    """Generate ``config.per_class`` PNGs for the selected classes into `dest` — what `synthaug generate` runs.
+
+    With `tokens` (a token file or the folder `synthaug learn` wrote) the images use each class's token; with
+    ``config.baseline`` (or without tokens) the plain prompt on the same seeds is generated too. Files are
+    ``{dest}/{key}.png`` with keys as in the build format, plus ``metadata.jsonl`` (one row per image).
+
+    >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
+    """
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+
+    dataset = get_dataset(config.dataset, config.root, config.split)
+    names = [str(c) for c in dataset.classes]
+    selected = select_classes(dataset, config.classes)
+    loaded: dict = {}
+    if tokens is not None:
+        p = Path(tokens)
+        loaded = load_tokens(p / "tokens.safetensors" if p.is_dir() else p)
+        missing = [c for c in selected if token_name(c) not in loaded]
+        if missing:
+            raise UserError(f"`--tokens` {tokens!r} has no token for class {missing[0]} ({names[missing[0]]!r}): "
+                            f"learn it with `synthaug learn --classes {missing[0]}` or select other --classes.")
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    add_tokens(pipe, loaded)
+    dest = Path(dest)
+    rows, n = [], 0
+    for c in selected:
+        variants = ([token_name(c)] if loaded else []) + ([None] if config.baseline or not loaded else [])
+        for token in variants:
+            method = "sd" if token is None else config.method
+            for im in generate(pipe, class_index=c, label=names[c], token=token, indices=range(config.per_class),
+                               config=config.generate, method=method, classifier=guide, progress=progress):
+                key = sample_key(im.method, c, im.index)
+                with atomic_write(dest / f"{key}.png") as f:
+                    f.write(encode_image(im.image, "png", 95))
+                row = {k: v for k, v in asdict(im).items() if k != "image"}
+                rows.append(json.dumps({"key": key, **row}, sort_keys=True))
+                n += 1
+    write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
+    return n
+
+
+EXPORT_FORMATS = ("a1111", "diffusers")
+
+
+def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.PathLike | None = None) -> list[Path]:
+    """Write a build's class tokens in another tool's format, one file per class.
+
+    Formats:
+        ``"a1111"``: Stable Diffusion web UI embeddings, ``{dest}/synthaug-000.pt`` holding
+        ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor[1, dim]}, "name", "step",
+        "sd_checkpoint", "sd_checkpoint_name"}`` (the web UI's own save format; diffusers'
+        ``load_textual_inversion`` reads it too). The file name is the prompt word in the web UI.
+        ``"diffusers"``: ``{dest}/synthaug-000.safetensors`` (``{token: tensor[1, dim]}`` plus metadata), for
+        ``pipe.load_textual_inversion(path)``.
+
+    Args:
+        out: the build directory.
+        format: ``"a1111"`` or ``"diffusers"``.
+        dest: destination folder; default ``out/export/{format}``.
+
+    Returns:
+        The files written, by class index.
+
+    >>> paths = export_tokens("out/digits", format="a1111")  # doctest: +SKIP
+    """
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"`format` must be one of {', '.join(EXPORT_FORMATS)} but is {format!r}.")
+    out, _, jobs = _open_build(out)
+    present = [j for j in jobs if token_path(out, j.class_index).is_file()]
+    if not present:
+        raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
+                        f"build first (`{resume_command(out)}`).")
+    import io
+
+    import torch
+
+
+    dest = Path(dest) if dest is not None else out / "export" / format
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for j in present:
+        src = token_path(out, j.class_index)
+        (token, embedding), = load_tokens(src).items()
+        stem = token.strip("<>")
+        if format == "diffusers":
+            path = dest / f"{stem}.safetensors"
+            write_bytes(path, src.read_bytes())
+        else:
+            meta = _token_file_metadata(src)
+            data = {"string_to_token": {"*": 265}, "string_to_param": {"*": embedding.reshape(1, -1).contiguous()},
+                    "name": stem, "step": _int_or_none(meta.get("steps")) or 0, "sd_checkpoint": None,
+                    "sd_checkpoint_name": meta.get("model_id")}
+            buf = io.BytesIO()
+            torch.save(data, buf)
+            path = dest / f"{stem}.pt"
+            write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written

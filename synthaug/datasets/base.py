@@ -1,0 +1,88 @@
+"""What every real dataset shares: image-list datasets in torchvision's conventions, class-name cleaning, the not-found error."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+from torchvision.datasets import VisionDataset
+
+from ..errors import UserError
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------------------
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def clean_class_name(name: str) -> str:
+    """A class name fit for a prompt: drop a numeric ``001.`` prefix, underscores to spaces, collapse whitespace.
+
+    >>> clean_class_name("001.Black_footed_Albatross")
+    'Black footed Albatross'
+    """
+    name = re.sub(r"^\d+[.]", "", name.strip())
+    return " ".join(name.replace("_", " ").split())
+
+
+def normalize_name(name: str) -> str:
+    """Loose key for matching names across datasets: case, possessive 's, punctuation and grey/gray ignored.
+
+    >>> normalize_name("Brewer's Blackbird") == normalize_name("Brewer_Blackbird")
+    True
+    """
+    s = re.sub(r"['\u2019]s\b", "", name.lower())
+    s = re.sub(r"[^a-z0-9]+", " ", s)
+    s = re.sub(r"\bgrey\b", "gray", s)
+    return " ".join(s.split())
+
+
+def _not_found(root: Any, expected: str, fix: str = "") -> UserError:
+    msg = f"Dataset not found or corrupted at {root}: expected {expected}."
+    return UserError(f"{msg} {fix}".strip())
+
+
+def pil_loader(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB (CUB and iNat hold a few grayscale/CMYK files)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")
+
+
+class _ImageList(VisionDataset):
+    """A list of ``(path, target)`` samples with named classes; the shared body of the file-backed datasets."""
+
+    split: str
+
+    def _set_samples(self, classes: list[str], samples: list[tuple[str, int]]) -> None:
+        self.classes = classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.samples = samples
+        self.targets = [t for _, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        path, target = self.samples[index]
+        try:
+            img = self.loader(path)
+        except FileNotFoundError:
+            raise _not_found(self.root, f"image file {path}", "Re-extract the dataset.") from None
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def extra_repr(self) -> str:
+        return f"Split: {self.split}\nClasses: {len(self.classes)}"
+
+
+def _check_split(split: str, valid: Sequence[str], what: str) -> str:
+    if split not in valid:
+        raise UserError(f"`split` for {what} must be one of {', '.join(valid)} but is {split!r}.")
+    return split

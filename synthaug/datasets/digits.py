@@ -1,0 +1,84 @@
+"""The embedded digits world's real images: 28 px digits rendered from the package's own data, with train/val/test splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets import VisionDataset
+
+# --------------------------------------------------------------------------------------------------------------------
+# The embedded digits world (DESIGN.md §6)
+# --------------------------------------------------------------------------------------------------------------------
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+# Seeded split of scikit-learn's 1,797 digits: the world's models (generator, CLIP, guide) train on "train"; the judge
+# trains on "judge" (disjoint, so the judge never shares the guide's data); "test" is held out for evaluation and
+# few-shot experiments.
+DIGITS_SPLITS = {"train": (0.0, 0.6), "judge": (0.6, 0.8), "test": (0.8, 1.0)}
+
+
+DIGITS_SPLIT_SEED = 0
+
+
+DIGITS_SIZE = 32  # 8x8 digits upsampled (bilinear) to the size the pipeline likes
+
+
+def digits_arrays(split: str, size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, size, size]`` (white digit on black, 0-255) and int64 targets of a digits split."""
+    from sklearn.datasets import load_digits
+
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"`split` must be one of {', '.join(DIGITS_SPLITS)} but is {split!r}.")
+    d = load_digits()
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(d.target))
+    lo, hi = DIGITS_SPLITS[split]
+    idx = order[int(lo * len(order)) : int(hi * len(order))]
+    imgs = (d.images[idx] / 16.0 * 255.0).round().astype(np.uint8)
+    if size != 8:
+        imgs = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in imgs])
+    return imgs, d.target[idx].astype(np.int64)
+
+
+class Digits(VisionDataset):
+    """scikit-learn's real handwritten digits (shipped inside scikit-learn; no download) as 32x32 RGB images.
+
+    Args:
+        root: ignored (the data ships with scikit-learn); kept for the torchvision signature.
+        split: ``"train"`` (60%, the world's models learn from it), ``"judge"`` (20%, the judge's own data) or
+            ``"test"`` (20%, held out).
+        transform: applied to the PIL image.
+        target_transform: applied to the int target.
+
+    >>> ds = Digits(split="test")
+    >>> img, target = ds[0]
+    """
+
+    classes = list(DIGIT_NAMES)
+
+    def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None,
+                 target_transform: Callable | None = None) -> None:
+        super().__init__(root or "<sklearn digits>", transform=transform, target_transform=target_transform)
+        self.split = split
+        self._images, targets = digits_arrays(split)
+        self.targets = targets.tolist()
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(f"digits/{split}/{i:04d}", t) for i, t in enumerate(self.targets)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        img = Image.fromarray(self._images[index]).convert("RGB")
+        target = self.targets[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def extra_repr(self) -> str:
+        return f"Split: {self.split}"

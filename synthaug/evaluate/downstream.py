@@ -1,0 +1,510 @@
+"""Table 2: a timm classifier trained on k real images per class plus synthetic ones, tested on the real test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import write_text
+from ..datasets.catalog import get_dataset
+from ..errors import UserError
+from ..layout import EVAL_DIR
+from ..mix import MODES, SynthAugDataset
+from ..models import resolve_device
+from ..shards import BuildView, _method_sort_key, open_build
+from .judge import _write_csv
+
+log = logging.getLogger(__name__)
+
+REAL_ONLY = "real"  # the downstream baseline trained on real images alone
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Table 2: downstream few-shot training
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class CellResult:
+    """One trained classifier: (method, k real per class, seed) -> accuracy on the real test split."""
+
+    method: str  # a build method, or "real" for real images only
+    shots: int
+    seed: int
+    top1: float
+    top5: float
+    test_images: int
+    train_real: int
+    train_synthetic: int
+    real_indices_sha256: str  # identical across methods at a given (k, seed): the same real images for all
+    steps: int
+    seconds: float
+    pretrained: bool  # whether pretrained weights were loaded (from a local file)
+    protocol: dict[str, Any]
+
+
+@dataclass
+class DownstreamRow:
+    """Mean ± std over seeds of one (method, k)."""
+
+    method: str
+    shots: int
+    seeds: int
+    top1_mean: float
+    top1_std: float  # sample standard deviation (ddof=1); 0 with one seed
+    top5_mean: float
+    top5_std: float
+
+
+@dataclass
+class DownstreamResult:
+    """Table 2 (`train_downstream`)."""
+
+    build: str
+    real: str
+    arch: str
+    synthetic_per_class: int
+    rows: list[DownstreamRow]
+    cells: list[CellResult]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Transformed(torch.utils.data.Dataset):
+    """A torchvision-style dataset whose PIL images get `transform` (the test split, left untouched)."""
+
+    def __init__(self, dataset, transform: Callable) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, target = self.dataset[i]
+        if not hasattr(img, "convert"):
+            raise UserError(f"The real test dataset returns {type(img).__name__}, not PIL images: build it with "
+                            "transform=None; train_downstream applies its own eval transform.")
+        return self.transform(img.convert("RGB")), target
+
+
+class _InfiniteSampler(torch.utils.data.Sampler):
+    """Seeded permutations back to back: every step gets a full batch, whatever the size of the training set."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield from torch.randperm(self.n, generator=g).tolist()
+
+
+def _local_pretrained_file(arch: str) -> str | None:
+    """A pretrained checkpoint of timm `arch` that is already on disk (HF cache or torch hub cache), or None."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # unknown tag or architecture: let create_model report it
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            hit = try_to_load_from_cache(cfg.hf_hub_id, name)
+            if isinstance(hit, str):
+                return hit
+    if cfg.url:
+        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if p.is_file():
+            return str(p)
+    return None
+
+
+def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any],
+                  pretrained: bool | str) -> tuple[nn.Module, bool]:
+    """timm model with a fresh `num_classes` head; pretrained weights only from local files (never a download)."""
+    import timm
+
+    file = None
+    if isinstance(pretrained, str) and pretrained != "auto":
+        file = pretrained
+        if not Path(file).is_file():
+            raise UserError(f"`pretrained` {pretrained!r} is not a file: pass a timm checkpoint path, 'auto' or false.")
+    elif pretrained is True or pretrained == "auto":
+        file = _local_pretrained_file(arch)
+        if file is None and pretrained is True:
+            raise UserError(
+                f"`pretrained` is true but no weights for {arch!r} are on this machine: download them where a hub is "
+                "reachable (timm.create_model(arch, pretrained=True) fills the HF cache) and copy the cache, or pass "
+                "the checkpoint path as `pretrained`."
+            )
+    try:
+        if file is not None:
+            model = timm.create_model(arch, pretrained=True, num_classes=num_classes,
+                                      pretrained_cfg_overlay={"file": file}, **arch_kwargs)
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **arch_kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"`arch` {arch!r} is not a timm model: see timm.list_models(), e.g. 'resnet18'.") from None
+        if file is not None and pretrained == "auto":  # e.g. custom widths vs the checkpoint's shapes
+            log.warning("pretrained weights for %s do not fit (%s); training from scratch", arch, e)
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **arch_kwargs), False
+        raise
+    return model, file is not None
+
+
+def _default_arch(image_size: int) -> tuple[str, dict[str, Any]]:
+    """A CNN sized for the images: small widths for digit-sized images (seconds per cell on a CPU)."""
+    if image_size <= 64:
+        return "resnet10t", {"channels": (16, 32, 64, 128), "stem_width": 8}
+    return "resnet50", {}
+
+
+def _transforms(image_size: int, mean, std, *, hflip: bool):
+    from torchvision import transforms as T
+
+    pad = max(1, image_size // 8)
+    train = [T.Resize(image_size), T.CenterCrop(image_size),
+             T.RandomCrop(image_size, padding=pad, padding_mode="edge")]
+    if hflip:  # off by default: a mirrored digit (or text) is another class
+        train.append(T.RandomHorizontalFlip())
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    test = [T.Resize(image_size), T.CenterCrop(image_size)]
+    return T.Compose(train + norm), T.Compose(test + norm)
+
+
+def _resolve_real(real, root, split: str):
+    if isinstance(real, str):
+
+        return get_dataset(real, root, split)
+    return real
+
+
+def _protocol_key(protocol: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_downstream(
+    build: str | os.PathLike,
+    real: str | torch.utils.data.Dataset,
+    *,
+    root: str | None = None,
+    test: str | torch.utils.data.Dataset | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    methods: Sequence[str] | None = None,
+    include_real: bool = True,
+    shots: Sequence[int] = (0, 3, 9, 15),
+    seeds: int | Sequence[int] = 3,
+    synthetic_per_class: int | None = 100,
+    mode: str = "concat",
+    p: float = 0.5,
+    min_confidence: float | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    pretrained: bool | str = "auto",
+    image_size: int | None = None,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    hflip: bool = False,
+    device: str | torch.device = "auto",
+    num_workers: int = 0,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> DownstreamResult:
+    """Train classifiers on k real + N synthetic images per class and test them on real images (paper Table 2).
+
+    For every method in the build (and, with `include_real`, real images alone) x every k in `shots` x every seed,
+    a timm classifier is trained on `SynthAugDataset` (k real images per class, the same k for every method at a given
+    seed, plus `synthetic_per_class` images of that method) and tested on the real test split. Every cell is saved
+    as ``eval/downstream/cells/{method}-k{k}-s{seed}.json`` the moment it finishes, and skipped when present: an
+    interrupted run resumes. Summary: ``eval/downstream.json`` and ``eval/downstream.csv``.
+
+    All cells take the same number of optimizer steps (`steps`): with 30 real images or 1,150 mixed ones, a fixed
+    epoch count would hand the bigger sets 30x the compute and confound data with training time.
+
+    Args:
+        build: the build directory.
+        real: the real dataset, by name (`synthaug.datasets.get_dataset`, with `root`) or as a torchvision-style
+            dataset returning PIL images (transform=None) with `targets`.
+        root: dataset root for a named `real`.
+        test: the real test set (name or dataset); default: `real` at `test_split`.
+        train_split, test_split: splits of a named `real`.
+        methods: build methods to train with (default: all in the index).
+        include_real: also train on real images alone (method "real"; k = 0 is skipped for it).
+        shots: real images per class, k.
+        seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
+        synthetic_per_class: synthetic images per class per method (None: all in the build).
+        mode, p: how real and synthetic images are mixed (`SynthAugDataset`): ``"concat"`` (every image, drawn
+            uniformly), ``"ratio"`` (synthetic images make a fraction `p` of each epoch, redrawn every epoch) or
+            ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
+            real images (k = 0) train on synthetic images alone in every mode.
+        min_confidence: keep only synthetic images whose stored guide probability is at least this.
+        arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50).
+        arch_kwargs: extra `timm.create_model` kwargs (e.g. ``{"channels": (16, 32, 64, 128)}``).
+        pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
+            checkpoint path. Nothing is ever downloaded.
+        image_size: training resolution (default: the build's image height).
+        steps: optimizer steps per cell (default: 10 epochs of N synthetic images per class, at least 200).
+        epochs: alternatively, epochs of each cell's own training set (ignored when `steps` is given).
+        batch_size, lr, weight_decay: AdamW with linear warm-up (5%) and cosine decay.
+        hflip: random horizontal flips (off: wrong for digits and text).
+        device: "auto", "cpu", "cuda", ...
+        num_workers: DataLoader workers.
+        out: result folder (default ``BUILD/eval``).
+        progress: progress bars.
+
+    >>> result = train_downstream("out/digits", "digits", shots=[0, 3, 9], seeds=3)
+    >>> print(format_table(result))
+    """
+    from tqdm.auto import tqdm
+
+
+    # 1. Check inputs.
+    view = open_build(build)
+    methods = view.select_methods(methods)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        raise UserError("`seeds` must name at least one seed (or a count >= 1), e.g. 3.")
+    shots = list(shots)
+    if not shots or any(int(k) < 0 for k in shots):
+        raise UserError(f"`shots` must be a non-empty list of integers >= 0 but is {shots!r}: e.g. 0,3,9,15.")
+    for name, v in (("batch_size", batch_size), ("lr", lr)):
+        if v <= 0:
+            raise UserError(f"`{name}` must be > 0 but is {v!r}.")
+    if steps is not None and steps <= 0:
+        raise UserError(f"`steps` must be > 0 but is {steps!r}.")
+    if epochs is not None and epochs <= 0:
+        raise UserError(f"`epochs` must be > 0 but is {epochs!r}.")
+    if synthetic_per_class is not None and synthetic_per_class < 0:
+        raise UserError(f"`synthetic_per_class` must be >= 0 (or None for all) but is {synthetic_per_class!r}.")
+
+    if mode not in MODES:
+        raise UserError(f"`mode` must be one of {', '.join(MODES)} but is {mode!r}.")
+    if not 0.0 <= p < 1.0:
+        raise UserError(f"`p` must be in [0, 1) but is {p!r}: the synthetic share of the training images.")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
+    real_name = real if isinstance(real, str) else type(real).__name__
+    real_train = _resolve_real(real, root, train_split)
+    real_test = _resolve_real(test if test is not None else real, root, test_split)
+    if len(getattr(real_train, "classes", [])) not in (0, len(view.classes)):
+        raise UserError(f"`real` {real_name!r} has {len(real_train.classes)} classes but the build has "
+                        f"{len(view.classes)}: pass the dataset the build was made from.")
+    num_classes = len(view.classes)
+    image_size = image_size or view.image_size[0]
+    if arch is None:
+        arch, default_kwargs = _default_arch(image_size)
+        arch_kwargs = {**default_kwargs, **(arch_kwargs or {})}
+    arch_kwargs = dict(arch_kwargs or {})
+    dev = resolve_device(device)
+    n_syn = synthetic_per_class
+    if n_syn is None:
+        counts = Counter(zip(view.index.column("method").to_pylist(), view.index.column("class_index").to_pylist()))
+        n_syn = max(counts.values()) if counts else 0
+    if steps is None and epochs is None:
+        # 10 epochs of a 100-per-class synthetic set (at least 200 steps), independent of `shots` and `seeds`, so
+        # that adding a k or a seed later resumes instead of invalidating the finished cells.
+        steps = max(200, math.ceil(10 * num_classes * max(n_syn, 15) / batch_size))
+
+    protocol = {
+        "arch": arch, "arch_kwargs": arch_kwargs, "pretrained": pretrained, "image_size": image_size, "steps": steps,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "hflip": hflip,
+        "synthetic_per_class": synthetic_per_class, **_mixing_protocol(mode, p, min_confidence), "real": real_name,
+        "train_split": train_split, "test_split": test_split, "train_size": len(real_train), "test_size": len(real_test),
+    }
+    out_dir = Path(out) if out is not None else view.root / EVAL_DIR
+    cell_dir = out_dir / "downstream" / "cells"
+
+    # 2. The cells: (method, k, seed), real-only without k = 0 (nothing to train on).
+    plan = [(m, int(k), int(s)) for m in ([REAL_ONLY] if include_real else []) + methods for k in shots for s in seeds
+            if not (m == REAL_ONLY and int(k) == 0)]
+    cells: list[CellResult] = []
+    bar = tqdm(plan, desc="downstream", disable=not progress)
+    for method, k, seed in bar:
+        bar.set_postfix_str(f"{method} k={k} seed={seed}")
+        path = cell_dir / f"{method}-k{k}-s{seed}.json"
+        if path.is_file():
+            cell = CellResult(**json.loads(path.read_text()))
+            if cell.protocol != json.loads(json.dumps(protocol, default=str)):
+                differ = sorted(key for key in set(cell.protocol) | set(protocol)
+                                if cell.protocol.get(key) != json.loads(json.dumps(protocol.get(key), default=str)))
+                raise UserError(
+                    f"{path} was trained with other settings ({', '.join(differ)} differ): pass another `out` "
+                    f"or delete {cell_dir} to start over."
+                )
+            cells.append(cell)
+            continue
+        cell = _train_cell(view, real_train, real_test, method, k, seed, n_syn=synthetic_per_class,
+                           num_classes=num_classes, arch=arch, arch_kwargs=arch_kwargs, pretrained=pretrained,
+                           image_size=image_size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, hflip=hflip, device=dev, num_workers=num_workers,
+                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset, mode=mode, p=p,
+                           min_confidence=min_confidence)
+        write_text(path, json.dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
+        cells.append(cell)
+
+    # 3. Mean ± std over seeds.
+    rows = _summarise(cells)
+    result = DownstreamResult(build=str(view.root), real=real_name, arch=arch, synthetic_per_class=n_syn, rows=rows,
+                              cells=cells)
+    result.files = {"result": str(out_dir / "downstream.json"), "csv": str(out_dir / "downstream.csv"),
+                    "cells": str(cell_dir)}
+    _write_csv(out_dir / "downstream.csv", [dataclasses.asdict(r) for r in rows],
+               [f.name for f in dataclasses.fields(DownstreamRow)])
+    write_text(out_dir / "downstream.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
+
+
+def _mixing_protocol(mode: str, p: float, min_confidence: float | None) -> dict[str, Any]:
+    """The mixing keys of a cell's protocol. The default (concat, no filter) adds none, so cells trained before these
+    options existed still resume."""
+    keys: dict[str, Any] = {}
+    if mode != "concat":
+        keys.update(mode=mode, p=p)
+    if min_confidence is not None:
+        keys["min_confidence"] = min_confidence
+    return keys
+
+
+def _summarise(cells: list[CellResult]) -> list[DownstreamRow]:
+    groups: dict[tuple[str, int], list[CellResult]] = defaultdict(list)
+    for c in cells:
+        groups[(c.method, c.shots)].append(c)
+
+    def std(xs):
+        return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+    rows = []
+    for (m, k), items in sorted(groups.items(), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1])):
+        t1, t5 = [c.top1 for c in items], [c.top5 for c in items]
+        rows.append(DownstreamRow(method=m, shots=k, seeds=len(items), top1_mean=float(np.mean(t1)), top1_std=std(t1),
+                                  top5_mean=float(np.mean(t5)), top5_std=std(t5)))
+    return rows
+
+
+def _real_indices(dataset) -> list[int]:
+    """The real-dataset indices a `SynthAugDataset` serves (its few-shot subset), from its public `source`."""
+    return sorted(src.index for src in map(dataset.source, range(len(dataset))) if src.kind == "real")
+
+
+def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, seed: int, *, n_syn, num_classes,
+                arch, arch_kwargs, pretrained, image_size, steps, epochs, batch_size, lr, weight_decay, hflip,
+                device: torch.device, num_workers, protocol, progress, dataset_cls, mode: str = "concat",
+                p: float = 0.5, min_confidence: float | None = None) -> CellResult:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    # 1. Model first, under the seed: the init depends only on (arch, seed), not on the method.
+    torch.manual_seed(seed)
+    model, used_pretrained = _create_model(arch, num_classes, arch_kwargs, pretrained)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    train_tf, test_tf = _transforms(image_size, mean, std, hflip=hflip)
+
+    # 2. Data: the real subset is a function of (k, seed) only, so every method sees the same real images.
+    #    (real images with k = 0 still define the label set, checked against the build's classes.)
+    #    Mixing modes that redraw synthetic images per epoch ("ratio", "replace") need real images to mix with;
+    #    without them (k = 0, or real-only) every mode is the plain union.
+    real_only = method == REAL_ONLY
+    if k == 0 or real_only:
+        mode = "concat"
+    train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf,
+                            methods=[] if real_only else [method], synthetic_per_class=0 if real_only else n_syn,
+                            seed=seed, mode=mode, p=p, min_confidence=None if real_only else min_confidence)
+    n_train = len(train_set)
+    if n_train == 0:
+        raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
+    real_idx = _real_indices(train_set)
+    n_real = len(real_idx)
+    n_steps = steps if steps is not None else max(1, math.ceil(epochs * n_train / batch_size))
+
+    def batches():
+        """Training batches forever. "concat": seeded permutations back to back (full batches across epochs).
+        Per-epoch modes: one loader per epoch after `set_epoch`, so the draws are the same with any worker count."""
+        kwargs = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": device.type == "cuda",
+                  "drop_last": False, "persistent_workers": False}
+        if mode == "concat":
+            yield from torch.utils.data.DataLoader(train_set, sampler=_InfiniteSampler(n_train, seed),
+                                                   generator=torch.Generator().manual_seed(seed), **kwargs)
+            return
+        for epoch in itertools.count():
+            train_set.set_epoch(epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            yield from torch.utils.data.DataLoader(train_set, sampler=order.tolist(), **kwargs)
+
+    # 3. Train: AdamW, 5% linear warm-up, cosine decay; bf16 autocast on CUDA.
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm = max(1, n_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / n_steps))))
+    amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    it = batches()
+    bar = tqdm(range(n_steps), desc=f"{method} k={k} s={seed}", leave=False, disable=not progress)
+    for _ in bar:
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    it.close()
+    del it
+
+    # 4. Test on the real test split.
+    top1, top5 = _test(model, _Transformed(real_test, test_tf), batch_size=max(batch_size, 128), device=device,
+                       num_workers=num_workers, amp=amp, amp_dtype=amp_dtype)
+    return CellResult(
+        method=method, shots=k, seed=seed, top1=top1, top5=top5, test_images=len(real_test), train_real=n_real,
+        train_synthetic=n_train - n_real, real_indices_sha256=hashlib.sha256(
+            json.dumps(sorted(real_idx)).encode()).hexdigest(),
+        steps=n_steps, seconds=round(time.perf_counter() - t0, 2), pretrained=used_pretrained,
+        protocol=json.loads(json.dumps(protocol, default=str)),
+    )
+
+
+@torch.inference_mode()
+def _test(model: nn.Module, dataset, *, batch_size: int, device: torch.device, num_workers: int, amp: bool,
+          amp_dtype: torch.dtype) -> tuple[float, float]:
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    hit1 = hit5 = n = 0
+    for x, y in loader:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = model(x).float()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit1 += int((top[:, 0] == y).sum())
+        hit5 += int((top == y[:, None]).any(-1).sum())
+        n += len(y)
+    return hit1 / max(n, 1), hit5 / max(n, 1)

@@ -1,0 +1,215 @@
+"""Saving, loading and exporting tokens in diffusers' textual-inversion safetensors format, and adding them to a pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..atomic import write_bytes
+from ..errors import UserError
+from .dct import TokenResult
+from .text import token_name
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adding tokens to a pipeline, and token files (diffusers textual-inversion format)
+# --------------------------------------------------------------------------------------------------------------------
+def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -> None:
+    """Add tokens to the pipeline's tokenizer and set their text-encoder rows; every other row stays bit-identical.
+
+    A token the tokenizer already holds as an added token gets its row overwritten (so re-adding is safe); a token
+    that is an ordinary vocabulary word is refused. New rows are sized with ``mean_resizing=False`` and then set,
+    and the global RNG is left untouched (resizing draws random initial rows).
+
+    >>> add_tokens(pipe, load_tokens("out/digits/tokens/tokens.safetensors"))
+    >>> pipe("A photo of <synthaug-003> three").images[0]
+    """
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    weight = text_encoder.get_input_embeddings().weight
+    dim = weight.shape[-1]
+    rows = {}
+    for token, emb in tokens.items():
+        if not isinstance(token, str) or not token or token != token.strip():
+            raise UserError(f"Token {token!r} must be a non-empty string without surrounding spaces.")
+        if token in tokenizer.get_vocab() and token not in tokenizer.get_added_vocab():
+            raise UserError(
+                f"Token {token!r} is already a word of the tokenizer's vocabulary: adding it would overwrite that word. "
+                f"Rename it, e.g. {token_name(0)!r}."
+            )
+        emb = torch.as_tensor(emb)
+        if emb.reshape(-1).shape[0] != dim or (emb.dim() == 2 and emb.shape[0] != 1) or emb.dim() > 2:
+            raise UserError(
+                f"Token {token!r} has an embedding of shape {tuple(emb.shape)} but this text encoder takes [1, {dim}]: "
+                f"the token was learned for a different model; learn it again for this one."
+            )
+        rows[token] = emb.reshape(-1)
+    new = [t for t in rows if t not in tokenizer.get_added_vocab()]
+    if new:
+        tokenizer.add_tokens(new)
+    if len(tokenizer) > weight.shape[0]:
+        requires_grad = weight.requires_grad
+        devices = [weight.device] if weight.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        weight = text_encoder.get_input_embeddings().weight
+        weight.requires_grad_(requires_grad)
+    with torch.no_grad():
+        for token, emb in rows.items():
+            weight[tokenizer.convert_tokens_to_ids(token)] = emb.to(device=weight.device, dtype=weight.dtype)
+
+
+def save_token(result: TokenResult, path: str | os.PathLike) -> None:
+    """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [1, dim]}``) with string metadata.
+
+    Atomic; the same result gives the same bytes. Loadable by stock diffusers: ``pipe.load_textual_inversion(path)``.
+
+    >>> save_token(result, "out/digits/tokens/003.safetensors")
+    """
+    meta = {
+        "format": "diffusers-textual-inversion", "token": result.token, "class_index": str(result.class_index),
+        "label": result.label, "steps": str(result.steps), "stop_reason": result.stop_reason,
+        "best_step": str(result.best_step), "unet_evals": str(result.unet_evals),
+        "model_id": str(result.metadata.get("model_id", "unknown")),
+        "guide": str(result.metadata.get("guide", "unknown")),
+        "guide_trained_on": str(result.metadata.get("guide_trained_on", "unknown")),
+        "scheduler": str(result.metadata.get("scheduler", "")),
+        "config": json.dumps(result.metadata.get("config", {}), sort_keys=True),
+        "history": json.dumps(result.history),
+        "tokens": json.dumps([result.token]),
+    }
+    _write({result.token: result.embedding}, path, meta)
+
+
+def save_tokens(
+    results: list[TokenResult] | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> None:
+    """Write many tokens into one safetensors file ``{token: [1, dim], ...}`` (e.g. ``tokens/tokens.safetensors``).
+
+    Stock diffusers takes a multi-token file in one call as tensors:
+    ``sd = load_tokens(path); pipe.load_textual_inversion(list(sd.values()), token=list(sd))`` — or use
+    ``add_tokens(pipe, load_tokens(path))``.
+
+    >>> save_tokens(results, "out/digits/tokens/tokens.safetensors", {"model_id": "digits"})
+    """
+    meta: dict[str, str] = {"format": "diffusers-textual-inversion"}
+    if isinstance(results, dict):
+        tensors = dict(results)
+    else:
+        tensors = {}
+        for r in results:
+            if r.token in tensors:
+                raise UserError(f"`results` holds token {r.token!r} twice: pass one result per class.")
+            tensors[r.token] = r.embedding
+        meta["classes"] = json.dumps([
+            {"token": r.token, "class_index": r.class_index, "label": r.label, "steps": r.steps,
+             "stop_reason": r.stop_reason, "best_step": r.best_step, "model_id": r.metadata.get("model_id"),
+             "guide": r.metadata.get("guide"), "guide_trained_on": r.metadata.get("guide_trained_on")}
+            for r in results
+        ])
+    if not tensors:
+        raise UserError("`results` is empty: there are no tokens to save.")
+    meta["tokens"] = json.dumps(list(tensors))
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    _write(tensors, path, meta)
+
+
+def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a token file (one or many tokens; a directory means its ``learned_embeds.safetensors``).
+
+    Returns:
+        ``{token: fp32 tensor [1, dim]}`` in file order.
+
+    >>> tokens = load_tokens("out/digits/tokens/003.safetensors")
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = _token_file(path)
+    try:
+        raw = load_file(str(p), device="cpu")
+        order = json.loads(token_metadata(p).get("tokens", "[]"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"Token file {str(path)!r} is not a valid safetensors file ({e}): write it again.") from None
+    names = [t for t in order if t in raw] + sorted(t for t in raw if t not in order)
+    out = {}
+    for token, emb in ((t, raw[t]) for t in names):
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[0] != 1:
+            raise UserError(
+                f"Token {token!r} in {str(path)!r} has shape {tuple(emb.shape)}; synthaug tokens are [1, dim] "
+                f"(multi-vector embeddings are not supported): load it with pipe.load_textual_inversion instead."
+            )
+        out[token] = emb.float()
+    return out
+
+
+def token_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a token file (steps, stop reason, guide, model id, config...).
+
+    >>> token_metadata("out/digits/tokens/003.safetensors")["stop_reason"]
+    'all_correct'
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(_token_file(path)), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _token_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "learned_embeds.safetensors"
+    if not p.is_file():
+        raise UserError(
+            f"Token file {str(path)!r} does not exist: learn the tokens first (synthaug learn) or pass the path of "
+            f"a .safetensors file written by save_token / save_tokens."
+        )
+    return p
+
+
+def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Serialize a safetensors file by hand, with a sorted header: `safetensors.torch.save` orders the metadata by a
+    per-process random hash, so the same tokens would give different bytes on every run (DESIGN.md: same config and
+    seeds -> identical bytes). The layout is the format's own: u64 header length, JSON header, raw little-endian data.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for token, emb in tensors.items():
+        data = torch.as_tensor(emb).detach().to("cpu", torch.float32).reshape(1, -1).numpy().astype("<f4").tobytes()
+        header[token] = {"dtype": "F32", "shape": [1, len(data) // 4], "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header to 8 bytes, keeping the data aligned
+    write_bytes(path, struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def _int_or_none(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _token_file_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header (no torch needed)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__") or {}
+        return {str(k): str(v) for k, v in meta.items()}
+    except (OSError, ValueError):
+        return {}
