@@ -414,7 +414,7 @@ def ship(work: Path, out: Path) -> None:
     te = text_encoder_from_clip(work / "clip")
     vae = AutoencoderKL.from_pretrained(work / "vae")
     unet = UNet2DConditionModel.from_pretrained(work / "unet")
-    # "leading" spacing + steps_offset=1: the last denoising step is at t=1, where the DCT loss behaves (NOTES.md).
+    # "leading" spacing + steps_offset=1: the last denoising step is at t=1, where the DCT loss behaves (with "trailing" spacing it sat at t=99 and the loss diverged).
     sched = DDIMScheduler(**BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           timestep_spacing="leading", prediction_type="epsilon")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,

@@ -1,6 +1,6 @@
 """The one exception type for user errors.
 
-Every message names the argument, the value received, what is valid, and the fix (DESIGN.md §5). The CLI prints a
+Every message names the argument, the value received, what is valid, and the fix (ARCHITECTURE.md, "Bad input"). The CLI prints a
 `UserError` on one line and exits 2; anything else is a bug and keeps its traceback.
 """
 

@@ -13,7 +13,7 @@ Rounds alternate bare / local so that load on a shared machine hits both alike; 
 time and in CPU time of this process and its children. World: the random tiny pipeline + a tiny timm guide saved to
 a temporary folder (default), or the embedded digits world when its weights are installed (``--world digits``).
 
-    nice -n 15 .venv/bin/python scripts/bench_build.py --rounds 2 --write
+    nice -n 15 .venv/bin/python scripts/bench/build.py --rounds 2 --write
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -194,21 +195,14 @@ def main() -> int:
          "worker sets exactly `run.cpus_per_worker` threads in both executors, which also keeps CPU bytes identical "
          "between them."),
     ]
-    command = (f"nice -n 15 .venv/bin/python scripts/bench_build.py --world {args.world} --classes {args.classes} "
+    command = (f"nice -n 15 .venv/bin/python scripts/bench/build.py --world {args.world} --classes {args.classes} "
                f"--per-class {args.per_class} --dct-steps {args.dct_steps} --steps {args.steps} --rounds {args.rounds} "
                f"--threads {args.threads}"
                f"{' --no-ray' if args.no_ray else ''} --write")
     text = "\n".join([SECTION, "", *rows, "", *[f"- {n}" for n in notes], "", "Command:", "", "```", command, "```", ""])
     print(text)
     if args.write:
-        from synthaug.atomic import write_text
-
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text() if path.exists() else (
-            "# Benchmarks\n\nMeasured on the machines named in each section, with the command that produced it.\n")
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-        write_text(path, new)
+        write_section(SECTION, text)
     return 0
 
 

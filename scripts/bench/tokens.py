@@ -9,10 +9,10 @@ On the random tiny pipeline (synthaug.models.tiny_pipeline) and a small random c
   what backprop keeps alive at the peak, whatever the allocator does;
 - UNet evaluations per iteration and per learned token.
 
-Random weights learn nothing (NOTES.md), so this measures cost, not quality. Usage (writes the "Token learning"
+Random weights learn nothing, so this measures cost, not quality. Usage (writes the "Token learning"
 section of BENCHMARKS.md with --write):
 
-    nice -n 15 .venv/bin/python scripts/bench_tokens.py --steps 20 --batch 4 --size 32 --write
+    nice -n 15 .venv/bin/python scripts/bench/tokens.py --steps 20 --batch 4 --size 32 --write
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -30,9 +29,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _report import write_section
 from torch import nn
 
-from synthaug.atomic import write_text
 from synthaug.config import DCTConfig
 from synthaug.testing import tiny_pipeline
 from synthaug.tokens.dct import learn_dct_token
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, wall, cpu, memory[name], peak, per_iteration))
     base = rows[0][4]
 
-    command = "nice -n 15 .venv/bin/python scripts/bench_tokens.py " + " ".join(
+    command = "nice -n 15 .venv/bin/python scripts/bench/tokens.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     header = (f"Tiny random pipeline ({args.size} px, latents {args.size // 2} px), batch {args.batch}, CFG 7, "
               f"T = {args.steps} DDIM steps, {args.iterations} iterations x {args.rounds} rounds, "
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{args.steps} (target <= 0.3x) and runs an iteration in {skip[2] / full[2]:.2f}x the CPU time."),
         (f"Activation checkpointing (`learn_dct_token(..., checkpointing=True)`) brings full backprop down to "
          f"{full_ck[4] / skip[4]:.2f}x the skipping peak at {full_ck[2] / skip[2]:.2f}x its CPU time: deeper "
-         f"gradients (NOTES.md: +9.2 judge points on the digits world) become a time question, not a memory one. "
+         f"gradients (+9.2 judge points on an earlier digits world) become a time question, not a memory one. "
          f"Peak = saved + one recomputed UNet call ({one_call / 2**20:.1f} MiB here) for checkpointed variants."),
         ("UNet evaluations per learned token = T x iterations (each on the CFG batch of 2 x batch latents), plus "
          "grad_steps more per update with checkpointing: at the paper's T = 50 that is 350 for its average 7 "
@@ -156,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                       "```", command.strip(), "```", ""])
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text() if path.exists() else (
-            "# Benchmarks\n\nMeasured on the machines named in each section, with the command that produced it.\n")
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-        write_text(path, new)
+        write_section(SECTION, text)
     return 0
 
 

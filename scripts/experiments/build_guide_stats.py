@@ -1,4 +1,4 @@
-"""What a build's index already says about its images and tokens, without running a model (RESULTS.md, issue 8).
+"""What a build's index already says about its images and tokens, without running a model (RESULTS.md, "Making the tokens help").
 
 Per method and class: the guide's top-1 on the generated images (from the stored ``guide_top5``: the guide scoring its
 own images, to set beside the judge's numbers from `synthaug evaluate`); how many images a guide-confidence filter

@@ -1,6 +1,6 @@
 """Probe: can the embedded digits world's generator make class-pure images from the *partner* name as a negative prompt?
 
-NOTES.md found that on the prototype world classifier-free guidance with the caption partner's name as the negative
+On an earlier prototype digits world, classifier-free guidance with the caption partner's name as the negative
 prompt reached +13.6 to +16.9 points. This repeats it on the shipped world: 50 images per ambiguous class ("A photo of
 one", negative prompt none / "seven" / "A photo of seven"), CFG 7 and 12, generation seeds of
 `synthaug.generation.image_seed`, scored by the independent judge. Prints one line per setting (RESULTS.md).
