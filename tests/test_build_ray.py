@@ -102,3 +102,45 @@ def test_sigkilled_driver_leaves_no_ray_processes_and_the_build_resumes(tmp_path
     # the interrupted build resumes (here in-process, on the local executor) to the same bytes
     assert build(bw.config(out, *world), progress=False).ok
     assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_reaper_ends_what_a_sigkilled_driver_started_and_nothing_else(tmp_path):
+    """`synthaug.builder._reaper` as a process of its own: once the driver dies it kills the driver's descendants
+    born after it started, and leaves alone those that existed before (its KEEP pids)."""
+    import subprocess
+    import sys
+
+    from synthaug.builder.executors import REAPER
+
+    psutil = pytest.importorskip("psutil")
+    pids = tmp_path / "pids"
+    driver = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+before = subprocess.Popen(["sleep", "600"])
+reaper = subprocess.Popen([sys.executable, {str(REAPER)!r}, str(os.getpid()), str(before.pid)],
+                          stdin=subprocess.PIPE, start_new_session=True)
+after = subprocess.Popen(["sleep", "600"])
+time.sleep(4)  # the reaper imports psutil (or Ray's copy) and records the tree
+open({str(pids)!r}, "w").write(f"{{before.pid}} {{after.pid}} {{reaper.pid}}")
+time.sleep(600)
+"""], cwd=bw.REPO)
+    procs = []
+    try:
+        deadline = time.monotonic() + 60
+        while not pids.exists() and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        procs = [psutil.Process(int(p)) for p in pids.read_text().split()]
+        before, after, reaper = procs
+        bw.sigkill(driver)
+        psutil.wait_procs([after, reaper], timeout=30)
+        assert not after.is_running(), "the reaper left the driver's child running"
+        assert not reaper.is_running(), "the reaper did not end with the driver"
+        assert before.is_running(), "the reaper killed a process that existed before it started"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for p in procs:  # what this test started, by pid
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

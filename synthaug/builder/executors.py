@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 INSTALL_RAY = 'pip install "synthaug[ray]"'
 
+REAPER = Path(__file__).with_name("_reaper.py")  # run as a file: `python -m` would import torch first
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Progress and bookkeeping on the driver
@@ -130,64 +132,12 @@ def _import_ray() -> Any:
     return ray
 
 
-# The reaper: a tiny watchdog process beside a driver that started its own local Ray. Ray ties gcs_server and the
-# raylet to the driver (PR_SET_PDEATHSIG), but a SIGKILLed driver still leaves processes the raylet spawned (the
-# dashboard and runtime-env agents) running forever (NOTES.md). The reaper records, every half second, every process
-# that descends from the driver (except those that existed before Ray started, and itself); when the driver's pipe
-# closes — a clean exit after ray.shutdown(), or the driver's death — it terminates the recorded processes that still
-# run, by pid and creation time (a pid reused by an unrelated process is never touched).
-_REAPER = r"""
-import os, select, sys
-try:
-    import psutil
-except ImportError:  # Ray ships its own copy of psutil and puts it on sys.path when imported
-    import ray  # noqa: F401
-    import psutil
-driver = int(sys.argv[1])
-keep = {int(p) for p in sys.argv[2:]}
-me = os.getpid()
-seen = {}
-def scan():
-    try:
-        kids = psutil.Process(driver).children(recursive=True)
-    except psutil.Error:
-        return False
-    for p in kids:
-        try:
-            if p.pid == me or p.pid in keep or any(a.pid in keep for a in p.parents()):
-                continue
-            seen.setdefault(p.pid, p.create_time())
-        except psutil.Error:
-            pass
-    return True
-while scan():
-    ready, _, _ = select.select([sys.stdin], [], [], 0.5)
-    if ready and not os.read(sys.stdin.fileno(), 4096):
-        break
-procs = []
-for pid, created in seen.items():
-    try:
-        p = psutil.Process(pid)
-        if p.create_time() == created:
-            procs.append(p)
-    except psutil.Error:
-        pass
-for p in procs:
-    try:
-        p.terminate()
-    except psutil.Error:
-        pass
-gone, alive = psutil.wait_procs(procs, timeout=5)
-for p in alive:
-    try:
-        p.kill()
-    except psutil.Error:
-        pass
-"""
-
-
 class _Reaper:
-    """Start the reaper before a local Ray, close it after ``ray.shutdown()`` (see `_REAPER`)."""
+    """Start the reaper (`synthaug.builder._reaper`) before a local Ray; close it after ``ray.shutdown()``.
+
+    A SIGKILLed driver leaves some of the processes its local Ray spawned running; the reaper, a separate process
+    watching the driver through a pipe, terminates them when the pipe closes.
+    """
 
     def __init__(self) -> None:
         existing: list[str] = []
@@ -196,7 +146,7 @@ class _Reaper:
 
             existing = [str(p.pid) for p in psutil.Process().children()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _REAPER, str(os.getpid()), *existing], stdin=subprocess.PIPE,
+            [sys.executable, str(REAPER), str(os.getpid()), *existing], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
         )
 
