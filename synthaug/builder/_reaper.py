@@ -25,8 +25,7 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.pa
 try:
     import psutil
 except ImportError:  # Ray ships its own copy of psutil and puts it on sys.path when imported
-    import ray  # noqa: F401
-
+    import ray  # noqa: F401, I001 (ray first: importing it puts its psutil on sys.path)
     import psutil
 
 POLL_SECONDS = 0.5  # how often the process tree is recorded
