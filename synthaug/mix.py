@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from torchvision.datasets import VisionDataset
 
-from .datasets.base import normalize_name
 from .datasets.fewshot import few_shot_indices
 from .errors import UserError
 from .layout import CLASSES_FILE, KNOWN_METHODS
+from .names import normalize_name
 from .shards import ShardReader, load_index
 
 logger = logging.getLogger(__name__)

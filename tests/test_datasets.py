@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthaug.datasets.base import clean_class_name
+from synthaug.names import clean_class_name
 from synthaug.datasets.catalog import DATASET_NAMES, get_dataset
 from synthaug.datasets.cub import CUB200
 from synthaug.datasets.digits import Digits
@@ -181,11 +181,11 @@ def test_get_dataset_names_and_errors(cub_root, tmp_path):
     digits = get_dataset("digits", None, "judge")
     assert isinstance(digits, Digits) and len(digits) == 359
     with pytest.raises(UserError, match=r"`dataset` must be one of digits, cub, inat, imagenet, imagefolder, "
-                                        r"flowers102, .*stanfordcars but is 'mnist'"):
+                                        r"inat179, inat50, flowers102, .*stanfordcars but is 'mnist'"):
         get_dataset("mnist", tmp_path)
     with pytest.raises(UserError, match="`root` is required for dataset 'cub'"):
         get_dataset("cub")
-    with pytest.raises(UserError, match="`split` for digits must be one of train, judge, test but is 'val'"):
+    with pytest.raises(UserError, match="`split` must be one of train, judge, test for dataset 'digits' but is 'val'"):
         get_dataset("digits", split="val")
     assert "eurosat" in DATASET_NAMES and "inat" in DATASET_NAMES
 
@@ -205,7 +205,7 @@ def test_torchvision_sets_never_download_and_get_clean_names(tmp_path):
     assert food.classes == ["apple pie", "beef tartare"] and food.targets == [0, 0, 1]
     assert food.class_to_idx["beef tartare"] == 1 and food.samples[2][0].endswith("beef_tartare/3.jpg")
     assert food[2][1] == 1
-    with pytest.raises(UserError, match="`split` for Food101 must be one of train, test but is 'val'"):
+    with pytest.raises(UserError, match="`split` must be one of train, test for dataset 'food101' but is 'val'"):
         get_dataset("food101", tmp_path, "val")
 
 

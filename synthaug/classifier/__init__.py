@@ -4,7 +4,8 @@
 local directory, ``ARCH@checkpoint`` file, or the embedded ``digits-guide`` / ``digits-judge``) and returns a
 `Classifier`: an `nn.Module` that maps images in [0, 1] to logits, with its `labels`, its `data_config` (the model's
 own eval preprocessing), a differentiable `preprocess` built from torch ops, penultimate `features`, and a
-`trained_on` note. One module per source: `from_timm`, `from_transformers`, `from_torchvision`, `from_checkpoint`.
+`trained_on` note. `source` reads a source string without loading it (`parse_source`, `declared_labels`,
+`check_label_agreement`). One module per source: `from_timm`, `from_transformers`, `from_torchvision`, `from_checkpoint`.
 
 The wrapped model is frozen (``eval()``, ``requires_grad_(False)``, and it stays in eval mode even if a parent calls
 ``.train()``), yet gradients flow to the *input images*: DCT backpropagates the guide's cross-entropy through the
@@ -16,7 +17,28 @@ give a one-line `UserError` naming `classifier`, the value and the fix, never a 
 
 from .base import Classifier, MeanPoolViT, eval_transform
 from .hub import KNOWN_MODELS
-from .load import EMBEDDED_CLASSIFIERS, PREFIXES, load_classifier
+from .load import load_classifier
+from .source import (
+    EMBEDDED_CLASSIFIERS,
+    PREFIXES,
+    ClassifierSource,
+    check_label_agreement,
+    declared_labels,
+    parse_source,
+    same_source,
+)
 
-__all__ = ["EMBEDDED_CLASSIFIERS", "KNOWN_MODELS", "PREFIXES", "Classifier", "MeanPoolViT", "eval_transform",
-           "load_classifier"]
+__all__ = [
+    "EMBEDDED_CLASSIFIERS",
+    "KNOWN_MODELS",
+    "PREFIXES",
+    "Classifier",
+    "ClassifierSource",
+    "MeanPoolViT",
+    "check_label_agreement",
+    "declared_labels",
+    "eval_transform",
+    "load_classifier",
+    "parse_source",
+    "same_source",
+]

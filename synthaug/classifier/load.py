@@ -9,23 +9,14 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import ASSETS, offline, resolve_device, resolve_dtype
+from ..models import offline, resolve_device, resolve_dtype
 from .base import Classifier, _Loaded
 from .from_checkpoint import _load_checkpoint
 from .from_timm import _load_timm_dir, _load_timm_pretrained
 from .from_torchvision import _load_torchvision
 from .from_transformers import _load_transformers
 from .hub import _check_hub_id, _hub_config, _known, _read_json
-
-# Embedded classifiers: names that resolve to timm hub-format directories shipped inside the package.
-EMBEDDED_CLASSIFIERS = {"digits-guide": ASSETS / "digits" / "guide", "digits-judge": ASSETS / "digits" / "judge"}
-
-
-PREFIXES = ("timm:", "hf-hub:", "local-dir:", "transformers:", "vit-mae:", "torchvision:")
-
-
-_HELP = ("a timm name ('resnet50'), 'hf-hub:ORG/NAME', a transformers id ('google/vit-large-patch16-224'), "
-         "'torchvision:NAME', a local directory, 'ARCH@CHECKPOINT' or 'digits-guide'/'digits-judge'")
+from .source import HELP, ClassifierSource, parse_source
 
 
 def load_classifier(
@@ -79,79 +70,62 @@ def load_classifier(
     >>> guide.labels[:3]
     ['zero', 'one', 'two']
     """
-    if isinstance(source, os.PathLike):
-        source = os.fspath(source)
-    if not isinstance(source, str) or not source.strip():
-        raise UserError(f"`classifier` must be {_HELP}, but is {source!r}.")
+    src = parse_source(source)  # refuses an empty or non-string source
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if local_files_only is None:
         local_files_only = offline()
-    loaded = _resolve(source.strip(), local_files_only)
+    loaded = _resolve(src, local_files_only)
     loaded.model.to(device=dev, dtype=torch_dtype)
-    return Classifier(loaded.model, labels, loaded.data_config, source=source, trained_on=trained_on or loaded.trained_on,
+    return Classifier(loaded.model, labels, loaded.data_config, source=src.text, trained_on=trained_on or loaded.trained_on,
                       kind=loaded.kind, model_labels=loaded.labels)
 
 
-def _resolve(source: str, local_files_only: bool) -> _Loaded:
-    """`source` -> the loader that applies (order documented in `load_classifier`)."""
-    # 1. embedded
-    if source in EMBEDDED_CLASSIFIERS:
-        path = EMBEDDED_CLASSIFIERS[source]
-        if not (path / "config.json").is_file():
+def _resolve(src: ClassifierSource, local_files_only: bool) -> _Loaded:
+    """The loader for a parsed source (the rules are `parse_source`'s, documented in `load_classifier`)."""
+    source = src.text
+    if src.kind == "embedded":
+        if not (src.path / "config.json").is_file():
             raise UserError(
-                f"`classifier` {source!r} is an embedded model but its weights are missing at {path}: reinstall "
+                f"`classifier` {source!r} is an embedded model but its weights are missing at {src.path}: reinstall "
                 f"synthaug, or rebuild them with `python scripts/train_digits_world.py`."
             )
-        return _load_timm_dir(source, path)
-    # 2. explicit prefixes
-    if source.startswith(PREFIXES):
-        prefix, _, rest = source.partition(":")
-        if not rest:
-            raise UserError(f"`classifier` {source!r} names nothing after '{prefix}:': pass e.g. '{prefix}:NAME'.")
-        if prefix in ("timm", "torchvision"):
-            arch, at, ckpt = rest.partition("@")
-            if at:
-                return _load_checkpoint(source, prefix, arch, ckpt)
-            return _load_timm_pretrained(source, rest, local_files_only) if prefix == "timm" else \
-                _load_torchvision(source, rest, local_files_only)
-        if prefix == "hf-hub":
-            return _load_timm_pretrained(source, "hf-hub:" + rest, local_files_only)
-        if prefix == "local-dir":
-            return _load_dir(source, Path(rest).expanduser())
-        pooling = "mean" if prefix == "vit-mae" else None
-        if Path(rest).expanduser().is_dir():
-            return _load_transformers(source, str(Path(rest).expanduser()), True, pooling)
-        _check_hub_id(source, rest)
-        return _load_transformers(source, rest, local_files_only, pooling or _known(rest).get("pooling"))
-    # 3. ARCH@checkpoint
-    arch, at, ckpt = source.partition("@")
-    if at and "/" not in arch and not Path(source).exists():
-        return _load_checkpoint(source, "timm", arch, ckpt)
-    # 4. local path
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_dir(source, path)
-    if path.is_file():
+        return _load_timm_dir(source, src.path)
+    if src.kind == "checkpoint":
+        return _load_checkpoint(source, src.family, src.arch, src.target)
+    if src.kind == "timm":
+        return _load_timm_pretrained(source, src.target, local_files_only)
+    if src.kind == "torchvision":
+        return _load_torchvision(source, src.target, local_files_only)
+    if src.kind == "hf-hub":
+        return _load_timm_pretrained(source, "hf-hub:" + src.target, local_files_only)
+    if src.kind == "dir":
+        return _load_dir(source, src.path)
+    if src.kind in ("transformers", "vit-mae"):
+        pooling = "mean" if src.kind == "vit-mae" else None
+        if src.path is not None:
+            return _load_transformers(source, str(src.path), True, pooling)
+        _check_hub_id(source, src.target)
+        return _load_transformers(source, src.target, local_files_only, pooling or _known(src.target).get("pooling"))
+    if src.kind == "file":
         raise UserError(
             f"`classifier` {source!r} is a checkpoint file without an architecture: pass 'ARCH@{source}' "
             f"(a timm architecture, e.g. 'resnet18@{source}') or 'torchvision:ARCH@{source}'."
         )
-    # 5. timm registry name
+    # a bare name: the timm registry, else a hub id
     import timm
 
     if "/" not in source and timm.is_model(source):
         return _load_timm_pretrained(source, source, local_files_only)
-    # 6. hub id
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source:
+    if src.hub_id is not None:
         if _known(source).get("pooling") == "mean":
             return _load_transformers(source, source, local_files_only, "mean")
         if "architecture" in _hub_config(source, source, local_files_only):
             return _load_timm_pretrained(source, "hf-hub:" + source, local_files_only)
         return _load_transformers(source, source, local_files_only, None)
     if source.startswith((".", "/", "~")) or os.sep in source:
-        raise UserError(f"`classifier` {source!r} does not exist: pass an existing directory, or {_HELP}.")
-    raise UserError(f"`classifier` {source!r} is not a known classifier: pass {_HELP}.")
+        raise UserError(f"`classifier` {source!r} does not exist: pass an existing directory, or {HELP}.")
+    raise UserError(f"`classifier` {source!r} is not a known classifier: pass {HELP}.")
 
 
 def _load_dir(source: str, path: Path) -> _Loaded:

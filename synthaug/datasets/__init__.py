@@ -8,15 +8,27 @@ Each dataset takes ``(root, split="train", transform=None, target_transform=None
   `ImageNet`: ``train/``/``val/`` class folders + class names; `ImageFolder`: any ``class/image`` tree;
   `torchvision_dataset`: Flowers102, OxfordIIITPet, FGVCAircraft, Food101, DTD, EuroSAT, StanfordCars (never
   downloads unless asked); `Digits`: the embedded world.
-- `get_dataset(name, root, split)` resolves a name (what ``synthaug build --dataset`` uses);
+- `get_dataset(name, root, split)` resolves a name (what ``synthaug build --dataset`` uses; ``inat179`` and
+  ``inat50`` name the paper's iNat subsets); `dataset_splits` / `default_test_split` / `check_split` say which
+  splits a dataset has (iNat 2021 and ImageNet: train/val, no test);
   `select_classes(dataset, selection)` picks a run's classes; `few_shot_indices` / `few_shot` pick the same k images
   per class for the same seed.
 
 Missing or malformed data raises `UserError`: "Dataset not found or corrupted at {root}: expected {file}. {fix}".
 """
 
-from .base import IMG_EXTENSIONS, clean_class_name, normalize_name, pil_loader
-from .catalog import ALIASES, DATASET_NAMES, DATASETS, get_dataset
+from ..names import clean_class_name, normalize_name
+from .base import IMG_EXTENSIONS, class_aliases, pil_loader
+from .catalog import (
+    ALIASES,
+    DATASET_NAMES,
+    DATASETS,
+    SUBSETS,
+    check_split,
+    dataset_splits,
+    default_test_split,
+    get_dataset,
+)
 from .cub import CUB200, CUB_FOLDER_NAMES, CUB_TO_INAT_NAME
 from .digits import DIGIT_NAMES, DIGITS_SIZE, DIGITS_SPLITS, Digits, digits_arrays
 from .fewshot import FewShot, few_shot, few_shot_indices
@@ -42,10 +54,15 @@ __all__ = [
     "TORCHVISION_SETS",
     "Digits",
     "FewShot",
+    "SUBSETS",
     "INat2021",
     "ImageFolder",
     "ImageNet",
+    "check_split",
+    "class_aliases",
     "clean_class_name",
+    "dataset_splits",
+    "default_test_split",
     "digits_arrays",
     "few_shot",
     "few_shot_indices",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,28 +15,6 @@ from ..errors import UserError
 # Shared helpers
 # --------------------------------------------------------------------------------------------------------------------
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-
-
-def clean_class_name(name: str) -> str:
-    """A class name fit for a prompt: drop a numeric ``001.`` prefix, underscores to spaces, collapse whitespace.
-
-    >>> clean_class_name("001.Black_footed_Albatross")
-    'Black footed Albatross'
-    """
-    name = re.sub(r"^\d+[.]", "", name.strip())
-    return " ".join(name.replace("_", " ").split())
-
-
-def normalize_name(name: str) -> str:
-    """Loose key for matching names across datasets: case, possessive 's, punctuation and grey/gray ignored.
-
-    >>> normalize_name("Brewer's Blackbird") == normalize_name("Brewer_Blackbird")
-    True
-    """
-    s = re.sub(r"['\u2019]s\b", "", name.lower())
-    s = re.sub(r"[^a-z0-9]+", " ", s)
-    s = re.sub(r"\bgrey\b", "gray", s)
-    return " ".join(s.split())
 
 
 def _not_found(root: Any, expected: str, fix: str = "") -> UserError:
@@ -86,3 +63,16 @@ def _check_split(split: str, valid: Sequence[str], what: str) -> str:
     if split not in valid:
         raise UserError(f"`split` for {what} must be one of {', '.join(valid)} but is {split!r}.")
     return split
+
+
+def class_aliases(dataset: Any) -> list[tuple[str, ...]]:
+    """Every name each class of `dataset` goes by: its clean name, then the raw folder name, the scientific name
+    (iNat) or the WordNet id (ImageNet) where the dataset has them. A classifier's label names one of them.
+
+    >>> class_aliases(["zero", "one"])
+    [('zero',), ('one',)]
+    """
+    classes = [str(c) for c in (dataset.classes if hasattr(dataset, "classes") else dataset)]
+    extra = [getattr(dataset, a) for a in ("folder_names", "scientific_names", "wnids")
+             if isinstance(getattr(dataset, a, None), Sequence) and len(getattr(dataset, a)) == len(classes)]
+    return [tuple(dict.fromkeys([c, *(str(e[i]) for e in extra)])) for i, c in enumerate(classes)]

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .base import _check_split, _not_found
+from .base import _not_found
 from .cub import CUB200
 from .digits import DIGITS_SPLITS, Digits
 from .folder import ImageFolder
 from .imagenet import ImageNet
-from .inat import INat2021
+from .inat import INAT_VERSIONS, INat2021
 from .tvsets import TORCHVISION_SETS, torchvision_dataset
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -32,30 +32,79 @@ ALIASES = {"cub200": "cub", "inat2021": "inat", "inat21": "inat", "flowers": "fl
            "aircraft": "fgvcaircraft", "food": "food101", "cars": "stanfordcars", "folder": "imagefolder"}
 
 
-DATASET_NAMES = (*DATASETS, *TORCHVISION_SETS)
+# Named subsets: a dataset name plus the keyword arguments that select the subset (the paper's iNat rows).
+SUBSETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "inat179": ("inat", {"subset": "inat179"}),
+    "inat50": ("inat", {"subset": "inat50"}),
+}
+
+
+DATASET_NAMES = (*DATASETS, *SUBSETS, *TORCHVISION_SETS)
+
+
+def _key(name: str) -> str:
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return ALIASES.get(key, key)
+
+
+def dataset_splits(name: str) -> tuple[str, ...] | None:
+    """The splits dataset `name` has (None: any sub-folder, for ``imagefolder``).
+
+    >>> dataset_splits("inat")
+    ('train', 'train_full', 'val')
+    """
+    key = _key(name)
+    key = SUBSETS[key][0] if key in SUBSETS else key
+    if key in TORCHVISION_SETS:
+        splits = TORCHVISION_SETS[key][1]
+        return ("train", *splits) if "train" not in splits else splits  # "train" reads "trainval" there
+    return {"digits": tuple(DIGITS_SPLITS), "cub": ("train", "test", "all"), "inat": tuple(INAT_VERSIONS),
+            "imagenet": ("train", "val")}.get(key)
+
+
+def default_test_split(name: str) -> str:
+    """The split a dataset's models are tested on: ``test`` where it has one, else ``val`` (iNat 2021, ImageNet).
+
+    >>> default_test_split("imagenet"), default_test_split("cub")
+    ('val', 'test')
+    """
+    splits = dataset_splits(name)
+    return "test" if splits is None or "test" in splits else "val"
+
+
+def check_split(name: str, split: str | None, argument: str = "split") -> str | None:
+    """`split` if dataset `name` has it, else a `UserError` naming the valid choices."""
+    splits = dataset_splits(name)
+    if split is not None and splits is not None and split not in splits:
+        raise UserError(f"`{argument}` must be one of {', '.join(splits)} for dataset {name!r} but is {split!r}: "
+                        f"pick one of those.")
+    return split
 
 
 def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train",
                 transform: Callable | None = None, **kw: Any) -> Any:
-    """The real dataset called `name` ("digits", "cub", "inat", "imagenet", "imagefolder", or a torchvision set).
+    """The real dataset called `name` ("digits", "cub", "inat", "inat179", "inat50", "imagenet", "imagefolder", or a
+    torchvision set).
 
     Args:
         name: one of `DATASET_NAMES` (case-insensitive; aliases like "pets", "cars" accepted).
         root: dataset folder (ignored for "digits").
         split: the split to read.
         transform: applied to each PIL image.
-        **kw: passed to the dataset class (e.g. ``subset="inat179"`` for iNat).
+        **kw: passed to the dataset class (e.g. ``subset_seed=1`` for "inat50").
 
     >>> ds = get_dataset("digits", split="test")
     >>> len(ds.classes)
     10
     """
-    key = str(name).lower().replace("-", "").replace("_", "")
-    key = ALIASES.get(key, key)
+    key = _key(name)
+    if key in SUBSETS:
+        key, subset_kw = SUBSETS[key]
+        kw = {**subset_kw, **kw}
     if key not in DATASETS and key not in TORCHVISION_SETS:
         raise UserError(f"`dataset` must be one of {', '.join(DATASET_NAMES)} but is {name!r}: fix the name.")
+    check_split(name, split)
     if key == "digits":
-        _check_split(split, tuple(DIGITS_SPLITS), "digits")
         return Digits(root, split=split, transform=transform, **kw)
     if root is None:
         raise UserError(f"`root` is required for dataset {name!r}: pass the folder that holds it (--root PATH).")

@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import _check_split, _ImageList, _not_found, clean_class_name, pil_loader
+from ..names import clean_class_name
+from .base import _check_split, _ImageList, _not_found, pil_loader
 
 # --------------------------------------------------------------------------------------------------------------------
 # CUB-200-2011

@@ -6,7 +6,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import IMG_EXTENSIONS, _ImageList, _not_found, clean_class_name, pil_loader
+from torchvision.datasets.folder import find_classes, make_dataset
+
+from ..names import clean_class_name
+from .base import IMG_EXTENSIONS, _ImageList, _not_found, pil_loader
 
 
 class ImageFolder(_ImageList):
@@ -31,15 +34,11 @@ class ImageFolder(_ImageList):
         if not folder.is_dir():
             raise _not_found(root, f"{folder}/<class>/<image>",
                              "Pass split=None to read the root itself." if split is not None else "")
-        self.folder_names = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-        if not self.folder_names:
-            raise _not_found(root, f"one sub-folder per class in {folder}")
-        samples = []
-        for target, d in enumerate(self.folder_names):
-            for dirpath, _, files in sorted(os.walk(folder / d, followlinks=True)):
-                for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        samples.append((os.path.join(dirpath, f), target))
+        try:
+            self.folder_names, class_to_idx = find_classes(str(folder))
+        except FileNotFoundError:
+            raise _not_found(root, f"one sub-folder per class in {folder}") from None
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
             raise _not_found(root, f"image files ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/")
         self._set_samples([clean_class_name(n) for n in self.folder_names], samples)

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import IMG_EXTENSIONS, _check_split, _ImageList, _not_found, clean_class_name, normalize_name, pil_loader
+from ..names import clean_class_name, normalize_name
+from .base import IMG_EXTENSIONS, _check_split, _ImageList, _not_found, pil_loader
 from .cub import CUB_FOLDER_NAMES, CUB_TO_INAT_NAME
 
 # --------------------------------------------------------------------------------------------------------------------

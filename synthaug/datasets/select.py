@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..names import normalize_name
 from .inat import per_supercategory_sample
 
 
@@ -41,7 +42,7 @@ def select_classes(dataset: Any, selection: str | None) -> list[int]:
         return list(range(n))
     by_name: dict[str, int] = {}
     for i, name in enumerate(class_names):
-        by_name.setdefault(_norm_name(name), i)
+        by_name.setdefault(normalize_name(name), i)
     chosen: set[int] = set()
     for part in str(selection).split(","):
         part = part.strip()
@@ -60,7 +61,7 @@ def select_classes(dataset: Any, selection: str | None) -> list[int]:
             if not 0 < k <= n:
                 raise UserError(f"`classes` {part!r} asks for {k} classes but the dataset has {n}: use 1..{n}.")
             chosen.update(_sample_classes(n, k, seed, supercategories))
-        elif (i := by_name.get(_norm_name(part))) is not None:
+        elif (i := by_name.get(normalize_name(part))) is not None:
             chosen.add(i)
         else:
             close = difflib.get_close_matches(part, list(class_names), n=3)
@@ -68,10 +69,6 @@ def select_classes(dataset: Any, selection: str | None) -> list[int]:
             raise UserError(f"`classes` entry {part!r} is not a class of this dataset: use indices/ranges like '0-9,17' "
                             f"or class names such as {class_names[0]!r}.{hint}")
     return sorted(chosen)
-
-
-def _norm_name(name: str) -> str:
-    return " ".join(str(name).replace("_", " ").lower().split())
 
 
 def _sample_classes(n: int, k: int, seed: int, supercategories: Sequence[str] | None) -> list[int]:

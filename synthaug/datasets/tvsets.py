@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import _check_split, _not_found, clean_class_name
+from ..names import clean_class_name
+from .base import _check_split, _not_found
 
 # --------------------------------------------------------------------------------------------------------------------
 # torchvision's fine-grained sets
