@@ -8,6 +8,7 @@ applied before the file's own keys.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -206,32 +207,47 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"`{key}` must be a list but is {value!r}.")
+            raise UserError(f"`{key}` must be a list but is {_short(value)}.")
         return tuple(_coerce(v, args[0], key) for v in value)
+    if isinstance(value, (list, tuple, dict, set)):
+        kind = "a mapping" if isinstance(value, dict) else "a list"
+        raise UserError(f"`{key}` must be a single value, not {kind}: {_short(value)}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise UserError(f"`{key}` must be true or false but is {value!r}.")
+        raise UserError(f"`{key}` must be true or false but is {_short(value)}.")
     if tp in (int, float):
         if isinstance(value, bool):
             raise UserError(f"`{key}` must be a number but is {value!r}.")
         try:
             out = tp(value)
-        except (TypeError, ValueError):
-            raise UserError(f"`{key}` must be {'an integer' if tp is int else 'a number'} but is {value!r}.") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"`{key}` must be {'an integer' if tp is int else 'a number'} but is {_short(value)}."
+                            ) from None
         if tp is int and isinstance(value, float) and value != out:
             raise UserError(f"`{key}` must be an integer but is {value!r}.")
+        if tp is float and not math.isfinite(out):
+            raise UserError(f"`{key}` must be a finite number but is {out!r}.")
         return out
     if tp is str:
         return str(value)
     return value
 
 
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"Config key {prefix}{bad[0]!r} is not a string: config keys are field names such as "
+                        f"{prefix}{sorted(names)[0]}. Fix or remove it.")
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section `{prefix[:-1]}`" if prefix else "the config"
@@ -252,6 +268,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    if not isinstance(key, str):
+        raise UserError(f"Config key {key!r} is not a string: config keys are field names such as dct.lr.")
     parts = key.split(".")
     node = data
     for p in parts[:-1]:
@@ -299,18 +317,24 @@ def load_config(
             raise UserError(f"`--config` {str(path)!r} does not exist: pass a YAML file such as configs/digits.yaml.")
         try:
             file_data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"`--config` {str(path)!r} cannot be read ({e}): pass a YAML text file.") from None
         except yaml.YAMLError as e:
             raise UserError(f"`--config` {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}.") from None
         if not isinstance(file_data, dict):
             raise UserError(f"`--config` {str(path)!r} must hold a mapping of config keys, not {type(file_data).__name__}.")
+        bad = _non_string_key(file_data)
+        if bad is not None:
+            raise UserError(f"`--config` {str(path)!r}: key {bad} is not a string; config keys are field names such "
+                            f"as per_class or dct.lr. Fix or remove it.")
     dataset = (overrides or {}).get("dataset", file_data.get("dataset", BuildConfig.dataset))
-    ds_defaults = dict(DATASET_DEFAULTS.get(dataset, {}))
+    ds_defaults = dict(DATASET_DEFAULTS.get(dataset, {}) if isinstance(dataset, str) else {})
     preset = preset or file_data.pop("preset", None) or ds_defaults.pop("preset", None)
     ds_defaults.pop("preset", None)
     for k, v in ds_defaults.items():
         _set_dotted(data, k, v)
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"`preset` must be one of {', '.join(PRESETS)} but is {preset!r}.")
         for k, v in PRESETS[preset].items():
             _set_dotted(data, k, v)
@@ -320,6 +344,18 @@ def load_config(
     cfg = _build(BuildConfig, data)
     validate(cfg)
     return cfg
+
+
+def _non_string_key(data: dict, prefix: str = "") -> str | None:
+    """The dotted name of the first key that is not a string (YAML reads ``1:`` as an integer key), or None."""
+    for k, v in data.items():
+        if not isinstance(k, str):
+            return f"{prefix}{k}"
+        if isinstance(v, dict):
+            bad = _non_string_key(v, f"{prefix}{k}.")
+            if bad is not None:
+                return bad
+    return None
 
 
 def _merge(dst: dict, src: dict) -> None:
@@ -336,21 +372,51 @@ def get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
+# Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
+POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
+            "dct.val_every", "dct.lr", "generate.batch_size", "generate.num_inference_steps",
+            "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
+            "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
+
+# Seeds are hashed into int64 noise seeds and stored in int64 columns.
+SEED_LIMIT = 2**63
+
+# Strings that name something and so cannot be empty.
+NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dct.init_token", "mcti.init_token",
+             "generate.prompt")
+
+
 def validate(cfg: BuildConfig) -> None:
-    """Every rule that can be checked without data or models (DESIGN.md §5). Raises `UserError`."""
+    """Every rule that can be checked without data or models. Raises `UserError`.
+
+    Every value has its declared type (a config made in code never went through the YAML reader), every number is
+    finite and >= 0, and the rules below hold; what needs the data, the models or the machine (dataset root, class
+    selection, model and guide paths, dtype, a CUDA device) is `synthaug.builder.validate`'s.
+    """
+    _check_types(cfg, "")
     for key, valid in VALID.items():
         v = get(cfg, key)
         if v not in valid:
             raise UserError(f"`{key}` must be one of {', '.join(valid)} but is {v!r}.")
-    positive = ["per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "generate.batch_size",
-                "generate.num_inference_steps", "shards.samples_per_shard", "mcti.shots", "mcti.batch_size",
-                "run.cpus_per_worker"]
-    for key in positive:
-        if get(cfg, key) <= 0:
-            raise UserError(f"`{key}` must be > 0 but is {get(cfg, key)!r}.")
-    for key in ["dct.patience", "dct.augment", "run.max_retries", "mcti.steps", "mcti.extra_steps"]:
-        if get(cfg, key) < 0:
-            raise UserError(f"`{key}` must be >= 0 but is {get(cfg, key)!r}.")
+    for key in POSITIVE:
+        v = get(cfg, key)
+        if v is not None and v <= 0:
+            default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
+                       "run.max_in_flight": " (or null for 2 x workers)"}.get(key, "")
+            raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise UserError(f"`{key}` must be >= 0 but is {value!r}.")
+    for key in ("dct.seed", "mcti.seed", "generate.seed"):
+        if get(cfg, key) >= SEED_LIMIT:
+            raise UserError(f"`{key}` must be < 2**63 (seeds are stored as int64) but is {get(cfg, key)}.")
+    for key in NON_EMPTY:
+        if not get(cfg, key).strip():
+            raise UserError(f"`{key}` must not be empty.")
+    if cfg.run.ray_address is not None and not cfg.run.ray_address.strip():
+        raise UserError("`run.ray_address` must be null or an address ('auto', 'ray://host:10001') but is ''.")
+    if not 1 <= cfg.shards.quality <= 100:
+        raise UserError(f"`shards.quality` must be in 1..100 but is {cfg.shards.quality!r}.")
     if not 1 <= cfg.dct.grad_steps <= cfg.dct.num_inference_steps:
         raise UserError(
             f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({cfg.dct.num_inference_steps}) "
@@ -363,10 +429,13 @@ def validate(cfg: BuildConfig) -> None:
                 f"`{sec}.height` and `{sec}.width` have to be positive and divisible by 8 but are {h} and {w}: "
                 f"use e.g. {max(8, h // 8 * 8)}."
             )
-    if cfg.dct.lr is not None and cfg.dct.lr <= 0:
-        raise UserError(f"`dct.lr` must be > 0 (or null for 0.00025 x batch_size) but is {cfg.dct.lr!r}.")
     if not 0 <= cfg.dct.patience_min_accuracy <= 1:
         raise UserError(f"`dct.patience_min_accuracy` must be in [0, 1] but is {cfg.dct.patience_min_accuracy!r}.")
+    if cfg.mcti.alpha == 0 and cfg.mcti.beta == 0:
+        raise UserError("`mcti.alpha` and `mcti.beta` are both 0, which leaves no loss to train on: set mcti.alpha "
+                        "to 1 (plain TI) or both to 1 (MC-TI).")
+    if not cfg.dct.prompts:
+        raise UserError("`dct.prompts` must hold at least one prompt, e.g. ['A photo of {token} {label}'].")
     for p in cfg.dct.prompts:
         if "{token}" not in p:
             raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
@@ -376,6 +445,21 @@ def validate(cfg: BuildConfig) -> None:
         raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
     if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):
         raise UserError(f"`classes` must be like '0-9,17' or 'name1,name2' but is {cfg.classes!r}.")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Every field holds its declared type: what `_coerce` gives back unchanged, with the same type."""
+    if not is_dataclass(obj):
+        raise UserError(f"`{prefix[:-1] or 'config'}` must be a section of the config but is {_short(obj)}.")
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        value, tp, key = getattr(obj, f.name), hints[f.name], prefix + f.name
+        if is_dataclass(tp):
+            _check_types(value, key + ".")
+            continue
+        coerced = _coerce(value, tp, key)
+        if type(coerced) is not type(value) or coerced != value:
+            raise UserError(f"`{key}` must be of type {getattr(tp, '__name__', tp)} but is {_short(value)}.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
