@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..atomic import TMP_PREFIX
-from ..classifier.load import EMBEDDED_CLASSIFIERS
+from ..classifier.source import check_label_agreement, declared_labels, parse_source
 from ..config import BuildConfig, diff, from_dict, get, validate
+from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
 from ..errors import UserError
@@ -80,35 +79,7 @@ def guide_num_classes(source: str) -> int | None:
     >>> guide_num_classes("digits-guide")  # doctest: +SKIP
     10
     """
-    path: Path | None = None
-    src = source.strip()
-    if src in EMBEDDED_CLASSIFIERS:
-        path = Path(EMBEDDED_CLASSIFIERS[src]) / "config.json"
-    else:
-        for prefix in ("local-dir:", "transformers:", "vit-mae:", "hf-hub:"):
-            src = src.removeprefix(prefix)
-        local = Path(src).expanduser()
-        if local.is_dir():
-            path = local / "config.json"
-        elif "@" not in src and src.count("/") == 1 and not src.startswith((".", "/", "~")):
-            with contextlib.suppress(Exception):  # an absent cache or hub library only means "check after loading"
-                from huggingface_hub import try_to_load_from_cache
-
-                hit = try_to_load_from_cache(src, "config.json")
-                path = Path(hit) if isinstance(hit, str) else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(cfg.get("num_classes"), int):
-        return cfg["num_classes"]
-    if isinstance(cfg.get("id2label"), dict) and cfg["id2label"]:
-        return len(cfg["id2label"])
-    if isinstance(cfg.get("num_labels"), int):
-        return cfg["num_labels"]
-    return None
+    return declared_labels(source)[1]
 
 
 def _check_guide(source: str) -> None:
@@ -117,16 +88,14 @@ def _check_guide(source: str) -> None:
     if not src:
         raise UserError("`guide` is empty: pass a classifier (a timm name, 'hf-hub:ORG/NAME', a transformers id, a "
                         "local directory, or 'digits-guide').")
-    if src in EMBEDDED_CLASSIFIERS:
-        if not (Path(EMBEDDED_CLASSIFIERS[src]) / "config.json").is_file():
+    parsed = parse_source(src)
+    if parsed.kind == "embedded":
+        if not (parsed.path / "config.json").is_file():
             raise UserError(f"`guide` {src!r} is an embedded classifier but its weights are missing at "
-                            f"{EMBEDDED_CLASSIFIERS[src]}: rebuild them with `python scripts/train_digits_world.py`.")
+                            f"{parsed.path}: rebuild them with `python scripts/train_digits_world.py`.")
         return
-    path_part = src.split(":", 1)[1] if src.startswith(("local-dir:", "transformers:", "vit-mae:")) else src
-    path_part = path_part.rsplit("@", 1)[-1] if "@" in path_part and not Path(path_part).exists() else path_part
-    p = Path(path_part).expanduser()
-    looks_local = path_part.startswith((".", "/", "~")) or src.startswith("local-dir:")
-    if looks_local and not p.exists():
+    p = parsed.path or Path(parsed.target).expanduser()
+    if (parsed.kind == "dir" or parsed.target.startswith((".", "/", "~"))) and not p.exists():
         raise UserError(f"`guide` {source!r} does not exist: pass an existing classifier directory or checkpoint, a "
                         f"hub id, or a timm name.")
     if p.is_dir() and not (p / "config.json").is_file():
@@ -162,10 +131,8 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     # 6. The guide exists, and its labels are the dataset's classes: DCT steers class c towards logit c
     _check_guide(config.guide)
     n_guide = guide_num_classes(config.guide)
-    if n_guide is not None and n_guide != len(class_names):
-        raise UserError(f"`guide` {config.guide!r} predicts {n_guide} classes but dataset {config.dataset!r} has "
-                        f"{len(class_names)}: pass a guide trained on this dataset's classes (its logit c must be "
-                        f"class c).")
+    check_label_agreement(class_aliases(dataset), labels=declared_labels(config.guide)[0] if n_guide else None,
+                          count=n_guide, what="guide", source=config.guide, dataset=config.dataset)
     # 7. What the method needs
     if config.method in ("ti", "mcti"):
         counts = Counter(int(t) for t in dataset.targets)
