@@ -28,6 +28,7 @@ from .layout import (
     PLAN_FILE,
     TOKENS_DIR,
     _shard_done,
+    _token_name,
     resume_command,
     sample_key,
     token_path,
@@ -380,6 +381,21 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
 EXPORT_FORMATS = ("a1111", "diffusers")
 
 
+def _class_token(path: Path, job: ClassJob) -> tuple[str, torch.Tensor]:
+    """The one token of a class's token file, checked to be the token the build gave that class."""
+    tokens = load_tokens(path)
+    if len(tokens) != 1:
+        shown = ", ".join(repr(t) for t in list(tokens)[:3]) + (", ..." if len(tokens) > 3 else "")
+        raise UserError(f"Token file {str(path)!r} holds {len(tokens)} tokens ({shown}); a class token file holds one: "
+                        f"delete it and resume the build to learn it again.")
+    (token, embedding), = tokens.items()
+    expected = _token_name(job.class_index)
+    if token != expected:
+        raise UserError(f"Token file {str(path)!r} holds token {token[:60]!r} but class {job.class_index}'s token is "
+                        f"{expected!r}: the file was not written by this build; delete it and resume the build.")
+    return token, embedding
+
+
 def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.PathLike | None = None) -> list[Path]:
     """Write a build's class tokens in another tool's format, one file per class.
 
@@ -418,8 +434,8 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     written = []
     for j in present:
         src = token_path(out, j.class_index)
-        (token, embedding), = load_tokens(src).items()
-        stem = token.strip("<>")
+        token, embedding = _class_token(src, j)
+        stem = _token_name(j.class_index).strip("<>")  # from the class index: no file's content names a path
         if format == "diffusers":
             path = dest / f"{stem}.safetensors"
             write_bytes(path, src.read_bytes())

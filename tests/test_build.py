@@ -217,6 +217,64 @@ def test_export_a1111_embeddings_load_in_diffusers(tmp_path, reference):
         export_tokens(reference, format="ckpt")
 
 
+def _replace_token(out, class_index, tensors):
+    from synthaug.tokens.io import save_tokens
+
+    path = out / "tokens" / f"{class_index:03d}.safetensors"
+    path.unlink()
+    save_tokens(tensors, path)
+    return path
+
+
+def test_export_writes_nothing_outside_dest_whatever_the_token_files_say(tmp_path, reference):
+    import torch
+
+    out = _copy(reference, tmp_path / "build")
+    dest = tmp_path / "deep" / "dest"
+    _replace_token(out, 1, {"<../../../evil>": torch.zeros(1, 32)})
+    for fmt in ("a1111", "diffusers"):
+        with pytest.raises(UserError, match=r"Token file .*001.safetensors' holds token '<../../../evil>' but class 1's "
+                                            r"token is '<synthaug-001>'") as info:
+            export_tokens(out, format=fmt, dest=dest)
+        assert "\n" not in str(info.value)
+    assert not list(tmp_path.rglob("*evil*"))
+    # names come from the plan's class indices, never from strings in a file: a plan whose index is a path is refused
+    plan_file = out / "plan.json"
+    data = json.loads(plan_file.read_text())
+    data["jobs"][0]["class_index"] = "../../x"
+    plan_file.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=r"has no readable plan.json"):
+        export_tokens(out, dest=dest)
+
+
+def test_export_refuses_a_multi_token_file_in_one_line(tmp_path, reference):
+    import torch
+
+    out = _copy(reference, tmp_path / "build")
+    _replace_token(out, 2, {"<synthaug-002>": torch.zeros(1, 32), "<synthaug-009>": torch.ones(1, 32)})
+    with pytest.raises(UserError, match=r"Token file .*002.safetensors' holds 2 tokens \('<synthaug-002>', "
+                                        r"'<synthaug-009>'\); a class token file holds one") as info:
+        export_tokens(out, format="a1111", dest=tmp_path / "dest")
+    assert "\n" not in str(info.value)
+
+
+def test_a_token_file_whose_header_claims_a_huge_size_is_one_line(tmp_path, reference):
+    import struct
+
+    out = _copy(reference, tmp_path / "build")
+    bad = out / "tokens" / "001.safetensors"
+    bad.write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    with pytest.raises(UserError, match=r"Token file .*001.safetensors.* is not a valid safetensors file") as info:
+        export_tokens(out, format="a1111", dest=tmp_path / "dest")
+    assert "\n" not in str(info.value)
+    state = inspect(out)  # a damaged token file is reported, not a traceback
+    assert state.classes[1]["steps"] is None and state.classes[0]["steps"] == 2
+    from synthaug.tokens.io import _token_file_metadata
+
+    assert _token_file_metadata(bad) == {}
+    assert _token_file_metadata(out / "tokens" / "000.safetensors")["steps"] == "2"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # SIGKILL in the middle, then resume: the same bytes as an uninterrupted build
 # --------------------------------------------------------------------------------------------------------------------

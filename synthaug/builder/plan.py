@@ -91,6 +91,7 @@ def _write_plan(out: Path, prep: _Prepared) -> None:
     data = {
         "format_version": PLAN_VERSION, "num_classes": len(prep.class_names),
         "methods": list(methods_of(prep.config)), "per_class": prep.config.per_class,
+        "classes": list(prep.class_names),
         "jobs": [{"class_index": j.class_index, "name": j.name, "token": j.token,
                   "shards": [asdict(t) for t in j.shards]} for j in prep.jobs],
     }
@@ -101,14 +102,52 @@ def _write_plan(out: Path, prep: _Prepared) -> None:
 
 
 def _read_plan(out: Path) -> list[ClassJob] | None:
+    """The class jobs of ``plan.json``; None when it is missing or not a plan this version wrote.
+
+    Every number is checked to be a non-negative integer and every name a string: file names are made from the
+    class and shard ids, so a plan file must not be able to name a path.
+    """
     try:
         data = json.loads((out / PLAN_FILE).read_text())
-        if data.get("format_version") != PLAN_VERSION:
+        if not isinstance(data, dict) or data.get("format_version") != PLAN_VERSION:
             return None
-        return [ClassJob(j["class_index"], j["name"], j["token"], tuple(ShardTask(**t) for t in j["shards"]))
-                for j in data["jobs"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        jobs = []
+        for j in data["jobs"]:
+            tasks = []
+            for t in j["shards"]:
+                task = ShardTask(**t)
+                if not all(_index(getattr(task, k)) for k in ("shard_id", "class_index", "chunk", "start", "stop")) \
+                        or not isinstance(task.method, str) or task.stop <= task.start:
+                    return None
+                tasks.append(task)
+            job = ClassJob(j["class_index"], j["name"], j["token"], tuple(tasks))
+            if not _index(job.class_index) or not isinstance(job.name, str) or job.token != _token_name(
+                    job.class_index) or any(t.class_index != job.class_index for t in tasks):
+                return None
+            jobs.append(job)
+        return jobs
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _read_plan_classes(out: Path) -> tuple[int, dict[int, str], list[str] | None] | None:
+    """What ``plan.json`` says of the dataset: its class count, the planned classes' names by index, and (in plans
+    written since the field exists) every class name; None when there is no readable plan."""
+    jobs = _read_plan(out)
+    if jobs is None:
+        return None
+    data = json.loads((out / PLAN_FILE).read_text())
+    names = data.get("classes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        names = None
+    num = data.get("num_classes")
+    if not _index(num):
+        return None
+    return num, {j.class_index: j.name for j in jobs}, names
+
+
+def _index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

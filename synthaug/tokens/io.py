@@ -141,6 +141,8 @@ def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         order = json.loads(token_metadata(p).get("tokens", "[]"))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"Token file {str(path)!r} is not a valid safetensors file ({e}): write it again.") from None
+    if not isinstance(order, list) or not all(isinstance(t, str) for t in order):
+        order = []  # the order is a convenience; a file that garbles it still loads, sorted by token
     names = [t for t in order if t in raw] + sorted(t for t in raw if t not in order)
     out = {}
     for token, emb in ((t, raw[t]) for t in names):
@@ -161,10 +163,14 @@ def token_metadata(path: str | os.PathLike) -> dict[str, str]:
     >>> token_metadata("out/digits/tokens/003.safetensors")["stop_reason"]
     'all_correct'
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(_token_file(path)), framework="pt") as f:
-        return dict(f.metadata() or {})
+    p = _token_file(path)
+    try:
+        with safe_open(str(p), framework="np") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"Token file {str(path)!r} is not a valid safetensors file ({e}): write it again.") from None
 
 
 def _token_file(path: str | os.PathLike) -> Path:
@@ -203,13 +209,16 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
-def _token_file_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, read from its JSON header (no torch needed)."""
+def _token_file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, or {} for a file that is missing or not valid safetensors.
+
+    Read by safetensors itself (numpy framework: no torch tensors are made), which refuses headers that claim more
+    bytes than it allows.
+    """
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        meta = header.get("__metadata__") or {}
-        return {str(k): str(v) for k, v in meta.items()}
-    except (OSError, ValueError):
+        with safe_open(str(path), framework="np") as f:
+            return {str(k): str(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError):
         return {}
