@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["python", "pipelines/reproduce_mcti.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         from synthaug.datasets.catalog import get_dataset
-        from synthaug.evaluate.shots import evaluate_shots, format_table
+        from synthaug.evaluate.shots import evaluate_shots
+        from synthaug.evaluate.tables import format_table
         from synthaug.models import load_diffusion
         from synthaug.tokens.clip import load_clip
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     n_test = rows[0]["n_test"] if rows else 0
-    table = format_table(rows)
+    table = format_table(rows, markdown=True)
     markdown = "\n".join([
         f"### MC-TI: N-shot classification with class tokens ({args.dataset}, {n_test} test images)", "",
         f"`{command}`", "",

@@ -1,6 +1,7 @@
 """Paper Table 2 on a build: classifiers trained on k real + N synthetic images per class, tested on real images.
 
     python pipelines/reproduce_table2.py out/digits --shots 0,3,9,15 --seeds 3 --results RESULTS.md
+    python pipelines/reproduce_table2.py out/cub --real inat179 --root data/inat   # the paper's iNat179 rows
 
 For every method in the build (sd, dct, ...) and for real images alone, every k and every seed, a timm classifier is
 trained on `SynthAugDataset` and tested on the real test split (`synthaug.evaluate.train_downstream`). The k real
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from synthaug.atomic import write_text
 from synthaug.errors import UserError
-from synthaug.evaluate.downstream import train_downstream
+from synthaug.evaluate.downstream import DownstreamConfig, train_downstream
 from synthaug.evaluate.tables import format_table
 from synthaug.report import write_results_block
 from synthaug.shards import open_build
@@ -45,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("build", help="build directory (synthaug build --out)")
     parser.add_argument("--real", help="real dataset name (default: the build's dataset)")
     parser.add_argument("--root", help="real dataset root (default: the build's root)")
-    parser.add_argument("--train-split", default="train")
-    parser.add_argument("--test-split", default="test")
+    parser.add_argument("--train-split", help="real training split (default train)")
+    parser.add_argument("--test-split", help="real test split (default: test, or val for iNat 2021 and ImageNet)")
+    parser.add_argument("--class-map", help="build class -> real class when they differ: a JSON file, 'inat179' or "
+                                            "'inat179:INAT_ROOT' (default: by name; iNat179 maps CUB names itself)")
     parser.add_argument("--methods", help="comma-separated build methods (default: all)")
     parser.add_argument("--shots", type=_ints, default=[0, 3, 9, 15], help="real images per class (default 0,3,9,15)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
@@ -78,14 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not real:
             raise UserError(f"`--real` is needed: the build at {view.root} records no dataset in config.yaml.")
         root = args.root if args.root is not None else (view.config.get("root") if not args.real else None)
-        result = train_downstream(
-            view.root, real, root=root, train_split=args.train_split, test_split=args.test_split,
+        config = DownstreamConfig(
+            train_split=args.train_split, test_split=args.test_split,
             methods=args.methods.split(",") if args.methods else None, shots=args.shots, seeds=args.seeds,
             synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
-            min_confidence=args.min_confidence, out=args.out, arch=args.arch, arch_kwargs=args.arch_kwargs,
-            pretrained=pretrained, steps=args.steps, batch_size=args.batch_size, lr=args.lr, device=args.device,
-            num_workers=args.workers, progress=not args.quiet,
+            min_confidence=args.min_confidence, class_map=args.class_map, arch=args.arch,
+            arch_kwargs=args.arch_kwargs, pretrained=pretrained, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, device=args.device, num_workers=args.workers,
         )
+        result = train_downstream(view.root, real, config, root=root, out=args.out, progress=not args.quiet)
     except UserError as e:
         print(f"reproduce_table2: error: {e}", file=sys.stderr)
         return 2

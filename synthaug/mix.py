@@ -14,14 +14,14 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from torchvision.datasets import VisionDataset
 
-from .datasets.fewshot import few_shot_indices
+from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
 from .layout import CLASSES_FILE, KNOWN_METHODS
 from .names import normalize_name
@@ -66,16 +66,6 @@ class _SharedEpoch:
         if self._shared is not None and multiprocessing.context.get_spawning_popen() is not None:
             return {"_shared": self._shared, "_value": None}
         return {"_shared": None, "_value": self.value}
-
-
-def _targets_of(real: Any) -> list[int]:
-    """Class of every real sample without loading images: `targets`, or through a torch `Subset`."""
-    if hasattr(real, "targets"):
-        return [int(t) for t in real.targets]
-    if hasattr(real, "dataset") and hasattr(real, "indices") and hasattr(real.dataset, "targets"):
-        return [int(real.dataset.targets[i]) for i in real.indices]
-    raise UserError(f"`real` ({type(real).__name__}) has no `targets`: pass a synthaug.datasets / torchvision "
-                    "dataset, or a torch Subset of one.")
 
 
 def _classes_of(real: Any) -> list[str]:
@@ -126,6 +116,9 @@ class SynthAugDataset(VisionDataset):
             are dropped).
         check_classes: refuse real and synthetic class lists whose names disagree at the same index.
         check_sha256: verify each synthetic image's bytes against the index on every read.
+        class_map: build class index -> real target, when the build's classes are not the real dataset's (a CUB
+            build with iNat179 real images, `synthaug.evaluate.names.map_classes`); synthetic images of build classes
+            it leaves out are dropped. It replaces the name check.
 
     >>> from synthaug.datasets import CUB200
     >>> ds = SynthAugDataset("out/cub", real=CUB200("data/CUB_200_2011"), shots=5, mode="concat")  # doctest: +SKIP
@@ -148,6 +141,7 @@ class SynthAugDataset(VisionDataset):
         min_confidence: float | None = None,
         check_classes: bool = True,
         check_sha256: bool = False,
+        class_map: Mapping[int, int] | None = None,
     ) -> None:
         super().__init__(str(root), transform=transform, target_transform=target_transform)
         # 1. Check the arguments before touching any data.
@@ -200,6 +194,8 @@ class SynthAugDataset(VisionDataset):
                     taken[c] = taken.get(c, 0) + 1
                     capped.append(r)
             order = capped
+        if class_map is not None:
+            order = [r for r in order if int(cls_all[r]) in class_map]
         order = np.asarray(order, dtype=np.int64)
         self.synthetic = {k: [rows[k][r] for r in order] for k in ("key", "class_index", "class_name", "method",
                                                                    "index", "guide_prob", "sha256")}
@@ -208,6 +204,8 @@ class SynthAugDataset(VisionDataset):
         self._offset = np.asarray(rows["offset"], dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
         self._size = np.asarray(rows["size"], dtype=np.int64)[order] if len(order) else np.zeros(0, np.int64)
         self._syn_class = cls_all[order] if len(order) else np.zeros(0, np.int64)
+        if class_map is not None:
+            self._syn_class = np.asarray([class_map[int(c)] for c in self._syn_class], dtype=np.int64)
         if real is None and len(order) == 0:
             raise UserError(f"No synthetic images in {root} match methods={methods!r}, "
                             f"min_confidence={min_confidence!r} (the build has methods {available}): relax the "
@@ -220,7 +218,7 @@ class SynthAugDataset(VisionDataset):
         syn_names = self._synthetic_class_names(Path(root), table)
         if real is not None:
             self.classes = _classes_of(real)
-            if check_classes:
+            if check_classes and class_map is None:
                 self._check_alignment(syn_names)
         else:
             n = max(syn_names) + 1 if syn_names else 0
@@ -232,7 +230,7 @@ class SynthAugDataset(VisionDataset):
             self._real_index = np.zeros(0, dtype=np.int64)
             self._real_targets = np.zeros(0, dtype=np.int64)
         else:
-            targets = _targets_of(real)
+            targets = targets_of(real)
             chosen = list(range(len(targets))) if shots is None else few_shot_indices(targets, shots, seed)
             self._real_index = np.asarray(chosen, dtype=np.int64)
             self._real_targets = np.asarray([targets[i] for i in chosen], dtype=np.int64)

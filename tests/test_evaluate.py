@@ -15,8 +15,9 @@ from PIL import Image
 from synthaug.errors import UserError
 from synthaug.evaluate.fid import compute_fid, fid_kid
 from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
-from synthaug.evaluate.names import clean_label, map_classes
+from synthaug.evaluate.names import map_classes
 from synthaug.evaluate.tables import format_table, load_result
+from synthaug.names import normalize_name
 
 CLASSES = (2, 3, 4, 5, 6)
 
@@ -135,8 +136,8 @@ def test_judge_with_other_labels_maps_by_clean_name(judge_build):
 
 
 def test_map_classes_rules():
-    assert clean_label("001.Black_footed_Albatross") == "black footed albatross"
-    assert clean_label("3 - three") == "three"
+    assert normalize_name("001.Black_footed_Albatross") == "black footed albatross"
+    assert normalize_name("3 - three") == "three"
     m = map_classes(["Black footed Albatross", "Dodo"], ["dog", "black_footed_albatross"])
     assert (m.build_to_judge, m.shared, m.unmapped, m.by) == ({0: 1}, 1, ("Dodo",), "name")
     m = map_classes(["Laysan Albatross"], ["Phoebastria immutabilis"], {"Laysan Albatross": "Phoebastria immutabilis"})
@@ -371,3 +372,83 @@ def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     assert rows["sd"].fid < rows["dct"].fid
     assert rows["sd"].fid == pytest.approx(0.0, abs=1e-2 * rows["dct"].fid)
     assert (build / "eval" / "fid.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iNat179: a CUB build scored by an iNat judge (Table 1) and trained with iNat images (Table 2)
+# ----------------------------------------------------------------------------------------------------------------
+CUB4 = ["Black footed Albatross", "Laysan Albatross", "Cardinal", "Sooty Albatross"]
+
+
+@pytest.fixture
+def inat179_world(tmp_path):
+    """A CUB-named build (4 classes, sd + dct, 3 images each) and an iNat 2021 copy with 5 species, 3 of them CUB's.
+
+    Every image encodes, for `ColorJudge`, the judge index of its own species (judge labels: iNat folder names in
+    reverse order), so a right class mapping scores 100% and any other mapping less.
+    """
+    from test_datasets import INAT_SPECIES, _png, _write_categories
+
+    inat = tmp_path / "inat"
+    for version, n in (("2021_train_mini", 3), ("2021_valid", 2)):
+        for i, (folder, _) in enumerate(INAT_SPECIES):
+            for k in range(n):
+                _png(inat / version / folder / f"img{k}.jpg", 40 * i + k)
+    _write_categories(inat)
+    judge_labels = [f for f, _ in INAT_SPECIES][::-1]
+    species_of_cub = {0: 0, 1: 1, 2: 2}  # CUB class -> INAT_SPECIES row (Sooty Albatross has none)
+    samples = [{"method": m, "class_index": c, "index": s,
+                "image": color_image(judge_labels.index(INAT_SPECIES[species_of_cub.get(c, 3)][0]))}
+               for m in ("sd", "dct") for c in range(4) for s in range(3)]
+    build = make_build(tmp_path / "build", samples, classes=CUB4, guide="cub-guide")
+    return build, inat, judge_labels
+
+
+def test_inat179_table1_maps_cub_names_to_taxon_labels(inat179_world):
+    build, inat, judge_labels = inat179_world
+    result = evaluate_judge(build, ColorJudge(judge_labels, source="inat-judge"), class_map=f"inat179:{inat}",
+                            progress=False, write_back=False)
+    assert (result.class_mapping, result.shared_classes, result.total_classes) == ("map", 3, 4)
+    assert result.unmapped_classes == ["Sooty Albatross"]  # no iNat species: reported, left out of every score
+    assert all(m.top1 == 1.0 and m.images == 9 for m in result.methods)
+    # The shipped map alone knows common names only: a judge labelled by taxon names shares nothing with it.
+    with pytest.raises(UserError, match="shares no class names"):
+        evaluate_judge(build, ColorJudge(judge_labels), class_map="inat179", progress=False, write_back=False)
+    # A judge with common names needs no iNat copy ("Cardinal" -> "Northern Cardinal" through the shipped map).
+    common = ["Fly Agaric", "Dog Rose", "Northern Cardinal", "Laysan Albatross", "Black-footed Albatross"]
+    assert evaluate_judge(build, ColorJudge(common), class_map="inat179", progress=False,
+                          write_back=False).methods[0].top1 == 1.0
+
+
+def test_inat179_table1_with_a_saved_timm_judge_labelled_by_species(inat179_world, tmp_path):
+    """The real loading path: a timm directory whose label names are iNat scientific names."""
+    import timm
+    from timm.models import save_for_hf
+
+    build, inat, _ = inat179_world
+    scientific = ["Amanita muscaria", "Rosa canina", "Cardinalis cardinalis", "Phoebastria immutabilis",
+                  "Phoebastria nigripes"]
+    model = timm.create_model("test_efficientnet", num_classes=5)
+    save_for_hf(model, str(tmp_path / "judge"), model_config={"label_names": scientific},
+                data_config={"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                             "std": (0.5,) * 3, "crop_pct": 1.0}, safe_serialization=True)
+    result = evaluate_judge(build, str(tmp_path / "judge"), class_map=f"inat179:{inat}", device="cpu",
+                            progress=False, write_back=False)
+    assert (result.shared_classes, result.unmapped_classes) == (3, ["Sooty Albatross"])
+    per_class = {c.class_name for c in result.per_class}
+    assert per_class == {"Black footed Albatross", "Laysan Albatross", "Cardinal"}
+
+
+def test_inat179_table2_trains_on_inat_images_with_cub_tokens(inat179_world):
+    from synthaug.evaluate.downstream import DownstreamConfig, train_downstream
+
+    build, inat, _ = inat179_world
+    config = DownstreamConfig(shots=[1], seeds=1, steps=2, batch_size=4, methods=["dct"], **TINY_NET)
+    result = train_downstream(build, "inat179", config, root=str(inat), progress=False)
+    cell = next(c for c in result.cells if c.method == "dct")
+    assert cell.protocol["test_split"] == "val" and cell.test_images == 6  # iNat has no test split
+    assert cell.protocol["class_map"] == {"Black footed Albatross": 0, "Laysan Albatross": 1, "Cardinal": 2}
+    assert (cell.train_real, cell.train_synthetic) == (3, 9)  # Sooty Albatross's images have no iNat class
+    with pytest.raises(UserError, match="`test_split` must be one of train, train_full, val for dataset 'inat179' "
+                                        "but is 'test'"):
+        train_downstream(build, "inat179", config, root=str(inat), test_split="test", progress=False)

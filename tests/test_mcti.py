@@ -9,7 +9,8 @@ from PIL import Image
 
 from synthaug.config import MCTIConfig
 from synthaug.errors import UserError
-from synthaug.evaluate.shots import evaluate_shots, format_table
+from synthaug.evaluate.shots import evaluate_shots
+from synthaug.evaluate.tables import format_table
 from synthaug.tokens.clip import (
     CLASSIFY_TEMPLATE,
     ClipPreprocess,
@@ -352,7 +353,7 @@ def test_evaluate_shots_table(world):
     ti_rows = evaluate_shots(pipe, clip, train, test, shots=(1, 2), seeds=(0,), methods=("ti",),
                              config=cfg(steps=1, extra_steps=1))
     assert [r["accuracy"] for r in ti_rows] == [r["accuracy"] for r in rows if r["method"] == "ti"]
-    table = format_table(rows)
+    table = format_table(rows, markdown=True)
     assert table.splitlines()[0] == "| method | 1-shot | 2-shot |"
     assert [line.split(" |")[0] for line in table.splitlines()[2:]] == ["| prototype", "| ti", "| mcti"]
     with pytest.raises(UserError, match=r"`methods` must be among prototype, ti, mcti but include \['dct'\]"):
@@ -366,5 +367,5 @@ def test_evaluate_shots_table(world):
 def test_format_table_mean_and_std_over_seeds():
     rows = [{"method": "mcti", "shots": 5, "seed": s, "accuracy": a} for s, a in enumerate((0.5, 0.7))]
     rows.append({"method": "ti", "shots": 1, "seed": 0, "accuracy": 0.25})
-    assert format_table(rows).splitlines() == [
+    assert format_table(rows, markdown=True).splitlines() == [
         "| method | 1-shot | 5-shot |", "| --- | --- | --- |", "| mcti |  | 60.0 ± 14.1 |", "| ti | 25.0 |  |"]

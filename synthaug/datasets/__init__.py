@@ -31,10 +31,17 @@ from .catalog import (
 )
 from .cub import CUB200, CUB_FOLDER_NAMES, CUB_TO_INAT_NAME
 from .digits import DIGIT_NAMES, DIGITS_SIZE, DIGITS_SPLITS, Digits, digits_arrays
-from .fewshot import FewShot, few_shot, few_shot_indices
+from .fewshot import FewShot, few_shot, few_shot_indices, stratified_indices, targets_of
 from .folder import ImageFolder
 from .imagenet import ImageNet, imagenet_class_names
-from .inat import INAT_SUPERCATEGORIES, INAT_VERSIONS, INat2021, inat_supercategory, per_supercategory_sample
+from .inat import (
+    INAT_SUPERCATEGORIES,
+    INAT_VERSIONS,
+    INat2021,
+    inat179_class_map,
+    inat_supercategory,
+    per_supercategory_sample,
+)
 from .select import select_classes
 from .tvsets import TORCHVISION_SETS, torchvision_dataset
 
@@ -68,10 +75,13 @@ __all__ = [
     "few_shot_indices",
     "get_dataset",
     "imagenet_class_names",
+    "inat179_class_map",
     "inat_supercategory",
     "normalize_name",
     "per_supercategory_sample",
     "pil_loader",
     "select_classes",
+    "stratified_indices",
+    "targets_of",
     "torchvision_dataset",
 ]

@@ -78,3 +78,41 @@ def few_shot(dataset: Any, shots: int, seed: int = 0, *, allow_fewer: bool = Fal
     20
     """
     return FewShot(dataset, shots, seed, allow_fewer=allow_fewer)
+
+
+def stratified_indices(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
+    """`n` indices spread evenly over the classes of `targets` (class sizes permitting), seeded; ascending.
+
+    Classes take turns in a seeded order, each giving its next image of a seeded permutation, so every class gets
+    ``n // C`` or one more (a class with too few images passes its turn on). All indices when ``n >= len(targets)``.
+
+    >>> stratified_indices([0, 0, 0, 1, 1, 1], 4, seed=0)
+    [0, 2, 3, 4]
+    """
+    targets = [int(t) for t in targets]
+    if n >= len(targets):
+        return list(range(len(targets)))
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(t, []).append(i)
+    classes = sorted(groups)
+    order = [classes[i] for i in np.random.default_rng([seed, 0]).permutation(len(classes))]
+    pools = {c: np.random.default_rng([seed, 1, c]).permutation(groups[c]).tolist() for c in classes}
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for c in order:
+            if depth < len(pools[c]) and len(picked) < n:
+                picked.append(pools[c][depth])
+        depth += 1
+    return sorted(picked)
+
+
+def targets_of(dataset: Any) -> list[int]:
+    """The class of every sample without loading images: `targets`, or through a torch `Subset`."""
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    if hasattr(dataset, "dataset") and hasattr(dataset, "indices") and hasattr(dataset.dataset, "targets"):
+        return [int(dataset.dataset.targets[i]) for i in dataset.indices]
+    raise UserError(f"`real` ({type(dataset).__name__}) has no `targets`: pass a synthaug.datasets / torchvision "
+                    "dataset, or a torch Subset of one.")

@@ -213,3 +213,24 @@ class INat2021(_ImageList):
             raise UserError(f"`subset` names {missing[:5]} are not iNat 2021 species under {root}: use folder, "
                             "scientific or common names.")
         return chosen
+
+
+def inat179_class_map(inat: Any | None = None) -> tuple[dict[str, list[str]], list[str]]:
+    """CUB class name -> the names iNat 2021 gives the same species, and the CUB names no iNat species matches.
+
+    With `inat` (an `INat2021` read with ``subset="inat179"``): each matched CUB class maps to the species' common
+    name, scientific name and folder name, so a judge labelled by any of them can score it. Without it: only the
+    common names of the shipped CUB -> iNat name map are known, and no name is reported unmatched.
+
+    >>> inat179_class_map()[0]["Cardinal"]
+    ['Northern Cardinal']
+    """
+    cub_names = [clean_class_name(f) for f in CUB_FOLDER_NAMES]
+    if inat is None:
+        return {c: [CUB_TO_INAT_NAME.get(c, c)] for c in cub_names}, []
+    if getattr(inat, "cub_index", None) is None:
+        raise UserError(f"`inat` ({type(inat).__name__}) is not the iNat179 subset: read it with "
+                        "INat2021(root, subset='inat179').")
+    out = {cub_names[k]: list(dict.fromkeys([inat.classes[j], inat.scientific_names[j], inat.folder_names[j]]))
+           for j, k in enumerate(inat.cub_index)}
+    return out, list(inat.unmatched)

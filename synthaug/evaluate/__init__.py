@@ -14,7 +14,7 @@ results, machine-readable files under ``out/eval/`` and terminal tables (`format
 - `evaluate_shots` (`shots`): few-shot classification with learned tokens.
 """
 
-from .downstream import CellResult, DownstreamResult, DownstreamRow, train_downstream
+from .downstream import CellResult, DownstreamConfig, DownstreamResult, DownstreamRow, train_downstream
 from .fid import (
     FeatureExtractor,
     FIDResult,
@@ -35,14 +35,14 @@ from .judge import (
     evaluate_judge,
     write_judge_prob,
 )
-from .names import ClassMapping, clean_label, map_classes
+from .names import ClassMapping, map_classes, resolve_class_map
 from .shots import evaluate_shots
 from .tables import Table, format_table, load_result, result_tables
 
 __all__ = [
-    "CellResult", "ClassAccuracy", "ClassMapping", "DownstreamResult", "DownstreamRow", "FIDResult", "FIDRow",
+    "CellResult", "ClassAccuracy", "ClassMapping", "DownstreamConfig", "DownstreamResult", "DownstreamRow", "FIDResult", "FIDRow",
     "FIDScore", "FeatureExtractor", "ImageReader", "JudgeResult", "MethodAccuracy", "PairedComparison",
-    "SelfScoringWarning", "Table", "classifier_extractor", "clean_label", "compute_fid", "evaluate_judge",
+    "SelfScoringWarning", "Table", "classifier_extractor", "compute_fid", "evaluate_judge",
     "evaluate_shots", "fid_kid", "format_table", "inception_extractor", "iter_image_batches", "load_result",
-    "map_classes", "result_tables", "train_downstream", "write_judge_prob",
+    "map_classes", "resolve_class_map", "result_tables", "train_downstream", "write_judge_prob",
 ]

@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 from ..atomic import write_text
-from ..datasets.catalog import get_dataset
+from ..datasets.catalog import check_split, default_test_split, get_dataset
 from ..errors import UserError
 from ..layout import EVAL_DIR
 from ..mix import MODES, SynthAugDataset
 from ..models import resolve_device
+from ..names import normalize_name
 from ..shards import BuildView, _method_sort_key, open_build
 from .judge import _write_csv
+from .names import map_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class CellResult:
     real_indices_sha256: str  # identical across methods at a given (k, seed): the same real images for all
     steps: int
     seconds: float
-    pretrained: bool  # whether pretrained weights were loaded (from a local file)
+    pretrained: bool  # whether pretrained weights were loaded (from a local file; the protocol names which)
     protocol: dict[str, Any]
 
 
@@ -139,38 +141,51 @@ def _local_pretrained_file(arch: str) -> str | None:
     return None
 
 
-def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any],
-                  pretrained: bool | str) -> tuple[nn.Module, bool]:
-    """timm model with a fresh `num_classes` head; pretrained weights only from local files (never a download)."""
+def _pretrained_file(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], pretrained: bool | str
+                     ) -> str | None:
+    """The checkpoint `pretrained` resolves to on this machine (never a download), or None: from scratch.
+
+    "auto" takes weights already on disk when they fit the model (custom widths do not), True requires them, a path
+    is that file.
+    """
     import timm
 
-    file = None
     if isinstance(pretrained, str) and pretrained != "auto":
-        file = pretrained
-        if not Path(file).is_file():
-            raise UserError(f"`pretrained` {pretrained!r} is not a file: pass a timm checkpoint path, 'auto' or false.")
-    elif pretrained is True or pretrained == "auto":
-        file = _local_pretrained_file(arch)
-        if file is None and pretrained is True:
+        return pretrained  # checked to be a file by DownstreamConfig.validate
+    if pretrained is False:
+        return None
+    file = _local_pretrained_file(arch)
+    if file is None:
+        if pretrained is True:
             raise UserError(
                 f"`pretrained` is true but no weights for {arch!r} are on this machine: download them where a hub is "
                 "reachable (timm.create_model(arch, pretrained=True) fills the HF cache) and copy the cache, or pass "
                 "the checkpoint path as `pretrained`."
             )
+        return None
+    if pretrained == "auto":
+        try:  # weights of another shape (custom widths) do not fit: train from scratch, and record that
+            timm.create_model(arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": file},
+                              **arch_kwargs)
+        except RuntimeError as e:
+            log.warning("pretrained weights for %s do not fit (%s); training from scratch", arch, e)
+            return None
+    return file
+
+
+def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], weights: str | None) -> nn.Module:
+    """timm model with a fresh `num_classes` head, from the local checkpoint `weights` or from scratch."""
+    import timm
+
     try:
-        if file is not None:
-            model = timm.create_model(arch, pretrained=True, num_classes=num_classes,
-                                      pretrained_cfg_overlay={"file": file}, **arch_kwargs)
-        else:
-            model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **arch_kwargs)
+        if weights is not None:
+            return timm.create_model(arch, pretrained=True, num_classes=num_classes,
+                                     pretrained_cfg_overlay={"file": weights}, **arch_kwargs)
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **arch_kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"`arch` {arch!r} is not a timm model: see timm.list_models(), e.g. 'resnet18'.") from None
-        if file is not None and pretrained == "auto":  # e.g. custom widths vs the checkpoint's shapes
-            log.warning("pretrained weights for %s do not fit (%s); training from scratch", arch, e)
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **arch_kwargs), False
         raise
-    return model, file is not None
 
 
 def _default_arch(image_size: int) -> tuple[str, dict[str, Any]]:
@@ -193,10 +208,143 @@ def _transforms(image_size: int, mean, std, *, hflip: bool):
     return T.Compose(train + norm), T.Compose(test + norm)
 
 
-def _resolve_real(real, root, split: str):
-    if isinstance(real, str):
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """How Table 2 trains and tests (`train_downstream`). Every field has the paper's default or a measured one.
 
-        return get_dataset(real, root, split)
+    What a cell's result depends on is its *protocol* (`DownstreamConfig.protocol`): a finished cell resumes only under
+    the same protocol. `methods`, `include_real`, `shots`, `seeds`, `device` and `num_workers` choose which cells run
+    and where, not what a cell is.
+
+    Attributes:
+        train_split, test_split: splits of a named real dataset; None: ``train`` and the dataset's test split
+            (``test``, or ``val`` for iNat 2021 and ImageNet, which have no test split).
+        methods: build methods to train with (default: all in the index).
+        include_real: also train on real images alone (method "real"; k = 0 is skipped for it).
+        shots: real images per class, k.
+        seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
+        synthetic_per_class: synthetic images per class per method (None: all in the build).
+        mode, p: how real and synthetic images are mixed (`SynthAugDataset`): ``"concat"`` (every image, drawn
+            uniformly), ``"ratio"`` (synthetic images make a fraction `p` of each epoch, redrawn every epoch) or
+            ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
+            real images (k = 0) train on synthetic images alone in every mode.
+        min_confidence: keep only synthetic images whose stored guide probability is at least this.
+        class_map: build class -> real class when the names differ (`synthaug.evaluate.names.resolve_class_map`
+            forms; ``"inat179"`` for a CUB build tested on iNat179). Default: matched by name, or through the
+            CUB -> iNat map when the real dataset is the iNat179 subset. Build classes without a real class are left
+            out of the synthetic images.
+        arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50).
+        arch_kwargs: extra `timm.create_model` kwargs (e.g. ``{"channels": (16, 32, 64, 128)}``).
+        pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
+            checkpoint path. Nothing is ever downloaded. The protocol records the weights actually loaded.
+        image_size: training resolution (default: the build's image height).
+        steps: optimizer steps per cell (default: 10 epochs of N synthetic images per class, at least 200).
+        epochs: alternatively, epochs of each cell's own training set (ignored when `steps` is given).
+        batch_size, lr, weight_decay: AdamW with linear warm-up (5%) and cosine decay.
+        hflip: random horizontal flips (off: wrong for digits and text).
+        device: "auto", "cpu", "cuda", ...
+        num_workers: DataLoader workers.
+    """
+
+    train_split: str | None = None
+    test_split: str | None = None
+    methods: Sequence[str] | None = None
+    include_real: bool = True
+    shots: Sequence[int] = (0, 3, 9, 15)
+    seeds: int | Sequence[int] = 3
+    synthetic_per_class: int | None = 100
+    mode: str = "concat"
+    p: float = 0.5
+    min_confidence: float | None = None
+    class_map: Any = None
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] | None = None
+    pretrained: bool | str = "auto"
+    image_size: int | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    hflip: bool = False
+    device: str | torch.device = "auto"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        """Every rule that needs no data; raises `UserError` naming the field."""
+        seeds = list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+        if not seeds:
+            raise UserError("`seeds` must name at least one seed (or a count >= 1), e.g. 3.")
+        shots = list(self.shots)
+        if not shots or any(int(k) < 0 for k in shots):
+            raise UserError(f"`shots` must be a non-empty list of integers >= 0 but is {shots!r}: e.g. 0,3,9,15.")
+        for name in ("batch_size", "lr"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"`{name}` must be > 0 but is {getattr(self, name)!r}.")
+        for name in ("steps", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"`{name}` must be > 0 but is {getattr(self, name)!r}.")
+        if self.synthetic_per_class is not None and self.synthetic_per_class < 0:
+            raise UserError(f"`synthetic_per_class` must be >= 0 (or None for all) but is "
+                            f"{self.synthetic_per_class!r}.")
+        if self.mode not in MODES:
+            raise UserError(f"`mode` must be one of {', '.join(MODES)} but is {self.mode!r}.")
+        if not 0.0 <= self.p < 1.0:
+            raise UserError(f"`p` must be in [0, 1) but is {self.p!r}: the synthetic share of the training images.")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {self.min_confidence!r}.")
+        if isinstance(self.pretrained, str) and self.pretrained != "auto" and not Path(self.pretrained).is_file():
+            raise UserError(f"`pretrained` {self.pretrained!r} is not a file: pass a timm checkpoint path, 'auto' "
+                            "or false.")
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    """What a cell's result depends on, resolved (`arch`, `image_size`, `steps`, the weights loaded, the data)."""
+
+    arch: str
+    arch_kwargs: dict[str, Any]
+    pretrained: str | None  # "sha256:<16 hex>" of the weights loaded, or None (from scratch)
+    image_size: int
+    steps: int | None
+    epochs: float | None
+    batch_size: int
+    lr: float
+    weight_decay: float
+    hflip: bool
+    synthetic_per_class: int | None
+    mode: str
+    p: float
+    min_confidence: float | None
+    real: str
+    train_split: str | None
+    test_split: str | None
+    train_size: int
+    test_size: int
+    class_map: dict[str, int] | None  # build class name -> real class index, when not the same classes
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON a cell stores. Settings at their long-standing defaults (concat mixing, no filter, the same
+        classes) add no key, so cells trained before those options existed still resume."""
+        d = dataclasses.asdict(self)
+        if self.mode == "concat":
+            del d["mode"], d["p"]
+        for key in ("min_confidence", "class_map"):
+            if d[key] is None:
+                del d[key]
+        return json.loads(json.dumps(d, default=str))
+
+
+def _upgrade_protocol(stored: dict[str, Any], used_pretrained: bool) -> dict[str, Any]:
+    """A protocol saved before the weights were recorded: "auto"/False that loaded nothing is exactly None now."""
+    legacy = isinstance(stored.get("pretrained"), bool) or stored.get("pretrained") == "auto"
+    return {**stored, "pretrained": None} if legacy and not used_pretrained else stored
+
+
+def _resolve_real(real, root, split: str, argument: str):
+    """A named dataset at a split it has (else refused naming the valid ones), or the dataset given."""
+    if isinstance(real, str):
+        return get_dataset(real, root, check_split(real, split, argument))
     return real
 
 
@@ -204,36 +352,51 @@ def _protocol_key(protocol: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _weights_id(file: str | None) -> str | None:
+    if file is None:
+        return None
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _real_class_map(view: BuildView, real_train, class_map, real_name: str) -> dict[int, int] | None:
+    """Build class index -> real target, or None when both have the same classes in the same order."""
+    real_classes = [str(c) for c in getattr(real_train, "classes", [])]
+    if not real_classes:
+        return None
+    if class_map is None and getattr(real_train, "cub_index", None) is not None:
+        class_map = "inat179"  # the iNat179 subset: CUB names reach iNat's through the shipped map
+    names_map, _ = resolve_class_map(class_map)
+    if names_map is None and [normalize_name(c) for c in real_classes] == [normalize_name(c) for c in
+                                                                            view.class_names]:
+        return None
+    if names_map is None and len(real_classes) != len(view.classes):
+        raise UserError(f"`real` {real_name!r} has {len(real_classes)} classes but the build has "
+                        f"{len(view.classes)}: pass the dataset the build was made from, or `class_map` (build name "
+                        "-> real class name; 'inat179' for a CUB build on iNat179).")
+    mapping = map_classes(view.class_names, real_classes, names_map)
+    if mapping.by == "identity":
+        return None
+    if mapping.unmapped:
+        log.info("%d build classes have no real class and contribute no synthetic images: %s",
+                 len(mapping.unmapped), ", ".join(mapping.unmapped[:10]) + (" ..." if len(mapping.unmapped) > 10
+                                                                           else ""))
+    return mapping.build_to_judge
+
+
 def train_downstream(
     build: str | os.PathLike,
     real: str | torch.utils.data.Dataset,
+    config: DownstreamConfig | None = None,
     *,
     root: str | None = None,
     test: str | torch.utils.data.Dataset | None = None,
-    train_split: str = "train",
-    test_split: str = "test",
-    methods: Sequence[str] | None = None,
-    include_real: bool = True,
-    shots: Sequence[int] = (0, 3, 9, 15),
-    seeds: int | Sequence[int] = 3,
-    synthetic_per_class: int | None = 100,
-    mode: str = "concat",
-    p: float = 0.5,
-    min_confidence: float | None = None,
-    arch: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    pretrained: bool | str = "auto",
-    image_size: int | None = None,
-    steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    weight_decay: float = 0.05,
-    hflip: bool = False,
-    device: str | torch.device = "auto",
-    num_workers: int = 0,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> DownstreamResult:
     """Train classifiers on k real + N synthetic images per class and test them on real images (paper Table 2).
 
@@ -248,100 +411,71 @@ def train_downstream(
 
     Args:
         build: the build directory.
-        real: the real dataset, by name (`synthaug.datasets.get_dataset`, with `root`) or as a torchvision-style
-            dataset returning PIL images (transform=None) with `targets`.
+        real: the real dataset, by name (`synthaug.datasets.get_dataset`, with `root`; ``"inat179"`` for the paper's
+            iNat179 rows) or as a torchvision-style dataset returning PIL images (transform=None) with `targets`.
+        config: a `DownstreamConfig` (default: its defaults).
         root: dataset root for a named `real`.
-        test: the real test set (name or dataset); default: `real` at `test_split`.
-        train_split, test_split: splits of a named `real`.
-        methods: build methods to train with (default: all in the index).
-        include_real: also train on real images alone (method "real"; k = 0 is skipped for it).
-        shots: real images per class, k.
-        seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
-        synthetic_per_class: synthetic images per class per method (None: all in the build).
-        mode, p: how real and synthetic images are mixed (`SynthAugDataset`): ``"concat"`` (every image, drawn
-            uniformly), ``"ratio"`` (synthetic images make a fraction `p` of each epoch, redrawn every epoch) or
-            ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
-            real images (k = 0) train on synthetic images alone in every mode.
-        min_confidence: keep only synthetic images whose stored guide probability is at least this.
-        arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50).
-        arch_kwargs: extra `timm.create_model` kwargs (e.g. ``{"channels": (16, 32, 64, 128)}``).
-        pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
-            checkpoint path. Nothing is ever downloaded.
-        image_size: training resolution (default: the build's image height).
-        steps: optimizer steps per cell (default: 10 epochs of N synthetic images per class, at least 200).
-        epochs: alternatively, epochs of each cell's own training set (ignored when `steps` is given).
-        batch_size, lr, weight_decay: AdamW with linear warm-up (5%) and cosine decay.
-        hflip: random horizontal flips (off: wrong for digits and text).
-        device: "auto", "cpu", "cuda", ...
-        num_workers: DataLoader workers.
+        test: the real test set (name or dataset); default: `real` at `config.test_split`.
         out: result folder (default ``BUILD/eval``).
         progress: progress bars.
+        **overrides: `DownstreamConfig` fields, replacing those of `config` (``shots=[0, 3], seeds=3``).
 
     >>> result = train_downstream("out/digits", "digits", shots=[0, 3, 9], seeds=3)
     >>> print(format_table(result))
     """
     from tqdm.auto import tqdm
 
-
     # 1. Check inputs.
+    fields = {f.name for f in dataclasses.fields(DownstreamConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"`train_downstream` got unknown settings {', '.join(unknown)}: use DownstreamConfig's "
+                        f"fields ({', '.join(sorted(fields))}).")
+    cfg = dataclasses.replace(config or DownstreamConfig(), **overrides)
+    cfg.validate()
     view = open_build(build)
-    methods = view.select_methods(methods)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seeds:
-        raise UserError("`seeds` must name at least one seed (or a count >= 1), e.g. 3.")
-    shots = list(shots)
-    if not shots or any(int(k) < 0 for k in shots):
-        raise UserError(f"`shots` must be a non-empty list of integers >= 0 but is {shots!r}: e.g. 0,3,9,15.")
-    for name, v in (("batch_size", batch_size), ("lr", lr)):
-        if v <= 0:
-            raise UserError(f"`{name}` must be > 0 but is {v!r}.")
-    if steps is not None and steps <= 0:
-        raise UserError(f"`steps` must be > 0 but is {steps!r}.")
-    if epochs is not None and epochs <= 0:
-        raise UserError(f"`epochs` must be > 0 but is {epochs!r}.")
-    if synthetic_per_class is not None and synthetic_per_class < 0:
-        raise UserError(f"`synthetic_per_class` must be >= 0 (or None for all) but is {synthetic_per_class!r}.")
-
-    if mode not in MODES:
-        raise UserError(f"`mode` must be one of {', '.join(MODES)} but is {mode!r}.")
-    if not 0.0 <= p < 1.0:
-        raise UserError(f"`p` must be in [0, 1) but is {p!r}: the synthetic share of the training images.")
-    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
-        raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
+    methods = view.select_methods(cfg.methods)
+    seeds = list(range(cfg.seeds)) if isinstance(cfg.seeds, int) else [int(s) for s in cfg.seeds]
+    shots = [int(k) for k in cfg.shots]
     real_name = real if isinstance(real, str) else type(real).__name__
-    real_train = _resolve_real(real, root, train_split)
-    real_test = _resolve_real(test if test is not None else real, root, test_split)
-    if len(getattr(real_train, "classes", [])) not in (0, len(view.classes)):
-        raise UserError(f"`real` {real_name!r} has {len(real_train.classes)} classes but the build has "
-                        f"{len(view.classes)}: pass the dataset the build was made from.")
-    num_classes = len(view.classes)
-    image_size = image_size or view.image_size[0]
+    test_default = default_test_split(real) if isinstance(real, str) else "test"
+    train_split = cfg.train_split or "train"
+    test_split = cfg.test_split or (default_test_split(test) if isinstance(test, str) else test_default)
+    real_train = _resolve_real(real, root, train_split, "train_split")
+    real_test = _resolve_real(test if test is not None else real, root, test_split, "test_split")
+    class_to_real = _real_class_map(view, real_train, cfg.class_map, real_name)
+    num_classes = len(view.classes) if class_to_real is None else len(real_train.classes)
+    image_size = cfg.image_size or view.image_size[0]
+    arch, arch_kwargs = cfg.arch, dict(cfg.arch_kwargs or {})
     if arch is None:
         arch, default_kwargs = _default_arch(image_size)
-        arch_kwargs = {**default_kwargs, **(arch_kwargs or {})}
-    arch_kwargs = dict(arch_kwargs or {})
-    dev = resolve_device(device)
-    n_syn = synthetic_per_class
+        arch_kwargs = {**default_kwargs, **arch_kwargs}
+    dev = resolve_device(cfg.device)
+    n_syn = cfg.synthetic_per_class
     if n_syn is None:
         counts = Counter(zip(view.index.column("method").to_pylist(), view.index.column("class_index").to_pylist()))
         n_syn = max(counts.values()) if counts else 0
-    if steps is None and epochs is None:
+    steps = cfg.steps
+    if steps is None and cfg.epochs is None:
         # 10 epochs of a 100-per-class synthetic set (at least 200 steps), independent of `shots` and `seeds`, so
         # that adding a k or a seed later resumes instead of invalidating the finished cells.
-        steps = max(200, math.ceil(10 * num_classes * max(n_syn, 15) / batch_size))
-
-    protocol = {
-        "arch": arch, "arch_kwargs": arch_kwargs, "pretrained": pretrained, "image_size": image_size, "steps": steps,
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "hflip": hflip,
-        "synthetic_per_class": synthetic_per_class, **_mixing_protocol(mode, p, min_confidence), "real": real_name,
-        "train_split": train_split, "test_split": test_split, "train_size": len(real_train), "test_size": len(real_test),
-    }
+        steps = max(200, math.ceil(10 * num_classes * max(n_syn, 15) / cfg.batch_size))
+    weights = _pretrained_file(arch, num_classes, arch_kwargs, cfg.pretrained)
+    protocol = _Protocol(
+        arch=arch, arch_kwargs=arch_kwargs, pretrained=_weights_id(weights), image_size=image_size, steps=steps,
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, hflip=cfg.hflip,
+        synthetic_per_class=cfg.synthetic_per_class, mode=cfg.mode, p=cfg.p, min_confidence=cfg.min_confidence,
+        real=real_name, train_split=train_split, test_split=test_split, train_size=len(real_train),
+        test_size=len(real_test),
+        class_map=None if class_to_real is None else {view.class_names[b]: r for b, r in sorted(class_to_real.items())},
+    )
+    stored_protocol = protocol.as_dict()
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
     cell_dir = out_dir / "downstream" / "cells"
 
     # 2. The cells: (method, k, seed), real-only without k = 0 (nothing to train on).
-    plan = [(m, int(k), int(s)) for m in ([REAL_ONLY] if include_real else []) + methods for k in shots for s in seeds
-            if not (m == REAL_ONLY and int(k) == 0)]
+    plan = [(m, k, s) for m in ([REAL_ONLY] if cfg.include_real else []) + methods for k in shots for s in seeds
+            if not (m == REAL_ONLY and k == 0)]
     cells: list[CellResult] = []
     bar = tqdm(plan, desc="downstream", disable=not progress)
     for method, k, seed in bar:
@@ -349,21 +483,19 @@ def train_downstream(
         path = cell_dir / f"{method}-k{k}-s{seed}.json"
         if path.is_file():
             cell = CellResult(**json.loads(path.read_text()))
-            if cell.protocol != json.loads(json.dumps(protocol, default=str)):
-                differ = sorted(key for key in set(cell.protocol) | set(protocol)
-                                if cell.protocol.get(key) != json.loads(json.dumps(protocol.get(key), default=str)))
+            old = _upgrade_protocol(cell.protocol, cell.pretrained)
+            if old != stored_protocol:
+                differ = sorted(key for key in set(old) | set(stored_protocol) if old.get(key) !=
+                                stored_protocol.get(key))
                 raise UserError(
                     f"{path} was trained with other settings ({', '.join(differ)} differ): pass another `out` "
                     f"or delete {cell_dir} to start over."
                 )
-            cells.append(cell)
+            cells.append(dataclasses.replace(cell, protocol=stored_protocol))
             continue
-        cell = _train_cell(view, real_train, real_test, method, k, seed, n_syn=synthetic_per_class,
-                           num_classes=num_classes, arch=arch, arch_kwargs=arch_kwargs, pretrained=pretrained,
-                           image_size=image_size, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-                           weight_decay=weight_decay, hflip=hflip, device=dev, num_workers=num_workers,
-                           protocol=protocol, progress=progress, dataset_cls=SynthAugDataset, mode=mode, p=p,
-                           min_confidence=min_confidence)
+        cell = _train_cell(view, real_train, real_test, method, k, seed, protocol=protocol, weights=weights,
+                           num_classes=num_classes, class_to_real=class_to_real, device=dev,
+                           num_workers=cfg.num_workers, progress=progress)
         write_text(path, json.dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
         cells.append(cell)
 
@@ -377,17 +509,6 @@ def train_downstream(
                [f.name for f in dataclasses.fields(DownstreamRow)])
     write_text(out_dir / "downstream.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
-
-
-def _mixing_protocol(mode: str, p: float, min_confidence: float | None) -> dict[str, Any]:
-    """The mixing keys of a cell's protocol. The default (concat, no filter) adds none, so cells trained before these
-    options existed still resume."""
-    keys: dict[str, Any] = {}
-    if mode != "concat":
-        keys.update(mode=mode, p=p)
-    if min_confidence is not None:
-        keys["min_confidence"] = min_confidence
-    return keys
 
 
 def _summarise(cells: list[CellResult]) -> list[DownstreamRow]:
@@ -411,19 +532,20 @@ def _real_indices(dataset) -> list[int]:
     return sorted(src.index for src in map(dataset.source, range(len(dataset))) if src.kind == "real")
 
 
-def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, seed: int, *, n_syn, num_classes,
-                arch, arch_kwargs, pretrained, image_size, steps, epochs, batch_size, lr, weight_decay, hflip,
-                device: torch.device, num_workers, protocol, progress, dataset_cls, mode: str = "concat",
-                p: float = 0.5, min_confidence: float | None = None) -> CellResult:
+def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, seed: int, *, protocol: _Protocol,
+                weights: str | None, num_classes: int, class_to_real: dict[int, int] | None, device: torch.device,
+                num_workers: int, progress: bool, dataset_cls=SynthAugDataset) -> CellResult:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    pr = protocol
+    batch_size, steps, epochs, mode = pr.batch_size, pr.steps, pr.epochs, pr.mode
     # 1. Model first, under the seed: the init depends only on (arch, seed), not on the method.
     torch.manual_seed(seed)
-    model, used_pretrained = _create_model(arch, num_classes, arch_kwargs, pretrained)
+    model = _create_model(pr.arch, num_classes, pr.arch_kwargs, weights)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    train_tf, test_tf = _transforms(image_size, mean, std, hflip=hflip)
+    train_tf, test_tf = _transforms(pr.image_size, mean, std, hflip=pr.hflip)
 
     # 2. Data: the real subset is a function of (k, seed) only, so every method sees the same real images.
     #    (real images with k = 0 still define the label set, checked against the build's classes.)
@@ -433,8 +555,9 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     if k == 0 or real_only:
         mode = "concat"
     train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf,
-                            methods=[] if real_only else [method], synthetic_per_class=0 if real_only else n_syn,
-                            seed=seed, mode=mode, p=p, min_confidence=None if real_only else min_confidence)
+                            methods=[] if real_only else [method],
+                            synthetic_per_class=0 if real_only else pr.synthetic_per_class, seed=seed, mode=mode,
+                            p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real)
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
@@ -458,7 +581,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
 
     # 3. Train: AdamW, 5% linear warm-up, cosine decay; bf16 autocast on CUDA.
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=pr.lr, weight_decay=pr.weight_decay)
     warm = max(1, n_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / n_steps))))
@@ -488,8 +611,8 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
         method=method, shots=k, seed=seed, top1=top1, top5=top5, test_images=len(real_test), train_real=n_real,
         train_synthetic=n_train - n_real, real_indices_sha256=hashlib.sha256(
             json.dumps(sorted(real_idx)).encode()).hexdigest(),
-        steps=n_steps, seconds=round(time.perf_counter() - t0, 2), pretrained=used_pretrained,
-        protocol=json.loads(json.dumps(protocol, default=str)),
+        steps=n_steps, seconds=round(time.perf_counter() - t0, 2), pretrained=weights is not None,
+        protocol=protocol.as_dict(),
     )
 
 

@@ -17,11 +17,12 @@ from torch import nn
 
 from ..atomic import write_text
 from ..classifier.load import load_classifier
+from ..datasets.catalog import check_split, get_dataset
+from ..datasets.fewshot import stratified_indices, targets_of
 from ..errors import UserError
 from ..layout import EVAL_DIR
 from ..models import resolve_device
 from ..shards import BuildView, open_build
-from .downstream import _resolve_real
 from .images import _model_device_dtype, _resize_center_crop, _to_tensor, iter_image_batches
 from .judge import _write_csv
 
@@ -191,6 +192,7 @@ def compute_fid(
     methods: Sequence[str] | None = None,
     inception_weights: str | os.PathLike | None = None,
     max_images: int | None = None,
+    sample_seed: int = 0,
     kid_subset_size: int | None = None,
     kid_subsets: int = 100,
     device: str | torch.device = "auto",
@@ -213,7 +215,9 @@ def compute_fid(
             (its `features`), or any module/callable mapping images in [0, 1] to ``[B, D]``.
         methods: methods to score (default: all in the build).
         inception_weights: path of torch-fidelity's Inception weights file (for ``features="inception"``).
-        max_images: use at most this many images per set (the first ones, in index/dataset order).
+        max_images: use at most this many images per set: a seeded sample spread evenly over the classes
+            (`synthaug.datasets.fewshot.stratified_indices`), the same for every method.
+        sample_seed: seed of that sample.
         kid_subset_size: KID subset size (default ``min(1000, real, fake)``).
         kid_subsets: KID subsets.
         device, batch_size: feature extraction.
@@ -233,15 +237,20 @@ def compute_fid(
 
     # 2. Real features, once.
     real_name = real if isinstance(real, str) else type(real).__name__
-    real_ds = _resolve_real(real, root, split)
+    real_ds = get_dataset(real, root, check_split(real, split)) if isinstance(real, str) else real
     size = view.image_size
-    n_real = len(real_ds) if max_images is None else min(len(real_ds), max_images)
-    real_feats = _extract(extractor, _real_batches(real_ds, n_real, size, batch_size, progress))
+    real_idx = list(range(len(real_ds)))
+    if max_images is not None:
+        real_idx = stratified_indices(targets_of(real_ds), max_images, sample_seed)
+    real_feats = _extract(extractor, _real_batches(real_ds, real_idx, size, batch_size, progress))
 
     # 3. Each method's features, then FID/KID against the real ones.
     rows = []
     for m in methods:
-        method_rows = view.rows([m])[:max_images] if max_images is not None else view.rows([m])
+        method_rows = view.rows([m])
+        if max_images is not None:
+            keep = stratified_indices([int(r["class_index"]) for r in method_rows], max_images, sample_seed)
+            method_rows = [method_rows[i] for i in keep]
         fake = _extract(extractor, (x for _, x in iter_image_batches(view, method_rows, batch_size, size=size,
                                                                      progress=progress, desc=f"fid {m}")))
         score = fid_kid(real_feats, fake, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
@@ -284,11 +293,12 @@ def _resolve_features(view: BuildView, features, inception_weights, device) -> F
     return classifier_extractor(load_classifier(source, device=resolve_device(device)), name=source)
 
 
-def _real_batches(dataset, n: int, size: tuple[int, int], batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+def _real_batches(dataset, indices: Sequence[int], size: tuple[int, int], batch_size: int,
+                  progress: bool) -> Iterator[torch.Tensor]:
     from tqdm.auto import tqdm
 
     batch = []
-    for i in tqdm(range(n), desc="fid real", disable=not progress, leave=False):
+    for i in tqdm(indices, desc="fid real", disable=not progress, leave=False):
         img = dataset[i][0]
         if not hasattr(img, "convert"):
             raise UserError(f"The real dataset returns {type(img).__name__}, not PIL images: build it with "

@@ -22,12 +22,13 @@ from torch import nn
 
 from ..atomic import atomic_write, write_text
 from ..classifier.load import load_classifier
+from ..classifier.source import same_source
 from ..errors import UserError
 from ..layout import EVAL_DIR
 from ..models import resolve_device
 from ..shards import _method_sort_key, open_build
 from .images import _model_device_dtype, iter_image_batches
-from .names import _load_class_map, _same_source, map_classes
+from .names import ClassMap, map_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def evaluate_judge(
     methods: Sequence[str] | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 64,
-    class_map: Mapping[str, str] | str | os.PathLike | None = None,
+    class_map: ClassMap | str | os.PathLike | None = None,
     restrict_to_shared: bool = False,
     baseline: str = BASELINE,
     write_back: bool = True,
@@ -146,7 +147,10 @@ def evaluate_judge(
         methods: methods to score (default: every method in the index).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``... (used when `judge` is a source).
         batch_size: images per judge forward pass.
-        class_map: build class name -> judge label (a dict or JSON file) when the label sets differ beyond names.
+        class_map: build class name -> judge label (a dict or JSON file) when the label sets differ beyond names;
+            ``"inat179"`` or ``"inat179:INAT_ROOT"`` for a CUB build scored by an iNat 2021 judge (the paper's
+            iNat179 row; with the root, judges labelled by scientific or folder names match too).
+            `synthaug.evaluate.names.resolve_class_map` lists the forms.
         restrict_to_shared: renormalise the judge over the labels it shares with the build (a closed-set judge on
             the shared classes) instead of all its labels.
         baseline: the method every other method is paired against on identical seeds.
@@ -173,7 +177,7 @@ def evaluate_judge(
     judge.eval()
     trained_on = judge_trained_on or getattr(judge, "trained_on", None)
     guide = view.config.get("guide")
-    self_scored = _same_source(judge_source, guide)
+    self_scored = same_source(judge_source, guide)
     if self_scored:
         msg = (f"The judge {judge_source!r} is the guide that steered the tokens: the images were optimised to please "
                "it, so its accuracy is flattered. Use an independent judge (e.g. digits-judge for digits).")
@@ -185,7 +189,10 @@ def evaluate_judge(
     labels = list(getattr(judge, "labels", None) or [])
     if not labels:
         raise UserError(f"`judge` {judge_source!r} has no `labels`: load it with synthaug.load_classifier.")
-    mapping = map_classes(view.class_names, labels, _load_class_map(class_map))
+    names_map, no_counterpart = resolve_class_map(class_map)
+    if no_counterpart:
+        log.info("class map: %d build classes have no counterpart: %s", len(no_counterpart), ", ".join(no_counterpart))
+    mapping = map_classes(view.class_names, labels, names_map)
     if mapping.unmapped:
         log.info("judge shares %d/%d classes; not scored: %s", mapping.shared, mapping.total,
                  ", ".join(mapping.unmapped[:10]) + (" ..." if len(mapping.unmapped) > 10 else ""))

@@ -1,8 +1,9 @@
-"""Matching a judge's label names to a build's classes."""
+"""Matching a judge's (or a real dataset's) label names to a build's classes."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -10,23 +11,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..datasets.inat import INat2021, inat179_class_map
 from ..errors import UserError
+from ..names import normalize_name
+
+log = logging.getLogger(__name__)
+
+ClassMap = Mapping[str, "str | Sequence[str]"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Judge class mapping (the paper's iNat179 protocol: a judge with another label set, matched by clean name)
 # --------------------------------------------------------------------------------------------------------------------
-def clean_label(name: str) -> str:
-    """A label as a comparable key: ``"001.Black_footed_Albatross"`` -> ``"black footed albatross"``.
-
-    >>> clean_label("001.Black_footed_Albatross")
-    'black footed albatross'
-    """
-    s = re.sub(r"^\s*\d+\s*[.\-_:)]+\s*", "", str(name))  # numbered prefixes: "001.", "3 - ", "12_"
-    s = re.sub(r"[_\-]+", " ", s)
-    return re.sub(r"\s+", " ", s).strip().lower()
-
-
 _GENERIC_LABEL = re.compile(r"(label|class)? ?\d+")
 
 
@@ -42,37 +38,40 @@ class ClassMapping:
 
 
 def map_classes(
-    build_names: Sequence[str], judge_labels: Sequence[str], class_map: Mapping[str, str] | None = None
+    build_names: Sequence[str], judge_labels: Sequence[str], class_map: ClassMap | None = None
 ) -> ClassMapping:
-    """Match build classes to judge labels: identical lists, a user mapping, or clean names.
+    """Match build classes to judge labels: identical lists, a user mapping, or clean names (`normalize_name`).
 
     Args:
         build_names: the build's class names, by class index.
         judge_labels: the judge's output labels, by output index.
-        class_map: optional build name -> judge label (e.g. CUB common names -> iNat species).
+        class_map: optional build name -> judge label, or -> several names of one class, the first the judge knows
+            wins (e.g. CUB common names -> iNat common, scientific and folder names: `resolve_class_map("inat179")`).
 
     >>> map_classes(["Black footed Albatross", "Dodo"], ["dog", "black_footed_albatross"]).build_to_judge
     {0: 1}
     """
-    build_clean = [clean_label(n) for n in build_names]
-    judge_clean = [clean_label(lb) for lb in judge_labels]
+    build_clean = [normalize_name(n) for n in build_names]
+    judge_clean = [normalize_name(lb) for lb in judge_labels]
     lookup: dict[str, int] = {}
     for j, name in enumerate(judge_clean):
         lookup.setdefault(name, j)  # the first of duplicate labels wins
 
     if class_map:
-        by_clean = {clean_label(k): v for k, v in class_map.items()}
+        by_clean = {normalize_name(k): v for k, v in class_map.items()}
         mapping = {}
         for i, name in enumerate(build_clean):
             if name not in by_clean:
                 continue
-            target = clean_label(by_clean[name])
-            if target not in lookup:
+            targets = [by_clean[name]] if isinstance(by_clean[name], str) else list(by_clean[name])
+            hit = next((lookup[normalize_name(t)] for t in targets if normalize_name(t) in lookup), None)
+            if hit is not None:
+                mapping[i] = hit
+            elif isinstance(by_clean[name], str):  # one name, spelled by the user: a typo is refused
                 raise UserError(
                     f"`class_map` maps {build_names[i]!r} to {by_clean[name]!r}, which is not a judge label: use one "
                     f"of the judge's labels (e.g. {', '.join(map(repr, list(judge_labels)[:3]))})."
                 )
-            mapping[i] = lookup[target]
         by = "map"
     elif build_clean == judge_clean:
         mapping, by = {i: i for i in range(len(build_clean))}, "identity"
@@ -96,34 +95,39 @@ def map_classes(
     return ClassMapping(mapping, len(mapping), len(build_names), unmapped, by)
 
 
-def _load_class_map(class_map: Mapping[str, str] | str | os.PathLike | None) -> dict[str, str] | None:
+def resolve_class_map(class_map: ClassMap | str | os.PathLike | None) -> tuple[dict[str, list[str]] | None, list[str]]:
+    """A class map from any of its forms, and the build names it knows have no counterpart.
+
+    Forms: None; a mapping build name -> label (or -> several names of one class); a JSON file of one; ``"inat179"``
+    (the shipped CUB -> iNat common-name map); ``"inat179:ROOT"`` (the same, read against the iNat 2021 copy at ROOT:
+    each CUB class maps to the species' common, scientific and folder names, and the CUB names with no iNat species
+    are returned as unmatched).
+
+    >>> resolve_class_map("inat179")[0]["Artic Tern"]
+    ['Arctic Tern']
+    """
     if class_map is None or isinstance(class_map, Mapping):
-        return dict(class_map) if class_map else None
-    p = Path(class_map)
+        if not class_map:
+            return None, []
+        return {str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in class_map.items()}, []
+    text = os.fspath(class_map)
+    if text == "inat179" or text.startswith("inat179:"):
+        root = text.partition(":")[2]
+        if not root:
+            return inat179_class_map()
+        if not Path(root).expanduser().is_dir():
+            raise UserError(f"`class_map` {text!r} names no folder: pass 'inat179:ROOT' with ROOT holding iNat 2021 "
+                            "(2021_valid/ or 2021_train_mini/ and an annotation file), or plain 'inat179'.")
+        split = "val" if any((Path(root).expanduser() / d).is_dir() for d in ("2021_valid", "val")) else "train"
+        return inat179_class_map(INat2021(root, split=split, subset="inat179"))
+    p = Path(text)
     if not p.is_file():
-        raise UserError(f"`class_map` {str(class_map)!r} does not exist: pass a JSON file {{build name: judge label}}.")
+        raise UserError(f"`class_map` {text!r} does not exist: pass a JSON file {{build name: judge label}}, "
+                        "'inat179' or 'inat179:ROOT'.")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"`class_map` {str(class_map)!r} is not valid JSON: {e}.") from None
+        raise UserError(f"`class_map` {text!r} is not valid JSON: {e}.") from None
     if not isinstance(data, dict):
-        raise UserError(f"`class_map` {str(class_map)!r} must hold a JSON object {{build name: judge label}}.")
-    return {str(k): str(v) for k, v in data.items()}
-
-
-def _same_source(a: str | None, b: str | None) -> bool:
-    """Whether two classifier sources name the same model (hub ids case-insensitively, local paths resolved)."""
-    if not a or not b:
-        return False
-
-    def norm(s: str) -> str:
-        s = s.strip()
-        for prefix in ("hf-hub:", "hf_hub:", "timm:", "timm/"):
-            if s.lower().startswith(prefix):
-                s = s[len(prefix):]
-        p = Path(s).expanduser()
-        if p.exists():
-            return str(p.resolve())
-        return s.rstrip("/").lower()
-
-    return norm(a) == norm(b)
+        raise UserError(f"`class_map` {text!r} must hold a JSON object {{build name: judge label}}.")
+    return {str(k): [v] if isinstance(v, str) else [str(x) for x in v] for k, v in data.items()}, []

@@ -61,7 +61,7 @@ def evaluate_shots(
         progress: tqdm bars.
 
     Returns:
-        Rows ``{"method", "shots", "seed", "accuracy", "n_test", "seconds"}``; `format_table` renders them.
+        Rows ``{"method", "shots", "seed", "accuracy", "n_test", "seconds"}``; `synthaug.evaluate.format_table` renders them.
 
     >>> rows = evaluate_shots(pipe, clip, Digits(split="train"), Digits(split="test"), shots=(1, 5), seeds=(0,))
     ...  # doctest: +SKIP
@@ -133,28 +133,3 @@ def evaluate_shots(
             log.info("seed %d, %d-shot: %s", seed, n,
                      ", ".join(f"{r['method']} {r['accuracy']:.3f}" for r in rows[-len(methods):]))
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per method, one column per N, cells ``mean ± std`` accuracy (%) over seeds.
-
-    >>> print(format_table([{"method": "ti", "shots": 1, "seed": 0, "accuracy": 0.5}]))
-    | method | 1-shot |
-    | --- | --- |
-    | ti | 50.0 |
-    """
-    shots = sorted({r["shots"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | " + " | ".join(f"{n}-shot" for n in shots) + " |", "| --- |" + " --- |" * len(shots)]
-    for m in methods:
-        cells = []
-        for n in shots:
-            acc = [100 * r["accuracy"] for r in rows if r["method"] == m and r["shots"] == n]
-            if not acc:
-                cells.append("")
-            elif len(acc) == 1:
-                cells.append(f"{acc[0]:.1f}")
-            else:
-                cells.append(f"{np.mean(acc):.1f} ± {np.std(acc, ddof=1):.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

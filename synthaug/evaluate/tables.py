@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import UserError
 from ..shards import _method_sort_key
@@ -31,8 +35,10 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def result_tables(result: JudgeResult | DownstreamResult | FIDResult, *, per_class: bool = False) -> list[Table]:
-    """The tables of a result (what `format_table` prints and the report shows).
+def result_tables(result: JudgeResult | DownstreamResult | FIDResult | Sequence[Mapping[str, Any]], *,
+                  per_class: bool = False) -> list[Table]:
+    """The tables of a result (what `format_table` prints and the report shows); a list of `evaluate_shots` rows
+    gives one table: a row per method, a column per N, ``mean ± std`` accuracy (%) over seeds.
 
     >>> [t.title for t in result_tables(load_result("out/digits/eval/judge.json"))]
     """
@@ -42,25 +48,33 @@ def result_tables(result: JudgeResult | DownstreamResult | FIDResult, *, per_cla
         return _downstream_tables(result)
     if isinstance(result, FIDResult):
         return _fid_tables(result)
-    raise TypeError(f"expected a JudgeResult, DownstreamResult or FIDResult, not {type(result).__name__}")
+    if isinstance(result, Sequence) and all(isinstance(r, Mapping) for r in result):
+        return _shots_tables(result)
+    raise TypeError(f"expected a JudgeResult, DownstreamResult, FIDResult or evaluate_shots rows, not "
+                    f"{type(result).__name__}")
 
 
 def _render(table: Table, markdown: bool) -> str:
     headers, rows = table.headers, table.rows
+    title = [table.title] if table.title else []
     if markdown:
-        lines = [table.title, "", "| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+        lines = [*title, *([""] if title else []), "| " + " | ".join(headers) + " |",
+                 "|" + "|".join(" --- " for _ in headers) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [table.title, fmt.format(*headers), "  ".join("-" * w for w in widths)]
+    lines = [*title, fmt.format(*headers), "  ".join("-" * w for w in widths)]
     return "\n".join(lines + [fmt.format(*r) for r in rows])
 
 
-def format_table(result: JudgeResult | DownstreamResult | FIDResult, *, markdown: bool = False,
-                 per_class: bool = False) -> str:
+def format_table(result: JudgeResult | DownstreamResult | FIDResult | Sequence[Mapping[str, Any]], *,
+                 markdown: bool = False, per_class: bool = False) -> str:
     """The result as tables: aligned text for the terminal, or markdown (`markdown=True`) for RESULTS.md.
 
-    >>> print(format_table(evaluate_judge("out/digits", "digits-judge"), per_class=True))
+    >>> print(format_table([{"method": "ti", "shots": 1, "seed": 0, "accuracy": 0.5}], markdown=True))
+    | method | 1-shot |
+    | --- | --- |
+    | ti | 50.0 |
     """
     text = "\n\n".join(_render(t, markdown) for t in result_tables(result, per_class=per_class))
     if isinstance(result, JudgeResult) and result.self_scored:
@@ -113,6 +127,19 @@ def _downstream_tables(r: DownstreamResult) -> list[Table]:
                  f"k real + {r.synthetic_per_class} synthetic per class of each method (real: real images only)")
         tables.append(Table(title, ["k real/class"] + methods, rows))
     return tables
+
+
+def _shots_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
+    shots = sorted({r["shots"] for r in rows})
+    body = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for n in shots:
+            acc = [100 * r["accuracy"] for r in rows if r["method"] == m and r["shots"] == n]
+            cells.append("" if not acc else f"{acc[0]:.1f}" if len(acc) == 1 else
+                         f"{np.mean(acc):.1f} ± {np.std(acc, ddof=1):.1f}")
+        body.append([m, *cells])
+    return [Table("", ["method", *(f"{n}-shot" for n in shots)], body)]
 
 
 def _fid_tables(r: FIDResult) -> list[Table]:
