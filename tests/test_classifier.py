@@ -436,3 +436,26 @@ def test_directory_without_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"has neither 'architecture' \(timm\) nor 'model_type'"):
         load_classifier(str(tmp_path), device="cpu")
+
+
+def test_source_parsing_labels_and_agreement(timm_dir, caplog):
+    from synthaug.classifier.source import check_label_agreement, declared_labels, parse_source, same_source
+
+    assert parse_source("timm:resnet18@ck.pth").arch == "resnet18"
+    assert parse_source(str(timm_dir)).kind == "dir" and parse_source("org/name").hub_id == "org/name"
+    assert same_source("hf-hub:timm/ResNet18.a1_in1k", "timm/resnet18.a1_in1k")
+    assert declared_labels(str(timm_dir)) == (LABELS, 3)
+    ok = dict(labels=LABELS, count=3, what="guide", source="g", dataset="d")
+    assert check_label_agreement([n.upper() for n in LABELS], **ok) == "labels"  # cleaned names agree
+    swapped = [LABELS[1], LABELS[0], LABELS[2]]
+    with pytest.raises(UserError, match=rf"2 of 3 differ; 0: dataset '{LABELS[1]}' vs guide '{LABELS[0]}'"):
+        check_label_agreement(swapped, **ok)
+    # A class given by all its names agrees with a label that is any of them (iNat folders, ImageNet descriptions)
+    assert check_label_agreement([("tench", "n01440764")], labels=["tench, Tinca tinca"], count=1, what="guide",
+                                 source="g", dataset="imagenet") == "labels"
+    with caplog.at_level("WARNING"):
+        assert check_label_agreement(swapped, labels=["class_0", "class_1", "class_2"], count=3, what="guide",
+                                     source="g", dataset="d") == "count"
+    assert "only its class count" in caplog.text
+    with pytest.raises(UserError, match="predicts 4 classes but dataset 'd' has 3"):
+        check_label_agreement(LABELS, labels=None, count=4, what="guide", source="g", dataset="d")

@@ -452,3 +452,46 @@ def test_inat179_table2_trains_on_inat_images_with_cub_tokens(inat179_world):
     with pytest.raises(UserError, match="`test_split` must be one of train, train_full, val for dataset 'inat179' "
                                         "but is 'test'"):
         train_downstream(build, "inat179", config, root=str(inat), test_split="test", progress=False)
+
+
+def test_fid_max_images_covers_every_class(tmp_path):
+    from synthaug.datasets.fewshot import stratified_indices
+
+    targets = [0] * 10 + [1] * 10 + [2] * 10  # sorted by class, as builds and datasets are
+    picked = stratified_indices(targets, 6, seed=0)
+    assert sorted(np.bincount([targets[i] for i in picked])) == [2, 2, 2]
+    assert picked == stratified_indices(targets, 6, seed=0) != stratified_indices(targets, 6, seed=1)
+    real = _noise_images(30, 0)
+    build = make_build(tmp_path / "b", [{"method": "sd", "class_index": t, "index": i, "image": im}
+                                        for i, (im, t) in enumerate(zip(real, targets))])
+    result = compute_fid(build, ImageList(real, targets), features=ColorJudge(), max_images=6, batch_size=64,
+                         progress=False)
+    assert result.rows[0].fake_images == result.rows[0].real_images == 6
+    assert result.rows[0].fid == pytest.approx(0.0, abs=1e-6)  # the same images picked on both sides
+
+
+def test_downstream_records_the_weights_loaded(downstream_world, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from synthaug.evaluate.downstream import train_downstream
+
+    build, train, test = downstream_world
+
+    net = timm.create_model("resnet10t", num_classes=3, **TINY_NET["arch_kwargs"])
+    save_file(net.state_dict(), tmp_path / "w.safetensors")
+    kw = dict(test=test, methods=["dct"], include_real=False, shots=[2], seeds=1, steps=1, batch_size=8,
+              progress=False, arch="resnet10t", arch_kwargs=TINY_NET["arch_kwargs"])
+    scratch = train_downstream(build, train, pretrained="auto", out=tmp_path / "o", **kw).cells[0]
+    assert scratch.protocol["pretrained"] is None and scratch.pretrained is False  # nothing on disk: from scratch
+    with pytest.raises(UserError, match=r"trained with other settings \(pretrained differ\)"):
+        train_downstream(build, train, pretrained=str(tmp_path / "w.safetensors"), out=tmp_path / "o", **kw)
+    loaded = train_downstream(build, train, pretrained=str(tmp_path / "w.safetensors"), out=tmp_path / "p",
+                              **kw).cells[0]
+    assert loaded.pretrained is True and loaded.protocol["pretrained"].startswith("sha256:")
+    # A cell saved before the weights were recorded ("auto", nothing loaded) resumes as "from scratch".
+    cell = tmp_path / "o" / "downstream" / "cells" / "dct-k2-s0.json"
+    old = json.loads(cell.read_text())
+    old["protocol"]["pretrained"] = "auto"
+    cell.write_text(json.dumps(old))
+    assert train_downstream(build, train, pretrained=False, out=tmp_path / "o", **kw).cells[0].top1 == scratch.top1
