@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..config import DCTConfig
 from ..errors import UserError
-from .text import encode, render_prompt, splice_tokens, token_name, tokenize
+from .text import encode, render_prompt, splice_tokens, token_name, tokenize, tokenizer_with
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -121,224 +121,90 @@ def learn_dct_token(
     """
     started = time.perf_counter()
 
-    # 1. Check inputs (before any model work)
+    # 1. Check every input before any model work; a tokenizer that knows S_c (a copy: the pipeline's stays as it was)
     token = token if token is not None else token_name(class_index)
-    _check_inputs(pipe, classifier, class_index, label, config, token)
-    device = pipe._execution_device
-    do_cfg = config.guidance_scale > 1.0  # diffusers' convention: guidance_scale 1 means no CFG
-    text_dtype = pipe.text_encoder.dtype  # the pipeline runs its latents in the prompt embeddings' dtype
+    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token)
+    run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
+               pipe._execution_device, pipe.text_encoder.dtype, checkpointing)  # latents in the prompts' dtype
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), torch.enable_grad():
-        # 2. A tokenizer that knows S_c. A copy: the pipeline's own tokenizer stays as it was.
-        tokenizer = pipe.tokenizer
-        if token not in tokenizer.get_added_vocab():
-            tokenizer = copy.deepcopy(tokenizer)
-            tokenizer.add_tokens(token)
-        token_id = tokenizer.convert_tokens_to_ids(token)
-
-        # 3. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
-        embeddings = pipe.text_encoder.get_input_embeddings()
+        # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
         init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
-        v_c = torch.nn.Parameter(embeddings.weight[init_id].detach().to(device=device, dtype=torch.float32).clone())
+        init = pipe.text_encoder.get_input_embeddings().weight[init_id]
+        v_c = torch.nn.Parameter(init.detach().to(device=run.device, dtype=torch.float32).clone())
         optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
 
-        # 4. Encode the prompts: padded to model_max_length exactly as the pipeline does at inference. The
-        #    unconditional embedding does not depend on v_c: computed once, without a graph.
-        prompts = [render_prompt(p, label, token) for p in config.prompts]
-        prompt_inputs = [tokenize(tokenizer, [p], device) for p in prompts]
-        for p, inputs in zip(prompts, prompt_inputs):
-            if not bool((inputs["input_ids"] == token_id).any()):
-                raise UserError(
-                    f"`dct.prompts` entry {p!r} is longer than the tokenizer's {tokenizer.model_max_length} tokens and "
-                    f"the class token {token!r} was cut off: shorten the prompt or the label."
-                )
-        uncond = None
-        if do_cfg:
+        # 3. Prompts, padded to model_max_length as at inference; the unconditional embedding does not depend on v_c
+        prompt_inputs = [tokenize(tokenizer, [render_prompt(p, label, token)], run.device) for p in config.prompts]
+        if run.do_cfg:
             with torch.no_grad():
-                uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], device)).to(text_dtype)
-        timestep_cond = None
-        if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets (LCM) take w as an input
-            w = torch.tensor(config.guidance_scale - 1).repeat(config.batch_size)
-            timestep_cond = pipe.get_guidance_scale_embedding(
-                w, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=text_dtype)
+                run.uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], run.device)).to(run.dtype)
         augment_generator = torch.Generator(device="cpu").manual_seed(_seed("augment", config.seed, class_index, 0))
 
-        def validate(v: torch.Tensor) -> tuple[float, float]:
-            """Guide accuracy and mean class probability of `v` on the held-out validation seeds (no gradient)."""
-            nonlocal unet_evals
-            seeds = [_seed("val", config.seed, class_index, b) for b in range(config.val_batch_size)]
-            with torch.no_grad(), splice_tokens(pipe.text_encoder, {token_id: v}):
-                text = encode(pipe.text_encoder, prompt_inputs[0]).to(text_dtype)
-            images, calls = _sample(pipe, text, uncond, seeds, config, device, text_dtype)
-            unet_evals += calls
-            with torch.no_grad():
-                probs = _classify(classifier, images).softmax(-1)
-            return (float((probs.argmax(-1) == class_index).float().mean()), float(probs[:, class_index].mean()))
-
-        # 5. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
-        history: list[dict] = []
-        best_val: tuple[float, float] | None = None
-        best_loss, since_best = math.inf, 0
-        kept, kept_step, stop_reason = v_c.detach().clone(), 0, "max_steps"
-        unet_evals = 0
+        # 4. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
+        keeper, history, unet_evals = _Keeper(config, v_c), [], 0
         bar = _progress_bar(progress, config.max_steps, label)
         for step in range(config.max_steps):
             optimizer.zero_grad(set_to_none=True)
-            prompt_index = step % len(prompts)  # the paper's two prompts, cycled (§3 "Number of prompts")
+            prompt_index = step % len(prompt_inputs)  # the paper's two prompts, cycled (§3 "Number of prompts")
 
-            # 5.1 Text conditioning with v_c spliced in at S_c's positions (the only tensor that carries gradient).
-            #     With the x0 loss, the denoising sees a detached leaf copy of it: every step's loss is back-propagated
-            #     into the leaf as soon as it is computed (one step's graph in memory at a time), and the leaf's
-            #     gradient goes through the text encoder once, in 5.8.
-            with splice_tokens(pipe.text_encoder, {token_id: v_c}):
-                text_cond = encode(pipe.text_encoder, prompt_inputs[prompt_index]).to(text_dtype)
-            cond_leaf = text_cond.detach().requires_grad_() if config.x0_weight > 0 else None
-            cond = (cond_leaf if cond_leaf is not None else text_cond).expand(config.batch_size, -1, -1)
-            hidden = torch.cat([uncond.expand(config.batch_size, -1, -1), cond]) if do_cfg else cond
+            # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss the
+            #     denoising sees a detached leaf copy: each step's loss goes into the leaf at once (one step's graph
+            #     in memory at a time), and the leaf's gradient goes through the text encoder once, in 4.7.
+            text = _encode(run, v_c, prompt_inputs[prompt_index])
+            leaf = text.detach().requires_grad_() if config.x0_weight > 0 else None
 
-            # 5.2 Seeds and initial noise. Fixed seeds: the same batch every update (NOTES.md: fresh noise diverged).
+            # 4.2 z_T ~ N(0, I) on fixed seeds: the same batch every update (fresh noise diverged)
             seeds = [_seed("train", config.seed, class_index, b + (0 if config.fixed_seeds else step * config.batch_size))
                      for b in range(config.batch_size)]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
-            timesteps = pipe.scheduler.timesteps
+            latents, step_kwargs = _initial_latents(run, seeds)
             if step == 0:
-                _warn_if_last_step_is_noisy(pipe.scheduler, timesteps)
-            # prepare_latents after set_timesteps: init_noise_sigma depends on the schedule (Euler, LMS)
-            latents = pipe.prepare_latents(config.batch_size, pipe.unet.config.in_channels, config.height,
-                                           config.width, text_dtype, device, generators)
-            extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+                _warn_if_last_step_is_noisy(pipe.scheduler, pipe.scheduler.timesteps)
 
-            # 5.3 Denoise. Gradient skipping (§3, Fig. 3): all but the last `grad_steps` UNet calls run without a
-            #     graph, so memory does not grow with T. Works for any scheduler: the split is over its own timesteps.
-            #     With the x0 loss, each earlier step also classifies its own predicted clean image, the gradient
-            #     going through that step's UNet call only (its input latents carry none).
-            first_grad = len(timesteps) - min(config.grad_steps, len(timesteps))
-            x0_losses: list[float] = []
-            for i, t in enumerate(timesteps):
-                x0_step = config.x0_weight > 0 and i < first_grad
-                with torch.set_grad_enabled(i >= first_grad or x0_step):
-                    h = hidden if i >= first_grad or x0_step else hidden.detach()
-                    model_input = torch.cat([latents] * 2) if do_cfg else latents
-                    model_input = pipe.scheduler.scale_model_input(model_input, t)
-                    noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond, checkpointing and i >= first_grad)
-                    unet_evals += 1
-                    if do_cfg:
-                        noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)  # Eq. (3)
-                    if not x0_step:
-                        latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                        continue
-                    # The x0 comes from a copy of the scheduler (multistep schedulers keep model outputs as state:
-                    # the real one must only ever see detached tensors); the sampling chain is untouched.
-                    x0 = getattr(copy.deepcopy(pipe.scheduler).step(noise_pred, t, latents,
-                                                                   **_fork_generators(extra_step_kwargs)),
-                                 "pred_original_sample", None)
-                    if x0 is None:
-                        raise UserError(
-                            f"`dct.x0_weight` needs a scheduler whose step returns pred_original_sample, and "
-                            f"{type(pipe.scheduler).__name__} does not: use --scheduler ddim (or euler), or set "
-                            f"dct.x0_weight=0.")
-                    latents = pipe.scheduler.step(noise_pred.detach(), t, latents, **extra_step_kwargs,
-                                                  return_dict=False)[0]
-                    x0_images = _clamp01(_decode(pipe, x0), config.straight_through_clamp)
-                    x0_logits = _classify(classifier, x0_images)
-                    x0_loss = config.x0_weight / first_grad * F.cross_entropy(x0_logits, _targets(x0_logits, class_index))
-                    x0_losses.append(x0_loss.item())
-                    if math.isfinite(x0_losses[-1]):
-                        x0_loss.backward()  # into cond_leaf only: nothing before this step carries a graph
-                    del x0, x0_images, x0_logits, x0_loss
+            # 4.3 z_T -> z_0 with CFG (Eq. 3). Gradient skipping (§3, Fig. 3): only the last `grad_steps` UNet calls
+            #     carry gradient. With the x0 loss, every earlier step also classifies its predicted clean image.
+            x0_values: list[float] = []
+            x0_hook = _x0_hook(run, step_kwargs, x0_values) if leaf is not None else None
+            latents, calls = _denoise(run, latents, leaf if leaf is not None else text, step_kwargs,
+                                      grad_steps=config.grad_steps, x0_hook=x0_hook)
+            unet_evals += calls
 
-            # 5.4 Decode and map [-1, 1] -> [0, 1], clamped straight-through (a hard clamp kills the gradient of
-            #     every saturated pixel; NOTES.md measured whole updates lost to it)
+            # 4.4 x = D(z_0), clamped straight-through; min_{v_c} CE(C(ψ_C(x(p))), 1_c)                       Eq. (4)
             images = _clamp01(_decode(pipe, latents), config.straight_through_clamp)
-
-            # 5.5 Classify and take the cross-entropy to the target class:
-            #     min_{v_c} CE(C(ψ_C(x(p))), 1_c)                                                            Eq. (4)
-            #     (ψ_C, the classifier's own resize/normalise, lives in its forward.) With EOT, the mean CE over
-            #     `augment` shifted, noised copies of every image.
-            logits = _classify(classifier, images)
-            if logits.shape[-1] <= class_index:
-                raise UserError(
-                    f"`class_index` {class_index} is out of range for the guide classifier, which has "
-                    f"{logits.shape[-1]} classes: pass an index below {logits.shape[-1]}."
-                )
-            if config.augment > 0:
-                aug_logits = _classify(classifier, _augment(images, config.augment, augment_generator))
-                loss = F.cross_entropy(aug_logits, _targets(aug_logits, class_index))
-            else:
-                loss = F.cross_entropy(logits, _targets(logits, class_index))
-            with torch.no_grad():
-                probs = logits.detach().float().softmax(-1)
-                accuracy = (probs.argmax(-1) == class_index).float().mean().item()
-                target_prob = probs[:, class_index].mean().item()
+            loss, logits = _dct_loss(run, images, augment_generator)
+            probs = logits.detach().float().softmax(-1)
             loss_value = loss.item()
 
-            # 5.6 Book-keeping: the measurement above is of v_c *before* this iteration's update
-            entry = {"step": step, "prompt": prompt_index, "loss": loss_value, "accuracy": accuracy,
-                     "x0_loss": sum(x0_losses) if x0_losses else None,
-                     "target_prob": target_prob, "grad_norm": None, "lr": optimizer.param_groups[0]["lr"],
-                     "updated": False, "nonfinite": not math.isfinite(loss_value)}
+            # 4.5 Record the measurement of v_c *before* this iteration's update
+            entry = {"step": step, "prompt": prompt_index, "loss": loss_value,
+                     "accuracy": (probs.argmax(-1) == class_index).float().mean().item(),
+                     "x0_loss": sum(x0_values) if x0_values else None,
+                     "target_prob": probs[:, class_index].mean().item(), "grad_norm": None,
+                     "lr": optimizer.param_groups[0]["lr"], "updated": False,
+                     "nonfinite": not math.isfinite(loss_value)}
             history.append(entry)
-            if math.isfinite(loss_value) and loss_value < best_loss:
-                best_loss, since_best = loss_value, 0
-                if config.select == "min_loss":  # the reference code keeps the lowest-loss token (NOTES.md)
-                    kept, kept_step = v_c.detach().clone(), step
-            else:
-                since_best += 1
-            # the paper's three stopping rules (appendix D), checked in 5.7
-            batch_correct = config.stop_all_correct and accuracy == 1.0
-            out_of_patience = (config.patience > 0 and since_best >= config.patience
-                               and accuracy >= config.patience_min_accuracy)
-            last_step = step == config.max_steps - 1
-            if config.select == "val" and math.isfinite(loss_value) and (
-                    step % config.val_every == 0 or batch_correct or out_of_patience or last_step):
-                val = validate(v_c.detach())
+
+            # 4.6 Keep the best v_c so far (config.select) and stop by the paper's three rules (appendix D)
+            if keeper.measured(step, loss_value, entry["accuracy"], v_c):
+                val, calls = _validate(run, v_c.detach(), prompt_inputs[0])
                 entry["val_accuracy"], entry["val_prob"] = val
-                if best_val is None or val > best_val:
-                    best_val, kept, kept_step = val, v_c.detach().clone(), step
+                unet_evals += calls
+                keeper.validated(step, val, v_c)
             if callback is not None:
                 callback(entry, v_c.detach().to("cpu", torch.float32).clone())
-
-            # 5.7 Early stopping, the paper's three rules (appendix D)
-            stop = None
-            # (with select="val" the held-out seeds must be all correct too: 8 training seeds all right says little
-            # about a class at 86%, RESULTS.md "three")
-            if batch_correct and entry.get("val_accuracy", 1.0) == 1.0:
-                stop = "all_correct"
-                if config.select != "val":  # this v_c reached the goal: keep it (val: only if it validates best)
-                    kept, kept_step = v_c.detach().clone(), step
-            elif out_of_patience:
-                stop = "patience"
-            elif last_step:
-                stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
-            if stop is not None:
-                stop_reason = stop
-                if stop != "all_correct" and config.select == "last":
-                    kept, kept_step = v_c.detach().clone(), step
+            if keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)):
                 _bar_update(bar, entry)
                 break
 
-            # 5.8 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
+            # 4.7 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
-                loss.backward()
-                if cond_leaf is not None:  # the final image's and every step's x0 gradient, through the encoder once
-                    text_cond.backward(cond_leaf.grad)
-                max_norm = config.grad_clip if config.grad_clip and config.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
-                entry["grad_norm"] = grad_norm
-                if math.isfinite(grad_norm):
-                    optimizer.step()
-                    entry["updated"] = True
-                else:
-                    entry["nonfinite"] = True
-            del loss, logits, images, latents, hidden, cond, text_cond, cond_leaf, noise_pred  # free the graph
+                entry.update(_update(optimizer, v_c, loss, text, leaf, config.grad_clip))
+            del loss, logits, images, latents, text, leaf  # free the graph
             _bar_update(bar, entry)
         if bar is not None:
             bar.close()
 
-    # 6. Result: the kept embedding on the CPU in fp32, and what produced it
+    # 5. Result: the kept embedding on the CPU in fp32, and what produced it
     metadata = {
         "model_id": str(getattr(pipe, "synthaug_model_id", None) or pipe.config.get("_name_or_path", "") or "unknown"),
         "guide": str(getattr(classifier, "source", type(classifier).__name__)),
@@ -350,14 +216,232 @@ def learn_dct_token(
     }
     return TokenResult(
         token=token, class_index=class_index, label=label,
-        embedding=kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
-        steps=len(history), stop_reason=stop_reason, best_step=kept_step, history=history,
+        embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
+        steps=len(history), stop_reason=keeper.stop_reason, best_step=keeper.kept_step, history=history,
         seconds=time.perf_counter() - started, unet_evals=unet_evals, metadata=metadata,
     )
 
 
-def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str) -> None:
-    """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`."""
+# --------------------------------------------------------------------------------------------------------------------
+# The levers, one helper each
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What every step of one token's training shares: the models, the config, the target, where tensors live."""
+
+    pipe: StableDiffusionPipeline
+    classifier: torch.nn.Module
+    config: DCTConfig
+    class_index: int
+    token_id: int
+    device: torch.device
+    dtype: torch.dtype  # of the text embeddings; the pipeline runs its latents in it
+    checkpointing: bool
+    uncond: torch.Tensor | None = None  # [1, L, D] embedding of "" (CFG only), no graph
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.config.guidance_scale > 1.0  # diffusers' convention: guidance_scale 1 means no CFG
+
+
+class _Keeper:
+    """Which measured ``v_c`` to keep (``config.select``) and when to stop (the paper's three rules, appendix D).
+
+    Rule 1: the whole batch is classified right (with ``select="val"``: the held-out seeds too, since a few training
+    seeds all right says little). Rule 2: no loss improvement for ``patience`` updates while at least
+    ``patience_min_accuracy`` of the batch is right. Rule 3: ``max_steps``. ``min_loss`` keeps the lowest-loss
+    ``v_c`` (the reference code), ``last`` the last measured one, ``val`` the one the guide scores best on the
+    held-out seeds (accuracy, then mean probability; the initial ``v_c`` competes too); a ``v_c`` that stops by rule 1
+    is kept unless ``val`` found a better one.
+    """
+
+    def __init__(self, config: DCTConfig, v_c: torch.Tensor):
+        self.config = config
+        self.kept, self.kept_step, self.stop_reason = v_c.detach().clone(), 0, "max_steps"
+        self.best_loss, self.since_best = math.inf, 0
+        self.best_val: tuple[float, float] | None = None
+        self.batch_correct = self.out_of_patience = self.last_step = False
+
+    def _keep(self, v_c: torch.Tensor, step: int) -> None:
+        self.kept, self.kept_step = v_c.detach().clone(), step
+
+    def measured(self, step: int, loss: float, accuracy: float, v_c: torch.Tensor) -> bool:
+        """Take iteration `step`'s loss and batch accuracy; True when ``v_c`` is to be validated now."""
+        c = self.config
+        if math.isfinite(loss) and loss < self.best_loss:
+            self.best_loss, self.since_best = loss, 0
+            if c.select == "min_loss":
+                self._keep(v_c, step)
+        else:
+            self.since_best += 1
+        self.batch_correct = c.stop_all_correct and accuracy == 1.0
+        self.out_of_patience = c.patience > 0 and self.since_best >= c.patience and accuracy >= c.patience_min_accuracy
+        self.last_step = step == c.max_steps - 1
+        return c.select == "val" and math.isfinite(loss) and (
+            step % c.val_every == 0 or self.batch_correct or self.out_of_patience or self.last_step)
+
+    def validated(self, step: int, val: tuple[float, float], v_c: torch.Tensor) -> None:
+        if self.best_val is None or val > self.best_val:
+            self.best_val = val
+            self._keep(v_c, step)
+
+    def stop(self, step: int, v_c: torch.Tensor, val_accuracy: float = 1.0) -> str | None:
+        """The stop reason after iteration `step`, or None to update and go on."""
+        if self.batch_correct and val_accuracy == 1.0:
+            stop = "all_correct"
+            if self.config.select != "val":  # this v_c reached the goal: keep it (val: only if it validates best)
+                self._keep(v_c, step)
+        elif self.out_of_patience:
+            stop = "patience"
+        elif self.last_step:
+            stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
+        else:
+            return None
+        self.stop_reason = stop
+        if stop != "all_correct" and self.config.select == "last":
+            self._keep(v_c, step)
+        return stop
+
+
+def _encode(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """C = τ(P): the prompt's hidden states ``[1, L, D]`` with `v` at S_c's positions, in the pipeline's dtype."""
+    with splice_tokens(run.pipe.text_encoder, {run.token_id: v}):
+        return encode(run.pipe.text_encoder, inputs).to(run.dtype)
+
+
+def _initial_latents(run: _Run, seeds: list[int]) -> tuple[torch.Tensor, dict]:
+    """z_T of every seed (a CPU generator each, so every device draws the same noise) and the scheduler's step
+    kwargs; sets the scheduler's timesteps first (``init_noise_sigma`` depends on them: Euler, LMS)."""
+    pipe, c = run.pipe, run.config
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    pipe.scheduler.set_timesteps(c.num_inference_steps, device=run.device)
+    latents = pipe.prepare_latents(len(seeds), pipe.unet.config.in_channels, c.height, c.width, run.dtype, run.device,
+                                   generators)
+    return latents, pipe.prepare_extra_step_kwargs(generators, 0.0)
+
+
+def _timestep_cond(run: _Run, batch: int) -> torch.Tensor | None:
+    """Guidance-distilled UNets (LCM) take w as an input; None for every other UNet."""
+    dim = run.pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return None
+    w = torch.tensor(run.config.guidance_scale - 1).repeat(batch)
+    return run.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=run.device, dtype=run.dtype)
+
+
+def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: dict, *, grad_steps: int,
+             x0_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+             ) -> tuple[torch.Tensor, int]:
+    """z_T -> z_0 over the scheduler's timesteps, with classifier-free guidance (Eq. 3) when ``guidance_scale > 1``.
+
+    `text` ``[1, L, D]`` conditions every latent. Only the last `grad_steps` UNet calls build a graph (0: none, for
+    validation), so memory does not grow with T; any scheduler works, the split is over its own timesteps. With
+    `x0_hook`, every earlier call builds a graph too, and ``x0_hook(noise_pred, t, latents)`` back-propagates its loss
+    at once; the sampling chain continues from the detached prediction. Returns (z_0, UNet calls).
+    """
+    pipe, b = run.pipe, latents.shape[0]
+    cond = text.expand(b, -1, -1)
+    hidden = torch.cat([run.uncond.expand(b, -1, -1), cond]) if run.do_cfg else cond
+    timestep_cond = _timestep_cond(run, b)
+    timesteps = pipe.scheduler.timesteps
+    first_grad = len(timesteps) - min(grad_steps, len(timesteps))
+    for i, t in enumerate(timesteps):
+        x0_step = x0_hook is not None and i < first_grad
+        with torch.set_grad_enabled(i >= first_grad or x0_step):
+            h = hidden if i >= first_grad or x0_step else hidden.detach()
+            model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if run.do_cfg else latents, t)
+            noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond, run.checkpointing and i >= first_grad)
+            if run.do_cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + run.config.guidance_scale * (noise_text - noise_uncond)  # Eq. (3)
+            if x0_step:
+                x0_hook(noise_pred, t, latents)
+                noise_pred = noise_pred.detach()
+            latents = pipe.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+    return latents, len(timesteps)
+
+
+def _x0_hook(run: _Run, step_kwargs: dict, values: list[float]) -> Callable:
+    """The x0 loss of the steps before the gradient-carrying ones: ``x0_weight`` x their mean cross-entropy, each
+    step's loss back-propagated as soon as it is computed (into the leaf text embedding only: nothing before the step
+    carries a graph); its value appended to `values`."""
+    timesteps = len(run.pipe.scheduler.timesteps)
+    weight = run.config.x0_weight / max(timesteps - min(run.config.grad_steps, timesteps), 1)  # mean over the steps
+
+    def hook(noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> None:
+        loss = weight * _x0_loss(run, noise_pred, t, latents, step_kwargs)
+        values.append(loss.item())
+        if math.isfinite(values[-1]):
+            loss.backward()
+
+    return hook
+
+
+def _x0_loss(run: _Run, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+             step_kwargs: dict) -> torch.Tensor:
+    """CE of the guide on one step's predicted clean image x̂_0 (the scheduler's ``pred_original_sample``).
+
+    x̂_0 comes from a copy of the scheduler (multistep schedulers keep model outputs as state: the real one must only
+    ever see detached tensors) and copies of its generators, so the sampling chain is untouched.
+    """
+    out = copy.deepcopy(run.pipe.scheduler).step(noise_pred, t, latents, **_fork_generators(step_kwargs))
+    x0 = getattr(out, "pred_original_sample", None)
+    if x0 is None:
+        raise UserError(
+            f"`dct.x0_weight` needs a scheduler whose step returns pred_original_sample, and "
+            f"{type(run.pipe.scheduler).__name__} does not: use --scheduler ddim (or euler), or set dct.x0_weight=0.")
+    logits = _classify(run.classifier, _clamp01(_decode(run.pipe, x0), run.config.straight_through_clamp))
+    return F.cross_entropy(logits, _targets(logits, run.class_index))
+
+
+def _dct_loss(run: _Run, images: torch.Tensor, augment_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (4): the guide's cross-entropy to the class (ψ_C, its own resize/normalise, lives in its forward); with
+    EOT, the mean over `augment` shifted, noised copies of every image. Returns (loss, logits of the plain images)."""
+    logits = _classify(run.classifier, images)
+    if logits.shape[-1] <= run.class_index:
+        raise UserError(
+            f"`class_index` {run.class_index} is out of range for the guide classifier, which has "
+            f"{logits.shape[-1]} classes: pass an index below {logits.shape[-1]}."
+        )
+    if run.config.augment > 0:
+        aug_logits = _classify(run.classifier, _augment(images, run.config.augment, augment_generator))
+        return F.cross_entropy(aug_logits, _targets(aug_logits, run.class_index)), logits
+    return F.cross_entropy(logits, _targets(logits, run.class_index)), logits
+
+
+def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[tuple[float, float], int]:
+    """Guide accuracy and mean class probability of `v` on the held-out validation seeds: the training forward
+    (same CFG, scheduler, size) without gradient. Returns ((accuracy, probability), UNet calls)."""
+    c = run.config
+    seeds = [_seed("val", c.seed, run.class_index, b) for b in range(c.val_batch_size)]
+    with torch.no_grad():
+        text = _encode(run, v, inputs)
+        latents, step_kwargs = _initial_latents(run, seeds)
+        latents, calls = _denoise(run, latents, text, step_kwargs, grad_steps=0)
+        probs = _classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)).softmax(-1)
+    accuracy = float((probs.argmax(-1) == run.class_index).float().mean())
+    return (accuracy, float(probs[:, run.class_index].mean())), calls
+
+
+def _update(optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor, text: torch.Tensor,
+            leaf: torch.Tensor | None, grad_clip: float) -> dict:
+    """Backward, clip the *unscaled* gradient after backward, step unless it is not finite. Returns the history
+    fields ``grad_norm`` and ``updated`` or ``nonfinite``."""
+    loss.backward()
+    if leaf is not None:  # the final image's and every step's x0 gradient, through the text encoder once
+        text.backward(leaf.grad)
+    max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
+    if not math.isfinite(grad_norm):
+        return {"grad_norm": grad_norm, "nonfinite": True}
+    optimizer.step()
+    return {"grad_norm": grad_norm, "updated": True}
+
+
+def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str):
+    """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`.
+
+    Returns the tokenizer that knows `token`: the pipeline's own if it does already, else a copy."""
     if not isinstance(config, DCTConfig):
         raise UserError(f"`config` must be a synthaug.config.DCTConfig but is {type(config).__name__}.")
     if isinstance(class_index, bool) or not isinstance(class_index, int) or class_index < 0:
@@ -414,6 +498,15 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
             f"`dct.init_token` {config.init_token!r} is {len(init_ids)} tokens, not one: pick a single-token word "
             f"such as 'bird' (bird classifiers) or 'a' (general ones)."
         )
+    tokenizer = tokenizer_with(tokenizer, [token])
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    for p in config.prompts:
+        if not bool((tokenize(tokenizer, [render_prompt(p, label, token)], "cpu")["input_ids"] == token_id).any()):
+            raise UserError(
+                f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
+                f"{tokenizer.model_max_length} tokens and the class token {token!r} was cut off: shorten the prompt "
+                f"or the label.")
+    return tokenizer
 
 
 def _warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
@@ -436,37 +529,6 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
 
         return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
     return run(model_input, hidden)
-
-
-def _sample(pipe, text: torch.Tensor, uncond: torch.Tensor | None, seeds: list[int], config: DCTConfig,
-            device: torch.device, text_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Images ``[B, 3, H, W]`` in [0, 1] from text hidden states ``[1, L, D]`` on `seeds`, without gradient: the
-    training forward of `learn_dct_token` (same CFG, scheduler, size), for validation. Returns (images, UNet calls)."""
-    b = len(seeds)
-    do_cfg = uncond is not None
-    timestep_cond = None
-    if pipe.unet.config.time_cond_proj_dim is not None:
-        w = torch.tensor(config.guidance_scale - 1).repeat(b)
-        timestep_cond = pipe.get_guidance_scale_embedding(
-            w, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device=device, dtype=text_dtype)
-    with torch.no_grad():
-        cond = text.expand(b, -1, -1)
-        hidden = torch.cat([uncond.expand(b, -1, -1), cond]) if do_cfg else cond
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
-        latents = pipe.prepare_latents(b, pipe.unet.config.in_channels, config.height, config.width, text_dtype,
-                                       device, generators)
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
-        calls = 0
-        for t in pipe.scheduler.timesteps:
-            model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
-            noise_pred = _unet(pipe.unet, model_input, t, hidden, timestep_cond, False)
-            calls += 1
-            if do_cfg:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + config.guidance_scale * (noise_text - noise_uncond)
-            latents = pipe.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-        return _decode(pipe, latents).clamp(0, 1), calls
 
 
 def _fork_generators(kwargs: dict) -> dict:
