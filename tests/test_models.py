@@ -1,5 +1,6 @@
 """Models: the offline CLIP tokenizer, local-directory loading, offline errors, dtype/device choice, schedulers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,33 @@ def test_dtype_and_scheduler_choices():
         resolve_dtype("int8", torch.device("cpu"))
     with pytest.raises(UserError, match=r"`scheduler` must be one of"):
         set_scheduler(object(), "nope")
+
+
+def test_stock_diffusers_loads_the_embedded_model_and_all_build_tokens(tmp_path):
+    """What a diffusers user types: no dtype argument, and one documented call for tokens/tokens.safetensors."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from synthaug.models import ASSETS
+    from synthaug.tokens.dct import TokenResult
+    from synthaug.tokens.io import save_tokens
+
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "digits" / "model")
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32  # the shipped configs agree
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    vectors = torch.randn(3, 1, dim, generator=torch.Generator().manual_seed(0))
+    results = [TokenResult(token=f"<synthaug-{i:03d}>", class_index=i, label=str(i), embedding=vectors[i], steps=1,
+                           stop_reason="steps", best_step=0, history=[], metadata={}) for i in range(3)]
+    save_tokens(results, tmp_path / "tokens.safetensors", {"model_id": "digits"})
+
+    # The call the README documents:
+    tokens = load_file(tmp_path / "tokens.safetensors")
+    pipe.load_textual_inversion(list(tokens.values()), token=list(tokens.keys()))
+
+    for i in range(3):
+        ids = pipe.tokenizer(f"<synthaug-{i:03d}>", add_special_tokens=False).input_ids
+        assert len(ids) == 1
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids[0]], vectors[i, 0])
+    image = pipe("A photo of a <synthaug-001> seven", num_inference_steps=2, height=32, width=32,
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
