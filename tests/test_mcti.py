@@ -24,14 +24,14 @@ from synthaug.tokens.mcti import learn_mcti_token
 from synthaug.tokens.text import token_name
 
 
-def tiny_clip(seed: int = 0, text_hidden: int = 32):
+def tiny_clip(seed: int = 0, text_hidden: int = 32, text_layers: int = 2):
     """A random CLIPModel whose text tower has the tiny pipeline's text encoder's shape (hidden 32, 2 layers)."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config={"hidden_size": text_hidden, "intermediate_size": 37, "num_attention_heads": 4,
-                     "num_hidden_layers": 2, "vocab_size": 49408, "max_position_embeddings": 77,
+                     "num_hidden_layers": text_layers, "vocab_size": 49408, "max_position_embeddings": 77,
                      "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
         vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
                        "image_size": 32, "patch_size": 8},
@@ -291,6 +291,12 @@ def test_load_clip_errors(world, tmp_path, monkeypatch):
     wide.save_pretrained(tmp_path / "wide")
     with pytest.raises(UserError, match=r"does not pair.*48-d.*32-d"):
         load_clip(str(tmp_path / "wide"), pipe)
+    # SD 2.x: as wide as the encoder, one layer deeper (the encoder is the tower cut to its penultimate layer)
+    deep = tiny_clip(text_layers=3)
+    deep.save_pretrained(tmp_path / "deep")
+    with pytest.raises(UserError, match=r"does not pair.*text tower has 3 layers but the pipeline's text encoder has "
+                                        r"2.*method 'ti'"):
+        load_clip(str(tmp_path / "deep"), pipe)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -178,13 +178,25 @@ def _hub_dir(repo_id: str) -> str | None:
 
 
 def check_paired(clip: CLIPModel, text_encoder: torch.nn.Module) -> None:
-    """Raise if CLIP's text projection cannot take the text encoder's features; log if the text towers differ."""
+    """Raise if CLIP's text projection cannot take the text encoder's features (width, or depth: a truncated tower);
+    log if the text towers differ."""
     hidden = token_embedding(text_encoder).embedding_dim
     if clip.text_projection.in_features != hidden:
         raise UserError(
             f"`mcti.clip_model` {getattr(clip, 'synthaug_id', '?')!r} does not pair with the diffusion model: its text "
             f"projection takes {clip.text_projection.in_features}-d features but the text encoder is {hidden}-d. "
             f"Use the CLIP whose text tower is the pipeline's text encoder (SD 1.x: openai/clip-vit-large-patch14)."
+        )
+    clip_layers = getattr(getattr(clip.config, "text_config", None), "num_hidden_layers", None)
+    enc_layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
+    if clip_layers is not None and enc_layers is not None and clip_layers != enc_layers:
+        # SD 2.x: the text encoder is OpenCLIP ViT-H's text tower cut to its penultimate layer (23 of 24). Its
+        # features are not the ones CLIP's text projection was trained on, so Eq. 4's logits would mean nothing.
+        raise UserError(
+            f"`mcti.clip_model` {getattr(clip, 'synthaug_id', '?')!r} does not pair with the diffusion model: its "
+            f"text tower has {clip_layers} layers but the pipeline's text encoder has {enc_layers} (SD 2.x uses the "
+            f"penultimate layer). Use a model whose text encoder is a whole CLIP text tower (SD 1.x with "
+            f"openai/clip-vit-large-patch14), or method 'ti', which needs no CLIP."
         )
     a = token_embedding(clip.text_model).weight
     b = token_embedding(text_encoder).weight
