@@ -247,7 +247,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise UserError(f"Config key {prefix}{bad[0]!r} is not a string: config keys are field names such as "
-                        f"{prefix}{sorted(names)[0]}. Fix or remove it.")
+                        f"{prefix}{min(names)}. Fix or remove it.")
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section `{prefix[:-1]}`" if prefix else "the config"

@@ -10,11 +10,15 @@ Pure path logic with no torch import, shared by the builder (which writes a buil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import TMP_PREFIX
+from .errors import UserError
 
 CONFIG_FILE = "config.yaml"
 
@@ -157,3 +161,76 @@ EVAL_DIR = "eval"
 
 
 REPORT_DIR = "report"
+
+
+EXPORT_DIR = "export"
+
+
+# Folders of what other subcommands derive from a build (evaluate, report, export): never emptied by a build, since
+# a user may keep files of their own there too.
+DERIVED_DIRS = (EVAL_DIR, REPORT_DIR, EXPORT_DIR)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a build wrote, by name: the only files `build --overwrite` deletes
+# --------------------------------------------------------------------------------------------------------------------
+TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILURES_FILE)
+
+
+_TOKEN_FILE_RE = re.compile(r"\d{3,}\.safetensors")
+
+
+_SHARD_FILE_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
+
+
+def build_files(out: str | os.PathLike) -> list[Path]:
+    """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
+
+    Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``index.parquet``, ``failures.json``
+    and leftover ``.tmp-*`` files of atomic writes; ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``;
+    ``shards/``: ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``. Folders are never listed, and the lock file
+    is not a build output. Files only: a directory with a build file's name is not one.
+    """
+    out = Path(out)
+    found = []
+    for folder, wanted in ((out, lambda n: n in TOP_FILES),
+                           (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or _TOKEN_FILE_RE.fullmatch(n)),
+                           (out / SHARDS_DIR, lambda n: bool(_SHARD_FILE_RE.fullmatch(n)))):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if (wanted(p.name) or p.name.startswith(TMP_PREFIX)) and (p.is_file() or p.is_symlink()):
+                found.append(p)
+    return found
+
+
+def work_done(out: str | os.PathLike) -> bool:
+    """True when `out` holds a class token or a finished shard: something a config change would invalidate."""
+    out = Path(out)
+    tokens = out / TOKENS_DIR
+    if tokens.is_dir() and any(_TOKEN_FILE_RE.fullmatch(p.name) for p in tokens.iterdir()):
+        return True
+    return bool(done_shard_ids(out))
+
+
+@contextlib.contextmanager
+def build_lock(out: str | os.PathLike, fix: str = "wait for it to finish, or choose another --out"):
+    """The build folder's exclusive lock (``.lock``): held by a build for its whole run and by anything that rewrites
+    a build's files (an evaluation writing its verdicts into the index). The OS releases it when the process dies,
+    even by SIGKILL. Raises `UserError` (ending with `fix`) when another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; two writers in the same folder are the user's call
+        yield
+        return
+    f = open(Path(out) / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"`out` {str(out)!r} is in use by another synthaug process right now (a build, or an "
+                            f"evaluation writing its index): {fix}.") from None
+        yield
+    finally:
+        f.close()

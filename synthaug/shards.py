@@ -351,6 +351,36 @@ def write_shard(
     return stats
 
 
+def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
+    """Why a shard marked done cannot be trusted, or None when it can: the cheap check a resumed build makes.
+
+    Compares the tar's size and the parquet file's sha256 with what ``_stats.json`` recorded when the shard was
+    written (the parquet is small; the tar is not read). `verify` checks every image's bytes too.
+    """
+    paths = shard_paths(out, shard_id)
+    try:
+        st = ShardStats.load(paths.stats)
+        expected_bytes, expected_sha = int(st.tar_bytes), str(st.parquet_sha256)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"its stats file is unreadable ({type(e).__name__})"
+    try:
+        size = paths.tar.stat().st_size
+    except OSError:
+        return "its tar is missing"
+    if size != expected_bytes:
+        return f"its tar has {size} bytes, the stats say {expected_bytes}"
+    sha = hashlib.sha256()
+    try:
+        with open(paths.parquet, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    except OSError:
+        return "its parquet file is missing"
+    if sha.hexdigest() != expected_sha:
+        return "its parquet file differs from the one recorded in the stats"
+    return None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------------------------------------------------

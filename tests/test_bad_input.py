@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import buildworld as bw
 import pytest
@@ -159,3 +160,145 @@ def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
     assert lines[-1].startswith("synthaug build: error: `classes` entry 'eleven' is not a class")
     assert "Traceback" not in done.stderr
     assert _nothing_done(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --overwrite discards synthaug builds only; config.yaml of a build that made nothing is replaceable
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config_text,reason", [
+    ("", r"its config.yaml holds NoneType"),
+    ("name: my project\nversion: 2\n", r"its config.yaml lacks dataset, model, guide, method"),
+    ("dataset: digits\nmodel: x\nguide: y\nmethod: dct\nper_class: 1\nout: o\ndct: {}\ngenerate: {}\nshards: {}\n"
+     "run: {}\nextra: 1\n", r"its config.yaml is not a config of this synthaug: Unknown config key\(s\) extra"),
+    ("[1, 2\n", r"its config.yaml is not readable YAML"),
+])
+def test_overwrite_refuses_a_folder_that_is_not_a_build(tmp_path, world, config_text, reason):
+    out = tmp_path / "out"
+    (out / "src").mkdir(parents=True)
+    (out / "config.yaml").write_text(config_text)
+    (out / "src" / "main.py").write_text("print('mine')\n")
+    (out / "index.parquet").write_bytes(b"a file with a build's name")
+    before = sorted((str(p.relative_to(out)), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    for overwrite in (True, False):
+        with pytest.raises(UserError, match=r"`out` .* holds a config.yaml but is not a synthaug build \(" + reason):
+            build(_cfg(tmp_path, world), overwrite=overwrite, progress=False)
+    assert sorted((str(p.relative_to(out)), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_overwrite_needs_a_plan_to_prove_the_build(tmp_path, world):
+    cfg = _cfg(tmp_path, world)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(replace(cfg, per_class=9)))  # a copied config.yaml, no plan.json
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"has a synthaug config.yaml but no readable plan.json, so it is not proven"):
+        build(cfg, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _planned_folder(cfg):
+    """A folder as a build leaves it when it failed before finishing its first job: config.yaml and plan.json."""
+    from synthaug.builder.plan import _write_plan
+    from synthaug.builder.validate import _prepare
+
+    prep = _prepare(cfg, False)
+    prep.out.mkdir(parents=True)
+    (prep.out / "config.yaml").write_text(dump_yaml(cfg))
+    _write_plan(prep.out, prep)
+    return prep.out
+
+
+def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
+    from synthaug.builder.validate import _prepare
+
+    old = _sub(_cfg(tmp_path, world), "dct", lr=0.5)
+    out = _planned_folder(old)
+    fixed = _sub(old, "dct", lr=0.001)
+    assert _prepare(fixed, False).mode == "replace"
+    # with a token made, a change that concerns tokens is refused; one that concerns only images is not, until a
+    # shard is finished
+    (out / "tokens").mkdir()
+    (out / "tokens" / "000.safetensors").write_bytes(b"token")
+    with pytest.raises(UserError, match=r"holds a build made with a different config \(dct.lr: 0.5 -> 0.001\)"):
+        _prepare(fixed, False)
+    more = _sub(replace(old, per_class=6), "shards", quality=80)
+    assert _prepare(more, False).mode == "replace"
+    (out / "shards").mkdir()
+    (out / "shards" / "00000_stats.json").write_text("{}")
+    with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
+        _prepare(more, False)
+    assert _prepare(old, False).mode == "resume"
+
+
+def test_output_not_writable_is_found_by_trying(tmp_path, world, monkeypatch):
+    """Permission bits say nothing for root (and nothing of read-only mounts): the check writes a probe file."""
+    if os.name != "posix":
+        pytest.skip("needs POSIX permissions")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)  # what root is told
+    try:
+        if os.geteuid() == 0:  # root writes through 0o500: use a folder nobody can write
+            target = next((p for p in ("/sys", "/proc/sys") if Path(p).is_dir() and not _can_create(Path(p))), None)
+            if target is None:
+                pytest.skip("no unwritable folder for root here")
+            out = Path(target) / "synthaug-out"
+        else:
+            out = locked / "out"
+        with pytest.raises(UserError, match=r"`out` .* is not writable \(.*\): choose a folder you can write to"):
+            build(bw.config(out, *world), progress=False)
+        assert not out.exists()
+    finally:
+        locked.chmod(0o700)
+
+
+def _can_create(folder):
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, world, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=rf"`device` is '{device}' but this machine has no usable CUDA GPU"):
+            build(replace(_cfg(tmp_path, world), device=device), progress=False)
+    assert _nothing_done(tmp_path / "out")
+
+
+def _image_folder(root, names):
+    from PIL import Image
+
+    for n in names:
+        (root / n).mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / n / f"{i}.png")
+    return root
+
+
+def test_a_changed_dataset_is_refused_on_resume_naming_the_classes(tmp_path, world, guide3):
+    data = _image_folder(tmp_path / "data", ["000.zero", "001.one", "002.two"])
+    cfg = replace(_cfg(tmp_path, world), dataset="imagefolder", root=str(data), classes=None,
+                  guide=str(guide3))
+    out = _planned_folder(cfg)
+    (out / "tokens").mkdir()
+    (out / "tokens" / "000.safetensors").write_bytes(b"token of 'zero'")
+    (data / "001.one").rename(data / "001.uno")
+    with pytest.raises(UserError, match=r"`dataset` 'imagefolder' at .* changed since the build in .* was planned "
+                                        r"\(class 1 was 'one', now 'uno'\); its tokens and shards are filed by "
+                                        r"class index") as info:
+        build(cfg, progress=False)
+    assert "\n" not in str(info.value)
+    _image_folder(data, ["003.zz"])
+    with pytest.raises(UserError, match=r"class 1 was 'one', now 'uno'; added 'zz'"):
+        build(cfg, progress=False)
+    assert (out / "tokens" / "000.safetensors").read_bytes() == b"token of 'zero'"

@@ -131,6 +131,55 @@ def test_resume_redoes_exactly_the_missing_work(tmp_path, world, reference):
     assert bw.snapshot(out) == bw.snapshot(reference)
 
 
+def test_resume_redoes_a_damaged_shard(tmp_path, world, reference):
+    """A shard marked done whose tar is truncated, or whose parquet changed, is made again on resume."""
+    out = _copy(reference, tmp_path / "build")
+    tar = out / "shards" / "00003.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])  # truncated: a disk that filled up, a copy cut short
+    parquet = out / "shards" / "00021.parquet"
+    parquet.write_bytes(parquet.read_bytes() + b"\0")
+    result = build(bw.config(out, *world), progress=False)  # index.parquet still there: the finished-build path
+    assert result.ok and result.executor == "local" and result.images_new == 4 and result.tokens_new == 0
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_overwrite_deletes_only_what_the_build_wrote(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    mine = {"notes.txt": b"my notes", "shards/README": b"about the shards", "tokens/favourite.safetensors": b"x",
+            "eval/judge.json": b"{}", "shards/00003.tar.bak": b"a backup"}
+    for name, data in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    small = bw.config(out, *world, classes="0", per_class=2, baseline=False)
+    result = build(small, overwrite=True, progress=False)
+    assert result.ok and result.images == 2
+    for name, data in mine.items():
+        assert (out / name).read_bytes() == data, name
+    assert sorted(p.name for p in (out / "tokens").iterdir()) == ["000.safetensors", "favourite.safetensors",
+                                                                   "tokens.safetensors"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00003.tar.bak", "README"]
+
+
+def test_a_build_that_made_nothing_reruns_with_corrected_values(tmp_path, world):
+    """Failed before its first job finished (config.yaml and plan.json on disk, nothing else): the corrected command
+    runs without --overwrite."""
+    from synthaug.builder.plan import _write_plan
+    from synthaug.builder.validate import _prepare
+    from synthaug.config import dump_yaml, replace
+
+    out = tmp_path / "build"
+    good = bw.config(out, *world, classes="0", per_class=2, baseline=False)
+    bad = replace(good, per_class=3, dct=replace(good.dct, lr=5.0))
+    prep = _prepare(bad, False)
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_yaml(bad))
+    _write_plan(out, prep)
+    result = build(good, progress=False)
+    assert result.ok and not result.resumed and (result.tokens_new, result.images_new) == (1, 2)
+    assert (out / "config.yaml").read_text() == dump_yaml(good)
+
+
 def test_a_failed_attempt_is_retried_in_process(tmp_path, world, reference, monkeypatch):
     monkeypatch.setenv("SYNTHAUG_TEST_FAIL_ONCE", "class:1")
     out = tmp_path / "build"

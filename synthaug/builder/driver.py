@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,12 +39,16 @@ from ..layout import (
     FINAL_FILES,
     LOCK_FILE,
     PLAN_FILE,
+    SHARDS_DIR,
     TOKENS_DIR,
     _shard_done,
+    build_files,
+    build_lock,
     resume_command,
+    shard_paths,
     token_path,
 )
-from ..shards import merge_index
+from ..shards import check_shard, merge_index
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
 from .plan import ClassJob, _read_plan, _write_plan
@@ -157,15 +160,18 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     prep = _prepare(config, overwrite)
     out = prep.out
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with build_lock(out):
         # 1. Config and plan on disk before any work
         if prep.mode == "overwrite":
             _clear(out)
+        elif prep.mode == "replace":
+            logger.info("%s: no token or shard was made with its old config; replacing %s", out, CONFIG_FILE)
         if prep.mode != "resume":
             write_text(out / CONFIG_FILE, dump_yaml(config))
         _write_plan(out, prep)
         _remove_tmp(out)
-        # 2. What is left to do
+        # 2. What is left to do: damaged shards are redone too
+        _unmark_damaged_shards(out, prep.jobs)
         todo = [j for j in prep.jobs if not _job_done(out, j)]
         tokens_before = sum(token_path(out, j.class_index).is_file() for j in prep.jobs)
         images_before = _images_on_disk(out, prep.jobs)
@@ -229,35 +235,33 @@ def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
     return sum(t.size for j in jobs for t in j.shards if _shard_done(out, t.shard_id))
 
 
-@contextlib.contextmanager
-def _locked(out: Path):
-    """One build at a time per folder: an exclusive lock the OS releases when the process dies, even by SIGKILL."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; a second build in the same folder is the user's call
-        yield
-        return
-    f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole build)
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"`out` {str(out)!r} is being built by another synthaug process right now: wait for it to "
-                            f"finish, or choose another --out.") from None
-        yield
-    finally:
-        f.close()
-
-
 def _clear(out: Path) -> None:
-    """Empty a build folder for --overwrite (only after its config.yaml proved it is one); the lock stays."""
-    for p in out.iterdir():
-        if p.name == LOCK_FILE:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    """Discard a build for --overwrite (`_prepare` proved the folder is one): delete the files a build writes, by
+    name (`build_files`), and nothing else; the lock stays, and so do the user's own files and the outputs of other
+    subcommands (eval/, report/, export/), which are named in the log."""
+    for p in build_files(out):
+        p.unlink(missing_ok=True)
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR))
+    for d in (TOKENS_DIR, SHARDS_DIR):
+        if (out / d).is_dir():
+            kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
+    if kept:
+        logger.warning("--overwrite kept what synthaug build did not write in %s: %s%s", out, ", ".join(kept[:8]),
+                       ", ..." if len(kept) > 8 else "")
+
+
+def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[int, str]]:
+    """(shard id, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
+    return [(t.shard_id, problem) for j in jobs for t in j.shards
+            if _shard_done(out, t.shard_id) and (problem := check_shard(out, t.shard_id)) is not None]
+
+
+def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
+    """Remove the done-marker (``_stats.json``) of every damaged shard, so that its job writes it again."""
+    for sid, problem in _damaged_shards(out, jobs):
+        logger.warning("shard %05d is damaged (%s): it is made again", sid, problem)
+        shard_paths(out, sid).stats.unlink(missing_ok=True)
 
 
 def _remove_tmp(out: Path) -> None:
@@ -286,6 +290,8 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
     jobs = _read_plan(out)
     if not jobs or not all(_job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
         return None
+    if _damaged_shards(out, jobs):
+        return None  # the full path redoes them
     newest = max((out / "shards" / f"{t.shard_id:05d}_stats.json").stat().st_mtime for j in jobs for t in j.shards)
     if (out / "index.parquet").stat().st_mtime < newest:
         return None

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..atomic import TMP_PREFIX
 from ..classifier.source import check_label_agreement, declared_labels, parse_source
@@ -14,53 +17,137 @@ from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
 from ..errors import UserError
-from ..layout import CONFIG_FILE, LOCK_FILE
+from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, work_done
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from .executors import _import_ray
-from .plan import _Prepared, plan
+from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
 RESUMABLE_KEYS = ("run", "out")
 
 
+# Config keys that decide only the images, not the tokens: they may change while no shard is finished yet.
+SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline")
+
+# The keys every config.yaml a build writes holds (the whole resolved config): a folder whose config.yaml lacks
+# them was not made by `synthaug build`.
+_BUILD_KEYS = ("dataset", "model", "guide", "method", "per_class", "out", "dct", "generate", "shards", "run")
+
+
+def _read_build_config(out: Path) -> tuple[BuildConfig | None, str]:
+    """The config of the build in `out`, or None and why ``out/config.yaml`` is not a synthaug build's."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((out / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return None, f"its {CONFIG_FILE} is not readable YAML: {str(e).splitlines()[0][:100]}"
+    if not isinstance(data, dict):
+        return None, f"its {CONFIG_FILE} holds {type(data).__name__}, not the config mapping a build writes"
+    missing = [k for k in _BUILD_KEYS if k not in data]
+    if missing:
+        return None, f"its {CONFIG_FILE} lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+    try:
+        return from_dict(data), ""
+    except UserError as e:
+        return None, f"its {CONFIG_FILE} is not a config of this synthaug: {str(e)[:120]}"
+
+
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
-    """What to do with the output folder: "new", "resume" or "overwrite". Writes nothing."""
+    """What to do with the output folder. Writes nothing but a probe file it removes again.
+
+    Returns ``"new"`` (empty or absent), ``"resume"`` (a build of this config), ``"replace"`` (a build of another
+    config that made nothing its change would invalidate: its config.yaml and plan.json are rewritten) or
+    ``"overwrite"`` (a proven build, discarded by `--overwrite`: only the files a build writes are deleted).
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"`out` {str(out)!r} is a file, not a folder: pass a new or empty folder, or a build folder.")
+    mode = "new"
     if out.is_dir():
-        cfg_file = out / CONFIG_FILE
-        if cfg_file.is_file():
-            import yaml
+        if (out / CONFIG_FILE).exists():
+            mode = _existing_build(out, config, overwrite)
+        else:
+            extra = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)]
+            if extra:
+                raise UserError(f"`out` {str(out)!r} is not empty and holds no synthaug build (no {CONFIG_FILE}; found "
+                                f"{', '.join(sorted(extra)[:3])}): choose a new or empty folder.")
+    _check_writable(out)
+    return mode
 
-            try:
-                old = from_dict(yaml.safe_load(cfg_file.read_text()) or {})
-            except (UserError, yaml.YAMLError, TypeError, AttributeError) as e:
-                if overwrite:
-                    return "overwrite"
-                raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} that is not a synthaug build config "
-                                f"({str(e).splitlines()[0][:120]}): pass --overwrite to start over, or another --out."
-                                ) from None
-            if overwrite:
-                return "overwrite"
-            changed = diff(old, config, ignore=RESUMABLE_KEYS)
-            if changed:
 
-                shown = "; ".join(f"{k}: {_short(get(old, k))} -> {_short(get(config, k))}" for k in changed[:6])
-                more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
-                raise UserError(f"`out` {str(out)!r} holds a build made with a different config ({shown}{more}): "
-                                f"pass --overwrite to discard it and start over, or choose another --out.")
-            return "resume"
-        extra = [p.name for p in out.iterdir() if p.name != LOCK_FILE and not p.name.startswith(TMP_PREFIX)]
-        if extra:
-            raise UserError(f"`out` {str(out)!r} is not empty and holds no synthaug build (no {CONFIG_FILE}; found "
-                            f"{', '.join(sorted(extra)[:3])}): choose a new or empty folder.")
+def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
+    old, why_not = _read_build_config(out)
+    if old is None:
+        raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} but is not a synthaug build ({why_not}); "
+                        f"{'--overwrite discards synthaug builds only, so ' if overwrite else ''}nothing there was "
+                        f"touched: choose another --out.")
+    has_plan = _read_plan(out) is not None
+    if overwrite:
+        if not has_plan:
+            raise UserError(f"`out` {str(out)!r} has a synthaug {CONFIG_FILE} but no readable {PLAN_FILE}, so it is "
+                            f"not proven to be a build and --overwrite deletes nothing there: choose another --out, "
+                            f"or run without --overwrite to resume it.")
+        return "overwrite"
+    changed = diff(old, config, ignore=RESUMABLE_KEYS)
+    if not changed:
+        return "resume"
+    if has_plan and not work_done(out):
+        return "replace"  # nothing was made with the old config: the corrected command simply starts
+    if has_plan and not done_shard_ids(out) and all(
+            any(k == s or k.startswith(s + ".") for s in SHARD_ONLY_KEYS) for k in changed):
+        return "replace"  # the tokens stay valid: only how many images, and how they are made and stored, changed
+    shown = "; ".join(f"{k}: {_short(get(old, k))} -> {_short(get(config, k))}" for k in changed[:6])
+    more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+    raise UserError(f"`out` {str(out)!r} holds a build made with a different config ({shown}{more}): "
+                    f"pass --overwrite to discard it and start over, or choose another --out.")
+
+
+def _check_writable(out: Path) -> None:
+    """Write (and remove) a probe file where the build will first write: permission bits do not tell (root ignores
+    them, a read-only mount or a full disk does not show in them)."""
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"`out` {str(out)!r} is not writable ({probe} does not allow writing): choose a folder you "
-                        f"can write to.")
-    return "new"
+    if not probe.is_dir():
+        raise UserError(f"`out` {str(out)!r} is not writable ({probe} is a file, not a folder): choose another --out.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"`out` {str(out)!r} is not writable ({probe}: {e.strerror or e}): choose a folder you can "
+                        f"write to.") from None
+
+
+def _check_dataset_unchanged(out: Path, config: BuildConfig, class_names: list[str]) -> None:
+    """Refuse to resume a build whose dataset's classes changed: tokens and shards are filed by class index."""
+    stored = _read_plan_classes(out)
+    if stored is None:
+        return
+    num, planned, names = stored
+    problems = []
+    if names is not None:
+        renamed = [(i, a, b) for i, (a, b) in enumerate(zip(names, class_names)) if a != b]
+        problems += [f"class {i} was {a!r}, now {b!r}" for i, a, b in renamed[:3]]
+        if len(renamed) > 3:
+            problems.append(f"{len(renamed) - 3} more renamed")
+        if len(class_names) > len(names):
+            added = class_names[len(names):]
+            problems.append(f"added {', '.join(repr(n) for n in added[:3])}{', ...' if len(added) > 3 else ''}")
+        elif len(class_names) < len(names):
+            gone = names[len(class_names):]
+            problems.append(f"gone {', '.join(repr(n) for n in gone[:3])}{', ...' if len(gone) > 3 else ''}")
+    else:  # a plan from before every name was recorded: its class count and its classes' names
+        if num != len(class_names):
+            problems.append(f"{num} classes then, {len(class_names)} now")
+        renamed = [(i, a) for i, a in sorted(planned.items()) if i >= len(class_names) or class_names[i] != a]
+        problems += [f"class {i} was {a!r}, now {class_names[i]!r}" if i < len(class_names) else
+                     f"class {i} ({a!r}) is gone" for i, a in renamed[:3]]
+    if problems:
+        raise UserError(f"`dataset` {config.dataset!r} at {config.root!r} changed since the build in {str(out)!r} was "
+                        f"planned ({'; '.join(problems)}); its tokens and shards are filed by class index, so "
+                        f"resuming would file them under other classes: restore the dataset, choose another --out, or "
+                        f"pass --overwrite to start over.")
 
 
 def _short(v: Any) -> str:
@@ -103,14 +190,26 @@ def _check_guide(source: str) -> None:
                         f"(timm.models.save_for_hf) or a transformers one (save_pretrained).")
 
 
+def _check_device(device: torch.device, config: BuildConfig) -> None:
+    """A CUDA (or MPS) device this machine has, unless the work runs on a Ray cluster the driver is not part of."""
+    if config.run.executor == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        return  # the GPUs are the cluster's; the Ray executor checks what the cluster offers
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"`device` is {config.device!r} but this machine has no usable CUDA GPU "
+                            f"(torch.cuda.is_available() is False): pass --device cpu (or auto), or run on a GPU "
+                            f"machine.")
+        if config.run.executor == "local" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"`device` is {config.device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"`device` is {config.device!r} but MPS is not available here: pass --device cpu or auto.")
+
+
 def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     """Validate every input of a build (DESIGN.md §5). Raises `UserError`; loads no model, starts no Ray."""
     # 1. Config rules (a config built in code never went through load_config)
     validate(config)
-    if config.run.num_workers is not None and config.run.num_workers <= 0:
-        raise UserError(f"`run.num_workers` must be > 0 (or null for one per GPU) but is {config.run.num_workers}.")
-    if config.run.max_in_flight is not None and config.run.max_in_flight <= 0:
-        raise UserError(f"`run.max_in_flight` must be > 0 (or null for 2 x workers) but is {config.run.max_in_flight}.")
     # 2. The executor exists
     if config.run.executor == "ray":
         _import_ray()
@@ -118,15 +217,17 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     out = Path(config.out).expanduser()
     mode = _check_out(out, config, overwrite)
     # 4. Device, dtype, model
-
-    resolve_dtype(config.dtype, resolve_device(config.device))
+    device = resolve_device(config.device)
+    _check_device(device, config)
+    resolve_dtype(config.dtype, device)
     resolve_model_path(config.model)
-    # 5. Dataset root and layout, class selection
-
+    # 5. Dataset root and layout, class selection; on resume, the same classes as when the build was planned
     dataset = get_dataset(config.dataset, config.root, config.split)
     class_names = [str(c) for c in dataset.classes]
     if not class_names:
         raise UserError(f"`dataset` {config.dataset!r} at {config.root!r} has no classes: check --root.")
+    if mode == "resume" and work_done(out):
+        _check_dataset_unchanged(out, config, class_names)
     selected = select_classes(dataset, config.classes)
     # 6. The guide exists, and its labels are the dataset's classes: DCT steers class c towards logit c
     _check_guide(config.guide)
