@@ -381,8 +381,8 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
 EXPORT_FORMATS = ("a1111", "diffusers")
 
 
-def _class_token(path: Path, job: ClassJob) -> tuple[str, torch.Tensor]:
-    """The one token of a class's token file, checked to be the token the build gave that class."""
+def _class_token(path: Path, job: ClassJob) -> torch.Tensor:
+    """The embedding of a class's token file, checked to hold one token: the one the build gave that class."""
     tokens = load_tokens(path)
     if len(tokens) != 1:
         shown = ", ".join(repr(t) for t in list(tokens)[:3]) + (", ..." if len(tokens) > 3 else "")
@@ -393,7 +393,7 @@ def _class_token(path: Path, job: ClassJob) -> tuple[str, torch.Tensor]:
     if token != expected:
         raise UserError(f"Token file {str(path)!r} holds token {token[:60]!r} but class {job.class_index}'s token is "
                         f"{expected!r}: the file was not written by this build; delete it and resume the build.")
-    return token, embedding
+    return embedding
 
 
 def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.PathLike | None = None) -> list[Path]:
@@ -434,7 +434,7 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     written = []
     for j in present:
         src = token_path(out, j.class_index)
-        token, embedding = _class_token(src, j)
+        embedding = _class_token(src, j)
         stem = _token_name(j.class_index).strip("<>")  # from the class index: no file's content names a path
         if format == "diffusers":
             path = dest / f"{stem}.safetensors"
