@@ -302,3 +302,66 @@ def test_a_changed_dataset_is_refused_on_resume_naming_the_classes(tmp_path, wor
     with pytest.raises(UserError, match=r"class 1 was 'one', now 'uno'; added 'zz'"):
         build(cfg, progress=False)
     assert (out / "tokens" / "000.safetensors").read_bytes() == b"token of 'zero'"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Untrusted files: weights are read as tensors only
+# --------------------------------------------------------------------------------------------------------------------
+class _RunsCode:
+    """Unpickling this runs a command: what a hostile weights file does under torch.load(weights_only=False)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_fid_weights_never_run_code_from_the_file(tmp_path, monkeypatch):
+    import torch
+
+    pytest.importorskip("torch_fidelity")
+    from synthaug.evaluate.fid import INCEPTION_FILE, inception_extractor
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(1), "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(UserError, match=r"`inception_weights` .*weights.pth' is not a plain weights file \(torch.load "
+                                        r"with weights_only=True refused it") as info:
+        inception_extractor(evil, device="cpu")
+    assert "\n" not in str(info.value) and not marker.exists()
+    # the default cache path gets the same treatment
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / INCEPTION_FILE).write_bytes(evil.read_bytes())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    with pytest.raises(UserError, match=r"is not a plain weights file"):
+        inception_extractor(None, device="cpu")
+    assert not marker.exists()
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(UserError, match=r"holds list, not a state dict of tensors"):
+        inception_extractor(tmp_path / "list.pth", device="cpu")
+    torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match=r"is not torch-fidelity's Inception-v3 FID weights"):
+        inception_extractor(tmp_path / "other.pth", device="cpu")
+
+
+def test_fid_weights_that_are_plain_tensors_load(tmp_path):
+    import torch
+
+    pytest.importorskip("torch_fidelity")
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from synthaug.evaluate.fid import inception_extractor
+
+    class _Unloaded(FeatureExtractorInceptionV3):  # random weights with the real keys and shapes
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    torch.save({}, tmp_path / "empty.pth")
+    torch.manual_seed(0)
+    state = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(state.state_dict(), tmp_path / "weights.pth")
+    extractor = inception_extractor(tmp_path / "weights.pth", device="cpu")
+    assert torch.equal(extractor.module.fc.weight, state.fc.weight)
+    assert extractor(torch.rand(1, 3, 32, 32)).shape == (1, 2048)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -105,13 +106,39 @@ def inception_extractor(weights: str | os.PathLike | None = None, device: str | 
             f"in {candidates[-1].parent}; or use `features='judge'` for classifier features."
         )
     dev = resolve_device(device)
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                             feature_extractor_weights_path=str(path)).to(dev)
+    # torch-fidelity unpickles the file it is given with weights_only=False, which runs any code a file hides. It gets
+    # instead the tensors this process read with weights_only=True, serialized again from memory: no byte of the
+    # user's file reaches an unrestricted unpickler.
+    state = _load_weights(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=buf).to(dev)
+    except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+        raise UserError(f"`inception_weights` {str(path)!r} is not torch-fidelity's Inception-v3 FID weights "
+                        f"({str(e).splitlines()[0][:160]}): use {INCEPTION_FILE} from {INCEPTION_URL}.") from None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return net((x.clamp(0, 1) * 255).round().to(torch.uint8))  # the FID network expects uint8 0-255
 
     return FeatureExtractor(fn, "inception", dev, torch.float32, module=net)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from `path`, read with ``weights_only=True`` (tensors and plain containers only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (an untrusted file can fail in any way; each means "not plain weights")
+        raise UserError(f"`inception_weights` {str(path)!r} is not a plain weights file (torch.load with "
+                        f"weights_only=True refused it: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        f"); synthaug never unpickles code: use {INCEPTION_FILE} from {INCEPTION_URL}.") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"`inception_weights` {str(path)!r} holds {type(state).__name__}, not a state dict of tensors: "
+                        f"use {INCEPTION_FILE} from {INCEPTION_URL}.")
+    return state
 
 
 def classifier_extractor(classifier: nn.Module, name: str | None = None) -> FeatureExtractor:
