@@ -76,3 +76,28 @@ def test_reproduce_table2_and_fid(digits_build, capsys):
     assert "features: digits-judge" in md and "| dct |" in md
     assert _pipeline("reproduce_fid").main([str(digits_build), "--features", "inception", "-q"]) == 2
     assert "features='judge'" in capsys.readouterr().err
+
+
+def test_reproduce_table4_toy(tmp_path, capsys):
+    """One tiny build per DCT batch size, scored by a judge: the rows and the RESULTS block."""
+    import buildworld as bw
+
+    model, guide = bw.save_world(tmp_path / "world")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n")
+    sets = [f"{k}={v}" for k, v in bw.overrides(tmp_path / "unused", model, guide).items()
+            if k not in ("out", "dataset", "per_class", "baseline", "classes")]
+    argv = ["--out", str(tmp_path / "t4"), "--batch-sizes", "1,2", "--judge", str(guide), "--classes", "0-1",
+            "--per-class", "2", "--results", str(results), "-q", *[a for s in sets for a in ("--set", s)]]
+    from synthaug.evaluate.judge import SelfScoringWarning
+
+    with pytest.warns(SelfScoringWarning):  # the toy world has one classifier: it judges its own tokens here
+        assert _pipeline("reproduce_table4").main(argv) == 0
+    rows = json.loads((tmp_path / "t4" / "table4.json").read_text())
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["classes"] == 2 and 1 <= r["mean_updates"] <= 2 and r["images"] == 4 for r in rows)
+    assert rows[0]["plain_top1"] == rows[1]["plain_top1"]  # same seeds, no token: the same plain images
+    text = results.read_text()
+    assert "<!-- synthaug:table4-t4 begin -->" in text and "| 1 |" in text and "| 2 |" in text
+    with pytest.raises(SystemExit):
+        _pipeline("reproduce_table4").main(["--out", str(tmp_path / "x"), "--batch-sizes", "0"])

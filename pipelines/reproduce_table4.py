@@ -1,0 +1,119 @@
+"""Paper Table 4 (appendix B): judge accuracy and mean updates of DCT tokens per training batch size.
+
+    python pipelines/reproduce_table4.py --out out/table4 --batch-sizes 1,3,5 --judge digits-judge --results RESULTS.md
+
+For every batch size b (seeds per DCT update): one build of the same classes, seeds and settings but
+``dct.batch_size=b`` (``OUT/b{b}``, resumable: rerunning the same command finishes it), then the judge scores its
+token images (`synthaug.evaluate.evaluate_judge`). A row: b, the judge's top-1 on the token images (and on the
+plain-prompt images, the same for every b), and the mean number of updates a token took before it stopped. The
+default is the embedded digits world (`--dataset digits`, its guide); ``--set KEY=VALUE`` overrides any config key.
+
+Writes ``OUT/table4.md`` and ``OUT/table4.json``; with ``--results FILE`` also the block
+``<!-- synthaug:table4-NAME begin/end -->`` of FILE (nothing else in it changes).
+
+Exit status: 0 done, 1 a build failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from synthaug import build, load_config
+from synthaug.atomic import write_text
+from synthaug.config import parse_overrides
+from synthaug.errors import UserError
+from synthaug.evaluate.judge import evaluate_judge
+from synthaug.report import write_results_block
+from synthaug.shards import open_build
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,3,5 but got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, e.g. 1,3,5, but got {text!r}")
+    return values
+
+
+def run(out: Path, batch_sizes: Sequence[int], judge: str, overrides: dict, *, progress: bool = True) -> list[dict]:
+    """One build per batch size under `out`, scored by `judge`; the table's rows."""
+    rows = []
+    for b in batch_sizes:
+        config = load_config(overrides={**overrides, "out": str(out / f"b{b}"), "dct.batch_size": b})
+        result = build(config, progress=progress)
+        if not result.ok:
+            raise RuntimeError(f"the build for batch size {b} failed: {result.summary()}")
+        judged = {m.method: m for m in evaluate_judge(out / f"b{b}", judge, write_back=False,
+                                                      progress=progress).methods}
+        method = config.method
+        steps = [c["steps"] for c in open_build(out / f"b{b}").classes if c.get("steps") is not None]
+        rows.append({"batch_size": b, "classes": len(steps), "mean_updates": float(np.mean(steps)) if steps else None,
+                     "token_top1": judged[method].top1 if method in judged else None,
+                     "plain_top1": judged["sd"].top1 if "sd" in judged else None,
+                     "images": judged[method].images if method in judged else 0})
+    return rows
+
+
+def markdown(rows: list[dict], command: str, title: str) -> str:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    lines = [f"### Table 4: DCT batch size ({title})", "", f"`{command}`", "",
+             "| batch size | judge top-1, token (%) | judge top-1, plain prompt (%) | mean updates | images |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        updates = "-" if r["mean_updates"] is None else f"{r['mean_updates']:.1f}"
+        lines.append(f"| {r['batch_size']} | {pct(r['token_top1'])} | {pct(r['plain_top1'])} | {updates} | "
+                     f"{r['images']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for one build per batch size and the table")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 3, 5], help="DCT batch sizes (default 1,3,5)")
+    parser.add_argument("--judge", default="digits-judge", help="independent classifier (default digits-judge)")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--classes", help="class selection (default: the dataset's defaults)")
+    parser.add_argument("--per-class", type=int, default=20, help="images per class (default 20)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config key, e.g. --set dct.max_steps=30")
+    parser.add_argument("--results", help="markdown file whose synthaug:table4-NAME block gets the table")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+    command = threads + shlex.join(["python", "pipelines/reproduce_table4.py", *(sys.argv[1:] if argv is None else argv)])
+    out = Path(args.out)
+    try:
+        overrides = {"dataset": args.dataset, "per_class": args.per_class, "baseline": True,
+                     **({"classes": args.classes} if args.classes else {}), **parse_overrides(args.overrides)}
+        rows = run(out, args.batch_sizes, args.judge, overrides, progress=not args.quiet)
+    except UserError as e:
+        print(f"reproduce_table4: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"reproduce_table4: {e}", file=sys.stderr)
+        return 1
+    text = markdown(rows, command, out.resolve().name)
+    write_text(out / "table4.md", text)
+    write_text(out / "table4.json", json.dumps(rows, indent=2) + "\n")
+    if args.results:
+        write_results_block(Path(args.results), f"table4-{out.resolve().name}", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
