@@ -175,7 +175,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default="sd15,sd21")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--presets", default="cub,digits", help="comma-separated presets or datasets whose default settings to cost")
+    parser.add_argument("--presets", default="cub,digits",
+                        help="comma-separated presets or datasets whose default settings to cost")
     parser.add_argument("--time-size", type=int, default=0, help="also time the SD-scale world at this size (0: no)")
     parser.add_argument("--time-steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,15 +197,16 @@ def main() -> int:
                         f"{sum(up.values()) / 1e12:.1f} | {up['unet'] / 1e12:.1f} | "
                         f"{up['decode + guide'] / 1e12:.2f} | {up.get('x0 decode + guide', 0) / 1e12:.1f} | "
                         f"{up.get('validation', 0) / 1e12:.1f} |")
-    p = parts_by_layout[args.layouts.split(",")[0]]
+    first = args.layouts.split(",")[0]
+    p = parts_by_layout[first]
     notes = [
-        f"Per image at {args.size} px, batch 1 ({args.layouts.split(',')[0]}): UNet forward {p.unet_f / 1e9:.0f} GFLOP "
+        (f"Per image at {args.size} px, batch 1 ({first}): UNet forward {p.unet_f / 1e9:.0f} GFLOP "
         f"(forward + backward to its inputs {p.unet_fb / 1e9:.0f}), VAE decode {p.vae_f / 1e9:.0f} "
         f"({p.vae_fb / 1e9:.0f}), guide ViT-B/16 at {GUIDE_SIZE} px {p.guide_f / 1e9:.1f} ({p.guide_fb / 1e9:.1f}), "
-        f"text encoder {p.text_f / 1e9:.1f} ({p.text_fb / 1e9:.1f}).",
-        "An update's UNet share is the denoising chain of `batch_size` seeds with classifier-free guidance; the "
+        f"text encoder {p.text_f / 1e9:.1f} ({p.text_fb / 1e9:.1f})."),
+        ("An update's UNet share is the denoising chain of `batch_size` seeds with classifier-free guidance; the "
         "gradient-carrying calls cost forward + backward. A token costs this times its number of updates (at most "
-        "`dct.max_steps`).",
+        "`dct.max_steps`)."),
     ]
     if args.time_size:
         layout = args.layouts.split(",")[0]
