@@ -248,3 +248,37 @@ def test_shard_reader_reopens_after_pickle(tmp_path):
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._fds == {} and clone.read(row["shard"], row["offset"], row["size"]) == first
     reader.close()
+
+
+def test_check_shard_finds_a_truncated_tar_and_a_changed_parquet(tmp_path):
+    from synthaug.shards import check_shard
+
+    build(tmp_path, baseline=False)
+    assert check_shard(tmp_path, 0) is None and check_shard(tmp_path, 1) is None
+    tar = shard_paths(tmp_path, 0).tar
+    tar.write_bytes(tar.read_bytes()[:-512])
+    assert check_shard(tmp_path, 0) == f"its tar has {tar.stat().st_size} bytes, the stats say {tar.stat().st_size + 512}"
+    parquet = shard_paths(tmp_path, 1).parquet
+    parquet.write_bytes(parquet.read_bytes().replace(b"bird 1", b"bird 7"))
+    assert check_shard(tmp_path, 1) == "its parquet file differs from the one recorded in the stats"
+    shard_paths(tmp_path, 1).stats.write_text("[]")
+    assert check_shard(tmp_path, 1).startswith("its stats file is unreadable")
+    tar.unlink()
+    assert check_shard(tmp_path, 0) == "its tar is missing"
+
+
+def test_the_judge_rewrites_the_index_under_the_build_lock(tmp_path):
+    from synthaug.evaluate import write_judge_prob
+    from synthaug.layout import build_lock
+
+    build(tmp_path)
+    index = tmp_path / "index.parquet"
+    before = index.read_bytes()
+    with build_lock(tmp_path):  # a build (or another evaluation) holds the folder
+        with pytest.raises(UserError, match=r"is in use by another synthaug process right now .*: wait for the build "
+                                            r"to finish, then evaluate again"):
+            write_judge_prob(tmp_path, {"dct-c000-s00000": 0.5}, judge="j")
+        assert index.read_bytes() == before
+    write_judge_prob(tmp_path, {"dct-c000-s00000": 0.5}, judge="j")
+    probs = pq.read_table(index).column("judge_prob").to_pylist()
+    assert probs[0] == 0.5 and probs[1:] == [None] * 10

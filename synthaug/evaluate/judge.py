@@ -24,7 +24,7 @@ from ..atomic import atomic_write, write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import same_source
 from ..errors import UserError
-from ..layout import EVAL_DIR
+from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
 from ..shards import _method_sort_key, open_build
 from .images import _model_device_dtype, iter_image_batches
@@ -240,8 +240,11 @@ def evaluate_judge(
     )
     result.files = _write_judge_files(result, scored, out_dir)
     if write_back and (view.root / "index.parquet").is_file():
-        write_judge_prob(view.root, {s["key"]: s["judge_prob"] for s in scored}, judge=judge_source)
-        result.files["index"] = str(view.root / "index.parquet")
+        try:
+            write_judge_prob(view.root, {s["key"]: s["judge_prob"] for s in scored}, judge=judge_source)
+            result.files["index"] = str(view.root / "index.parquet")
+        except UserError as e:  # a build holds the folder, or removed its index meanwhile: the eval files stand
+            log.warning("judge_prob not written back into the index: %s", e)
     elif write_back:
         log.warning("%s has no index.parquet yet (build still running): judge_prob not written back", view.root)
     write_text(out_dir / "judge.json", json.dumps(result.to_dict(), indent=2) + "\n")
@@ -329,15 +332,23 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def write_judge_prob(build: str | os.PathLike, probs: Mapping[str, float], *, judge: str | None = None) -> None:
-    """Set ``judge_prob`` in ``index.parquet`` from ``{key: probability}``, atomically.
+    """Set ``judge_prob`` in ``index.parquet`` from ``{key: probability}``, atomically, under the build's lock.
 
     Rows without a verdict get null: a column mixing two judges' verdicts would mean nothing. The judge's name is
-    kept in the table's metadata (``synthaug.judge``).
+    kept in the table's metadata (``synthaug.judge``). A build merges the index under the same lock, so neither
+    rewrite loses the other's; while a build runs in the folder this raises `UserError`.
     """
+    with build_lock(build, fix="wait for the build to finish, then evaluate again"):
+        _write_judge_prob(Path(build) / INDEX_FILE, probs, judge)
+
+
+def _write_judge_prob(path: Path, probs: Mapping[str, float], judge: str | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(build) / "index.parquet"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist (a build is resuming there, or never finished): run the build to the "
+                        f"end, then evaluate again.")
     table = pq.read_table(path)
     values = pa.array([probs.get(k) for k in table.column("key").to_pylist()], type=pa.float64())
     if "judge_prob" in table.column_names:
