@@ -169,6 +169,15 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _step_number(v: Any) -> int | None:
+    """A step number from a token file's metadata (a string), or None where it holds none (absent, or not a number:
+    a token file is read, never trusted)."""
+    try:
+        return int(str(v).strip())
+    except (TypeError, ValueError):
+        return None
+
+
 def _svg_curve(history: list[dict], best_step: Any, stop_reason: str | None, width: int = 380,
                height: int = 150) -> str:
     """Inline SVG of a token's training: loss (left scale), batch accuracy and class probability (0-1, right)."""
@@ -214,8 +223,9 @@ def _svg_curve(history: list[dict], best_step: Any, stop_reason: str | None, wid
     for frac in (0.25, 0.5, 0.75):
         parts.append(f'<line x1="{pad_l}" x2="{pad_l + w}" y1="{y_unit(frac):.1f}" y2="{y_unit(frac):.1f}" '
                      'stroke="#eaeef2"/>')
-    if best_step not in (None, ""):
-        bx = x(int(best_step))
+    kept = _step_number(best_step)
+    if kept is not None:
+        bx = x(kept)
         parts.append(f'<line x1="{bx:.1f}" x2="{bx:.1f}" y1="{pad_t}" y2="{pad_t + h}" stroke="#8250df" '
                      'stroke-dasharray="3,2"/>')
         parts.append(f'<text x="{bx + 3:.1f}" y="{pad_t + 10}" fill="#8250df" font-size="9">kept</text>')

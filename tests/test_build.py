@@ -451,3 +451,14 @@ def test_sample_selection_is_the_same_in_learn_generate_and_build(tmp_path, worl
     assert sorted({r["class_index"] for r in rows}) == expected
     build(cfg, progress=False)
     assert sorted(set(load_index(tmp_path / "build").column("class_index").to_pylist())) == expected
+
+
+def test_report_curve_takes_a_best_step_that_is_not_a_number():
+    """A token file's metadata is read, not trusted: a best_step such as 'soon' draws no marker instead of failing."""
+    from synthaug.report import _svg_curve
+
+    history = [{"step": 0, "loss": 1.0, "accuracy": 0.5}, {"step": 1, "loss": 0.5, "accuracy": 1.0}]
+    assert "kept" in _svg_curve(history, "1", "all_correct")
+    for bad in ("soon", "1.5", None, "", [1]):
+        svg = _svg_curve(history, bad, "all_correct")
+        assert svg.startswith("<svg") and "kept" not in svg
