@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import UserError
 
@@ -22,6 +23,13 @@ EPILOG = """examples:
   synthaug evaluate out/digits --judge digits-judge
   synthaug report out/digits
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other user error: ``synthaug build: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="synthaug", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Class-accurate synthetic training sets from text-to-image diffusion models.",
     )
@@ -292,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -168,8 +168,8 @@ def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
 @pytest.mark.parametrize("config_text,reason", [
     ("", r"its config.yaml holds NoneType"),
     ("name: my project\nversion: 2\n", r"its config.yaml lacks dataset, model, guide, method"),
-    ("dataset: digits\nmodel: x\nguide: y\nmethod: dct\nper_class: 1\nout: o\ndct: {}\ngenerate: {}\nshards: {}\n"
-     "run: {}\nextra: 1\n", r"its config.yaml is not a config of this synthaug: Unknown config key\(s\) extra"),
+    (("dataset: digits\nmodel: x\nguide: y\nmethod: dct\nper_class: 1\nout: o\ndct: {}\ngenerate: {}\nshards: {}\n"
+      "run: {}\nextra: 1\n"), r"its config.yaml is not a config of this synthaug: Unknown config key\(s\) extra"),
     ("[1, 2\n", r"its config.yaml is not readable YAML"),
 ])
 def test_overwrite_refuses_a_folder_that_is_not_a_build(tmp_path, world, config_text, reason):

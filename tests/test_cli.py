@@ -27,6 +27,12 @@ def test_help_lists_every_subcommand_without_heavy_imports():
         (["build", "--set", "dct.lrr=1"], r"Unknown config key\(s\) dct.lrr"),
         (["classify", "/nonexistent/build"], "has no config.yaml"),
         (["report", "/nonexistent/build"], "nonexistent"),
+        (["build", "--set", "dataset=[a]"], "`dataset` must be a single value, not a list: ['a']"),
+        (["build", "--set", "dct.lr=.nan"], "`dct.lr` must be a finite number but is nan"),
+        (["build", "--set", "generate.guidance_scale=-2"], "`generate.guidance_scale` must be >= 0 but is -2.0"),
+        (["build", "--per-class", "many"], "argument --per-class: invalid int value: 'many'"),
+        (["build", "--method", "lora"], "argument --method: invalid choice: 'lora'"),
+        (["fid", "/nonexistent/build"], "the following arguments are required: --real"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, match, capsys):
@@ -34,3 +40,66 @@ def test_user_errors_are_one_line_and_exit_2(argv, match, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"synthaug {argv[0]}: error:")
     assert match.replace("\\", "") in err or __import__("re").search(match, err)
+
+
+def test_yaml_with_an_integer_key_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("per_class: 3\n1: 2\n")
+    assert main(["build", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "key 1 is not a string" in err
+
+
+# Property: any build command line either validates or exits 2 with one line -- never a traceback. `build` is
+# replaced by its validation (`_prepare`: config, folder, device, model path, dataset, classes, guide), which is all
+# that runs before work starts; the models never load.
+def test_any_build_command_line_validates_or_exits_2_with_one_line(tmp_path, monkeypatch):
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import synthaug.builder
+    from synthaug.builder.validate import _prepare
+    from synthaug.config import BuildConfig, flatten, to_dict
+
+    def validate_only(cfg, overwrite=False, progress=True):
+        _prepare(cfg, overwrite)
+        return SimpleNamespace(ok=True, summary=lambda: "valid")
+
+    monkeypatch.setattr(synthaug.builder, "build", validate_only)
+    monkeypatch.chdir(tmp_path)  # a relative --out lands here
+    keys = sorted(flatten(to_dict(BuildConfig()))) + ["dct", "bogus"]
+    text = st.one_of(
+        st.sampled_from(["", "0", "-1", "3", "1e400", ".nan", ".inf", "-0.5", "2.5", "true", "null", "[a]", "{a: 1}",
+                         "[1, 2", "cuda", "cuda:7", "cpu", "auto", "digits", "cub", "imagefolder", "x y", "0-2",
+                         "seven,one", "sample:2", "dct", "ti", "png", "jpg", "val", "ray", "local", "{token}",
+                         "A photo of {token} {label}", "/nonexistent", str(tmp_path / "o")]),
+        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6),
+    )
+    flags = st.sampled_from(["--per-class", "--classes", "--device", "--dataset", "--root", "--num-workers", "--shots",
+                             "--method", "--scheduler", "--model", "--guide", "--executor"])
+    args = st.lists(st.one_of(st.tuples(flags, text).map(list),
+                              st.tuples(st.just("--set"), st.tuples(st.sampled_from(keys), text).map("=".join)).map(
+                                  list)), max_size=3)
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(args)
+    def check(pairs):
+        argv = ["build", "--executor", "local", "--out", str(tmp_path / "out")] + [a for p in pairs for a in p]
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("synthaug")]
+        assert code in (0, 2), (argv, code, err.getvalue())
+        if code == 2:
+            assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err.getvalue(), (argv, err.getvalue())
+        else:
+            assert out.getvalue().strip() == "valid"
+
+    check()
