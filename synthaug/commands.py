@@ -132,9 +132,12 @@ def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[Clas
                         f"`synthaug build`.")
     try:
         config = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{out / CONFIG_FILE} is not valid YAML ({str(e).splitlines()[0]}): rerun the build with "
                         f"--overwrite.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"`out` {str(out)!r} is not a synthaug build ({CONFIG_FILE} holds {type(config).__name__}, not "
+                        f"a config): pass the --out folder of `synthaug build`.")
     jobs = _read_plan(out)
     if jobs is None:
         raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
@@ -300,7 +303,11 @@ def classify_images(build: str | os.PathLike, *, images: str | None = None, root
     out = Path(build)
     if not (out / "config.yaml").is_file():
         raise UserError(f"`build` {str(build)!r} has no config.yaml: pass a folder written by `synthaug build`.")
-    cfg = from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    data = yaml.safe_load((out / "config.yaml").read_text())
+    if not isinstance(data, dict):
+        raise UserError(f"`build` {str(build)!r} has a config.yaml that is not a synthaug config: pass a folder "
+                        f"written by `synthaug build`.")
+    cfg = from_dict(data)
     classes = json.loads((out / "classes.json").read_text()) if (out / "classes.json").is_file() else []
     files = sorted((out / "tokens").glob("[0-9][0-9][0-9]*.safetensors"))
     if not files:

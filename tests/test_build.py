@@ -462,3 +462,11 @@ def test_report_curve_takes_a_best_step_that_is_not_a_number():
     for bad in ("soon", "1.5", None, "", [1]):
         svg = _svg_curve(history, bad, "all_correct")
         assert svg.startswith("<svg") and "kept" not in svg
+
+
+def test_inspect_and_export_refuse_a_config_yaml_that_is_not_a_mapping(tmp_path, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / "config.yaml").write_text("- a\n- list\n")
+    for call in (lambda: inspect(out), lambda: export_tokens(out, dest=tmp_path / "dest")):
+        with pytest.raises(UserError, match=r"is not a synthaug build \(config.yaml holds list, not a config\)"):
+            call()
