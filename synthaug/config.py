@@ -64,6 +64,13 @@ class DCTConfig:
     # the gradient-carrying ones, each through that step's UNet call only, and add weight x their mean CE. Gives the
     # token a gradient at the high-noise steps where the image's class is decided (RESULTS.md, issue 8).
     x0_weight: float = 0.0
+    # Memory levers (the maths is unchanged; see BENCHMARKS.md "Memory at 512 px"). micro_batch: put the batch through
+    # the graph this many seeds at a time, back-propagating each micro-batch's share of the loss at once (the summed
+    # gradient is the whole batch's); None = the whole batch at once. checkpointing: recompute activations in the
+    # backward instead of storing them - each gradient-carrying UNet call and each image's VAE decode as a whole,
+    # and inside them diffusers' per-block checkpointing; ~1 extra forward of those calls per update.
+    micro_batch: int | None = None
+    checkpointing: bool = False
 
     @property
     def learning_rate(self) -> float:
@@ -374,7 +381,7 @@ def get(cfg: Any, dotted: str) -> Any:
 
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
-            "dct.val_every", "dct.lr", "generate.batch_size", "generate.num_inference_steps",
+            "dct.val_every", "dct.lr", "dct.micro_batch", "generate.batch_size", "generate.num_inference_steps",
             "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
@@ -402,6 +409,7 @@ def validate(cfg: BuildConfig) -> None:
         v = get(cfg, key)
         if v is not None and v <= 0:
             default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
+                       "dct.micro_batch": " (or null for the whole batch)",
                        "run.max_in_flight": " (or null for 2 x workers)"}.get(key, "")
             raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")
     for key, value in flatten(to_dict(cfg)).items():

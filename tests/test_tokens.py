@@ -460,6 +460,64 @@ def test_mixed_precision_token_path_stays_fp32():
     assert result.metadata["unet_dtype"] == "bfloat16"
 
 
+def first_gradient(monkeypatch, pipe, guide, config, **kw) -> tuple[torch.Tensor, dict]:
+    """The gradient of v_c at the first update (captured where it is clipped) and the first history entry."""
+    grads = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        grads.append(params[0].grad.detach().clone())
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    result = learn_dct_token(pipe, guide, 3, "three", config, **kw)
+    monkeypatch.undo()
+    return grads[0], result.history[0]
+
+
+@pytest.mark.parametrize("extra", [{}, {"augment": 2}, {"x0_weight": 1.0, "num_inference_steps": 4}],
+                         ids=["plain", "augment", "x0"])
+def test_micro_batches_accumulate_the_whole_batch_gradient(tiny_pipe, monkeypatch, extra):
+    whole, entry = first_gradient(monkeypatch, tiny_pipe, Guide(), cfg(max_steps=2, batch_size=5, **extra))
+    assert whole.abs().sum() > 0
+    for micro in (1, 2):  # 2 splits 5 seeds unevenly (2 + 2 + 1)
+        grad, e = first_gradient(monkeypatch, tiny_pipe, Guide(), cfg(max_steps=2, batch_size=5, micro_batch=micro,
+                                                                      **extra))
+        assert torch.allclose(grad, whole, rtol=1e-4, atol=1e-7), (micro, (grad - whole).abs().max())
+        assert e["loss"] == pytest.approx(entry["loss"], rel=1e-5)
+        assert e["accuracy"] == entry["accuracy"] and e["target_prob"] == pytest.approx(entry["target_prob"], rel=1e-5)
+        if "x0_weight" in extra:
+            assert e["x0_loss"] == pytest.approx(entry["x0_loss"], rel=1e-5)
+
+
+def test_micro_batches_bound_the_graph_to_one_micro_batch(tiny_pipe):
+    """The UNet and VAE see micro-batches: the largest gradient-carrying UNet batch is 2 x micro_batch (CFG)."""
+    batches = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(
+        lambda m, a: batches.append((a[0].shape[0], torch.is_grad_enabled())))
+    try:
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1, batch_size=5, micro_batch=2,
+                                                             select="val", val_batch_size=3, val_every=1))
+    finally:
+        handle.remove()
+    assert {b for b, grad in batches if grad} == {4, 2}  # seeds 2 + 2 + 1, uncond + cond
+    assert {b for b, grad in batches if not grad} == {4, 2}  # validation in micro-batches too (2 + 1)
+
+
+def test_checkpointing_same_gradient_and_pipeline_flags_restored(tiny_pipe, monkeypatch):
+    plain, _ = first_gradient(monkeypatch, tiny_pipe, Guide(), cfg(max_steps=2, batch_size=3))
+    seen = []
+    handle = tiny_pipe.vae.decoder.register_forward_pre_hook(lambda m, a: seen.append(
+        (a[0].shape[0], m.gradient_checkpointing, torch.is_grad_enabled())))
+    try:
+        ckpt, _ = first_gradient(monkeypatch, tiny_pipe, Guide(), cfg(max_steps=2, batch_size=3, checkpointing=True))
+    finally:
+        handle.remove()
+    assert torch.allclose(ckpt, plain, rtol=1e-3, atol=1e-6)  # the images decode one by one: float noise only
+    assert {b for b, _, grad in seen if grad} == {1} and all(flag for _, flag, _ in seen)
+    assert not tiny_pipe.unet.is_gradient_checkpointing and not tiny_pipe.vae.is_gradient_checkpointing
+
+
 def test_progress_bar_and_callback(tiny_pipe, capsys):
     entries = []
     learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=2), progress=True,
@@ -484,6 +542,7 @@ def test_progress_bar_and_callback(tiny_pipe, capsys):
         ({}, {"lr": -1.0}, r"`dct.lr` must be > 0"),
         ({}, {"x0_weight": -0.5}, r"`dct.x0_weight` must be a finite number >= 0"),
         ({}, {"prompts": ("word " * 80 + "{token} {label}",)}, r"cut off"),
+        ({}, {"micro_batch": 0}, r"`dct.micro_batch` must be > 0 \(or null for the whole batch\)"),
     ],
 )
 def test_bad_input(tiny_pipe, kwargs, config, match):

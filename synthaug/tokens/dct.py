@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import DCTConfig
 from ..errors import UserError
@@ -88,7 +89,7 @@ def learn_dct_token(
     token: str | None = None,
     progress: bool = False,
     callback: Callable[[dict, torch.Tensor], None] | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool | None = None,
 ) -> TokenResult:
     """Learn the discriminative class token ``S_c`` of one class (DCT §3, appendix D).
 
@@ -108,8 +109,8 @@ def learn_dct_token(
         progress: show a tqdm bar over training iterations.
         callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
             fp32 CPU copy of the embedding that was measured), before the update.
-        checkpointing: recompute the activations of gradient-carrying UNet calls during backward instead of storing
-            them (torch.utils.checkpoint) — makes ``grad_steps`` > 1 affordable at ~1 extra UNet pass per step.
+        checkpointing: overrides ``config.checkpointing`` (None: the config's): recompute activations during
+            backward instead of storing them — see `DCTConfig.checkpointing`.
 
     Returns:
         A `TokenResult`. With ``config.select == "min_loss"`` the kept embedding is the measured one with the lowest
@@ -125,9 +126,10 @@ def learn_dct_token(
     token = token if token is not None else token_name(class_index)
     tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token)
     run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
-               pipe._execution_device, pipe.text_encoder.dtype, checkpointing)  # latents in the prompts' dtype
+               pipe._execution_device, pipe.text_encoder.dtype,
+               config.checkpointing if checkpointing is None else checkpointing)  # latents in the prompts' dtype
 
-    with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), torch.enable_grad():
+    with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
         # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
         init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
         init = pipe.text_encoder.get_input_embeddings().weight[init_id]
@@ -148,32 +150,35 @@ def learn_dct_token(
             optimizer.zero_grad(set_to_none=True)
             prompt_index = step % len(prompt_inputs)  # the paper's two prompts, cycled (§3 "Number of prompts")
 
-            # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss the
-            #     denoising sees a detached leaf copy: each step's loss goes into the leaf at once (one step's graph
-            #     in memory at a time), and the leaf's gradient goes through the text encoder once, in 4.7.
+            # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss or
+            #     micro-batches the denoising sees a detached leaf copy: every partial loss goes into the leaf at once
+            #     (one graph in memory at a time), and the leaf's gradient goes through the text encoder once, in 4.7.
             text = _encode(run, v_c, prompt_inputs[prompt_index])
-            leaf = text.detach().requires_grad_() if config.x0_weight > 0 else None
-
-            # 4.2 z_T ~ N(0, I) on fixed seeds: the same batch every update (fresh noise diverged)
             seeds = [_seed("train", config.seed, class_index, b + (0 if config.fixed_seeds else step * config.batch_size))
                      for b in range(config.batch_size)]
-            latents, step_kwargs = _initial_latents(run, seeds)
-            if step == 0:
-                _warn_if_last_step_is_noisy(pipe.scheduler, pipe.scheduler.timesteps)
+            chunks = _chunks(len(seeds), config.micro_batch)
+            leaf = text.detach().requires_grad_() if config.x0_weight > 0 or len(chunks) > 1 else None
+            draws = _augment_draws((len(seeds), pipe.vae.config.out_channels, config.height, config.width),
+                                   config.augment, augment_generator) if config.augment > 0 else None
 
-            # 4.3 z_T -> z_0 with CFG (Eq. 3). Gradient skipping (§3, Fig. 3): only the last `grad_steps` UNet calls
-            #     carry gradient. With the x0 loss, every earlier step also classifies its predicted clean image.
+            # 4.2-4.4 Per micro-batch (the whole batch unless dct.micro_batch is set): z_T on fixed seeds -> z_0 with
+            #     CFG and gradient skipping -> x = D(z_0) -> min_{v_c} CE(C(ψ_C(x(p))), 1_c)                Eq. (4)
+            #     With several micro-batches each one's share of the loss is back-propagated at once: the sum of
+            #     the shares' gradients is the whole batch's gradient.
             x0_values: list[float] = []
-            x0_hook = _x0_hook(run, step_kwargs, x0_values) if leaf is not None else None
-            latents, calls = _denoise(run, latents, leaf if leaf is not None else text, step_kwargs,
-                                      grad_steps=config.grad_steps, x0_hook=x0_hook)
-            unet_evals += calls
-
-            # 4.4 x = D(z_0), clamped straight-through; min_{v_c} CE(C(ψ_C(x(p))), 1_c)                       Eq. (4)
-            images = _clamp01(_decode(pipe, latents), config.straight_through_clamp)
-            loss, logits = _dct_loss(run, images, augment_generator)
-            probs = logits.detach().float().softmax(-1)
-            loss_value = loss.item()
+            loss, loss_value, logit_parts = None, 0.0, []
+            for lo, hi in chunks:
+                part, part_logits, calls = _forward(run, leaf if leaf is not None else text, seeds, lo, hi, draws,
+                                                    x0_values, warn=step == 0 and lo == 0)
+                unet_evals += calls
+                loss_value += part.item()
+                logit_parts.append(part_logits.detach())
+                if len(chunks) == 1:
+                    loss = part  # back-propagated in 4.7, only if the loop goes on
+                elif math.isfinite(loss_value):
+                    part.backward()
+                del part, part_logits
+            probs = torch.cat(logit_parts).float().softmax(-1)
 
             # 4.5 Record the measurement of v_c *before* this iteration's update
             entry = {"step": step, "prompt": prompt_index, "loss": loss_value,
@@ -199,7 +204,7 @@ def learn_dct_token(
             # 4.7 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
                 entry.update(_update(optimizer, v_c, loss, text, leaf, config.grad_clip))
-            del loss, logits, images, latents, text, leaf  # free the graph
+            del loss, text, leaf  # free the graph
             _bar_update(bar, entry)
         if bar is not None:
             bar.close()
@@ -211,7 +216,7 @@ def learn_dct_token(
         "guide_trained_on": str(getattr(classifier, "trained_on", "unknown")),
         "scheduler": type(pipe.scheduler).__name__,
         "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
-        "checkpointing": checkpointing,
+        "checkpointing": run.checkpointing,
         "config": dataclasses.asdict(config),
     }
     return TokenResult(
@@ -350,7 +355,8 @@ def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: 
         with torch.set_grad_enabled(i >= first_grad or x0_step):
             h = hidden if i >= first_grad or x0_step else hidden.detach()
             model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if run.do_cfg else latents, t)
-            noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond, run.checkpointing and i >= first_grad)
+            noise_pred = _unet(pipe.unet, model_input, t, h, timestep_cond,
+                               run.checkpointing and (i >= first_grad or x0_step))
             if run.do_cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + run.config.guidance_scale * (noise_text - noise_uncond)  # Eq. (3)
@@ -361,12 +367,41 @@ def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: 
     return latents, len(timesteps)
 
 
-def _x0_hook(run: _Run, step_kwargs: dict, values: list[float]) -> Callable:
+def _forward(run: _Run, text: torch.Tensor, seeds: list[int], lo: int, hi: int,
+             draws: tuple[list[list[int]], torch.Tensor] | None, x0_values: list[float], warn: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Steps 4.2-4.4 for the micro-batch ``seeds[lo:hi]``: its share ``(hi - lo) / len(seeds)`` of the batch's loss
+    (Eq. 4, straight-through clamped images), the guide's logits, and the UNet calls made."""
+    c, pipe = run.config, run.pipe
+    share = (hi - lo) / len(seeds)
+    # z_T ~ N(0, I) on fixed seeds: the same batch every update (fresh noise diverged)
+    latents, step_kwargs = _initial_latents(run, seeds[lo:hi])
+    if warn:
+        _warn_if_last_step_is_noisy(pipe.scheduler, pipe.scheduler.timesteps)
+    # z_T -> z_0 with CFG (Eq. 3). Gradient skipping (§3, Fig. 3): only the last `grad_steps` UNet calls carry
+    # gradient. With the x0 loss, every earlier step also classifies its predicted clean image.
+    x0_hook = _x0_hook(run, step_kwargs, x0_values, share) if c.x0_weight > 0 else None
+    latents, calls = _denoise(run, latents, text, step_kwargs, grad_steps=c.grad_steps, x0_hook=x0_hook)
+    images = _clamp01(_decode_images(run, latents), c.straight_through_clamp)
+    sliced = None if draws is None else (draws[0][lo * c.augment : hi * c.augment],
+                                         draws[1][lo * c.augment : hi * c.augment])
+    loss, logits = _dct_loss(run, images, sliced)
+    return (loss if share == 1.0 else loss * share), logits, calls
+
+
+def _chunks(n: int, size: int | None) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]`` covering ``range(n)`` in slices of `size` (None: one slice)."""
+    size = n if size is None else size
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _x0_hook(run: _Run, step_kwargs: dict, values: list[float], share: float = 1.0) -> Callable:
     """The x0 loss of the steps before the gradient-carrying ones: ``x0_weight`` x their mean cross-entropy, each
     step's loss back-propagated as soon as it is computed (into the leaf text embedding only: nothing before the step
-    carries a graph); its value appended to `values`."""
+    carries a graph); its value appended to `values`. `share`: the micro-batch's fraction of the batch."""
     timesteps = len(run.pipe.scheduler.timesteps)
     weight = run.config.x0_weight / max(timesteps - min(run.config.grad_steps, timesteps), 1)  # mean over the steps
+    weight = weight * share
 
     def hook(noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> None:
         loss = weight * _x0_loss(run, noise_pred, t, latents, step_kwargs)
@@ -390,21 +425,23 @@ def _x0_loss(run: _Run, noise_pred: torch.Tensor, t: torch.Tensor, latents: torc
         raise UserError(
             f"`dct.x0_weight` needs a scheduler whose step returns pred_original_sample, and "
             f"{type(run.pipe.scheduler).__name__} does not: use --scheduler ddim (or euler), or set dct.x0_weight=0.")
-    logits = _classify(run.classifier, _clamp01(_decode(run.pipe, x0), run.config.straight_through_clamp))
+    logits = _classify(run.classifier, _clamp01(_decode_images(run, x0), run.config.straight_through_clamp))
     return F.cross_entropy(logits, _targets(logits, run.class_index))
 
 
-def _dct_loss(run: _Run, images: torch.Tensor, augment_generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _dct_loss(run: _Run, images: torch.Tensor,
+              augment_draws: tuple[list[list[int]], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (4): the guide's cross-entropy to the class (ψ_C, its own resize/normalise, lives in its forward); with
-    EOT, the mean over `augment` shifted, noised copies of every image. Returns (loss, logits of the plain images)."""
+    EOT, the mean over the shifted, noised copies of every image (`augment_draws`). Returns (loss, logits of the
+    plain images)."""
     logits = _classify(run.classifier, images)
     if logits.shape[-1] <= run.class_index:
         raise UserError(
             f"`class_index` {run.class_index} is out of range for the guide classifier, which has "
             f"{logits.shape[-1]} classes: pass an index below {logits.shape[-1]}."
         )
-    if run.config.augment > 0:
-        aug_logits = _classify(run.classifier, _augment(images, run.config.augment, augment_generator))
+    if augment_draws is not None:
+        aug_logits = _classify(run.classifier, _augment_views(images, augment_draws))
         return F.cross_entropy(aug_logits, _targets(aug_logits, run.class_index)), logits
     return F.cross_entropy(logits, _targets(logits, run.class_index)), logits
 
@@ -414,21 +451,26 @@ def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tu
     (same CFG, scheduler, size) without gradient. Returns ((accuracy, probability), UNet calls)."""
     c = run.config
     seeds = [_seed("val", c.seed, run.class_index, b) for b in range(c.val_batch_size)]
+    parts, calls = [], 0
     with torch.no_grad():
         text = _encode(run, v, inputs)
-        latents, step_kwargs = _initial_latents(run, seeds)
-        latents, calls = _denoise(run, latents, text, step_kwargs, grad_steps=0)
-        probs = _classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)).softmax(-1)
+        for lo, hi in _chunks(len(seeds), c.micro_batch):
+            latents, step_kwargs = _initial_latents(run, seeds[lo:hi])
+            latents, n = _denoise(run, latents, text, step_kwargs, grad_steps=0)
+            parts.append(_classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)))
+            calls += n
+        probs = torch.cat(parts).softmax(-1)
     accuracy = float((probs.argmax(-1) == run.class_index).float().mean())
     return (accuracy, float(probs[:, run.class_index].mean())), calls
 
 
-def _update(optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor, text: torch.Tensor,
+def _update(optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None, text: torch.Tensor,
             leaf: torch.Tensor | None, grad_clip: float) -> dict:
-    """Backward, clip the *unscaled* gradient after backward, step unless it is not finite. Returns the history
-    fields ``grad_norm`` and ``updated`` or ``nonfinite``."""
-    loss.backward()
-    if leaf is not None:  # the final image's and every step's x0 gradient, through the text encoder once
+    """Backward (`loss` None: the micro-batches did theirs), clip the *unscaled* gradient after backward, step unless
+    it is not finite. Returns the history fields ``grad_norm`` and ``updated`` or ``nonfinite``."""
+    if loss is not None:
+        loss.backward()
+    if leaf is not None:  # every micro-batch's and x0 step's gradient, through the text encoder once
         text.backward(leaf.grad)
     max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
@@ -459,6 +501,8 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"`dct.{key}` must be > 0 but is {value!r}.")
+    if config.micro_batch is not None and (isinstance(config.micro_batch, bool) or config.micro_batch <= 0):
+        raise UserError(f"`dct.micro_batch` must be > 0 (or null for the whole batch) but is {config.micro_batch!r}.")
     if not 1 <= config.grad_steps <= config.num_inference_steps:
         raise UserError(
             f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({config.num_inference_steps}) but is "
@@ -525,8 +569,6 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
         return unet(x, t, encoder_hidden_states=h, timestep_cond=timestep_cond, return_dict=False)[0]
 
     if checkpoint:
-        import torch.utils.checkpoint
-
         return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
     return run(model_input, hidden)
 
@@ -543,6 +585,40 @@ def _fork_generators(kwargs: dict) -> dict:
     if g is None:
         return kwargs
     return {**kwargs, "generator": [fork(x) for x in g] if isinstance(g, list) else fork(g)}
+
+
+def _decode_images(run: _Run, latents: torch.Tensor) -> torch.Tensor:
+    """`_decode` with gradient. With checkpointing, one image at a time, each under its own checkpoint: the decoder's
+    activations exist for one image at a time, in the forward and when recomputed in the backward."""
+    if not (run.checkpointing and torch.is_grad_enabled()):
+        return _decode(run.pipe, latents)
+    return torch.cat([torch.utils.checkpoint.checkpoint(_decode, run.pipe, z, use_reentrant=False)
+                      for z in latents.split(1)])
+
+
+@contextlib.contextmanager
+def _block_checkpointing(run: _Run) -> Iterator[None]:
+    """With ``run.checkpointing``: diffusers' own per-block gradient checkpointing in the UNet and the VAE for the
+    duration (inside the per-call checkpoints, a recomputed call holds one block's activations at a time); every
+    module's setting is restored afterwards."""
+    models = [m for m in (run.pipe.unet, run.pipe.vae) if getattr(m, "_supports_gradient_checkpointing", False)]
+    if not run.checkpointing or not models:
+        yield
+        return
+    missing = object()
+    saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", missing))
+             for model in models for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    try:
+        for model in models:
+            model.enable_gradient_checkpointing()
+        yield
+    finally:
+        for m, flag, func in saved:
+            m.gradient_checkpointing = flag
+            if func is missing:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m.__dict__["_gradient_checkpointing_func"] = func
 
 
 def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -562,13 +638,27 @@ def _augment(images: torch.Tensor, copies: int, generator: torch.Generator) -> t
     """`copies` differentiable random views of every image: a shift of up to ±AUGMENT_SHIFT of the side (the border
     pixels, i.e. the background, fill the gap) plus Gaussian noise of std AUGMENT_NOISE. ``[B*copies, C, H, W]``,
     the copies of image b adjacent. Randomness from the CPU `generator`, so it is the same on every device."""
-    b, c, h, w = images.shape
+    return _augment_views(images, _augment_draws(images.shape, copies, generator))
+
+
+def _augment_draws(shape: torch.Size | tuple[int, ...], copies: int,
+                   generator: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+    """The random part of `_augment` for a batch of `shape` ``[B, C, H, W]``: (shifts, noise), drawn once per batch
+    so that micro-batches (slices of both) see exactly the draws of the whole batch."""
+    b, c, h, w = shape
+    s = max(1, round(AUGMENT_SHIFT * min(h, w)))
+    shifts = torch.randint(-s, s + 1, (b * copies, 2), generator=generator).tolist()
+    return shifts, torch.randn((b * copies, c, h, w), generator=generator)
+
+
+def _augment_views(images: torch.Tensor, draws: tuple[list[list[int]], torch.Tensor]) -> torch.Tensor:
+    shifts, noise = draws
+    b, _, h, w = images.shape
+    copies = len(shifts) // b
     s = max(1, round(AUGMENT_SHIFT * min(h, w)))
     padded = F.pad(images, (s, s, s, s), mode="replicate")
-    shifts = torch.randint(-s, s + 1, (b * copies, 2), generator=generator).tolist()
-    noise = torch.randn((b * copies, c, h, w), generator=generator).to(images)
     views = [padded[k // copies, :, s + dy : s + dy + h, s + dx : s + dx + w] for k, (dy, dx) in enumerate(shifts)]
-    return _clamp01(torch.stack(views) + AUGMENT_NOISE * noise, True)
+    return _clamp01(torch.stack(views) + AUGMENT_NOISE * noise.to(images), True)
 
 
 def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
