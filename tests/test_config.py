@@ -2,7 +2,7 @@
 
 import pytest
 
-from synthaug.config import BuildConfig, diff, dump_yaml, from_dict, load_config, parse_overrides, to_dict
+from synthaug.config import BuildConfig, diff, dump_yaml, from_dict, get, load_config, parse_overrides, to_dict
 from synthaug.errors import UserError
 
 
@@ -192,3 +192,17 @@ def test_any_value_validates_or_is_a_user_error():
             assert from_dict(to_dict(cfg)) == cfg  # what validates also round-trips through config.yaml
 
     check()
+
+
+def test_named_seed_sets_fix_every_base_seed_and_refuse_a_contradiction():
+    """`seeds: report` moves token training, validation and image seeds off the tuning seeds, all at once."""
+    from synthaug.config import SEED_SETS
+
+    tune, report = load_config(overrides={"seeds": "tune"}), load_config(overrides={"seeds": "report"})
+    for key in SEED_SETS["tune"]:
+        assert get(tune, key) == SEED_SETS["tune"][key] != get(report, key) == SEED_SETS["report"][key]
+    assert load_config(overrides={"seeds": "report"}) == report  # recorded, so a resume compares it
+    with pytest.raises(UserError, match=r"`seeds` is 'report', which fixes dct.seed to 1, but dct.seed is 0"):
+        load_config(overrides={"seeds": "report", "dct.seed": 0})
+    with pytest.raises(UserError, match=r"`seeds` must be one of tune, report"):
+        load_config(overrides={"seeds": "final"})
