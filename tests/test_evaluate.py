@@ -495,3 +495,14 @@ def test_downstream_records_the_weights_loaded(downstream_world, tmp_path):
     old["protocol"]["pretrained"] = "auto"
     cell.write_text(json.dumps(old))
     assert train_downstream(build, train, pretrained=False, out=tmp_path / "o", **kw).cells[0].top1 == scratch.top1
+
+
+def test_a_build_of_selected_classes_is_judged_by_class_index(tmp_path):
+    """classes.json of a `classes: 4,8` build lists those two, with the dataset's indices."""
+    samples = [{"method": m, "class_index": c, "index": s, "image": color_image(c)} for m in ("sd", "dct")
+               for c in (4, 8) for s in range(2)]
+    build = make_build(tmp_path / "b", samples)
+    rows = json.loads((build / "classes.json").read_text())
+    (build / "classes.json").write_text(json.dumps([r for r in rows if r["index"] in (4, 8)]))
+    result = evaluate_judge(build, ColorJudge(), progress=False, write_back=False)
+    assert [(m.method, m.images, m.top1) for m in result.methods] == [("sd", 4, 1.0), ("dct", 4, 1.0)]

@@ -29,7 +29,7 @@ from ..models import resolve_device
 from ..names import normalize_name
 from ..shards import BuildView, _method_sort_key, open_build
 from .judge import _write_csv
-from .names import map_classes, resolve_class_map
+from .names import map_build_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
 
@@ -370,16 +370,10 @@ def _real_class_map(view: BuildView, real_train, class_map, real_name: str) -> d
     if class_map is None and getattr(real_train, "cub_index", None) is not None:
         class_map = "inat179"  # the iNat179 subset: CUB names reach iNat's through the shipped map
     names_map, _ = resolve_class_map(class_map)
-    if names_map is None and [normalize_name(c) for c in real_classes] == [normalize_name(c) for c in
-                                                                            view.class_names]:
-        return None
-    if names_map is None and len(real_classes) != len(view.classes):
-        raise UserError(f"`real` {real_name!r} has {len(real_classes)} classes but the build has "
-                        f"{len(view.classes)}: pass the dataset the build was made from, or `class_map` (build name "
-                        "-> real class name; 'inat179' for a CUB build on iNat179).")
-    mapping = map_classes(view.class_names, real_classes, names_map)
-    if mapping.by == "identity":
-        return None
+    if names_map is None and all(int(c["index"]) < len(real_classes) and normalize_name(real_classes[int(c["index"])])
+                                 == normalize_name(c["name"]) for c in view.classes):
+        return None  # the dataset the build was made from: class c is real class c
+    mapping = map_build_classes(view.classes, real_classes, names_map)
     if mapping.unmapped:
         log.info("%d build classes have no real class and contribute no synthetic images: %s",
                  len(mapping.unmapped), ", ".join(mapping.unmapped[:10]) + (" ..." if len(mapping.unmapped) > 10
@@ -444,7 +438,8 @@ def train_downstream(
     real_train = _resolve_real(real, root, train_split, "train_split")
     real_test = _resolve_real(test if test is not None else real, root, test_split, "test_split")
     class_to_real = _real_class_map(view, real_train, cfg.class_map, real_name)
-    num_classes = len(view.classes) if class_to_real is None else len(real_train.classes)
+    num_classes = len(getattr(real_train, "classes", None) or view.classes)  # the real labels define the head
+    names = {int(c["index"]): c["name"] for c in view.classes}
     image_size = cfg.image_size or view.image_size[0]
     arch, arch_kwargs = cfg.arch, dict(cfg.arch_kwargs or {})
     if arch is None:
@@ -467,7 +462,7 @@ def train_downstream(
         synthetic_per_class=cfg.synthetic_per_class, mode=cfg.mode, p=cfg.p, min_confidence=cfg.min_confidence,
         real=real_name, train_split=train_split, test_split=test_split, train_size=len(real_train),
         test_size=len(real_test),
-        class_map=None if class_to_real is None else {view.class_names[b]: r for b, r in sorted(class_to_real.items())},
+        class_map=None if class_to_real is None else {names[b]: r for b, r in sorted(class_to_real.items())},
     )
     stored_protocol = protocol.as_dict()
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR

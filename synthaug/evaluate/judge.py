@@ -28,7 +28,7 @@ from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
 from ..shards import _method_sort_key, open_build
 from .images import _model_device_dtype, iter_image_batches
-from .names import ClassMap, map_classes, resolve_class_map
+from .names import ClassMap, map_build_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def evaluate_judge(
     names_map, no_counterpart = resolve_class_map(class_map)
     if no_counterpart:
         log.info("class map: %d build classes have no counterpart: %s", len(no_counterpart), ", ".join(no_counterpart))
-    mapping = map_classes(view.class_names, labels, names_map)
+    mapping = map_build_classes(view.classes, labels, names_map)
     if mapping.unmapped:
         log.info("judge shares %d/%d classes; not scored: %s", mapping.shared, mapping.total,
                  ", ".join(mapping.unmapped[:10]) + (" ..." if len(mapping.unmapped) > 10 else ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -93,6 +94,16 @@ def map_classes(
         )
     unmapped = tuple(build_names[i] for i in range(len(build_names)) if i not in mapping)
     return ClassMapping(mapping, len(mapping), len(build_names), unmapped, by)
+
+
+def map_build_classes(classes: Sequence[Mapping], labels: Sequence[str], class_map: ClassMap | None = None
+                      ) -> ClassMapping:
+    """`map_classes` for a build's ``classes.json`` rows, keyed by their class index (a build of selected classes
+    lists only those, with the dataset's indices)."""
+    ordered = sorted(classes, key=lambda c: int(c["index"]))
+    mapping = map_classes([str(c["name"]) for c in ordered], labels, class_map)
+    index = [int(c["index"]) for c in ordered]
+    return dataclasses.replace(mapping, build_to_judge={index[i]: j for i, j in mapping.build_to_judge.items()})
 
 
 def resolve_class_map(class_map: ClassMap | str | os.PathLike | None) -> tuple[dict[str, list[str]] | None, list[str]]:
