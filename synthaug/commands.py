@@ -245,7 +245,8 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
                                        metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
                                                  "guide_trained_on": meta.get("guide_trained_on")}))
             continue
-        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress)
+        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress,
+                                 val_prompt=config.generate.prompt)
         save_token(result, path)
         results.append(result)
     save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})

@@ -154,7 +154,8 @@ def test_cfg_batch_and_max_length_padding(tiny_pipe):
     finally:
         h1.remove()
         h2.remove()
-    assert set(text_shapes) == {(1, tiny_pipe.tokenizer.model_max_length)}
+    # the unconditional prompt, then the paper's 2 prompts at once; every one padded to the max length
+    assert set(text_shapes) == {(1, tiny_pipe.tokenizer.model_max_length), (2, tiny_pipe.tokenizer.model_max_length)}
 
 
 def test_saved_activations_gradient_skipping_vs_full_backprop(tiny_pipe):
@@ -235,17 +236,47 @@ def test_training_forward_equals_stock_pipeline(tiny_pipe):
     pipe = tiny_pipeline(seed=0)
     add_tokens(pipe, {"<synthaug-003>": init_row(pipe, "bird")})
     generators = [torch.Generator().manual_seed(_seed("train", config.seed, 3, b)) for b in range(2)]
-    prompt = config.prompts[0].format(token="<synthaug-003>", label="three")
-    images = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=config.guidance_scale, height=SIZE, width=SIZE,
+    prompts = [p.format(token="<synthaug-003>", label="three") for p in config.prompts]  # element b: prompt b % 2
+    images = pipe(prompts, num_inference_steps=4, guidance_scale=config.guidance_scale, height=SIZE, width=SIZE,
                   generator=generators, output_type="pt").images
     assert torch.allclose(images, seen[0], atol=1e-5)
     loss = nn.functional.cross_entropy(guide(images), torch.tensor([3, 3]))
     assert loss.item() == pytest.approx(result.history[0]["loss"], rel=1e-5)
 
 
-def test_prompts_are_cycled(tiny_pipe):
-    result = learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=3))
-    assert [h["prompt"] for h in result.history] == [0, 1, 0]
+def test_every_batch_element_has_its_prompt_in_every_update(tiny_pipe):
+    """Element b is conditioned on prompts[b % len(prompts)] in every update and micro-batch, so every update's loss
+    is measured on the same prompt mix."""
+    conds = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(
+        lambda m, a, kw: conds.append(kw["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=2, batch_size=3, num_inference_steps=1))
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1, batch_size=3, num_inference_steps=1,
+                                                             micro_batch=2))
+    finally:
+        handle.remove()
+    first, second, micro_a, micro_b = conds  # one UNet call per update; CFG rows [uncond x B, cond x B]
+    for c in (first, second):
+        cond = c[3:]
+        assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])
+    assert not torch.equal(first[3:], second[3:])  # v_c moved between the updates; the prompt mix did not
+    assert torch.equal(torch.cat([micro_a[2:], micro_b[1:]]), first[3:])  # micro-batches 2 + 1 keep b % 2
+
+
+def test_validation_uses_the_generation_prompt(tiny_pipe):
+    ids = []
+    handle = tiny_pipe.text_encoder.register_forward_pre_hook(
+        lambda m, a, kw: ids.append((a[0] if a else kw["input_ids"]).clone()), with_kwargs=True)
+    try:
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1, select="val", val_batch_size=2),
+                        val_prompt="a drawing of {token} {label}")
+    finally:
+        handle.remove()
+    texts = [tiny_pipe.tokenizer.decode(row, skip_special_tokens=True) for batch in ids for row in batch]
+    assert "a drawing of three" in texts  # the token is not in the pipeline's own tokenizer: decoded without it
+    with pytest.raises(UserError, match=r"`val_prompt` 'a drawing of \{label\}' .* has no \{token\}"):
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1), val_prompt="a drawing of {label}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -439,14 +470,74 @@ def test_x0_loss_with_every_step_carrying_gradient_is_the_plain_update(tiny_pipe
     assert leaf.history[1]["loss"] == pytest.approx(plain.history[1]["loss"], rel=1e-5)
 
 
-def test_x0_loss_needs_a_scheduler_that_predicts_x0(own_pipe):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_from_alphas_is_ddims_prediction(prediction_type):
+    from diffusers import DDIMScheduler
+
+    from synthaug.tokens.dct import _x0_from_alphas
+
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    ddim.set_timesteps(10)
+    sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in ddim.timesteps[[0, 5, -1]]:
+        want = ddim.step(output, t, sample).pred_original_sample
+        assert torch.allclose(_x0_from_alphas(ddim, output, t, sample), want, atol=1e-5)
+
+
+def test_x0_loss_works_with_pndm(own_pipe):
+    """PNDM (SD-1.x's shipped scheduler) returns no predicted clean image: it comes from the noise schedule."""
     original = own_pipe.scheduler
     set_scheduler(own_pipe, "pndm")
     try:
-        with pytest.raises(UserError, match=r"`dct.x0_weight` needs a scheduler .* PNDMScheduler does not"):
+        plain = learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=2, num_inference_steps=4))
+        x0 = learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=2, num_inference_steps=4, x0_weight=1.0))
+    finally:
+        own_pipe.scheduler = original
+    assert x0.history[0]["loss"] == plain.history[0]["loss"]  # the sampling chain is untouched
+    assert x0.history[0]["x0_loss"] > 0 and x0.history[0]["updated"]
+    assert x0.history[0]["grad_norm"] != pytest.approx(plain.history[0]["grad_norm"])
+
+
+def test_x0_loss_refused_up_front_without_a_predicted_clean_image(own_pipe):
+    from diffusers import EulerDiscreteScheduler
+
+    class NoX0(EulerDiscreteScheduler):  # sigma-scaled inputs, and a step that returns no pred_original_sample
+        def step(self, *args, **kwargs):
+            return (super().step(*args, **kwargs).prev_sample,)
+
+    original = own_pipe.scheduler
+    own_pipe.scheduler = NoX0.from_config(original.config)
+    calls = []
+    handle = own_pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(UserError, match=r"`dct.x0_weight` 1.0 needs .* NoX0 neither returns one .* "
+                                            r"--scheduler ddim"):
             learn_dct_token(own_pipe, Guide(), 3, "three", cfg(max_steps=1, num_inference_steps=4, x0_weight=1.0))
     finally:
         own_pipe.scheduler = original
+        handle.remove()
+    assert not calls  # before any model work
+
+
+def test_fp16_scales_the_loss_so_the_gradient_does_not_underflow(monkeypatch):
+    """fp16 UNet/VAE: a GradScaler-style loss scale keeps the per-pixel gradients above fp16's underflow; without
+    it (scaler disabled) this guide's small gradients flush to zero in the fp16 backward."""
+    from synthaug.tokens import dct
+
+    class Faint(Guide):  # a guide with small logits: small per-pixel gradients, as real 512-px guides give
+        def forward(self, images):
+            return self.net(images) * 1e-3
+
+    pipe = tiny_pipeline(seed=0)
+    fp32, _ = first_gradient(monkeypatch, pipe, Faint(), cfg(max_steps=2, grad_clip=0.0))
+    pipe.to(torch.float16)
+    scaled, entry = first_gradient(monkeypatch, pipe, Faint(), cfg(max_steps=2, grad_clip=0.0))
+    assert entry["loss_scale"] == 65536.0 and entry["updated"]
+    assert torch.dot(scaled, fp32) / (scaled.norm() * fp32.norm()) > 0.95  # (F.cosine_similarity clamps at 1e-8)
+    monkeypatch.setattr(dct, "_loss_scaler", lambda pipe: torch.amp.GradScaler("cpu", enabled=False))
+    unscaled, _ = first_gradient(monkeypatch, pipe, Faint(), cfg(max_steps=2, grad_clip=0.0))
+    assert unscaled.norm() < 0.5 * fp32.norm()
 
 
 def test_mixed_precision_token_path_stays_fp32():

@@ -168,7 +168,8 @@ class ClassWorker:
             t0 = time.perf_counter()
             if cfg.method == "dct":
 
-                result = learn_dct_token(pipe, models["guide"], job.class_index, job.name, cfg.dct, token=job.token)
+                result = learn_dct_token(pipe, models["guide"], job.class_index, job.name, cfg.dct, token=job.token,
+                                         val_prompt=cfg.generate.prompt)
             else:
 
                 result = learn_mcti_token(pipe, models["clip"], models["images_by_class"], job.class_index, cfg.mcti,

@@ -56,11 +56,12 @@ AUGMENT_NOISE = 0.1
 class TokenResult:
     """A learned class token and how it was learned.
 
-    `history` has one entry per training iteration ``i`` (generate, classify, then maybe update): ``step``,
-    ``prompt`` (index into ``config.prompts``), ``loss`` (the optimised objective, Eq. 4), ``accuracy`` and
-    ``target_prob`` (mean softmax probability of the class) measured on ``v_c`` *before* update ``i``, then
+    `history` has one entry per training iteration ``i`` (generate, classify, then maybe update; batch element
+    b always uses ``config.prompts[b % len(prompts)]``): ``step``, ``loss`` (the optimised objective, Eq. 4),
+    ``accuracy`` and ``target_prob`` (mean softmax probability of the class) measured on ``v_c`` *before* update ``i``, then
     ``grad_norm`` (before clipping; None if no update followed), ``lr``, ``updated`` and ``nonfinite`` (the update was
-    skipped because the loss or gradient was not finite). `best_step` indexes the entry whose ``v_c`` was kept.
+    skipped because the loss or gradient was not finite), with fp16 models ``loss_scale``; with ``select="val"``
+    ``val_accuracy`` and ``val_prob`` where validated. `best_step` indexes the entry whose ``v_c`` was kept.
     """
 
     token: str
@@ -90,6 +91,7 @@ def learn_dct_token(
     progress: bool = False,
     callback: Callable[[dict, torch.Tensor], None] | None = None,
     checkpointing: bool | None = None,
+    val_prompt: str | None = None,
 ) -> TokenResult:
     """Learn the discriminative class token ``S_c`` of one class (DCT §3, appendix D).
 
@@ -111,6 +113,8 @@ def learn_dct_token(
             fp32 CPU copy of the embedding that was measured), before the update.
         checkpointing: overrides ``config.checkpointing`` (None: the config's): recompute activations during
             backward instead of storing them — see `DCTConfig.checkpointing`.
+        val_prompt: the template ``select="val"`` generates with: the prompt the token will be used with (builds and
+            ``synthaug learn`` pass ``generate.prompt``); None: ``config.prompts[0]``.
 
     Returns:
         A `TokenResult`. With ``config.select == "min_loss"`` the kept embedding is the measured one with the lowest
@@ -124,10 +128,12 @@ def learn_dct_token(
 
     # 1. Check every input before any model work; a tokenizer that knows S_c (a copy: the pipeline's stays as it was)
     token = token if token is not None else token_name(class_index)
-    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token)
+    val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
+    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt)
     run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
                pipe._execution_device, pipe.text_encoder.dtype,
-               config.checkpointing if checkpointing is None else checkpointing)  # latents in the prompts' dtype
+               config.checkpointing if checkpointing is None else checkpointing,  # latents in the prompts' dtype
+               _loss_scaler(pipe))
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
         # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
@@ -136,8 +142,11 @@ def learn_dct_token(
         v_c = torch.nn.Parameter(init.detach().to(device=run.device, dtype=torch.float32).clone())
         optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
 
-        # 3. Prompts, padded to model_max_length as at inference; the unconditional embedding does not depend on v_c
-        prompt_inputs = [tokenize(tokenizer, [render_prompt(p, label, token)], run.device) for p in config.prompts]
+        # 3. Prompts, padded to model_max_length as at inference: batch element b gets prompts[b % len(prompts)], so
+        #    every update's loss is measured on the same prompt mix (and losses compare across updates). Validation
+        #    uses the generation prompt. The unconditional embedding does not depend on v_c: once, without a graph.
+        prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, token) for p in config.prompts], run.device)
+        val_inputs = tokenize(tokenizer, [render_prompt(val_prompt, label, token)], run.device)
         if run.do_cfg:
             with torch.no_grad():
                 run.uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], run.device)).to(run.dtype)
@@ -148,12 +157,11 @@ def learn_dct_token(
         bar = _progress_bar(progress, config.max_steps, label)
         for step in range(config.max_steps):
             optimizer.zero_grad(set_to_none=True)
-            prompt_index = step % len(prompt_inputs)  # the paper's two prompts, cycled (§3 "Number of prompts")
 
             # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss or
             #     micro-batches the denoising sees a detached leaf copy: every partial loss goes into the leaf at once
             #     (one graph in memory at a time), and the leaf's gradient goes through the text encoder once, in 4.7.
-            text = _encode(run, v_c, prompt_inputs[prompt_index])
+            text = _encode(run, v_c, prompt_inputs)  # [len(prompts), L, D]
             seeds = [_seed("train", config.seed, class_index, b + (0 if config.fixed_seeds else step * config.batch_size))
                      for b in range(config.batch_size)]
             chunks = _chunks(len(seeds), config.micro_batch)
@@ -176,12 +184,12 @@ def learn_dct_token(
                 if len(chunks) == 1:
                     loss = part  # back-propagated in 4.7, only if the loop goes on
                 elif math.isfinite(loss_value):
-                    part.backward()
+                    run.scaler.scale(part).backward()
                 del part, part_logits
             probs = torch.cat(logit_parts).float().softmax(-1)
 
             # 4.5 Record the measurement of v_c *before* this iteration's update
-            entry = {"step": step, "prompt": prompt_index, "loss": loss_value,
+            entry = {"step": step, "loss": loss_value,
                      "accuracy": (probs.argmax(-1) == class_index).float().mean().item(),
                      "x0_loss": sum(x0_values) if x0_values else None,
                      "target_prob": probs[:, class_index].mean().item(), "grad_norm": None,
@@ -191,7 +199,7 @@ def learn_dct_token(
 
             # 4.6 Keep the best v_c so far (config.select) and stop by the paper's three rules (appendix D)
             if keeper.measured(step, loss_value, entry["accuracy"], v_c):
-                val, calls = _validate(run, v_c.detach(), prompt_inputs[0])
+                val, calls = _validate(run, v_c.detach(), val_inputs)
                 entry["val_accuracy"], entry["val_prob"] = val
                 unet_evals += calls
                 keeper.validated(step, val, v_c)
@@ -203,7 +211,7 @@ def learn_dct_token(
 
             # 4.7 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
-                entry.update(_update(optimizer, v_c, loss, text, leaf, config.grad_clip))
+                entry.update(_update(run, optimizer, v_c, loss, text, leaf))
             del loss, text, leaf  # free the graph
             _bar_update(bar, entry)
         if bar is not None:
@@ -242,6 +250,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype  # of the text embeddings; the pipeline runs its latents in it
     checkpointing: bool
+    scaler: torch.amp.GradScaler  # loss scaling for fp16 models; a no-op for every other dtype
     uncond: torch.Tensor | None = None  # [1, L, D] embedding of "" (CFG only), no graph
 
     @property
@@ -339,13 +348,13 @@ def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: 
              ) -> tuple[torch.Tensor, int]:
     """z_T -> z_0 over the scheduler's timesteps, with classifier-free guidance (Eq. 3) when ``guidance_scale > 1``.
 
-    `text` ``[1, L, D]`` conditions every latent. Only the last `grad_steps` UNet calls build a graph (0: none, for
+    `text` ``[1, L, D]`` conditions every latent, or ``[B, L, D]`` latent b. Only the last `grad_steps` UNet calls build a graph (0: none, for
     validation), so memory does not grow with T; any scheduler works, the split is over its own timesteps. With
     `x0_hook`, every earlier call builds a graph too, and ``x0_hook(noise_pred, t, latents)`` back-propagates its loss
     at once; the sampling chain continues from the detached prediction. Returns (z_0, UNet calls).
     """
     pipe, b = run.pipe, latents.shape[0]
-    cond = text.expand(b, -1, -1)
+    cond = text if text.shape[0] == b else text.expand(b, -1, -1)
     hidden = torch.cat([run.uncond.expand(b, -1, -1), cond]) if run.do_cfg else cond
     timestep_cond = _timestep_cond(run, b)
     timesteps = pipe.scheduler.timesteps
@@ -381,6 +390,8 @@ def _forward(run: _Run, text: torch.Tensor, seeds: list[int], lo: int, hi: int,
     # z_T -> z_0 with CFG (Eq. 3). Gradient skipping (§3, Fig. 3): only the last `grad_steps` UNet calls carry
     # gradient. With the x0 loss, every earlier step also classifies its predicted clean image.
     x0_hook = _x0_hook(run, step_kwargs, x0_values, share) if c.x0_weight > 0 else None
+    if text.shape[0] > 1:  # element b: prompt b % len(prompts); slices, whose graph the x0 steps can each reuse
+        text = torch.cat([text[b % len(text) : b % len(text) + 1] for b in range(lo, hi)])
     latents, calls = _denoise(run, latents, text, step_kwargs, grad_steps=c.grad_steps, x0_hook=x0_hook)
     images = _clamp01(_decode_images(run, latents), c.straight_through_clamp)
     sliced = None if draws is None else (draws[0][lo * c.augment : hi * c.augment],
@@ -407,26 +418,61 @@ def _x0_hook(run: _Run, step_kwargs: dict, values: list[float], share: float = 1
         loss = weight * _x0_loss(run, noise_pred, t, latents, step_kwargs)
         values.append(loss.item())
         if math.isfinite(values[-1]):
-            loss.backward()
+            run.scaler.scale(loss).backward()
 
     return hook
 
 
 def _x0_loss(run: _Run, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
              step_kwargs: dict) -> torch.Tensor:
-    """CE of the guide on one step's predicted clean image x̂_0 (the scheduler's ``pred_original_sample``).
+    """CE of the guide on one step's predicted clean image x̂_0.
 
-    x̂_0 comes from a copy of the scheduler (multistep schedulers keep model outputs as state: the real one must only
-    ever see detached tensors) and copies of its generators, so the sampling chain is untouched.
+    x̂_0 is the scheduler's ``pred_original_sample``, from a copy of the scheduler (multistep schedulers keep model
+    outputs as state: the real one must only ever see detached tensors) and copies of its generators, so the sampling
+    chain is untouched. Schedulers that return none (PNDM, DPM-Solver) get it from ᾱ_t (`_x0_from_alphas`).
     """
     out = copy.deepcopy(run.pipe.scheduler).step(noise_pred, t, latents, **_fork_generators(step_kwargs))
     x0 = getattr(out, "pred_original_sample", None)
     if x0 is None:
-        raise UserError(
-            f"`dct.x0_weight` needs a scheduler whose step returns pred_original_sample, and "
-            f"{type(run.pipe.scheduler).__name__} does not: use --scheduler ddim (or euler), or set dct.x0_weight=0.")
+        x0 = _x0_from_alphas(run.pipe.scheduler, noise_pred, t, latents)
     logits = _classify(run.classifier, _clamp01(_decode_images(run, x0), run.config.straight_through_clamp))
     return F.cross_entropy(logits, _targets(logits, run.class_index))
+
+
+def _x0_from_alphas(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """x̂_0 of a DDPM-parameterised step, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, from the model's output at (x_t, t):
+    ε-prediction (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t); v-prediction sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂; sample: x̂_0."""
+    alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
+    if kind == "v_prediction":
+        return alpha ** 0.5 * sample - (1 - alpha) ** 0.5 * model_output
+    return model_output
+
+
+def _x0_from_alphas_works(scheduler) -> bool:
+    """Whether `_x0_from_alphas` applies: discrete ᾱ_t and a model input that is x_t itself (not sigma-scaled)."""
+    return (getattr(scheduler, "alphas_cumprod", None) is not None
+            and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0
+            and getattr(scheduler.config, "prediction_type", "epsilon") in ("epsilon", "v_prediction", "sample"))
+
+
+def _scheduler_predicts_x0(scheduler, num_inference_steps: int) -> bool:
+    """Whether the scheduler's step returns ``pred_original_sample``: one step of a copy on a dummy latent."""
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(num_inference_steps, device="cpu")
+    t = probe.timesteps[0]
+    z = torch.zeros(1, 4, 8, 8)
+    return getattr(probe.step(z, t, probe.scale_model_input(z, t)), "pred_original_sample", None) is not None
+
+
+def _loss_scaler(pipe) -> torch.amp.GradScaler:
+    """A `torch.amp.GradScaler` when the UNet or VAE is fp16 (the per-pixel cross-entropy's gradients underflow fp16
+    through them without it); disabled (every call a no-op) otherwise, bf16 included (fp32's exponent range)."""
+    fp16 = torch.float16 in (pipe.unet.dtype, pipe.vae.dtype)
+    device = pipe._execution_device.type
+    return torch.amp.GradScaler(device if device in ("cuda", "cpu") else "cuda", enabled=fp16)
 
 
 def _dct_loss(run: _Run, images: torch.Tensor,
@@ -464,23 +510,30 @@ def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tu
     return (accuracy, float(probs[:, run.class_index].mean())), calls
 
 
-def _update(optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None, text: torch.Tensor,
-            leaf: torch.Tensor | None, grad_clip: float) -> dict:
-    """Backward (`loss` None: the micro-batches did theirs), clip the *unscaled* gradient after backward, step unless
-    it is not finite. Returns the history fields ``grad_norm`` and ``updated`` or ``nonfinite``."""
+def _update(run: _Run, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None,
+            text: torch.Tensor, leaf: torch.Tensor | None) -> dict:
+    """Backward (`loss` None: the micro-batches did theirs), unscale (fp16), clip the *unscaled* gradient, step unless
+    it is not finite (fp16: the loss scale then shrinks, as GradScaler does). Returns the history fields
+    ``grad_norm``, ``loss_scale`` (fp16 only) and ``updated`` or ``nonfinite``."""
     if loss is not None:
-        loss.backward()
+        run.scaler.scale(loss).backward()
     if leaf is not None:  # every micro-batch's and x0 step's gradient, through the text encoder once
         text.backward(leaf.grad)
+    fields = {"loss_scale": run.scaler.get_scale()} if run.scaler.is_enabled() else {}
+    run.scaler.unscale_(optimizer)
+    grad_clip = run.config.grad_clip
     max_norm = grad_clip if grad_clip and grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_([v_c], max_norm).item()
-    if not math.isfinite(grad_norm):
-        return {"grad_norm": grad_norm, "nonfinite": True}
-    optimizer.step()
-    return {"grad_norm": grad_norm, "updated": True}
+    if math.isfinite(grad_norm):
+        run.scaler.step(optimizer)
+        fields["updated"] = True
+    else:
+        fields["nonfinite"] = True
+    run.scaler.update()
+    return {"grad_norm": grad_norm, **fields}
 
 
-def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str):
+def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str, val_prompt: str):
     """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`.
 
     Returns the tokenizer that knows `token`: the pipeline's own if it does already, else a copy."""
@@ -544,12 +597,21 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
         )
     tokenizer = tokenizer_with(tokenizer, [token])
     token_id = tokenizer.convert_tokens_to_ids(token)
-    for p in config.prompts:
+    if "{token}" not in val_prompt:
+        raise UserError(f"`val_prompt` {val_prompt!r} (the generation prompt) has no {{token}} placeholder: validation "
+                        f"must measure the token; add one where S_c goes.")
+    for p in (*config.prompts, val_prompt):
         if not bool((tokenize(tokenizer, [render_prompt(p, label, token)], "cpu")["input_ids"] == token_id).any()):
             raise UserError(
                 f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
                 f"{tokenizer.model_max_length} tokens and the class token {token!r} was cut off: shorten the prompt "
                 f"or the label.")
+    if (config.x0_weight > 0 and not _x0_from_alphas_works(pipe.scheduler)
+            and not _scheduler_predicts_x0(pipe.scheduler, config.num_inference_steps)):
+        raise UserError(
+            f"`dct.x0_weight` {config.x0_weight} needs the predicted clean image of every step, and "
+            f"{type(pipe.scheduler).__name__} neither returns one nor has a DDPM noise schedule to compute it from: "
+            f"use --scheduler ddim (or euler, pndm), or set dct.x0_weight=0.")
     return tokenizer
 
 
