@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_downstream(args.out_dir, real=args.real, root=args.root, shots=shots, seeds=args.seeds,
                               synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
                               min_confidence=args.min_confidence, arch=args.arch, epochs=args.epochs,
+                              test_split=args.test_split, class_map=args.class_map,
                               device=args.device or "auto", progress=not args.quiet)
     print(format_table(result))
     return 0
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, help="keep synthetic images with guide probability >= this")
     p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size)")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--test-split", help="real split to test on (default: test, or val where there is no test split)")
+    p.add_argument("--class-map", help="build class -> real class when names differ: inat179, inat179:ROOT, or a "
+                                       "JSON file {build name: real name}")
     p.add_argument("--device")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
