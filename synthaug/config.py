@@ -126,6 +126,8 @@ class RunConfig:
     cpus_per_worker: int = 2  # CPU slots per actor when the cluster has no GPU
     max_retries: int = 2  # a failed class job is retried this many times
     max_in_flight: int | None = None  # jobs submitted but not finished; None -> 2 x workers
+    job_timeout_s: float = 3600.0  # Ray: a running job with no progress event (start, token, images, shard) for this
+    # long is stopped and retried on another worker; token learning reports only when done, so keep it above that
 
 
 @dataclass(frozen=True)
@@ -447,6 +449,10 @@ def validate(cfg: BuildConfig) -> None:
                                 f"{get(cfg, key)!r}: drop the {key} override, or set seeds to null.")
     if not 1 <= cfg.shards.quality <= 100:
         raise UserError(f"`shards.quality` must be in 1..100 but is {cfg.shards.quality!r}.")
+    timeout = cfg.run.job_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise UserError(f"`run.job_timeout_s` must be a number of seconds > 0 but is {timeout!r}: e.g. "
+                        f"--set run.job_timeout_s=3600.")
     if not 1 <= cfg.dct.grad_steps <= cfg.dct.num_inference_steps:
         raise UserError(
             f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({cfg.dct.num_inference_steps}) "

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Worker hooks that inject faults when a test sets SYNTHAUG_TEST_* (tests/faults.py); inert otherwise.
+os.environ.setdefault("SYNTHAUG_WORKER_HOOKS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.py"))
 
 import pytest
 import torch

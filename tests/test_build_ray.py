@@ -1,10 +1,12 @@
-"""The build on Ray: the same bytes as the local executor, dead actors retried, failures recorded, and a SIGKILLed
-driver that started its own local Ray leaves no Ray process behind.
+"""The build on Ray: the same bytes as the local executor, more workers than fit capped, dead and stuck actors
+retried, bad input failing at once, failures recorded, and a SIGKILLed driver that started its own local Ray leaves no
+Ray process behind.
 
 One local Ray cluster (2 CPUs) serves the module; the orphan test starts its own in a subprocess driver.
 """
 
 import json
+import logging
 import time
 
 import buildworld as bw
@@ -12,6 +14,7 @@ import pytest
 
 from synthaug.builder.driver import BuildFailed, build
 from synthaug.commands import inspect
+from synthaug.errors import UserError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -43,10 +46,13 @@ def cluster():
         ray.shutdown()
 
 
-def test_ray_and_local_executors_write_identical_bytes(tmp_path, world, reference, cluster):
+def test_ray_and_local_executors_write_identical_bytes(tmp_path, world, reference, cluster, caplog):
+    """Also: asking for more workers than the cluster holds (4 x 1 CPU on 2 CPUs) is capped with a warning."""
     out = tmp_path / "build"
-    result = build(bw.config(out, *world, **RAY), progress=False)
+    with caplog.at_level(logging.WARNING, logger="synthaug.builder.executors"):
+        result = build(bw.config(out, *world, **{**RAY, "run.num_workers": 4}), progress=False)
     assert result.ok and result.executor == "ray" and result.workers == 2
+    assert "`run.num_workers` is 4 but the Ray cluster has room for 2 worker(s)" in caplog.text
     assert bw.snapshot(out) == bw.snapshot(reference)
     assert ray.is_initialized()  # the caller's session stays up
     assert not [a for a in ray.util.list_named_actors()]  # and holds no leftover actor of ours by name
@@ -60,6 +66,42 @@ def test_an_actor_that_dies_mid_job_is_retried(tmp_path, world, reference, clust
     died = int((out / ".test-failed-once-c001").read_text())  # the pid of the worker process that exited
     assert died != __import__("os").getpid()
     assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_a_job_without_progress_is_stopped_and_retried_on_another_worker(tmp_path, world, reference, cluster,
+                                                                         monkeypatch, caplog):
+    """Class 1's job hangs after its first shard (once): after run.job_timeout_s its worker is stopped, a new one
+    takes the job, and the build ends with the uninterrupted build's bytes."""
+    paused = tmp_path / "paused"
+    monkeypatch.setenv("SYNTHAUG_TEST_PAUSE", "shard:1")
+    monkeypatch.setenv("SYNTHAUG_TEST_PAUSE_FILE", str(paused))
+    out = tmp_path / "build"
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="synthaug.builder"):
+        result = build(bw.config(out, *world, **ONE, **{"run.job_timeout_s": 30}), progress=False)
+    assert result.ok and paused.is_file()
+    hung = json.loads(paused.read_text())["pid"]
+    assert "class 1 made no progress for 3" in caplog.text and "attempt 1 of 3" in caplog.text
+    assert time.monotonic() - started < 300
+    assert not pytest.importorskip("psutil").pid_exists(hung)  # the stuck worker process was stopped
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_bad_input_found_by_a_worker_fails_at_once_without_retries(tmp_path, world, cluster, monkeypatch, caplog):
+    """A `UserError` raised in an actor (here: the guide's label count, seen only once it is loaded) ends the build
+    on its first occurrence with the one-line message; nothing is retried."""
+    from synthaug.builder import validate
+
+    _, guide3 = bw.save_world(world[0].parent, num_classes=3)
+    monkeypatch.setattr(validate, "guide_num_classes", lambda source: None)
+    out = tmp_path / "build"
+    with caplog.at_level(logging.WARNING, logger="synthaug.builder"), \
+            pytest.raises(UserError, match=r"^`guide` .*guide3.* predicts 3 classes but dataset 'digits' has 10: "
+                                           r"pass a guide trained on this dataset's classes\.$") as info:
+        build(bw.config(out, world[0], guide3, **ONE, **{"run.max_retries": 5}), progress=False)
+    assert "\n" not in str(info.value)
+    assert "retrying" not in caplog.text
+    assert not (out / "config.yaml").exists()  # nothing was made: the corrected command starts afresh
 
 
 def test_a_job_that_fails_every_retry_is_recorded(tmp_path, world, cluster, monkeypatch):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,7 +52,6 @@ from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_to
 from .executors import _run_local, _run_ray, _Tracker
 from .plan import ClassJob, _read_plan, _write_plan
 from .validate import RESUMABLE_KEYS, _prepare
-from .worker import TEST_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -181,14 +179,13 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         logger.info("%s %s: %d classes, %d to do", "resuming" if prep.mode == "resume" else "building", out,
                     len(prep.jobs), len(todo))
         # 3. Run
-        test_env = {k: os.environ[k] for k in TEST_ENV if k in os.environ}
         tracker = _Tracker(progress, todo, prep.jobs, out, config.run.max_retries)
         executor = config.run.executor if todo else "none"
         try:
             if todo and config.run.executor == "ray":
-                _run_ray(config, out, todo, len(prep.class_names), tracker, test_env)
+                _run_ray(config, out, todo, len(prep.class_names), tracker)
             elif todo:
-                _run_local(config, out, todo, len(prep.class_names), tracker, test_env)
+                _run_local(config, out, todo, len(prep.class_names), tracker)
         except UserError:
             # Bad input that only a loaded model reveals (e.g. a guide whose label count no config file states).
             # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead

@@ -1,28 +1,45 @@
-"""Where class jobs run: in this process (``run.executor: local``) or on Ray actors, one per GPU, with retries."""
+"""Where class jobs run: in this process (``run.executor: local``) or on Ray actors, one per GPU, with retries.
+
+On Ray the driver never waits on something that may not come: it starts no more actors than the cluster's nodes can
+hold (``run.num_workers`` above that is capped, with a warning), hands jobs only to actors that have answered (an
+actor that Ray cannot place, e.g. the replacement of one lost with its node, simply gets none), stops an actor whose
+running job shows no progress for ``run.job_timeout_s`` and retries the job on another, and gives up with the resume
+command when no actor has been able to start for that long. A `UserError` from a worker ends the build at once:
+retrying bad input cannot fix it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BuildConfig, to_dict
+from ..config import BuildConfig, RunConfig, to_dict
 from ..errors import UserError
 from ..layout import _shard_done
 from .plan import ClassJob
-from .worker import ClassWorker, _QueueReport
+from .worker import ClassWorker, WorkerHooks, _QueueReport
 
 logger = logging.getLogger(__name__)
 
 INSTALL_RAY = 'pip install "synthaug[ray]"'
 
 REAPER = Path(__file__).with_name("_reaper.py")  # run as a file: `python -m` would import torch first
+
+# How long the driver waits for at least one actor to answer before it gives up on the cluster: never less than this,
+# because an actor's first answer comes after its process has imported torch and diffusers (tens of seconds on a
+# loaded machine), even when `run.job_timeout_s` is set lower to catch stuck jobs sooner.
+WORKER_START_GRACE_S = 600.0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -49,9 +66,12 @@ class _Tracker:
         self.results: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self.workers = 0
+        self.last_event: dict[int, float] = {}  # class index -> time.monotonic() of its newest progress event
 
     def event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("kind")
+        if "class_index" in ev:
+            self.last_event[ev["class_index"]] = time.monotonic()
         if kind == "start":
             self.started.add((ev["class_index"], ev["attempt"]))
         elif kind in ("images", "shard"):
@@ -79,21 +99,33 @@ class _Tracker:
                            self.max_retries + 1, first[:300])
             return True
         logger.error("class %d (%s) failed %d time(s), giving up: %s", job.class_index, job.name, n, first[:300])
-        self.failures.append({"class_index": job.class_index, "name": job.name, "attempts": n,
-                              "error": error[-8000:], "errors": [e[-2000:] for e in self.errors[job.class_index]]})
+        self._record_failure(job, error)
         return False
+
+    def abandon(self, job: ClassJob, error: str) -> None:
+        """Record a job that was not (or no longer) tried because no worker could run it."""
+        self.errors.setdefault(job.class_index, []).append(error)
+        self._record_failure(job, error)
+
+    def _record_failure(self, job: ClassJob, error: str) -> None:
+        self.failures.append({"class_index": job.class_index, "name": job.name,
+                              "attempts": self.attempts[job.class_index], "error": error[-8000:],
+                              "errors": [e[-2000:] for e in self.errors[job.class_index]]})
 
     def close(self) -> None:
         self.images.close()
         self.classes.close()
 
 
-def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker,
-               test_env: dict[str, str]) -> None:
-    """Run the jobs one after the other in this process, with the same worker and retry rules as on Ray."""
+def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker) -> None:
+    """Run the jobs one after the other in this process, with the same worker and retry rules as on Ray.
+
+    (``run.job_timeout_s`` does not apply: a job cannot be stopped from inside its own process.)
+    """
+    hooks = WorkerHooks.from_env()
     threads = config.run.cpus_per_worker if _resolved_device(config.device) == "cpu" else None
     worker = ClassWorker(to_dict(config), str(out), num_classes, [j.class_index for j in jobs], report=tracker.event,
-                         threads=threads, test_env=test_env, in_ray=False)
+                         threads=threads, hooks=hooks, in_ray=False)
     tracker.workers = 1
     try:
         for job in jobs:
@@ -202,50 +234,108 @@ def _ray_session(address: str | None):
         reaper.close()
 
 
-def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker,
-             test_env: dict[str, str]) -> None:
-    """Run the jobs on Ray actors with a bounded number in flight; retry failed jobs, dead actors included."""
+@dataclass(frozen=True)
+class _WorkerPlan:
+    """How many Ray actors to start and what each asks for."""
+
+    count: int
+    options: dict[str, Any]  # the actor's resources
+    device: str
+    threads: int | None
+    capped: str | None = None  # the one-line warning when `run.num_workers` asked for more than fits
+
+
+def _plan_workers(nodes: list[Mapping[str, float]], run: RunConfig, device: str, jobs: int) -> _WorkerPlan:
+    """Fit the actors to the cluster's alive nodes (their total resources): one per GPU, or, without GPUs (or with
+    ``device: cpu``), one per ``run.cpus_per_worker`` CPUs *of one node* — an actor cannot span nodes.
+
+    Raises:
+        UserError: no node has ``run.cpus_per_worker`` CPUs (no actor could ever start).
+    """
+    gpus = [int(n.get("GPU", 0)) for n in nodes]
+    if sum(gpus) and not device.startswith("cpu"):
+        capacity, options = sum(gpus), {"num_gpus": 1}
+        room, device, threads = f"{capacity} GPU(s)", "cuda", None  # Ray shows each actor only its own GPU
+    else:
+        cpus = [int(n.get("CPU", 0)) for n in nodes]
+        capacity = sum(c // run.cpus_per_worker for c in cpus)
+        if not capacity:
+            raise UserError(f"`run.cpus_per_worker` is {run.cpus_per_worker} but no node of the Ray cluster has that "
+                            f"many CPUs (the largest has {max(cpus, default=0)}): lower it "
+                            f"(--set run.cpus_per_worker={max(1, max(cpus, default=1))}).")
+        options = {"num_cpus": run.cpus_per_worker}
+        room = f"{sum(cpus)} CPUs on {len(cpus)} node(s), {run.cpus_per_worker} per worker"
+        device, threads = "cpu", run.cpus_per_worker
+    capped = None
+    if run.num_workers and run.num_workers > capacity:
+        capped = (f"`run.num_workers` is {run.num_workers} but the Ray cluster has room for {capacity} worker(s) "
+                  f"({room}): starting {capacity} (pass --num-workers {capacity} to silence this).")
+    count = max(1, min(run.num_workers or capacity, capacity, jobs))
+    return _WorkerPlan(count, options, device, threads, capped)
+
+
+@dataclass
+class _Slot:
+    """One actor of the build and the jobs submitted to it (it runs them one at a time, in order)."""
+
+    handle: Any
+    ping: Any  # the readiness call's ref until the actor has answered once; None after
+    started: float  # time.monotonic() when the actor was requested
+    refs: deque = field(default_factory=deque)  # job refs in submission order; refs[0] is the running one
+    head_since: float = 0.0  # when refs[0] became the running job
+    start_failures: int = 0  # actors of this slot that died before answering, in a row
+
+    @property
+    def ready(self) -> bool:
+        return self.handle is not None and self.ping is None
+
+
+def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker) -> None:
+    """Run the jobs on Ray actors with a bounded number in flight; retry failed, stuck and orphaned jobs."""
     run = config.run
+    hooks = WorkerHooks.from_env()
     with _ray_session(run.ray_address) as ray:
         from ray.exceptions import RayActorError, RayError, RayTaskError
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # 1. Workers: one actor per GPU; without GPUs (or with device cpu), actors of cpus_per_worker CPU slots.
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0)) if not config.device.startswith("cpu") else 0
-        if gpus:
-            n = run.num_workers or gpus
-            options: dict[str, Any] = {"num_gpus": 1}
-            device, threads = "cuda", None  # Ray shows each actor only its own GPU, as cuda:0
-        else:
-            cpus = int(resources.get("CPU", 0))
-            if run.cpus_per_worker > cpus:
-                raise UserError(f"`run.cpus_per_worker` is {run.cpus_per_worker} but the Ray cluster has {cpus} CPUs: "
-                                f"lower it (--set run.cpus_per_worker={max(1, cpus)}).")
-            n = run.num_workers or max(1, cpus // run.cpus_per_worker)
-            options = {"num_cpus": run.cpus_per_worker}
-            device, threads = "cpu", run.cpus_per_worker
-        n = max(1, min(n, len(jobs)))
+        # 1. Workers: as many as the nodes hold (one per GPU, or cpus_per_worker CPU slots each).
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        plan = _plan_workers(nodes, run, config.device, len(jobs))
+        if plan.capped:
+            logger.warning("%s", plan.capped)
+        n = plan.count
         max_in_flight = run.max_in_flight or 2 * n
-        logger.info("ray: %d %s worker(s), up to %d class jobs in flight", n, "GPU" if gpus else "CPU", max_in_flight)
-        queue = Queue(actor_options={"num_cpus": 0})  # progress events; 0 CPUs so it never takes a worker's slot
-        actor_cls = ray.remote(ClassWorker).options(max_restarts=run.max_retries, max_task_retries=0, **options)
+        per_actor = max(1, math.ceil(max_in_flight / n))
+        logger.info("ray: %d %s worker(s), up to %d class jobs in flight", n, "GPU" if "num_gpus" in plan.options
+                    else "CPU", max_in_flight)
+        # Progress events go through a queue actor with 0 CPUs (it never takes a worker's slot), kept on the
+        # driver's node: losing another node must not lose the progress that stuck-job detection relies on.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        actor_cls = ray.remote(ClassWorker).options(max_restarts=0, max_task_retries=0, **plan.options)
         report = _QueueReport(queue)
         config_dict = to_dict(config)
         selected = [j.class_index for j in jobs]
+        spawned = 0
+        max_spawned = n + len(jobs) * (run.max_retries + 1)  # a bound on replacements
 
-        def spawn():
-            return actor_cls.remote(config_dict, str(out), num_classes, selected, report=report, device=device,
-                                    threads=threads, test_env=test_env, in_ray=True)
+        def spawn(failures: int = 0) -> _Slot:
+            nonlocal spawned
+            spawned += 1
+            handle = actor_cls.remote(config_dict, str(out), num_classes, selected, report=report,
+                                      device=plan.device, threads=plan.threads, hooks=hooks, in_ray=True)
+            return _Slot(handle, handle.ping.remote(), time.monotonic(), start_failures=failures)
 
-        actors = [spawn() for _ in range(n)]
+        slots = [spawn() for _ in range(n)]
         tracker.workers = n
-        load = [0] * n
-        spawned = n
         pending: deque[ClassJob] = deque(jobs)
-        submissions: Counter[int] = Counter()
         unstarted: Counter[int] = Counter()
-        inflight: dict[Any, tuple[ClassJob, int, Any, int]] = {}
+        submissions: Counter[int] = Counter()
+        inflight: dict[Any, tuple[ClassJob, int, _Slot, int]] = {}  # job ref -> (job, slot index, slot, attempt)
+        pings: dict[Any, int] = {s.ping: i for i, s in enumerate(slots)}
+        no_worker_since: float | None = time.monotonic()
+        last_start_error = ""
 
         def drain() -> None:
             with contextlib.suppress(Exception):
@@ -254,25 +344,72 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
                     for ev in queue.get_nowait_batch(size):
                         tracker.event(ev)
 
+        def retire(i: int, why: str, start_failed: bool = False) -> None:
+            """Stop slot i's actor, put its jobs that never started back, and start a replacement (within bounds).
+
+            A job that had started stays in flight: its call fails with the actor, and that failure is its attempt.
+            """
+            slot = slots[i]
+            with contextlib.suppress(Exception):
+                ray.kill(slot.handle, no_restart=True)
+            pings.pop(slot.ping, None)
+            for ref in reversed(slot.refs):
+                job, _, _, attempt = inflight[ref]
+                if (job.class_index, attempt) not in tracker.started:
+                    del inflight[ref]
+                    pending.appendleft(job)
+            failures = slot.start_failures + 1 if start_failed else 0
+            if failures > run.max_retries or spawned >= max_spawned:
+                logger.error("worker %d is not replaced (%s)", i, why)
+                slots[i] = _Slot(None, None, time.monotonic())
+                return
+            slots[i] = spawn(failures)
+            pings[slots[i].ping] = i
+            logger.warning("worker %d replaced (%s)", i, why)
+
         try:
             while pending or inflight:
-                # 2. Keep up to max_in_flight jobs submitted, each to the least busy actor.
+                now = time.monotonic()
+                # 2. Keep up to max_in_flight jobs submitted, each to the least busy actor that has answered.
                 while pending and len(inflight) < max_in_flight:
+                    ready = [i for i, s in enumerate(slots) if s.ready and len(s.refs) < per_actor]
+                    if not ready:
+                        break
+                    i = min(ready, key=lambda i: len(slots[i].refs))
                     job = pending.popleft()
-                    slot = min(range(n), key=load.__getitem__)
                     attempt = submissions[job.class_index]
                     submissions[job.class_index] += 1
-                    ref = actors[slot].run.remote(job, attempt)
-                    inflight[ref] = (job, slot, actors[slot], attempt)
-                    load[slot] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                if ready:
-                    ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
+                    ref = slots[i].handle.run.remote(job, attempt)
+                    if not slots[i].refs:
+                        slots[i].head_since = now
+                    slots[i].refs.append(ref)
+                    inflight[ref] = (job, i, slots[i], attempt)
+                waiting = [*inflight, *pings]
+                done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+                if done:
+                    done, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
                 drain()
-                # 3. Collect results; a failure is retried (a job that never started on a dead actor is free).
-                for ref in ready:
-                    job, slot, handle, attempt = inflight.pop(ref)
-                    load[slot] -= 1
+                now = time.monotonic()
+                # 3. Actors that answered (or died starting), then results; a failed job is retried.
+                for ref in done:
+                    if ref in pings:
+                        i = pings.pop(ref)
+                        try:
+                            ray.get(ref)
+                            slots[i].ping = None
+                        except RayError as e:
+                            last_start_error = f"{type(e).__name__}: {e}"
+                            retire(i, f"it died before it could take a job: {str(e).strip().splitlines()[0][:200]}",
+                                   start_failed=True)
+                        continue
+                    if ref not in inflight:  # its slot was retired while the result was on its way
+                        continue
+                    job, i, slot, attempt = inflight.pop(ref)
+                    if slot.refs and slot.refs[0] == ref:
+                        slot.refs.popleft()
+                        slot.head_since = now  # the next job runs from now on
+                    elif ref in slot.refs:
+                        slot.refs.remove(ref)
                     try:
                         tracker.succeeded(ray.get(ref))
                         continue
@@ -282,15 +419,10 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
                         error = str(e)
                     except RayActorError as e:
                         error = f"worker process died: {e}"
-                        if actors[slot] is handle and not _actor_alive(ray, handle):
-                            with contextlib.suppress(Exception):
-                                ray.kill(handle)
-                            if spawned < n + len(jobs) * (run.max_retries + 1):  # a bound on replacements
-                                actors[slot] = spawn()
-                                spawned += 1
-                                logger.warning("replaced dead worker %d", slot)
-                        started = (job.class_index, attempt) in tracker.started
-                        if not started and unstarted[job.class_index] <= run.max_retries:
+                        if slots[i] is slot and slot.handle is not None:
+                            retire(i, "its process died")
+                        if (job.class_index, attempt) not in tracker.started and \
+                                unstarted[job.class_index] <= run.max_retries:
                             unstarted[job.class_index] += 1
                             pending.appendleft(job)  # it was only queued on the dead actor: not an attempt
                             continue
@@ -298,19 +430,37 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
                         error = f"{type(e).__name__}: {e}"
                     if tracker.failed(job, error):
                         pending.append(job)
+                # 4. A running job without progress for job_timeout_s: stop its actor, retry the job elsewhere.
+                for i, slot in enumerate(slots):
+                    if not slot.refs or slot.handle is None:
+                        continue
+                    job = inflight[slot.refs[0]][0]
+                    quiet = now - max(slot.head_since, tracker.last_event.get(job.class_index, 0.0))
+                    if quiet > run.job_timeout_s:
+                        inflight.pop(slot.refs.popleft())
+                        error = (f"no progress for {quiet:.0f}s (run.job_timeout_s={run.job_timeout_s:g}): "
+                                 f"worker {i} was stopped")
+                        retire(i, f"class {job.class_index} made no progress for {quiet:.0f}s")
+                        if tracker.failed(job, error):
+                            pending.append(job)
+                # 5. No actor able to take a job for too long (the cluster lost its nodes, or cannot place any).
+                if any(s.ready for s in slots) or inflight or not pending:
+                    no_worker_since = None
+                elif no_worker_since is None:
+                    no_worker_since = now
+                elif all(s.handle is None for s in slots) or \
+                        now - no_worker_since > max(run.job_timeout_s, WORKER_START_GRACE_S):
+                    why = ("every worker failed to start" if all(s.handle is None for s in slots) else
+                           f"no Ray worker could start for {now - no_worker_since:.0f}s (the cluster has no free "
+                           f"{'GPU' if 'num_gpus' in plan.options else 'CPU'} slot for one)")
+                    logger.error("%s: giving up on %d class job(s)", why, len(pending))
+                    for job in pending:
+                        tracker.abandon(job, f"{why}{': ' + last_start_error if last_start_error else ''}")
+                    pending.clear()
             drain()
         finally:
-            for a in actors:
+            for slot in slots:
                 with contextlib.suppress(Exception):
-                    ray.kill(a)
+                    ray.kill(slot.handle)
             with contextlib.suppress(Exception):
                 queue.shutdown(force=True)
-
-
-def _actor_alive(ray: Any, handle: Any) -> bool:
-    """Whether an actor answers (after a crash Ray restarts it up to ``max_restarts`` times, then it stays dead)."""
-    try:
-        ray.get(handle.ping.remote(), timeout=120)
-        return True
-    except Exception:  # noqa: BLE001 (dead, restarting too slowly, or unreachable: all mean "replace it")
-        return False

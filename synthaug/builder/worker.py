@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..classifier.load import load_classifier
@@ -28,15 +32,78 @@ from .plan import ClassJob, ShardTask
 logger = logging.getLogger(__name__)
 
 
-# Test-only fault injection (tests/test_build*.py). The driver reads these from its environment and hands them to
-# its workers explicitly, so they reach Ray actors of an already running cluster too.
-#   SYNTHAUG_TEST_PAUSE=token:C   class C's job stops for good after learning its token, before saving it
-#   SYNTHAUG_TEST_PAUSE=shard:C   class C's job stops for good after writing its first shard
-#   SYNTHAUG_TEST_PAUSE_FILE=P    touched when a pause begins (the test's cue to SIGKILL the build)
-#   SYNTHAUG_TEST_FAIL_ONCE=class:C    class C's first attempt dies after its first shard (a Ray worker process exits;
-#                                      in-process it raises)
-#   SYNTHAUG_TEST_FAIL_ALWAYS=class:C  every attempt of class C raises before doing anything
-TEST_ENV = ("SYNTHAUG_TEST_PAUSE", "SYNTHAUG_TEST_PAUSE_FILE", "SYNTHAUG_TEST_FAIL_ONCE", "SYNTHAUG_TEST_FAIL_ALWAYS")
+# --------------------------------------------------------------------------------------------------------------------
+# Hooks: optional callbacks at fixed points of a class job
+# --------------------------------------------------------------------------------------------------------------------
+HOOKS_ENV = "SYNTHAUG_WORKER_HOOKS"
+
+
+HOOK_POINTS = ("on_job_start", "on_token_learned", "on_shard_written")
+
+
+_LOADED_HOOKS: dict[str, ModuleType] = {}  # one import per process, however many workers it runs
+
+
+@dataclass(frozen=True)
+class WorkerHooks:
+    """A module whose functions a worker calls at fixed points of every class job (tracing, fault injection in tests).
+
+    Named by the environment variable ``SYNTHAUG_WORKER_HOOKS`` on the driver: a module name on ``sys.path`` or the
+    path of a ``.py`` file (on shared storage when workers run on other machines). The module may define any of
+
+    - ``on_job_start(worker, job, attempt)``: before the job loads models or learns anything;
+    - ``on_token_learned(worker, job)``: the token is learned, its file not yet written;
+    - ``on_shard_written(worker, job, shard_id)``: a shard is complete on disk (its ``_stats.json`` included);
+
+    and ``SETTINGS``, names of environment variables that the driver reads and hands to every worker as
+    ``worker.hook_settings`` (so they reach Ray actors of a cluster started elsewhere). `worker` is the
+    `ClassWorker` (``worker.out``, ``worker.in_ray``, ``worker.hook_settings``), `job` the `ClassJob`. An exception
+    in a hook fails the job like any other error. Without the variable no hook runs.
+
+    Attributes:
+        module: the module name or ``.py`` path.
+        settings: the values of the module's ``SETTINGS`` found in the driver's environment.
+    """
+
+    module: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerHooks | None:
+        """The hooks the environment names (importing the module once here, so a wrong name fails before any job)."""
+        environ = os.environ if environ is None else environ
+        spec = environ.get(HOOKS_ENV, "").strip()
+        if not spec:
+            return None
+        names = getattr(_import_hooks(spec), "SETTINGS", ())
+        return cls(spec, {k: environ[k] for k in names if k in environ})
+
+    def load(self) -> ModuleType:
+        return _import_hooks(self.module)
+
+
+def _import_hooks(spec: str) -> ModuleType:
+    if spec in _LOADED_HOOKS:
+        return _LOADED_HOOKS[spec]
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec).expanduser().resolve()
+            loader = importlib.util.spec_from_file_location(f"_synthaug_hooks_{path.stem}", path)
+            if loader is None or not path.is_file():
+                raise FileNotFoundError(f"no file {path}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except Exception as e:  # noqa: BLE001 (any import failure is a bad setting)
+        raise UserError(f"`{HOOKS_ENV}` {spec!r} cannot be imported ({type(e).__name__}: {e}): name a module on "
+                        f"sys.path or a .py file, or unset {HOOKS_ENV}.") from None
+    unknown = sorted(n for n in vars(module) if n.startswith("on_") and n not in HOOK_POINTS)
+    if unknown:
+        raise UserError(f"`{HOOKS_ENV}` {spec!r} defines {', '.join(unknown)}, which no worker calls: the hook "
+                        f"points are {', '.join(HOOK_POINTS)}.")
+    _LOADED_HOOKS[spec] = module
+    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -56,13 +123,13 @@ class ClassWorker:
         report: called with progress events (dicts); the Ray executor passes one that feeds a queue.
         device: overrides ``config.device`` (a Ray actor sees its one GPU as ``cuda``).
         threads: CPU threads for torch while the worker runs; the same count gives the same bytes on CPU.
-        test_env: test-only fault injection settings (see `TEST_ENV`).
-        in_ray: whether this runs as a Ray actor (an injected crash then kills the process, as a real one would).
+        hooks: callbacks at fixed points of each job (`WorkerHooks`), imported on the first job.
+        in_ray: whether this runs as a Ray actor (for hooks: a crash there ends the process).
     """
 
     def __init__(self, config: dict[str, Any], out: str, num_classes: int, selected: Sequence[int] = (), *,
                  report: Callable | None = None, device: str | None = None, threads: int | None = None,
-                 test_env: dict[str, str] | None = None, in_ray: bool = False) -> None:
+                 hooks: WorkerHooks | None = None, in_ray: bool = False) -> None:
         self.config = from_dict(config)
         self.out = Path(out)
         self.num_classes = num_classes
@@ -70,7 +137,8 @@ class ClassWorker:
         self._report = report or (lambda event: None)
         self.device = device or self.config.device
         self.threads = threads
-        self.test_env = dict(test_env or {})
+        self.hooks = hooks
+        self.hook_settings = dict(hooks.settings) if hooks else {}
         self.in_ray = in_ray
         self._models: dict[str, Any] | None = None
         self._threads_before: int | None = None
@@ -137,7 +205,7 @@ class ClassWorker:
         started = time.perf_counter()
         c = job.class_index
         self._report({"kind": "start", "class_index": c, "attempt": attempt})
-        self._fault("start", c)
+        self._hook("on_job_start", job, attempt)
         models = self._load()
         learned, token_seconds = self._ensure_token(job, models)
 
@@ -150,8 +218,7 @@ class ClassWorker:
             written.append(task.shard_id)
             images += task.size
             self._report({"kind": "shard", "class_index": c, "shard": task.shard_id, "images": task.size})
-            self._pause("shard", c)
-            self._fault("shard", c)
+            self._hook("on_shard_written", job, task.shard_id)
         return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds,
                 "shards_written": written, "images": images, "seconds": time.perf_counter() - started,
                 "pid": os.getpid()}
@@ -176,7 +243,7 @@ class ClassWorker:
                                           method=cfg.method, token=job.token, label=job.name,
                                           features=models["features"])
             seconds = time.perf_counter() - t0
-            self._pause("token", job.class_index)
+            self._hook("on_token_learned", job)
             if hasattr(result, "save"):
                 result.save(path)
             else:
@@ -201,28 +268,12 @@ class ClassWorker:
             self._report({"kind": "images", "class_index": job.class_index, "shard": task.shard_id,
                           "done": hi - task.start})
 
-    # -- test-only fault injection ------------------------------------------------------------------------------------
-    def _pause(self, point: str, class_index: int) -> None:
-        if self.test_env.get("SYNTHAUG_TEST_PAUSE") != f"{point}:{class_index}":
+    def _hook(self, point: str, *args: Any) -> None:
+        if self.hooks is None:
             return
-        marker = self.test_env.get("SYNTHAUG_TEST_PAUSE_FILE")
-        if marker:
-            Path(marker).write_text(str(os.getpid()))
-        logger.warning("test pause at %s of class %d (pid %d)", point, class_index, os.getpid())
-        while True:  # until the test kills the build
-            time.sleep(1)
-
-    def _fault(self, point: str, class_index: int) -> None:
-        if point == "start" and self.test_env.get("SYNTHAUG_TEST_FAIL_ALWAYS") == f"class:{class_index}":
-            raise RuntimeError(f"injected failure of class {class_index} (SYNTHAUG_TEST_FAIL_ALWAYS)")
-        if point == "shard" and self.test_env.get("SYNTHAUG_TEST_FAIL_ONCE") == f"class:{class_index}":
-            marker = self.out / f".test-failed-once-c{class_index:03d}"
-            if marker.exists():
-                return
-            marker.write_text(str(os.getpid()))
-            if self.in_ray:
-                os._exit(1)  # the worker process dies mid-job, as on a segfault or an OOM kill
-            raise RuntimeError(f"injected failure of class {class_index} (SYNTHAUG_TEST_FAIL_ONCE)")
+        fn = getattr(self.hooks.load(), point, None)
+        if fn is not None:
+            fn(self, *args)
 
 
 class _QueueReport:
