@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +25,7 @@ from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.fid import compute_fid
 from synthaug.evaluate.tables import format_table
-from synthaug.report import write_results_block
+from synthaug.report import rerun_command, write_results_block
 from synthaug.shards import open_build
 
 
@@ -48,9 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # The thread count changes float reduction order (so trained weights) on CPU: part of the command to rerun.
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-    command = threads + shlex.join(["python", "pipelines/reproduce_fid.py", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("pipelines/reproduce_fid.py", argv)
     try:
         view = open_build(args.build)
         real = args.real or view.config.get("dataset")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shlex
 import sys
 import warnings
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
 from synthaug.evaluate.tables import format_table
-from synthaug.report import write_results_block
+from synthaug.report import rerun_command, write_results_block
 from synthaug.shards import open_build
 
 
@@ -46,9 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    # The thread count changes float reduction order (so trained weights) on CPU: part of the command to rerun.
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-    command = threads + shlex.join(["python", "pipelines/reproduce_table1.py", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("pipelines/reproduce_table1.py", argv)
     try:
         view = open_build(args.build)
         common = {"device": args.device, "batch_size": args.batch_size, "class_map": args.class_map,

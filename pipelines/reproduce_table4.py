@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ from synthaug.atomic import write_text
 from synthaug.config import parse_overrides
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import evaluate_judge
-from synthaug.report import write_results_block
+from synthaug.report import rerun_command, write_results_block
 from synthaug.shards import open_build
 
 
@@ -93,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
-    command = threads + shlex.join(["python", "pipelines/reproduce_table4.py", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("pipelines/reproduce_table4.py", argv)
     out = Path(args.out)
     try:
         overrides = {"dataset": args.dataset, "per_class": args.per_class, "baseline": True,

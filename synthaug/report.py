@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import shlex
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -500,4 +502,17 @@ def write_results_block(path: str | os.PathLike, block: str, markdown: str) -> P
     return path
 
 
-__all__ = ["write_report", "write_results_block"]
+def rerun_command(script: str, argv: Sequence[str] | None = None) -> str:
+    """The shell command that reruns `script` with `argv` (default: this process's arguments), for a results block.
+
+    ``OMP_NUM_THREADS``, when set, is part of it: the thread count changes the float reduction order on CPU, and with
+    it trained weights.
+
+    >>> rerun_command("pipelines/reproduce_table1.py", ["out/digits", "--judge", "digits-judge"])
+    'python pipelines/reproduce_table1.py out/digits --judge digits-judge'
+    """
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+    return threads + shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["rerun_command", "write_report", "write_results_block"]

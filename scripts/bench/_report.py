@@ -1,4 +1,4 @@
-"""Write one section of BENCHMARKS.md (or RESULTS.md) in place, keeping every other section as it is."""
+"""A benchmark's section of BENCHMARKS.md: composed, printed, and (with --write) written in place."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ def write_section(section: str, text: str, path: Path = ROOT / "BENCHMARKS.md") 
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     write_text(path, new)
+
+
+def publish(section: str, body: list[str], notes: list[str], command: str, write: bool) -> str:
+    """Print the section (heading, `body` lines, `notes` as bullets, the command) and write it when `write`."""
+    text = "\n".join([section, "", *body, "", *[f"- {n}" for n in notes], "", "Command:", "", "```", command.strip(),
+                      "```", ""])
+    print(text)
+    if write:
+        write_section(section, text)
+    return text

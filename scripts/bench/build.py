@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import write_section
+from _report import publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -199,10 +199,7 @@ def main() -> int:
                f"--per-class {args.per_class} --dct-steps {args.dct_steps} --steps {args.steps} --rounds {args.rounds} "
                f"--threads {args.threads}"
                f"{' --no-ray' if args.no_ray else ''} --write")
-    text = "\n".join([SECTION, "", *rows, "", *[f"- {n}" for n in notes], "", "Command:", "", "```", command, "```", ""])
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
+    publish(SECTION, rows, notes, command, args.write)
     return 0
 
 

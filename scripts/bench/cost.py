@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from _report import write_section
+from _report import publish
 from torch.utils.flop_counter import FlopCounterMode
 
 from synthaug.config import PRESETS, DCTConfig, GenerateConfig, load_config
@@ -224,12 +224,9 @@ def main() -> int:
             f"{upd_f / update_s / peak:.0%} of this device's practical peak.")
     notes.append("GPU rows (512 px, bf16, s/image, s/update, fraction of the H100/A100 peak): not yet measured — no "
                  "GPU was available to this project's sessions so far.")
-    text = "\n".join([SECTION, "", *rows, "", *[f"- {n}" for n in notes], "", "Command:", "", "```",
-                      "nice -n 15 .venv/bin/python scripts/bench/cost.py"
-                      + (f" --time-size {args.time_size}" if args.time_size else "") + " --write", "```", ""])
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
+    command = "nice -n 15 .venv/bin/python scripts/bench/cost.py" + (
+        f" --time-size {args.time_size}" if args.time_size else "") + " --write"
+    publish(SECTION, rows, notes, command, args.write)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from _report import write_section
+from _report import publish
 from torch import nn
 
 from synthaug.config import DCTConfig
@@ -151,11 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         ("Saved-for-backward bytes are counted with `torch.autograd.graph.saved_tensors_hooks` over one iteration's "
          "forward (distinct storages, model weights excluded): exact, and the same on any device."),
     ]
-    text = "\n".join([SECTION, "", header, "", *table, "", *[f"- {n}" for n in notes], "", "Command:", "",
-                      "```", command.strip(), "```", ""])
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
+    publish(SECTION, [header, "", *table], notes, command, args.write)
     return 0
 
 

@@ -44,16 +44,20 @@ class _ImageList(VisionDataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        path, target = self.samples[index]
-        try:
-            img = self.loader(path)
-        except FileNotFoundError:
-            raise _not_found(self.root, f"image file {path}", "Re-extract the dataset.") from None
+        img, target = self._load(index)
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """The untransformed ``(PIL image, target)`` of sample `index`."""
+        path, target = self.samples[index]
+        try:
+            return self.loader(path), target
+        except FileNotFoundError:
+            raise _not_found(self.root, f"image file {path}", "Re-extract the dataset.") from None
 
     def extra_repr(self) -> str:
         return f"Split: {self.split}\nClasses: {len(self.classes)}"

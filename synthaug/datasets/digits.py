@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import VisionDataset
+
+from .base import _ImageList
 
 # --------------------------------------------------------------------------------------------------------------------
 # The embedded digits world (DESIGN.md §6)
@@ -43,7 +43,7 @@ def digits_arrays(split: str, size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.n
     return imgs, d.target[idx].astype(np.int64)
 
 
-class Digits(VisionDataset):
+class Digits(_ImageList):
     """scikit-learn's real handwritten digits (shipped inside scikit-learn; no download) as 32x32 RGB images.
 
     Args:
@@ -68,17 +68,8 @@ class Digits(VisionDataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples = [(f"digits/{split}/{i:04d}", t) for i, t in enumerate(self.targets)]
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        img = Image.fromarray(self._images[index]).convert("RGB")
-        target = self.targets[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return img, target
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self._images[index]).convert("RGB"), self.targets[index]
 
     def extra_repr(self) -> str:
         return f"Split: {self.split}"
