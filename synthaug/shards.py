@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import logging
 import os
@@ -396,32 +395,200 @@ class MergeResult:
     classes: Path | None = None
 
 
-def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
-    """Stats and parquet rows of every finished shard, checked against each other."""
+INDEX_ROW_GROUP = 131_072  # rows per row group of index.parquet: the merge holds at most one row group of rows
+
+
+def _shard_stats(out: Path, sid: int) -> ShardStats:
+    """A finished shard's stats, with its tar and parquet present."""
+    paths = shard_paths(out, sid)
+    try:
+        st = ShardStats.load(paths.stats)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ShardError(f"Shard stats {paths.stats} is unreadable ({e}): {rebuild_hint(out, sid)}.") from None
+    if not paths.parquet.is_file() or not paths.tar.is_file():
+        missing = paths.parquet if not paths.parquet.is_file() else paths.tar
+        raise ShardError(f"Shard {sid:05d} is marked done but {missing} is missing: {rebuild_hint(out, sid)}.")
+    return st
+
+
+def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
+    """A finished shard's parquet rows in the index schema, checked against its stats."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    stats, tables = [], []
-    for sid in done_shard_ids(out):
-        paths = shard_paths(out, sid)
-        try:
-            st = ShardStats.load(paths.stats)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise ShardError(f"Shard stats {paths.stats} is unreadable ({e}): {rebuild_hint(out, sid)}.") from None
-        if not paths.parquet.is_file() or not paths.tar.is_file():
-            missing = paths.parquet if not paths.parquet.is_file() else paths.tar
-            raise ShardError(f"Shard {sid:05d} is marked done but {missing} is missing: {rebuild_hint(out, sid)}.")
-        try:
-            t = pq.read_table(paths.parquet)
-        except (OSError, ValueError, pa.ArrowException) as e:  # what pyarrow raises for a damaged file
-            raise ShardError(f"Shard index {paths.parquet} is corrupt ({e}): {rebuild_hint(out, sid)}.") from None
-        if t.num_rows != st.num_samples:
-            raise ShardError(f"Shard {sid:05d} has {t.num_rows} rows in {paths.parquet.name} but its stats say "
-                             f"{st.num_samples}: {rebuild_hint(out, sid)}.")
-        stats.append(st)
-        tables.append(t.cast(index_schema()))
+    path = shard_paths(out, st.shard).parquet
+    try:
+        t = pq.read_table(path)
+    except (OSError, ValueError, pa.ArrowException) as e:  # what pyarrow raises for a damaged file
+        raise ShardError(f"Shard index {path} is corrupt ({e}): {rebuild_hint(out, st.shard)}.") from None
+    if t.num_rows != st.num_samples:
+        raise ShardError(f"Shard {st.shard:05d} has {t.num_rows} rows in {path.name} but its stats say "
+                         f"{st.num_samples}: {rebuild_hint(out, st.shard)}.")
+    return t.cast(index_schema())
+
+
+def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
+    """Stats and parquet rows of every finished shard, checked against each other (all rows in memory)."""
+    import pyarrow as pa
+
+    stats = [_shard_stats(out, sid) for sid in done_shard_ids(out)]
+    tables = [_shard_rows(out, st) for st in stats]
     table = pa.concat_tables(tables) if tables else index_schema().empty_table()
     return stats, table
+
+
+class _Unsorted(Exception):
+    """The shards' rows, read in the order of their first keys, are not strictly ascending (overlapping shards)."""
+
+
+def _sorted_rows(out: Path, stats: list[ShardStats]):
+    """Every shard's rows as one stream in ascending key order, shard by shard, without holding more than one shard.
+
+    Shards are read in the order of their recorded first keys; the stream checks that keys strictly ascend inside
+    each shard and across shards, and raises `_Unsorted` as soon as they do not (then the caller sorts in memory).
+    """
+    import pyarrow.compute as pc
+
+    last = None
+    for st in sorted(stats, key=lambda s: (s.first_key, s.shard)):
+        t = _shard_rows(out, st)
+        if not t.num_rows:
+            continue
+        keys = t.column("key")
+        if last is not None and not keys[0].as_py() > last:
+            raise _Unsorted
+        if t.num_rows > 1 and not pc.all(pc.greater(keys.slice(1), keys.slice(0, t.num_rows - 1))).as_py():
+            raise _Unsorted
+        last = keys[-1].as_py()
+        yield t
+
+
+def _memory_sorted_rows(out: Path, stats: list[ShardStats]):
+    """All rows sorted in memory: for shards whose key ranges overlap. A key in two shards is an error."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pa.concat_tables([_shard_rows(out, st) for st in stats]).sort_by([("key", "ascending")])
+    keys = table.column("key")
+    if table.num_rows > 1:
+        same = pc.equal(keys.slice(1), keys.slice(0, table.num_rows - 1))
+        if pc.any(same).as_py():
+            dupes = pc.unique(pc.filter(keys.slice(1), same))
+            first = pc.min(dupes).as_py()
+            where = table.filter(pc.equal(table.column("key"), first))
+            shards = sorted(set(where.column("shard").to_pylist()))
+            raise ShardError(f"Key {first!r} appears in shards {shards} ({len(dupes)} duplicate keys in all): "
+                             f"delete the stale shard's files under {out / SHARDS_DIR} and rerun the build.")
+    yield table
+
+
+class _Verdicts:
+    """The judge's verdicts (``judge_prob``) of an index about to be replaced, keyed by (key, sha256).
+
+    `synthaug evaluate` writes them into the index only, and a resumed or extended build must not drop them: a row
+    whose key and image bytes are unchanged keeps its verdict. The old index is sorted by key, as the new one is, so
+    each batch of new rows looks up only the old rows of its own key range.
+    """
+
+    def __init__(self, index_path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self.table, self.judge = None, None
+        if not index_path.is_file():
+            return
+        try:
+            old = pq.read_table(index_path, columns=["key", "sha256", "judge_prob"])
+            judge = (pq.read_schema(index_path).metadata or {}).get(b"synthaug.judge")
+        except (pa.ArrowInvalid, KeyError, OSError):  # no verdicts (or an unreadable old index): nothing to carry
+            return
+        old = old.filter(pc.is_valid(old.column("judge_prob")))
+        if old.num_rows:
+            self.table = old.sort_by([("key", "ascending")]).combine_chunks()
+            self.keys = self.table.column("key").chunk(0)
+            self.judge = judge
+
+    def __bool__(self) -> bool:
+        return self.table is not None
+
+    def column(self, keys, shas):
+        """``judge_prob`` for rows (keys ascending) with these keys and sha256s: the old verdict, or null."""
+        import bisect
+
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        old_keys = self.keys
+        lo = bisect.bisect_left(_ArrowStrings(old_keys), keys[0].as_py())
+        hi = bisect.bisect_right(_ArrowStrings(old_keys), keys[-1].as_py())
+        old = self.table.slice(lo, hi - lo)
+        if not old.num_rows:
+            return pa.nulls(len(keys), pa.float64())
+        joined = pc.binary_join_element_wise(old.column("key"), old.column("sha256"), "\x00")
+        where = pc.index_in(pc.binary_join_element_wise(keys, shas, "\x00"), value_set=joined)
+        return pc.take(old.column("judge_prob"), where).cast(pa.float64())
+
+
+class _ArrowStrings:
+    """A read-only sequence view of an Arrow string array, for `bisect` (one Python string per probe)."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> str:
+        return self.array[i].as_py()
+
+
+def _write_index(path: Path, tables, verdicts: _Verdicts) -> tuple[int, int]:
+    """Write `tables` (rows in final order) to `path` atomically, in row groups of `INDEX_ROW_GROUP` rows.
+
+    Each row group is written from one contiguous chunk, so the bytes depend on the rows only, not on how they were
+    read. Returns (rows, largest class index + 1).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    schema = index_schema()
+    if verdicts and verdicts.judge is not None:
+        schema = schema.with_metadata({b"synthaug.judge": verdicts.judge})
+    judge_i = schema.get_field_index("judge_prob")
+    rows, top = 0, 0
+    buffered: list[pa.Table] = []
+    held = 0
+
+    def flush(writer, final: bool) -> None:
+        nonlocal buffered, held
+        if not buffered:
+            return
+        table = pa.concat_tables(buffered).combine_chunks()
+        done = table.num_rows if final else table.num_rows // INDEX_ROW_GROUP * INDEX_ROW_GROUP
+        if done:
+            writer.write_table(table.slice(0, done), row_group_size=INDEX_ROW_GROUP)
+        rest = table.slice(done)
+        buffered, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    with atomic_write(path, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        for t in tables:
+            if verdicts:
+                t = t.set_column(judge_i, schema.field(judge_i),
+                                 verdicts.column(t.column("key").combine_chunks(),
+                                                 t.column("sha256").combine_chunks()))
+            t = t.replace_schema_metadata(schema.metadata)
+            rows += t.num_rows
+            biggest = pc.max(t.column("class_index")).as_py()
+            if biggest is not None:
+                top = max(top, biggest + 1)
+            buffered.append(t)
+            held += t.num_rows
+            if held >= INDEX_ROW_GROUP:
+                flush(writer, final=False)
+        flush(writer, final=True)
+    return rows, top
 
 
 def _split(name: str, stats: list[ShardStats]) -> dict[str, Any]:
@@ -433,37 +600,6 @@ def _split(name: str, stats: list[ShardStats]) -> dict[str, Any]:
     }
 
 
-def _carry_judge_verdicts(index_path: Path, table):
-    """`table` with the ``judge_prob`` verdicts (and the judge's name) of the index it replaces, for every row whose
-    key and image bytes (sha256) are unchanged: `synthaug evaluate` writes them into the index only, and a resumed
-    or extended build must not drop them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if not index_path.is_file():
-        return table
-    try:
-        old = pq.read_table(index_path, columns=["key", "sha256", "judge_prob"])
-    except (pa.ArrowInvalid, KeyError, OSError):  # no verdicts (or an unreadable old index): nothing to carry
-        return table
-    verdicts = {(k, h): p for k, h, p in zip(old.column("key").to_pylist(), old.column("sha256").to_pylist(),
-                                             old.column("judge_prob").to_pylist()) if p is not None}
-    if not verdicts:
-        return table
-    values = pa.array([verdicts.get(kh) for kh in zip(table.column("key").to_pylist(),
-                                                        table.column("sha256").to_pylist())], type=pa.float64())
-    if "judge_prob" in table.column_names:
-        i = table.column_names.index("judge_prob")
-        field = table.schema.field(i)
-        table = table.set_column(i, pa.field("judge_prob", field.type, nullable=True), values.cast(field.type))
-    else:
-        table = table.append_column(pa.field("judge_prob", pa.float64(), nullable=True), values)
-    judge = (pq.read_schema(index_path).metadata or {}).get(b"synthaug.judge")
-    if judge is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"synthaug.judge": judge})
-    return table
-
-
 def merge_index(
     out: str | os.PathLike,
     classes: list[dict[str, Any]] | None = None,
@@ -471,6 +607,10 @@ def merge_index(
     train_methods: Iterable[str] | None = None,
 ) -> MergeResult:
     """Merge the finished shards into ``index.parquet``, ``_info.json`` and (when given) ``classes.json``.
+
+    The index is streamed: shards are read one at a time in key order and written in row groups of
+    `INDEX_ROW_GROUP` rows, so memory stays at one row group however large the build (shards whose key ranges
+    overlap, which a build never writes, are sorted in memory instead). The bytes depend on the rows only.
 
     ``_info.json`` follows timm's WebDataset reader (``timm/data/readers/reader_wds.py``)::
 
@@ -493,35 +633,27 @@ def merge_index(
     >>> merge_index("out/digits", classes=[{"index": 0, "name": "zero"}])  # doctest: +SKIP
     MergeResult(num_samples=100, num_shards=10, ...)
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     out = Path(out)
-    stats, table = _read_done_shards(out)
+    stats = [_shard_stats(out, sid) for sid in done_shard_ids(out)]
     if not stats:
         raise UserError(f"No finished shards in {out / SHARDS_DIR} (no *_stats.json): run `synthaug build` first.")
-    # 1. The index: all rows, sorted by key; a key in two shards means a stale or misplanned shard.
-    table = table.sort_by([("key", "ascending")])
-    keys = table.column("key").to_pylist()
-    dupes = sorted({a for a, b in itertools.pairwise(keys) if a == b})
-    if dupes:
-        where = table.filter(pc.is_in(table.column("key"), value_set=pa.array(dupes[:1])))
-        shards = sorted(set(where.column("shard").to_pylist()))
-        raise ShardError(f"Key {dupes[0]!r} appears in shards {shards} ({len(dupes)} duplicate keys in all): delete "
-                         f"the stale shard's files under {out / SHARDS_DIR} and rerun the build.")
-    table = _carry_judge_verdicts(out / INDEX_FILE, table)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    with atomic_write(out / INDEX_FILE, "wb") as f:
-        f.write(buf.getvalue())
-
-    # 2. classes.json
-    classes_path = None
     if classes is not None:
         for c in classes:
             if not isinstance(c, dict) or "index" not in c or "name" not in c:
                 raise ValueError(f"`classes` entries must be dicts with 'index' and 'name' but got {c!r}.")
+    # 1. The index: all rows, sorted by key, streamed shard by shard (a shard's keys ascend and shards cover
+    # disjoint key ranges); shards whose ranges overlap are sorted in memory, where a key in two shards (a stale or
+    # misplanned shard) is an error.
+    verdicts = _Verdicts(out / INDEX_FILE)
+    try:
+        num_samples, top_class = _write_index(out / INDEX_FILE, _sorted_rows(out, stats), verdicts)
+    except _Unsorted:
+        logger.info("shards of %s overlap in keys: sorting the index in memory", out)
+        num_samples, top_class = _write_index(out / INDEX_FILE, _memory_sorted_rows(out, stats), verdicts)
+
+    # 2. classes.json
+    classes_path = None
+    if classes is not None:
         classes_path = out / CLASSES_FILE
         write_text(classes_path, json.dumps(sorted(classes, key=lambda c: int(c["index"])), indent=1,
                                             ensure_ascii=False) + "\n")
@@ -545,13 +677,11 @@ def merge_index(
             splits[method] = _split(method, holding)
         else:
             logger.info("no %r split in %s: some shards mix it with other methods", method, INFO_FILE)
-    class_ids = table.column("class_index").to_pylist()
     # Targets are dataset class indices, so a build of a class subset ("5,7") still needs num_classes > 7.
-    num_classes = max([len(classes or [])] + [int(c["index"]) + 1 for c in classes or []]
-                      + [int(c) + 1 for c in class_ids])
+    num_classes = max([len(classes or []), top_class] + [int(c["index"]) + 1 for c in classes or []])
     info = {"name": "synthaug", "version": FORMAT_VERSION, "num_classes": num_classes, "splits": splits}
     write_text(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
-    return MergeResult(num_samples=table.num_rows, num_shards=len(stats),
+    return MergeResult(num_samples=num_samples, num_shards=len(stats),
                        splits={k: v["num_samples"] for k, v in splits.items()}, index=out / INDEX_FILE,
                        info=out / INFO_FILE, classes=classes_path)
 
