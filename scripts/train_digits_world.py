@@ -19,7 +19,10 @@ Stages (each caches its result in ``--work`` so a stage can be rerun alone with 
 4. ``guide``  timm ResNet (narrow, 1 block per stage) on split "train" with shift augmentation;
 5. ``judge``  timm ConvNeXt (narrow, different family) on split "judge" with shift augmentation;
 6. ``ship``   write the shipped world to ``--out`` (fp16 weights) and check it reloads;
-7. ``eval``   plain-prompt judge/guide accuracy of generated images per class (the model card's numbers).
+7. ``eval``   plain-prompt judge/guide accuracy of generated images per class (the model card's numbers);
+8. ``guide-shots`` (not in the default run) a guide trained only on ``--guide-shots`` images per class of "train",
+              the few-shot set a downstream run with the same seed uses, into ``--work``/guide-k{k}: a few-shot user's
+              guide, with no leak from the rest of the split.
 
 Usage (from the repository root; ~35 min on 2 CPU cores)::
 
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 from synthaug.datasets.digits import DIGIT_NAMES, digits_arrays
+from synthaug.datasets.fewshot import few_shot_indices
 from synthaug.models import clip_tokenizer
 
 log = logging.getLogger("train_digits_world")
@@ -331,19 +335,29 @@ CLASSIFIERS = {
 }
 
 
-def train_classifier(work: Path, seed: int, role: str, epochs: int) -> None:
+def train_classifier(work: Path, seed: int, role: str, epochs: int, shots: int | None = None) -> None:
+    """Train the guide or the judge on its split; with `shots`, a guide on only k images per class of "train".
+
+    The k-shot guide sees exactly the images `synthaug.datasets.few_shot_indices(targets, k, seed)` picks — the k real
+    images per class a downstream run with the same seed trains on — and is saved as ``guide-k{k}`` (not shipped).
+    Its steps are those of `epochs` over the full split, so a small set is not also under-trained.
+    """
     import timm
     from timm.models import save_for_hf
 
     arch, kwargs, split = CLASSIFIERS[role]
     imgs, targets = digits_arrays(split)
+    full = len(targets)
+    if shots is not None:
+        keep = few_shot_indices(targets.tolist(), shots, seed)
+        imgs, targets = imgs[keep], targets[keep]
     x, y = to_rgb01(imgs), torch.from_numpy(targets)
     mean = torch.tensor(CLS_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLS_STD).view(1, 3, 1, 1)
     torch.manual_seed(seed)
     model = timm.create_model(arch, num_classes=10, **kwargs)
     bs = 64
-    steps = epochs * math.ceil(len(x) / bs)
+    steps = epochs * math.ceil(full / bs)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed + 5)
     t0 = time.time()
@@ -365,13 +379,14 @@ def train_classifier(work: Path, seed: int, role: str, epochs: int) -> None:
         pred = model((to_rgb01(timgs) - mean) / std).argmax(1).numpy()
     acc = float((pred == ttargets).mean())
     log.info("%s (%s, %s) accuracy on 'test': %.4f", role, arch, kwargs, acc)
-    out = work / role
+    out = work / (role if shots is None else f"{role}-k{shots}")
     shutil.rmtree(out, ignore_errors=True)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), mean=CLS_MEAN, std=CLS_STD,
                                 interpolation="bilinear", crop_pct=1.0, num_classes=10, label_names=list(DIGIT_NAMES))
     save_for_hf(model, out, model_args=dict(kwargs, num_classes=10), safe_serialization=True)
     cfg = json.loads((out / "config.json").read_text())
-    cfg["trained_on"] = f"sklearn digits, synthaug split {split!r} ({len(x):,} images); shift augmentation +-3 px"
+    what = f"split {split!r}" if shots is None else f"{shots} images per class of split {split!r} (few_shot seed {seed})"
+    cfg["trained_on"] = f"sklearn digits, synthaug {what} ({len(x):,} images); shift augmentation +-3 px"
     cfg["test_accuracy"] = acc
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     clean_classifier_config(out)
@@ -517,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--unet-batch", type=int, default=128)
     p.add_argument("--classifier-epochs", type=int, default=40)
+    p.add_argument("--guide-shots", type=int, default=5, help="stage guide-shots: real images per class the guide sees")
     p.add_argument("--eval-per-class", type=int, default=50)
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--eval-guidance", type=float, default=7.0)
@@ -542,13 +558,15 @@ def main(argv: list[str] | None = None) -> None:
             train_unet(args.work, args.seed, args.unet_steps, args.unet_batch)
         elif stage in ("guide", "judge"):
             train_classifier(args.work, args.seed, stage, args.classifier_epochs * (3 if stage == "judge" else 1))
+        elif stage == "guide-shots":
+            train_classifier(args.work, args.seed, "guide", args.classifier_epochs, shots=args.guide_shots)
         elif stage == "ship":
             ship(args.work, args.out)
         elif stage == "eval":
             summary = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance, args.eval_prompt)
             (args.work / args.eval_out).write_text(json.dumps(summary, indent=2))
         else:
-            raise SystemExit(f"--stages: unknown stage {stage!r}; valid: clip,vae,unet,guide,judge,ship,eval")
+            raise SystemExit(f"--stages: unknown stage {stage!r}; valid: clip,vae,unet,guide,judge,ship,eval,guide-shots")
         timings[stage] = round(time.time() - ts, 1)
         log.info("stage %s done in %.0fs", stage, timings[stage])
     prev = json.loads((args.work / "timings.json").read_text()) if (args.work / "timings.json").exists() else {}
