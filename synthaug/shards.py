@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -499,11 +499,16 @@ class _Verdicts:
         if not index_path.is_file():
             return
         try:
-            old = pq.read_table(index_path, columns=["key", "sha256", "judge_prob"])
-            judge = (pq.read_schema(index_path).metadata or {}).get(b"synthaug.judge")
+            index = pq.ParquetFile(index_path)
+            if not _may_hold_values(index, "judge_prob"):
+                return
+            judge = (index.schema_arrow.metadata or {}).get(b"synthaug.judge")
+            columns = ["key", "sha256", "judge_prob"]
+            old = pa.Table.from_batches([b.filter(pc.is_valid(b.column("judge_prob")))
+                                         for b in index.iter_batches(columns=columns)],
+                                        schema=pa.schema([index.schema_arrow.field(c) for c in columns]))
         except (pa.ArrowInvalid, KeyError, OSError):  # no verdicts (or an unreadable old index): nothing to carry
             return
-        old = old.filter(pc.is_valid(old.column("judge_prob")))
         if old.num_rows:
             self.table = old.sort_by([("key", "ascending")]).combine_chunks()
             self.keys = self.table.column("key").chunk(0)
@@ -528,6 +533,19 @@ class _Verdicts:
         joined = pc.binary_join_element_wise(old.column("key"), old.column("sha256"), "\x00")
         where = pc.index_in(pc.binary_join_element_wise(keys, shas, "\x00"), value_set=joined)
         return pc.take(old.column("judge_prob"), where).cast(pa.float64())
+
+
+def _may_hold_values(parquet_file, column: str) -> bool:
+    """False when the file's statistics prove `column` null in every row (then it need not be read at all)."""
+    meta = parquet_file.metadata
+    j = parquet_file.schema_arrow.get_field_index(column)
+    if j < 0:
+        raise KeyError(column)
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(j).statistics
+        if stats is None or not stats.has_null_count or stats.null_count < meta.row_group(g).num_rows:
+            return True
+    return False
 
 
 class _ArrowStrings:
@@ -558,19 +576,24 @@ def _write_index(path: Path, tables, verdicts: _Verdicts) -> tuple[int, int]:
         schema = schema.with_metadata({b"synthaug.judge": verdicts.judge})
     judge_i = schema.get_field_index("judge_prob")
     rows, top = 0, 0
-    buffered: list[pa.Table] = []
+    buffered: deque[pa.Table] = deque()  # the rows not written yet, as the shards' own tables (or slices of them)
     held = 0
 
     def flush(writer, final: bool) -> None:
-        nonlocal buffered, held
-        if not buffered:
-            return
-        table = pa.concat_tables(buffered).combine_chunks()
-        done = table.num_rows if final else table.num_rows // INDEX_ROW_GROUP * INDEX_ROW_GROUP
-        if done:
-            writer.write_table(table.slice(0, done), row_group_size=INDEX_ROW_GROUP)
-        rest = table.slice(done)
-        buffered, held = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        """Write full row groups (and, when final, the rest), each copied into one contiguous chunk."""
+        nonlocal held
+        while held >= INDEX_ROW_GROUP or (final and held):
+            n, group = min(held, INDEX_ROW_GROUP), []
+            while n:
+                t = buffered.popleft()
+                if t.num_rows > n:
+                    buffered.appendleft(t.slice(n))
+                    t = t.slice(0, n)
+                group.append(t)
+                n -= t.num_rows
+            table = pa.concat_tables(group).combine_chunks()
+            writer.write_table(table, row_group_size=INDEX_ROW_GROUP)
+            held -= table.num_rows
 
     with atomic_write(path, "wb") as f, pq.ParquetWriter(f, schema) as writer:
         for t in tables:
