@@ -220,32 +220,35 @@ def _random_init(module: torch.nn.Module, generator: torch.Generator, dtype: tor
         module.to(dtype)
 
 
-def vit_guide(kind: str = "mae-cub", num_classes: int = 200, *, seed: int = 0):
+def vit_guide(kind: str = "mae-cub", num_classes: int = 200, *, seed: int = 0, labels: list[str] | None = None):
     """A transformers ViT-B/16 (224 px, patch 16, 12 x 768) image classifier with random weights.
 
     ``kind="mae-cub"``: the ``vesteinn/vit-mae-cub`` architecture, whose head reads mean-pooled patch tokens (load it
     with the ``vit-mae:`` prefix, see `synthaug.classifier.base.MeanPoolViT`); ``"vit"``: a plain
-    `ViTForImageClassification` (CLS token). Save with `save_vit_guide` and load with `load_classifier`.
+    `ViTForImageClassification` (CLS token). `labels`: the class names (``id2label``); default ``class 000``...
+    Save with `save_vit_guide` and load with `load_classifier`.
     """
     from transformers import ViTConfig, ViTForImageClassification
 
     if kind not in ("mae-cub", "vit"):
         raise ValueError(f"kind must be 'mae-cub' or 'vit' but is {kind!r}")
+    labels = labels if labels is not None else [f"class {i:03d}" for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ValueError(f"{len(labels)} labels for {num_classes} classes")
     torch.manual_seed(seed)
     config = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                       intermediate_size=3072, num_labels=num_classes,
-                       id2label={i: f"class {i:03d}" for i in range(num_classes)},
-                       label2id={f"class {i:03d}": i for i in range(num_classes)})
+                       intermediate_size=3072, num_labels=num_classes, id2label=dict(enumerate(labels)),
+                       label2id={name: i for i, name in enumerate(labels)})
     return ViTForImageClassification(config).eval()
 
 
-def save_vit_guide(root: Path, kind: str = "mae-cub", num_classes: int = 200) -> str:
+def save_vit_guide(root: Path, kind: str = "mae-cub", num_classes: int = 200, labels: list[str] | None = None) -> str:
     """Write `vit_guide` and its image processor (ViTImageProcessor defaults: 224 px) to ``root/vit-{kind}``; return
     the `load_classifier` source (``"vit-mae:DIR"`` for the MAE layout, the directory itself for the plain ViT)."""
     from transformers import ViTImageProcessor
 
     out = Path(root) / f"vit-{kind}-{num_classes}"
     if not (out / "config.json").is_file():
-        vit_guide(kind, num_classes).save_pretrained(out)
+        vit_guide(kind, num_classes, labels=labels).save_pretrained(out)
         ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(out)
     return f"vit-mae:{out}" if kind == "mae-cub" else str(out)
