@@ -68,7 +68,7 @@ class DCTConfig:
     # the graph this many seeds at a time, back-propagating each micro-batch's share of the loss at once (the summed
     # gradient is the whole batch's); None = the whole batch at once. checkpointing: recompute activations in the
     # backward instead of storing them - each gradient-carrying UNet call and each image's VAE decode as a whole,
-    # and inside them diffusers' per-block checkpointing; ~1 extra forward of those calls per update.
+    # and inside them diffusers' per-block checkpointing; ~2 extra forwards of those calls per update.
     micro_batch: int | None = None
     checkpointing: bool = False
 
@@ -164,7 +164,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dct.patience_min_accuracy": 0.5, "dct.stop_all_correct": True, "dct.prompts": list(PAPER_PROMPTS),
         "dct.grad_steps": 1, "generate.num_inference_steps": 50, "generate.guidance_scale": 7.0,
         # not the paper's setting but its memory: 4.5 GiB instead of 23.5 GiB per SD-1.5 update at 512 px in bf16,
-        # for about one more forward of the last UNet call and the decoder per update (BENCHMARKS.md)
+        # for about two more forwards of the last UNet call and of the decoder per update (BENCHMARKS.md)
         "dct.checkpointing": True,
         "generate.height": 512, "generate.width": 512,
     },
