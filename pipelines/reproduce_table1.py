@@ -6,7 +6,7 @@
    ``eval/judge_per_class.csv``, ``eval/judge_images.parquet``, and ``judge_prob`` written into ``index.parquet``.
 2. Unless ``--no-guide``: the build's guide scores the same images as a second, *self-scoring* judge (into
    ``eval/guide/``; the index is left alone). The gap between the two is how much the tokens please the guide
-   rather than fix the image (DESIGN.md §2).
+   rather than fix the image.
 3. The tables, with the command line that made them, go to ``eval/table1.md``; with ``--results FILE`` they also
    replace the block ``<!-- synthaug:table1-NAME begin/end -->`` of FILE (nothing else in it changes).
 

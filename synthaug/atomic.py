@@ -1,4 +1,4 @@
-"""Atomic file writes: a file exists completely or not at all (DESIGN.md §4).
+"""Atomic file writes: a file exists completely or not at all.
 
 Write to a temporary name in the same folder, flush, fsync, rename over the target, fsync the folder. A crash at any
 moment leaves either the old file or the new one, plus at worst a ``.tmp-*`` file that the next run ignores.

@@ -96,7 +96,7 @@ def _clip_tokenizer_dir() -> str:
     d = Path(tempfile.mkdtemp(prefix="synthaug-clip-tokenizer-"))
     (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    # model_max_length must be written: without it transformers reports 1e30 and SD pipelines overflow (NOTES.md).
+    # model_max_length must be written: without it transformers reports 1e30 and SD pipelines overflow.
     config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
               "tokenizer_class": "CLIPTokenizer"}

@@ -1,6 +1,6 @@
 """Report: a build and its evaluations as one self-contained HTML page, plus PNG grids for papers and issues.
 
-Consumes a build directory (DESIGN.md §3) and whatever `synthaug.evaluate` wrote under ``eval/`` and produces
+Consumes a build directory (ARCHITECTURE.md, "The build folder") and whatever `synthaug.evaluate` wrote under ``eval/`` and produces
 ``report/index.html`` (images embedded as data URIs, inline CSS and SVG, no scripts, no network) and
 ``report/grids/*.png``:
 

@@ -1,4 +1,4 @@
-"""WebDataset shards, their per-shard index, and random access into them (DESIGN.md §3).
+"""WebDataset shards, their per-shard index, and random access into them (ARCHITECTURE.md, "The build folder").
 
 Consumes generated images with their metadata (any object with the attributes of `synthaug.generation.GeneratedImage`)
 and produces, per shard id chosen by the build planner::
@@ -84,7 +84,7 @@ class ShardError(UserError):
 # The index schema
 # --------------------------------------------------------------------------------------------------------------------
 def index_schema() -> pa.Schema:
-    """Columns of the per-shard parquet files and of ``index.parquet`` (DESIGN.md §3, plus `index`, `image_format`).
+    """Columns of the per-shard parquet files and of ``index.parquet`` (ARCHITECTURE.md, plus `index`, `image_format`).
 
     `token_sha256` is null for the plain-prompt baseline, `guide_prob`/`guide_top5` are null when no guide scored the
     image, `judge_prob` is null until an evaluation fills it. `offset`/`size` locate the image bytes inside the tar.

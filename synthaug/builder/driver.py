@@ -125,7 +125,7 @@ class BuildFailed(RuntimeError):
 # build
 # --------------------------------------------------------------------------------------------------------------------
 def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True) -> BuildResult:
-    """Build (or resume) a synthetic training set: tokens, images, shards, index (DESIGN.md §3-§5).
+    """Build (or resume) a synthetic training set: tokens, images, shards, index (ARCHITECTURE.md).
 
     Args:
         config: the resolved config (`synthaug.config.load_config`).

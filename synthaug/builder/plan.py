@@ -151,7 +151,7 @@ def _index(v: object) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Validation (DESIGN.md §5): everything, before a model loads or Ray starts
+# A validated build: what `builder.validate` hands the driver
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Prepared:

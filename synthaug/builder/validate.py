@@ -207,7 +207,7 @@ def _check_device(device: torch.device, config: BuildConfig) -> None:
 
 
 def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
-    """Validate every input of a build (DESIGN.md §5). Raises `UserError`; loads no model, starts no Ray."""
+    """Validate every input of a build. Raises `UserError`; loads no model, starts no Ray."""
     # 1. Config rules (a config built in code never went through load_config)
     validate(config)
     # 2. The executor exists

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import UserError
 
-# Hub models whose loading needs more than the stock class, and what each was trained on (DESIGN.md §7).
+# Hub models whose loading needs more than the stock class, and what each was trained on.
 # "mean": an MAE ViT whose head sits on mean-pooled patch tokens, LayerNorm applied *after* pooling (the reference
 # code's `vitmae.CustomViTForImageClassification`), not on the stock HF ViT's normed CLS token.
 KNOWN_MODELS: dict[str, dict[str, str | None]] = {

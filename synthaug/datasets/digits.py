@@ -10,7 +10,7 @@ from PIL import Image
 from .base import _ImageList
 
 # --------------------------------------------------------------------------------------------------------------------
-# The embedded digits world (DESIGN.md §6)
+# The embedded digits world (scripts/train_digits_world.py trains its models)
 # --------------------------------------------------------------------------------------------------------------------
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

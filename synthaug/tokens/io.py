@@ -187,8 +187,9 @@ def _token_file(path: str | os.PathLike) -> Path:
 
 def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Serialize a safetensors file by hand, with a sorted header: `safetensors.torch.save` orders the metadata by a
-    per-process random hash, so the same tokens would give different bytes on every run (DESIGN.md: same config and
-    seeds -> identical bytes). The layout is the format's own: u64 header length, JSON header, raw little-endian data.
+    per-process random hash, so the same tokens would give different bytes on every run (a build promises: same config
+    and seeds -> identical bytes). The layout is the format's own: u64 header length, JSON header, raw little-endian
+    data.
     """
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
