@@ -276,7 +276,7 @@ def test_validation_uses_the_generation_prompt(tiny_pipe):
     texts = [tiny_pipe.tokenizer.decode(row, skip_special_tokens=True) for batch in ids for row in batch]
     assert "a drawing of three" in texts  # the token is not in the pipeline's own tokenizer: decoded without it
     with pytest.raises(UserError, match=r"`val_prompt` 'a drawing of \{label\}' .* has no \{token\}"):
-        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1), val_prompt="a drawing of {label}")
+        learn_dct_token(tiny_pipe, Guide(), 3, "three", cfg(max_steps=1, select="val"), val_prompt="a drawing of {label}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

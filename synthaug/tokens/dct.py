@@ -146,7 +146,8 @@ def learn_dct_token(
         #    every update's loss is measured on the same prompt mix (and losses compare across updates). Validation
         #    uses the generation prompt. The unconditional embedding does not depend on v_c: once, without a graph.
         prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, token) for p in config.prompts], run.device)
-        val_inputs = tokenize(tokenizer, [render_prompt(val_prompt, label, token)], run.device)
+        val_inputs = (tokenize(tokenizer, [render_prompt(val_prompt, label, token)], run.device)
+                      if config.select == "val" else None)
         if run.do_cfg:
             with torch.no_grad():
                 run.uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], run.device)).to(run.dtype)
@@ -597,10 +598,10 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
         )
     tokenizer = tokenizer_with(tokenizer, [token])
     token_id = tokenizer.convert_tokens_to_ids(token)
-    if "{token}" not in val_prompt:
+    if config.select == "val" and "{token}" not in val_prompt:
         raise UserError(f"`val_prompt` {val_prompt!r} (the generation prompt) has no {{token}} placeholder: validation "
                         f"must measure the token; add one where S_c goes.")
-    for p in (*config.prompts, val_prompt):
+    for p in (*config.prompts, *([val_prompt] if config.select == "val" else [])):
         if not bool((tokenize(tokenizer, [render_prompt(p, label, token)], "cpu")["input_ids"] == token_id).any()):
             raise UserError(
                 f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
