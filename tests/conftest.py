@@ -9,6 +9,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Worker hooks that inject faults when a test sets SYNTHAUG_TEST_* (tests/faults.py); inert otherwise.
 os.environ.setdefault("SYNTHAUG_WORKER_HOOKS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.py"))
 
+import buildworld as bw
 import pytest
 import torch
 
@@ -22,3 +23,15 @@ def tiny_pipe():
     from synthaug.testing import tiny_pipeline
 
     return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The tiny build world saved once per session: ``(model dir, guide dir)`` (`buildworld.save_world`)."""
+    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, world):
+    """A finished tiny build, made once per session, that tests copy and compare against."""
+    return bw.reference_build(tmp_path_factory, *world)

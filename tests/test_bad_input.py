@@ -15,11 +15,6 @@ from synthaug.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
-
-
-@pytest.fixture(scope="module")
 def guide3(tmp_path_factory):
     _, guide = bw.save_world(bw.shared_dir(tmp_path_factory, "world"), num_classes=3)
     return guide

@@ -23,16 +23,6 @@ from synthaug.errors import UserError
 from synthaug.layout import resume_command
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, world):
-    return bw.reference_build(tmp_path_factory, *world)
-
-
 def _copy(src, dst):
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
     return dst

@@ -24,16 +24,6 @@ ONE = {**RAY, "run.num_workers": 1}  # failure tests: one actor (each actor proc
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, world):
-    return bw.reference_build(tmp_path_factory, *world)
-
-
-@pytest.fixture(scope="module")
 def cluster():
     """A local Ray for the module; `build` uses the session it finds and leaves it running."""
     from synthaug.builder.executors import _init_local_ray

@@ -17,16 +17,6 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return bw.save_world(bw.shared_dir(tmp_path_factory, "world"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, world):
-    return bw.reference_build(tmp_path_factory, *world)
-
-
 @pytest.fixture
 def nodes():
     """A head (0 CPUs) and two worker nodes (1 CPU each), with this process connected as the driver."""
