@@ -27,11 +27,11 @@ from .layout import (
     FINAL_FILES,
     PLAN_FILE,
     TOKENS_DIR,
-    _shard_done,
-    _token_name,
     resume_command,
     sample_key,
+    shard_done,
     token_path,
+    token_string,
 )
 from .models import load_diffusion
 from .shards import encode_image
@@ -167,7 +167,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         for t in j.shards:
             shards_expected += 1
             images_expected += t.size
-            if _shard_done(out, t.shard_id):
+            if shard_done(out, t.shard_id):
                 per[t.method] += t.size
                 done_here += 1
             counts.setdefault(t.method, {}).setdefault(j.class_index, 0)
@@ -397,7 +397,7 @@ def _class_token(path: Path, job: ClassJob) -> torch.Tensor:
         raise UserError(f"Token file {str(path)!r} holds {len(tokens)} tokens ({shown}); a class token file holds one: "
                         f"delete it and resume the build to learn it again.")
     (token, embedding), = tokens.items()
-    expected = _token_name(job.class_index)
+    expected = token_string(job.class_index)
     if token != expected:
         raise UserError(f"Token file {str(path)!r} holds token {token[:60]!r} but class {job.class_index}'s token is "
                         f"{expected!r}: the file was not written by this build; delete it and resume the build.")
@@ -443,7 +443,7 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     for j in present:
         src = token_path(out, j.class_index)
         embedding = _class_token(src, j)
-        stem = _token_name(j.class_index).strip("<>")  # from the class index: no file's content names a path
+        stem = token_string(j.class_index).strip("<>")  # from the class index: no file's content names a path
         if format == "diffusers":
             path = dest / f"{stem}.safetensors"
             write_bytes(path, src.read_bytes())

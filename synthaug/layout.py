@@ -43,10 +43,13 @@ LOCK_FILE = ".lock"
 FINAL_FILES = ("index.parquet", "_info.json", "classes.json", f"{TOKENS_DIR}/{ALL_TOKENS_FILE}")
 
 
-def _token_name(class_index: int) -> str:
-    # The same spelling as synthaug.tokens.token_name, without importing torch for it (the plan is made before any
-    # heavy import, and a finished build resumes without one).
-    return f"<synthaug-{class_index:03d}>"
+# The token string of class c: a new word that can never collide with the tokenizer's vocabulary.
+TOKEN_FORMAT = "<synthaug-{:03d}>"
+
+
+def token_string(class_index: int) -> str:
+    """``"<synthaug-007>"`` for class 7 (`synthaug.tokens.token_name` is the same, with its argument checked)."""
+    return TOKEN_FORMAT.format(class_index)
 
 
 def token_path(out: str | os.PathLike, class_index: int) -> Path:
@@ -57,11 +60,6 @@ def token_path(out: str | os.PathLike, class_index: int) -> Path:
 def resume_command(out: str | os.PathLike) -> str:
     """The command that resumes the build in `out` (its own ``config.yaml`` holds every setting)."""
     return f"synthaug build --config {shlex.quote(str(Path(out) / CONFIG_FILE))}"
-
-
-def _shard_done(out: Path, sid: int) -> bool:
-    # synthaug.shards.shard_done, without importing pyarrow/webdataset for a file test (the finished-build path)
-    return (out / "shards" / f"{sid:05d}_stats.json").is_file()
 
 
 SHARDS_DIR = "shards"
@@ -152,9 +150,6 @@ def done_shard_ids(out: str | os.PathLike) -> list[int]:
         if m:
             ids.append(int(m.group(1)))
     return sorted(ids)
-
-
-TOKEN_FORMAT = "<synthaug-{:03d}>"
 
 
 EVAL_DIR = "eval"

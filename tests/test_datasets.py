@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthaug.names import clean_class_name
 from synthaug.datasets.catalog import DATASET_NAMES, get_dataset
 from synthaug.datasets.cub import CUB200
 from synthaug.datasets.digits import Digits
@@ -16,6 +15,7 @@ from synthaug.datasets.folder import ImageFolder
 from synthaug.datasets.imagenet import ImageNet
 from synthaug.datasets.inat import INat2021, per_supercategory_sample
 from synthaug.errors import UserError
+from synthaug.names import clean_class_name
 
 
 def _png(path, value, size=(12, 10), mode="RGB"):

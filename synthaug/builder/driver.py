@@ -40,10 +40,10 @@ from ..layout import (
     PLAN_FILE,
     SHARDS_DIR,
     TOKENS_DIR,
-    _shard_done,
     build_files,
     build_lock,
     resume_command,
+    shard_done,
     shard_paths,
     token_path,
 )
@@ -225,11 +225,11 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 
 
 def _job_done(out: Path, job: ClassJob) -> bool:
-    return token_path(out, job.class_index).is_file() and all(_shard_done(out, t.shard_id) for t in job.shards)
+    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id) for t in job.shards)
 
 
 def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
-    return sum(t.size for j in jobs for t in j.shards if _shard_done(out, t.shard_id))
+    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id))
 
 
 def _clear(out: Path) -> None:
@@ -251,7 +251,7 @@ def _clear(out: Path) -> None:
 def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[int, str]]:
     """(shard id, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
     return [(t.shard_id, problem) for j in jobs for t in j.shards
-            if _shard_done(out, t.shard_id) and (problem := check_shard(out, t.shard_id)) is not None]
+            if shard_done(out, t.shard_id) and (problem := check_shard(out, t.shard_id)) is not None]
 
 
 def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..config import BuildConfig
-from ..layout import PLAN_FILE, _token_name
+from ..layout import PLAN_FILE, token_string
 
 PLAN_VERSION = 1
 
@@ -82,7 +82,7 @@ def plan(config: BuildConfig, class_names: Sequence[str], selected: Sequence[int
             for k in range(chunks):
                 sid = shard_id(slot, c, k, num_classes=len(class_names), chunks_per_class=chunks)
                 tasks.append(ShardTask(sid, method, c, k, k * per_shard, min(config.per_class, (k + 1) * per_shard)))
-        jobs.append(ClassJob(c, class_names[c], _token_name(c), tuple(tasks)))
+        jobs.append(ClassJob(c, class_names[c], token_string(c), tuple(tasks)))
     return jobs
 
 
@@ -121,7 +121,7 @@ def _read_plan(out: Path) -> list[ClassJob] | None:
                     return None
                 tasks.append(task)
             job = ClassJob(j["class_index"], j["name"], j["token"], tuple(tasks))
-            if not _index(job.class_index) or not isinstance(job.name, str) or job.token != _token_name(
+            if not _index(job.class_index) or not isinstance(job.name, str) or job.token != token_string(
                     job.class_index) or any(t.class_index != job.class_index for t in tasks):
                 return None
             jobs.append(job)

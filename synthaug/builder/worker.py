@@ -20,7 +20,7 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import generate
-from ..layout import _shard_done, token_path
+from ..layout import shard_done, token_path
 from ..models import load_diffusion
 from ..shards import write_shard
 from ..tokens.clip import class_features, load_clip
@@ -211,7 +211,7 @@ class ClassWorker:
 
         written, images = [], 0
         for task in job.shards:
-            if _shard_done(self.out, task.shard_id):
+            if shard_done(self.out, task.shard_id):
                 continue
             write_shard(self.out, task.shard_id, self._samples(job, task, models),
                         image_format=self.config.shards.image_format, quality=self.config.shards.quality)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import UserError
-from ..layout import TOKEN_FORMAT
+from ..layout import token_string
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -30,7 +30,7 @@ def token_name(class_index: int) -> str:
     """
     if isinstance(class_index, bool) or not isinstance(class_index, int) or class_index < 0:
         raise UserError(f"`class_index` must be a non-negative integer but is {class_index!r}.")
-    return TOKEN_FORMAT.format(class_index)
+    return token_string(class_index)
 
 
 def embedding_sha256(embedding: torch.Tensor) -> str:
