@@ -25,8 +25,8 @@ from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.fid import compute_fid
 from synthaug.evaluate.tables import format_table
+from synthaug.index import open_build
 from synthaug.report import rerun_command, write_results_block
-from synthaug.shards import open_build
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,8 +26,8 @@ from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
 from synthaug.evaluate.tables import format_table
+from synthaug.index import open_build
 from synthaug.report import rerun_command, write_results_block
-from synthaug.shards import open_build
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,8 +30,8 @@ from synthaug.atomic import write_text
 from synthaug.config import parse_overrides
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import evaluate_judge
+from synthaug.index import open_build
 from synthaug.report import rerun_command, write_results_block
-from synthaug.shards import open_build
 
 
 def _ints(text: str) -> list[int]:

@@ -30,8 +30,8 @@ _EXPORTS = {
     "generate": "generation", "GeneratedImage": "generation", "image_seed": "generation",
     "generate_to_folder": "commands",
     # shards
-    "write_shard": "shards", "merge_index": "shards", "read_sample": "shards", "verify": "shards",
-    "load_index": "shards", "ShardReader": "shards", "ShardError": "shards",
+    "write_shard": "shards", "merge_index": "index", "read_sample": "shards", "verify": "index",
+    "load_index": "index", "ShardReader": "shards", "ShardError": "shards", "open_build": "index",
     # datasets / mix
     "get_dataset": "datasets", "few_shot_indices": "datasets", "CUB200": "datasets", "INat2021": "datasets",
     "ImageNet": "datasets", "ImageFolder": "datasets", "Digits": "datasets",

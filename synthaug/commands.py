@@ -21,6 +21,7 @@ from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
 from .errors import UserError
 from .generation import generate
+from .index import verify as verify_shards
 from .layout import (
     CONFIG_FILE,
     FAILURES_FILE,
@@ -35,7 +36,6 @@ from .layout import (
 )
 from .models import load_diffusion
 from .shards import encode_image
-from .shards import verify as verify_shards
 from .tokens.clip import classify, load_clip
 from .tokens.dct import TokenResult, learn_dct_token
 from .tokens.io import (
@@ -68,7 +68,7 @@ class InspectResult:
         tokens_done: class tokens on disk.
         complete: every shard and token done and the index merged.
         failures: the entries of ``failures.json`` (empty when there is none).
-        problems: `synthaug.shards.verify` lines (only with ``verify=True``; empty when all is well).
+        problems: `synthaug.index.verify` lines (only with ``verify=True``; empty when all is well).
         verified: whether `problems` was computed.
     """
 
@@ -152,7 +152,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
 
     Args:
         out: the build directory.
-        verify: also check every shard and image against its recorded size and sha256 (`synthaug.shards.verify`).
+        verify: also check every shard and image against its recorded size and sha256 (`synthaug.index.verify`).
 
     >>> result = inspect("out/digits", verify=True)  # doctest: +SKIP
     >>> print(result.summary())  # doctest: +SKIP

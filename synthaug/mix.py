@@ -23,9 +23,10 @@ from torchvision.datasets import VisionDataset
 
 from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
+from .index import load_index
 from .layout import CLASSES_FILE, KNOWN_METHODS
 from .names import normalize_name
-from .shards import ShardReader, load_index
+from .shards import ShardReader
 
 logger = logging.getLogger(__name__)
 

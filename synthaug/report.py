@@ -31,8 +31,8 @@ from .atomic import atomic_write, write_text
 from .errors import UserError
 from .evaluate.images import ImageReader
 from .evaluate.tables import load_result, result_tables
+from .index import BuildView, _method_sort_key, open_build
 from .layout import EVAL_DIR, REPORT_DIR
-from .shards import BuildView, _method_sort_key, open_build
 from .tokens.io import token_metadata
 
 if TYPE_CHECKING:

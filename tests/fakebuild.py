@@ -46,7 +46,8 @@ def make_build(root: Path, samples: list[dict], *, classes: list[str] = DIGITS, 
     Each sample dict holds ``method, class_index, index, image`` and optionally ``seed`` (default: the index, so
     methods share seeds) and ``guide_prob``. `histories` adds token files with a training history per class.
     """
-    from synthaug.shards import merge_index, write_shard
+    from synthaug.index import merge_index
+    from synthaug.shards import write_shard
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

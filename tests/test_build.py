@@ -425,7 +425,7 @@ def test_sample_selection_is_the_same_in_learn_generate_and_build(tmp_path, worl
     from synthaug.commands import generate_to_folder, learn_tokens
     from synthaug.datasets.digits import Digits
     from synthaug.datasets.inat import per_supercategory_sample
-    from synthaug.shards import load_index
+    from synthaug.index import load_index
 
     groups = ["even", "odd"] * 5
     monkeypatch.setattr(Digits, "supercategories", groups, raising=False)

@@ -84,7 +84,7 @@ def test_judge_prob_written_back_atomically(judge_build):
 
 
 def test_judge_verdicts_survive_a_rebuilt_index(judge_build):
-    from synthaug.shards import merge_index
+    from synthaug.index import merge_index
 
     evaluate_judge(judge_build, ColorJudge(), progress=False)
     judged = pq.read_table(judge_build / "index.parquet")

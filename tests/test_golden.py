@@ -48,7 +48,7 @@ def _config(name: str, root: Path):
 
 def _hashes(name: str, root: Path) -> dict[str, str]:
     from synthaug import build
-    from synthaug.shards import load_index
+    from synthaug.index import load_index
 
     result = build(_config(name, root), progress=False)
     table = load_index(result.out)

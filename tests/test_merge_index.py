@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from synthaug import shards
-from synthaug.shards import index_schema, merge_index, write_shard
+from synthaug import index as index_module
+from synthaug.index import merge_index
+from synthaug.shards import index_schema, write_shard
 
 
 def _sample(c: int, i: int, method: str = "dct", shade: int = 0):
@@ -46,7 +47,7 @@ def test_streamed_index_has_the_bytes_of_sorting_everything_in_memory(tmp_path):
 
 
 def test_row_groups_are_bounded_and_overlapping_shards_are_sorted_in_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "INDEX_ROW_GROUP", 4)
+    monkeypatch.setattr(index_module, "INDEX_ROW_GROUP", 4)
     # shards 0 and 1 interleave (even and odd indices of class 0): no key repeats, but the ranges overlap
     _write_build(tmp_path, {0: [_sample(0, i) for i in range(0, 10, 2)], 1: [_sample(0, i) for i in range(1, 10, 2)],
                             2: [_sample(1, i) for i in range(3)]})
@@ -64,9 +65,9 @@ def test_row_groups_are_bounded_and_overlapping_shards_are_sorted_in_memory(tmp_
     assert f.read().equals(_in_memory(tmp_path))
 
 
-@pytest.mark.parametrize("row_group", [4, shards.INDEX_ROW_GROUP])
+@pytest.mark.parametrize("row_group", [4, index_module.INDEX_ROW_GROUP])
 def test_judge_verdicts_survive_a_rebuilt_index_for_unchanged_images_only(tmp_path, monkeypatch, row_group):
-    monkeypatch.setattr(shards, "INDEX_ROW_GROUP", row_group)
+    monkeypatch.setattr(index_module, "INDEX_ROW_GROUP", row_group)
     _write_build(tmp_path, {0: [_sample(0, i) for i in range(4)], 1: [_sample(1, i) for i in range(4)],
                             2: [_sample(2, i) for i in range(4)]})
     merge_index(tmp_path)

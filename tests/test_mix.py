@@ -8,8 +8,9 @@ from PIL import Image
 from synthaug.datasets.digits import Digits
 from synthaug.errors import UserError
 from synthaug.generation import GeneratedImage
+from synthaug.index import merge_index
 from synthaug.mix import SynthAugDataset
-from synthaug.shards import ShardError, merge_index, write_shard
+from synthaug.shards import ShardError, write_shard
 
 SYN = 16  # synthetic images are 16 px, real digits 32 px: an item's size tells where it came from
 

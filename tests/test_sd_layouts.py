@@ -70,7 +70,7 @@ def test_build_on_the_real_layout(saved, tmp_path, layout, guide, levers):
     """One class: two DCT measurements around one update (the paper's two prompts, CFG), one image, one shard."""
     from synthaug import build
     from synthaug.config import load_config
-    from synthaug.shards import load_index
+    from synthaug.index import load_index
     from synthaug.tokens.io import token_metadata
 
     config = load_config(overrides={

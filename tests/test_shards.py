@@ -12,17 +12,9 @@ from PIL import Image
 
 from synthaug.errors import UserError
 from synthaug.generation import GeneratedImage
+from synthaug.index import load_index, merge_index, verify
 from synthaug.layout import rebuild_hint, sample_key, shard_done, shard_paths
-from synthaug.shards import (
-    ShardError,
-    ShardReader,
-    encode_image,
-    load_index,
-    merge_index,
-    read_sample,
-    verify,
-    write_shard,
-)
+from synthaug.shards import ShardError, ShardReader, encode_image, read_sample, write_shard
 
 SIZE = 16
 

@@ -69,7 +69,8 @@ def write_folder(samples: list[FakeImage], root: Path) -> tuple[float, float]:
 
 def write_shards(samples: list[FakeImage], out: Path, per_shard: int) -> tuple[float, float]:
     """Everything a build writes per image: tar (atomic, fsync), parquet, stats, then the merged index."""
-    from synthaug.shards import merge_index, write_shard
+    from synthaug.index import merge_index
+    from synthaug.shards import write_shard
 
     t, c = time.perf_counter(), time.process_time()
     for sid, start in enumerate(range(0, len(samples), per_shard)):

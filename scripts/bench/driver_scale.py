@@ -155,7 +155,7 @@ def merge_only(out: Path) -> dict:
     """`merge_index` alone on a finished build, in a fresh process: time and peak memory above the start."""
     import json as _json
 
-    from synthaug.shards import merge_index
+    from synthaug.index import merge_index
 
     classes = _json.loads((out / "classes.json").read_text())
     _preload()

@@ -31,6 +31,7 @@ from typing import Any
 from ..atomic import TMP_PREFIX, write_text
 from ..config import BuildConfig, diff, dump_yaml, from_dict, validate
 from ..errors import UserError
+from ..index import merge_index
 from ..layout import (
     ALL_TOKENS_FILE,
     CONFIG_FILE,
@@ -47,7 +48,7 @@ from ..layout import (
     shard_paths,
     token_path,
 )
-from ..shards import check_shard, merge_index
+from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
 from .plan import ClassJob, _read_plan, _write_plan

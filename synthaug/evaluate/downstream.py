@@ -23,11 +23,11 @@ from torch import nn
 from ..atomic import write_text
 from ..datasets.catalog import check_split, default_test_split, get_dataset
 from ..errors import UserError
+from ..index import BuildView, _method_sort_key, open_build
 from ..layout import EVAL_DIR
 from ..mix import MODES, SynthAugDataset
 from ..models import resolve_device
 from ..names import normalize_name
-from ..shards import BuildView, _method_sort_key, open_build
 from .judge import _write_csv
 from .names import map_build_classes, resolve_class_map
 

@@ -21,9 +21,9 @@ from ..classifier.load import load_classifier
 from ..datasets.catalog import check_split, get_dataset
 from ..datasets.fewshot import stratified_indices, targets_of
 from ..errors import UserError
+from ..index import BuildView, open_build
 from ..layout import EVAL_DIR
 from ..models import resolve_device
-from ..shards import BuildView, open_build
 from .images import _model_device_dtype, _resize_center_crop, _to_tensor, iter_image_batches
 from .judge import _write_csv
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..shards import BuildView, ShardReader, decode_image
+from ..index import BuildView
+from ..shards import ShardReader, decode_image
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -24,9 +24,9 @@ from ..atomic import atomic_write, write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import same_source
 from ..errors import UserError
+from ..index import _method_sort_key, open_build
 from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
-from ..shards import _method_sort_key, open_build
 from .images import _model_device_dtype, iter_image_batches
 from .names import ClassMap, map_build_classes, resolve_class_map
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..shards import _method_sort_key
+from ..index import _method_sort_key
 from .downstream import CellResult, DownstreamResult, DownstreamRow
 from .fid import FIDResult, FIDRow
 from .judge import ClassAccuracy, JudgeResult, MethodAccuracy, PairedComparison
