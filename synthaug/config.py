@@ -2,7 +2,7 @@
 
 Consumes ``configs/*.yaml`` + CLI ``--set key=value`` overrides and produces a frozen `BuildConfig`; the resolved
 config is written as ``out/config.yaml`` before any work. YAML keys equal field names (nested sections as mappings,
-``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``, ``fast``) are named override sets
+``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``) are named override sets
 applied before the file's own keys.
 """
 
@@ -50,7 +50,7 @@ class DCTConfig:
     stop_all_correct: bool = True  # rule 1: stop when the whole batch (with select="val": and the val seeds) is right
     patience: int = 20  # rule 2: no loss improvement for this many updates ...
     patience_min_accuracy: float = 0.5  # ... while at least this fraction of the batch is correct
-    fixed_seeds: bool = True  # reuse one batch of training seeds every update (NOTES.md: fresh noise diverged)
+    fixed_seeds: bool = True  # reuse one batch of training seeds every update (fresh noise per update diverged on digits)
     select: str = "min_loss"  # which token to keep: "min_loss" (reference code), "last", or "val" (see below)
     # select="val": every `val_every` updates (and at the stop) generate `val_batch_size` images from held-out seeds
     # with the first prompt, no gradient, and keep the token the guide scores best there (accuracy, then mean
@@ -58,11 +58,11 @@ class DCTConfig:
     val_batch_size: int = 16
     val_every: int = 5
     augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
-    straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (NOTES.md)
+    straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (a hard clamp zeroes saturated pixels' gradient)
     seed: int = 0  # base seed of the training noise
     # >0: also classify the scheduler's predicted clean image (pred_original_sample) at every denoising step before
     # the gradient-carrying ones, each through that step's UNet call only, and add weight x their mean CE. Gives the
-    # token a gradient at the high-noise steps where the image's class is decided (RESULTS.md, issue 8).
+    # token a gradient at the high-noise steps where the image's class is decided (RESULTS.md, "Making the tokens help").
     x0_weight: float = 0.0
     # Memory levers (the maths is unchanged; see BENCHMARKS.md "Memory at 512 px"). micro_batch: put the batch through
     # the graph this many seeds at a time, back-propagating each micro-batch's share of the loss at once (the summed
@@ -156,7 +156,7 @@ class BuildConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# Named override sets. `paper`: DCT appendix D. `fast`: see BENCHMARKS.md for why each change is allowed.
+# Named override sets. `paper`: DCT appendix D.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "dct.num_inference_steps": 50, "dct.guidance_scale": 7.0, "dct.height": 512, "dct.width": 512,
@@ -179,7 +179,7 @@ SEED_SETS: dict[str, dict[str, int]] = {
 }
 
 # Defaults that follow from the dataset (applied under the preset, the file and the overrides): what a user of that
-# dataset expects without writing a config (DESIGN.md §7). Hub ids cannot be loaded offline; their loading path is
+# dataset expects without writing a config. Hub ids cannot be loaded offline; their loading path is
 # tested with local stand-ins.
 _BIRD_GUIDE = {"dct.init_token": "bird", "mcti.init_token": "bird"}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -187,7 +187,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "model": "digits", "guide": "digits-guide", "dct.height": 32, "dct.width": 32, "generate.height": 32,
         "generate.width": 32, "dct.num_inference_steps": 10, "generate.num_inference_steps": 10,
         "generate.batch_size": 50, "dct.max_steps": 60, "dct.lr": 3e-3, "dct.batch_size": 8,
-        # issue 8 (RESULTS.md "Making the tokens help"): train on the generation prompt only (the paper's second
+        # RESULTS.md "Making the tokens help": train on the generation prompt only (the paper's second
         # prompt is off this world's caption distribution and made the loss oscillate), classify every step's
         # predicted clean image, keep the token that validates best on held-out seeds
         "dct.prompts": ["A photo of {token} {label}"], "dct.x0_weight": 1.0, "dct.select": "val",
