@@ -131,9 +131,8 @@ def learn_dct_token(
     val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
     tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt)
     run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
-               pipe._execution_device, pipe.text_encoder.dtype,
-               config.checkpointing if checkpointing is None else checkpointing,  # latents in the prompts' dtype
-               _loss_scaler(pipe))
+               pipe._execution_device, pipe.text_encoder.dtype,  # the pipeline's latents are in the prompts' dtype
+               config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe))
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
         # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
