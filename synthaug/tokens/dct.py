@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 STOP_REASONS = ("all_correct", "patience", "max_steps")
 
 
-# Expectation over transformations (config.augment > 0). NOTES.md measured ±1 px shifts on 8 px digits (1/8 of the
-# side) and Gaussian noise sigma 0.1 as the best single lever with the one-step gradient; the shift scales with size.
+# Expectation over transformations (config.augment > 0). An earlier digits world measured ±1 px shifts on 8 px
+# digits (1/8 of the side) and Gaussian noise sigma 0.1 as the best single lever with the one-step gradient; the
+# shift scales with size.
 AUGMENT_SHIFT = 0.125
 
 
@@ -616,8 +617,8 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
 
 
 def _warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
-    # NOTES.md: with "trailing" spacing the last gradient-carrying step sat at t=99 and the loss diverged; at t~1 it
-    # did not. The gradient only sees the final step(s), so they must be nearly clean.
+    # Measured on an earlier digits world: with "trailing" spacing the last gradient-carrying step sat at t=99 and
+    # the loss diverged; at t~1 it did not. The gradient only sees the final step(s), so they must be nearly clean.
     total = getattr(scheduler.config, "num_train_timesteps", 1000)
     last = float(timesteps[-1])
     if last > 0.05 * total:
