@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from _report import publish
@@ -142,8 +144,6 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
 
 def time_world(layout: str, size: int, steps: int, device: str) -> tuple[float, float, Parts]:
     """Seconds for one generated image and one DCT update of the random SD-scale world at `size` px."""
-    import tempfile
-    from pathlib import Path
 
     from synthaug.classifier import load_classifier
     from synthaug.testing import save_vit_guide, sd_pipeline
@@ -192,7 +192,7 @@ def main() -> int:
         for preset in args.presets.split(","):
             cfg = preset_configs(preset)
             d = replace(cfg.dct, height=args.size, width=args.size)
-            up = update_flops(parts, d, checkpointing=getattr(d, "checkpointing", False))
+            up = update_flops(parts, d, checkpointing=d.checkpointing)
             rows.append(f"| {layout} | {preset} | {image_flops(parts, cfg.generate) / 1e12:.1f} | "
                         f"{sum(up.values()) / 1e12:.1f} | {up['unet'] / 1e12:.1f} | "
                         f"{up['decode + guide'] / 1e12:.2f} | {up.get('x0 decode + guide', 0) / 1e12:.1f} | "

@@ -248,11 +248,10 @@ def validate(args) -> list[dict]:
         row["rss_over_count"] = row["rss_mib"] / row["real_count_mib"]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("\n| layout | px | micro_batch | checkpointing | counted, fake (MiB) | counted, real (MiB) | "
-          "peak RSS increase (MiB) | RSS / count |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['layout']} | {r['size']} | {r['micro_batch'] or 'batch'} | {r['checkpointing']} | "
-              f"{r['fake_count_mib']:.0f} | {r['real_count_mib']:.0f} | {r['rss_mib']:.0f} | {r['rss_over_count']:.2f} |")
+    _print_table(["layout", "px", "micro_batch", "checkpointing", "counted, fake (MiB)", "counted, real (MiB)",
+                  "peak RSS increase (MiB)", "RSS / count"],
+                 [[r["layout"], r["size"], r["micro_batch"] or "batch", r["checkpointing"], f"{r['fake_count_mib']:.0f}",
+                   f"{r['real_count_mib']:.0f}", f"{r['rss_mib']:.0f}", f"{r['rss_over_count']:.2f}"] for r in rows])
     return rows
 
 
@@ -272,13 +271,17 @@ def table(args) -> None:
         r = count(layout, args.size, args.dtype, args.batch, steps, grad_steps, micro, ckpt)
         print(json.dumps(r), flush=True)
         rows.append(r)
-    print("\n| layout | micro_batch | checkpointing | grad_steps | T counted | weights (GiB) | peak (GiB) |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {'SD-1.5' if r['layout'] == 'sd15' else 'SD-2.1-v'} | {r['micro_batch'] or r['batch']} | "
-              f"{'yes' if r['checkpointing'] else 'no'} | {r['grad_steps']} | {r['steps']} | "
-              f"{r['weights_bytes'] / GIB:.2f} | "
-              f"**{r['peak_gib']:.2f}** |")
+    _print_table(["layout", "micro_batch", "checkpointing", "grad_steps", "T counted", "weights (GiB)", "peak (GiB)"],
+                 [["SD-1.5" if r["layout"] == "sd15" else "SD-2.1-v", r["micro_batch"] or r["batch"],
+                   "yes" if r["checkpointing"] else "no", r["grad_steps"], r["steps"], f"{r['weights_bytes'] / GIB:.2f}",
+                   f"**{r['peak_gib']:.2f}**"] for r in rows])
+
+
+def _print_table(header: list[str], rows: list[list]) -> None:
+    """A markdown table, after a blank line."""
+    print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
 
 
 def main() -> None:
