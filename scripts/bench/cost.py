@@ -31,8 +31,10 @@ import torch
 from _report import publish
 from torch.utils.flop_counter import FlopCounterMode
 
+from synthaug.classifier import load_classifier
 from synthaug.config import PRESETS, DCTConfig, GenerateConfig, load_config
-from synthaug.testing import sd_configs
+from synthaug.testing import save_vit_guide, sd_configs, sd_pipeline
+from synthaug.tokens import learn_dct_token
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SECTION = "## Cost model"
@@ -144,11 +146,6 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float =
 
 def time_world(layout: str, size: int, steps: int, device: str) -> tuple[float, float, Parts]:
     """Seconds for one generated image and one DCT update of the random SD-scale world at `size` px."""
-
-    from synthaug.classifier import load_classifier
-    from synthaug.testing import save_vit_guide, sd_pipeline
-    from synthaug.tokens import learn_dct_token
-
     pipe = sd_pipeline(layout, sample_size=size // 8, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         guide = load_classifier(save_vit_guide(Path(tmp) / "guide", "mae-cub", num_classes=10), device=device)
