@@ -2,9 +2,9 @@
 
 Consumes a stock `StableDiffusionPipeline` whose tokenizer already knows the class tokens (`synthaug.tokens.add_tokens`
 or diffusers' own ``pipe.load_textual_inversion``) and produces `GeneratedImage`s: the PIL image plus everything an
-index row records (ARCHITECTURE.md, "The build folder"). Each image has its own ``torch.Generator`` seeded by `image_seed`, so an image's
-pixels depend only on (seed, class, index, prompt, token, settings) — not on the batch it was generated in, nor on
-the worker that made it. The plain-prompt baseline (``token=None``, method ``"sd"``) uses the identical seeds, so a DCT
+index row records (ARCHITECTURE.md, "The build folder"). Each image has its own ``torch.Generator`` seeded by
+`image_seed`, so an image's pixels depend only on (seed, class, index, prompt, token, settings) — not on the batch it
+was generated in, nor on the worker that made it. The plain-prompt baseline (``token=None``, method ``"sd"``) uses the identical seeds, so a DCT
 image and its baseline differ only by the token.
 """
 
