@@ -16,7 +16,9 @@ import torch
 from .atomic import atomic_write, write_bytes, write_text
 from .builder.plan import ClassJob, _read_plan
 from .classifier.load import load_classifier
+from .classifier.source import check_label_agreement, declared_labels, declared_multi_label
 from .config import from_dict
+from .datasets.base import class_aliases
 from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
 from .errors import UserError
@@ -36,6 +38,7 @@ from .layout import (
 )
 from .models import load_diffusion
 from .shards import encode_image
+from .target import GuideTarget, check_label_free, parse_guide_target
 from .tokens.clip import classify, load_clip
 from .tokens.dct import TokenResult, learn_dct_token
 from .tokens.io import (
@@ -217,20 +220,31 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
     Writes ``{class:03d}.safetensors`` per class (the same files `synthaug build` writes under ``tokens/``) and
     ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again.
 
+    With ``config.guide_target = "attribute:NAME[=0|1]"`` (``--guide-target``) it learns one attribute token instead,
+    steered by the multi-label guide's output NAME, and writes ``attribute-NAME-1.safetensors`` (token
+    ``<synthaug-NAME-1>``; the file's metadata records the target); the dataset and class selection are not used,
+    and the prompts (``dct.prompts``, ``generate.prompt``) must have no ``{label}``.
+
     >>> results = learn_tokens(load_config(overrides={"classes": "seven"}), out="tokens/")
+    >>> attr = learn_tokens(load_config(overrides={"guide": "digits-attr-guide",
+    ...                                            "guide_target": "attribute:closed_loop=1",
+    ...                                            "dct.prompts": ["A photo of {token}"],
+    ...                                            "generate.prompt": "A photo of {token}"}), out="tokens/")
     """
     if config.method != "dct":
         raise UserError(f"`method` must be 'dct' for `synthaug learn` but is {config.method!r}: TI/MC-TI tokens "
                         f"need the few-shot images, use `synthaug build --method {config.method}`.")
+    target = parse_guide_target(config.guide_target)
+    if not target.is_class:
+        return [_learn_attribute_token(config, target, Path(out), progress)]
     dataset = get_dataset(config.dataset, config.root, config.split)
     names = [str(c) for c in dataset.classes]
     selected = select_classes(dataset, config.classes)
     out = Path(out)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
-    if guide.num_classes != len(names):
-        raise UserError(f"`guide` {config.guide!r} predicts {guide.num_classes} classes but dataset "
-                        f"{config.dataset!r} has {len(names)}: pass a guide trained on this dataset's classes.")
+    check_label_agreement(class_aliases(dataset), labels=guide.labels, count=guide.num_classes, what="guide",
+                          source=config.guide, dataset=config.dataset)
     results = []
     for c in selected:
         path = out / f"{c:03d}.safetensors"
@@ -251,6 +265,33 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
         results.append(result)
     save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
     return results
+
+
+def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: bool) -> TokenResult:
+    """`learn_tokens` for an attribute target: the guide's labels, kind and the prompts are checked before any model
+    loads (where the guide's config file is on this machine), then the one token is learned, or loaded if its file
+    exists."""
+    check_label_free((*config.dct.prompts, *([config.generate.prompt] if config.dct.select == "val" else [])), target)
+    labels, _ = declared_labels(config.guide)
+    multi_label = declared_multi_label(config.guide)
+    if labels is not None and multi_label is not None:
+        target.output_index(labels, multi_label=multi_label, source=config.guide)
+    path = out / f"attribute-{target.stem}.safetensors"
+    if path.is_file():
+        meta = token_metadata(path)
+        (token, emb), = load_tokens(path).items()
+        return TokenResult(token=token, class_index=int(meta.get("class_index", 0)), label=meta.get("label", ""),
+                           embedding=emb, steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
+                           best_step=int(meta.get("best_step", 0)), history=json.loads(meta.get("history", "[]")),
+                           unet_evals=int(meta.get("unet_evals", 0)),
+                           metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
+                                     "guide_trained_on": meta.get("guide_trained_on"), "target": meta.get("target")})
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    result = learn_dct_token(pipe, guide, config=config.dct, progress=progress, val_prompt=config.generate.prompt,
+                             target=target)
+    save_token(result, path)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -361,6 +361,43 @@ def test_bad_input_found_only_after_loading_leaves_nothing(tmp_path, world, monk
     assert not list(out.rglob("*.safetensors")) and not list(out.rglob("*.tar"))
 
 
+def _reordered_digits_guide(dst):
+    """The shipped digits guide with its label names in another order: same count, every logit the wrong class."""
+    import json
+    import shutil
+
+    from synthaug.classifier.source import EMBEDDED_CLASSIFIERS
+
+    shutil.copytree(EMBEDDED_CLASSIFIERS["digits-guide"], dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["label_names"] = cfg["label_names"][1:] + cfg["label_names"][:1]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_guide_labels_in_another_order_are_refused_once_loaded(tmp_path, world, monkeypatch):
+    """A guide whose labels are known only once loaded (a hub model) is checked by name and order in the worker."""
+    import synthaug.builder.validate as dist
+
+    guide = _reordered_digits_guide(tmp_path / "guide")
+    monkeypatch.setattr(dist, "guide_num_classes", lambda source: None)  # as for a hub id: no file to read first
+    out = tmp_path / "build"
+    with pytest.raises(UserError, match=r"`guide` .* labels its outputs differently from dataset 'digits' \(10 of 10 "
+                                        r"differ; 0: dataset 'zero' vs guide 'one'"):
+        build(bw.config(out, world[0], guide), progress=False)
+    assert not (out / "config.yaml").exists() and not list(out.rglob("*.safetensors"))
+
+
+def test_learn_refuses_a_guide_whose_labels_are_in_another_order(tmp_path, world):
+    from synthaug.commands import learn_tokens
+
+    guide = _reordered_digits_guide(tmp_path / "guide")
+    with pytest.raises(UserError, match=r"labels its outputs differently from dataset 'digits'"):
+        learn_tokens(bw.config(tmp_path / "unused", world[0], guide, classes="0"), out=tmp_path / "tokens",
+                     progress=False)
+    assert not (tmp_path / "tokens").exists()
+
+
 @pytest.mark.parametrize("name,dataset,guide,init", [
     ("cub", "cub", "vesteinn/vit-mae-cub", "bird"), ("inat", "inat", "vesteinn/vit-mae-inat21", "a"),
     ("inat50", "inat", "vesteinn/vit-mae-inat21", "a"), ("inat179", "cub", "vesteinn/vit-mae-cub", "bird"),

@@ -77,6 +77,9 @@ class BuildResult:
         failures: one dict per class job that failed every retry (also in ``failures.json``).
         resumed: the folder held an earlier run of the same config.
         resume_command: the command that resumes this build.
+        ray_seconds: Ray executor: seconds until Ray ran (a local Ray started, or a cluster attached); else None.
+        first_worker_seconds: Ray executor: seconds until the first actor could take a job (its process started and
+            imported torch and diffusers; models load with its first job); else None.
     """
 
     out: Path
@@ -91,6 +94,8 @@ class BuildResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     resumed: bool = False
     resume_command: str = ""
+    ray_seconds: float | None = None
+    first_worker_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -184,9 +189,9 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         executor = config.run.executor if todo else "none"
         try:
             if todo and config.run.executor == "ray":
-                _run_ray(config, out, todo, len(prep.class_names), tracker)
+                _run_ray(config, out, todo, prep.class_aliases, tracker)
             elif todo:
-                _run_local(config, out, todo, len(prep.class_names), tracker)
+                _run_local(config, out, todo, prep.class_aliases, tracker)
         except UserError:
             # Bad input that only a loaded model reveals (e.g. a guide whose label count no config file states).
             # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead
@@ -217,6 +222,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             tokens_new=sum(token_path(out, j.class_index).is_file() for j in prep.jobs) - tokens_before,
             seconds=time.perf_counter() - started, executor=executor, workers=tracker.workers, failures=failures,
             resumed=prep.mode == "resume", resume_command=resume_command(out),
+            ray_seconds=tracker.ray_seconds, first_worker_seconds=tracker.first_worker_seconds,
         )
     if failures:
         logger.error("%s", result.summary())

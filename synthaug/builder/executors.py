@@ -67,6 +67,14 @@ class _Tracker:
         self.failures: list[dict[str, Any]] = []
         self.workers = 0
         self.last_event: dict[int, float] = {}  # class index -> time.monotonic() of its newest progress event
+        # Ray: seconds from the executor's start to a running Ray (started or attached), and to the first worker
+        # able to take a job (its process started, torch and diffusers imported); None where not (yet) reached
+        self.ray_seconds: float | None = None
+        self.first_worker_seconds: float | None = None
+        # Ray: seconds from the executor's start to a running Ray (started or attached), and to the first worker
+        # able to take a job (its process started, torch and diffusers imported); None where not (yet) reached
+        self.ray_seconds: float | None = None
+        self.first_worker_seconds: float | None = None
 
     def event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("kind")
@@ -117,14 +125,14 @@ class _Tracker:
         self.classes.close()
 
 
-def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker) -> None:
+def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: list, tracker: _Tracker) -> None:
     """Run the jobs one after the other in this process, with the same worker and retry rules as on Ray.
 
     (``run.job_timeout_s`` does not apply: a job cannot be stopped from inside its own process.)
     """
     hooks = WorkerHooks.from_env()
     threads = config.run.cpus_per_worker if _resolved_device(config.device) == "cpu" else None
-    worker = ClassWorker(to_dict(config), str(out), num_classes, [j.class_index for j in jobs], report=tracker.event,
+    worker = ClassWorker(to_dict(config), str(out), classes, [j.class_index for j in jobs], report=tracker.event,
                          threads=threads, hooks=hooks, in_ray=False)
     tracker.workers = 1
     try:
@@ -274,6 +282,18 @@ def _plan_workers(nodes: list[Mapping[str, float]], run: RunConfig, device: str,
     return _WorkerPlan(count, options, device, threads, capped)
 
 
+def _in_flight(run: RunConfig, workers: int) -> tuple[int, int]:
+    """How many class jobs may be submitted at once, in all and per actor.
+
+    One per actor by default: a job is handed out only when an actor is free, so a long job never waits behind
+    another on a busy actor while a second actor sits idle (class jobs differ 10-100x in length where early stopping
+    ends some tokens at once); handing the next job over costs a few milliseconds. ``run.max_in_flight`` above the
+    actor count queues jobs on the actors (to hide a slow link to a remote cluster).
+    """
+    total = run.max_in_flight or workers
+    return total, max(1, math.ceil(total / workers))
+
+
 @dataclass
 class _Slot:
     """One actor of the build and the jobs submitted to it (it runs them one at a time, in order)."""
@@ -290,11 +310,13 @@ class _Slot:
         return self.handle is not None and self.ping is None
 
 
-def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: int, tracker: _Tracker) -> None:
+def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: list, tracker: _Tracker) -> None:
     """Run the jobs on Ray actors with a bounded number in flight; retry failed, stuck and orphaned jobs."""
     run = config.run
     hooks = WorkerHooks.from_env()
+    entered = time.monotonic()
     with _ray_session(run.ray_address) as ray:
+        tracker.ray_seconds = time.monotonic() - entered
         from ray.exceptions import RayActorError, RayError, RayTaskError
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -305,8 +327,7 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
         if plan.capped:
             logger.warning("%s", plan.capped)
         n = plan.count
-        max_in_flight = run.max_in_flight or 2 * n
-        per_actor = max(1, math.ceil(max_in_flight / n))
+        max_in_flight, per_actor = _in_flight(run, n)
         logger.info("ray: %d %s worker(s), up to %d class jobs in flight", n, "GPU" if "num_gpus" in plan.options
                     else "CPU", max_in_flight)
         # Progress events go through a queue actor with 0 CPUs (it never takes a worker's slot), kept on the
@@ -323,7 +344,7 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
         def spawn(failures: int = 0) -> _Slot:
             nonlocal spawned
             spawned += 1
-            handle = actor_cls.remote(config_dict, str(out), num_classes, selected, report=report,
+            handle = actor_cls.remote(config_dict, str(out), classes, selected, report=report,
                                       device=plan.device, threads=plan.threads, hooks=hooks, in_ray=True)
             return _Slot(handle, handle.ping.remote(), time.monotonic(), start_failures=failures)
 
@@ -397,6 +418,14 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], num_classes: 
                         try:
                             ray.get(ref)
                             slots[i].ping = None
+                            if tracker.first_worker_seconds is None:
+                                tracker.first_worker_seconds = time.monotonic() - entered
+                                logger.info("ray: running after %.1fs, first worker ready after %.1fs",
+                                            tracker.ray_seconds, tracker.first_worker_seconds)
+                            if tracker.first_worker_seconds is None:
+                                tracker.first_worker_seconds = time.monotonic() - entered
+                                logger.info("ray: running after %.1fs, first worker ready after %.1fs",
+                                            tracker.ray_seconds, tracker.first_worker_seconds)
                         except RayError as e:
                             last_start_error = f"{type(e).__name__}: {e}"
                             retire(i, f"it died before it could take a job: {str(e).strip().splitlines()[0][:200]}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import write_text
@@ -161,3 +161,5 @@ class _Prepared:
     class_names: list[str]
     selected: list[int]
     jobs: list[ClassJob]
+    # every name each class goes by (`class_aliases`): a loaded guide's labels are checked against them
+    class_aliases: list[tuple[str, ...]] = field(default_factory=list)

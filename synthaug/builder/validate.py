@@ -251,4 +251,5 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
             if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
                 raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
                                 f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
-    return _Prepared(config, out, mode, class_names, selected, plan(config, class_names, selected))
+    return _Prepared(config, out, mode, class_names, selected, plan(config, class_names, selected),
+                     class_aliases(dataset))

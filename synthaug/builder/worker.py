@@ -9,20 +9,21 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ..classifier.load import load_classifier
+from ..classifier.source import check_label_agreement
 from ..config import from_dict
 from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
-from ..generation import generate
+from ..generation import batch_size_for, batch_sizes, compile_unet, generate, use_unet
 from ..layout import shard_done, token_path
 from ..models import load_diffusion
-from ..shards import write_shard
+from ..shards import ShardWriter
 from ..tokens.clip import class_features, load_clip
 from ..tokens.dct import learn_dct_token
 from ..tokens.io import add_tokens, load_tokens, save_token
@@ -118,21 +119,27 @@ class ClassWorker:
     Args:
         config: the build config as a plain dict (`synthaug.config.to_dict`); plain data crosses process borders.
         out: the build directory (shared storage when actors run on other machines).
-        num_classes: the dataset's class count (the guide must predict exactly these).
+        classes: the dataset's classes, each as its names (`synthaug.datasets.class_aliases`); the loaded guide's
+            labels are checked against them (the guide's logit c must be class c).
         selected: the classes of the build (TI loads only their few-shot images; MC-TI loads every class's).
         report: called with progress events (dicts); the Ray executor passes one that feeds a queue.
         device: overrides ``config.device`` (a Ray actor sees its one GPU as ``cuda``).
         threads: CPU threads for torch while the worker runs; the same count gives the same bytes on CPU.
         hooks: callbacks at fixed points of each job (`WorkerHooks`), imported on the first job.
         in_ray: whether this runs as a Ray actor (for hooks: a crash there ends the process).
+        overlap_writes: encode and write batch i's images on a background thread while batch i+1 generates
+            (`synthaug.shards.ShardWriter`); False writes them in line (the same bytes; benchmarks compare the two).
+        models: models already loaded (``{"pipe", "guide"}``, plus what TI/MC-TI need), instead of loading them from
+            the config on the first job (benchmarks and tests that reuse one pipeline).
     """
 
-    def __init__(self, config: dict[str, Any], out: str, num_classes: int, selected: Sequence[int] = (), *,
+    def __init__(self, config: dict[str, Any], out: str, classes: Sequence[str | Sequence[str]], selected: Sequence[int] = (), *,
                  report: Callable | None = None, device: str | None = None, threads: int | None = None,
-                 hooks: WorkerHooks | None = None, in_ray: bool = False) -> None:
+                 hooks: WorkerHooks | None = None, in_ray: bool = False, overlap_writes: bool = True,
+                 models: dict[str, Any] | None = None) -> None:
         self.config = from_dict(config)
         self.out = Path(out)
-        self.num_classes = num_classes
+        self.classes = [c if isinstance(c, str) else tuple(c) for c in classes]
         self.selected = list(selected)
         self._report = report or (lambda event: None)
         self.device = device or self.config.device
@@ -140,8 +147,11 @@ class ClassWorker:
         self.hooks = hooks
         self.hook_settings = dict(hooks.settings) if hooks else {}
         self.in_ray = in_ray
-        self._models: dict[str, Any] | None = None
+        self.overlap_writes = overlap_writes
+        self._models: dict[str, Any] | None = models
         self._threads_before: int | None = None
+        self._generate: Any = None  # the generate config with its batch size resolved, set on the first shard
+        self._unet: Any = None  # the compiled UNet with generate.compile
 
     def ping(self) -> int:
         """The worker's process id (the driver asks after a crash whether the actor came back)."""
@@ -149,7 +159,7 @@ class ClassWorker:
 
     def close(self) -> None:
         """Drop the models and give back the thread setting (in-process use)."""
-        self._models = None
+        self._models = self._generate = self._unet = None
         if self._threads_before is not None:
             import torch
 
@@ -169,9 +179,8 @@ class ClassWorker:
             torch.set_num_threads(self.threads)
         pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
         guide = load_classifier(cfg.guide, device=pipe.device, trained_on=cfg.guide_trained_on)
-        if guide.num_classes != self.num_classes:
-            raise UserError(f"`guide` {cfg.guide!r} predicts {guide.num_classes} classes but dataset "
-                            f"{cfg.dataset!r} has {self.num_classes}: pass a guide trained on this dataset's classes.")
+        check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
+                              source=cfg.guide, dataset=cfg.dataset)
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}
         if cfg.method in ("ti", "mcti"):
             models.update(self._few_shot(pipe))
@@ -200,7 +209,12 @@ class ClassWorker:
         """Learn or load the class token, then write every unfinished shard of the class.
 
         Returns:
-            ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid"}``.
+            ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid",
+            "batch_size", "compile_seconds", "generate_seconds", "write_seconds", "write_wait_seconds"}``:
+            `compile_seconds` is the UNet's compile time (``generate.compile``; in the worker's first job with shards
+            to write, 0 otherwise), `generate_seconds` the wall time of generating and writing the shards (without
+            the compile), `write_seconds` the time spent encoding and writing images, `write_wait_seconds` the part
+            of it generation waited for (near 0 when the writer keeps up in the background).
         """
         started = time.perf_counter()
         c = job.class_index
@@ -208,20 +222,70 @@ class ClassWorker:
         self._hook("on_job_start", job, attempt)
         models = self._load()
         learned, token_seconds = self._ensure_token(job, models)
+        stats = self._write_shards(job, models)
+        return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds, **stats,
+                "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
-        written, images = [], 0
-        for task in job.shards:
-            if shard_done(self.out, task.shard_id):
-                continue
-            write_shard(self.out, task.shard_id, self._samples(job, task, models),
-                        image_format=self.config.shards.image_format, quality=self.config.shards.quality)
-            written.append(task.shard_id)
-            images += task.size
-            self._report({"kind": "shard", "class_index": c, "shard": task.shard_id, "images": task.size})
-            self._hook("on_shard_written", job, task.shard_id)
-        return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds,
-                "shards_written": written, "images": images, "seconds": time.perf_counter() - started,
-                "pid": os.getpid()}
+    def _write_shards(self, job: ClassJob, models: dict[str, Any]) -> dict[str, Any]:
+        """Generate and write every unfinished shard of the job, batch by batch.
+
+        The images of batch i are encoded and written on the `ShardWriter`'s thread while batch i+1 generates. A
+        shard's progress event and ``on_shard_written`` hook come once it is complete on disk, and always before the
+        next shard can complete (so a job stopped in that hook leaves exactly the shards reported so far).
+        """
+        c = job.class_index
+        pending = [t for t in job.shards if not shard_done(self.out, t.shard_id)]
+        stats: dict[str, Any] = {"shards_written": [], "images": 0, "batch_size": None, "compile_seconds": 0.0,
+                                 "generate_seconds": 0.0, "write_seconds": 0.0, "write_wait_seconds": 0.0}
+        if not pending:
+            return stats
+        pipe = models["pipe"]
+        if self._generate is None:
+            stats["compile_seconds"] = self._prepare_generation(pipe, pending, c)
+        gen = self._generate
+        sizes = {t.shard_id: t.size for t in pending}
+
+        def on_disk(done: list) -> None:
+            for shard_id, _ in done:
+                stats["shards_written"].append(shard_id)
+                stats["images"] += sizes[shard_id]
+                self._report({"kind": "shard", "class_index": c, "shard": shard_id, "images": sizes[shard_id]})
+                self._hook("on_shard_written", job, shard_id)
+
+        t0 = time.perf_counter()
+        shards = self.config.shards
+        with ShardWriter(self.out, image_format=shards.image_format, quality=shards.quality,
+                         background=self.overlap_writes) as writer, use_unet(pipe, self._unet):
+            for task in pending:
+                writer.begin(task.shard_id)
+                token = None if task.method == "sd" else job.token
+                # batches start at the shard's first index, exactly as `generate` would split the whole range itself
+                for lo in range(task.start, task.stop, gen.batch_size):
+                    hi = min(lo + gen.batch_size, task.stop)
+                    writer.put(generate(pipe, class_index=c, label=job.name, token=token, indices=range(lo, hi),
+                                        config=gen, method=task.method, classifier=models["guide"]))
+                    self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": hi - task.start})
+                    on_disk(writer.finished())
+                on_disk(writer.drain())  # the previous shard: its hook runs before this one can complete
+                writer.end()
+            on_disk(writer.drain())
+        stats.update(batch_size=gen.batch_size, generate_seconds=time.perf_counter() - t0,
+                     write_seconds=writer.write_seconds, write_wait_seconds=writer.wait_seconds)
+        return stats
+
+    def _prepare_generation(self, pipe: Any, pending: Sequence[ShardTask], class_index: int) -> float:
+        """Once per worker: resolve ``generate.batch_size`` (auto: from free memory on CUDA) and, with
+        ``generate.compile``, compile the UNet for the batch sizes the shards use. Returns the compile seconds."""
+        gen = self.config.generate
+        gen = replace(gen, batch_size=batch_size_for(pipe, gen))
+        seconds = 0.0
+        if gen.compile:
+            sizes = sorted({n for t in pending for n in batch_sizes(t.start, t.stop, gen.batch_size)}, reverse=True)
+            self._unet, seconds = compile_unet(pipe, gen, sizes)
+            logger.info("generate.compile: UNet compiled for batch sizes %s in %.1f s", sizes, seconds)
+            self._report({"kind": "compile", "class_index": class_index, "seconds": seconds})
+        self._generate = gen
+        return seconds
 
     def _ensure_token(self, job: ClassJob, models: dict[str, Any]) -> tuple[bool, float]:
         """Learn and save the class token unless its file exists; then put the saved token into the pipeline.
@@ -253,20 +317,6 @@ class ClassWorker:
                           "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
         add_tokens(pipe, load_tokens(path))
         return learned, seconds
-
-    def _samples(self, job: ClassJob, task: ShardTask, models: dict[str, Any]):
-        """The shard's images, generated batch by batch (memory stays at one batch) with progress after each.
-
-        Batches start at the shard's first index, exactly as `generate` would split the whole range itself.
-        """
-        gen = self.config.generate
-        token = None if task.method == "sd" else job.token
-        for lo in range(task.start, task.stop, gen.batch_size):
-            hi = min(lo + gen.batch_size, task.stop)
-            yield from generate(models["pipe"], class_index=job.class_index, label=job.name, token=token,
-                                indices=range(lo, hi), config=gen, method=task.method, classifier=models["guide"])
-            self._report({"kind": "images", "class_index": job.class_index, "shard": task.shard_id,
-                          "done": hi - task.start})
 
     def _hook(self, point: str, *args: Any) -> None:
         if self.hooks is None:
