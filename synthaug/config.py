@@ -2,8 +2,9 @@
 
 Consumes ``configs/*.yaml`` + CLI ``--set key=value`` overrides and produces a frozen `BuildConfig`; the resolved
 config is written as ``out/config.yaml`` before any work. YAML keys equal field names (nested sections as mappings,
-``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``) are named override sets
-applied before the file's own keys.
+``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``, ``fast``) are named override sets
+applied over the dataset's defaults and before the file's own keys; a preset may carry its own values for a dataset
+(`PRESET_VARIANTS`), used there instead of its generic ones.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class RunConfig:
     num_workers: int | None = None  # actors; None -> one per GPU, or 1 CPU actor per 2 CPUs without GPUs
     cpus_per_worker: int = 2  # CPU slots per actor when the cluster has no GPU
     max_retries: int = 2  # a failed class job is retried this many times
-    max_in_flight: int | None = None  # jobs submitted but not finished; None -> 2 x workers
+    max_in_flight: int | None = None  # jobs submitted but not finished; None -> one per worker (a free one)
     job_timeout_s: float = 3600.0  # Ray: a running job with no progress event (start, token, images, shard) for this
     # long is stopped and retried on another worker; token learning reports only when done, so keep it above that
 
@@ -156,7 +157,8 @@ class BuildConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# Named override sets. `paper`: DCT appendix D.
+# Named override sets, applied over the dataset's defaults (a dataset's `PRESET_VARIANTS` entry replaces them there).
+# `paper`: DCT appendix D. `fast`: below.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "dct.num_inference_steps": 50, "dct.guidance_scale": 7.0, "dct.height": 512, "dct.width": 512,
@@ -167,6 +169,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         # for about two more forwards of the last UNet call and of the decoder per update (BENCHMARKS.md)
         "dct.checkpointing": True,
         "generate.height": 512, "generate.width": 512,
+    },
+}
+# `fast`: the paper's settings at about half the UNet evaluations or fewer. DPM-Solver++ (2M), diffusers' multistep
+# solver, at 20 steps for token learning and 25 for the images (the paper: 50 of PNDM's), for the token and the images
+# alike, and a shorter patience (10 updates without a lower loss, not 20) and cap (100 updates, not 200). Weights load
+# in bf16 on CUDA where supported (`dtype: auto`, as for every preset); the token itself always trains in fp32.
+# BENCHMARKS.md "Cost model" has the TFLOP per image and per update on SD-1.5; RESULTS.md "The fast preset" the
+# acceptance measurement on the digits world.
+PRESETS["fast"] = {
+    **PRESETS["paper"],
+    "scheduler": "dpmsolver++", "dct.num_inference_steps": 20, "generate.num_inference_steps": 25,
+    "dct.max_steps": 100, "dct.patience": 10,
+}
+
+# A preset's values for one dataset, used there instead of the preset's generic ones (they sit on that dataset's own
+# defaults). Digits: a world whose defaults already differ from the paper's (32 px, 10 denoising steps, 60 updates);
+# "fast" makes the same relative cut there: DPM-Solver++ at 5 steps and fewer updates (chosen on tune seeds,
+# RESULTS.md "The fast preset").
+PRESET_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {
+        "digits": {"scheduler": "dpmsolver++", "dct.num_inference_steps": 5, "generate.num_inference_steps": 5,
+                   "dct.max_steps": 30, "dct.patience": 10},
     },
 }
 
@@ -357,7 +381,8 @@ def load_config(
     if preset is not None:
         if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"`preset` must be one of {', '.join(PRESETS)} but is {preset!r}.")
-        for k, v in PRESETS[preset].items():
+        variant = PRESET_VARIANTS.get(preset, {}).get(dataset) if isinstance(dataset, str) else None
+        for k, v in (variant if variant is not None else PRESETS[preset]).items():
             _set_dotted(data, k, v)
     seeds = (overrides or {}).get("seeds", file_data.get("seeds"))
     if seeds is not None:
@@ -430,7 +455,7 @@ def validate(cfg: BuildConfig) -> None:
         if v is not None and v <= 0:
             default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
                        "dct.micro_batch": " (or null for the whole batch)",
-                       "run.max_in_flight": " (or null for 2 x workers)"}.get(key, "")
+                       "run.max_in_flight": " (or null for one per worker)"}.get(key, "")
             raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -547,6 +572,7 @@ def from_dict(data: dict[str, Any]) -> BuildConfig:
 
 __all__ = [
     "PRESETS",
+    "PRESET_VARIANTS",
     "SEED_SETS",
     "BuildConfig",
     "DCTConfig",

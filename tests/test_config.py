@@ -24,6 +24,35 @@ def test_paper_preset_matches_appendix_d():
     assert d.prompts == ("A high-resolution realistic image of a {token} {label}", "A photo of {token} {label}")
 
 
+def test_fast_preset_halves_the_unet_calls_on_stable_diffusion_and_on_digits():
+    from synthaug.config import PRESET_VARIANTS
+
+    # Stable Diffusion datasets: the paper's settings, DPM-Solver++ at 20 (token) / 25 (images) steps, fewer updates
+    paper, fast = load_config(overrides={"dataset": "cub"}), load_config(preset="fast", overrides={"dataset": "cub"})
+    assert (fast.scheduler, fast.dct.num_inference_steps, fast.generate.num_inference_steps) == ("dpmsolver++", 20, 25)
+    assert 2 * fast.generate.num_inference_steps <= paper.generate.num_inference_steps
+    assert 2 * fast.dct.num_inference_steps * fast.dct.max_steps <= paper.dct.num_inference_steps * paper.dct.max_steps
+    assert fast.dct.patience < paper.dct.patience
+    same = ("dct.height", "dct.batch_size", "dct.guidance_scale", "dct.prompts", "dct.checkpointing", "dct.init_token",
+            "generate.height", "generate.guidance_scale", "model", "guide", "dtype")
+    assert all(get(fast, k) == get(paper, k) for k in same)
+    # digits: the preset's own values on the world's defaults (32 px, x0 loss, validation), the same relative cut
+    dflt, dfast = load_config(), load_config(preset="fast")
+    assert dfast.scheduler == "dpmsolver++" and dfast.dct.height == 32 and dfast.dct.x0_weight == dflt.dct.x0_weight
+    assert 2 * dfast.generate.num_inference_steps <= dflt.generate.num_inference_steps
+    assert 2 * dfast.dct.num_inference_steps * dfast.dct.max_steps <= dflt.dct.num_inference_steps * dflt.dct.max_steps
+    assert diff(dflt, dfast) == sorted(PRESET_VARIANTS["fast"]["digits"])
+    # the file and the flags still beat the preset; a YAML `preset: fast` is the same as --preset fast
+    assert load_config(preset="fast", overrides={"generate.num_inference_steps": 7}).generate.num_inference_steps == 7
+    assert load_config(preset="fast", overrides={"dataset": "cub", "scheduler": "ddim"}).scheduler == "ddim"
+
+
+def test_preset_in_a_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dataset: cub\npreset: fast\n")
+    assert load_config(p) == load_config(preset="fast", overrides={"dataset": "cub"})
+
+
 def test_yaml_file_then_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("per_class: 7\ndct:\n  lr: 0.01\n  max_steps: 3\nrun:\n  executor: local\n")
@@ -73,7 +102,7 @@ def test_bad_files(tmp_path):
     bad.write_text("per_class: [1,\n")
     with pytest.raises(UserError, match=r"is not valid YAML"):
         load_config(bad)
-    with pytest.raises(UserError, match=r"`preset` must be one of paper"):
+    with pytest.raises(UserError, match=r"`preset` must be one of paper, fast but is 'slow'"):
         load_config(preset="slow")
     with pytest.raises(UserError, match=r"`--set` expects key=value"):
         parse_overrides(["per_class"])

@@ -9,11 +9,18 @@ Three measurements on one small build (a few classes, DCT tokens + images + the 
 3. **Resuming a finished build**: ``synthaug build --config OUT/config.yaml`` in a fresh process (what a user types),
    and the `build` call alone. Target: <= 5 s.
 
+With ``--ray-only`` it measures the second alone, on a larger build, as alternating rounds of local / Ray builds
+(``--ray-workers``: Ray actors of one CPU each, e.g. ``1,2``; 1 is the local executor's resources), and writes the
+"Ray vs local" section: wall times, the ratio of medians, and Ray's start-up on its own line (until Ray runs, and
+until the first actor can take a job). Target: Ray <= 1.15 x local on a build of >= 10 classes.
+
 Rounds alternate bare / local so that load on a shared machine hits both alike; the medians are reported, in wall
 time and in CPU time of this process and its children. World: the random tiny pipeline + a tiny timm guide saved to
 a temporary folder (default), or the embedded digits world when its weights are installed (``--world digits``).
 
     nice -n 15 .venv/bin/python scripts/bench/build.py --rounds 2 --write
+    nice -n 15 .venv/bin/python scripts/bench/build.py --world digits --classes 0-9 --per-class 20 --preset fast \
+        --ray-only --ray-workers 1,2 --rounds 1 --write
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTION = "## Build"
+SECTION_RAY = "## Ray vs local"
 
 
 def cpu_seconds() -> float:
@@ -90,6 +98,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating bare/local rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of the worker (run.cpus_per_worker)")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--ray-only", action="store_true",
+                        help="only alternating local / Ray builds (the 'Ray vs local' section)")
+    parser.add_argument("--ray-workers", default="2", help="comma-separated Ray actor counts (1 CPU each)")
+    parser.add_argument("--preset", default=None, help="a config preset (e.g. fast); its own settings are kept "
+                        "except the denoising steps, updates and early stopping given here, unless --preset-steps")
+    parser.add_argument("--preset-steps", action="store_true",
+                        help="with --preset: keep the preset's steps, updates and stopping (no --dct-steps/--steps)")
     parser.add_argument("--write", action="store_true", help="write the Build section of BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -116,11 +131,18 @@ def main() -> int:
             ov = {**tiny_build_overrides(tmp / "x", model, guide), **common, "dct.batch_size": 4}
             world_note = "the random tiny pipeline + tiny timm guide of the tests (32 px)"
 
+        if args.preset and args.preset_steps:
+            for k in ("dct.max_steps", "dct.patience", "dct.stop_all_correct", "dct.num_inference_steps",
+                      "generate.num_inference_steps"):
+                ov.pop(k)
+
         def cfg(out: Path, **extra):
-            return load_config(overrides={**ov, "out": str(out), **extra})
+            return load_config(overrides={**ov, "out": str(out), **extra}, preset=args.preset)
 
         names = list(get_dataset(ov["dataset"], None, "train").classes)
         selected = select_classes(names, args.classes)
+        if args.ray_only:
+            return ray_vs_local(args, cfg, tmp, world_note, selected)
         base = cfg(tmp / "probe")
         images = len(selected) * args.per_class * 2
 
@@ -200,6 +222,59 @@ def main() -> int:
                f"--threads {args.threads}"
                f"{' --no-ray' if args.no_ray else ''} --write")
     publish(SECTION, rows, notes, command, args.write)
+    return 0
+
+
+def ray_vs_local(args, cfg, tmp: Path, world_note: str, selected: list[int]) -> int:
+    """Alternating local / Ray builds of the same config; the ratio of medians and Ray's start-up on its own line."""
+    import torch
+
+    from synthaug.builder.driver import build
+
+    workers = [int(w) for w in args.ray_workers.split(",")]
+    build(cfg(tmp / "w", classes=str(selected[0]), per_class=2, **{"run.executor": "local"}), progress=False)
+    local, ray = [], {w: [] for w in workers}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.rounds):
+        local.append(timed(lambda r=r: build(cfg(tmp / f"local{r}", **{"run.executor": "local"}), progress=False)))
+        for w in workers:
+            ray[w].append(timed(lambda r=r, w=w: build(cfg(tmp / f"ray{w}-{r}", **{
+                "run.executor": "ray", "run.num_workers": w, "run.cpus_per_worker": 1}), progress=False)))
+        loads.append(os.getloadavg()[0])
+    l_wall = statistics.median(t[0] for t in local)
+    rows = ["| measurement | wall s | CPU s | ratio |", "| --- | ---: | ---: | ---: |",
+            (f"| `build`, local executor, {args.threads} thread(s) | {l_wall:.1f} | "
+            f"{statistics.median(t[1] for t in local):.1f} | 1.00 |")]
+    for w in workers:
+        wall = statistics.median(t[0] for t in ray[w])
+        startup = statistics.median(t[2].first_worker_seconds for t in ray[w])
+        init = statistics.median(t[2].ray_seconds for t in ray[w])
+        rows.append(f"| `build`, Ray executor, {w} actor(s) x 1 CPU (start-up included) | {wall:.1f} | "
+                    f"{statistics.median(t[1] for t in ray[w]):.1f} (driver only) | **{wall / l_wall:.2f}** x local |")
+        rows.append(f"| of which Ray start-up, {w} actor(s): Ray running / first actor ready | {init:.1f} / "
+                    f"{startup:.1f} | | |")
+        rows.append(f"| `build`, Ray executor, {w} actor(s), without the start-up to the first ready actor | "
+                    f"{wall - startup:.1f} | | {(wall - startup) / l_wall:.2f} x local |")
+    notes = [
+        (f"World: {world_note}; classes {args.classes} ({len(selected)}), {args.per_class} images per class + the "
+         f"baseline, preset {args.preset or 'none'}"
+         f"{'' if args.preset_steps else f', DCT {args.dct_steps} updates (no early stop), {args.steps} steps'}; "
+         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {platform.machine()}; load average (1 min) "
+         f"{', '.join(f'{x:.1f}' for x in loads)} before / after each round (a shared machine: wall times carry "
+         f"its noise)."),
+        (f"Medians of {args.rounds} round(s), each a local build then one Ray build per actor count, after a warm-up "
+         "local build that pays the one-time imports. Ray's time includes starting a local Ray, its actors' "
+         "processes (each imports torch and diffusers) and their model loading; the local executor runs in the "
+         "already-warm process."),
+        ("Ray hands a class job to an actor only when it is free (`run.max_in_flight` = one per actor by default): "
+         "with 2 jobs queued per actor, a long token could wait behind another while the other actor sat idle."),
+    ]
+    command = (f"nice -n 15 .venv/bin/python scripts/bench/build.py --world {args.world} --classes {args.classes} "
+               f"--per-class {args.per_class}"
+               f"{f' --preset {args.preset}' if args.preset else ''}{' --preset-steps' if args.preset_steps else ''}"
+               f"{'' if args.preset_steps else f' --dct-steps {args.dct_steps} --steps {args.steps}'} "
+               f"--threads {args.threads} --ray-only --ray-workers {args.ray_workers} --rounds {args.rounds} --write")
+    publish(SECTION_RAY, rows, notes, command, args.write)
     return 0
 
 

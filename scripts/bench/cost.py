@@ -164,16 +164,29 @@ def time_world(layout: str, size: int, steps: int, device: str) -> tuple[float, 
 
 
 def preset_configs(name: str):
-    """A preset's settings (``paper``), or a dataset's default settings (``digits``)."""
+    """The settings a name stands for: ``DATASET:PRESET`` (``cub:fast``, ``digits:fast``: the preset on that
+    dataset), a preset alone (``paper``), or a dataset's default settings (``cub``, ``digits``)."""
+    if ":" in name:
+        dataset, preset = name.split(":", 1)
+        return load_config(preset=preset, overrides={"dataset": dataset})
     return load_config(preset=name) if name in PRESETS else load_config(overrides={"dataset": name})
+
+
+def unet_calls(cfg) -> tuple[int, float]:
+    """UNet calls per image and per update (each on the classifier-free-guidance batch), as `generate` and
+    `learn_dct_token` count them (``unet_evals`` in token files): T per image; T per update, plus the validation's
+    T every ``val_every`` updates."""
+    d = cfg.dct
+    per_update = d.num_inference_steps + (d.num_inference_steps / d.val_every if d.select == "val" else 0)
+    return cfg.generate.num_inference_steps, per_update
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default="sd15,sd21")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--presets", default="cub,digits",
-                        help="comma-separated presets or datasets whose default settings to cost")
+    parser.add_argument("--presets", default="cub,cub:fast,digits,digits:fast",
+                        help="comma-separated datasets (their default settings), presets, or DATASET:PRESET pairs")
     parser.add_argument("--time-size", type=int, default=0, help="also time the SD-scale world at this size (0: no)")
     parser.add_argument("--time-steps", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +194,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    rows = ["| layout | preset | TFLOP / image | TFLOP / update | of which UNet | decode + guide | x0 | validation |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [("| layout | preset | TFLOP / image | TFLOP / update | of which UNet | decode + guide | x0 | validation | "
+            "UNet calls / image | UNet calls / update | updates at most |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
     parts_by_layout = {}
     for layout in args.layouts.split(","):
         parts = parts_by_layout[layout] = count_parts(layout, args.size)
@@ -193,7 +207,8 @@ def main() -> int:
             rows.append(f"| {layout} | {preset} | {image_flops(parts, cfg.generate) / 1e12:.1f} | "
                         f"{sum(up.values()) / 1e12:.1f} | {up['unet'] / 1e12:.1f} | "
                         f"{up['decode + guide'] / 1e12:.2f} | {up.get('x0 decode + guide', 0) / 1e12:.1f} | "
-                        f"{up.get('validation', 0) / 1e12:.1f} |")
+                        f"{up.get('validation', 0) / 1e12:.1f} | {unet_calls(cfg)[0]} | {unet_calls(cfg)[1]:g} | "
+                        f"{cfg.dct.max_steps} |")
     first = args.layouts.split(",")[0]
     p = parts_by_layout[first]
     notes = [
@@ -204,6 +219,11 @@ def main() -> int:
         ("An update's UNet share is the denoising chain of `batch_size` seeds with classifier-free guidance; the "
         "gradient-carrying calls cost forward + backward. A token costs this times its number of updates (at most "
         "`dct.max_steps`)."),
+        ("Presets: `cub` and `digits` are those datasets' default settings (`cub` = the `paper` preset: PNDM, 50 "
+         "steps); `:fast` adds the `fast` preset (DPM-Solver++ 2M; on SD 20 steps for the token and 25 for the "
+         "images, at most 100 updates; on digits 5 and 5, at most 30). FLOPs do not depend on the dtype: `fast` "
+         "loads bf16 weights on CUDA like every preset (`dtype: auto`), which changes the time per FLOP, not the "
+         "count. UNet calls: each on the classifier-free-guidance batch, as `unet_evals` in token files counts them."),
     ]
     if args.time_size:
         layout = args.layouts.split(",")[0]
