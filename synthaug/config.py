@@ -58,6 +58,17 @@ class DCTConfig:
     # probability; the initial token competes too, so a token that only fits its training seeds is never kept)
     val_batch_size: int = 16
     val_every: int = 5
+    # Levers on the keep/stop rules and the step size (RESULTS.md "Levers tried on tune seeds"); defaults keep the
+    # rules above. patience_metric="val" (needs select="val"): rule 2 counts updates since the best validation score
+    # instead of since the lowest training loss (patience_min_accuracy then does not apply). lr_schedule="cosine":
+    # the learning rate decays from lr to lr_floor x lr over max_steps (half a cosine), then stays there.
+    # extend_steps (needs select="val"): up to this many updates past max_steps, taken only while the kept token was
+    # found within the last extend_window updates (the validation score still rising at the cap).
+    patience_metric: str = "loss"
+    lr_schedule: str = "constant"
+    lr_floor: float = 0.1
+    extend_steps: int = 0
+    extend_window: int = 10
     augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
     straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (a hard clamp zeroes saturated pixels' gradient)
     seed: int = 0  # base seed of the training noise
@@ -232,6 +243,8 @@ VALID = {
     "run.executor": ("ray", "local"),
     "shards.image_format": ("png", "jpg", "webp"),
     "dct.select": ("min_loss", "last", "val"),
+    "dct.patience_metric": ("loss", "val"),
+    "dct.lr_schedule": ("constant", "cosine"),
 }
 
 
@@ -426,7 +439,7 @@ def get(cfg: Any, dotted: str) -> Any:
 
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
-            "dct.val_every", "dct.lr", "dct.micro_batch", "generate.batch_size", "generate.num_inference_steps",
+            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "generate.batch_size", "generate.num_inference_steps",
             "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
@@ -436,6 +449,23 @@ SEED_LIMIT = 2**63
 # Strings that name something and so cannot be empty.
 NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dct.init_token", "mcti.init_token",
              "generate.prompt")
+
+
+def check_dct_levers(dct: DCTConfig) -> None:
+    """The rules of DCT's keep/stop/step-size levers that tie fields together. Raises `UserError`."""
+    if dct.patience_metric not in ("loss", "val"):
+        raise UserError(f"`dct.patience_metric` must be one of loss, val but is {dct.patience_metric!r}.")
+    if dct.lr_schedule not in ("constant", "cosine"):
+        raise UserError(f"`dct.lr_schedule` must be one of constant, cosine but is {dct.lr_schedule!r}.")
+    if not 0.0 <= dct.lr_floor <= 1.0:
+        raise UserError(f"`dct.lr_floor` must be in [0, 1] (a fraction of dct.lr) but is {dct.lr_floor!r}.")
+    if dct.extend_steps < 0 or dct.extend_window <= 0:
+        raise UserError(f"`dct.extend_steps` must be >= 0 and `dct.extend_window` > 0 but are {dct.extend_steps!r} "
+                        f"and {dct.extend_window!r}.")
+    for key, on in (("patience_metric", dct.patience_metric == "val"), ("extend_steps", dct.extend_steps > 0)):
+        if on and dct.select != "val":
+            raise UserError(f"`dct.{key}` {getattr(dct, key)!r} reads the validation score, which only "
+                            f"dct.select=val measures: set dct.select=val too.")
 
 
 def validate(cfg: BuildConfig) -> None:
@@ -481,6 +511,7 @@ def validate(cfg: BuildConfig) -> None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
         raise UserError(f"`run.job_timeout_s` must be a number of seconds > 0 but is {timeout!r}: e.g. "
                         f"--set run.job_timeout_s=3600.")
+    check_dct_levers(cfg.dct)
     if not 1 <= cfg.dct.grad_steps <= cfg.dct.num_inference_steps:
         raise UserError(
             f"`dct.grad_steps` must be between 1 and dct.num_inference_steps ({cfg.dct.num_inference_steps}) "

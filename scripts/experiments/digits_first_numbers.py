@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
                "broken": int(sum(1 for a, b in zip(jp, jd) if a and not b)),
                "token_steps": result.steps, "stop_reason": result.stop_reason, "best_step": result.best_step,
                "token_seconds": round(token_seconds, 1)}
-        rows.append(row)
         print(json.dumps(row), flush=True)
+        row["history"] = result.history  # per update: loss, accuracy, lr, val_accuracy/val_prob where validated
+        rows.append(row)
     summary = {"config": {"dct": cfg.dct.__dict__, "generate": cfg.generate.__dict__}, "per_class": args.per_class,
                "rows": rows, "seconds": round(time.time() - started, 1)}
     for kind in ("all", "ambiguous", "clean"):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..config import DCTConfig
+from ..config import DCTConfig, check_dct_levers
 from ..errors import UserError
 from .text import encode, render_prompt, splice_tokens, token_name, tokenize, tokenizer_with
 
@@ -156,8 +156,10 @@ def learn_dct_token(
         # 4. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
         keeper, history, unet_evals = _Keeper(config, v_c), [], 0
         bar = _progress_bar(progress, config.max_steps, label)
-        for step in range(config.max_steps):
+        for step in range(config.max_steps + config.extend_steps):
             optimizer.zero_grad(set_to_none=True)
+            if config.lr_schedule != "constant":
+                optimizer.param_groups[0]["lr"] = _scheduled_lr(config, step)
 
             # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss or
             #     micro-batches the denoising sees a detached leaf copy: every partial loss goes into the leaf at once
@@ -264,7 +266,9 @@ class _Keeper:
 
     Rule 1: the whole batch is classified right (with ``select="val"``: the held-out seeds too, since a few training
     seeds all right says little). Rule 2: no loss improvement for ``patience`` updates while at least
-    ``patience_min_accuracy`` of the batch is right. Rule 3: ``max_steps``. ``min_loss`` keeps the lowest-loss
+    ``patience_min_accuracy`` of the batch is right (``patience_metric="val"``: no better validation score for
+    ``patience`` updates, checked where validated). Rule 3: ``max_steps``, or with ``extend_steps`` the first validation
+    at or past it whose kept token is ``extend_window`` or more updates old (at the latest ``max_steps + extend_steps``). ``min_loss`` keeps the lowest-loss
     ``v_c`` (the reference code), ``last`` the last measured one, ``val`` the one the guide scores best on the
     held-out seeds (accuracy, then mean probability; the initial ``v_c`` competes too); a ``v_c`` that stops by rule 1
     is kept unless ``val`` found a better one.
@@ -275,7 +279,7 @@ class _Keeper:
         self.kept, self.kept_step, self.stop_reason = v_c.detach().clone(), 0, "max_steps"
         self.best_loss, self.since_best = math.inf, 0
         self.best_val: tuple[float, float] | None = None
-        self.batch_correct = self.out_of_patience = self.last_step = False
+        self.batch_correct = self.out_of_patience = self.last_step = self.at_cap = self.validated_now = False
 
     def _keep(self, v_c: torch.Tensor, step: int) -> None:
         self.kept, self.kept_step = v_c.detach().clone(), step
@@ -290,15 +294,20 @@ class _Keeper:
         else:
             self.since_best += 1
         self.batch_correct = c.stop_all_correct and accuracy == 1.0
-        self.out_of_patience = c.patience > 0 and self.since_best >= c.patience and accuracy >= c.patience_min_accuracy
-        self.last_step = step == c.max_steps - 1
+        self.out_of_patience = (c.patience_metric == "loss" and c.patience > 0 and self.since_best >= c.patience
+                                and accuracy >= c.patience_min_accuracy)
+        self.last_step = step == c.max_steps + c.extend_steps - 1
+        self.at_cap, self.validated_now = step == c.max_steps - 1, False
         return c.select == "val" and math.isfinite(loss) and (
-            step % c.val_every == 0 or self.batch_correct or self.out_of_patience or self.last_step)
+            step % c.val_every == 0 or self.batch_correct or self.out_of_patience or self.last_step or self.at_cap)
 
     def validated(self, step: int, val: tuple[float, float], v_c: torch.Tensor) -> None:
         if self.best_val is None or val > self.best_val:
             self.best_val = val
             self._keep(v_c, step)
+        c, self.validated_now = self.config, True
+        if c.patience_metric == "val" and c.patience > 0 and step - self.kept_step >= c.patience:
+            self.out_of_patience = True
 
     def stop(self, step: int, v_c: torch.Tensor, val_accuracy: float = 1.0) -> str | None:
         """The stop reason after iteration `step`, or None to update and go on."""
@@ -308,7 +317,8 @@ class _Keeper:
                 self._keep(v_c, step)
         elif self.out_of_patience:
             stop = "patience"
-        elif self.last_step:
+        elif self.last_step or (step >= self.config.max_steps - 1 and self.validated_now
+                                and step - self.kept_step >= self.config.extend_window):
             stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
         else:
             return None
@@ -316,6 +326,13 @@ class _Keeper:
         if stop != "all_correct" and self.config.select == "last":
             self._keep(v_c, step)
         return stop
+
+
+def _scheduled_lr(config: DCTConfig, step: int) -> float:
+    """``lr_schedule="cosine"``: the learning rate of update `step`, from ``lr`` at update 0 down half a cosine to
+    ``lr_floor x lr`` at update ``max_steps - 1``, and that floor for any update after it."""
+    progress = min(step / max(config.max_steps - 1, 1), 1.0)
+    return config.learning_rate * (config.lr_floor + (1 - config.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _encode(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -572,6 +589,7 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
                         f"{config.val_batch_size} and {config.val_every}.")
     if config.augment < 0:
         raise UserError(f"`dct.augment` must be >= 0 but is {config.augment!r}.")
+    check_dct_levers(config)
     if not (config.x0_weight >= 0 and math.isfinite(config.x0_weight)):
         raise UserError(f"`dct.x0_weight` must be a finite number >= 0 (0 turns the x0 loss off) but is "
                         f"{config.x0_weight!r}.")
