@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import UserError
+from .target import parse_guide_target
 
 # The paper's two training prompts (DCT appendix D / §3 "Design choices"), with `{token}` for S_c and `{label}`.
 PAPER_PROMPTS = ("A high-resolution realistic image of a {token} {label}", "A photo of {token} {label}")
@@ -110,13 +111,19 @@ class MCTIConfig:
 class GenerateConfig:
     """Image generation with the learned tokens (and the plain prompt on the same seeds)."""
 
-    prompt: str = "A photo of {token} {label}"  # `{token}` is dropped for the plain-prompt baseline
+    # `{token}` is dropped for the plain-prompt baseline; TI/MC-TI builds default to "A photo of a {token}"
+    prompt: str = "A photo of {token} {label}"
     num_inference_steps: int = 50
     guidance_scale: float = 7.0
     height: int = 512
     width: int = 512
-    batch_size: int = 8
+    # images per pipeline call; null or "auto": on CUDA the most that fit in free memory (measured once per worker,
+    # see generation.batch_size_for), elsewhere 8. The batch changes no image beyond float rounding.
+    batch_size: int | None = None
     seed: int = 0  # per-image seed = f(seed, class, index), see generate.image_seed
+    # torch.compile the UNet once per worker, for generation only (token learning stays eager); the compile time is
+    # logged and returned apart from the generation time (worker result "compile_seconds")
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,9 @@ class BuildConfig:
     dtype: str = "auto"
     guide: str = "digits-guide"  # classifier that steers DCT tokens (see classifier.load_classifier)
     guide_trained_on: str | None = None  # note of what the guide saw; None -> what the classifier source declares
+    # what the guide is steered towards (synthaug.target): None = the class (a token per selected class, the paper's
+    # main method); "attribute:NAME[=0|1]" = one output of a multi-label guide (`synthaug learn` only: one token)
+    guide_target: str | None = None
     method: str = "dct"  # dct | ti | mcti
     per_class: int = 100
     baseline: bool = False  # also generate plain-prompt ("sd") images with the same seeds
@@ -213,6 +223,14 @@ SEED_SETS: dict[str, dict[str, int]] = {
     "report": {"dct.seed": 1, "mcti.seed": 1, "generate.seed": 1},
 }
 
+# Defaults that follow from the method (applied like the dataset's). TI/MC-TI tokens stand for the whole class, as in
+# MC-TI's "A photo of a S*" (their class names may be unknown); a DCT token stands beside the class name. The label
+# form stays available: --set 'generate.prompt=A photo of {token} {label}'.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ti": {"generate.prompt": "A photo of a {token}"},
+    "mcti": {"generate.prompt": "A photo of a {token}"},
+}
+
 # Defaults that follow from the dataset (applied under the preset, the file and the overrides): what a user of that
 # dataset expects without writing a config. Hub ids cannot be loaded offline; their loading path is
 # tested with local stand-ins.
@@ -251,8 +269,19 @@ VALID = {
 # --------------------------------------------------------------------------------------------------------------------
 # Building a config from mappings and overrides
 # --------------------------------------------------------------------------------------------------------------------
+# Keys where "auto" means null: the value is chosen when the work runs. Key -> what the key accepts.
+AUTO_KEYS = {"generate.batch_size": "an integer > 0, or auto (null) to fit the GPU's free memory"}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise a UserError naming the key."""
+    if key in AUTO_KEYS and value is not None:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        try:
+            return _coerce(value, get_args(tp)[0], key + " ")  # a key outside AUTO_KEYS: no recursion
+        except UserError:
+            raise UserError(f"`{key}` must be {AUTO_KEYS[key]} but is {_short(value)}.") from None
     origin, args = get_origin(tp), get_args(tp)
     if value is None:
         if type(None) in args or tp is Any:
@@ -359,7 +388,7 @@ def load_config(
     *,
     preset: str | None = None,
 ) -> BuildConfig:
-    """Resolve a `BuildConfig`: defaults <- dataset defaults <- preset <- YAML file <- overrides, then validate.
+    """Resolve a `BuildConfig`: defaults <- dataset and method defaults <- preset <- YAML file <- overrides, then validate.
 
     >>> cfg = load_config(overrides={"per_class": 10, "dct.lr": 1e-3})
     >>> cfg.dct.learning_rate
@@ -390,6 +419,9 @@ def load_config(
     preset = preset or file_data.pop("preset", None) or ds_defaults.pop("preset", None)
     ds_defaults.pop("preset", None)
     for k, v in ds_defaults.items():
+        _set_dotted(data, k, v)
+    method = (overrides or {}).get("method", file_data.get("method", BuildConfig.method))
+    for k, v in METHOD_DEFAULTS.get(method, {}).items() if isinstance(method, str) else ():
         _set_dotted(data, k, v)
     if preset is not None:
         if not isinstance(preset, str) or preset not in PRESETS:
@@ -485,7 +517,8 @@ def validate(cfg: BuildConfig) -> None:
         if v is not None and v <= 0:
             default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
                        "dct.micro_batch": " (or null for the whole batch)",
-                       "run.max_in_flight": " (or null for one per worker)"}.get(key, "")
+                       "run.max_in_flight": " (or null for one per worker)",
+                       "generate.batch_size": " (or auto to fit the GPU's free memory)"}.get(key, "")
             raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -536,6 +569,13 @@ def validate(cfg: BuildConfig) -> None:
             raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
     if "{token}" not in cfg.generate.prompt:
         raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
+    if cfg.baseline and "{label}" not in cfg.generate.prompt:
+        raise UserError(f"`baseline` needs a class name in `generate.prompt` {cfg.generate.prompt!r} (the plain prompt "
+                        f"is that prompt without the token): add {{label}}, e.g. 'A photo of {{token}} {{label}}', or "
+                        f"drop --baseline.")
+    if cfg.guide_target is not None and not parse_guide_target(cfg.guide_target).is_class and cfg.method != "dct":
+        raise UserError(f"`guide_target` {cfg.guide_target!r} steers a DCT guide, but `method` is {cfg.method!r}: "
+                        f"use method dct, or drop guide_target.")
     if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
         raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
     if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):

@@ -235,3 +235,21 @@ def test_named_seed_sets_fix_every_base_seed_and_refuse_a_contradiction():
         load_config(overrides={"seeds": "report", "dct.seed": 0})
     with pytest.raises(UserError, match=r"`seeds` must be one of tune, report"):
         load_config(overrides={"seeds": "final"})
+
+
+def test_ti_and_mcti_generate_with_the_mcti_prompt_by_default_and_keep_the_label_form_as_an_option():
+    from synthaug.config import load_config
+
+    assert load_config(overrides={"method": "mcti"}).generate.prompt == "A photo of a {token}"
+    assert load_config(overrides={"method": "ti"}).generate.prompt == "A photo of a {token}"
+    assert load_config().generate.prompt == "A photo of {token} {label}"  # DCT: the token beside the class name
+    label_form = load_config(overrides={"method": "ti", "generate.prompt": "A photo of {token} {label}",
+                                        "baseline": True})
+    assert label_form.generate.prompt == "A photo of {token} {label}" and label_form.baseline
+
+
+def test_a_baseline_needs_a_class_name_in_the_prompt():
+    from synthaug.config import load_config
+
+    with pytest.raises(UserError, match=r"^`baseline` needs a class name in `generate.prompt` 'A photo of a \{token\}'"):
+        load_config(overrides={"method": "mcti", "baseline": True})
