@@ -18,7 +18,10 @@ Stages (each caches its result in ``--work`` so a stage can be rerun alone with 
               CLIP text tower (as SD uses a frozen CLIP), EMA weights;
 4. ``guide``  timm ResNet (narrow, 1 block per stage) on split "train" with shift augmentation;
 5. ``judge``  timm ConvNeXt (narrow, different family) on split "judge" with shift augmentation;
-6. ``ship``   write the shipped world to ``--out`` (fp16 weights) and check it reloads;
+   ``attr-guide`` the guide's architecture with one sigmoid output per attribute of the digit (`ATTRIBUTES`:
+              ``closed_loop``, ``straight_stroke``), binary cross-entropy on split "train"; written to ``--out`` at
+              once (it does not depend on the generator);
+6. ``ship``   write the shipped world to ``--out`` (fp16 weights, configs declaring float32) and check it reloads;
 7. ``eval``   plain-prompt judge/guide accuracy of generated images per class (the model card's numbers);
 8. ``guide-shots`` (not in the default run) a guide trained only on ``--guide-shots`` images per class of "train",
               the few-shot set a downstream run with the same seed uses, into ``--work``/guide-k{k}: a few-shot user's
@@ -28,6 +31,7 @@ Usage (from the repository root; ~35 min on 2 CPU cores)::
 
     python scripts/train_digits_world.py                       # everything, seed 0, into synthaug/assets/digits
     python scripts/train_digits_world.py --stages ship,eval    # re-export and re-measure from the cached stages
+    python scripts/train_digits_world.py --stages attr-guide   # only the attribute guide (~6 min on 1 core)
 """
 
 from __future__ import annotations
@@ -332,30 +336,47 @@ CLASSIFIERS = {
     # A narrow ResNet (one BasicBlock per stage) and a narrow ConvNeXt: two families, two splits.
     "guide": ("resnet18", {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}, "train"),
     "judge": ("convnext_atto", {"depths": [1, 1, 2, 1], "dims": [16, 32, 64, 128]}, "judge"),
+    # the guide's architecture with a sigmoid head: one independent output per attribute
+    "attr-guide": ("resnet18", {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}, "train"),
 }
+
+# The attribute guide's outputs, each a property of the digit class (model card: "Attribute guide"). 4 is not a
+# closed loop: most 4s in this data set are written open at the top.
+ATTRIBUTES = {"closed_loop": (0, 6, 8, 9), "straight_stroke": (1, 4, 7)}
+
+
+def attribute_targets(targets: np.ndarray) -> np.ndarray:
+    """Digit classes [N] -> multi-hot attribute targets [N, len(ATTRIBUTES)] (float32), in ATTRIBUTES' order."""
+    return np.stack([np.isin(targets, digits) for digits in ATTRIBUTES.values()], 1).astype(np.float32)
 
 
 def train_classifier(work: Path, seed: int, role: str, epochs: int, shots: int | None = None) -> None:
-    """Train the guide or the judge on its split; with `shots`, a guide on only k images per class of "train".
+    """Train the guide, the judge or the attribute guide on its split; with `shots`, a guide on only k images per
+    class of "train".
 
     The k-shot guide sees exactly the images `synthaug.datasets.few_shot_indices(targets, k, seed)` picks — the k real
     images per class a downstream run with the same seed trains on — and is saved as ``guide-k{k}`` (not shipped).
-    Its steps are those of `epochs` over the full split, so a small set is not also under-trained.
+    Its steps are those of `epochs` over the full split, so a small set is not also under-trained. The attribute
+    guide (``role="attr-guide"``) has one sigmoid output per `ATTRIBUTES` entry, trained with binary cross-entropy
+    on the attributes of each image's true digit.
     """
     import timm
     from timm.models import save_for_hf
 
     arch, kwargs, split = CLASSIFIERS[role]
+    multi_label = role == "attr-guide"
+    label_names = list(ATTRIBUTES) if multi_label else list(DIGIT_NAMES)
     imgs, targets = digits_arrays(split)
     full = len(targets)
     if shots is not None:
         keep = few_shot_indices(targets.tolist(), shots, seed)
         imgs, targets = imgs[keep], targets[keep]
-    x, y = to_rgb01(imgs), torch.from_numpy(targets)
+    x = to_rgb01(imgs)
+    y = torch.from_numpy(attribute_targets(targets) if multi_label else targets)
     mean = torch.tensor(CLS_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLS_STD).view(1, 3, 1, 1)
     torch.manual_seed(seed)
-    model = timm.create_model(arch, num_classes=10, **kwargs)
+    model = timm.create_model(arch, num_classes=len(label_names), **kwargs)
     bs = 64
     steps = epochs * math.ceil(full / bs)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
@@ -367,7 +388,11 @@ def train_classifier(work: Path, seed: int, role: str, epochs: int, shots: int |
             group["lr"] = 3e-3 * cosine_lr(step, steps, 50)
         idx = torch.randint(0, len(x), (bs,), generator=g)
         xb = shift(x[idx], g, 3)
-        loss = F.cross_entropy(model((xb - mean) / std), y[idx], label_smoothing=0.05)
+        logits = model((xb - mean) / std)
+        if multi_label:  # label smoothing 0.05 on each binary target, as the single-label heads
+            loss = F.binary_cross_entropy_with_logits(logits, y[idx] * 0.95 + 0.025)
+        else:
+            loss = F.cross_entropy(logits, y[idx], label_smoothing=0.05)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -376,18 +401,27 @@ def train_classifier(work: Path, seed: int, role: str, epochs: int, shots: int |
     model.eval()
     timgs, ttargets = digits_arrays("test")
     with torch.no_grad():
-        pred = model((to_rgb01(timgs) - mean) / std).argmax(1).numpy()
-    acc = float((pred == ttargets).mean())
-    log.info("%s (%s, %s) accuracy on 'test': %.4f", role, arch, kwargs, acc)
+        test_logits = model((to_rgb01(timgs) - mean) / std)
+    if multi_label:  # per attribute: sigmoid probability > 0.5 is "has it"
+        hits = (test_logits > 0).numpy() == attribute_targets(ttargets).astype(bool)
+        acc = {name: float(hits[:, i].mean()) for i, name in enumerate(label_names)}
+    else:
+        acc = float((test_logits.argmax(1).numpy() == ttargets).mean())
+    log.info("%s (%s, %s) accuracy on 'test': %s", role, arch, kwargs, acc)
     out = work / (role if shots is None else f"{role}-k{shots}")
     shutil.rmtree(out, ignore_errors=True)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, SIZE, SIZE), mean=CLS_MEAN, std=CLS_STD,
-                                interpolation="bilinear", crop_pct=1.0, num_classes=10, label_names=list(DIGIT_NAMES))
-    save_for_hf(model, out, model_args=dict(kwargs, num_classes=10), safe_serialization=True)
+                                interpolation="bilinear", crop_pct=1.0, num_classes=len(label_names),
+                                label_names=label_names)
+    save_for_hf(model, out, model_args=dict(kwargs, num_classes=len(label_names)), safe_serialization=True)
     cfg = json.loads((out / "config.json").read_text())
     what = f"split {split!r}" if shots is None else f"{shots} images per class of split {split!r} (few_shot seed {seed})"
     cfg["trained_on"] = f"sklearn digits, synthaug {what} ({len(x):,} images); shift augmentation +-3 px"
     cfg["test_accuracy"] = acc
+    cfg["label_names"] = label_names
+    if multi_label:  # the transformers convention: independent sigmoid outputs; and what each attribute means
+        cfg["problem_type"] = "multi_label_classification"
+        cfg["attribute_classes"] = {name: [DIGIT_NAMES[d] for d in digits] for name, digits in ATTRIBUTES.items()}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     clean_classifier_config(out)
 
@@ -397,13 +431,14 @@ def clean_classifier_config(path: Path) -> None:
     7x7 pool, licence and paper of *those* weights), keep what loading and preprocessing need."""
     cfg = json.loads((path / "config.json").read_text())
     old = cfg["pretrained_cfg"]
+    names = list(cfg.get("label_names") or DIGIT_NAMES)
     cfg["pretrained_cfg"] = {
         "input_size": [3, SIZE, SIZE], "fixed_input_size": False, "interpolation": "bilinear", "crop_pct": 1.0,
-        "crop_mode": "center", "mean": list(CLS_MEAN), "std": list(CLS_STD), "num_classes": 10,
+        "crop_mode": "center", "mean": list(CLS_MEAN), "std": list(CLS_STD), "num_classes": len(names),
         "first_conv": old.get("first_conv"), "classifier": old.get("classifier"), "license": "apache-2.0",
-        "origin_url": "synthaug scripts/train_digits_world.py", "label_names": list(DIGIT_NAMES),
+        "origin_url": "synthaug scripts/train_digits_world.py", "label_names": names,
     }
-    cfg["label_names"] = list(DIGIT_NAMES)
+    cfg["label_names"] = names
     (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -436,26 +471,48 @@ def ship(work: Path, out: Path) -> None:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # fp16 on disk halves the package size; from_pretrained(torch_dtype=float32) upcasts (checked below).
+    # fp16 on disk halves the package size; from_pretrained(torch_dtype=float32) upcasts (checked below). The configs
+    # then say float32, so stock `from_pretrained(dir)` without a dtype loads every component in one dtype.
     pipe.to(torch.float16).save_pretrained(tmp)
+    declare_float32(tmp)
     _replace_dir(tmp, out / "model")
 
     clip = CLIPModel.from_pretrained(work / "clip", dtype=torch.float32)
     tmp = out / "clip.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     clip.to(torch.float16).save_pretrained(tmp)
+    declare_float32(tmp)
     tok.save_pretrained(tmp)
     CLIPImageProcessor(do_resize=True, size={"shortest_edge": SIZE}, do_center_crop=True,
                        crop_size={"height": SIZE, "width": SIZE}, do_rescale=True, do_normalize=True,
                        image_mean=list(CLS_MEAN), image_std=list(CLS_STD), resample=2).save_pretrained(tmp)
     _replace_dir(tmp, out / "clip")
-    for role in ("guide", "judge"):
-        tmp = out / f"{role}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(work / role, tmp)
-        clean_classifier_config(tmp)
-        _replace_dir(tmp, out / role)
+    for role in ("guide", "judge", "attr-guide"):
+        if role != "attr-guide" or (work / role).is_dir():
+            ship_classifier(work, out, role)
     check_shipped(out, work)
+
+
+def ship_classifier(work: Path, out: Path, role: str) -> None:
+    """Copy a trained classifier from `work` to ``out/role``, swapped in whole."""
+    tmp = out / f"{role}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(work / role, tmp)
+    clean_classifier_config(tmp)
+    _replace_dir(tmp, out / role)
+
+
+def declare_float32(path: Path) -> None:
+    """Set every ``dtype`` / ``torch_dtype`` in the ``config.json`` files under `path` (nested sections included) to
+    float32: the weights on disk are fp16, but a config that says float16 makes transformers load that component in
+    fp16 while diffusers loads the others in fp32, and a stock ``from_pretrained(dir)`` then mixes dtypes."""
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: "float32" if k in ("dtype", "torch_dtype") and v is not None else fix(v) for k, v in node.items()}
+        return [fix(v) for v in node] if isinstance(node, list) else node
+
+    for f in sorted(path.rglob("config.json")):
+        f.write_text(json.dumps(fix(json.loads(f.read_text())), indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -526,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=ROOT / "build" / "digits-world")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stages", default="clip,vae,unet,guide,judge,ship,eval")
+    p.add_argument("--stages", default="clip,vae,unet,guide,judge,attr-guide,ship,eval")
     p.add_argument("--clip-steps", type=int, default=400)
     p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--unet-steps", type=int, default=3000)
@@ -558,6 +615,10 @@ def main(argv: list[str] | None = None) -> None:
             train_unet(args.work, args.seed, args.unet_steps, args.unet_batch)
         elif stage in ("guide", "judge"):
             train_classifier(args.work, args.seed, stage, args.classifier_epochs * (3 if stage == "judge" else 1))
+        elif stage == "attr-guide":  # independent of the generator: trained and shipped alone
+            train_classifier(args.work, args.seed, stage, args.classifier_epochs)
+            args.out.mkdir(parents=True, exist_ok=True)
+            ship_classifier(args.work, args.out, stage)
         elif stage == "guide-shots":
             train_classifier(args.work, args.seed, "guide", args.classifier_epochs, shots=args.guide_shots)
         elif stage == "ship":
@@ -566,7 +627,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = evaluate(args.out, args.eval_per_class, args.eval_steps, args.eval_guidance, args.eval_prompt)
             (args.work / args.eval_out).write_text(json.dumps(summary, indent=2))
         else:
-            raise SystemExit(f"--stages: unknown stage {stage!r}; valid: clip,vae,unet,guide,judge,ship,eval,guide-shots")
+            raise SystemExit(f"--stages: unknown stage {stage!r}; valid: "
+                             f"clip,vae,unet,guide,judge,attr-guide,ship,eval,guide-shots")
         timings[stage] = round(time.time() - ts, 1)
         log.info("stage %s done in %.0fs", stage, timings[stage])
     prev = json.loads((args.work / "timings.json").read_text()) if (args.work / "timings.json").exists() else {}

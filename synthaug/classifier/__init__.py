@@ -1,8 +1,9 @@
 """Classifiers: a timm / transformers / torchvision model or a local checkpoint -> a frozen, differentiable `Classifier`.
 
 `load_classifier` takes a classifier *source* string (timm name, ``hf-hub:`` id, transformers id, torchvision name,
-local directory, ``ARCH@checkpoint`` file, or the embedded ``digits-guide`` / ``digits-judge``) and returns a
-`Classifier`: an `nn.Module` that maps images in [0, 1] to logits, with its `labels`, its `data_config` (the model's
+local directory, ``ARCH@checkpoint`` file, or the embedded ``digits-guide`` / ``digits-judge`` / ``digits-attr-guide``)
+and returns a `Classifier`: an `nn.Module` that maps images in [0, 1] to logits, with its `labels`, `multi_label`
+(sigmoid attribute outputs rather than softmax classes), its `data_config` (the model's
 own eval preprocessing), a differentiable `preprocess` built from torch ops, penultimate `features`, and a
 `trained_on` note. `source` reads a source string without loading it (`parse_source`, `declared_labels`,
 `check_label_agreement`). One module per source: `from_timm`, `from_transformers`, `from_torchvision`, `from_checkpoint`.
@@ -24,6 +25,7 @@ from .source import (
     ClassifierSource,
     check_label_agreement,
     declared_labels,
+    declared_multi_label,
     parse_source,
     same_source,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "MeanPoolViT",
     "check_label_agreement",
     "declared_labels",
+    "declared_multi_label",
     "eval_transform",
     "load_classifier",
     "parse_source",

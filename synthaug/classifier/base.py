@@ -176,9 +176,13 @@ class Classifier(nn.Module):
         kind: where it came from; None -> guessed from the model's type.
         model_labels: class names the source declares when the model does not carry them (torchvision categories);
             used when `labels` is None and their count matches.
+        multi_label: the outputs are independent sigmoid attributes, not softmax classes (DCT then learns attribute
+            tokens, ``target="attribute:NAME"``); None -> the model config's ``problem_type ==
+            "multi_label_classification"`` (transformers' convention; `load_classifier` reads it from a timm
+            directory's config.json too), else False.
 
     Attributes:
-        labels, source, trained_on, data_config, kind (``"timm"``, ``"transformers"``, ``"vit-mae"``,
+        labels, source, trained_on, data_config, multi_label, kind (``"timm"``, ``"transformers"``, ``"vit-mae"``,
         ``"torchvision"``, ``"custom"``).
 
     >>> import timm
@@ -197,6 +201,7 @@ class Classifier(nn.Module):
         trained_on: str | None = None,
         kind: str | None = None,
         model_labels: Sequence[str] | None = None,
+        multi_label: bool | None = None,
     ):
         super().__init__()
         if _is_transformers_model(model):
@@ -223,6 +228,10 @@ class Classifier(nn.Module):
         self.labels = _resolve_labels(labels, own, self._num_outputs(), source)
         self.source = source
         self.trained_on = trained_on or "unknown"
+        if multi_label is None:
+            problem = getattr(getattr(model, "config", None), "problem_type", None)
+            multi_label = problem == "multi_label_classification"
+        self.multi_label = bool(multi_label)
 
     # The wrapped model must never leave eval mode: a parent's .train() would otherwise switch BatchNorm to batch
     # statistics (and update running stats) inside the DCT loop.

@@ -16,7 +16,7 @@ from .from_timm import _load_timm_dir, _load_timm_pretrained
 from .from_torchvision import _load_torchvision
 from .from_transformers import _load_transformers
 from .hub import _check_hub_id, _hub_config, _known, _read_json
-from .source import HELP, ClassifierSource, parse_source
+from .source import HELP, ClassifierSource, declared_multi_label, parse_source
 
 
 def load_classifier(
@@ -32,7 +32,8 @@ def load_classifier(
 
     `source` is resolved in this order (the first rule that applies wins):
 
-    1. An embedded name: ``"digits-guide"``, ``"digits-judge"`` (timm directories shipped in the package).
+    1. An embedded name: ``"digits-guide"``, ``"digits-judge"``, ``"digits-attr-guide"`` (multi-label: one sigmoid
+       output per attribute of the digit) (timm directories shipped in the package).
     2. An explicit prefix:
        ``"timm:NAME"`` (timm registry, pretrained weights; ``NAME`` may carry a tag, ``"resnet50.a1_in1k"``),
        ``"hf-hub:ORG/NAME"`` (a timm model on the hub, ``@revision`` allowed),
@@ -78,7 +79,7 @@ def load_classifier(
     loaded = _resolve(src, local_files_only)
     loaded.model.to(device=dev, dtype=torch_dtype)
     return Classifier(loaded.model, labels, loaded.data_config, source=src.text, trained_on=trained_on or loaded.trained_on,
-                      kind=loaded.kind, model_labels=loaded.labels)
+                      kind=loaded.kind, model_labels=loaded.labels, multi_label=declared_multi_label(src) or None)
 
 
 def _resolve(src: ClassifierSource, local_files_only: bool) -> _Loaded:

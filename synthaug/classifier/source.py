@@ -19,14 +19,16 @@ from ..names import normalize_name
 log = logging.getLogger(__name__)
 
 # Embedded classifiers: names that resolve to timm hub-format directories shipped inside the package.
-EMBEDDED_CLASSIFIERS = {"digits-guide": ASSETS / "digits" / "guide", "digits-judge": ASSETS / "digits" / "judge"}
+EMBEDDED_CLASSIFIERS = {"digits-guide": ASSETS / "digits" / "guide", "digits-judge": ASSETS / "digits" / "judge",
+                        "digits-attr-guide": ASSETS / "digits" / "attr-guide"}  # multi-label: closed_loop, ...
 
 
 PREFIXES = ("timm:", "hf-hub:", "local-dir:", "transformers:", "vit-mae:", "torchvision:")
 
 
 HELP = ("a timm name ('resnet50'), 'hf-hub:ORG/NAME', a transformers id ('google/vit-large-patch16-224'), "
-        "'torchvision:NAME', a local directory, 'ARCH@CHECKPOINT' or 'digits-guide'/'digits-judge'")
+        "'torchvision:NAME', a local directory, 'ARCH@CHECKPOINT' or 'digits-guide'/'digits-judge'/"
+        "'digits-attr-guide'")
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,24 @@ def declared_labels(source: str | ClassifierSource) -> tuple[list[str] | None, i
     return labels, count if count is not None else (len(labels) if labels else None)
 
 
+def declared_multi_label(source: str | ClassifierSource) -> bool | None:
+    """Whether the source's config file declares independent sigmoid outputs (``problem_type`` =
+    ``"multi_label_classification"``, transformers' key, also read from timm directories); None when no config file
+    is on this machine (then the loaded model's own config decides).
+
+    >>> declared_multi_label("digits-attr-guide"), declared_multi_label("digits-guide")
+    (True, False)
+    """
+    path = config_file(source)
+    if path is None:
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return isinstance(cfg, dict) and cfg.get("problem_type") == "multi_label_classification"
+
+
 def same_source(a: str | None, b: str | None) -> bool:
     """Whether two classifier sources name the same model (hub ids case-insensitively, local paths resolved).
 
@@ -236,4 +256,4 @@ def _named(labels: Sequence[str]) -> bool:
 
 
 __all__ = ["EMBEDDED_CLASSIFIERS", "HELP", "PREFIXES", "ClassifierSource", "check_label_agreement", "config_file",
-           "declared_labels", "parse_source", "same_source"]
+           "declared_labels", "declared_multi_label", "parse_source", "same_source"]
