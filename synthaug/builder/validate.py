@@ -19,6 +19,7 @@ from ..datasets.select import select_classes
 from ..errors import UserError
 from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, work_done
 from ..models import resolve_device, resolve_dtype, resolve_model_path
+from ..target import parse_guide_target
 from .executors import _import_ray
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
@@ -208,8 +209,11 @@ def _check_device(device: torch.device, config: BuildConfig) -> None:
 
 def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     """Validate every input of a build. Raises `UserError`; loads no model, starts no Ray."""
-    # 1. Config rules (a config built in code never went through load_config)
+    # 1. Config rules (a config built in code never went through load_config); a build learns class tokens
     validate(config)
+    if config.guide_target is not None and not parse_guide_target(config.guide_target).is_class:
+        raise UserError(f"`guide_target` {config.guide_target!r} learns one attribute token, but a build learns a "
+                        f"token per class: run `synthaug learn --guide-target {config.guide_target}`, or drop it.")
     # 2. The executor exists
     if config.run.executor == "ray":
         _import_ray()

@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 
 from ..config import DCTConfig, check_dct_levers
 from ..errors import UserError
+from ..target import CLASS, GuideTarget, check_label_free, parse_guide_target
 from .text import encode, render_prompt, splice_tokens, token_name, tokenize, tokenizer_with
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ class TokenResult:
 
     `history` has one entry per training iteration ``i`` (generate, classify, then maybe update; batch element
     b always uses ``config.prompts[b % len(prompts)]``): ``step``, ``loss`` (the optimised objective, Eq. 4),
-    ``accuracy`` and ``target_prob`` (mean softmax probability of the class) measured on ``v_c`` *before* update ``i``, then
+    ``accuracy`` and ``target_prob`` (mean softmax probability of the class; for an attribute target the fraction
+    and mean sigmoid probability of the wanted value) measured on ``v_c`` *before* update ``i``, then
     ``grad_norm`` (before clipping; None if no update followed), ``lr``, ``updated`` and ``nonfinite`` (the update was
     skipped because the loss or gradient was not finite), with fp16 models ``loss_scale``; with ``select="val"``
     ``val_accuracy`` and ``val_prob`` where validated. `best_step` indexes the entry whose ``v_c`` was kept.
@@ -75,7 +77,7 @@ class TokenResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     unet_evals: int = 0  # UNet forward calls (each on the CFG batch of 2 x batch_size latents)
-    metadata: dict = field(default_factory=dict)  # model id, guide source + trained_on, config
+    metadata: dict = field(default_factory=dict)  # model id, guide source + trained_on, config; "target" (attributes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,8 +86,8 @@ class TokenResult:
 def learn_dct_token(
     pipe: StableDiffusionPipeline,
     classifier: torch.nn.Module,
-    class_index: int,
-    label: str,
+    class_index: int | None = None,
+    label: str | None = None,
     config: DCTConfig = DCTConfig(),  # noqa: B008 (frozen, so a shared default is safe)
     *,
     token: str | None = None,
@@ -93,8 +95,9 @@ def learn_dct_token(
     callback: Callable[[dict, torch.Tensor], None] | None = None,
     checkpointing: bool | None = None,
     val_prompt: str | None = None,
+    target: str | GuideTarget | None = None,
 ) -> TokenResult:
-    """Learn the discriminative class token ``S_c`` of one class (DCT §3, appendix D).
+    """Learn the discriminative class token ``S_c`` of one class (DCT §3, appendix D), or an attribute token.
 
     The pipeline is left exactly as it was: no weight, embedding row, tokenizer entry or grad/train flag changes.
     To generate with the token afterwards, ``add_tokens(pipe, {result.token: result.embedding})``.
@@ -103,8 +106,10 @@ def learn_dct_token(
         pipe: a Stable Diffusion pipeline (UNet/VAE may be fp16/bf16 on CUDA; ``v_c`` and Adam stay fp32).
         classifier: the guide, ``forward(images [B, 3, H, W] in [0, 1]) -> logits``; it does its own resizing and
             normalisation (ψ_C in Eq. 4). Frozen during training.
-        class_index: the target class, an index into the classifier's logits.
-        label: the clean class name used in the prompts (``{label}``).
+        class_index: the target class, an index into the classifier's logits (attribute targets: omit it; the
+            attribute's output index is looked up by name and used in its place, e.g. for the training seeds).
+        label: the clean class name used in the prompts (``{label}``); attribute tokens have none, so their
+            prompts (``config.prompts``, `val_prompt`) must not ask for one: ``"A photo of {token}"``.
         config: every knob (`synthaug.config.DCTConfig`): steps, batch, lr, grad_steps, guidance, stopping, selection.
             ``grad_steps`` counts UNet calls at the end of the scheduler's own timesteps (2nd-order schedulers make
             two calls per step).
@@ -116,6 +121,11 @@ def learn_dct_token(
             backward instead of storing them — see `DCTConfig.checkpointing`.
         val_prompt: the template ``select="val"`` generates with: the prompt the token will be used with (builds and
             ``synthaug learn`` pass ``generate.prompt``); None: ``config.prompts[0]``.
+        target: what the guide is steered towards (`synthaug.target`): None or ``"class"`` (cross-entropy to
+            `class_index`, argmax correct), or ``"attribute:NAME[=0|1]"`` for a multi-label guide (binary
+            cross-entropy of output NAME, looked up in ``classifier.labels``, towards 1 or 0; an image is correct when
+            the sigmoid probability of that value is > 0.5, for stopping, validation and selection alike). The
+            default token is then ``"<synthaug-NAME-1>"`` and the result's metadata records ``"target"``.
 
     Returns:
         A `TokenResult`. With ``config.select == "min_loss"`` the kept embedding is the measured one with the lowest
@@ -124,16 +134,19 @@ def learn_dct_token(
 
     >>> result = learn_dct_token(pipe, guide, 3, "three", DCTConfig(max_steps=30))
     >>> add_tokens(pipe, {result.token: result.embedding})
+    >>> attr = learn_dct_token(pipe, attr_guide, config=DCTConfig(prompts=("A photo of {token}",)),
+    ...                        val_prompt="A photo of {token}", target="attribute:closed_loop=1")
     """
     started = time.perf_counter()
+    target, class_index, label = _resolve_target(classifier, target, class_index, label)
 
     # 1. Check every input before any model work; a tokenizer that knows S_c (a copy: the pipeline's stays as it was)
-    token = token if token is not None else token_name(class_index)
+    token = token if token is not None else token_name(class_index) if target.is_class else target.token
     val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
-    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt)
+    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt, target)
     run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
                pipe._execution_device, pipe.text_encoder.dtype,  # the pipeline's latents are in the prompts' dtype
-               config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe))
+               config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe), target=target)
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
         # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
@@ -189,13 +202,13 @@ def learn_dct_token(
                 elif math.isfinite(loss_value):
                     run.scaler.scale(part).backward()
                 del part, part_logits
-            probs = torch.cat(logit_parts).float().softmax(-1)
+            target_prob, correct = _scores(run, torch.cat(logit_parts))
 
             # 4.5 Record the measurement of v_c *before* this iteration's update
             entry = {"step": step, "loss": loss_value,
-                     "accuracy": (probs.argmax(-1) == class_index).float().mean().item(),
+                     "accuracy": correct.float().mean().item(),
                      "x0_loss": sum(x0_values) if x0_values else None,
-                     "target_prob": probs[:, class_index].mean().item(), "grad_norm": None,
+                     "target_prob": target_prob.mean().item(), "grad_norm": None,
                      "lr": optimizer.param_groups[0]["lr"], "updated": False,
                      "nonfinite": not math.isfinite(loss_value)}
             history.append(entry)
@@ -230,6 +243,8 @@ def learn_dct_token(
         "checkpointing": run.checkpointing,
         "config": dataclasses.asdict(config),
     }
+    if not target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
+        metadata["target"] = str(target)
     return TokenResult(
         token=token, class_index=class_index, label=label,
         embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
@@ -255,6 +270,7 @@ class _Run:
     checkpointing: bool
     scaler: torch.amp.GradScaler  # loss scaling for fp16 models; a no-op for every other dtype
     uncond: torch.Tensor | None = None  # [1, L, D] embedding of "" (CFG only), no graph
+    target: GuideTarget = CLASS  # the class (class_index), or the attribute whose output is class_index
 
     @property
     def do_cfg(self) -> bool:
@@ -454,7 +470,7 @@ def _x0_loss(run: _Run, noise_pred: torch.Tensor, t: torch.Tensor, latents: torc
     if x0 is None:
         x0 = _x0_from_alphas(run.pipe.scheduler, noise_pred, t, latents)
     logits = _classify(run.classifier, _clamp01(_decode_images(run, x0), run.config.straight_through_clamp))
-    return F.cross_entropy(logits, _targets(logits, run.class_index))
+    return _loss(run, logits)
 
 
 def _x0_from_alphas(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -506,8 +522,8 @@ def _dct_loss(run: _Run, images: torch.Tensor,
         )
     if augment_draws is not None:
         aug_logits = _classify(run.classifier, _augment_views(images, augment_draws))
-        return F.cross_entropy(aug_logits, _targets(aug_logits, run.class_index)), logits
-    return F.cross_entropy(logits, _targets(logits, run.class_index)), logits
+        return _loss(run, aug_logits), logits
+    return _loss(run, logits), logits
 
 
 def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[tuple[float, float], int]:
@@ -523,9 +539,8 @@ def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tu
             latents, n = _denoise(run, latents, text, step_kwargs, grad_steps=0)
             parts.append(_classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)))
             calls += n
-        probs = torch.cat(parts).softmax(-1)
-    accuracy = float((probs.argmax(-1) == run.class_index).float().mean())
-    return (accuracy, float(probs[:, run.class_index].mean())), calls
+        prob, correct = _scores(run, torch.cat(parts))
+    return (float(correct.float().mean()), float(prob.mean())), calls
 
 
 def _update(run: _Run, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None,
@@ -551,7 +566,8 @@ def _update(run: _Run, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss
     return {"grad_norm": grad_norm, **fields}
 
 
-def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str, val_prompt: str):
+def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str, val_prompt: str,
+                  target: GuideTarget = CLASS):
     """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`.
 
     Returns the tokenizer that knows `token`: the pipeline's own if it does already, else a copy."""
@@ -565,8 +581,15 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
             f"`class_index` {class_index} is out of range for the guide classifier, which has {len(labels)} classes: "
             f"pass an index below {len(labels)}."
         )
-    if not isinstance(label, str) or not label.strip():
+    if not isinstance(label, str) or not (label.strip() or not target.is_class):
         raise UserError(f"`label` must be a non-empty class name but is {label!r}.")
+    if target.is_class and getattr(classifier, "multi_label", False):
+        raise UserError(f"`classifier` {getattr(classifier, 'source', '')!r} is multi-label (one sigmoid output per "
+                        f"attribute), so a class token's cross-entropy means nothing to it: pass target="
+                        f"'attribute:NAME' (--guide-target) with one of {', '.join(classifier.labels[:10])}, or a "
+                        f"single-label guide.")
+    if not label.strip():  # an attribute token without a class label: no template may ask for one
+        check_label_free((*config.prompts, *([val_prompt] if config.select == "val" else [])), target)
     positive = {"max_steps": config.max_steps, "batch_size": config.batch_size,
                 "num_inference_steps": config.num_inference_steps}
     for key, value in positive.items():
@@ -753,6 +776,47 @@ def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
 
 def _targets(logits: torch.Tensor, class_index: int) -> torch.Tensor:
     return torch.full((logits.shape[0],), class_index, dtype=torch.long, device=logits.device)
+
+
+def _loss(run: _Run, logits: torch.Tensor) -> torch.Tensor:
+    """The objective on the guide's logits: cross-entropy to the class (Eq. 4); for an attribute target, the binary
+    cross-entropy of the attribute's output (``run.class_index``) towards the wanted value."""
+    if run.target.is_class:
+        return F.cross_entropy(logits, _targets(logits, run.class_index))
+    column = logits[:, run.class_index]
+    return F.binary_cross_entropy_with_logits(column, torch.full_like(column, float(run.target.value)))
+
+
+def _scores(run: _Run, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: (probability of the target, correct). Class: the softmax probability of the class and argmax ==
+    class. Attribute: the sigmoid probability of the wanted value (``1 - p`` for ``=0``) and that probability > 0.5."""
+    if run.target.is_class:
+        probs = logits.float().softmax(-1)
+        return probs[:, run.class_index], probs.argmax(-1) == run.class_index
+    p = torch.sigmoid(logits[:, run.class_index].float())
+    p = p if run.target.value == 1 else 1 - p
+    return p, p > 0.5
+
+
+def _resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget, int | None, str | None]:
+    """(target, the guide output it steers, label): a class target passes `class_index` and `label` through; an
+    attribute target looks its output up by name in ``classifier.labels`` (a multi-label guide's) and has no label
+    unless one is given. Raises `UserError`."""
+    target = parse_guide_target(target, "target")
+    if target.is_class:
+        return target, class_index, label
+    labels = getattr(classifier, "labels", None)
+    source = str(getattr(classifier, "source", "") or type(classifier).__name__)
+    if labels is None:
+        raise UserError(f"`target` {str(target)!r} is looked up by name in the classifier's labels, but "
+                        f"{source!r} has none: wrap it in synthaug.classifier.Classifier(model, labels=[...], "
+                        f"multi_label=True).")
+    index = target.output_index(labels, multi_label=bool(getattr(classifier, "multi_label", False)), source=source,
+                                what="classifier", arg="target")
+    if class_index is not None and class_index != index:
+        raise UserError(f"`class_index` {class_index!r} disagrees with `target` {str(target)!r}, which is output "
+                        f"{index} of the classifier: omit class_index for attribute tokens.")
+    return target, index, label if label is not None else ""
 
 
 def _seed(kind: str, seed: int, class_index: int, index: int) -> int:

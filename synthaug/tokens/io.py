@@ -85,6 +85,8 @@ def save_token(result: TokenResult, path: str | os.PathLike) -> None:
         "history": json.dumps(result.history),
         "tokens": json.dumps([result.token]),
     }
+    if result.metadata.get("target"):  # attribute tokens: "attribute:NAME=V" (class tokens' files are as before)
+        meta["target"] = str(result.metadata["target"])
     _write({result.token: result.embedding}, path, meta)
 
 
