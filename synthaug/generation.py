@@ -10,8 +10,11 @@ image and its baseline differ only by the token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
     from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
 
 
 def image_seed(seed: int, class_index: int, index: int) -> int:
@@ -80,7 +85,7 @@ def generate(
         label: the clean class name that fills ``{label}``.
         token: the class token (e.g. ``"<synthaug-000>"``), or None for the plain-prompt baseline.
         indices: which images of the class to make; image ``i`` always gets seed ``image_seed(config.seed, class, i)``.
-        config: prompt template, steps, guidance, size, batch size, base seed.
+        config: prompt template, steps, guidance, size, batch size (None: `batch_size_for` picks it), base seed.
         method: recorded in the metadata; default ``"dct"`` with a token, ``"sd"`` without.
         classifier: optional guide; fills `guide_prob` / `guide_top5`, scored on the 8-bit image as saved.
         progress: show a tqdm bar over batches.
@@ -105,8 +110,9 @@ def generate(
         raise UserError(
             f"`height` and `width` have to be positive and divisible by 8 but are {config.height} and {config.width}."
         )
-    if config.batch_size <= 0:
-        raise UserError(f"`batch_size` must be > 0 but is {config.batch_size}.")
+    if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
+                                          or config.batch_size <= 0):
+        raise UserError(f"`generate.batch_size` must be an integer > 0 or null (auto) but is {config.batch_size!r}.")
     token_sha = None
     if token is not None:
         if token not in pipe.tokenizer.get_added_vocab():
@@ -123,7 +129,8 @@ def generate(
 
     # 2. Generate in batches; one CPU generator per image, so the noise is the same on every device and batch size
     out: list[GeneratedImage] = []
-    batches = [indices[i : i + config.batch_size] for i in range(0, len(indices), config.batch_size)]
+    batch_size = batch_size_for(pipe, config)
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -176,3 +183,155 @@ def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple
         probs = classifier(x).float().softmax(-1)
     top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
     return probs[:, class_index].tolist(), top.tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch size from free memory, and a compiled UNet
+# --------------------------------------------------------------------------------------------------------------------
+CPU_BATCH_SIZE = 8  # `generate.batch_size: null` off CUDA: the batch no longer matters for speed there
+
+
+AUTO_MEMORY_FRACTION = 0.9  # of the free memory: the rest is headroom for the guide, fragmentation, other processes
+
+
+AUTO_MAX_BATCH = 64  # past this a GPU is long saturated; larger batches only delay the first shard
+
+
+def auto_batch_size(free_bytes: float, per_image_bytes: float, fixed_bytes: float = 0.0, *,
+                    fraction: float = AUTO_MEMORY_FRACTION, max_batch: int = AUTO_MAX_BATCH) -> int:
+    """The largest batch whose generation memory fits in `fraction` of `free_bytes` (1 at least, `max_batch` at most).
+
+    A batch of ``n`` images needs ``fixed_bytes + n * per_image_bytes`` beyond the loaded weights (`probe_memory`).
+
+    >>> auto_batch_size(free_bytes=40e9, per_image_bytes=2e9, fixed_bytes=1e9)
+    17
+    """
+    if not per_image_bytes > 0:
+        raise ValueError(f"per_image_bytes must be > 0 but is {per_image_bytes!r}")
+    n = int((free_bytes * fraction - fixed_bytes) // per_image_bytes)
+    return max(1, min(max_batch, n))
+
+
+def probe_memory(pipe: StableDiffusionPipeline, config: GenerateConfig) -> tuple[int, int]:
+    """Bytes one generated image needs beyond the weights, and the part that does not grow with the batch, on CUDA.
+
+    Runs the two calls of a batch that hold the most memory, the UNet (twice the batch with classifier-free
+    guidance) and the VAE decode, at batch 1 and 2 at the config's size, and reads the allocator's peak: the
+    difference is the per-image cost, the rest the fixed cost. A fraction of a second at 512 px.
+
+    Returns:
+        ``(per_image_bytes, fixed_bytes)``.
+    """
+    import torch
+
+    device = pipe.device
+    peaks = []
+    for n in (1, 2):
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            latents, t, states = _unet_inputs(pipe, config, n)
+            pipe.unet(latents, t, encoder_hidden_states=states, return_dict=False)
+            del states
+            pipe.vae.decode(latents[:n] / pipe.vae.config.scaling_factor, return_dict=False)
+            del latents
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_image = max(1, peaks[1] - peaks[0])
+    return per_image, max(0, peaks[0] - per_image)
+
+
+def batch_size_for(pipe: StableDiffusionPipeline, config: GenerateConfig) -> int:
+    """The batch `generate` uses: ``config.batch_size``, or, when it is None (``auto``), on CUDA the largest batch
+    that fits in free memory (`probe_memory`, `auto_batch_size`) and `CPU_BATCH_SIZE` elsewhere.
+
+    Free memory counts what PyTorch's caching allocator holds but does not use (it is ours to reuse).
+    """
+    if config.batch_size is not None:
+        return config.batch_size
+    device = pipe.device
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    per_image, fixed = probe_memory(pipe, config)
+    free = _free_cuda_memory(device)
+    n = auto_batch_size(free, per_image, fixed)
+    logger.info("generate.batch_size auto: %d (%.1f GiB free on %s, %.2f GiB per image + %.2f GiB fixed at %dx%d)",
+                n, free / 2**30, device, per_image / 2**30, fixed / 2**30, config.height, config.width)
+    return n
+
+
+def _free_cuda_memory(device: torch.device) -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _unet_inputs(pipe: StableDiffusionPipeline, config: GenerateConfig, n: int):
+    """Latents, timestep and text states of the UNet call the pipeline makes for a batch of `n` images."""
+    import torch
+
+    unet, device, dtype = pipe.unet, pipe.device, pipe.unet.dtype
+    rows = 2 * n if _uses_cfg(pipe, config) else n
+    scale = pipe.vae_scale_factor
+    latents = torch.randn(rows, unet.config.in_channels, config.height // scale, config.width // scale,
+                          device=device, dtype=dtype)
+    states = torch.randn(rows, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device,
+                         dtype=dtype)
+    pipe.scheduler.set_timesteps(config.num_inference_steps, device=device)
+    return latents, pipe.scheduler.timesteps[0], states
+
+
+def _uses_cfg(pipe: StableDiffusionPipeline, config: GenerateConfig) -> bool:
+    # the pipeline's own rule (StableDiffusionPipeline.do_classifier_free_guidance)
+    return config.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+
+def batch_sizes(start: int, stop: int, batch_size: int) -> list[int]:
+    """Sizes of the batches images ``start..stop-1`` are generated in (every batch full but the last).
+
+    >>> batch_sizes(0, 10, 4)
+    [4, 4, 2]
+    """
+    return [min(batch_size, stop - lo) for lo in range(start, stop, batch_size)]
+
+
+def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: Sequence[int]
+                 ) -> tuple[torch.nn.Module, float]:
+    """``torch.compile`` the pipeline's UNet for generation and compile it now for every batch size in `sizes`.
+
+    The UNet is compiled with static shapes, once per batch size (a class's batches come in at most a few sizes,
+    `batch_sizes`), by calling it on inputs of the shapes, dtypes and call signature the pipeline uses; generation
+    then never waits for a compile. The pipeline keeps its eager UNet (token learning back-propagates through it):
+    swap the compiled one in with `use_unet` while generating.
+
+    Returns:
+        ``(compiled_unet, seconds)``: the compiled module (it shares the UNet's weights) and the compile time.
+    """
+    import torch
+
+    compiled = torch.compile(pipe.unet, dynamic=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for n in sorted(set(sizes), reverse=True):
+            latents, t, states = _unet_inputs(pipe, config, n)
+            compiled(latents, t, encoder_hidden_states=states, timestep_cond=None, cross_attention_kwargs=None,
+                     added_cond_kwargs=None, return_dict=False)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)
+    return compiled, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def use_unet(pipe: StableDiffusionPipeline, unet: torch.nn.Module | None) -> Iterator[StableDiffusionPipeline]:
+    """Run the pipeline with `unet` (e.g. from `compile_unet`) inside the block; None keeps its own."""
+    if unet is None:
+        yield pipe
+        return
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        yield pipe
+    finally:
+        pipe.unet = original

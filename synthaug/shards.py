@@ -25,6 +25,8 @@ import logging
 import os
 import re
 import tarfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -245,7 +247,8 @@ def write_shard(
 
     Samples are streamed (a generator is fine): each image is encoded, written to the tar and dropped, so memory
     stays at one image. Members are ``{key}.{png|jpg|webp}``, ``{key}.cls`` (the class index as ASCII) and
-    ``{key}.json`` (the metadata row), in that sorted order, with fixed mtime/uid/gid/mode.
+    ``{key}.json`` (the metadata row), in that sorted order, with fixed mtime/uid/gid/mode. `ShardWriter` writes the
+    same bytes on a background thread.
 
     Args:
         out: the build directory; files go to ``out/shards/``.
@@ -261,89 +264,300 @@ def write_shard(
     >>> stats.num_samples, shard_done("out", 0)  # doctest: +SKIP
     (8, True)
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import webdataset as wds
+    shard = _ShardFile(out, shard_id, image_format, quality)
+    try:
+        for sample in samples:
+            shard.add(sample)
+    except BaseException as e:
+        shard.abort(e)
+        raise
+    return shard.close()
 
+
+def _check_format(image_format: str, quality: int) -> None:
     if image_format not in IMAGE_FORMATS:
         raise UserError(f"`shards.image_format` must be one of {', '.join(IMAGE_FORMATS)} but is {image_format!r}.")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise UserError(f"`shards.quality` must be an integer in 1..100 but is {quality!r}.")
-    paths = shard_paths(out, shard_id)
-    # A stale stats file from an earlier attempt must not survive a rewrite: remove it before touching the tar, so a
-    # crash mid-rewrite leaves the shard "not done" rather than "done" with mismatched files.
-    paths.stats.unlink(missing_ok=True)
 
-    # 1. Tar: stream every sample through webdataset's writer, hashing the bytes as they pass.
-    rows: list[dict[str, Any]] = []
-    keys: set[str] = set()
-    with atomic_write(paths.tar, "w+b") as f:
-        hashing = _HashingWriter(f)
-        writer = wds.TarWriter(hashing, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP,
-                               mode=TAR_MODE)
+
+class _ShardFile:
+    """One shard being written: `add` samples one by one, then `close` (or `abort`, which leaves nothing behind)."""
+
+    def __init__(self, out: str | os.PathLike, shard_id: int, image_format: str, quality: int) -> None:
+        import webdataset as wds
+
+        _check_format(image_format, quality)
+        self.shard_id, self.image_format, self.quality = shard_id, image_format, quality
+        self.paths = shard_paths(out, shard_id)
+        # A stale stats file from an earlier attempt must not survive a rewrite: remove it before touching the tar, so
+        # a crash mid-rewrite leaves the shard "not done" rather than "done" with mismatched files.
+        self.paths.stats.unlink(missing_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        self.keys: set[str] = set()
+        self._stack = contextlib.ExitStack()
+        self._file = self._stack.enter_context(atomic_write(self.paths.tar, "w+b"))
+        self._hashing = _HashingWriter(self._file)
+        self._writer = wds.TarWriter(self._hashing, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP,
+                                     mode=TAR_MODE)
+
+    def add(self, sample: Any) -> None:
+        """Encode one sample and stream it into the tar (hashing the bytes as they pass)."""
+        row = _describe(sample, len(self.rows), self.image_format)
+        if row["key"] in self.keys:
+            raise ValueError(f"duplicate key {row['key']!r} in shard {self.shard_id}: every (method, class, index) "
+                             "must appear once.")
+        self.keys.add(row["key"])
+        data = encode_image(sample.image, self.image_format, self.quality)
+        meta = {k: v for k, v in row.items() if k != "judge_prob"}
+        meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        self._writer.write({
+            "__key__": row["key"],
+            self.image_format: data,
+            "cls": str(row["class_index"]).encode("ascii"),
+            "json": meta_bytes,
+        })
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        row["size"] = len(data)
+        self.rows.append(row)
+
+    def abort(self, error: BaseException) -> None:
+        """Drop the temporary tar: nothing of this attempt stays on disk."""
+        self._hashing.discard()
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+    def close(self) -> ShardStats:
+        """Finish the tar, then write the parquet rows and, last, the stats file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows, image_format, shard_id, paths = self.rows, self.image_format, self.shard_id, self.paths
         try:
-            for position, sample in enumerate(samples):
-                row = _describe(sample, position, image_format)
-                if row["key"] in keys:
-                    raise ValueError(f"duplicate key {row['key']!r} in shard {shard_id}: every (method, class, index) "
-                                     "must appear once.")
-                keys.add(row["key"])
-                data = encode_image(sample.image, image_format, quality)
-                meta = {k: v for k, v in row.items() if k != "judge_prob"}
-                meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-                writer.write({
-                    "__key__": row["key"],
-                    image_format: data,
-                    "cls": str(row["class_index"]).encode("ascii"),
-                    "json": meta_bytes,
-                })
-                row["sha256"] = hashlib.sha256(data).hexdigest()
-                row["size"] = len(data)
-                rows.append(row)
-            writer.close()
-        except BaseException:
-            hashing.discard()
+            self._writer.close()
+            if not rows:
+                raise ValueError(f"shard {shard_id} got no samples: the planner should not create empty shards.")
+            # 2. Locate every image inside the tar from the headers just written (tarfile seeks over the data).
+            self._file.seek(0)
+            with tarfile.open(fileobj=self._file, mode="r:") as tf:
+                located = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
+        except BaseException as e:
+            self.abort(e)
             raise
-        if not rows:
-            raise ValueError(f"shard {shard_id} got no samples: the planner should not create empty shards.")
-        # 2. Locate every image inside the tar from the headers just written (tarfile seeks over the data).
-        f.seek(0)
-        with tarfile.open(fileobj=f, mode="r:") as tf:
-            located = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
-    for row in rows:
-        offset, size = located[f"{row['key']}.{image_format}"]
-        if size != row["size"]:  # would mean the tar writer changed the bytes: never ship such a shard
-            raise RuntimeError(f"tar member {row['key']}.{image_format} has {size} bytes, expected {row['size']}")
-        row["shard"] = shard_id
-        row["offset"] = offset
-    tar_bytes, tar_sha = hashing.nbytes, hashing.sha.hexdigest()
+        self._stack.close()  # the tar is complete: rename it into place
+        for row in rows:
+            offset, size = located[f"{row['key']}.{image_format}"]
+            if size != row["size"]:  # would mean the tar writer changed the bytes: never ship such a shard
+                raise RuntimeError(f"tar member {row['key']}.{image_format} has {size} bytes, expected {row['size']}")
+            row["shard"] = shard_id
+            row["offset"] = offset
+        tar_bytes, tar_sha = self._hashing.nbytes, self._hashing.sha.hexdigest()
 
-    # 3. Parquet rows, in tar order.
-    schema = index_schema()
-    table = pa.Table.from_pylist(rows, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    with atomic_write(paths.parquet, "wb") as f:
-        f.write(buf.getvalue())
+        # 3. Parquet rows, in tar order.
+        table = pa.Table.from_pylist(rows, schema=index_schema())
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        with atomic_write(paths.parquet, "wb") as f:
+            f.write(buf.getvalue())
 
-    # 4. Stats, last: from now on the shard counts as done.
-    stats = ShardStats(
-        shard=shard_id,
-        num_samples=len(rows),
-        tar=f"{SHARDS_DIR}/{paths.tar.name}",  # "/" on every OS: _info.json is read by timm anywhere
-        tar_bytes=tar_bytes,
-        tar_sha256=tar_sha,
-        parquet=f"{SHARDS_DIR}/{paths.parquet.name}",
-        parquet_sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
-        image_format=image_format,
-        quality=None if image_format == "png" else quality,
-        classes={str(k): v for k, v in sorted(Counter(r["class_index"] for r in rows).items())},
-        methods=dict(sorted(Counter(r["method"] for r in rows).items())),
-        first_key=rows[0]["key"],
-        last_key=rows[-1]["key"],
-    )
-    write_text(paths.stats, stats.to_json())
-    return stats
+        # 4. Stats, last: from now on the shard counts as done.
+        stats = ShardStats(
+            shard=shard_id,
+            num_samples=len(rows),
+            tar=f"{SHARDS_DIR}/{paths.tar.name}",  # "/" on every OS: _info.json is read by timm anywhere
+            tar_bytes=tar_bytes,
+            tar_sha256=tar_sha,
+            parquet=f"{SHARDS_DIR}/{paths.parquet.name}",
+            parquet_sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
+            image_format=image_format,
+            quality=None if image_format == "png" else self.quality,
+            classes={str(k): v for k, v in sorted(Counter(r["class_index"] for r in rows).items())},
+            methods=dict(sorted(Counter(r["method"] for r in rows).items())),
+            first_key=rows[0]["key"],
+            last_key=rows[-1]["key"],
+        )
+        write_text(paths.stats, stats.to_json())
+        return stats
+
+
+_BEGIN, _END, _STOP = object(), object(), object()
+
+
+class ShardWriter:
+    """Writes shards batch by batch, on a background thread, so encoding and writing overlap generation.
+
+    The caller opens a shard with `begin`, hands over its samples with `put` (any number of batches) and closes it
+    with `end`; the writer encodes and writes them exactly as `write_shard` does (same bytes, same atomic files, the
+    stats file last). A bounded queue of `max_pending` batches keeps memory at a few batches: `put` waits only when
+    the writer is that far behind. `finished` and `drain` give the shards complete on disk, so the caller can report
+    them (and a resumed build skips them); an error on the writer thread is raised by the caller's next call. Leaving
+    the ``with`` block on an exception drops the shard in progress (no partial file stays).
+
+    Args:
+        out: the build directory.
+        image_format, quality: as for `write_shard`.
+        background: False writes in the caller's thread (same bytes; for comparison and debugging).
+        max_pending: batches that may wait for the writer.
+
+    Attributes:
+        write_seconds: time spent encoding and writing (on whichever thread did it).
+        wait_seconds: time the caller spent waiting for the writer (a full queue, `drain`, the final flush).
+
+    >>> with ShardWriter("out") as writer:  # doctest: +SKIP
+    ...     writer.begin(0)
+    ...     writer.put(images[:8]); writer.put(images[8:])
+    ...     writer.end()
+    ...     done = writer.drain()  # [(0, ShardStats(...))]
+    """
+
+    def __init__(self, out: str | os.PathLike, *, image_format: str = "png", quality: int = 95,
+                 background: bool = True, max_pending: int = 2) -> None:
+        import queue
+
+        _check_format(image_format, quality)
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise UserError(f"`max_pending` must be an integer >= 1 but is {max_pending!r}.")
+        self.out, self.image_format, self.quality, self.background = out, image_format, quality, background
+        self.write_seconds = self.wait_seconds = 0.0
+        self._open: int | None = None  # shard id between begin and end (caller's view)
+        self._current: _ShardFile | None = None  # the shard being written (writer's view)
+        self._ended = 0  # shards ended by the caller
+        self._done: list[tuple[int, ShardStats]] = []
+        self._reported = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending + 2)  # + begin/end markers
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name=f"synthaug-shard-writer-{id(self):x}", daemon=True)
+            self._thread.start()
+
+    # -- caller side --------------------------------------------------------------------------------------------
+    def begin(self, shard_id: int) -> None:
+        """Start shard `shard_id` (the previous one must be ended)."""
+        if self._open is not None:
+            raise RuntimeError(f"shard {self._open} is still open: call end() before beginning shard {shard_id}")
+        self._open = shard_id
+        self._send((_BEGIN, shard_id))
+
+    def put(self, samples: Iterable[Any]) -> None:
+        """Hand over samples of the open shard (a list: it crosses to the writer thread as it is)."""
+        if self._open is None:
+            raise RuntimeError("no shard is open: call begin(shard_id) first")
+        self._send(list(samples))
+
+    def end(self) -> None:
+        """Close the open shard; it is complete on disk once `finished`/`drain` lists it."""
+        if self._open is None:
+            raise RuntimeError("no shard is open: call begin(shard_id) first")
+        self._open = None
+        self._ended += 1
+        self._send(_END)
+
+    def finished(self) -> list[tuple[int, ShardStats]]:
+        """``(shard_id, stats)`` of the shards completed since the last call; never waits."""
+        self._raise()
+        with self._cond:
+            new = self._done[self._reported:]
+            self._reported = len(self._done)
+        return new
+
+    def drain(self) -> list[tuple[int, ShardStats]]:
+        """Wait until every ended shard is complete on disk; then as `finished`."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or len(self._done) == self._ended)
+        self.wait_seconds += time.perf_counter() - t0
+        return self.finished()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Stop the writer thread; with `error` (or a shard still open) the shard in progress is dropped."""
+        if error is None and self._open is not None:
+            error = RuntimeError(f"shard {self._open} was never ended")
+        if self._thread is not None:
+            if self._thread.is_alive():
+                self._queue.put((_STOP, error))
+                t0 = time.perf_counter()
+                self._thread.join()
+                self.wait_seconds += time.perf_counter() - t0
+            self._thread = None
+        else:
+            self._stop(error)
+        self._open = None
+        if error is None:
+            self._raise()
+
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034 (Python 3.10 has no typing.Self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)
+
+    def _send(self, item: Any) -> None:
+        self._raise()
+        if self._thread is None:
+            self._handle(item)
+            return
+        import queue
+
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                self._raise()  # the writer died with the queue full: nobody will take the item
+        self.wait_seconds += time.perf_counter() - t0
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing a shard failed: {type(self._error).__name__}: {self._error}") \
+                from self._error
+
+    # -- writer side --------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, tuple) and item[0] is _STOP:
+                self._stop(item[1])
+                return
+            if self._error is not None:
+                continue  # drop what arrives after a failure; the caller raises on its next call
+            try:
+                self._handle(item)
+            except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+                self._fail(e)
+
+    def _handle(self, item: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            if isinstance(item, tuple) and item[0] is _BEGIN:
+                self._current = _ShardFile(self.out, item[1], self.image_format, self.quality)
+            elif item is _END:
+                shard, self._current = self._current, None
+                stats = shard.close()
+                with self._cond:
+                    self._done.append((shard.shard_id, stats))
+                    self._cond.notify_all()
+            else:
+                for sample in item:
+                    self._current.add(sample)
+        except BaseException as e:
+            if self._current is not None:
+                self._current.abort(e)
+                self._current = None
+            raise
+        finally:
+            self.write_seconds += time.perf_counter() - t0
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def _stop(self, error: BaseException | None) -> None:
+        if self._current is not None:
+            self._current.abort(error or RuntimeError("the shard writer was closed with a shard open"))
+            self._current = None
 
 
 def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
