@@ -176,3 +176,24 @@ time.sleep(600)
                 p.kill()
             except psutil.Error:
                 pass
+
+
+@pytest.mark.slow
+def test_a_ray_build_prints_no_warnings_of_its_dependencies(tmp_path, world):
+    """What a user sees from `synthaug build` on Ray, with Ray's token authentication left at its default: progress
+    and synthaug's own lines, no notices from Ray, accelerate, diffusers or transformers."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "build"
+    cfg_file = bw.write_config(tmp_path / "config.yaml", out, *world, **RAY)
+    env = {k: v for k, v in bw.cli_env().items() if k != "RAY_AUTH_MODE"}
+    env["HOME"] = str(tmp_path / "home")  # Ray keeps its cluster token under ~/.ray
+    proc = subprocess.run([sys.executable, "-m", "synthaug.cli", "build", "--config", str(cfg_file), "-q"],
+                          cwd=bw.REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    foreign = [line for line in text.splitlines()
+               if re.search(r"WARNING [\w.]+\.py:\d+ --|Warning:|accelerate|Token authentication", line)]
+    assert not foreign, foreign[:5]

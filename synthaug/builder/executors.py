@@ -197,6 +197,18 @@ class _Reaper:
             self.proc.wait(timeout=15)
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Raise logger `name` to ERROR for the duration of the block."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _init_local_ray(ray: Any, attempts: int = 3, **kwargs: Any) -> None:
     """Start a local Ray: a new cluster even where `ray start` left one running (attaching is what ``ray_address``
     is for), without the dashboard, which a build does not need.
@@ -206,7 +218,10 @@ def _init_local_ray(ray: Any, attempts: int = 3, **kwargs: Any) -> None:
     """
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+            # Ray turns token authentication on for a new local cluster and says so at WARNING on every start. The
+            # cluster is this build's own and lives as long as the build: keep the protection, drop the notice.
+            with _quiet_logger("ray._private.authentication.authentication_token_setup"):
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, **kwargs)
             return
         except Exception as e:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or attempt == attempts:
