@@ -306,7 +306,8 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor | Sequence[Any], batch_size: int = 256) -> Tensor:
-        """Class probabilities ``[B, num_classes]`` (float32, on the model's device), without gradients.
+        """Class probabilities ``[B, num_classes]`` (float32, on the model's device), without gradients: the softmax,
+        or for a `multi_label` classifier each output's own sigmoid (rows then need not sum to 1).
 
         Args:
             images: a float ``[B, C, H, W]`` batch in [0, 1] (or uint8), or a sequence of PIL images / ``[C, H, W]``
@@ -320,11 +321,13 @@ class Classifier(nn.Module):
                 x = self.preprocess(chunk)
             else:  # one by one: sizes may differ
                 x = torch.cat([self.preprocess(_to_tensor(im)[None]) for im in chunk])
-            out.append(self.model(x).float().softmax(-1))
+            logits = self.model(x).float()
+            out.append(logits.sigmoid() if self.multi_label else logits.softmax(-1))
         return torch.cat(out) if out else torch.zeros(0, self.num_classes, device=self.device)
 
     def extra_repr(self) -> str:
         return (f"source={self.source!r}, kind={self.kind!r}, num_classes={self.num_classes}, "
+                f"{'multi_label=True, ' if self.multi_label else ''}"
                 f"input_size={self.data_config['input_size']}, trained_on={self.trained_on!r}")
 
 
