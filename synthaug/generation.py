@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import GenerateConfig
 from .errors import UserError
@@ -297,7 +297,7 @@ def batch_sizes(start: int, stop: int, batch_size: int) -> list[int]:
     return [min(batch_size, stop - lo) for lo in range(start, stop, batch_size)]
 
 
-def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: Sequence[int]
+def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: Sequence[int], **options: Any
                  ) -> tuple[torch.nn.Module, float]:
     """``torch.compile`` the pipeline's UNet for generation and compile it now for every batch size in `sizes`.
 
@@ -306,12 +306,15 @@ def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: S
     then never waits for a compile. The pipeline keeps its eager UNet (token learning back-propagates through it):
     swap the compiled one in with `use_unet` while generating.
 
+    Args:
+        options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``backend="aot_eager"``).
+
     Returns:
         ``(compiled_unet, seconds)``: the compiled module (it shares the UNet's weights) and the compile time.
     """
     import torch
 
-    compiled = torch.compile(pipe.unet, dynamic=False)
+    compiled = torch.compile(pipe.unet, **{"dynamic": False, **options})
     t0 = time.perf_counter()
     with torch.no_grad():
         for n in sorted(set(sizes), reverse=True):
