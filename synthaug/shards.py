@@ -301,14 +301,15 @@ class _ShardFile:
         self._writer = wds.TarWriter(self._hashing, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP,
                                      mode=TAR_MODE)
 
-    def add(self, sample: Any) -> None:
-        """Encode one sample and stream it into the tar (hashing the bytes as they pass)."""
+    def add(self, sample: Any, data: bytes | None = None) -> None:
+        """Stream one sample into the tar (hashing the bytes as they pass); `data`: its image already encoded."""
         row = _describe(sample, len(self.rows), self.image_format)
         if row["key"] in self.keys:
             raise ValueError(f"duplicate key {row['key']!r} in shard {self.shard_id}: every (method, class, index) "
                              "must appear once.")
         self.keys.add(row["key"])
-        data = encode_image(sample.image, self.image_format, self.quality)
+        if data is None:
+            data = encode_image(sample.image, self.image_format, self.quality)
         meta = {k: v for k, v in row.items() if k != "judge_prob"}
         meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
         self._writer.write({
@@ -397,6 +398,8 @@ class ShardWriter:
         image_format, quality: as for `write_shard`.
         background: False writes in the caller's thread (same bytes; for comparison and debugging).
         max_pending: batches that may wait for the writer.
+        encode_threads: threads that encode a batch's images at once (Pillow releases the GIL while it compresses);
+            the tar still receives them in order. 1 encodes on the writer thread itself.
 
     Attributes:
         write_seconds: time spent encoding and writing (on whichever thread did it).
@@ -410,12 +413,15 @@ class ShardWriter:
     """
 
     def __init__(self, out: str | os.PathLike, *, image_format: str = "png", quality: int = 95,
-                 background: bool = True, max_pending: int = 2) -> None:
+                 background: bool = True, max_pending: int = 2, encode_threads: int = 1) -> None:
         import queue
+        from concurrent.futures import ThreadPoolExecutor
 
         _check_format(image_format, quality)
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise UserError(f"`max_pending` must be an integer >= 1 but is {max_pending!r}.")
+        for name, value in (("max_pending", max_pending), ("encode_threads", encode_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"`{name}` must be an integer >= 1 but is {value!r}.")
+        self._pool = ThreadPoolExecutor(encode_threads, "synthaug-encode") if encode_threads > 1 else None
         self.out, self.image_format, self.quality, self.background = out, image_format, quality, background
         self.write_seconds = self.wait_seconds = 0.0
         self._open: int | None = None  # shard id between begin and end (caller's view)
@@ -483,6 +489,9 @@ class ShardWriter:
         else:
             self._stop(error)
         self._open = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if error is None:
             self._raise()
 
@@ -539,8 +548,9 @@ class ShardWriter:
                     self._done.append((shard.shard_id, stats))
                     self._cond.notify_all()
             else:
-                for sample in item:
-                    self._current.add(sample)
+                encoded = self._pool.map(self._encode, item) if self._pool is not None else [None] * len(item)
+                for sample, data in zip(item, encoded):
+                    self._current.add(sample, data)
         except BaseException as e:
             if self._current is not None:
                 self._current.abort(e)
@@ -548,6 +558,10 @@ class ShardWriter:
             raise
         finally:
             self.write_seconds += time.perf_counter() - t0
+
+    def _encode(self, sample: Any) -> bytes | None:
+        image = getattr(sample, "image", None)  # None: `add` names what the sample lacks
+        return None if image is None else encode_image(image, self.image_format, self.quality)
 
     def _fail(self, error: BaseException) -> None:
         with self._cond:

@@ -257,11 +257,11 @@ def _images(n, method="dct"):
         guidance_scale=7.0, height=8, width=8, guide_prob=None, guide_top5=None) for i in range(n)]
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_shard_writer_writes_write_shards_bytes(tmp_path, background):
+@pytest.mark.parametrize(("background", "encode_threads"), [(True, 1), (False, 1), (True, 3)])
+def test_shard_writer_writes_write_shards_bytes(tmp_path, background, encode_threads):
     images = _images(5)
     write_shard(tmp_path / "ref", 0, images)
-    with ShardWriter(tmp_path / "w", background=background, max_pending=1) as writer:
+    with ShardWriter(tmp_path / "w", background=background, max_pending=1, encode_threads=encode_threads) as writer:
         writer.begin(0)
         writer.put(images[:2])
         writer.put(images[2:])
@@ -282,6 +282,15 @@ def test_shard_writer_error_reaches_the_caller_and_leaves_no_file(tmp_path, back
         writer.end()
         writer.drain()
     assert list((tmp_path / "shards").iterdir()) == []
+
+
+def test_shard_writer_names_what_a_sample_lacks(tmp_path):
+    with pytest.raises(RuntimeError, match=r"sample 0 \(str\) lacks attribute\(s\) image"), \
+            ShardWriter(tmp_path, encode_threads=2) as writer:
+        writer.begin(0)
+        writer.put(["not an image"])
+        writer.end()
+        writer.drain()
 
 
 def test_shard_writer_drops_the_open_shard_when_the_caller_fails(tmp_path):

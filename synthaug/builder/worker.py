@@ -254,8 +254,10 @@ class ClassWorker:
 
         t0 = time.perf_counter()
         shards = self.config.shards
+        # on a GPU, PNG encoding of a fast batch needs a few cores to keep up; on CPUs, torch holds the cores
+        encoders = min(4, os.cpu_count() or 1) if pipe.device.type == "cuda" else 1
         with ShardWriter(self.out, image_format=shards.image_format, quality=shards.quality,
-                         background=self.overlap_writes) as writer, use_unet(pipe, self._unet):
+                         background=self.overlap_writes, encode_threads=encoders) as writer, use_unet(pipe, self._unet):
             for task in pending:
                 writer.begin(task.shard_id)
                 token = None if task.method == "sd" else job.token
