@@ -109,7 +109,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
     for r in results:
-        print(f"{r.token}  class {r.class_index:>4} {r.label!r}: {r.steps} steps, stop={r.stop_reason}, "
+        what = r.metadata.get("target") or f"class {r.class_index:>4} {r.label!r}"  # an attribute token: its target
+        print(f"{r.token}  {what}: {r.steps} steps, stop={r.stop_reason}, "
               f"best step {r.best_step}, {r.seconds:.1f}s")
     return 0
 

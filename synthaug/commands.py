@@ -271,11 +271,11 @@ def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: boo
     """`learn_tokens` for an attribute target: the guide's labels, kind and the prompts are checked before any model
     loads (where the guide's config file is on this machine), then the one token is learned, or loaded if its file
     exists."""
-    check_label_free((*config.dct.prompts, *([config.generate.prompt] if config.dct.select == "val" else [])), target)
     labels, _ = declared_labels(config.guide)
     multi_label = declared_multi_label(config.guide)
     if labels is not None and multi_label is not None:
         target.output_index(labels, multi_label=multi_label, source=config.guide)
+    check_label_free((*config.dct.prompts, *([config.generate.prompt] if config.dct.select == "val" else [])), target)
     path = out / f"attribute-{target.stem}.safetensors"
     if path.is_file():
         meta = token_metadata(path)
