@@ -106,9 +106,10 @@ def count_parts(layout: str, size: int) -> Parts:
 
 
 def image_flops(p: Parts, g: GenerateConfig) -> float:
-    """One generated image: T UNet calls (x2 with classifier-free guidance), one decode, its share of the prompts."""
+    """One generated image: T UNet calls (x2 with classifier-free guidance), one decode, its share of the prompts
+    (``batch_size`` None, chosen from free memory at run time, counts as 1: the upper bound of that share)."""
     cfg = 2 if g.guidance_scale > 1 else 1
-    return g.num_inference_steps * cfg * p.unet_f + p.vae_f + cfg * p.text_f / max(g.batch_size, 1)
+    return g.num_inference_steps * cfg * p.unet_f + p.vae_f + cfg * p.text_f / max(g.batch_size or 1, 1)
 
 
 def update_flops(p: Parts, d: DCTConfig, *, checkpointing: bool = False) -> dict[str, float]:
@@ -221,7 +222,8 @@ def main() -> int:
         "`dct.max_steps`)."),
         ("Presets: `cub` and `digits` are those datasets' default settings (`cub` = the `paper` preset: PNDM, 50 "
          "steps); `:fast` adds the `fast` preset (DPM-Solver++ 2M; on SD 20 steps for the token and 25 for the "
-         "images, at most 100 updates; on digits 5 and 5, at most 30). FLOPs do not depend on the dtype: `fast` "
+         "images, on digits 5 and 5; the stopping rules unchanged). Every row is costed at the same image size "
+         "(the digits rows: SD at the digits world's settings). FLOPs do not depend on the dtype: `fast` "
          "loads bf16 weights on CUDA like every preset (`dtype: auto`), which changes the time per FLOP, not the "
          "count. UNet calls: each on the classifier-free-guidance batch, as `unet_evals` in token files counts them."),
     ]
