@@ -82,7 +82,7 @@ def generate(
     Args:
         pipe: a `StableDiffusionPipeline`; `token`, if given, must already be in its tokenizer.
         class_index: the class's index (part of every image's seed).
-        label: the clean class name that fills ``{label}``.
+        label: the clean class name that fills ``{label}``; ``""`` for a prompt without one (attribute tokens).
         token: the class token (e.g. ``"<synthaug-000>"``), or None for the plain-prompt baseline.
         indices: which images of the class to make; image ``i`` always gets seed ``image_seed(config.seed, class, i)``.
         config: prompt template, steps, guidance, size, batch size (None: `batch_size_for` picks it), base seed.
@@ -98,8 +98,9 @@ def generate(
     import torch
 
     # 1. Check inputs
-    if not isinstance(label, str) or not label.strip():
-        raise UserError(f"`label` must be a non-empty class name but is {label!r}.")
+    if not isinstance(label, str) or (not label.strip() and "{label}" in config.prompt):
+        raise UserError(f"`label` must be a non-empty class name but is {label!r} (only a prompt without {{label}}, "
+                        f"such as an attribute token's 'A photo of {{token}}', takes an empty one).")
     indices = list(indices)
     if not indices:
         raise UserError("`indices` is empty: pass the image indices to generate, e.g. range(100).")

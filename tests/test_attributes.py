@@ -193,3 +193,15 @@ def test_a_build_refuses_an_attribute_target(tmp_path):
     with pytest.raises(UserError, match=r"a build learns a token per class: run `synthaug learn --guide-target"):
         build(cfg, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_generate_takes_an_attribute_token_without_a_label(tiny_pipe):
+    from synthaug.config import GenerateConfig
+    from synthaug.generation import generate
+
+    config = GenerateConfig(prompt=PROMPT, num_inference_steps=2, height=32, width=32, batch_size=2)
+    plain = generate(tiny_pipe, class_index=0, label="", token=None, indices=range(2), config=config)
+    assert [im.prompt for im in plain] == ["A photo of", "A photo of"]
+    with pytest.raises(UserError, match=r"`label` must be a non-empty class name but is ''"):
+        generate(tiny_pipe, class_index=0, label="", token=None, indices=range(1),
+                 config=GenerateConfig(num_inference_steps=2, height=32, width=32))
