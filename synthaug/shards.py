@@ -403,7 +403,8 @@ class ShardWriter:
 
     Attributes:
         write_seconds: time spent encoding and writing (on whichever thread did it).
-        wait_seconds: time the caller spent waiting for the writer (a full queue, `drain`, the final flush).
+        wait_seconds: time the caller spent waiting for the writer (a full queue, `drain`, the final flush; in line:
+            all of the writing).
 
     >>> with ShardWriter("out") as writer:  # doctest: +SKIP
     ...     writer.begin(0)
@@ -503,12 +504,15 @@ class ShardWriter:
 
     def _send(self, item: Any) -> None:
         self._raise()
-        if self._thread is None:
-            self._handle(item)
+        t0 = time.perf_counter()
+        if self._thread is None:  # in line: the caller waits for all of it
+            try:
+                self._handle(item)
+            finally:
+                self.wait_seconds += time.perf_counter() - t0
             return
         import queue
 
-        t0 = time.perf_counter()
         while True:
             try:
                 self._queue.put(item, timeout=0.5)

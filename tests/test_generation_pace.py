@@ -210,6 +210,7 @@ def test_shards_written_behind_generation_have_the_inline_bytes(tiny_pipe, tmp_p
     assert behind["shards_written"] == inline["shards_written"] == [10, 11, 12] and behind["images"] == 8
     assert behind["batch_size"] == 2 and behind["compile_seconds"] == 0.0
     assert behind["write_seconds"] > 0 and 0 <= behind["write_wait_seconds"] <= behind["generate_seconds"]
+    assert inline["write_wait_seconds"] >= inline["write_seconds"] > 0  # in line, generation waits for every write
     # each shard is reported once it is on disk, in order, after its last batch was generated
     kinds = [(e["kind"], e.get("shard")) for e in events if e["kind"] in ("images", "shard")]
     for shard in (10, 11, 12):
