@@ -12,7 +12,6 @@ package), and the tiny model builder that tests use (configs in the manner of di
 from __future__ import annotations
 
 import contextlib
-import copy
 import gzip
 import json
 import os
@@ -87,31 +86,21 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _write_clip_tokenizer_files(d: Path) -> None:
-    """Write vocab.json/merges.txt/tokenizer_config.json into `d` from the shipped BPE merges."""
+@lru_cache(maxsize=1)
+def _clip_tokenizer_files() -> dict[str, str]:
+    """vocab.json, merges.txt and tokenizer_config.json of the CLIP tokenizer, from the shipped BPE merges."""
     with gzip.open(CLIP_BPE) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]  # 48,894 merges, as OpenAI's recipe
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     # model_max_length must be written: without it transformers reports 1e30 and SD pipelines overflow.
     config = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
               "tokenizer_class": "CLIPTokenizer"}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-
-
-@lru_cache(maxsize=1)
-def _clip_tokenizer_template() -> CLIPTokenizer:
-    # Built once per process from files in a temporary directory that is removed right away: the tokenizer holds
-    # its vocabulary and merges in memory, so nothing is left behind in the system's temp folder.
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="synthaug-clip-tokenizer-") as d:
-        _write_clip_tokenizer_files(Path(d))
-        return CLIPTokenizer.from_pretrained(d)
+    return {"vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+            "tokenizer_config.json": json.dumps(config)}
 
 
 def clip_tokenizer() -> CLIPTokenizer:
@@ -122,7 +111,14 @@ def clip_tokenizer() -> CLIPTokenizer:
     >>> clip_tokenizer()("a photo of a cat").input_ids
     [49406, 320, 1125, 539, 320, 2368, 49407]
     """
-    return copy.deepcopy(_clip_tokenizer_template())
+    from transformers import CLIPTokenizer
+
+    # Loaded from files in a temporary directory that is removed at once: the tokenizer holds its vocabulary and
+    # merges in memory, so nothing is left behind in the system's temp folder.
+    with tempfile.TemporaryDirectory(prefix="synthaug-clip-tokenizer-") as d:
+        for name, text in _clip_tokenizer_files().items():
+            (Path(d) / name).write_text(text)
+        return CLIPTokenizer.from_pretrained(d)
 
 
 # --------------------------------------------------------------------------------------------------------------------

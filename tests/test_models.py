@@ -20,15 +20,14 @@ def test_offline_clip_tokenizer_matches_stable_diffusion():
 def test_clip_tokenizer_leaves_no_files_and_each_call_is_independent(tmp_path, monkeypatch):
     import tempfile
 
-    from synthaug import models
-
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    models._clip_tokenizer_template.cache_clear()
     a, b = clip_tokenizer(), clip_tokenizer()
     a.add_tokens(["<synthaug-000>"])
     assert len(a) == 49409 and len(b) == 49408
     assert b("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert b.decode(b("a drawing of a cat").input_ids, skip_special_tokens=True) == "a drawing of a cat"
     assert list(tmp_path.iterdir()) == []  # the files it was built from are gone
+
 
 def test_local_directory_roundtrip(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "sd")
