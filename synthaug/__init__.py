@@ -44,7 +44,7 @@ _EXPORTS = {
     "write_report": "report",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0604 (strings: the keys of _EXPORTS)
 
 
 def __getattr__(name: str):

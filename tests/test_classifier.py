@@ -445,7 +445,7 @@ def test_source_parsing_labels_and_agreement(timm_dir, caplog):
     assert parse_source(str(timm_dir)).kind == "dir" and parse_source("org/name").hub_id == "org/name"
     assert same_source("hf-hub:timm/ResNet18.a1_in1k", "timm/resnet18.a1_in1k")
     assert declared_labels(str(timm_dir)) == (LABELS, 3)
-    ok = dict(labels=LABELS, count=3, what="guide", source="g", dataset="d")
+    ok = {"labels": LABELS, "count": 3, "what": "guide", "source": "g", "dataset": "d"}
     assert check_label_agreement([n.upper() for n in LABELS], **ok) == "labels"  # cleaned names agree
     swapped = [LABELS[1], LABELS[0], LABELS[2]]
     with pytest.raises(UserError, match=rf"2 of 3 differ; 0: dataset '{LABELS[1]}' vs guide '{LABELS[0]}'"):

@@ -480,8 +480,8 @@ def test_downstream_records_the_weights_loaded(downstream_world, tmp_path):
 
     net = timm.create_model("resnet10t", num_classes=3, **TINY_NET["arch_kwargs"])
     save_file(net.state_dict(), tmp_path / "w.safetensors")
-    kw = dict(test=test, methods=["dct"], include_real=False, shots=[2], seeds=1, steps=1, batch_size=8,
-              progress=False, arch="resnet10t", arch_kwargs=TINY_NET["arch_kwargs"])
+    kw = {"test": test, "methods": ["dct"], "include_real": False, "shots": [2], "seeds": 1, "steps": 1,
+          "batch_size": 8, "progress": False, "arch": "resnet10t", "arch_kwargs": TINY_NET["arch_kwargs"]}
     scratch = train_downstream(build, train, pretrained="auto", out=tmp_path / "o", **kw).cells[0]
     assert scratch.protocol["pretrained"] is None and scratch.pretrained is False  # nothing on disk: from scratch
     with pytest.raises(UserError, match=r"trained with other settings \(pretrained differ\)"):

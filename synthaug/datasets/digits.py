@@ -1,8 +1,10 @@
-"""The embedded digits world's real images: 28 px digits rendered from the package's own data, with train/val/test splits."""
+"""The embedded digits world's real images: scikit-learn's 8x8 handwritten digits upsampled to 32 px RGB, with train,
+judge and test splits."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -57,7 +59,7 @@ class Digits(_ImageList):
     >>> img, target = ds[0]
     """
 
-    classes = list(DIGIT_NAMES)
+    classes: ClassVar[list[str]] = list(DIGIT_NAMES)
 
     def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None,
                  target_transform: Callable | None = None) -> None:
