@@ -89,7 +89,7 @@ def test_bad_input_found_by_a_worker_fails_at_once_without_retries(tmp_path, wor
     out = tmp_path / "build"
     with caplog.at_level(logging.WARNING, logger="synthaug.builder"), \
             pytest.raises(UserError, match=r"^`guide` .*guide3.* predicts 3 classes but dataset 'digits' has 10: "
-                                           r"pass a guide trained on this dataset's classes\.$") as info:
+                                           r"pass a guide trained on this dataset's classes \(its logit c must be class c\)\.$") as info:
         build(bw.config(out, world[0], guide3, **ONE, **{"run.max_retries": 5}), progress=False)
     assert "\n" not in str(info.value)
     assert "retrying" not in caplog.text
