@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", help="comma-separated build methods (default: all)")
     parser.add_argument("--shots", type=_ints, default=[0, 3, 9, 15], help="real images per class (default 0,3,9,15)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    parser.add_argument("--shots-seed", type=int, help="draw the k real images with this seed in every cell (default: "
+                                                       "the cell's seed), e.g. the images a few-shot guide saw")
     parser.add_argument("--synthetic-per-class", type=int, default=100)
     parser.add_argument("--mode", default="concat", choices=("concat", "ratio", "replace"),
                         help="how real and synthetic images mix (SynthAugDataset; default concat)")
@@ -80,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = DownstreamConfig(
             train_split=args.train_split, test_split=args.test_split,
             methods=args.methods.split(",") if args.methods else None, shots=args.shots, seeds=args.seeds,
+            shots_seed=args.shots_seed,
             synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
             min_confidence=args.min_confidence, class_map=args.class_map, arch=args.arch,
             arch_kwargs=args.arch_kwargs, pretrained=pretrained, steps=args.steps, batch_size=args.batch_size,

@@ -107,6 +107,8 @@ class SynthAugDataset(VisionDataset):
         transform: applied to every PIL image (RGB).
         target_transform: applied to every int target.
         seed: seeds the few-shot draw and the per-epoch draws.
+        shots_seed: seeds the few-shot draw instead of `seed`: several seeds of training on the same k real images
+            (e.g. the ones a few-shot guide was trained on).
         synthetic_per_class: keep at most this many synthetic images per class (lowest sample index first, so a cap
             of 50 on a 100-per-class build equals a 50-per-class build).
         mode: ``"concat"``, ``"replace"`` or ``"ratio"``.
@@ -143,6 +145,7 @@ class SynthAugDataset(VisionDataset):
         check_classes: bool = True,
         check_sha256: bool = False,
         class_map: Mapping[int, int] | None = None,
+        shots_seed: int | None = None,
     ) -> None:
         super().__init__(str(root), transform=transform, target_transform=target_transform)
         # 1. Check the arguments before touching any data.
@@ -232,7 +235,8 @@ class SynthAugDataset(VisionDataset):
             self._real_targets = np.zeros(0, dtype=np.int64)
         else:
             targets = targets_of(real)
-            chosen = list(range(len(targets))) if shots is None else few_shot_indices(targets, shots, seed)
+            chosen = (list(range(len(targets))) if shots is None
+                      else few_shot_indices(targets, shots, seed if shots_seed is None else shots_seed))
             self._real_index = np.asarray(chosen, dtype=np.int64)
             self._real_targets = np.asarray([targets[i] for i in chosen], dtype=np.int64)
         n_real, n_syn = len(self._real_index), len(self._syn_class)

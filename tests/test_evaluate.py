@@ -273,6 +273,27 @@ def test_downstream_cells_share_the_few_shot_subset_and_resume(downstream_world,
                                   progress=False, **TINY_NET)
 
 
+def test_shots_seed_trains_every_seed_on_the_same_real_images(downstream_world, tmp_path):
+    """A few-shot user has exactly k images (and maybe a guide trained on them): `shots_seed` keeps those images in
+    every cell, the seeds vary the training only; the protocol records it, so cells of the usual draw never mix in."""
+    import hashlib
+
+    from synthaug.datasets.fewshot import few_shot_indices
+    from synthaug.evaluate.downstream import train_downstream
+
+    build, train, test = downstream_world
+    out = tmp_path / "fixed"
+    result = train_downstream(build, train, test=test, methods=["dct"], shots=[2], seeds=2, shots_seed=5, steps=2,
+                              batch_size=8, out=out, progress=False, **TINY_NET)
+    expected = hashlib.sha256(json.dumps(few_shot_indices(train.targets, 2, 5)).encode()).hexdigest()
+    assert few_shot_indices(train.targets, 2, 5) != few_shot_indices(train.targets, 2, 0)
+    assert {c.real_indices_sha256 for c in result.cells} == {expected}
+    assert {c.seed for c in result.cells} == {0, 1} and all(c.protocol["shots_seed"] == 5 for c in result.cells)
+    with pytest.raises(UserError, match="shots_seed differ"):
+        train_downstream(build, train, test=test, methods=["dct"], shots=[2], seeds=2, steps=2, batch_size=8,
+                         out=out, progress=False, **TINY_NET)
+
+
 def test_downstream_cell_is_deterministic(downstream_world, tmp_path):
     build, train, test = downstream_world
     runs = []

@@ -223,6 +223,9 @@ class DownstreamConfig:
         include_real: also train on real images alone (method "real"; k = 0 is skipped for it).
         shots: real images per class, k.
         seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
+        shots_seed: draw the k real images per class with this seed in every cell (None: with the cell's seed).
+            Fixed, the seeds vary only the training: the protocol of a user who has exactly those k images and a
+            guide trained on them.
         synthetic_per_class: synthetic images per class per method (None: all in the build).
         mode, p: how real and synthetic images are mixed (`SynthAugDataset`): ``"concat"`` (every image, drawn
             uniformly), ``"ratio"`` (synthetic images make a fraction `p` of each epoch, redrawn every epoch) or
@@ -252,6 +255,7 @@ class DownstreamConfig:
     include_real: bool = True
     shots: Sequence[int] = (0, 3, 9, 15)
     seeds: int | Sequence[int] = 3
+    shots_seed: int | None = None
     synthetic_per_class: int | None = 100
     mode: str = "concat"
     p: float = 0.5
@@ -322,6 +326,7 @@ class _Protocol:
     train_size: int
     test_size: int
     class_map: dict[str, int] | None  # build class name -> real class index, when not the same classes
+    shots_seed: int | None = None  # the k real images drawn with this seed in every cell; None: the cell's seed
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON a cell stores. Settings at their long-standing defaults (concat mixing, no filter, the same
@@ -329,7 +334,7 @@ class _Protocol:
         d = dataclasses.asdict(self)
         if self.mode == "concat":
             del d["mode"], d["p"]
-        for key in ("min_confidence", "class_map"):
+        for key in ("min_confidence", "class_map", "shots_seed"):
             if d[key] is None:
                 del d[key]
         return json.loads(json.dumps(d, default=str))
@@ -463,6 +468,7 @@ def train_downstream(
         real=real_name, train_split=train_split, test_split=test_split, train_size=len(real_train),
         test_size=len(real_test),
         class_map=None if class_to_real is None else {names[b]: r for b, r in sorted(class_to_real.items())},
+        shots_seed=cfg.shots_seed,
     )
     stored_protocol = protocol.as_dict()
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
@@ -542,7 +548,8 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
     train_tf, test_tf = _transforms(pr.image_size, mean, std, hflip=pr.hflip)
 
-    # 2. Data: the real subset is a function of (k, seed) only, so every method sees the same real images.
+    # 2. Data: the real subset is a function of (k, seed) only (or of k, with `shots_seed`), so every method sees the
+    #    same real images.
     #    (real images with k = 0 still define the label set, checked against the build's classes.)
     #    Mixing modes that redraw synthetic images per epoch ("ratio", "replace") need real images to mix with;
     #    without them (k = 0, or real-only) every mode is the plain union.
@@ -552,7 +559,8 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf,
                             methods=[] if real_only else [method],
                             synthetic_per_class=0 if real_only else pr.synthetic_per_class, seed=seed, mode=mode,
-                            p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real)
+                            p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real,
+                            shots_seed=pr.shots_seed)
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
