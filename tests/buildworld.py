@@ -42,15 +42,17 @@ def snapshot(out: Path) -> dict[str, str]:
             and not any(part.startswith(".") for part in p.relative_to(out).parts)}
 
 
-def cli_env(**extra: str) -> dict[str, str]:
+def cli_env(**extra: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a test's own Ray is not the CLI's
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
                 "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
+    env.update({k: v for k, v in extra.items() if v is not None})
+    for k in [k for k, v in extra.items() if v is None]:  # None: unset, e.g. RAY_AUTH_MODE=None for Ray's default
+        env.pop(k, None)
     return env
 
 
-def start_build(config_file: Path, log: Path, **env: str) -> subprocess.Popen:
+def start_build(config_file: Path, log: Path, **env: str | None) -> subprocess.Popen:
     """``python -m synthaug.cli build --config FILE -q`` in the background, output to `log`."""
     return subprocess.Popen([sys.executable, "-m", "synthaug.cli", "build", "--config", str(config_file), "-q"],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO, env=cli_env(**env))
