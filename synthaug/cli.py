@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import UserError
@@ -121,6 +122,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     extra = {"per_class": args.n} if args.n is not None else {}
     if args.baseline:
         extra["baseline"] = True
+    if args.tokens and Path(args.tokens).is_file():  # an attribute token file says its target itself
+        from .tokens.io import token_metadata
+
+        target = token_metadata(Path(args.tokens)).get("target")
+        if target:
+            extra["guide_target"] = target
     cfg = _load_config(args, extra)
     n = generate_to_folder(cfg, tokens=args.tokens, dest=args.dest, progress=not args.quiet)
     print(f"wrote {n} images to {args.dest}")

@@ -388,6 +388,12 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
     ``config.baseline`` (or without tokens) the plain prompt on the same seeds is generated too. Files are
     ``{dest}/{key}.png`` with keys as in the build format, plus ``metadata.jsonl`` (one row per image).
 
+    An attribute token file (``attribute-NAME-V.safetensors`` from ``synthaug learn --guide-target``) makes
+    ``config.per_class`` images of that token (keys ``dct-NAME-V-s00000``...) and, with ``config.baseline``, the
+    plain prompt on the same seeds (``sd-NAME-V-s00000``...); ``generate.prompt`` must have no ``{label}``. The
+    dataset and class selection are not used. (`synthaug generate --tokens FILE` sets ``config.guide_target`` from
+    the file, which lets ``baseline`` pass with a prompt that names no class.)
+
     >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
     """
     import json
@@ -395,6 +401,11 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
     from pathlib import Path
 
 
+    if tokens is not None and Path(tokens).is_file():
+        target = token_metadata(Path(tokens)).get("target")
+        if target and target != "class":
+            return _generate_attribute(config, Path(tokens), parse_guide_target(target, "--tokens"), Path(dest),
+                                       progress)
     dataset = get_dataset(config.dataset, config.root, config.split)
     names = [str(c) for c in dataset.classes]
     selected = select_classes(dataset, config.classes)
@@ -423,6 +434,35 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
                 row = {k: v for k, v in asdict(im).items() if k != "image"}
                 rows.append(json.dumps({"key": key, **row}, sort_keys=True))
                 n += 1
+    write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
+    return n
+
+
+def _generate_attribute(config, path: Path, target: GuideTarget, dest: Path, progress: bool) -> int:
+    """`generate_to_folder` for an attribute token: image i of every variant on seed
+    ``image_seed(generate.seed, 0, i)``, as `pipelines/reproduce_attributes.py` judges them."""
+    import json
+    from dataclasses import asdict
+
+    check_label_free((config.generate.prompt,), target)
+    loaded = load_tokens(path)
+    if len(loaded) != 1:
+        raise UserError(f"`--tokens` {str(path)!r} holds {len(loaded)} tokens; an attribute token file holds one: "
+                        "pass the file `synthaug learn --guide-target` wrote.")
+    (token, _), = loaded.items()
+    pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
+    add_tokens(pipe, loaded)
+    rows, n = [], 0
+    for tok in [token] + ([None] if config.baseline else []):
+        method = "sd" if tok is None else "dct"
+        for im in generate(pipe, class_index=0, label="", token=tok, indices=range(config.per_class),
+                           config=config.generate, method=method, progress=progress):
+            key = f"{method}-{target.stem}-s{im.index:05d}"
+            with atomic_write(dest / f"{key}.png") as f:
+                f.write(encode_image(im.image, "png", 95))
+            row = {k: v for k, v in asdict(im).items() if k != "image"}
+            rows.append(json.dumps({"key": key, "target": str(target), **row}, sort_keys=True))
+            n += 1
     write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
     return n
 

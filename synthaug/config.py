@@ -569,7 +569,7 @@ def validate(cfg: BuildConfig) -> None:
             raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
     if "{token}" not in cfg.generate.prompt:
         raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
-    if cfg.baseline and "{label}" not in cfg.generate.prompt:
+    if cfg.baseline and "{label}" not in cfg.generate.prompt and parse_guide_target(cfg.guide_target).is_class:
         raise UserError(f"`baseline` needs a class name in `generate.prompt` {cfg.generate.prompt!r} (the plain prompt "
                         f"is that prompt without the token): add {{label}}, e.g. 'A photo of {{token}} {{label}}', or "
                         f"drop --baseline.")

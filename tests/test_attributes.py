@@ -205,3 +205,52 @@ def test_generate_takes_an_attribute_token_without_a_label(tiny_pipe):
     with pytest.raises(UserError, match=r"`label` must be a non-empty class name but is ''"):
         generate(tiny_pipe, class_index=0, label="", token=None, indices=range(1),
                  config=GenerateConfig(num_inference_steps=2, height=32, width=32))
+
+
+def test_synthaug_generate_writes_an_attribute_tokens_images_and_the_plain_ones_on_the_same_seeds(
+        tiny_pipe, tmp_path, monkeypatch):
+    import copy
+    import json
+
+    from PIL import Image
+
+    from synthaug import commands
+    from synthaug.generation import generate
+
+    path = tmp_path / "attribute-round-1.safetensors"
+    save_token(learn_dct_token(tiny_pipe, _guide(), config=_config(max_steps=1), target="attribute:round=1"), path)
+    sets = {"generate.num_inference_steps": 2, "generate.height": 32, "generate.width": 32,
+            "generate.batch_size": 2, "per_class": 2, "baseline": True, "device": "cpu"}
+
+    monkeypatch.setattr(commands, "load_diffusion", lambda *a, **k: pytest.fail("a model loaded before the check"))
+    with pytest.raises(UserError, match=r"has a \{label\} placeholder"):  # the default prompt names the class
+        commands.generate_to_folder(load_config(overrides=sets), tokens=str(path), dest=str(tmp_path / "x"))
+
+    pipe = copy.deepcopy(tiny_pipe)
+    monkeypatch.setattr(commands, "load_diffusion", lambda *a, **k: pipe)
+    dest = tmp_path / "images"
+    config = load_config(overrides={**sets, "generate.prompt": PROMPT, "guide_target": "attribute:round=1"})
+    assert commands.generate_to_folder(config, tokens=str(path), dest=str(dest), progress=False) == 4
+    rows = [json.loads(line) for line in (dest / "metadata.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["prompt"]) for r in rows] == [
+        ("dct-round-1-s00000", "A photo of <synthaug-round-1>"), ("dct-round-1-s00001", "A photo of <synthaug-round-1>"),
+        ("sd-round-1-s00000", "A photo of"), ("sd-round-1-s00001", "A photo of")]
+    assert {r["target"] for r in rows} == {"attribute:round=1"}
+    # the plain images are image_seed(generate.seed, 0, i): what reproduce_attributes pairs the token's images with
+    again = generate(pipe, class_index=0, label="", token=None, indices=range(2), config=config.generate)
+    for i, im in enumerate(again):
+        assert np.array_equal(np.asarray(Image.open(dest / f"sd-round-1-s{i:05d}.png").convert("RGB")),
+                              np.asarray(im.image))
+
+
+def test_the_generate_command_takes_the_target_from_an_attribute_token_file(tiny_pipe, tmp_path, monkeypatch):
+    from synthaug import commands
+    from synthaug.cli import main
+
+    path = tmp_path / "attribute-round-0.safetensors"
+    save_token(learn_dct_token(tiny_pipe, _guide(), config=_config(max_steps=1), target="attribute:round=0"), path)
+    seen = []
+    monkeypatch.setattr(commands, "generate_to_folder", lambda config, **kw: seen.append(config) or 0)
+    assert main(["generate", "--tokens", str(path), "--dest", str(tmp_path / "imgs"), "--baseline", "-n", "3",
+                 "--set", f"generate.prompt={PROMPT}"]) == 0
+    assert (seen[0].guide_target, seen[0].baseline, seen[0].per_class) == ("attribute:round=0", True, 3)
