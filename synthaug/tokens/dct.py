@@ -851,4 +851,6 @@ def _progress_bar(enabled: bool, total: int, label: str):
 def _bar_update(bar, entry: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
+        if bar.total is not None and bar.n >= bar.total:  # past max_steps: `extend_steps` is extending the run
+            bar.total = bar.n + 1
         bar.update(1)
