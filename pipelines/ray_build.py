@@ -20,10 +20,10 @@ Exit status: 0 done, 1 some class jobs failed every retry (see ``out/failures.js
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
+from synthaug import configure_logging
 from synthaug.builder.driver import BuildFailed, build
 from synthaug.config import load_config, parse_overrides
 from synthaug.errors import UserError
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="discard an existing build made with another config")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     try:
         overrides = parse_overrides(args.overrides)
         overrides["run.executor"] = args.executor

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthaug import configure_logging
 from synthaug.atomic import write_text
 from synthaug.classifier import load_classifier
 from synthaug.classifier.source import config_file
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", help="markdown file whose synthaug:attributes-digits block gets the table")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     command = rerun_command("pipelines/reproduce_attributes.py", argv)
     out = Path(args.out)
     try:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from synthaug import configure_logging
 from synthaug.atomic import write_text
 from synthaug.config import MCTIConfig
 from synthaug.errors import UserError
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", help="markdown file whose synthaug:mcti-DATASET block gets the table")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     command = shlex.join(["python", "pipelines/reproduce_mcti.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         from synthaug.datasets.catalog import get_dataset

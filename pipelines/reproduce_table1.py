@@ -16,12 +16,12 @@ Exit status: 0 done, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from synthaug import configure_logging
 from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", help="markdown file whose synthaug:table1-NAME block gets the tables")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     command = rerun_command("pipelines/reproduce_table1.py", argv)
     try:
         view = open_build(args.build)

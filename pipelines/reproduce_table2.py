@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from synthaug import configure_logging
 from synthaug.atomic import write_text
 from synthaug.errors import UserError
 from synthaug.evaluate.downstream import DownstreamConfig, train_downstream
@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", help="markdown file whose synthaug:table2-NAME block gets the tables")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     command = rerun_command("pipelines/reproduce_table2.py", argv)
     pretrained = {"true": True, "false": False}.get(str(args.pretrained).lower(), args.pretrained)
     try:

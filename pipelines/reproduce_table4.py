@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from synthaug import build, load_config
+from synthaug import build, configure_logging, load_config
 from synthaug.atomic import write_text
 from synthaug.config import parse_overrides
 from synthaug.errors import UserError
@@ -90,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results", help="markdown file whose synthaug:table4-NAME block gets the table")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(timestamps=True)
     command = rerun_command("pipelines/reproduce_table4.py", argv)
     out = Path(args.out)
     try:

@@ -42,6 +42,8 @@ _EXPORTS = {
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
     "format_table": "evaluate", "load_result": "evaluate",
     "write_report": "report",
+    # command line
+    "configure_logging": "cli",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0604 (strings: the keys of _EXPORTS)

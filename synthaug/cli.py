@@ -315,16 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool = False, *, timestamps: bool = False) -> None:
+    """Log synthaug's own lines at INFO and its dependencies' (timm's "Loading pretrained weights ...", diffusers,
+    Ray) from WARNING up; with `verbose`, everything from DEBUG. What the CLI and `pipelines/` call first.
+
+    >>> configure_logging(timestamps=True)
+    """
+    fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format=fmt)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed on one line
         return e.code if isinstance(e.code, int) else 2
-    # synthaug's own progress lines at INFO; dependencies (timm's "Loading pretrained weights ...", diffusers, Ray)
-    # only from WARNING up, unless -v asks for everything.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    configure_logging(verbose=args.verbose)
     try:
         return args.func(args)
     except UserError as e:

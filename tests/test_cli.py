@@ -103,3 +103,24 @@ def test_any_build_command_line_validates_or_exits_2_with_one_line(tmp_path, mon
             assert out.getvalue().strip() == "valid"
 
     check()
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [
+    (False, ["INFO building"]),
+    (True, ["INFO Loading pretrained weights", "INFO building"]),
+])
+def test_logging_shows_synthaugs_lines_and_dependencies_only_when_verbose(verbose, shown):
+    """What `synthaug ...` and the pipelines print: synthaug's INFO lines, not timm's ("Loading pretrained weights")
+    or other dependencies' below WARNING, unless -v."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from synthaug import configure_logging; "
+            f"configure_logging(verbose={verbose}); "
+            "logging.getLogger('timm.models._builder').info('Loading pretrained weights'); "
+            "logging.getLogger('timm').warning('a real warning'); "
+            "logging.getLogger('synthaug.builder.driver').info('building')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    lines = err.splitlines()
+    assert [line for line in lines if line.startswith("INFO")] == shown
+    assert "WARNING a real warning" in lines
