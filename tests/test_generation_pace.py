@@ -220,6 +220,19 @@ def test_shards_written_behind_generation_have_the_inline_bytes(tiny_pipe, tmp_p
     assert not list((tmp_path / "a" / "shards").glob(".tmp-*"))
 
 
+def test_a_build_reports_the_compile_time_apart(tmp_path, world, monkeypatch):
+    import buildworld as bw
+
+    from synthaug import build
+
+    monkeypatch.setattr(worker_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
+    compiled = build(bw.config(tmp_path / "a", *world, **{"classes": "0", "generate.compile": True}), progress=False)
+    assert compiled.ok and compiled.compile_seconds > 0
+    assert f"(UNet compile {compiled.compile_seconds:.1f}s)" in compiled.summary()
+    eager = build(bw.config(tmp_path / "b", *world, classes="0"), progress=False)
+    assert eager.compile_seconds == 0.0 and "compile" not in eager.summary()
+
+
 def test_worker_compiles_once_and_reports_the_compile_time_apart(tiny_pipe, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(worker_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
     with caplog.at_level(logging.INFO, logger="synthaug.builder.worker"):

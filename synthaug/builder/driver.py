@@ -80,6 +80,8 @@ class BuildResult:
         ray_seconds: Ray executor: seconds until Ray ran (a local Ray started, or a cluster attached); else None.
         first_worker_seconds: Ray executor: seconds until the first actor could take a job (its process started and
             imported torch and diffusers; models load with its first job); else None.
+        compile_seconds: time the workers spent compiling the UNet (``generate.compile``), summed over workers; not
+            part of any generation time. 0.0 without compilation.
     """
 
     out: Path
@@ -96,6 +98,7 @@ class BuildResult:
     resume_command: str = ""
     ray_seconds: float | None = None
     first_worker_seconds: float | None = None
+    compile_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -106,6 +109,7 @@ class BuildResult:
         """One line for the log and the CLI (two when jobs failed: the second says how to resume)."""
         line = (f"build {self.out}: {self.classes_done}/{self.classes} classes, {self.images} images "
                 f"({self.images_new} new, {self.tokens_new} tokens learned) in {self.seconds:.1f}s"
+                f"{f' (UNet compile {self.compile_seconds:.1f}s)' if self.compile_seconds else ''}"
                 f"{', resumed' if self.resumed else ''}, executor {self.executor}"
                 f"{f' ({self.workers} workers)' if self.executor == 'ray' else ''}")
         if self.failures:
@@ -223,6 +227,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             seconds=time.perf_counter() - started, executor=executor, workers=tracker.workers, failures=failures,
             resumed=prep.mode == "resume", resume_command=resume_command(out),
             ray_seconds=tracker.ray_seconds, first_worker_seconds=tracker.first_worker_seconds,
+            compile_seconds=sum(float(r.get("compile_seconds") or 0.0) for r in tracker.results),
         )
     if failures:
         logger.error("%s", result.summary())

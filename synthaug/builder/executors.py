@@ -71,10 +71,6 @@ class _Tracker:
         # able to take a job (its process started, torch and diffusers imported); None where not (yet) reached
         self.ray_seconds: float | None = None
         self.first_worker_seconds: float | None = None
-        # Ray: seconds from the executor's start to a running Ray (started or attached), and to the first worker
-        # able to take a job (its process started, torch and diffusers imported); None where not (yet) reached
-        self.ray_seconds: float | None = None
-        self.first_worker_seconds: float | None = None
 
     def event(self, ev: dict[str, Any]) -> None:
         kind = ev.get("kind")
