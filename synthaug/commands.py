@@ -7,7 +7,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,15 +249,7 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
     for c in selected:
         path = out / f"{c:03d}.safetensors"
         if path.is_file():
-            meta = token_metadata(path)
-            (token, emb), = load_tokens(path).items()
-            results.append(TokenResult(token=token, class_index=c, label=names[c], embedding=emb,
-                                       steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
-                                       best_step=int(meta.get("best_step", 0)),
-                                       history=json.loads(meta.get("history", "[]")), seconds=0.0,
-                                       unet_evals=int(meta.get("unet_evals", 0)),
-                                       metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
-                                                 "guide_trained_on": meta.get("guide_trained_on")}))
+            results.append(_saved_token(path, c, names[c]))
             continue
         result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress,
                                  val_prompt=config.generate.prompt)
@@ -265,6 +257,20 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
         results.append(result)
     save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
     return results
+
+
+def _saved_token(path: Path, class_index: int | None = None, label: str | None = None) -> TokenResult:
+    """A token file `synthaug learn` wrote, read back as the `TokenResult` it saved (class index and label from its
+    metadata unless given; ``seconds`` 0: nothing was learned now)."""
+    meta = token_metadata(path)
+    (token, emb), = load_tokens(path).items()
+    kept = ("model_id", "guide", "guide_trained_on") + (("target",) if "target" in meta else ())
+    return TokenResult(token=token, class_index=int(meta.get("class_index", 0)) if class_index is None else class_index,
+                       label=meta.get("label", "") if label is None else label, embedding=emb,
+                       steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
+                       best_step=int(meta.get("best_step", 0)), history=json.loads(meta.get("history", "[]")),
+                       seconds=0.0, unet_evals=int(meta.get("unet_evals", 0)),
+                       metadata={k: meta.get(k) for k in kept})
 
 
 def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: bool) -> TokenResult:
@@ -278,14 +284,7 @@ def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: boo
     check_label_free((*config.dct.prompts, *([config.generate.prompt] if config.dct.select == "val" else [])), target)
     path = out / f"attribute-{target.stem}.safetensors"
     if path.is_file():
-        meta = token_metadata(path)
-        (token, emb), = load_tokens(path).items()
-        return TokenResult(token=token, class_index=int(meta.get("class_index", 0)), label=meta.get("label", ""),
-                           embedding=emb, steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
-                           best_step=int(meta.get("best_step", 0)), history=json.loads(meta.get("history", "[]")),
-                           unet_evals=int(meta.get("unet_evals", 0)),
-                           metadata={"model_id": meta.get("model_id"), "guide": meta.get("guide"),
-                                     "guide_trained_on": meta.get("guide_trained_on"), "target": meta.get("target")})
+        return _saved_token(path)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     result = learn_dct_token(pipe, guide, config=config.dct, progress=progress, val_prompt=config.generate.prompt,
@@ -396,11 +395,6 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
 
     >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
     """
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-
     if tokens is not None and Path(tokens).is_file():
         target = token_metadata(Path(tokens)).get("target")
         if target and target != "class":
@@ -421,29 +415,29 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     add_tokens(pipe, loaded)
     dest = Path(dest)
-    rows, n = [], 0
+    rows = []
     for c in selected:
         variants = ([token_name(c)] if loaded else []) + ([None] if config.baseline or not loaded else [])
         for token in variants:
             method = "sd" if token is None else config.method
             for im in generate(pipe, class_index=c, label=names[c], token=token, indices=range(config.per_class),
                                config=config.generate, method=method, classifier=guide, progress=progress):
-                key = sample_key(im.method, c, im.index)
-                with atomic_write(dest / f"{key}.png") as f:
-                    f.write(encode_image(im.image, "png", 95))
-                row = {k: v for k, v in asdict(im).items() if k != "image"}
-                rows.append(json.dumps({"key": key, **row}, sort_keys=True))
-                n += 1
+                rows.append(_save_png(dest, sample_key(im.method, c, im.index), im))
     write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
-    return n
+    return len(rows)
+
+
+def _save_png(dest: Path, key: str, im, **extra: str) -> str:
+    """Write one generated image as ``dest/{key}.png`` (atomically); its ``metadata.jsonl`` row."""
+    with atomic_write(dest / f"{key}.png") as f:
+        f.write(encode_image(im.image, "png", 95))
+    row = {k: v for k, v in asdict(im).items() if k != "image"}
+    return json.dumps({"key": key, **extra, **row}, sort_keys=True)
 
 
 def _generate_attribute(config, path: Path, target: GuideTarget, dest: Path, progress: bool) -> int:
     """`generate_to_folder` for an attribute token: image i of every variant on seed
     ``image_seed(generate.seed, 0, i)``, as `pipelines/reproduce_attributes.py` judges them."""
-    import json
-    from dataclasses import asdict
-
     check_label_free((config.generate.prompt,), target)
     loaded = load_tokens(path)
     if len(loaded) != 1:
@@ -452,19 +446,14 @@ def _generate_attribute(config, path: Path, target: GuideTarget, dest: Path, pro
     (token, _), = loaded.items()
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler)
     add_tokens(pipe, loaded)
-    rows, n = [], 0
+    rows = []
     for tok in [token] + ([None] if config.baseline else []):
         method = "sd" if tok is None else "dct"
         for im in generate(pipe, class_index=0, label="", token=tok, indices=range(config.per_class),
                            config=config.generate, method=method, progress=progress):
-            key = f"{method}-{target.stem}-s{im.index:05d}"
-            with atomic_write(dest / f"{key}.png") as f:
-                f.write(encode_image(im.image, "png", 95))
-            row = {k: v for k, v in asdict(im).items() if k != "image"}
-            rows.append(json.dumps({"key": key, "target": str(target), **row}, sort_keys=True))
-            n += 1
+            rows.append(_save_png(dest, f"{method}-{target.stem}-s{im.index:05d}", im, target=str(target)))
     write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
-    return n
+    return len(rows)
 
 
 EXPORT_FORMATS = ("a1111", "diffusers")

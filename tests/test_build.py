@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import buildworld as bw
 import pytest
+import torch
 
 from synthaug.builder.driver import BuildFailed, build
 from synthaug.builder.plan import plan, shard_id
@@ -474,6 +475,10 @@ def test_sample_selection_is_the_same_in_learn_generate_and_build(tmp_path, worl
 
     learned = learn_tokens(cfg, out=tmp_path / "tokens", progress=False)
     assert sorted(r.class_index for r in learned) == expected
+    again = learn_tokens(cfg, out=tmp_path / "tokens", progress=False)  # the files are read back, nothing relearned
+    assert [(r.token, r.class_index, r.label, r.steps, r.best_step, r.history, r.metadata["guide"]) for r in again] \
+        == [(r.token, r.class_index, r.label, r.steps, r.best_step, r.history, r.metadata["guide"]) for r in learned]
+    assert all(torch.equal(a.embedding, b.embedding) and a.seconds == 0.0 for a, b in zip(again, learned))
     generate_to_folder(cfg, tokens=str(tmp_path / "tokens"), dest=str(tmp_path / "images"), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
     assert sorted({r["class_index"] for r in rows}) == expected

@@ -433,10 +433,6 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: list
                                 tracker.first_worker_seconds = time.monotonic() - entered
                                 logger.info("ray: running after %.1fs, first worker ready after %.1fs",
                                             tracker.ray_seconds, tracker.first_worker_seconds)
-                            if tracker.first_worker_seconds is None:
-                                tracker.first_worker_seconds = time.monotonic() - entered
-                                logger.info("ray: running after %.1fs, first worker ready after %.1fs",
-                                            tracker.ray_seconds, tracker.first_worker_seconds)
                         except RayError as e:
                             last_start_error = f"{type(e).__name__}: {e}"
                             retire(i, f"it died before it could take a job: {str(e).strip().splitlines()[0][:200]}",
