@@ -485,10 +485,10 @@ NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dc
 
 def check_dct_levers(dct: DCTConfig) -> None:
     """The rules of DCT's keep/stop/step-size levers that tie fields together. Raises `UserError`."""
-    if dct.patience_metric not in ("loss", "val"):
-        raise UserError(f"`dct.patience_metric` must be one of loss, val but is {dct.patience_metric!r}.")
-    if dct.lr_schedule not in ("constant", "cosine"):
-        raise UserError(f"`dct.lr_schedule` must be one of constant, cosine but is {dct.lr_schedule!r}.")
+    for key in ("patience_metric", "lr_schedule"):  # also checked here: a DCTConfig built in code skips `validate`
+        if getattr(dct, key) not in VALID[f"dct.{key}"]:
+            raise UserError(f"`dct.{key}` must be one of {', '.join(VALID[f'dct.{key}'])} but is "
+                            f"{getattr(dct, key)!r}.")
     if not 0.0 <= dct.lr_floor <= 1.0:
         raise UserError(f"`dct.lr_floor` must be in [0, 1] (a fraction of dct.lr) but is {dct.lr_floor!r}.")
     if dct.extend_steps < 0 or dct.extend_window <= 0:
