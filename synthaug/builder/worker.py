@@ -133,7 +133,8 @@ class ClassWorker:
             the config on the first job (benchmarks and tests that reuse one pipeline).
     """
 
-    def __init__(self, config: dict[str, Any], out: str, classes: Sequence[str | Sequence[str]], selected: Sequence[int] = (), *,
+    def __init__(self, config: dict[str, Any], out: str, classes: Sequence[str | Sequence[str]],
+                 selected: Sequence[int] = (), *,
                  report: Callable | None = None, device: str | None = None, threads: int | None = None,
                  hooks: WorkerHooks | None = None, in_ray: bool = False, overlap_writes: bool = True,
                  models: dict[str, Any] | None = None) -> None:
