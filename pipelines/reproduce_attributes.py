@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"({', '.join(classes)}): pass --attribute-classes.")
         results = [learn_tokens(replace(base, guide_target=str(t)), out=out / "tokens", progress=not args.quiet)[0]
                    for t in targets]
-        pipe = load_diffusion(base.model, device=base.device, dtype=base.dtype, scheduler=base.scheduler)
+        pipe = load_diffusion(base.model, device=base.device, dtype=base.dtype, scheduler=base.scheduler,
+                              timestep_spacing=base.timestep_spacing)
         judge = load_classifier(args.judge, device=pipe.device)
         guide = load_classifier(args.guide, device=pipe.device)
     except UserError as e:

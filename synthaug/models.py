@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SCHEDULERS
+from .config import SCHEDULERS, TIMESTEP_SPACINGS
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -152,16 +152,26 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None) -> StableDiffusionPipeline:
-    """Swap the pipeline's scheduler for a named one built from the same config (diffusers' `from_config` idiom)."""
-    if scheduler is None:
+def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None,
+                  timestep_spacing: str | None = None) -> StableDiffusionPipeline:
+    """Swap the pipeline's scheduler for a named one built from the same config (diffusers' `from_config` idiom),
+    optionally with another `timestep_spacing` (None keeps the config's; with no `scheduler`, the model's own class)."""
+    if scheduler is None and timestep_spacing is None:
         return pipe
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {scheduler!r}.")
+    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UserError(f"`timestep_spacing` must be one of {', '.join(TIMESTEP_SPACINGS)} but is "
+                        f"{timestep_spacing!r}.")
     import diffusers
 
-    cls_name, overrides = SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    cls, overrides = type(pipe.scheduler), {}
+    if scheduler is not None:
+        cls_name, overrides = SCHEDULERS[scheduler]
+        cls = getattr(diffusers, cls_name)
+    if timestep_spacing is not None:
+        overrides = {**overrides, "timestep_spacing": timestep_spacing}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
     return pipe
 
 
@@ -196,6 +206,7 @@ def load_diffusion(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     scheduler: str | None = None,
+    timestep_spacing: str | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
 ) -> StableDiffusionPipeline:
@@ -206,6 +217,8 @@ def load_diffusion(
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:1"``...
         dtype: UNet/VAE/text-encoder weights dtype; ``"auto"`` = bf16/fp16 on CUDA, fp32 on CPU.
         scheduler: optional scheduler name (see `SCHEDULERS`); default keeps the model's own.
+        timestep_spacing: optional diffusers ``timestep_spacing`` for it (``"linspace"``...); default keeps the
+            config's.
         local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
         revision: hub revision.
 
@@ -233,7 +246,7 @@ def load_diffusion(
                 "local_files_only): download it first with `huggingface-cli download " + model + "`, or pass a local "
                 "diffusers directory") if local_files_only else "pass a local diffusers directory or a valid hub id"
         raise UserError(f"`model` {model!r} could not be loaded ({first[:200]}): {hint}.") from None
-    set_scheduler(pipe, scheduler)
+    set_scheduler(pipe, scheduler, timestep_spacing)
     pipe.to(dev)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()

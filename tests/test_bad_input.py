@@ -63,6 +63,8 @@ CASES = [
     ("size-not-multiple-of-8", lambda c, t, w: _sub(c, "generate", height=30),
      r"`generate.height` and `generate.width` have to be positive and divisible by 8 but are 30 and 32"),
     ("unknown-scheduler", lambda c, t, w: replace(c, scheduler="turbo"), r"`scheduler` must be one of .* 'turbo'"),
+    ("unknown-spacing", lambda c, t, w: replace(c, timestep_spacing="even"),
+     r"`timestep_spacing` must be one of leading, linspace, trailing \(or null for the model.s\) but is .even."),
     ("bad-device", lambda c, t, w: replace(c, device="tpu:0"), r"`device` must be 'auto', 'cpu', 'cuda'"),
     ("bad-dtype", lambda c, t, w: replace(c, dtype="fp8"), r"`dtype` must be one of .* but is 'fp8'"),
     ("missing-model", lambda c, t, w: replace(c, model=str(t / "no-model")), r"`model` .*no-model.* does not exist"),

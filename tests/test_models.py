@@ -42,6 +42,26 @@ def test_local_directory_roundtrip(tiny_pipe, tmp_path):
     assert (a == b).all()
 
 
+def test_timestep_spacing_is_diffusers_own(tiny_pipe):
+    """`timestep_spacing` reaches the scheduler's config: with a named scheduler, and alone on the model's own."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    original = tiny_pipe.scheduler
+    try:
+        set_scheduler(tiny_pipe, "dpmsolver++", "linspace")
+        assert isinstance(tiny_pipe.scheduler, DPMSolverMultistepScheduler)
+        tiny_pipe.scheduler.set_timesteps(5)
+        assert tiny_pipe.scheduler.timesteps.tolist() == [999, 799, 599, 400, 200]  # from pure noise
+        set_scheduler(tiny_pipe, None, "trailing")  # the class stays, the spacing changes
+        assert isinstance(tiny_pipe.scheduler, DPMSolverMultistepScheduler)
+        assert tiny_pipe.scheduler.config.timestep_spacing == "trailing"
+        assert tiny_pipe.scheduler.config.algorithm_type == "dpmsolver++"
+        with pytest.raises(UserError, match=r"`timestep_spacing` must be one of leading, linspace, trailing but is 'x'"):
+            set_scheduler(tiny_pipe, None, "x")
+    finally:
+        tiny_pipe.scheduler = original
+
+
 def test_offline_hub_id_gives_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -70,7 +70,8 @@ def bare(cfg, class_names: list[str], selected: list[int]) -> int:
     from synthaug.tokens.text import render_prompt, token_name
 
     torch.set_num_threads(cfg.run.cpus_per_worker)
-    pipe = load_diffusion(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+    pipe = load_diffusion(cfg.model, device=cfg.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                          timestep_spacing=cfg.timestep_spacing)
     guide = load_classifier(cfg.guide, device=pipe.device)
     gen, n = cfg.generate, 0
     for c in selected:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(overrides={"dataset": "digits", **parse_overrides(args.set)})
     lo_hi = args.classes.split("-")
     classes = list(range(int(lo_hi[0]), int(lo_hi[1]) + 1)) if len(lo_hi) == 2 else [int(c) for c in args.classes.split(",")]
-    pipe = load_diffusion(cfg.model, device="cpu", scheduler=cfg.scheduler)  # `--set scheduler=...` as in a build
+    # `--set scheduler=...` and `--set timestep_spacing=...` as in a build
+    pipe = load_diffusion(cfg.model, device="cpu", scheduler=cfg.scheduler, timestep_spacing=cfg.timestep_spacing)
     guide = load_classifier(cfg.guide, device="cpu")
     judge = load_classifier(args.judge, device="cpu")
     rows = []

@@ -178,7 +178,8 @@ class ClassWorker:
         if self.threads:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
-        pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler)
+        pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
+                              timestep_spacing=cfg.timestep_spacing)
         guide = load_classifier(cfg.guide, device=pipe.device, trained_on=cfg.guide_trained_on)
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
