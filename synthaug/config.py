@@ -213,9 +213,10 @@ PRESETS["fast"] = {
 
 # A preset's values for one dataset, used there instead of the preset's generic ones (they sit on that dataset's own
 # defaults). Digits: a world whose defaults already differ from the paper's (32 px, 10 denoising steps, 60 updates);
-# "fast" makes the same relative cut there: DPM-Solver++ at 5 steps for the token and the images, the world's own
-# stopping rules (on tune seeds, 30 updates gave "one" +4 judge points, +6 with lr 8e-3, where 60 gave +12; patience 10
-# gave "eight" +2; RESULTS.md "The fast preset").
+# "fast" makes the same relative cut there: DPM-Solver++ at 5 steps for the token and the images, spaced from t=999
+# (the model's "leading" spacing starts 5 steps at t=831: +10.0 judge points on the six ambiguous classes' tune seeds,
+# against +13.4 with "linspace" and +13.0 for the default), and the world's own stopping rules (on tune seeds, 30
+# updates gave "one" +4 where 60 gave +12; patience 10 gave "eight" +2; RESULTS.md "The fast preset").
 PRESET_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "digits": {"scheduler": "dpmsolver++", "timestep_spacing": "linspace", "dct.num_inference_steps": 5,
