@@ -14,7 +14,7 @@ stamp=.venv/.synthaug-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || exit 0
 
-uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode -q)
+uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match -q)
 while IFS= read -r line; do  # e.g. global.extra-index-url='file:///a/simple file:///b/simple'
   key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
   case $key in
