@@ -38,6 +38,8 @@ def test_fast_preset_halves_the_unet_calls_on_stable_diffusion_and_on_digits():
     # digits: the preset's own values on the world's defaults (32 px, x0 loss, validation), the same relative cut
     dflt, dfast = load_config(), load_config(preset="fast")
     assert dfast.scheduler == "dpmsolver++" and dfast.dct.height == 32 and dfast.dct.x0_weight == dflt.dct.x0_weight
+    # 5 steps from pure noise (t=999) on digits; Stable Diffusion keeps the model's spacing
+    assert (dfast.timestep_spacing, fast.timestep_spacing, dflt.timestep_spacing) == ("linspace", None, None)
     assert 2 * dfast.generate.num_inference_steps <= dflt.generate.num_inference_steps
     assert 2 * dfast.dct.num_inference_steps * dfast.dct.max_steps <= dflt.dct.num_inference_steps * dflt.dct.max_steps
     assert diff(dflt, dfast) == sorted(PRESET_VARIANTS["fast"]["digits"])
