@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import publish
+from _report import command_line, publish
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -218,11 +218,7 @@ def main() -> int:
          "worker sets exactly `run.cpus_per_worker` threads in both executors, which also keeps CPU bytes identical "
          "between them."),
     ]
-    command = (f"nice -n 15 .venv/bin/python scripts/bench/build.py --world {args.world} --classes {args.classes} "
-               f"--per-class {args.per_class} --dct-steps {args.dct_steps} --steps {args.steps} --rounds {args.rounds} "
-               f"--threads {args.threads}"
-               f"{' --no-ray' if args.no_ray else ''} --write")
-    publish(SECTION, rows, notes, command, args.write)
+    publish(SECTION, rows, notes, command_line(), args.write)
     return 0
 
 
@@ -270,12 +266,7 @@ def ray_vs_local(args, cfg, tmp: Path, world_note: str, selected: list[int]) -> 
         ("Ray hands a class job to an actor only when it is free (`run.max_in_flight` = one per actor by default): "
          "with 2 jobs queued per actor, a long token could wait behind another while the other actor sat idle."),
     ]
-    command = (f"nice -n 15 .venv/bin/python scripts/bench/build.py --world {args.world} --classes {args.classes} "
-               f"--per-class {args.per_class}"
-               f"{f' --preset {args.preset}' if args.preset else ''}{' --preset-steps' if args.preset_steps else ''}"
-               f"{'' if args.preset_steps else f' --dct-steps {args.dct_steps} --steps {args.steps}'} "
-               f"--threads {args.threads} --ray-only --ray-workers {args.ray_workers} --rounds {args.rounds} --write")
-    publish(SECTION_RAY, rows, notes, command, args.write)
+    publish(SECTION_RAY, rows, notes, command_line(), args.write)
     return 0
 
 

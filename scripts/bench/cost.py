@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from _report import publish
+from _report import command_line, publish
 from torch.utils.flop_counter import FlopCounterMode
 
 from synthaug.classifier import load_classifier
@@ -243,9 +243,7 @@ def main() -> int:
             f"{upd_f / update_s / peak:.0%} of this device's practical peak.")
     notes.append("GPU rows (512 px, bf16, s/image, s/update, fraction of the H100/A100 peak): not yet measured — no "
                  "GPU was available to this project's sessions so far.")
-    command = "nice -n 15 .venv/bin/python scripts/bench/cost.py" + (
-        f" --time-size {args.time_size}" if args.time_size else "") + " --write"
-    publish(SECTION, rows, notes, command, args.write)
+    publish(SECTION, rows, notes, command_line(), args.write)
     return 0
 
 

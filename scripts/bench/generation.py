@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from _report import publish
+from _report import command_line, publish
 
 from synthaug.builder.plan import ClassJob, ShardTask
 from synthaug.builder.worker import ClassWorker
@@ -250,12 +250,7 @@ def main() -> int:
         notes.append(f"`generate.compile`: the UNet's compile for batch sizes "
                      f"{sorted(set(batch_sizes(0, per_shard, batch)), reverse=True)} took {compile_seconds:.1f} s "
                      f"(once per worker, excluded from the row above).")
-    command = (f".venv/bin/python scripts/bench/generation.py --layout {args.layout} --size {args.size} "
-               f"--steps {args.steps} --batch {args.batch} --repeats {args.repeats}"
-               f"{' --images ' + str(args.images) if args.images else ''}"
-               f"{' --threads ' + str(args.threads) if args.threads else ''}{' --compile' if args.compile else ''}"
-               f" --write")
-    publish(SECTION, rows, notes, command, args.write)
+    publish(SECTION, rows, notes, command_line(), args.write)
     return 0
 
 

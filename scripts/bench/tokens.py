@@ -22,14 +22,13 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from _report import publish
+from _report import command_line, publish
 from torch import nn
 
 from synthaug.config import DCTConfig
@@ -126,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, wall, cpu, memory[name], peak, per_iteration))
     base = rows[0][4]
 
-    command = "nice -n 15 .venv/bin/python scripts/bench/tokens.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
     header = (f"Tiny random pipeline ({args.size} px, latents {args.size // 2} px), batch {args.batch}, CFG 7, "
               f"T = {args.steps} DDIM steps, {args.iterations} iterations x {args.rounds} rounds, "
               f"{args.threads} torch thread(s), torch {torch.__version__}, {platform.processor() or platform.machine()}"
@@ -151,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ("Saved-for-backward bytes are counted with `torch.autograd.graph.saved_tensors_hooks` over one iteration's "
          "forward (distinct storages, model weights excluded): exact, and the same on any device."),
     ]
-    publish(SECTION, [header, "", *table], notes, command, args.write)
+    publish(SECTION, [header, "", *table], notes, command_line(argv), args.write)
     return 0
 
 
