@@ -3,9 +3,11 @@
 # pip constraint caps it there), then synthaug with its test extras. Idempotent: re-installs only when pyproject.toml
 # changed since the last successful install.
 #
-# Installs with uv (from PyPI) where it can be had: the same packages as pip resolves here, ~30 s instead of ~150 s on
+# Installs with uv (from PyPI) where it can be had: the same packages as pip resolves here, ~75 s instead of ~150 s on
 # a fresh machine (BENCHMARKS.md "README demo wall time"). uv does not read pip's configuration, so the index URLs,
-# find-links and constraint files pip is configured with (`pip config list`) are passed on to it. Without uv: pip.
+# find-links and constraint files pip is configured with (`pip config list`) are passed on to it. Like pip, it
+# compiles the bytecode at install: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and every process
+# (each Ray actor, each test's subprocess) would compile its imports again. Without uv: pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,7 +16,7 @@ stamp=.venv/.synthaug-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || exit 0
 
-uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match -q)
+uv_args=(--python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode -q)
 while IFS= read -r line; do  # e.g. global.extra-index-url='file:///a/simple file:///b/simple'
   key=${line%%=*}; key=${key##*.}; value=${line#*=}; value=${value#\'}; value=${value%\'}
   case $key in
