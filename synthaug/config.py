@@ -37,6 +37,16 @@ SCHEDULERS = {
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
+def check_scheduler(scheduler: str | None, timestep_spacing: str | None = None) -> None:
+    """`scheduler` is a name in `SCHEDULERS` and `timestep_spacing` one of `TIMESTEP_SPACINGS` (None: the model's).
+    Raises `UserError`."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {scheduler!r}.")
+    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UserError(f"`timestep_spacing` must be one of {', '.join(TIMESTEP_SPACINGS)} (or null for the model's) "
+                        f"but is {timestep_spacing!r}.")
+
+
 @dataclass(frozen=True)
 class DCTConfig:
     """Discriminative Class Token learning (DCT §3, appendix D)."""
@@ -585,11 +595,7 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.guide_target is not None and not parse_guide_target(cfg.guide_target).is_class and cfg.method != "dct":
         raise UserError(f"`guide_target` {cfg.guide_target!r} steers a DCT guide, but `method` is {cfg.method!r}: "
                         f"use method dct, or drop guide_target.")
-    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULERS:
-        raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {cfg.scheduler!r}.")
-    if cfg.timestep_spacing is not None and cfg.timestep_spacing not in TIMESTEP_SPACINGS:
-        raise UserError(f"`timestep_spacing` must be one of {', '.join(TIMESTEP_SPACINGS)} (or null for the model's) but "
-                        f"is {cfg.timestep_spacing!r}.")
+    check_scheduler(cfg.scheduler, cfg.timestep_spacing)
     if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):
         raise UserError(f"`classes` must be like '0-9,17' or 'name1,name2' but is {cfg.classes!r}.")
 

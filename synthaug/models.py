@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SCHEDULERS, TIMESTEP_SPACINGS
+from .config import SCHEDULERS, check_scheduler
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -156,13 +156,9 @@ def set_scheduler(pipe: StableDiffusionPipeline, scheduler: str | None,
                   timestep_spacing: str | None = None) -> StableDiffusionPipeline:
     """Swap the pipeline's scheduler for a named one built from the same config (diffusers' `from_config` idiom),
     optionally with another `timestep_spacing` (None keeps the config's; with no `scheduler`, the model's own class)."""
+    check_scheduler(scheduler, timestep_spacing)
     if scheduler is None and timestep_spacing is None:
         return pipe
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise UserError(f"`scheduler` must be one of {', '.join(SCHEDULERS)} but is {scheduler!r}.")
-    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
-        raise UserError(f"`timestep_spacing` must be one of {', '.join(TIMESTEP_SPACINGS)} but is "
-                        f"{timestep_spacing!r}.")
     import diffusers
 
     cls, overrides = type(pipe.scheduler), {}

@@ -285,9 +285,9 @@ class _Keeper:
     ``patience_min_accuracy`` of the batch is right (``patience_metric="val"``: no better validation score for
     ``patience`` updates, checked where validated). Rule 3: ``max_steps``, or with ``extend_steps`` the first
     validation at or past it whose kept token is ``extend_window`` or more updates old (at the latest
-    ``max_steps + extend_steps``). ``min_loss`` keeps the lowest-loss ``v_c`` (the reference code), ``last`` the last measured one, ``val`` the one the guide scores best on the
-    held-out seeds (accuracy, then mean probability; the initial ``v_c`` competes too); a ``v_c`` that stops by rule 1
-    is kept unless ``val`` found a better one.
+    ``max_steps + extend_steps``). ``min_loss`` keeps the lowest-loss ``v_c`` (the reference code), ``last`` the last
+    measured one, ``val`` the one the guide scores best on the held-out seeds (accuracy, then mean probability; the
+    initial ``v_c`` competes too); a ``v_c`` that stops by rule 1 is kept unless ``val`` found a better one.
     """
 
     def __init__(self, config: DCTConfig, v_c: torch.Tensor):
