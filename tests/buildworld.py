@@ -35,7 +35,10 @@ def config(out: Path, model: Path, guide: Path, **extra):
 
 
 def snapshot(out: Path) -> dict[str, str]:
-    """sha256 of every file a build wrote, by relative path (config.yaml names the folder; dotfiles are runtime)."""
+    """sha256 of every file a build wrote, by relative path (config.yaml names the folder; dotfiles are runtime).
+
+    Snapshots compare builds made on one machine (in-process, in subprocesses, on local Ray actors): the same bytes
+    are promised there. Across CPU kinds only `tests/test_golden.py`'s tolerance holds."""
     out = Path(out)
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "config.yaml"
