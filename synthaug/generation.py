@@ -309,7 +309,8 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own setting; where i
 
 def compile_cache_dir() -> str:
     """The folder inductor keeps compiled code in (its FX-graph, autograd and Triton caches): ``$TORCHINDUCTOR_CACHE_DIR``
-    where set, else ``synthaug/torchinductor`` in the user's cache folder (``$XDG_CACHE_HOME`` or ``~/.cache``).
+    where set to another folder than inductor's default, else ``synthaug/torchinductor`` in the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``).
 
     Inductor's own default is a folder in the system's temp directory, which many machines empty at reboot; this one
     persists, so every worker on the machine and every rerun of a build loads the compiled kernels instead of
@@ -319,8 +320,13 @@ def compile_cache_dir() -> str:
     >>> compile_cache_dir().endswith("torchinductor")
     True
     """
-    if os.environ.get(COMPILE_CACHE_ENV):
-        return os.environ[COMPILE_CACHE_ENV]
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # inductor writes its default into the variable the first time it is asked (importing diffusers' pipelines asks):
+    # that value is no one's choice
+    chosen = os.environ.get(COMPILE_CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "synthaug", "torchinductor")
 

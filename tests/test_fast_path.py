@@ -74,7 +74,9 @@ def test_compiled_channels_last_unet_gives_the_eager_images(tiny_pipe, tmp_path,
     # the default on CUDA, both levers at once, against the eager NCHW images; aot_eager: dynamo's graph capture and
     # the compile-once-per-shape logic without inductor's C++ build (the NCHW compiled UNet: test_generation_pace's
     # worker tests)
-    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(COMPILE_CACHE_ENV, default_cache_dir())  # as importing diffusers leaves it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = gen_config()
     eager = _pixels(generate(tiny_pipe, class_index=5, label="five", token=None, indices=range(3), config=config))
@@ -133,6 +135,11 @@ def test_the_compile_cache_is_a_persistent_user_folder_unless_inductors_own_sett
     assert compile_cache_dir() == str(tmp_path / "synthaug" / "torchinductor")
     monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
     assert compile_cache_dir() == str(tmp_path / "mine")
+    # inductor's own default, which it writes into the variable when first asked (importing diffusers does): ours wins
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(COMPILE_CACHE_ENV, default_cache_dir())
+    assert compile_cache_dir() == str(tmp_path / "synthaug" / "torchinductor")
 
 
 def test_a_cpu_worker_leaves_the_unet_eager_by_default(tiny_pipe, tmp_path, monkeypatch):
