@@ -246,7 +246,8 @@ def load_diffusion(
         raise UserError(f"`model` {model!r} could not be loaded ({first[:200]}): {hint}.") from None
     set_scheduler(pipe, scheduler, timestep_spacing)
     pipe.to(dev)
-    set_channels_last(pipe, dev.type == "cuda" if channels_last is None else channels_last)
+    if dev.type == "cuda" if channels_last is None else channels_last:
+        set_channels_last(pipe)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
