@@ -147,7 +147,7 @@ def machine(scale: Scale, table: Table) -> None:
                   f"{versions}; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
         n, dtype = 8192, torch.bfloat16
     else:
-        table.add("machine", f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads", note=versions)
+        table.add("machine", f"{platform.machine()} CPU", note=f"{versions}; torch threads: {torch.get_num_threads()}")
         n, dtype = 512, torch.float32
     a = torch.randn(n, n, device=scale.device, dtype=dtype)
     b = torch.randn(n, n, device=scale.device, dtype=dtype)
