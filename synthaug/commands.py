@@ -242,7 +242,7 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
     selected = select_classes(dataset, config.classes)
     out = Path(out)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
-                          timestep_spacing=config.timestep_spacing)
+                          timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     check_label_agreement(class_aliases(dataset), labels=guide.labels, count=guide.num_classes, what="guide",
                           source=config.guide, dataset=config.dataset)
@@ -287,7 +287,7 @@ def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: boo
     if path.is_file():
         return _saved_token(path)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
-                          timestep_spacing=config.timestep_spacing)
+                          timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     result = learn_dct_token(pipe, guide, config=config.dct, progress=progress, val_prompt=config.generate.prompt,
                              target=target)
@@ -414,7 +414,7 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
             raise UserError(f"`--tokens` {tokens!r} has no token for class {missing[0]} ({names[missing[0]]!r}): "
                             f"learn it with `synthaug learn --classes {missing[0]}` or select other --classes.")
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
-                          timestep_spacing=config.timestep_spacing)
+                          timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     add_tokens(pipe, loaded)
     dest = Path(dest)
@@ -448,7 +448,7 @@ def _generate_attribute(config, path: Path, target: GuideTarget, dest: Path, pro
                         "pass the file `synthaug learn --guide-target` wrote.")
     (token, _), = loaded.items()
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
-                          timestep_spacing=config.timestep_spacing)
+                          timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
     add_tokens(pipe, loaded)
     rows = []
     for tok in [token] + ([None] if config.baseline else []):

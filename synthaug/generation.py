@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -298,6 +299,38 @@ def batch_sizes(start: int, stop: int, batch_size: int) -> list[int]:
     return [min(batch_size, stop - lo) for lo in range(start, stop, batch_size)]
 
 
+def compiles(pipe: StableDiffusionPipeline, config: GenerateConfig) -> bool:
+    """Whether generation compiles the UNet: ``config.compile``, or when it is None (``auto``) on CUDA only."""
+    return config.compile if config.compile is not None else pipe.device.type == "cuda"
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own setting; where it is set, synthaug keeps to it
+
+
+def compile_cache_dir() -> str:
+    """The folder inductor keeps compiled code in (its FX-graph, autograd and Triton caches): ``$TORCHINDUCTOR_CACHE_DIR``
+    where set to another folder than inductor's default, else ``synthaug/torchinductor`` in the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``).
+
+    Inductor's own default is a folder in the system's temp directory, which many machines empty at reboot; this one
+    persists, so every worker on the machine and every rerun of a build loads the compiled kernels instead of
+    compiling them again. It holds nothing but compiled code: deleting it (``rm -rf ~/.cache/synthaug/torchinductor``)
+    only makes the next compile slow again.
+
+    >>> compile_cache_dir().endswith("torchinductor")
+    True
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # inductor writes its default into the variable the first time it is asked (importing diffusers' pipelines asks):
+    # that value is no one's choice
+    chosen = os.environ.get(COMPILE_CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "synthaug", "torchinductor")
+
+
 def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: Sequence[int], **options: Any
                  ) -> tuple[torch.nn.Module, float]:
     """``torch.compile`` the pipeline's UNet for generation and compile it now for every batch size in `sizes`.
@@ -305,7 +338,8 @@ def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: S
     The UNet is compiled with static shapes, once per batch size (a class's batches come in at most a few sizes,
     `batch_sizes`), by calling it on inputs of the shapes, dtypes and call signature the pipeline uses; generation
     then never waits for a compile. The pipeline keeps its eager UNet (token learning back-propagates through it):
-    swap the compiled one in with `use_unet` while generating.
+    swap the compiled one in with `use_unet` while generating. Compiled code is cached in `compile_cache_dir`
+    (set for this process unless ``$TORCHINDUCTOR_CACHE_DIR`` names another), so a second worker or a rerun loads it.
 
     Args:
         options: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``, ``backend="aot_eager"``).
@@ -315,6 +349,7 @@ def compile_unet(pipe: StableDiffusionPipeline, config: GenerateConfig, sizes: S
     """
     import torch
 
+    os.environ[COMPILE_CACHE_ENV] = compile_cache_dir()  # read by inductor when it first looks for a cached kernel
     compiled = torch.compile(pipe.unet, **{"dynamic": False, **options})
     t0 = time.perf_counter()
     with torch.no_grad():

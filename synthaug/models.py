@@ -205,6 +205,7 @@ def load_diffusion(
     timestep_spacing: str | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
+    channels_last: bool | None = None,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x pipeline, ready for token learning and generation.
 
@@ -217,6 +218,7 @@ def load_diffusion(
             config's.
         local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
         revision: hub revision.
+        channels_last: UNet and VAE in channels-last memory (`set_channels_last`); None: on CUDA only.
 
     Returns:
         A stock `StableDiffusionPipeline` with the safety checker removed, progress bar off, weights frozen.
@@ -244,8 +246,27 @@ def load_diffusion(
         raise UserError(f"`model` {model!r} could not be loaded ({first[:200]}): {hint}.") from None
     set_scheduler(pipe, scheduler, timestep_spacing)
     pipe.to(dev)
+    if dev.type == "cuda" if channels_last is None else channels_last:
+        set_channels_last(pipe)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     pipe.synthaug_model_id = model  # recorded in token files and index rows
+    return pipe
+
+
+def set_channels_last(pipe: StableDiffusionPipeline, enabled: bool = True) -> StableDiffusionPipeline:
+    """Hold the UNet's and the VAE's weights in channels-last (NHWC) memory, or back in NCHW with ``enabled=False``.
+
+    The convolutions then take and give NHWC tensors (a convolution follows its weight's layout), so cuDNN runs
+    without the NCHW<->NHWC transposes around each of them; inputs need no change. Generation and token learning
+    both go through these modules. Values change by float rounding only: a kernel for the other layout sums in
+    another order.
+
+    >>> set_channels_last(pipe).unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    True
+    """
+    memory_format = torch.channels_last if enabled else torch.contiguous_format
+    for module in (pipe.unet, pipe.vae):
+        module.to(memory_format=memory_format)
     return pipe

@@ -167,14 +167,10 @@ def _compiled_matches_eager(pipe, **options):
         assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
 
 
-def test_compiled_unet_gives_the_eager_images_without_recompiling(tiny_pipe):
-    # aot_eager: dynamo's graph capture and the compile-once-per-shape logic, without inductor's C++ build
-    _compiled_matches_eager(tiny_pipe, backend="aot_eager")
-
-
 @pytest.mark.slow
 def test_inductor_compiled_unet_gives_the_eager_images(tiny_pipe):
-    # inductor on CPU compiles C++ kernels: minutes on a small machine (8 min for this tiny UNet on 2 busy cores)
+    # inductor on CPU compiles C++ kernels: minutes on a small machine (8 min for this tiny UNet on 2 busy cores).
+    # With aot_eager, and channels-last as on CUDA: test_fast_path.
     _compiled_matches_eager(tiny_pipe)
 
 

@@ -241,8 +241,8 @@ def main() -> int:
             f"({upd_f / update_s / 1e9:.1f} GFLOP/s, validation and bookkeeping included); a 2048^2 fp32 matmul runs "
             f"at {peak / 1e9:.1f} GFLOP/s, so generation reaches {img_f / image_s / peak:.0%} and the update "
             f"{upd_f / update_s / peak:.0%} of this device's practical peak.")
-    notes.append("GPU rows (512 px, bf16, s/image, s/update, fraction of the H100/A100 peak): not yet measured — no "
-                 "GPU was available to this project's sessions so far.")
+    notes.append("GPU rates (512 px, bf16, s/image, s/update, fraction of the H100's matmul rate): \"On one GPU\" and "
+                 "\"A CUB build on one GPU\".")
     publish(SECTION, rows, notes, command_line(), args.write)
     return 0
 

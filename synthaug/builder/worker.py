@@ -20,7 +20,7 @@ from ..config import from_dict
 from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
-from ..generation import batch_size_for, batch_sizes, compile_unet, generate, use_unet
+from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, use_unet
 from ..layout import shard_done, token_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
@@ -179,7 +179,7 @@ class ClassWorker:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
         pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
-                              timestep_spacing=cfg.timestep_spacing)
+                              timestep_spacing=cfg.timestep_spacing, channels_last=cfg.channels_last)
         guide = load_classifier(cfg.guide, device=pipe.device, trained_on=cfg.guide_trained_on)
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
@@ -279,11 +279,12 @@ class ClassWorker:
 
     def _prepare_generation(self, pipe: Any, pending: Sequence[ShardTask], class_index: int) -> float:
         """Once per worker: resolve ``generate.batch_size`` (auto: from free memory on CUDA) and, with
-        ``generate.compile``, compile the UNet for the batch sizes the shards use. Returns the compile seconds."""
+        ``generate.compile`` (auto: on CUDA), compile the UNet for the batch sizes the shards use. Returns the compile
+        seconds."""
         gen = self.config.generate
         gen = replace(gen, batch_size=batch_size_for(pipe, gen))
         seconds = 0.0
-        if gen.compile:
+        if compiles(pipe, gen):
             sizes = sorted({n for t in pending for n in batch_sizes(t.start, t.stop, gen.batch_size)}, reverse=True)
             self._unet, seconds = compile_unet(pipe, gen, sizes)
             logger.info("generate.compile: UNet compiled for batch sizes %s in %.1f s", sizes, seconds)
