@@ -658,6 +658,19 @@ def diff(a: BuildConfig | dict, b: BuildConfig | dict, *, ignore: tuple[str, ...
     return [k for k in keys if fa.get(k) != fb.get(k) and not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
+def resolve_auto(cfg: BuildConfig, *, cuda: bool) -> BuildConfig:
+    """`cfg` with the switches whose None means "on with CUDA, off elsewhere" (``generate.compile``,
+    ``channels_last``) set to what they are on a machine with (`cuda` True) or without CUDA.
+
+    A resume compares what the work would do: a folder written before a switch became ``auto`` (its config.yaml
+    says ``compile: false``) resumes on a CPU machine, where auto is off, as it was made.
+    """
+    on = cuda and cfg.device != "cpu"
+    generate = cfg.generate if cfg.generate.compile is not None else replace(cfg.generate, compile=on)
+    channels_last = on if cfg.channels_last is None else cfg.channels_last
+    return replace(cfg, generate=generate, channels_last=channels_last)
+
+
 def dump_yaml(cfg: BuildConfig) -> str:
     import yaml
 
@@ -685,6 +698,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "replace",
+    "resolve_auto",
     "to_dict",
     "validate",
 ]

@@ -122,6 +122,23 @@ def test_resume_redoes_exactly_the_missing_work(tmp_path, world, reference):
     assert bw.snapshot(out) == bw.snapshot(reference)
 
 
+def test_a_folder_built_before_the_auto_switches_resumes_where_auto_means_the_same(tmp_path, world, reference):
+    """A config.yaml written before `generate.compile` and `channels_last` became auto (``compile: false``, no
+    ``channels_last``) resumes without CUDA, where auto means off; forcing compile on is a change of the images."""
+    import yaml
+
+    out = _copy(reference, tmp_path / "build")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["generate"]["compile"] = False
+    saved.pop("channels_last", None)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    (out / "shards" / "00003_stats.json").unlink()
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.resumed and result.images_new == 2
+    with pytest.raises(UserError, match=r"generate\.compile"):
+        build(bw.config(out, *world, **{"generate.compile": True}), progress=False)
+
+
 def test_resume_redoes_a_damaged_shard(tmp_path, world, reference):
     """A shard marked done whose tar is truncated, or whose parquet changed, is made again on resume."""
     out = _copy(reference, tmp_path / "build")

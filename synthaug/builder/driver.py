@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import TMP_PREFIX, write_text
-from ..config import BuildConfig, diff, dump_yaml, from_dict, validate
+from ..config import BuildConfig, dump_yaml, from_dict, validate
 from ..errors import UserError
 from ..index import merge_index
 from ..layout import (
@@ -52,7 +52,7 @@ from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
 from .plan import ClassJob, _read_plan, _write_plan
-from .validate import RESUMABLE_KEYS, _prepare
+from .validate import _prepare, same_work_diff
 
 logger = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
         old = from_dict(yaml.safe_load((out / CONFIG_FILE).read_text()) or {})
     except Exception:  # noqa: BLE001 (anything odd: take the full path, which explains itself)
         return None
-    if diff(old, config, ignore=RESUMABLE_KEYS):
+    if same_work_diff(old, config):
         return None
     jobs = _read_plan(out)
     if not jobs or not all(_job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):

@@ -12,7 +12,7 @@ import torch
 
 from ..atomic import TMP_PREFIX
 from ..classifier.source import check_label_agreement, declared_labels, parse_source
-from ..config import BuildConfig, diff, from_dict, get, validate
+from ..config import BuildConfig, diff, from_dict, get, resolve_auto, validate
 from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
@@ -25,6 +25,13 @@ from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
 RESUMABLE_KEYS = ("run", "out")
+
+
+def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
+    """The keys by which `new` would do other work than the build `old` (its auto switches resolved on this
+    machine; the `RESUMABLE_KEYS` left out)."""
+    cuda = torch.cuda.is_available()
+    return diff(resolve_auto(old, cuda=cuda), resolve_auto(new, cuda=cuda), ignore=RESUMABLE_KEYS)
 
 
 # Config keys that decide only the images, not the tokens: they may change while no shard is finished yet.
@@ -89,7 +96,7 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
                             f"not proven to be a build and --overwrite deletes nothing there: choose another --out, "
                             f"or run without --overwrite to resume it.")
         return "overwrite"
-    changed = diff(old, config, ignore=RESUMABLE_KEYS)
+    changed = same_work_diff(old, config)
     if not changed:
         return "resume"
     if has_plan and not work_done(out):
