@@ -582,7 +582,9 @@ def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
     """Why a shard marked done cannot be trusted, or None when it can: the cheap check a resumed build makes.
 
     Compares the tar's size and the parquet file's sha256 with what ``_stats.json`` recorded when the shard was
-    written (the parquet is small; the tar is not read). `verify` checks every image's bytes too.
+    written (the parquet is small). The tar is read only when it was modified after its stats file (which is written
+    last): then its sha256 must match too, so a member changed in place (a label, say) is caught without hashing
+    every tar on every resume. `verify` checks every tar and every image's bytes.
     """
     paths = shard_paths(out, shard_id)
     try:
@@ -596,16 +598,30 @@ def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
         return "its tar is missing"
     if size != expected_bytes:
         return f"its tar has {size} bytes, the stats say {expected_bytes}"
+    try:
+        changed_later = paths.tar.stat().st_mtime_ns > paths.stats.stat().st_mtime_ns
+    except OSError:
+        return "its stats file is missing"
+    if changed_later and _sha256_of(paths.tar) != str(st.tar_sha256):
+        return "its tar was changed after the shard was written (its sha256 differs from the stats)"
+    sha = _sha256_of(paths.parquet)
+    if sha is None:
+        return "its parquet file is missing"
+    if sha != expected_sha:
+        return "its parquet file differs from the one recorded in the stats"
+    return None
+
+
+def _sha256_of(path: Path) -> str | None:
+    """sha256 of a file's bytes, read in 1 MiB blocks; None when it cannot be read."""
     sha = hashlib.sha256()
     try:
-        with open(paths.parquet, "rb") as f:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 sha.update(block)
     except OSError:
-        return "its parquet file is missing"
-    if sha.hexdigest() != expected_sha:
-        return "its parquet file differs from the one recorded in the stats"
-    return None
+        return None
+    return sha.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------

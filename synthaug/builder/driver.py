@@ -38,6 +38,7 @@ from ..layout import (
     FAILURES_FILE,
     FINAL_FILES,
     LOCK_FILE,
+    OVERWRITE_MARKER,
     PLAN_FILE,
     SHARDS_DIR,
     TOKENS_DIR,
@@ -177,6 +178,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         if prep.mode != "resume":
             write_text(out / CONFIG_FILE, dump_yaml(config))
         _write_plan(out, prep)
+        (out / OVERWRITE_MARKER).unlink(missing_ok=True)  # the clearing, if any, is complete: this is the new build
         _remove_tmp(out)
         # 2. What is left to do: damaged shards are redone too
         _unmark_damaged_shards(out, prep.jobs)
@@ -247,11 +249,17 @@ def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
 def _clear(out: Path) -> None:
     """Discard a build for --overwrite (`_prepare` proved the folder is one): delete the files a build writes, by
     name (`build_files`), and nothing else; the lock stays, and so do the user's own files and the outputs of other
-    subcommands (eval/, report/, export/), which are named in the log."""
-    for p in build_files(out):
+    subcommands (eval/, report/, export/), which are named in the log.
+
+    Resumable: ``.overwriting`` is written first and removed only once the new config.yaml is on disk (`build`), and
+    config.yaml and plan.json go last, so a clearing cut short by Ctrl-C or a kill is finished by the same command.
+    """
+    write_text(out / OVERWRITE_MARKER, "synthaug build --overwrite is clearing this folder\n")
+    last = (out / PLAN_FILE, out / CONFIG_FILE)
+    for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
         p.unlink(missing_ok=True)
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR))
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, OVERWRITE_MARKER))
     for d in (TOKENS_DIR, SHARDS_DIR):
         if (out / d).is_dir():
             kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
@@ -274,12 +282,12 @@ def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
 
 
 def _remove_tmp(out: Path) -> None:
-    """Delete temporary files a killed run left behind (atomic writes that never got renamed)."""
-    for d in (out, out / TOKENS_DIR, out / "shards"):
-        if d.is_dir():
-            for p in d.glob(TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    """Delete temporary files a killed run left behind (atomic writes of build files that never got renamed; a
+    user's own ``.tmp-*`` files do not have their names, `build_files`)."""
+    for p in build_files(out):
+        if p.name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _finished_build(config: BuildConfig) -> BuildResult | None:

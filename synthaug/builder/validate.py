@@ -17,7 +17,15 @@ from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
 from ..errors import UserError
-from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, work_done
+from ..layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    OVERWRITE_MARKER,
+    PLAN_FILE,
+    done_shard_ids,
+    linked_build_dirs,
+    work_done,
+)
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
 from .executors import _import_ray
@@ -64,7 +72,12 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     if out.exists() and not out.is_dir():
         raise UserError(f"`out` {str(out)!r} is a file, not a folder: pass a new or empty folder, or a build folder.")
     mode = "new"
-    if out.is_dir():
+    if out.is_dir() and (out / OVERWRITE_MARKER).is_file():
+        if not overwrite:
+            raise UserError(f"`out` {str(out)!r} holds a build whose `--overwrite` was interrupted while clearing it "
+                            f"({OVERWRITE_MARKER}): rerun with --overwrite to finish, or choose another --out.")
+        mode = "overwrite"
+    elif out.is_dir():
         if (out / CONFIG_FILE).exists():
             mode = _existing_build(out, config, overwrite)
         else:
@@ -72,6 +85,11 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
             if extra:
                 raise UserError(f"`out` {str(out)!r} is not empty and holds no synthaug build (no {CONFIG_FILE}; found "
                                 f"{', '.join(sorted(extra)[:3])}): choose a new or empty folder.")
+    linked = linked_build_dirs(out) if mode == "overwrite" else []
+    if linked:
+        raise UserError(f"`out` {str(out)!r}: {linked[0].name}/ is a symbolic link to {os.path.realpath(linked[0])}, "
+                        f"and --overwrite deletes only inside the build folder: remove the link (and what it points "
+                        f"to, if it is yours to discard), or choose another --out.")
     _check_writable(out)
     return mode
 

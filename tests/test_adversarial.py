@@ -1,0 +1,106 @@
+"""What a hostile or careless user does to a build folder and its inputs: each case reproduces one finding of an
+adversarial round and holds the fixed behaviour (a one-line error, a check that catches the damage, or nothing
+deleted or written that synthaug did not make).
+
+Tiny offline world (`buildworld`): 3 digit classes, 4 images each + the baseline, 2 images per shard.
+"""
+
+import shutil
+import tarfile
+
+import buildworld as bw
+import pytest
+
+from synthaug.builder.driver import build
+from synthaug.commands import inspect
+from synthaug.errors import UserError
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def _small(out, world, **extra):
+    """One class, two images, no baseline: the cheapest real build."""
+    return bw.config(out, *world, classes="0", per_class=2, baseline=False, **extra)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# verify: every recorded checksum is compared
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_changed_label_member_fails_verify_and_is_redone_on_resume(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    tar = out / "shards" / "00001.tar"
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".cls"))
+    data = bytearray(tar.read_bytes())
+    assert data[member.offset_data:member.offset_data + 1] == b"0"
+    data[member.offset_data] = ord("7")  # the sample now claims class 7; the tar keeps its size
+    tar.write_bytes(bytes(data))
+    result = inspect(out, verify=True)
+    assert not result.ok and any("00001.tar" in p and "sha256" in p and "label" in p for p in result.problems)
+    resumed = build(bw.config(out, *world), progress=False)  # index.parquet still there: the finished-build path
+    assert resumed.images_new == 2 and bw.snapshot(out) == bw.snapshot(reference)
+
+
+def test_a_changed_index_row_fails_verify(tmp_path, reference):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = _copy(reference, tmp_path / "build")
+    table = pq.read_table(out / "index.parquet")
+    labels = table.column("class_index").to_pylist()
+    labels[5] = (labels[5] + 1) % 3  # SynthAugDataset would serve the wrong label for this sample
+    table = table.set_column(table.column_names.index("class_index"), "class_index",
+                             pa.array(labels, table.schema.field("class_index").type))
+    pq.write_table(table, out / "index.parquet")
+    result = inspect(out, verify=True)
+    key = table.column("key")[5].as_py()
+    assert not result.ok and any("index.parquet" in p and key in p and "differ" in p for p in result.problems)
+
+
+def test_a_replaced_token_file_fails_verify(tmp_path, reference):
+    import torch
+
+    from synthaug.tokens.io import load_tokens, save_tokens
+
+    out = _copy(reference, tmp_path / "build")
+    token = load_tokens(out / "tokens" / "001.safetensors")["<synthaug-001>"]
+    save_tokens({"<synthaug-001>": token + 1e-3}, out / "tokens" / "001.safetensors")
+    problems = inspect(out, verify=True).problems
+    assert any("001.safetensors" in p and "token_sha256" in p for p in problems)
+    assert any("tokens.safetensors" in p and "<synthaug-001>" in p for p in problems)
+    # the all-tokens file alone
+    out2 = _copy(reference, tmp_path / "build2")
+    every = load_tokens(out2 / "tokens" / "tokens.safetensors")
+    every["<synthaug-002>"] = torch.zeros_like(every["<synthaug-002>"])
+    save_tokens(every, out2 / "tokens" / "tokens.safetensors")
+    problems = inspect(out2, verify=True).problems
+    assert len(problems) == 1 and "tokens.safetensors" in problems[0] and "<synthaug-002>" in problems[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --overwrite: resumable, and only inside the folder
+# --------------------------------------------------------------------------------------------------------------------
+def test_an_interrupted_overwrite_is_finished_by_the_same_command(tmp_path, world, reference, monkeypatch):
+    from synthaug.builder import driver
+
+    out = _copy(reference, tmp_path / "build")
+    real_write = driver.write_text
+
+    def interrupted(path, text):  # Ctrl-C after the clearing deleted every build file, config.yaml included
+        if path.name == "config.yaml":
+            raise KeyboardInterrupt
+        real_write(path, text)
+
+    monkeypatch.setattr(driver, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(_small(out, world), overwrite=True, progress=False)
+    monkeypatch.setattr(driver, "write_text", real_write)
+    assert not (out / "config.yaml").exists()
+    with pytest.raises(UserError, match=r"`out` .* `--overwrite` was interrupted .*: rerun with --overwrite"):
+        build(_small(out, world), progress=False)
+    result = build(_small(out, world), overwrite=True, progress=False)
+    assert result.ok and result.images == 2 and not (out / ".overwriting").exists()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
