@@ -104,3 +104,52 @@ def test_an_interrupted_overwrite_is_finished_by_the_same_command(tmp_path, worl
     result = build(_small(out, world), overwrite=True, progress=False)
     assert result.ok and result.images == 2 and not (out / ".overwriting").exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A model folder never runs its own code
+# --------------------------------------------------------------------------------------------------------------------
+_HOSTILE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\nfrom transformers import ViTConfig as Cfg\n"
+
+
+def _with_auto_map(folder, config_name, marker):
+    import json
+
+    (folder / "hostile.py").write_text(_HOSTILE.format(marker=str(marker)))
+    config = json.loads((folder / config_name).read_text())
+    config["auto_map"] = {"AutoConfig": "hostile.Cfg", "AutoModelForImageClassification": "hostile.Cfg"}
+    (folder / config_name).write_text(json.dumps(config))
+
+
+def test_a_guide_or_judge_with_auto_map_is_refused_without_running_it(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from synthaug.classifier import load_classifier
+
+    torch.manual_seed(0)
+    guide = tmp_path / "guide"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=37, num_labels=3)).save_pretrained(guide)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(guide)
+    assert load_classifier(str(guide), device="cpu").kind == "transformers"
+    marker = tmp_path / "ran.txt"
+    _with_auto_map(guide, "config.json", marker)
+    with pytest.raises(UserError, match=r"`classifier` .*guide.*: its config.json has `auto_map` \(AutoConfig: "
+                                        r"hostile.Cfg.*synthaug never runs a model's own code"):
+        load_classifier(str(guide), device="cpu")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("config_name", ["config.json", "tokenizer_config.json"])
+def test_a_clip_model_with_auto_map_is_refused_without_running_it(tmp_path, config_name):
+    from synthaug.tokens.clip import load_clip
+
+    clip = bw.save_clip(tmp_path)
+    if config_name == "tokenizer_config.json":
+        (clip / config_name).write_text("{}")
+    marker = tmp_path / "ran.txt"
+    _with_auto_map(clip, config_name, marker)
+    with pytest.raises(UserError, match=rf"`mcti.clip_model` .*: its {config_name} has `auto_map`"):
+        load_clip(str(clip))
+    assert not marker.exists()
