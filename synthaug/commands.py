@@ -25,6 +25,7 @@ from .errors import UserError
 from .generation import generate
 from .index import verify as verify_shards
 from .layout import (
+    CLASSES_FILE,
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
@@ -148,6 +149,14 @@ def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[Clas
     return out, config, jobs
 
 
+def _listed_classes(out: Path) -> list[int] | None:
+    """The class indices ``classes.json`` lists (written from the plan when the build finished), or None."""
+    try:
+        return sorted(int(c["index"]) for c in json.loads((out / CLASSES_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     """What a build folder holds: per class and method counts, tokens, config, failures; optionally verified.
 
@@ -190,7 +199,8 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         with contextlib.suppress(OSError, ValueError):
             failures = json.loads((out / FAILURES_FILE).read_text()).get("failed", [])
     complete = (shards_done == shards_expected and tokens_done == len(jobs)
-                and all((out / f).is_file() for f in FINAL_FILES))
+                and all((out / f).is_file() for f in FINAL_FILES) and _listed_classes(out) == [j.class_index
+                                                                                            for j in jobs])
     problems: list[str] = []
     if verify:
 

@@ -497,6 +497,11 @@ POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_s
 # Seeds are hashed into int64 noise seeds and stored in int64 columns.
 SEED_LIMIT = 2**63
 
+# The most images a build makes per class, and the most shards one class's images may take: the plan lists every
+# shard (and plan.json holds it), so a mistyped --per-class must be refused, not enumerated until memory runs out.
+MAX_PER_CLASS = 10_000_000
+MAX_SHARDS_PER_CLASS = 100_000
+
 # Strings that name something and so cannot be empty.
 NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dct.init_token", "mcti.init_token",
              "generate.prompt")
@@ -542,6 +547,14 @@ def validate(cfg: BuildConfig) -> None:
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UserError(f"`{key}` must be >= 0 but is {value!r}.")
+    if cfg.per_class > MAX_PER_CLASS:
+        raise UserError(f"`per_class` must be <= {MAX_PER_CLASS:,} (images per class) but is {cfg.per_class:,}: "
+                        f"pass the number of images each class should get, e.g. --per-class 1000.")
+    if -(-cfg.per_class // cfg.shards.samples_per_shard) > MAX_SHARDS_PER_CLASS:
+        raise UserError(f"`shards.samples_per_shard` {cfg.shards.samples_per_shard} gives "
+                        f"{-(-cfg.per_class // cfg.shards.samples_per_shard):,} shards per class for per_class "
+                        f"{cfg.per_class:,}; at most {MAX_SHARDS_PER_CLASS:,} are planned: raise "
+                        f"shards.samples_per_shard (e.g. 1000).")
     for key in ("dct.seed", "mcti.seed", "generate.seed"):
         if get(cfg, key) >= SEED_LIMIT:
             raise UserError(f"`{key}` must be < 2**63 (seeds are stored as int64) but is {get(cfg, key)}.")

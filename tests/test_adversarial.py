@@ -153,3 +153,53 @@ def test_a_clip_model_with_auto_map_is_refused_without_running_it(tmp_path, conf
     with pytest.raises(UserError, match=rf"`mcti.clip_model` .*: its {config_name} has `auto_map`"):
         load_clip(str(clip))
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sizes and plans that cannot be
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("extra", "match"), [
+    ({"per_class": 10_000_000_000}, r"`per_class` must be <= 10,000,000 \(images per class\) but is 10,000,000,000"),
+    ({"per_class": 5_000_000, "shards.samples_per_shard": 1},
+     r"`shards.samples_per_shard` 1 gives 5,000,000 shards per class .* raise shards.samples_per_shard"),
+])
+def test_a_huge_per_class_is_refused_at_once(tmp_path, world, extra, match):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=match):
+        build(bw.config(tmp_path / "out", *world, **extra), progress=False)
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "out").exists()
+
+
+def _edit_plan(out, edit):
+    import json
+
+    data = json.loads((out / "plan.json").read_text())
+    edit(data)
+    (out / "plan.json").write_text(json.dumps(data))
+
+
+def test_a_cut_plan_is_not_a_complete_build(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    _edit_plan(out, lambda d: d.update(jobs=d["jobs"][:1]))
+    assert not inspect(out).complete
+    result = build(bw.config(out, *world), progress=False)  # the full path: the plan is written again
+    assert result.ok and (result.classes, result.classes_done, result.images_new) == (3, 3, 0)
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
+@pytest.mark.parametrize("damage", ["huge-shard-id", "missing-chunk"])
+def test_a_damaged_plan_is_not_trusted(tmp_path, world, reference, damage):
+    from synthaug.builder.plan import _read_plan
+
+    out = _copy(reference, tmp_path / "build")
+    if damage == "huge-shard-id":
+        _edit_plan(out, lambda d: d["jobs"][0]["shards"][0].update(shard_id=10**400))
+    else:
+        _edit_plan(out, lambda d: d["jobs"][1].update(shards=d["jobs"][1]["shards"][1:]))
+    assert _read_plan(out) is None
+    with pytest.raises(UserError, match=r"has no readable plan.json"):
+        inspect(out)
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.images_new == 0 and bw.snapshot(out) == bw.snapshot(reference)

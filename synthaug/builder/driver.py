@@ -30,10 +30,12 @@ from typing import Any
 
 from ..atomic import TMP_PREFIX, write_text
 from ..config import BuildConfig, diff, dump_yaml, from_dict, validate
+from ..datasets.select import select_classes
 from ..errors import UserError
 from ..index import merge_index
 from ..layout import (
     ALL_TOKENS_FILE,
+    CLASSES_FILE,
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
@@ -52,7 +54,7 @@ from ..layout import (
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
-from .plan import ClassJob, _read_plan, _write_plan
+from .plan import ClassJob, _read_plan, _write_plan, methods_of
 from .validate import RESUMABLE_KEYS, _prepare
 
 logger = logging.getLogger(__name__)
@@ -305,7 +307,8 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
     if diff(old, config, ignore=RESUMABLE_KEYS):
         return None
     jobs = _read_plan(out)
-    if not jobs or not all(_job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
+    if not jobs or not _plan_is_the_configs(out, jobs, config) or not all(_job_done(out, j) for j in jobs) or any(
+            not (out / f).is_file() for f in FINAL_FILES):
         return None
     if _damaged_shards(out, jobs):
         return None  # the full path redoes them
@@ -315,6 +318,24 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
     images = _images_on_disk(out, jobs)
     return BuildResult(out=out, classes=len(jobs), classes_done=len(jobs), images=images, images_new=0, tokens_new=0,
                        seconds=0.0, executor="none", workers=0, resumed=True, resume_command=resume_command(out))
+
+
+def _plan_is_the_configs(out: Path, jobs: list[ClassJob], config: BuildConfig) -> bool:
+    """True when ``plan.json`` plans what `config` asks for (a damaged or edited plan is not trusted to say "done"):
+    the same images per class and methods, the classes ``classes.json`` lists, and (for a selection that needs no
+    dataset: indices, ranges, names) the config's class selection."""
+    try:
+        data = json.loads((out / PLAN_FILE).read_text())
+        listed = json.loads((out / CLASSES_FILE).read_text())
+        if data["per_class"] != config.per_class or data["methods"] != list(methods_of(config)):
+            return False
+        if sorted(int(c["index"]) for c in listed) != [j.class_index for j in jobs]:
+            return False
+        if not (config.classes or "").strip().startswith("sample:"):
+            return select_classes(list(data["classes"]), config.classes) == [j.class_index for j in jobs]
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return False
+    return True
 
 
 def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
