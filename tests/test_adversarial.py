@@ -203,3 +203,50 @@ def test_a_damaged_plan_is_not_trusted(tmp_path, world, reference, damage):
         inspect(out)
     result = build(bw.config(out, *world), progress=False)
     assert result.ok and result.images_new == 0 and bw.snapshot(out) == bw.snapshot(reference)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ray addresses that lead nowhere: seconds and one line, not minutes and a traceback
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("address", "match"), [
+    ("127.0.0.1:1", r"`run.ray_address` '127.0.0.1:1': nothing accepts connections there .*ray start --head"),
+    ("ray://127.0.0.1:1", r"`run.ray_address` 'ray://127.0.0.1:1': nothing accepts connections there"),
+    ("http//nowhere", r"`run.ray_address` 'http//nowhere' is not an address Ray takes: pass 'auto'"),
+    ("localhost:99999", r"`run.ray_address` 'localhost:99999' is not an address Ray takes"),
+])
+def test_an_unreachable_or_invalid_ray_address_fails_in_seconds(tmp_path, world, address, match):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=match):
+        build(bw.config(tmp_path / "out", *world, **{"run.executor": "ray", "run.ray_address": address}),
+              progress=False)
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_an_unreachable_ray_address_on_resume_names_the_resume_command(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / "shards" / "00003_stats.json").unlink()
+    with pytest.raises(UserError, match=r"nothing accepts connections there .* resume with: synthaug build --config "):
+        build(bw.config(out, *world, **{"run.executor": "ray", "run.ray_address": "127.0.0.1:1"}), progress=False)
+
+
+def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
+    import ray
+
+    from synthaug.builder import executors
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance.\nmore lines")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(UserError, match=r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could "
+                                        r"not find any running Ray instance.\): .*then resume with: X\.$"):
+        with executors._ray_session("auto", "resume with: X"):
+            pass
+    monkeypatch.setattr(executors, "_init_local_ray", lambda ray: refuse())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match=r"^`run.executor` 'ray': a local Ray could not start .*--executor local; "
+                                        r"then resume with: X\.$"):
+        with executors._ray_session(None, "resume with: X"):
+            pass

@@ -24,11 +24,12 @@ from ..layout import (
     PLAN_FILE,
     done_shard_ids,
     linked_build_dirs,
+    resume_command,
     work_done,
 )
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
-from .executors import _import_ray
+from .executors import _import_ray, check_ray_address
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
@@ -238,6 +239,9 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
     mode = _check_out(out, config, overwrite)
+    if config.run.executor == "ray" and not _import_ray().is_initialized():  # a caller's own session is theirs
+        check_ray_address(config.run.ray_address or os.environ.get("RAY_ADDRESS"),
+                          f"resume with: {resume_command(out)}" if mode == "resume" else "run the same command again")
     # 4. Device, dtype, model
     device = resolve_device(config.device)
     _check_device(device, config)
