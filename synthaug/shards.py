@@ -210,8 +210,32 @@ class ShardStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ShardStats:
+        """Read and check a stats file. Raises ValueError for one no shard writer wrote: a field of the wrong type or
+        sign, a sha256 that is not one, or file names other than the shard's own (they are copied into
+        ``_info.json``, so they must not be able to name another path)."""
         data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        st = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not _count(st.shard) or not _count(st.num_samples) or not st.num_samples or not _count(st.tar_bytes):
+            raise ValueError(f"shard, num_samples and tar_bytes must be integers >= 0 (num_samples > 0) but are "
+                             f"{st.shard!r}, {st.num_samples!r} and {st.tar_bytes!r}")
+        own = shard_paths(".", st.shard)
+        m = re.fullmatch(r"(\d{5,})_stats\.json", Path(path).name)
+        if (m and int(m.group(1)) != st.shard) or st.tar != f"{SHARDS_DIR}/{own.tar.name}" or \
+                st.parquet != f"{SHARDS_DIR}/{own.parquet.name}":
+            raise ValueError(f"it names shard {st.shard!r}, tar {str(st.tar)[:80]!r} and parquet "
+                             f"{str(st.parquet)[:80]!r}, not the shard's own files")
+        for name in ("tar_sha256", "parquet_sha256"):
+            if not isinstance(getattr(st, name), str) or not re.fullmatch(r"[0-9a-f]{64}", getattr(st, name)):
+                raise ValueError(f"{name} is not a sha256 hex digest: {str(getattr(st, name))[:80]!r}")
+        for name in ("classes", "methods"):
+            counts = getattr(st, name)
+            if not isinstance(counts, dict) or not all(isinstance(k, str) and _count(v) for k, v in counts.items()):
+                raise ValueError(f"{name} must map names to counts >= 0 but is {str(counts)[:80]}")
+        return st
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class _HashingWriter:

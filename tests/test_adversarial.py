@@ -250,3 +250,22 @@ def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
                                         r"then resume with: X\.$"):
         with executors._ray_session(None, "resume with: X"):
             pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Damaged files are not trusted
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("field", "value"), [("tar", "../../../../etc/passwd"), ("num_samples", -5),
+                                              ("parquet_sha256", "x"), ("shard", 4)])
+def test_a_damaged_stats_file_is_redone_and_never_copied(tmp_path, world, reference, field, value):
+    import json
+
+    out = _copy(reference, tmp_path / "build")
+    stats = out / "shards" / "00003_stats.json"
+    data = json.loads(stats.read_text())
+    data[field] = value
+    stats.write_text(json.dumps(data))
+    assert any("00003" in p and "stats file unreadable" in p for p in inspect(out, verify=True).problems)
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.images_new == 2
+    assert bw.snapshot(out) == bw.snapshot(reference) and "passwd" not in (out / "_info.json").read_text()
