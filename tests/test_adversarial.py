@@ -269,3 +269,27 @@ def test_a_damaged_stats_file_is_redone_and_never_copied(tmp_path, world, refere
     result = build(bw.config(out, *world), progress=False)
     assert result.ok and result.images_new == 2
     assert bw.snapshot(out) == bw.snapshot(reference) and "passwd" not in (out / "_info.json").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token files in the wrong place, or damaged
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_token_file_holding_another_class_token_is_refused(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    shutil.copy(out / "tokens" / "000.safetensors", out / "tokens" / "001.safetensors")
+    assert any("001.safetensors" in p and "<synthaug-001>" in p for p in inspect(out, verify=True).problems)
+    (out / "tokens" / "tokens.safetensors").unlink()  # the finishing step runs again
+    with pytest.raises(UserError, match=r"Token file .*001.safetensors holds <synthaug-000>, but its class's token "
+                                        r"is <synthaug-001>: delete .*001.safetensors and rerun `synthaug build "
+                                        r"--config .*` \(the token is learned again\)"):
+        build(bw.config(out, *world), progress=False)
+    assert not (out / "tokens" / "tokens.safetensors").exists()
+
+
+def test_a_damaged_token_file_says_delete_it_and_run_again(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / "tokens" / "002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (out / "shards" / "00005_stats.json").unlink()  # class 2 has work left: its worker loads the token
+    with pytest.raises(UserError, match=r"Token file .*002.safetensors.* is not a valid safetensors file .*: "
+                                        r"delete .*002.safetensors and rerun `synthaug build --config"):
+        build(bw.config(out, *world), progress=False)

@@ -52,10 +52,11 @@ from ..layout import (
     token_path,
 )
 from ..shards import check_shard
-from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
+from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
 from .plan import ClassJob, _read_plan, _write_plan, methods_of
 from .validate import RESUMABLE_KEYS, _prepare
+from .worker import load_class_token
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
     classes = []
     for j in jobs:
         path = token_path(out, j.class_index)
-        tokens.update(load_tokens(path))
+        tokens.update(load_class_token(path, j.token, out))
         meta = _token_file_metadata(path)
         images: Counter[str] = Counter()
         for t in j.shards:
