@@ -240,16 +240,15 @@ def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
         raise ConnectionError("Could not find any running Ray instance.\nmore lines")
 
     monkeypatch.setattr(ray, "init", refuse)
-    with pytest.raises(UserError, match=r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could "
-                                        r"not find any running Ray instance.\): .*then resume with: X\.$"):
-        with executors._ray_session("auto", "resume with: X"):
-            pass
+    attach = r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could not find any running Ray " \
+             r"instance.\): .*then resume with: X\.$"
+    with pytest.raises(UserError, match=attach), executors._ray_session("auto", "resume with: X"):
+        pass
     monkeypatch.setattr(executors, "_init_local_ray", lambda ray: refuse())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(UserError, match=r"^`run.executor` 'ray': a local Ray could not start .*--executor local; "
-                                        r"then resume with: X\.$"):
-        with executors._ray_session(None, "resume with: X"):
-            pass
+    start = r"^`run.executor` 'ray': a local Ray could not start .*--executor local; then resume with: X\.$"
+    with pytest.raises(UserError, match=start), executors._ray_session(None, "resume with: X"):
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
