@@ -21,10 +21,11 @@ from .config import from_dict
 from .datasets.base import class_aliases
 from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
-from .errors import UserError
+from .errors import UserError, write_errors
 from .generation import generate
 from .index import verify as verify_shards
 from .layout import (
+    CLASSES_FILE,
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
@@ -120,7 +121,13 @@ class InspectResult:
             lines.extend(f"  {p}" for p in self.problems)
         if not self.complete and not self.failures:
             lines.append(f"resume with: {resume_command(self.out)}")
-        return "\n".join(lines)
+        return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """`text` with every control character (a terminal escape sequence's ESC included) shown as its escape code:
+    class names and metadata come from files and must not drive the user's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,6 +153,14 @@ def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[Clas
         raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
                         f"run `{resume_command(out)}`.")
     return out, config, jobs
+
+
+def _listed_classes(out: Path) -> list[int] | None:
+    """The class indices ``classes.json`` lists (written from the plan when the build finished), or None."""
+    try:
+        return sorted(int(c["index"]) for c in json.loads((out / CLASSES_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
@@ -190,7 +205,8 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         with contextlib.suppress(OSError, ValueError):
             failures = json.loads((out / FAILURES_FILE).read_text()).get("failed", [])
     complete = (shards_done == shards_expected and tokens_done == len(jobs)
-                and all((out / f).is_file() for f in FINAL_FILES))
+                and all((out / f).is_file() for f in FINAL_FILES) and _listed_classes(out) == [j.class_index
+                                                                                            for j in jobs])
     problems: list[str] = []
     if verify:
 
@@ -397,6 +413,9 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
 
     >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
     """
+    if (Path(dest) / "metadata.jsonl").exists():  # an earlier run's images: never overwritten
+        raise UserError(f"`--dest` {str(dest)!r} already holds metadata.jsonl (images of an earlier `synthaug "
+                        f"generate`), which this run would overwrite: pass a new or empty folder, or move it away.")
     if tokens is not None and Path(tokens).is_file():
         target = token_metadata(Path(tokens)).get("target")
         if target and target != "class":
@@ -506,17 +525,23 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     if not present:
         raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
                         f"build first (`{resume_command(out)}`).")
+    dest = Path(dest) if dest is not None else out / "export" / format
+    # Every token is read and checked before anything is written: a damaged later class leaves no partial export.
+    embeddings = {j.class_index: _class_token(token_path(out, j.class_index), j) for j in present}
+    with write_errors(f"`dest` {str(dest)!r}", "pass --dest a folder you can write to (and with free space)"):
+        return _write_export(out, format, dest, present, embeddings)
+
+
+def _write_export(out: Path, format: str, dest: Path, present: list[ClassJob], embeddings: dict) -> list[Path]:
     import io
 
     import torch
 
-
-    dest = Path(dest) if dest is not None else out / "export" / format
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for j in present:
         src = token_path(out, j.class_index)
-        embedding = _class_token(src, j)
+        embedding = embeddings[j.class_index]
         stem = token_string(j.class_index).strip("<>")  # from the class index: no file's content names a path
         if format == "diffusers":
             path = dest / f"{stem}.safetensors"

@@ -411,6 +411,26 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load`, except that a mapping giving one key twice is an error (YAML's last-wins would silently drop
+    the first value)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.YAMLError(f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: plain data only
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
@@ -432,7 +452,7 @@ def load_config(
         if not p.is_file():
             raise UserError(f"`--config` {str(path)!r} does not exist: pass a YAML file such as configs/digits.yaml.")
         try:
-            file_data = yaml.safe_load(p.read_text()) or {}
+            file_data = _safe_load_unique(p.read_text()) or {}
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"`--config` {str(path)!r} cannot be read ({e}): pass a YAML text file.") from None
         except yaml.YAMLError as e:
@@ -507,6 +527,11 @@ POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_s
 # Seeds are hashed into int64 noise seeds and stored in int64 columns.
 SEED_LIMIT = 2**63
 
+# The most images a build makes per class, and the most shards one class's images may take: the plan lists every
+# shard (and plan.json holds it), so a mistyped --per-class must be refused, not enumerated until memory runs out.
+MAX_PER_CLASS = 10_000_000
+MAX_SHARDS_PER_CLASS = 100_000
+
 # Strings that name something and so cannot be empty.
 NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dct.init_token", "mcti.init_token",
              "generate.prompt")
@@ -552,6 +577,14 @@ def validate(cfg: BuildConfig) -> None:
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UserError(f"`{key}` must be >= 0 but is {value!r}.")
+    if cfg.per_class > MAX_PER_CLASS:
+        raise UserError(f"`per_class` must be <= {MAX_PER_CLASS:,} (images per class) but is {cfg.per_class:,}: "
+                        f"pass the number of images each class should get, e.g. --per-class 1000.")
+    if -(-cfg.per_class // cfg.shards.samples_per_shard) > MAX_SHARDS_PER_CLASS:
+        raise UserError(f"`shards.samples_per_shard` {cfg.shards.samples_per_shard} gives "
+                        f"{-(-cfg.per_class // cfg.shards.samples_per_shard):,} shards per class for per_class "
+                        f"{cfg.per_class:,}; at most {MAX_SHARDS_PER_CLASS:,} are planned: raise "
+                        f"shards.samples_per_shard (e.g. 1000).")
     for key in ("dct.seed", "mcti.seed", "generate.seed"):
         if get(cfg, key) >= SEED_LIMIT:
             raise UserError(f"`{key}` must be < 2**63 (seeds are stored as int64) but is {get(cfg, key)}.")

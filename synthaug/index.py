@@ -23,15 +23,19 @@ from typing import TYPE_CHECKING, Any
 from .atomic import atomic_write, write_text
 from .errors import UserError
 from .layout import (
+    ALL_TOKENS_FILE,
     CLASSES_FILE,
     INDEX_FILE,
     INFO_FILE,
     SHARDS_DIR,
+    TOKENS_DIR,
     done_shard_ids,
     rebuild_hint,
     shard_paths,
+    token_path,
+    token_string,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, index_schema
+from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, index_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -397,9 +401,12 @@ def load_index(out: str | os.PathLike) -> pa.Table:
 def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
     """Problems found in a build's shards and index, one line each (empty list: all good).
 
-    Checks, per finished shard: tar and parquet present, tar size as recorded, parquet rows = stats count, and
-    (with `check_sha256`) every image's bytes against its sha256. Also: shards left unfinished (no stats file), and
-    ``index.parquet`` rows against the shards. Each line names the shard and how to rebuild it.
+    Checks, per finished shard: tar and parquet present, tar size as recorded, the parquet's sha256 and rows against
+    the stats, and (with `check_sha256`) the whole tar's sha256 (labels and metadata members too) and every image's
+    bytes. Also: shards left unfinished (no stats file); ``index.parquet`` row by row against the shards' parquet
+    files (every column but ``judge_prob``, which an evaluation adds); each class's token file against the
+    ``token_sha256`` of its rows, and ``tokens/tokens.safetensors`` against the class files. Each line names the file
+    and how to make it again.
 
     >>> verify("out/digits")  # doctest: +SKIP
     []
@@ -440,6 +447,9 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
         counts[sid] = len(rows)
         if len(rows) != st.num_samples:
             problems.append(f"shards/{sid:05d}.parquet: {len(rows)} rows, stats say {st.num_samples}; {hint}.")
+        if _sha256_of(paths.parquet) != st.parquet_sha256:
+            problems.append(f"shards/{sid:05d}.parquet: its sha256 differs from the one in its stats (changed after "
+                            f"the shard was written); {hint}.")
         if check_sha256:
             bad = []
             with open(paths.tar, "rb") as f:
@@ -451,22 +461,120 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
             if bad:
                 problems.append(f"shards/{sid:05d}.tar: {len(bad)} image(s) fail their sha256 (first: {bad[0]}); "
                                 f"{hint}.")
+            elif _sha256_of(paths.tar) != st.tar_sha256:
+                problems.append(f"shards/{sid:05d}.tar: its sha256 differs from the one in its stats (a label or "
+                                f"metadata member was changed); {hint}.")
     index = out / INDEX_FILE
+    remerge = f"delete {index} and rerun `synthaug build --config {out / 'config.yaml'}` to merge it again"
     if index.is_file():
         try:
-            shards = pq.read_table(index, columns=["shard"]).column("shard").to_pylist()
-        except (OSError, ValueError, pa.ArrowException) as e:
-            problems.append(f"{INDEX_FILE}: unreadable ({type(e).__name__}); rerun the build to merge it again.")
+            table = pq.read_table(index)
+            table = table.drop_columns([c for c in ("judge_prob",) if c in table.column_names]).cast(
+                _unjudged_schema())
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            problems.append(f"{INDEX_FILE}: unreadable ({type(e).__name__}); {remerge}.")
         else:
-            in_index = Counter(shards)
-            for sid in sorted(set(in_index) | set(counts)):
-                if in_index.get(sid, 0) != counts.get(sid, 0):
-                    problems.append(f"{INDEX_FILE}: {in_index.get(sid, 0)} rows of shard {sid:05d}, the shard has "
-                                    f"{counts.get(sid, 0)}; rerun `synthaug build --config {out / 'config.yaml'}` "
-                                    "to merge the index again.")
+            problems += _index_against_shards(out, table, counts, remerge)
+            problems += _tokens_against_index(out, table)
     elif done:
         problems.append(f"{INDEX_FILE}: missing; rerun `synthaug build --config {out / 'config.yaml'}` to merge it.")
     return problems
+
+
+def _unjudged_schema():
+    import pyarrow as pa
+
+    schema = index_schema()
+    return pa.schema([f for f in schema if f.name != "judge_prob"])
+
+
+def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], remerge: str) -> list[str]:
+    """Problems of ``index.parquet`` (without ``judge_prob``) against the shards' own parquet files, row by row."""
+    import pyarrow.parquet as pq
+
+    problems = []
+    in_index = Counter(table.column("shard").to_pylist())
+    for sid in sorted(set(in_index) | set(counts)):
+        if in_index.get(sid, 0) != counts.get(sid, 0):
+            problems.append(f"{INDEX_FILE}: {in_index.get(sid, 0)} rows of shard {sid:05d}, the shard has "
+                            f"{counts.get(sid, 0)}; {remerge}.")
+    table = table.sort_by([("shard", "ascending"), ("key", "ascending")])
+    start = 0
+    for sid, n in sorted(in_index.items()):
+        rows = table.slice(start, n)
+        start += n
+        if counts.get(sid) != n:
+            continue  # already reported
+        theirs = pq.read_table(shard_paths(out, sid).parquet).cast(index_schema())
+        theirs = theirs.drop_columns(["judge_prob"]).sort_by([("key", "ascending")])
+        if not rows.equals(theirs):
+            first = next((rows.column("key")[i].as_py() for i in range(n)
+                          if rows.slice(i, 1).to_pylist() != theirs.slice(i, 1).to_pylist()), "?")
+            problems.append(f"{INDEX_FILE}: rows of shard {sid:05d} differ from the shard's own parquet (first: "
+                            f"{first}); {remerge}.")
+    return problems
+
+
+def _tokens_against_index(out: Path, table: pa.Table) -> list[str]:
+    """Problems of the token files: each class's file against the ``token_sha256`` its rows recorded, and the
+    all-tokens file against the class files (a folder without ``tokens/`` has nothing to check)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    problems: list[str] = []
+    if not (out / TOKENS_DIR).is_dir():  # images without token files: shards written by hand, not by a build
+        return problems
+    recorded = table.filter(pc.is_valid(table.column("token_sha256"))).select(["class_index", "token_sha256"])
+    by_class: dict[int, set[str]] = {}
+    for c, sha in zip(recorded.column("class_index").to_pylist(), recorded.column("token_sha256").to_pylist()):
+        by_class.setdefault(c, set()).add(sha)
+    fix = f"rerun `synthaug build --config {out / 'config.yaml'}`"
+    class_vectors = {}
+    for c, shas in sorted(by_class.items()):
+        path = token_path(out, c)
+        again = f"delete {path} and every shard of class {c}, then {fix}"
+        try:
+            tensors = load_file(str(path))
+            vector = np.asarray(tensors[token_string(c)], dtype="<f4").reshape(-1)
+        except FileNotFoundError:
+            problems.append(f"{TOKENS_DIR}/{path.name}: missing, but {len(shas)} token hash(es) of class {c} are in "
+                            f"the index; {again}.")
+            continue
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            problems.append(f"{TOKENS_DIR}/{path.name}: unreadable or without {token_string(c)} "
+                            f"({type(e).__name__}); {again}.")
+            continue
+        class_vectors[token_string(c)] = vector
+        if not shas <= _token_hashes(vector):
+            problems.append(f"{TOKENS_DIR}/{path.name}: its token is not the one class {c}'s images were made with "
+                            f"(token_sha256 differs); {again}.")
+    all_path = out / TOKENS_DIR / ALL_TOKENS_FILE
+    if class_vectors and all_path.is_file():
+        try:
+            every = {k: np.asarray(v, dtype="<f4").reshape(-1) for k, v in load_file(str(all_path)).items()}
+        except (SafetensorError, OSError, ValueError) as e:
+            every = None
+            problems.append(f"{TOKENS_DIR}/{ALL_TOKENS_FILE}: unreadable ({type(e).__name__}); delete it and {fix}.")
+        if every is not None:
+            wrong = [t for t, v in class_vectors.items() if t not in every or not np.array_equal(every[t], v)]
+            if wrong:
+                problems.append(f"{TOKENS_DIR}/{ALL_TOKENS_FILE}: {len(wrong)} token(s) missing or differing from "
+                                f"the class files (first: {wrong[0]}); delete it and {fix}.")
+    return problems
+
+
+def _token_hashes(vector) -> set[str]:
+    """`embedding_sha256` of a fp32 token as a text encoder may hold it: fp32, or rounded to fp16 or bf16."""
+    import numpy as np
+
+    forms = [vector, vector.astype(np.float16).astype("<f4")]
+    bits = vector.astype("<f4").view("<u4")
+    # bf16: round to nearest even on the upper 16 bits, as torch does
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype("<u4")
+    forms.append(rounded.view("<f4"))
+    return {hashlib.sha256(np.ascontiguousarray(f, dtype="<f4").tobytes()).hexdigest() for f in forms}
 
 
 METHOD_ORDER = ("real", "sd", "ti", "mcti", "dct")  # table order: baselines first, the method last

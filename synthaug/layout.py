@@ -38,6 +38,11 @@ ALL_TOKENS_FILE = "tokens.safetensors"
 LOCK_FILE = ".lock"
 
 
+# Written by `build --overwrite` before it deletes anything and removed once the new config.yaml is on disk: a folder
+# holding it is a build whose clearing was interrupted, which a rerun of `--overwrite` finishes.
+OVERWRITE_MARKER = ".overwriting"
+
+
 # What a finished build has beyond its tokens and shards; removed when a resumed build has work to do, so that no
 # file claims a completeness the folder does not have.
 FINAL_FILES = ("index.parquet", "_info.json", "classes.json", f"{TOKENS_DIR}/{ALL_TOKENS_FILE}")
@@ -181,22 +186,43 @@ _SHARD_FILE_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
 def build_files(out: str | os.PathLike) -> list[Path]:
     """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
 
-    Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``index.parquet``, ``failures.json``
-    and leftover ``.tmp-*`` files of atomic writes; ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``;
-    ``shards/``: ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``. Folders are never listed, and the lock file
-    is not a build output. Files only: a directory with a build file's name is not one.
+    Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``index.parquet``, ``failures.json``;
+    ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``; ``shards/``: ``NNNNN.tar``, ``NNNNN.parquet``,
+    ``NNNNN_stats.json``; in each, the leftovers of atomic writes of those names (``.tmp-NAME.XXXXXXXX``, see
+    `build_tmp_name`): a user's own ``.tmp-notes`` is not one. Folders are never listed, and a ``tokens/`` or
+    ``shards/`` that is a symbolic link is not entered (its files are not in `out`). The lock file is not a build
+    output. Files only: a directory with a build file's name is not one.
     """
     out = Path(out)
     found = []
     for folder, wanted in ((out, lambda n: n in TOP_FILES),
                            (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or _TOKEN_FILE_RE.fullmatch(n)),
                            (out / SHARDS_DIR, lambda n: bool(_SHARD_FILE_RE.fullmatch(n)))):
-        if not folder.is_dir():
+        if not folder.is_dir() or (folder != out and folder.is_symlink()):
             continue
         for p in sorted(folder.iterdir()):
-            if (wanted(p.name) or p.name.startswith(TMP_PREFIX)) and (p.is_file() or p.is_symlink()):
+            tmp = build_tmp_name(p.name)
+            if (wanted(p.name) or (tmp is not None and wanted(tmp))) and (p.is_file() or p.is_symlink()):
                 found.append(p)
     return found
+
+
+_TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"(.+)\.[A-Za-z0-9_]{8}")
+
+
+def build_tmp_name(name: str) -> str | None:
+    """The file an atomic write's temporary name stands for (``.tmp-00003.tar.k2j4h1x_`` -> ``00003.tar``), else None.
+
+    >>> build_tmp_name(".tmp-plan.json.a1b2c3d4"), build_tmp_name(".tmp-my-notes")
+    ('plan.json', None)
+    """
+    m = _TMP_RE.fullmatch(name)
+    return m.group(1) if m else None
+
+
+def linked_build_dirs(out: str | os.PathLike) -> list[Path]:
+    """``tokens/`` and ``shards/`` of `out` that are symbolic links (whose files live outside `out`)."""
+    return [Path(out) / d for d in (TOKENS_DIR, SHARDS_DIR) if (Path(out) / d).is_symlink()]
 
 
 def work_done(out: str | os.PathLike) -> bool:
@@ -219,7 +245,14 @@ def build_lock(out: str | os.PathLike, fix: str = "wait for it to finish, or cho
     except ImportError:  # Windows: no advisory locks; two writers in the same folder are the user's call
         yield
         return
-    f = open(Path(out) / LOCK_FILE, "a+")  # noqa: SIM115 (held for the whole block)
+    path = Path(out) / LOCK_FILE
+    try:
+        # O_NOFOLLOW: a .lock that is a symbolic link (dangling or not) must not make a file outside `out`
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened ({e.strerror or e}; a folder or a "
+                        f"symbolic link there is not a lock file): remove {path} and run again.") from None
+    f = os.fdopen(fd, "a+")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -210,8 +210,32 @@ class ShardStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ShardStats:
+        """Read and check a stats file. Raises ValueError for one no shard writer wrote: a field of the wrong type or
+        sign, a sha256 that is not one, or file names other than the shard's own (they are copied into
+        ``_info.json``, so they must not be able to name another path)."""
         data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        st = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not _count(st.shard) or not _count(st.num_samples) or not st.num_samples or not _count(st.tar_bytes):
+            raise ValueError(f"shard, num_samples and tar_bytes must be integers >= 0 (num_samples > 0) but are "
+                             f"{st.shard!r}, {st.num_samples!r} and {st.tar_bytes!r}")
+        own = shard_paths(".", st.shard)
+        m = re.fullmatch(r"(\d{5,})_stats\.json", Path(path).name)
+        if (m and int(m.group(1)) != st.shard) or st.tar != f"{SHARDS_DIR}/{own.tar.name}" or \
+                st.parquet != f"{SHARDS_DIR}/{own.parquet.name}":
+            raise ValueError(f"it names shard {st.shard!r}, tar {str(st.tar)[:80]!r} and parquet "
+                             f"{str(st.parquet)[:80]!r}, not the shard's own files")
+        for name in ("tar_sha256", "parquet_sha256"):
+            if not isinstance(getattr(st, name), str) or not re.fullmatch(r"[0-9a-f]{64}", getattr(st, name)):
+                raise ValueError(f"{name} is not a sha256 hex digest: {str(getattr(st, name))[:80]!r}")
+        for name in ("classes", "methods"):
+            counts = getattr(st, name)
+            if not isinstance(counts, dict) or not all(isinstance(k, str) and _count(v) for k, v in counts.items()):
+                raise ValueError(f"{name} must map names to counts >= 0 but is {str(counts)[:80]}")
+        return st
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class _HashingWriter:
@@ -582,7 +606,9 @@ def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
     """Why a shard marked done cannot be trusted, or None when it can: the cheap check a resumed build makes.
 
     Compares the tar's size and the parquet file's sha256 with what ``_stats.json`` recorded when the shard was
-    written (the parquet is small; the tar is not read). `verify` checks every image's bytes too.
+    written (the parquet is small). The tar is read only when it was modified after its stats file (which is written
+    last): then its sha256 must match too, so a member changed in place (a label, say) is caught without hashing
+    every tar on every resume. `verify` checks every tar and every image's bytes.
     """
     paths = shard_paths(out, shard_id)
     try:
@@ -596,16 +622,30 @@ def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
         return "its tar is missing"
     if size != expected_bytes:
         return f"its tar has {size} bytes, the stats say {expected_bytes}"
+    try:
+        changed_later = paths.tar.stat().st_mtime_ns > paths.stats.stat().st_mtime_ns
+    except OSError:
+        return "its stats file is missing"
+    if changed_later and _sha256_of(paths.tar) != str(st.tar_sha256):
+        return "its tar was changed after the shard was written (its sha256 differs from the stats)"
+    sha = _sha256_of(paths.parquet)
+    if sha is None:
+        return "its parquet file is missing"
+    if sha != expected_sha:
+        return "its parquet file differs from the one recorded in the stats"
+    return None
+
+
+def _sha256_of(path: Path) -> str | None:
+    """sha256 of a file's bytes, read in 1 MiB blocks; None when it cannot be read."""
     sha = hashlib.sha256()
     try:
-        with open(paths.parquet, "rb") as f:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 sha.update(block)
     except OSError:
-        return "its parquet file is missing"
-    if sha.hexdigest() != expected_sha:
-        return "its parquet file differs from the one recorded in the stats"
-    return None
+        return None
+    return sha.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -735,7 +775,8 @@ def decode_image(data: bytes, *, where: str = "", mode: str = "RGB", image_forma
     try:
         img = Image.open(io.BytesIO(data), formats=formats)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        # a bomb: a header claiming far more pixels than PIL allows (Image.MAX_IMAGE_PIXELS), never a synthaug image
         raise ShardError(f"Image {where} cannot be decoded ({e}).") from None
     return img.convert(mode) if mode and img.mode != mode else img
 

@@ -30,14 +30,17 @@ from typing import Any
 
 from ..atomic import TMP_PREFIX, write_text
 from ..config import BuildConfig, dump_yaml, from_dict, validate
-from ..errors import UserError
+from ..datasets.select import select_classes
+from ..errors import UserError, write_errors
 from ..index import merge_index
 from ..layout import (
     ALL_TOKENS_FILE,
+    CLASSES_FILE,
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
     LOCK_FILE,
+    OVERWRITE_MARKER,
     PLAN_FILE,
     SHARDS_DIR,
     TOKENS_DIR,
@@ -49,10 +52,11 @@ from ..layout import (
     token_path,
 )
 from ..shards import check_shard
-from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
+from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
-from .plan import ClassJob, _read_plan, _write_plan
+from .plan import ClassJob, _read_plan, _write_plan, methods_of
 from .validate import _prepare, same_work_diff
+from .worker import load_class_token
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +172,11 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     prep = _prepare(config, overwrite)
     out = prep.out
     out.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
+    # A full disk or a folder turned read-only is one line with the command that resumes, not a traceback: every
+    # file is written atomically, so once there is room the resume makes the same bytes.
+    unwritable = write_errors(f"`out` {str(out)!r}", f"free space there (or make it writable), then resume with: "
+                                                     f"{resume_command(out)}")
+    with unwritable, build_lock(out):
         # 1. Config and plan on disk before any work
         if prep.mode == "overwrite":
             _clear(out)
@@ -177,6 +185,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         if prep.mode != "resume":
             write_text(out / CONFIG_FILE, dump_yaml(config))
         _write_plan(out, prep)
+        (out / OVERWRITE_MARKER).unlink(missing_ok=True)  # the clearing, if any, is complete: this is the new build
         _remove_tmp(out)
         # 2. What is left to do: damaged shards are redone too
         _unmark_damaged_shards(out, prep.jobs)
@@ -247,11 +256,17 @@ def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
 def _clear(out: Path) -> None:
     """Discard a build for --overwrite (`_prepare` proved the folder is one): delete the files a build writes, by
     name (`build_files`), and nothing else; the lock stays, and so do the user's own files and the outputs of other
-    subcommands (eval/, report/, export/), which are named in the log."""
-    for p in build_files(out):
+    subcommands (eval/, report/, export/), which are named in the log.
+
+    Resumable: ``.overwriting`` is written first and removed only once the new config.yaml is on disk (`build`), and
+    config.yaml and plan.json go last, so a clearing cut short by Ctrl-C or a kill is finished by the same command.
+    """
+    write_text(out / OVERWRITE_MARKER, "synthaug build --overwrite is clearing this folder\n")
+    last = (out / PLAN_FILE, out / CONFIG_FILE)
+    for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
         p.unlink(missing_ok=True)
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR))
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, OVERWRITE_MARKER))
     for d in (TOKENS_DIR, SHARDS_DIR):
         if (out / d).is_dir():
             kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
@@ -274,12 +289,12 @@ def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
 
 
 def _remove_tmp(out: Path) -> None:
-    """Delete temporary files a killed run left behind (atomic writes that never got renamed)."""
-    for d in (out, out / TOKENS_DIR, out / "shards"):
-        if d.is_dir():
-            for p in d.glob(TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+    """Delete temporary files a killed run left behind (atomic writes of build files that never got renamed; a
+    user's own ``.tmp-*`` files do not have their names, `build_files`)."""
+    for p in build_files(out):
+        if p.name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _finished_build(config: BuildConfig) -> BuildResult | None:
@@ -297,7 +312,8 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
     if same_work_diff(old, config):
         return None
     jobs = _read_plan(out)
-    if not jobs or not all(_job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
+    if not jobs or not _plan_is_the_configs(out, jobs, config) or not all(_job_done(out, j) for j in jobs) or any(
+            not (out / f).is_file() for f in FINAL_FILES):
         return None
     if _damaged_shards(out, jobs):
         return None  # the full path redoes them
@@ -309,13 +325,31 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
                        seconds=0.0, executor="none", workers=0, resumed=True, resume_command=resume_command(out))
 
 
+def _plan_is_the_configs(out: Path, jobs: list[ClassJob], config: BuildConfig) -> bool:
+    """True when ``plan.json`` plans what `config` asks for (a damaged or edited plan is not trusted to say "done"):
+    the same images per class and methods, the classes ``classes.json`` lists, and (for a selection that needs no
+    dataset: indices, ranges, names) the config's class selection."""
+    try:
+        data = json.loads((out / PLAN_FILE).read_text())
+        listed = json.loads((out / CLASSES_FILE).read_text())
+        if data["per_class"] != config.per_class or data["methods"] != list(methods_of(config)):
+            return False
+        if sorted(int(c["index"]) for c in listed) != [j.class_index for j in jobs]:
+            return False
+        if not (config.classes or "").strip().startswith("sample:"):
+            return select_classes(list(data["classes"]), config.classes) == [j.class_index for j in jobs]
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return False
+    return True
+
+
 def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
     """All jobs done: the all-tokens file, then the index, classes.json and _info.json (`merge_index`)."""
     tokens: dict[str, Any] = {}
     classes = []
     for j in jobs:
         path = token_path(out, j.class_index)
-        tokens.update(load_tokens(path))
+        tokens.update(load_class_token(path, j.token, out))
         meta = _token_file_metadata(path)
         images: Counter[str] = Counter()
         for t in j.shards:

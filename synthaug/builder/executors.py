@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BuildConfig, RunConfig, to_dict
-from ..errors import UserError
-from ..layout import shard_done
+from ..errors import WRITE_ERRNOS, UserError
+from ..layout import resume_command, shard_done
 from .plan import ClassJob
 from .worker import ClassWorker, WorkerHooks, _QueueReport
 
@@ -140,12 +141,22 @@ def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: li
                     break
                 except UserError:
                     raise  # bad input found only once a model was loaded: retrying cannot fix it
+                except OSError as e:
+                    if e.errno in WRITE_ERRNOS:
+                        raise  # a full disk or a read-only folder: retrying cannot fix it (`build` says so)
+                    if not tracker.failed(job, traceback.format_exc()):
+                        break
                 except Exception:  # noqa: BLE001 (any failure of a job is recorded and retried, as on Ray)
                     if not tracker.failed(job, traceback.format_exc()):
                         break
                 attempt += 1
     finally:
         worker.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def _resolved_device(device: str) -> str:
@@ -228,16 +239,53 @@ def _init_local_ray(ray: Any, attempts: int = 3, **kwargs: Any) -> None:
                 ray.shutdown()
 
 
+# How long the address probe waits for a Ray cluster's port to accept a connection.
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str | None, resume: str) -> None:
+    """Fail in seconds, on one line, where Ray would spend minutes: an address of no form Ray takes, or a
+    ``host:port`` / ``ray://host:port`` whose port accepts no connection (Ray itself retries a dead GCS address for
+    ~14 minutes, then raises a traceback). ``auto`` and ``local`` are Ray's to resolve (`_ray_session`).
+
+    `resume` ends each message: how to run the build again once the cluster is up.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in target:
+        raise UserError(f"`run.ray_address` {address!r} is not an address Ray takes: pass 'auto' (the cluster "
+                        f"`ray start` runs on this machine), 'HOST:PORT' (its GCS, port 6379 by default) or "
+                        f"'ray://HOST:10001' (Ray Client), or leave it unset for a local Ray.")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"`run.ray_address` {address!r}: nothing accepts connections there ({e.strerror or e}): start "
+                        f"the cluster (`ray start --head`) or fix the address, then {resume}.") from None
+
+
 @contextlib.contextmanager
-def _ray_session(address: str | None):
-    """Use the caller's Ray session if there is one; else attach to `address`; else start a local Ray (and stop it)."""
+def _ray_session(address: str | None, resume: str = "run the same command again"):
+    """Use the caller's Ray session if there is one; else attach to `address`; else start a local Ray (and stop it).
+
+    Ray failing to attach or to start is one `UserError` line ending with `resume`, not Ray's traceback.
+    """
     ray = _import_ray()
     if ray.is_initialized():  # the caller's session: neither started nor stopped here
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS")  # `ray job submit` sets RAY_ADDRESS for its driver
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        check_ray_address(address, resume)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except Exception as e:  # noqa: BLE001 (Ray raises ConnectionError, ValueError or a bare Exception here)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise UserError(f"`run.ray_address` {address!r}: Ray could not attach ({_first_line(e)}): start the "
+                            f"cluster (`ray start --head`) or fix the address, then {resume}.") from None
         try:
             yield ray
         finally:
@@ -245,7 +293,11 @@ def _ray_session(address: str | None):
         return
     reaper = _Reaper()
     try:
-        _init_local_ray(ray)
+        try:
+            _init_local_ray(ray)
+        except Exception as e:  # noqa: BLE001 (Ray raises a bare Exception when its processes do not come up)
+            raise UserError(f"`run.executor` 'ray': a local Ray could not start ({_first_line(e)}): check free memory "
+                            f"and /dev/shm, or pass --executor local; then {resume}.") from None
         yield ray
     finally:
         with contextlib.suppress(Exception):
@@ -326,7 +378,7 @@ def _run_ray(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: list
     run = config.run
     hooks = WorkerHooks.from_env()
     entered = time.monotonic()
-    with _ray_session(run.ray_address) as ray:
+    with _ray_session(run.ray_address, f"resume with: {resume_command(out)}") as ray:
         tracker.ray_seconds = time.monotonic() - entered
         from ray.exceptions import RayActorError, RayError, RayTaskError
         from ray.util.queue import Queue

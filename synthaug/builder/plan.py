@@ -6,6 +6,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 from ..atomic import write_text
@@ -104,12 +105,17 @@ def _write_plan(out: Path, prep: _Prepared) -> None:
 def _read_plan(out: Path) -> list[ClassJob] | None:
     """The class jobs of ``plan.json``; None when it is missing or not a plan this version wrote.
 
-    Every number is checked to be a non-negative integer and every name a string: file names are made from the
-    class and shard ids, so a plan file must not be able to name a path.
+    Every number is checked to be a non-negative integer (a shard id below `MAX_SHARD_ID`) and every name a string:
+    file names are made from the class and shard ids, so a plan file must not be able to name a path. Each job must
+    be whole: for every planned method, chunks ``0..n-1`` covering images ``0..per_class-1`` of a class below
+    ``num_classes``. A plan that fails any check is not this build's plan.
     """
     try:
         data = json.loads((out / PLAN_FILE).read_text())
         if not isinstance(data, dict) or data.get("format_version") != PLAN_VERSION:
+            return None
+        per_class, methods, num_classes = data["per_class"], data["methods"], data["num_classes"]
+        if not _index(per_class) or not _index(num_classes) or not isinstance(methods, list) or not methods:
             return None
         jobs = []
         for j in data["jobs"]:
@@ -117,17 +123,34 @@ def _read_plan(out: Path) -> list[ClassJob] | None:
             for t in j["shards"]:
                 task = ShardTask(**t)
                 if not all(_index(getattr(task, k)) for k in ("shard_id", "class_index", "chunk", "start", "stop")) \
-                        or not isinstance(task.method, str) or task.stop <= task.start:
+                        or not isinstance(task.method, str) or task.stop <= task.start or task.shard_id > MAX_SHARD_ID:
                     return None
                 tasks.append(task)
             job = ClassJob(j["class_index"], j["name"], j["token"], tuple(tasks))
             if not _index(job.class_index) or not isinstance(job.name, str) or job.token != token_string(
-                    job.class_index) or any(t.class_index != job.class_index for t in tasks):
+                    job.class_index) or any(t.class_index != job.class_index for t in tasks) \
+                    or job.class_index >= num_classes or not _whole(tasks, methods, per_class):
                 return None
             jobs.append(job)
+        if len({j.class_index for j in jobs}) != len(jobs):
+            return None
         return jobs
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+# Shard ids are planned densely (`shard_id`); a larger one in plan.json is damage, and would make a file name too long.
+MAX_SHARD_ID = 2**31 - 1
+
+
+def _whole(tasks: list[ShardTask], methods: list, per_class: int) -> bool:
+    """True when `tasks` are, for each of `methods`, chunks 0, 1, ... covering images 0..per_class-1 in order."""
+    for method in methods:
+        mine = [t for t in tasks if t.method == method]
+        if [t.chunk for t in mine] != list(range(len(mine))) or not mine or mine[0].start != 0 \
+                or mine[-1].stop != per_class or any(a.stop != b.start for a, b in pairwise(mine)):
+            return False
+    return all(t.method in methods for t in tasks)
 
 
 def _read_plan_classes(out: Path) -> tuple[int, dict[int, str], list[str] | None] | None:

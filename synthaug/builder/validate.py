@@ -17,13 +17,24 @@ from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
 from ..errors import UserError
-from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, work_done
+from ..layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    OVERWRITE_MARKER,
+    PLAN_FILE,
+    done_shard_ids,
+    linked_build_dirs,
+    resume_command,
+    work_done,
+)
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
-from .executors import _import_ray
+from .executors import _import_ray, check_ray_address
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
+# One exception (`_existing_build`): on CPU, `run.cpus_per_worker` is the torch thread count, and the thread count
+# changes float results in their last bits, so it may change only while nothing was made.
 RESUMABLE_KEYS = ("run", "out")
 
 
@@ -71,7 +82,12 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     if out.exists() and not out.is_dir():
         raise UserError(f"`out` {str(out)!r} is a file, not a folder: pass a new or empty folder, or a build folder.")
     mode = "new"
-    if out.is_dir():
+    if out.is_dir() and (out / OVERWRITE_MARKER).is_file():
+        if not overwrite:
+            raise UserError(f"`out` {str(out)!r} holds a build whose `--overwrite` was interrupted while clearing it "
+                            f"({OVERWRITE_MARKER}): rerun with --overwrite to finish, or choose another --out.")
+        mode = "overwrite"
+    elif out.is_dir():
         if (out / CONFIG_FILE).exists():
             mode = _existing_build(out, config, overwrite)
         else:
@@ -79,12 +95,23 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
             if extra:
                 raise UserError(f"`out` {str(out)!r} is not empty and holds no synthaug build (no {CONFIG_FILE}; found "
                                 f"{', '.join(sorted(extra)[:3])}): choose a new or empty folder.")
+    linked = linked_build_dirs(out) if mode == "overwrite" else []
+    if linked:
+        raise UserError(f"`out` {str(out)!r}: {linked[0].name}/ is a symbolic link to {os.path.realpath(linked[0])}, "
+                        f"and --overwrite deletes only inside the build folder: remove the link (and what it points "
+                        f"to, if it is yours to discard), or choose another --out.")
     _check_writable(out)
     return mode
 
 
 def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
     old, why_not = _read_build_config(out)
+    if old is None and _read_plan(out) is not None:  # a build (its plan proves it) whose config.yaml was damaged
+        if overwrite:
+            return "overwrite"
+        raise UserError(f"`out` {str(out)!r} holds a synthaug build whose {CONFIG_FILE} is damaged ({why_not}): "
+                        f"restore {CONFIG_FILE} to resume it, or pass --overwrite to discard the build and start "
+                        f"over, or choose another --out.")
     if old is None:
         raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} but is not a synthaug build ({why_not}); "
                         f"{'--overwrite discards synthaug builds only, so ' if overwrite else ''}nothing there was "
@@ -97,6 +124,13 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
                             f"or run without --overwrite to resume it.")
         return "overwrite"
     changed = same_work_diff(old, config)
+    if not changed and old.run.cpus_per_worker != config.run.cpus_per_worker and work_done(out) \
+            and resolve_device(config.device).type == "cpu":
+        was = old.run.cpus_per_worker
+        raise UserError(f"`run.cpus_per_worker` {was} -> {config.run.cpus_per_worker}: on CPU it is each worker's "
+                        f"torch thread count, which changes the last bits of float results, so tokens and images made "
+                        f"from now on would not match those already in {str(out)!r}: resume with --set "
+                        f"run.cpus_per_worker={was}, or pass --overwrite to start over.")
     if not changed:
         return "resume"
     if has_plan and not work_done(out):
@@ -227,6 +261,9 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
     mode = _check_out(out, config, overwrite)
+    if config.run.executor == "ray" and not _import_ray().is_initialized():  # a caller's own session is theirs
+        check_ray_address(config.run.ray_address or os.environ.get("RAY_ADDRESS"),
+                          f"resume with: {resume_command(out)}" if mode == "resume" else "run the same command again")
     # 4. Device, dtype, model
     device = resolve_device(config.device)
     _check_device(device, config)

@@ -21,7 +21,7 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, use_unet
-from ..layout import shard_done, token_path
+from ..layout import resume_command, shard_done, token_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, load_clip
@@ -320,7 +320,7 @@ class ClassWorker:
             learned = True
             self._report({"kind": "token", "class_index": job.class_index, "steps": getattr(result, "steps", None),
                           "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
-        add_tokens(pipe, load_tokens(path))
+        add_tokens(pipe, load_class_token(path, job.token, self.out))
         return learned, seconds
 
     def _hook(self, point: str, *args: Any) -> None:
@@ -340,3 +340,17 @@ class _QueueReport:
     def __call__(self, event: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):  # progress is best effort: a lost event must not fail the work
             self.queue.put_nowait(event)
+
+
+def load_class_token(path: Path, token: str, out: str | Path) -> dict[str, Any]:
+    """A class's token file, which must hold exactly that class's token. Raises `UserError` (naming the file, what
+    it holds, and that deleting it makes the build learn the token again) for a damaged or misplaced file."""
+    fix = f"delete {path} and rerun `{resume_command(out)}` (the token is learned again)"
+    try:
+        tokens = load_tokens(path)
+    except UserError as e:
+        raise UserError(f"{str(e).rstrip('.').removesuffix(': write it again')}: {fix}.") from None
+    if list(tokens) != [token]:
+        held = ", ".join(list(tokens)[:3]) or "no token"
+        raise UserError(f"Token file {path} holds {held}, but its class's token is {token}: {fix}.")
+    return tokens

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import UserError
 from .base import _PIL_RESAMPLE, MeanPoolViT, _HFLogits, _Loaded, _model_labels
-from .hub import _first_line, _hub_config, _hub_file, _known, _read_json
+from .hub import _first_line, _hub_config, _hub_file, _known, _read_json, custom_code
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -57,12 +57,20 @@ def _load_transformers(
     """
     local = Path(name).is_dir()
     if local:
+        config = _read_json(Path(name) / "config.json")
         pp_file: str | None = str(Path(name) / "preprocessor_config.json")
         if not Path(pp_file).is_file():
             pp_file = None
     else:
-        _hub_config(source, name, local_files_only)  # absent offline -> one clear message, before transformers
+        config = _hub_config(source, name, local_files_only)  # absent offline -> one clear message, before transformers
         pp_file = _hub_file(source, name, "preprocessor_config.json", local_files_only, required=False)
+    code = custom_code(config)
+    if code:
+        raise UserError(
+            f"`classifier` {source!r}: its config.json has `auto_map` ({code}), i.e. Python code shipped with the "
+            f"model, and synthaug never runs a model's own code: pass a model of a built-in transformers or timm "
+            f"architecture."
+        )
     if pp_file is None:
         raise UserError(
             f"`classifier` {source!r} has no preprocessor_config.json, so its resize and mean/std are unknown: save "
@@ -75,7 +83,8 @@ def _load_transformers(
     repo, _, revision = (name, "", "") if local else name.partition("@")
     cls = ViTForImageClassification if pooling == "mean" else AutoModelForImageClassification
     try:
-        model = cls.from_pretrained(repo, revision=revision or None, local_files_only=local_files_only)
+        model = cls.from_pretrained(repo, revision=revision or None, local_files_only=local_files_only,
+                                    trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
             f"`classifier` {source!r} could not be loaded as a transformers image classifier ({_first_line(e)}): "

@@ -81,6 +81,18 @@ def _hub_config(source: str, repo_id: str, local_files_only: bool) -> dict[str, 
     return _read_json(Path(_hub_file(source, repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
 
 
+def custom_code(config: Any) -> str | None:
+    """What a model folder's ``config.json`` / ``tokenizer_config.json`` asks transformers to import from the folder
+    itself (its ``auto_map``, e.g. ``"AutoModel: modeling_x.Net"``), or None. synthaug never runs such code: every
+    transformers load passes ``trust_remote_code=False``, and a folder that needs it is refused before loading."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return None
+    if isinstance(auto_map, dict):
+        return ", ".join(f"{k}: {v}" for k, v in list(auto_map.items())[:2])
+    return str(auto_map)[:80]
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..classifier.hub import custom_code
 from ..errors import UserError
 from ..models import ASSETS, clip_tokenizer, offline
 from .text import encode, pool_eos, splice_tokens, token_embedding, tokenize, tokenizer_with
@@ -140,8 +141,14 @@ def load_clip(
         path, name = (str(p) if p.exists() else clip_model), clip_model
     if local_files_only is None:
         local_files_only = offline() or Path(path).exists()
+    for name_ in ("config.json", "tokenizer_config.json"):
+        code = custom_code(_json_or_none(Path(path) / name_))
+        if code:
+            raise UserError(f"`mcti.clip_model` {clip_model!r}: its {name_} has `auto_map` ({code}), i.e. Python code "
+                            f"shipped with the model, and synthaug never runs a model's own code: pass a CLIPModel "
+                            f"directory written by `CLIPModel.save_pretrained`, or a hub id.")
     try:
-        clip = CLIPModel.from_pretrained(path, local_files_only=local_files_only)
+        clip = CLIPModel.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = (f"it is not in the local Hugging Face cache and the hub is offline: download it first with "
@@ -160,10 +167,18 @@ def load_clip(
     if Path(path).exists() and any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         from transformers import AutoTokenizer
 
-        clip.synthaug_tokenizer = AutoTokenizer.from_pretrained(path)
+        clip.synthaug_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if pipe is not None:
         check_paired(clip, pipe.text_encoder)
     return clip
+
+
+def _json_or_none(path: Path) -> Any:
+    """A local JSON file's content, or None (missing, unreadable: the loader that needs it says why)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _hub_dir(repo_id: str) -> str | None:
