@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +29,12 @@ from .layout import (
     FINAL_FILES,
     PLAN_FILE,
     TOKENS_DIR,
+    done_shards,
+    legacy_build_error,
     resume_command,
     sample_key,
     shard_done,
+    shard_name,
     token_path,
     token_string,
 )
@@ -141,6 +143,8 @@ def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[Clas
     if not isinstance(config, dict):
         raise UserError(f"`out` {str(out)!r} is not a synthaug build ({CONFIG_FILE} holds {type(config).__name__}, not "
                         f"a config): pass the --out folder of `synthaug build`.")
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     jobs = _read_plan(out)
     if jobs is None:
         raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
@@ -170,7 +174,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         for t in j.shards:
             shards_expected += 1
             images_expected += t.size
-            if shard_done(out, t.shard_id):
+            if shard_done(out, t.shard_id, t.method):
                 per[t.method] += t.size
                 done_here += 1
             counts.setdefault(t.method, {}).setdefault(j.class_index, 0)
@@ -195,20 +199,14 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     if verify:
 
         problems = verify_shards(out)
-        planned = {t.shard_id for j in jobs for t in j.shards}
-        stray = sorted(set(_all_stats_ids(out)) - planned)
-        problems += [f"shards/{s:05d}: not in this build's plan (left from another config?); delete its files."
+        planned = {(t.shard_id, t.method) for j in jobs for t in j.shards}
+        stray = sorted(set(done_shards(out).items()) - planned)
+        problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
                      for s in stray]
     return InspectResult(out=out, config=config, classes=classes, counts=counts, images=images,
                          images_expected=images_expected, shards_done=shards_done, shards_expected=shards_expected,
                          tokens_done=tokens_done, complete=complete, failures=failures, problems=problems,
                          verified=verify)
-
-
-def _all_stats_ids(out: Path) -> list[int]:
-    d = out / "shards"
-    return sorted(int(m.group(1)) for p in d.glob("*_stats.json") if (m := re.fullmatch(r"(\d+)_stats\.json", p.name))
-                  ) if d.is_dir() else []
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -220,11 +220,17 @@ def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
         _prepare(fixed, False)
     more = _sub(replace(old, per_class=6), "shards", quality=80)
     assert _prepare(more, False).mode == "replace"
-    (out / "shards").mkdir()
-    (out / "shards" / "00000_stats.json").write_text("{}")
+    (out / "meta").mkdir()
+    (out / "meta" / "dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
         _prepare(more, False)
     assert _prepare(old, False).mode == "resume"
+    # a build in the first format (shards/00000.tar with its parquet and stats beside it) is refused in one line
+    (out / "shards").mkdir()
+    (out / "shards" / "00000_stats.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds a build in synthaug's format 1 .*: rebuild it with `synthaug build "
+                                        r"--config .*config.yaml --overwrite`"):
+        _prepare(old, False)
 
 
 def test_output_not_writable_is_found_by_trying(tmp_path, world, monkeypatch):

@@ -38,6 +38,7 @@ from ..layout import (
     FAILURES_FILE,
     FINAL_FILES,
     LOCK_FILE,
+    META_DIR,
     PLAN_FILE,
     SHARDS_DIR,
     TOKENS_DIR,
@@ -45,13 +46,14 @@ from ..layout import (
     build_lock,
     resume_command,
     shard_done,
+    shard_name,
     shard_paths,
     token_path,
 )
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
 from .executors import _run_local, _run_ray, _Tracker
-from .plan import ClassJob, _read_plan, _write_plan
+from .plan import ClassJob, ShardTask, _read_plan, _write_plan
 from .validate import RESUMABLE_KEYS, _prepare
 
 logger = logging.getLogger(__name__)
@@ -201,7 +203,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead
             # of being refused as "a different config".
             if prep.mode != "resume" and not any((out / TOKENS_DIR).glob("*.safetensors")) and not any(
-                    (out / "shards").glob("*_stats.json")):
+                    (out / META_DIR).glob("*_stats.json")):
                 for name in (CONFIG_FILE, PLAN_FILE):
                     (out / name).unlink(missing_ok=True)
             raise
@@ -237,11 +239,11 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 
 
 def _job_done(out: Path, job: ClassJob) -> bool:
-    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id) for t in job.shards)
+    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id, t.method) for t in job.shards)
 
 
 def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
-    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id))
+    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
 
 
 def _clear(out: Path) -> None:
@@ -251,8 +253,8 @@ def _clear(out: Path) -> None:
     for p in build_files(out):
         p.unlink(missing_ok=True)
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR))
-    for d in (TOKENS_DIR, SHARDS_DIR):
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, META_DIR))
+    for d in (TOKENS_DIR, SHARDS_DIR, META_DIR):
         if (out / d).is_dir():
             kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
     if kept:
@@ -260,22 +262,22 @@ def _clear(out: Path) -> None:
                        ", ..." if len(kept) > 8 else "")
 
 
-def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[int, str]]:
-    """(shard id, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
-    return [(t.shard_id, problem) for j in jobs for t in j.shards
-            if shard_done(out, t.shard_id) and (problem := check_shard(out, t.shard_id)) is not None]
+def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, str]]:
+    """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
+    return [(t, problem) for j in jobs for t in j.shards
+            if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
 
 
 def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
     """Remove the done-marker (``_stats.json``) of every damaged shard, so that its job writes it again."""
-    for sid, problem in _damaged_shards(out, jobs):
-        logger.warning("shard %05d is damaged (%s): it is made again", sid, problem)
-        shard_paths(out, sid).stats.unlink(missing_ok=True)
+    for task, problem in _damaged_shards(out, jobs):
+        logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
+        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
 
 
 def _remove_tmp(out: Path) -> None:
     """Delete temporary files a killed run left behind (atomic writes that never got renamed)."""
-    for d in (out, out / TOKENS_DIR, out / "shards"):
+    for d in (out, out / TOKENS_DIR, out / SHARDS_DIR, out / META_DIR):
         if d.is_dir():
             for p in d.glob(TMP_PREFIX + "*"):
                 with contextlib.suppress(OSError):
@@ -301,7 +303,7 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
         return None
     if _damaged_shards(out, jobs):
         return None  # the full path redoes them
-    newest = max((out / "shards" / f"{t.shard_id:05d}_stats.json").stat().st_mtime for j in jobs for t in j.shards)
+    newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
     if (out / "index.parquet").stat().st_mtime < newest:
         return None
     images = _images_on_disk(out, jobs)

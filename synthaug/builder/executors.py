@@ -53,7 +53,7 @@ class _Tracker:
         from tqdm.auto import tqdm
 
         images_total = sum(t.size for j in all_jobs for t in j.shards)
-        images_done = sum(t.size for j in all_jobs for t in j.shards if shard_done(out, t.shard_id))
+        images_done = sum(t.size for j in all_jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
         self.classes = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(jobs), desc="classes", unit="class",
                             disable=not enabled, position=0, dynamic_ncols=True)
         self.images = tqdm(total=images_total, initial=images_done, desc="images ", unit="img", disable=not enabled,

@@ -17,7 +17,7 @@ from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
 from ..errors import UserError
-from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, work_done
+from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, legacy_build_error, work_done
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
 from .executors import _import_ray
@@ -89,6 +89,8 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
                             f"not proven to be a build and --overwrite deletes nothing there: choose another --out, "
                             f"or run without --overwrite to resume it.")
         return "overwrite"
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     changed = diff(old, config, ignore=RESUMABLE_KEYS)
     if not changed:
         return "resume"
