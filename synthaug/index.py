@@ -397,6 +397,8 @@ def load_index(out: str | os.PathLike) -> pa.Table:
     import pyarrow.parquet as pq
 
     out = Path(out)
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     path = out / INDEX_FILE
     if path.is_file():
         try:

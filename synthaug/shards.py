@@ -150,6 +150,12 @@ def _top5(v: Any) -> list[int] | None:
     return out
 
 
+# The fields `_describe` gives a sample, in its order: the index columns known before the sample is in a tar.
+ROW_FIELDS = ("key", "class_index", "class_name", "method", "index", "prompt", "seed", "token_sha256", "model_id",
+              "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width", "guide_prob",
+              "guide_top5", "judge_prob", "image_format")
+
+
 def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
     """Metadata row of one sample (without the tar location), from a GeneratedImage-like object."""
     missing = [f for f in SAMPLE_FIELDS if not hasattr(sample, f)]
@@ -179,6 +185,23 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
         "guide_top5": _top5(sample.guide_top5),
         "judge_prob": _opt_float(getattr(sample, "judge_prob", None)),
         "image_format": image_format,
+    }
+
+
+def sample_members(row: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """The tar members of one sample (a `webdataset.TarWriter` dict): the image bytes, ``.cls``, ``.json`` (the row's
+    fields that `write_shard` describes, but `JSON_LEFT_OUT`) and ``.txt`` (the prompt). Index rows give the same
+    members back, so `synthaug.reshard` writes samples exactly as a build does."""
+    # Every method's samples carry the same JSON types, or readers that infer a schema from one shard (Hugging Face
+    # `datasets` reads the last split's first examples) fail on the others: the token's hash, null for the plain
+    # prompt, stays in the index; the judge's verdict comes later.
+    meta = {k: row[k] for k in ROW_FIELDS if k not in JSON_LEFT_OUT}
+    return {
+        "__key__": row["key"],
+        row["image_format"]: data,
+        "cls": str(row["class_index"]).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(),
+        "txt": row["prompt"].encode(),
     }
 
 
@@ -346,18 +369,7 @@ class _ShardFile:
         self.keys.add(row["key"])
         if data is None:
             data = encode_image(sample.image, self.image_format, self.quality)
-        # Every method's samples carry the same JSON types, or readers that infer a schema from one shard (Hugging
-        # Face `datasets` reads the last split's first examples) fail on the others: the token's hash, null for the
-        # plain prompt, stays in the index; the judge's verdict comes later.
-        meta = {k: v for k, v in row.items() if k not in JSON_LEFT_OUT}
-        meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        self._writer.write({
-            "__key__": row["key"],
-            self.image_format: data,
-            "cls": str(row["class_index"]).encode("ascii"),
-            "json": meta_bytes,
-            "txt": row["prompt"].encode(),
-        })
+        self._writer.write(sample_members(row, data))
         row["sha256"] = hashlib.sha256(data).hexdigest()
         row["size"] = len(data)
         self.rows.append(row)

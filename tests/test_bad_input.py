@@ -140,11 +140,28 @@ def test_existing_build_with_another_config_is_refused(tmp_path, world):
     assert not (out / "plan.json").exists()
 
 
-def test_ray_missing_is_a_loud_import_error(tmp_path, world, monkeypatch):
+def test_ray_missing_is_one_line_naming_the_extra_and_the_flag(tmp_path, world, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(ImportError, match=r'pip install "synthaug\[ray\]"'):
+    with pytest.raises(UserError, match=r'Ray is not installed .*: install it with `pip install "synthaug\[ray\]"`, '
+                                        r"or pass --executor local"):
         build(_cfg(tmp_path, world, **{"run.executor": "ray"}), progress=False)
     assert _nothing_done(tmp_path / "out")
+
+
+def test_executor_auto_takes_ray_only_where_it_is_installed(monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    from synthaug.builder.executors import resolve_executor
+    from synthaug.config import RunConfig
+
+    assert RunConfig().executor == "auto" and resolve_executor(RunConfig(executor="local")) == "local"
+    assert resolve_executor(RunConfig()) == "ray"  # installed here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else True)
+    with caplog.at_level(logging.INFO, logger="synthaug.builder.executors"):
+        assert resolve_executor(RunConfig()) == "local"
+    assert 'Ray is not installed, so the build runs in this process (`pip install "synthaug[ray]"`' in caplog.text
+    assert resolve_executor(RunConfig(ray_address="auto")) == "ray"  # a cluster needs Ray: `_import_ray` says so
 
 
 def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):

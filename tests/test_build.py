@@ -103,6 +103,29 @@ def test_build_writes_the_documented_layout(reference):
     assert not (out / "failures.json").exists()
 
 
+def test_an_index_row_alone_regenerates_its_image_with_stock_diffusers(reference, world):
+    """The row names the model, prompt, seed, steps, guidance, size and every scheduler setting: a stock pipeline with
+    the class token makes the same image again (up to float rounding)."""
+    import io
+
+    import diffusers
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    row = next(r for r in pq.read_table(reference / "index.parquet").to_pylist() if r["method"] == "dct")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(world[0], safety_checker=None)
+    pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(json.loads(row["scheduler_config"]))
+    pipe.load_textual_inversion(str(reference / "tokens" / f"{row['class_index']:03d}.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    again = pipe(row["prompt"], num_inference_steps=row["steps"], guidance_scale=row["guidance_scale"],
+                 height=row["height"], width=row["width"], generator=torch.Generator().manual_seed(row["seed"])).images[0]
+    with open(reference / row["shard_path"], "rb") as f:
+        f.seek(row["offset"])
+        stored = Image.open(io.BytesIO(f.read(row["size"]))).convert("RGB")
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(stored, dtype=int)).max() <= 2
+
+
 def test_resuming_a_finished_build_does_nothing_quickly(reference, world):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
     t0 = time.perf_counter()

@@ -199,10 +199,10 @@ def _run_worker(tiny_pipe, out, **kw):
 
 
 def _digest(out, shard_ids):
-    methods = {10: "dct", 11: "dct", 12: "sd"}  # as `_run_worker` plans them
-    return {i: [hashlib.sha256(p.read_bytes()).hexdigest() for p in (shard_paths(out, i, methods[i]).tar,
-                                                                     shard_paths(out, i, methods[i]).parquet,
-                                                                     shard_paths(out, i, methods[i]).stats)]
+    methods = {12: "sd"}  # as `_run_worker` plans them; every other shard here is "dct"
+    return {i: [hashlib.sha256(p.read_bytes()).hexdigest() for p in (shard_paths(out, i, methods.get(i, "dct")).tar,
+                                                                     shard_paths(out, i, methods.get(i, "dct")).parquet,
+                                                                     shard_paths(out, i, methods.get(i, "dct")).stats)]
             for i in shard_ids}
 
 
@@ -256,7 +256,7 @@ def _pixels(out, shard):
 
     from PIL import Image
 
-    with tarfile.open(shard_paths(out, shard, "dct").tar) as tf:
+    with tarfile.open(shard_paths(out, shard, "sd" if shard == 12 else "dct").tar) as tf:  # `_run_worker`'s plan
         return {m.name: np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())), dtype=int)
                 for m in tf.getmembers() if m.name.endswith(".png")}
 

@@ -52,7 +52,7 @@ from ..layout import (
 )
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
-from .executors import _run_local, _run_ray, _Tracker
+from .executors import _run_local, _run_ray, _Tracker, resolve_executor
 from .plan import ClassJob, ShardTask, _read_plan, _write_plan
 from .validate import RESUMABLE_KEYS, _prepare
 
@@ -149,7 +149,6 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 
     Raises:
         UserError: bad input (nothing is written, no model loads, Ray does not start).
-        ImportError: ``run.executor`` is ``"ray"`` and Ray is not installed.
         BuildFailed: some class jobs failed every retry; ``failures.json`` holds their errors and the exception's
             message the command that resumes.
 
@@ -192,9 +191,9 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
                     len(prep.jobs), len(todo))
         # 3. Run
         tracker = _Tracker(progress, todo, prep.jobs, out, config.run.max_retries)
-        executor = config.run.executor if todo else "none"
+        executor = resolve_executor(config.run) if todo else "none"
         try:
-            if todo and config.run.executor == "ray":
+            if todo and executor == "ray":
                 _run_ray(config, out, todo, prep.class_aliases, tracker)
             elif todo:
                 _run_local(config, out, todo, prep.class_aliases, tracker)

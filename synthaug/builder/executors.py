@@ -11,6 +11,7 @@ retrying bad input cannot fix it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -163,9 +164,21 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise ImportError(f"`run.executor` is 'ray' but Ray is not installed ({e}): install it with "
-                          f"`{INSTALL_RAY}`, or pass --executor local to build in this process.") from e
+        raise UserError(f"`run.executor` is 'ray' but Ray is not installed ({e}): install it with "
+                        f"`{INSTALL_RAY}`, or pass --executor local to build in this process.") from None
     return ray
+
+
+def resolve_executor(run: RunConfig) -> str:
+    """``"ray"`` or ``"local"``: `run.executor`, with ``"auto"`` resolved to Ray when it is installed (or a cluster
+    address is given, which only Ray can use) and to this process otherwise, said in one log line."""
+    if run.executor != "auto":
+        return run.executor
+    if run.ray_address or importlib.util.find_spec("ray") is not None:
+        return "ray"
+    logger.info("run.executor auto: Ray is not installed, so the build runs in this process (`%s` for actors, one "
+                "per GPU)", INSTALL_RAY)
+    return "local"
 
 
 class _Reaper:

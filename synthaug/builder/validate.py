@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, legacy_build_error, work_done
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
-from .executors import _import_ray
+from .executors import _import_ray, resolve_executor
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
@@ -195,7 +195,7 @@ def _check_guide(source: str) -> None:
 
 def _check_device(device: torch.device, config: BuildConfig) -> None:
     """A CUDA (or MPS) device this machine has, unless the work runs on a Ray cluster the driver is not part of."""
-    if config.run.executor == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+    if resolve_executor(config.run) == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
         return  # the GPUs are the cluster's; the Ray executor checks what the cluster offers
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -216,8 +216,8 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     if config.guide_target is not None and not parse_guide_target(config.guide_target).is_class:
         raise UserError(f"`guide_target` {config.guide_target!r} learns one attribute token, but a build learns a "
                         f"token per class: run `synthaug learn --guide-target {config.guide_target}`, or drop it.")
-    # 2. The executor exists
-    if config.run.executor == "ray":
+    # 2. The executor exists (`auto` takes Ray only where it is installed)
+    if resolve_executor(config.run) == "ray":
         _import_ray()
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
