@@ -40,7 +40,7 @@ def test_wheel_without_extras_builds_the_digits_world(tmp_path):
          "--set", "dct.val_batch_size=2"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    where = subprocess.run([str(python), "-c", "import synthaug; print(synthaug.__file__)"], env=env,
+    where = subprocess.run([str(python), "-c", "import synthaug; print(synthaug.__file__)"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(site), where  # the wheel's copy ran, not the source tree
     assert "Ray is not installed, so the build runs in this process" in done.stderr

@@ -11,7 +11,6 @@ retrying bad input cannot fix it.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import os
@@ -174,8 +173,14 @@ def resolve_executor(run: RunConfig) -> str:
     address is given, which only Ray can use) and to this process otherwise, said in one log line."""
     if run.executor != "auto":
         return run.executor
-    if run.ray_address or importlib.util.find_spec("ray") is not None:
+    if run.ray_address:
         return "ray"
+    try:
+        import ray  # noqa: F401 (whether it imports is the question)
+
+        return "ray"
+    except ImportError:
+        pass
     logger.info("run.executor auto: Ray is not installed, so the build runs in this process (`%s` for actors, one "
                 "per GPU)", INSTALL_RAY)
     return "local"
