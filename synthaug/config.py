@@ -116,7 +116,9 @@ class MCTIConfig:
     beta: float = 1.0  # weight of the discriminative regularizer (Eq. 5); 0 -> plain TI
     scale: float = 10.0  # s in Eq. 3: inverse softmax temperature
     init_token: str = "a"
-    clip_model: str | None = None  # CLIP with the image tower paired to the text encoder; None -> the world's own
+    # CLIP with the image tower paired to the text encoder; None -> the one whose text tower is the model's text
+    # encoder (SD 1.x: CLIP ViT-L/14, SD 2.x: OpenCLIP ViT-H/14; the digits world's own on digits)
+    clip_model: str | None = None
     # random horizontal flips of the real images, as textual inversion trains (p = 0.5); the digits world keeps 0,
     # since a mirrored digit is another glyph or none
     flip_p: float = 0.5

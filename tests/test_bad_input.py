@@ -77,7 +77,34 @@ CASES = [
      r"`mcti.shots` is 500 but class 0 \('zero'\) has \d+ images in split 'train'"),
     ("zero-workers", lambda c, t, w: _sub(c, "run", num_workers=0), r"`run.num_workers` must be > 0"),
     ("unknown-method", lambda c, t, w: replace(c, method="lora"), r"`method` must be one of dct, ti, mcti"),
+    # a CLIP whose text tower is not the model's text encoder: refused from the configs alone (this one has no weights)
+    ("mcti-clip-mismatch", lambda c, t, w: _sub(replace(c, method="mcti"), "mcti", clip_model=_clip_config(t, 768)),
+     (r"`mcti.clip_model` .* does not pair with `model` .*: its text tower is 768-d but the model's text encoder is "
+      r"32-d\. Use the CLIP whose text tower is the model's text encoder")),
 ]
+
+
+def _clip_config(folder, width):
+    """A CLIP directory with a config only: enough for the pairing check, which loads nothing."""
+    import json
+
+    d = folder / f"clip{width}"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"text_config": {"hidden_size": width, "num_hidden_layers": 12}}))
+    return str(d)
+
+
+def test_mcti_clip_defaults_to_the_text_encoders_own(tmp_path):
+    import json
+
+    from synthaug.tokens.clip import default_clip_model
+
+    for width, clip in ((768, "openai/clip-vit-large-patch14"), (1024, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")):
+        (tmp_path / str(width) / "text_encoder").mkdir(parents=True)
+        (tmp_path / str(width) / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": width}))
+        assert default_clip_model(str(tmp_path / str(width))) == clip
+    assert default_clip_model("digits") is None  # the embedded world's own CLIP
+    assert default_clip_model("stabilityai/stable-diffusion-2-1-base") == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @pytest.mark.parametrize("make,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

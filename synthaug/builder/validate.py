@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..layout import CONFIG_FILE, LOCK_FILE, PLAN_FILE, done_shard_ids, legacy_build_error, work_done
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
+from ..tokens.clip import check_clip_pairing
 from .executors import _import_ray, resolve_executor
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
@@ -257,5 +258,7 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
             if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
                 raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
                                 f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
+        if config.method == "mcti":
+            check_clip_pairing(config.model, config.mcti.clip_model)
     return _Prepared(config, out, mode, class_names, selected, plan(config, class_names, selected),
                      class_aliases(dataset))
