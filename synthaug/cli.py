@@ -111,7 +111,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
     for r in results:
         what = r.metadata.get("target") or f"class {r.class_index:>4} {r.label!r}"  # an attribute token: its target
-        print(f"{r.token}  {what}: {r.steps} steps, stop={r.stop_reason}, "
+        print(f"{r.token}  {what}: {r.updates} updates ({r.steps} measurements), stop={r.stop_reason}, "
               f"best step {r.best_step}, {r.seconds:.1f}s")
     return 0
 

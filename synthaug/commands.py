@@ -51,6 +51,7 @@ from .tokens.io import (
     save_token,
     save_tokens,
     token_metadata,
+    token_updates,
 )
 from .tokens.text import token_name
 
@@ -188,6 +189,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": path.is_file(),
                         "images": {m: per.get(m, 0) for m in sorted({t.method for t in j.shards})},
                         "shards_done": done_here, "shards": len(j.shards), "steps": _int_or_none(meta.get("steps")),
+                        "updates": token_updates(meta),
                         "stop_reason": meta.get("stop_reason") or None})
     failures: list[dict[str, Any]] = []
     if (out / FAILURES_FILE).is_file():
@@ -269,7 +271,7 @@ def _saved_token(path: Path, class_index: int | None = None, label: str | None =
                        steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
                        best_step=int(meta.get("best_step", 0)), history=json.loads(meta.get("history", "[]")),
                        seconds=0.0, unet_evals=int(meta.get("unet_evals", 0)),
-                       metadata={k: meta.get(k) for k in kept})
+                       metadata={k: meta.get(k) for k in kept}, updates=int(meta.get("updates", 0)))
 
 
 def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: bool) -> TokenResult:

@@ -94,6 +94,7 @@ def test_build_writes_the_documented_layout(reference):
     assert [c["index"] for c in classes] == [0, 1, 2]
     assert classes[1]["name"] == "one" and classes[1]["token"] == "<synthaug-001>"
     assert classes[1]["steps"] == 2 and classes[1]["stop_reason"] in ("all_correct", "patience", "max_steps")
+    assert classes[1]["updates"] == 1  # measured, updated, measured: the last measurement is followed by no update
     assert classes[1]["images"] == {"dct": 4, "sd": 4}
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 12  # the baseline stays out of the train split

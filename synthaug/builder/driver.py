@@ -51,7 +51,7 @@ from ..layout import (
     token_path,
 )
 from ..shards import check_shard
-from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
+from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens, token_updates
 from .executors import _run_local, _run_ray, _Tracker, resolve_executor
 from .plan import ClassJob, ShardTask, _read_plan, _write_plan
 from .validate import RESUMABLE_KEYS, _prepare
@@ -323,7 +323,7 @@ def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
             images[t.method] += t.size
         classes.append({
             "index": j.class_index, "name": j.name, "token": j.token, "token_file": f"{TOKENS_DIR}/{path.name}",
-            "method": config.method, "steps": _int_or_none(meta.get("steps")),
+            "method": config.method, "steps": _int_or_none(meta.get("steps")), "updates": token_updates(meta),
             "stop_reason": meta.get("stop_reason") or None, "best_step": _int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })
