@@ -78,8 +78,9 @@ META_DIR = "meta"
 WIDS_INDEX_FILE = "shards.wids.json"
 
 
-# Version of the build folder's format, recorded in ``config.yaml`` (`format`). 1: ``shards/00003.tar`` with the
-# parquet and stats files beside it; 2: split-named tars alone in ``shards/``, ``meta/`` for the rest.
+# Version of the build folder's format, recorded in ``_info.json`` (`version`) and every stats file
+# (`format_version`). 1: ``shards/00003.tar`` with the parquet and stats files beside it; 2: split-named tars alone
+# in ``shards/``, ``meta/`` for the rest (a format-1 folder is told apart by its file names: `legacy_build_error`).
 BUILD_FORMAT = 2
 
 
