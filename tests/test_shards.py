@@ -290,3 +290,12 @@ def test_the_judge_rewrites_the_index_under_the_build_lock(tmp_path):
     write_judge_prob(tmp_path, {"dct-c000-s00000": 0.5}, judge="j")
     probs = pq.read_table(index).column("judge_prob").to_pylist()
     assert probs[0] == 0.5 and probs[1:] == [None] * 10
+
+
+def test_a_format_1_build_is_refused_by_the_readers_in_one_line(tmp_path):
+    build(tmp_path)
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")  # the old name of a shard
+    with pytest.raises(UserError, match=r"holds a build in synthaug's format 1 .*which this version neither resumes nor "
+                                        r"reads: rebuild it with `synthaug build --config .* --overwrite`"):
+        load_index(tmp_path)
+    assert verify(tmp_path)[0].startswith("`out` ")
