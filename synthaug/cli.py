@@ -111,7 +111,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
     for r in results:
         what = r.metadata.get("target") or f"class {r.class_index:>4} {r.label!r}"  # an attribute token: its target
-        print(f"{r.token}  {what}: {r.steps} steps, stop={r.stop_reason}, "
+        print(f"{r.token}  {what}: {r.updates} updates ({r.steps} measurements), stop={r.stop_reason}, "
               f"best step {r.best_step}, {r.seconds:.1f}s")
     return 0
 
@@ -143,6 +143,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "webdataset":
+        from .reshard import reshard
+
+        methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+        result = reshard(args.out_dir, args.dest, samples_per_shard=args.samples_per_shard, seed=args.seed,
+                         methods=methods)
+        print(f"wrote {result.num_samples} samples in {result.num_shards} class-mixed shards to {result.dest} "
+              f"({result.shards_written} written now)")
+        return 0
     from .commands import export_tokens
 
     paths = export_tokens(args.out_dir, format=args.format, dest=args.dest)
@@ -222,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, help="images per class (default 100)")
     p.add_argument("--baseline", action="store_true", help="also generate plain-prompt images with the same seeds")
     p.add_argument("--shots", type=int, help="real images per class for --method ti|mcti")
-    p.add_argument("--executor", choices=["ray", "local"], help="ray (default: one actor per GPU) or local")
+    p.add_argument("--executor", choices=["auto", "ray", "local"],
+                   help="ray (one actor per GPU), local (in this process), or auto (the default: Ray when installed)")
     p.add_argument("--ray-address", help="attach to a Ray cluster ('auto' or an address); default starts a local one")
     p.add_argument("--num-workers", type=int, help="actors (default: one per GPU, or CPUs/cpus_per_worker)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
@@ -253,10 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check every image's sha256 against the index")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", help="export a build's tokens for other tools")
+    p = sub.add_parser("export", help="export a build's tokens for other tools, or its images as class-mixed shards")
     p.add_argument("out_dir")
-    p.add_argument("--format", default="a1111", choices=["a1111", "diffusers"])
+    p.add_argument("--format", default="a1111", choices=["a1111", "diffusers", "webdataset"],
+                   help="a1111 / diffusers: the tokens; webdataset: the images again, shuffled into class-mixed shards")
     p.add_argument("--dest", help="destination folder (default OUT/export/FORMAT)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="webdataset: samples per tar")
+    p.add_argument("--seed", type=int, default=0, help="webdataset: the shuffle's seed")
+    p.add_argument("--methods", help="webdataset: methods to include, e.g. dct,sd (default: the build's own)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="judge accuracy of the generated images (paper Table 1)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +30,12 @@ from .layout import (
     FINAL_FILES,
     PLAN_FILE,
     TOKENS_DIR,
+    done_shards,
+    legacy_build_error,
     resume_command,
     sample_key,
     shard_done,
+    shard_name,
     token_path,
     token_string,
 )
@@ -50,6 +52,7 @@ from .tokens.io import (
     save_token,
     save_tokens,
     token_metadata,
+    token_updates,
 )
 from .tokens.text import token_name
 
@@ -148,6 +151,8 @@ def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[Clas
     if not isinstance(config, dict):
         raise UserError(f"`out` {str(out)!r} is not a synthaug build ({CONFIG_FILE} holds {type(config).__name__}, not "
                         f"a config): pass the --out folder of `synthaug build`.")
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     jobs = _read_plan(out)
     if jobs is None:
         raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
@@ -185,7 +190,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         for t in j.shards:
             shards_expected += 1
             images_expected += t.size
-            if shard_done(out, t.shard_id):
+            if shard_done(out, t.shard_id, t.method):
                 per[t.method] += t.size
                 done_here += 1
             counts.setdefault(t.method, {}).setdefault(j.class_index, 0)
@@ -199,6 +204,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": path.is_file(),
                         "images": {m: per.get(m, 0) for m in sorted({t.method for t in j.shards})},
                         "shards_done": done_here, "shards": len(j.shards), "steps": _int_or_none(meta.get("steps")),
+                        "updates": token_updates(meta),
                         "stop_reason": meta.get("stop_reason") or None})
     failures: list[dict[str, Any]] = []
     if (out / FAILURES_FILE).is_file():
@@ -211,20 +217,14 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     if verify:
 
         problems = verify_shards(out)
-        planned = {t.shard_id for j in jobs for t in j.shards}
-        stray = sorted(set(_all_stats_ids(out)) - planned)
-        problems += [f"shards/{s:05d}: not in this build's plan (left from another config?); delete its files."
+        planned = {(t.shard_id, t.method) for j in jobs for t in j.shards}
+        stray = sorted(set(done_shards(out).items()) - planned)
+        problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
                      for s in stray]
     return InspectResult(out=out, config=config, classes=classes, counts=counts, images=images,
                          images_expected=images_expected, shards_done=shards_done, shards_expected=shards_expected,
                          tokens_done=tokens_done, complete=complete, failures=failures, problems=problems,
                          verified=verify)
-
-
-def _all_stats_ids(out: Path) -> list[int]:
-    d = out / "shards"
-    return sorted(int(m.group(1)) for p in d.glob("*_stats.json") if (m := re.fullmatch(r"(\d+)_stats\.json", p.name))
-                  ) if d.is_dir() else []
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def _saved_token(path: Path, class_index: int | None = None, label: str | None =
                        steps=int(meta.get("steps", 0)), stop_reason=meta.get("stop_reason", ""),
                        best_step=int(meta.get("best_step", 0)), history=json.loads(meta.get("history", "[]")),
                        seconds=0.0, unet_evals=int(meta.get("unet_evals", 0)),
-                       metadata={k: meta.get(k) for k in kept})
+                       metadata={k: meta.get(k) for k in kept}, updates=int(meta.get("updates", 0)))
 
 
 def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: bool) -> TokenResult:

@@ -116,7 +116,12 @@ class MCTIConfig:
     beta: float = 1.0  # weight of the discriminative regularizer (Eq. 5); 0 -> plain TI
     scale: float = 10.0  # s in Eq. 3: inverse softmax temperature
     init_token: str = "a"
-    clip_model: str | None = None  # CLIP with the image tower paired to the text encoder; None -> the world's own
+    # CLIP with the image tower paired to the text encoder; None -> the one whose text tower is the model's text
+    # encoder (SD 1.x: CLIP ViT-L/14, SD 2.x: OpenCLIP ViT-H/14; the digits world's own on digits)
+    clip_model: str | None = None
+    # random horizontal flips of the real images, as textual inversion trains (p = 0.5); the digits world keeps 0,
+    # since a mirrored digit is another glyph or none
+    flip_p: float = 0.5
     seed: int = 0
 
 
@@ -155,7 +160,7 @@ class ShardConfig:
 class RunConfig:
     """Where and how the work runs."""
 
-    executor: str = "ray"  # ray | local
+    executor: str = "auto"  # ray | local | auto (Ray when installed, else in this process: said in one log line)
     ray_address: str | None = None  # None -> start a local Ray; "auto" or an address -> attach
     num_workers: int | None = None  # actors; None -> one per GPU, or 1 CPU actor per 2 CPUs without GPUs
     cpus_per_worker: int = 2  # CPU slots per actor when the cluster has no GPU
@@ -273,6 +278,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "dct.prompts": ["A photo of {token} {label}"], "dct.x0_weight": 1.0, "dct.select": "val",
         "shards.samples_per_shard": 100, "run.cpus_per_worker": 1,  # tiny models: 1 thread per actor, 1 actor per CPU
         "mcti.steps": 200, "mcti.extra_steps": 100,  # RESULTS.md "MC-TI": 200 TI steps suffice at 32 px
+        "mcti.flip_p": 0.0,  # digits are not mirror-symmetric
     },
     "cub": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-cub",
             "guide_trained_on": "CUB-200-2011 full train split (5,994 images): few-shot results are not leak-free",
@@ -285,7 +291,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 VALID = {
     "method": ("dct", "ti", "mcti"),
-    "run.executor": ("ray", "local"),
+    "run.executor": ("auto", "ray", "local"),
     "shards.image_format": ("png", "jpg", "webp"),
     "dct.select": ("min_loss", "last", "val"),
     "dct.patience_metric": ("loss", "val"),
@@ -619,6 +625,8 @@ def validate(cfg: BuildConfig) -> None:
                 f"`{sec}.height` and `{sec}.width` have to be positive and divisible by 8 but are {h} and {w}: "
                 f"use e.g. {max(8, h // 8 * 8)}."
             )
+    if not 0 <= cfg.mcti.flip_p <= 1:
+        raise UserError(f"`mcti.flip_p` must be in [0, 1] (a probability) but is {cfg.mcti.flip_p!r}.")
     if not 0 <= cfg.dct.patience_min_accuracy <= 1:
         raise UserError(f"`dct.patience_min_accuracy` must be in [0, 1] but is {cfg.dct.patience_min_accuracy!r}.")
     if cfg.mcti.alpha == 0 and cfg.mcti.beta == 0:

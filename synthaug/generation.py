@@ -64,6 +64,9 @@ class GeneratedImage:
     width: int
     guide_prob: float | None  # probability the guide classifier gives the target class (None without a classifier)
     guide_top5: list[int] | None  # the guide's five most likely classes, most likely first
+    # The scheduler's diffusers config as JSON (`scheduler_config_json`): with the rest of the row, what a stock
+    # pipeline needs to make the same image again.
+    scheduler_config: str | None = None
 
 
 def generate(
@@ -128,6 +131,7 @@ def generate(
     method = method or ("dct" if token is not None else "sd")
     prompt = render_prompt(config.prompt, label, token)
     model_id = str(getattr(pipe, "synthaug_model_id", None) or pipe.config.get("_name_or_path", "") or "unknown")
+    scheduler_config = scheduler_config_json(pipe.scheduler)
 
     # 2. Generate in batches; one CPU generator per image, so the noise is the same on every device and batch size
     out: list[GeneratedImage] = []
@@ -162,6 +166,7 @@ def generate(
                     steps=config.num_inference_steps, guidance_scale=float(config.guidance_scale),
                     height=config.height, width=config.width,
                     guide_prob=None if probs is None else probs[j], guide_top5=None if top5 is None else top5[j],
+                    scheduler_config=scheduler_config,
                 ))
             if bar is not None:
                 bar.update(len(batch))
@@ -169,6 +174,20 @@ def generate(
         if bar is not None:
             bar.close()
     return out
+
+
+def scheduler_config_json(scheduler: Any) -> str:
+    """Every setting of a diffusers scheduler as sorted JSON, without diffusers' bookkeeping keys (``_class_name``,
+    ``_diffusers_version``): ``type(scheduler).from_config(json.loads(text))`` builds the same scheduler.
+
+    >>> from diffusers import DDIMScheduler
+    >>> '"timestep_spacing":"leading"' in scheduler_config_json(DDIMScheduler())
+    True
+    """
+    import json
+
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=list)
 
 
 def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple[list[float], list[list[int]]]:

@@ -1,8 +1,9 @@
 """A build's index: the per-shard parquet files merged into ``index.parquet``, read back, verified, and viewed.
 
 `merge_index` streams the finished shards' parquet files in key order into ``index.parquet`` (carrying over judge
-verdicts a previous evaluation wrote) and writes ``classes.json`` and ``_info.json`` (timm's WebDataset info format,
-so ``timm.data.create_dataset("wds/synthaug", root=out, split="train")`` reads the build). `load_index` reads it,
+verdicts a previous evaluation wrote) and writes ``classes.json``, ``_info.json`` (timm's WebDataset info format, so
+``timm.data.create_dataset("wds/synthaug", root=out, split="train")`` reads the build) and ``shards.wids.json``
+(the shard index of ``wids.ShardListDataset``). `load_index` reads it,
 `verify` checks every byte against the recorded sha256, and `open_build` gives the readers (`synthaug.mix`,
 `synthaug.evaluate`, `synthaug.report`) a finished build's index, classes and config.
 """
@@ -13,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +27,15 @@ from .layout import (
     CLASSES_FILE,
     INDEX_FILE,
     INFO_FILE,
+    META_DIR,
     SHARDS_DIR,
     TOKENS_DIR,
-    done_shard_ids,
+    WIDS_INDEX_FILE,
+    done_shards,
+    legacy_build_error,
+    parse_shard_name,
     rebuild_hint,
+    shard_name,
     shard_paths,
     token_path,
     token_string,
@@ -58,19 +63,28 @@ class MergeResult:
     index: Path | None = None
     info: Path | None = None
     classes: Path | None = None
+    wids: Path | None = None
 
 
-def _shard_stats(out: Path, sid: int) -> ShardStats:
+def _shard_stats(out: Path, sid: int, method: str) -> ShardStats:
     """A finished shard's stats, with its tar and parquet present."""
-    paths = shard_paths(out, sid)
+    paths = shard_paths(out, sid, method)
+    hint = rebuild_hint(out, sid, method)
     try:
         st = ShardStats.load(paths.stats)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise ShardError(f"Shard stats {paths.stats} is unreadable ({e}): {rebuild_hint(out, sid)}.") from None
+        raise ShardError(f"Shard stats {paths.stats} is unreadable ({e}): {hint}.") from None
     if not paths.parquet.is_file() or not paths.tar.is_file():
         missing = paths.parquet if not paths.parquet.is_file() else paths.tar
-        raise ShardError(f"Shard {sid:05d} is marked done but {missing} is missing: {rebuild_hint(out, sid)}.")
+        raise ShardError(f"Shard {shard_name(sid, method)} is marked done but {missing} is missing: {hint}.")
     return st
+
+
+def _done_stats(out: Path) -> list[ShardStats]:
+    """The stats of every finished shard of `out`, by id; a format-1 build is refused in one line."""
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
+    return [_shard_stats(out, sid, method) for sid, method in done_shards(out).items()]
 
 
 def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
@@ -78,14 +92,14 @@ def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = shard_paths(out, st.shard).parquet
+    path = shard_paths(out, st.shard, st.method).parquet
     try:
         t = pq.read_table(path)
     except (OSError, ValueError, pa.ArrowException) as e:  # what pyarrow raises for a damaged file
-        raise ShardError(f"Shard index {path} is corrupt ({e}): {rebuild_hint(out, st.shard)}.") from None
+        raise ShardError(f"Shard index {path} is corrupt ({e}): {rebuild_hint(out, st.shard, st.method)}.") from None
     if t.num_rows != st.num_samples:
-        raise ShardError(f"Shard {st.shard:05d} has {t.num_rows} rows in {path.name} but its stats say "
-                         f"{st.num_samples}: {rebuild_hint(out, st.shard)}.")
+        raise ShardError(f"Shard {shard_name(st.shard, st.method)} has {t.num_rows} rows in {path.name} but its "
+                         f"stats say {st.num_samples}: {rebuild_hint(out, st.shard, st.method)}.")
     return t.cast(index_schema())
 
 
@@ -93,7 +107,7 @@ def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
     """Stats and parquet rows of every finished shard, checked against each other (all rows in memory)."""
     import pyarrow as pa
 
-    stats = [_shard_stats(out, sid) for sid in done_shard_ids(out)]
+    stats = _done_stats(out)
     tables = [_shard_rows(out, st) for st in stats]
     table = pa.concat_tables(tables) if tables else index_schema().empty_table()
     return stats, table
@@ -140,7 +154,8 @@ def _memory_sorted_rows(out: Path, stats: list[ShardStats]):
             where = table.filter(pc.equal(table.column("key"), first))
             shards = sorted(set(where.column("shard").to_pylist()))
             raise ShardError(f"Key {first!r} appears in shards {shards} ({len(dupes)} duplicate keys in all): "
-                             f"delete the stale shard's files under {out / SHARDS_DIR} and rerun the build.")
+                             f"delete the stale shard's files under {out / SHARDS_DIR} and {out / META_DIR} and rerun "
+                             "the build.")
     yield table
 
 
@@ -291,7 +306,8 @@ def merge_index(
     *,
     train_methods: Iterable[str] | None = None,
 ) -> MergeResult:
-    """Merge the finished shards into ``index.parquet``, ``_info.json`` and (when given) ``classes.json``.
+    """Merge the finished shards into ``index.parquet``, ``_info.json``, ``shards.wids.json`` and (when given)
+    ``classes.json``.
 
     The index is streamed: shards are read one at a time in key order and written in row groups of
     `INDEX_ROW_GROUP` rows, so memory stays at one row group however large the build (shards whose key ranges
@@ -300,7 +316,7 @@ def merge_index(
     ``_info.json`` follows timm's WebDataset reader (``timm/data/readers/reader_wds.py``)::
 
         {"name": "synthaug", "version": 1, "num_classes": K,
-         "splits": {"train": {"name": "train", "num_samples": N, "filenames": ["shards/00000.tar", ...],
+         "splits": {"train": {"name": "train", "num_samples": N, "filenames": ["shards/dct-00000.tar", ...],
                               "shard_lengths": [n0, ...]},
                     "dct": {...}, "sd": {...}}}
 
@@ -319,9 +335,9 @@ def merge_index(
     MergeResult(num_samples=100, num_shards=10, ...)
     """
     out = Path(out)
-    stats = [_shard_stats(out, sid) for sid in done_shard_ids(out)]
+    stats = _done_stats(out)
     if not stats:
-        raise UserError(f"No finished shards in {out / SHARDS_DIR} (no *_stats.json): run `synthaug build` first.")
+        raise UserError(f"No finished shards in {out} (no {META_DIR}/*_stats.json): run `synthaug build` first.")
     if classes is not None:
         for c in classes:
             if not isinstance(c, dict) or "index" not in c or "name" not in c:
@@ -351,7 +367,7 @@ def merge_index(
         if train_set is None or m <= train_set:
             train.append(s)
         elif m & train_set:
-            raise UserError(f"Shard {s.shard:05d} mixes methods {sorted(m)} but `train_methods` is "
+            raise UserError(f"Shard {s.tar} mixes methods {sorted(m)} but `train_methods` is "
                             f"{sorted(train_set)}: write each method to its own shards, or pass train_methods=None.")
     splits = {"train": _split("train", train)}
     for method in sorted({m for s in stats for m in s.methods}):
@@ -366,9 +382,14 @@ def merge_index(
     num_classes = max([len(classes or []), top_class] + [int(c["index"]) + 1 for c in classes or []])
     info = {"name": "synthaug", "version": FORMAT_VERSION, "num_classes": num_classes, "splits": splits}
     write_text(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+
+    # 4. shards.wids.json: the train split for wids (webdataset's random-access reader); urls relative to `out`
+    wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "synthaug-train",
+            "shardlist": [{"url": s.tar, "nsamples": s.num_samples} for s in train]}
+    write_text(out / WIDS_INDEX_FILE, json.dumps(wids, indent=1) + "\n")
     return MergeResult(num_samples=num_samples, num_shards=len(stats),
                        splits={k: v["num_samples"] for k, v in splits.items()}, index=out / INDEX_FILE,
-                       info=out / INFO_FILE, classes=classes_path)
+                       info=out / INFO_FILE, classes=classes_path, wids=out / WIDS_INDEX_FILE)
 
 
 def load_index(out: str | os.PathLike) -> pa.Table:
@@ -380,6 +401,8 @@ def load_index(out: str | os.PathLike) -> pa.Table:
     import pyarrow.parquet as pq
 
     out = Path(out)
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     path = out / INDEX_FILE
     if path.is_file():
         try:
@@ -416,40 +439,43 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
 
     out = Path(out)
     problems: list[str] = []
-    done = done_shard_ids(out)
-    shard_dir = out / SHARDS_DIR
-    if shard_dir.is_dir():
-        started = {int(m.group(1)) for p in shard_dir.iterdir() if (m := re.fullmatch(r"(\d{5,})\.(tar|parquet)",
-                                                                                       p.name))}
-        for sid in sorted(started - set(done)):
-            problems.append(f"shards/{sid:05d}: unfinished (no {sid:05d}_stats.json); a resumed build "
-                            f"(`synthaug build --config {out / 'config.yaml'}`) redoes it.")
+    if (legacy := legacy_build_error(out)) is not None:
+        return [str(legacy)]
+    done = done_shards(out)
+    meta_dir = out / META_DIR
+    if meta_dir.is_dir():
+        started = {parsed for p in meta_dir.iterdir()
+                   if p.suffix == ".parquet" and (parsed := parse_shard_name(p.stem)) is not None}
+        for sid, method in sorted(started - set(done.items())):
+            problems.append(f"{shard_name(sid, method)}: unfinished (no {META_DIR}/{shard_name(sid, method)}"
+                            f"_stats.json); a resumed build (`synthaug build --config {out / 'config.yaml'}`) redoes it.")
     counts: dict[int, int] = {}
-    for sid in done:
-        paths = shard_paths(out, sid)
-        hint = rebuild_hint(out, sid)
+    for sid, method in done.items():
+        paths = shard_paths(out, sid, method)
+        hint = rebuild_hint(out, sid, method)
+        tar, parquet = f"{SHARDS_DIR}/{paths.tar.name}", f"{META_DIR}/{paths.parquet.name}"
         try:
             st = ShardStats.load(paths.stats)
         except (OSError, ValueError, TypeError, KeyError) as e:
-            problems.append(f"shards/{sid:05d}: stats file unreadable ({e}); {hint}.")
+            problems.append(f"{META_DIR}/{paths.stats.name}: stats file unreadable ({e}); {hint}.")
             continue
         if not paths.tar.is_file():
-            problems.append(f"shards/{sid:05d}.tar: missing; {hint}.")
+            problems.append(f"{tar}: missing; {hint}.")
             continue
         if paths.tar.stat().st_size != st.tar_bytes:
-            problems.append(f"shards/{sid:05d}.tar: {paths.tar.stat().st_size} bytes, stats say {st.tar_bytes} "
+            problems.append(f"{tar}: {paths.tar.stat().st_size} bytes, stats say {st.tar_bytes} "
                             f"(truncated or overwritten); {hint}.")
         try:
             rows = pq.read_table(paths.parquet, columns=["key", "offset", "size", "sha256"]).to_pylist()
         except (OSError, ValueError, pa.ArrowException) as e:
-            problems.append(f"shards/{sid:05d}.parquet: unreadable ({type(e).__name__}); {hint}.")
+            problems.append(f"{parquet}: unreadable ({type(e).__name__}); {hint}.")
             continue
         counts[sid] = len(rows)
         if len(rows) != st.num_samples:
-            problems.append(f"shards/{sid:05d}.parquet: {len(rows)} rows, stats say {st.num_samples}; {hint}.")
+            problems.append(f"{parquet}: {len(rows)} rows, stats say {st.num_samples}; {hint}.")
         if _sha256_of(paths.parquet) != st.parquet_sha256:
-            problems.append(f"shards/{sid:05d}.parquet: its sha256 differs from the one in its stats (changed after "
-                            f"the shard was written); {hint}.")
+            problems.append(f"{parquet}: its sha256 differs from the one in its stats (changed after the shard was "
+                            f"written); {hint}.")
         if check_sha256:
             bad = []
             with open(paths.tar, "rb") as f:
@@ -459,11 +485,10 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
                     if len(data) != r["size"] or hashlib.sha256(data).hexdigest() != r["sha256"]:
                         bad.append(r["key"])
             if bad:
-                problems.append(f"shards/{sid:05d}.tar: {len(bad)} image(s) fail their sha256 (first: {bad[0]}); "
-                                f"{hint}.")
+                problems.append(f"{tar}: {len(bad)} image(s) fail their sha256 (first: {bad[0]}); {hint}.")
             elif _sha256_of(paths.tar) != st.tar_sha256:
-                problems.append(f"shards/{sid:05d}.tar: its sha256 differs from the one in its stats (a label or "
-                                f"metadata member was changed); {hint}.")
+                problems.append(f"{tar}: its sha256 differs from the one in its stats (a label or metadata member was "
+                                f"changed); {hint}.")
     index = out / INDEX_FILE
     remerge = f"delete {index} and rerun `synthaug build --config {out / 'config.yaml'}` to merge it again"
     if index.is_file():
@@ -474,7 +499,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             problems.append(f"{INDEX_FILE}: unreadable ({type(e).__name__}); {remerge}.")
         else:
-            problems += _index_against_shards(out, table, counts, remerge)
+            problems += _index_against_shards(out, table, counts, done, remerge)
             problems += _tokens_against_index(out, table)
     elif done:
         problems.append(f"{INDEX_FILE}: missing; rerun `synthaug build --config {out / 'config.yaml'}` to merge it.")
@@ -488,7 +513,8 @@ def _unjudged_schema():
     return pa.schema([f for f in schema if f.name != "judge_prob"])
 
 
-def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], remerge: str) -> list[str]:
+def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], methods: dict[int, str],
+                          remerge: str) -> list[str]:
     """Problems of ``index.parquet`` (without ``judge_prob``) against the shards' own parquet files, row by row."""
     import pyarrow.parquet as pq
 
@@ -505,7 +531,7 @@ def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], re
         start += n
         if counts.get(sid) != n:
             continue  # already reported
-        theirs = pq.read_table(shard_paths(out, sid).parquet).cast(index_schema())
+        theirs = pq.read_table(shard_paths(out, sid, methods[sid]).parquet).cast(index_schema())
         theirs = theirs.drop_columns(["judge_prob"]).sort_by([("key", "ascending")])
         if not rows.equals(theirs):
             first = next((rows.column("key")[i].as_py() for i in range(n)

@@ -4,8 +4,12 @@ Pure path logic with no torch import, shared by the builder (which writes a buil
 `synthaug.mix`, `synthaug.evaluate`, `synthaug.report`) and the CLI. A build folder::
 
     out/config.yaml  plan.json  tokens/<class>.safetensors  tokens/tokens.safetensors
-    out/shards/00003.tar  00003.parquet  00003_stats.json (written last: "shard done")
-    out/index.parquet  classes.json  _info.json  [failures.json]  [eval/]  [report/]
+    out/shards/dct-00003.tar  (tars only: the folder that stock WebDataset readers are pointed at)
+    out/meta/dct-00003.parquet  dct-00003_stats.json (written last: "shard done")
+    out/index.parquet  classes.json  _info.json  shards.wids.json  [failures.json]  [eval/]  [report/]
+
+A shard's name carries its split, the method that made its images (``dct-00003``): Hugging Face ``datasets``, timm
+and Ray Data all tell splits apart by file name, and a folder of tars only is what their directory readers expect.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ OVERWRITE_MARKER = ".overwriting"
 
 # What a finished build has beyond its tokens and shards; removed when a resumed build has work to do, so that no
 # file claims a completeness the folder does not have.
-FINAL_FILES = ("index.parquet", "_info.json", "classes.json", f"{TOKENS_DIR}/{ALL_TOKENS_FILE}")
+FINAL_FILES = ("index.parquet", "_info.json", "shards.wids.json", "classes.json", f"{TOKENS_DIR}/{ALL_TOKENS_FILE}")
 
 
 # The token string of class c: a new word that can never collide with the tokenizer's vocabulary.
@@ -70,6 +74,21 @@ def resume_command(out: str | os.PathLike) -> str:
 SHARDS_DIR = "shards"
 
 
+# The per-shard parquet rows and done-markers: beside `SHARDS_DIR`, not in it, because directory readers of
+# WebDataset (Hugging Face ``datasets``, Ray Data) open every file of the folder they are given as a tar.
+META_DIR = "meta"
+
+
+# The index of the tars that ``wids.ShardListDataset`` (webdataset's random-access reader) opens.
+WIDS_INDEX_FILE = "shards.wids.json"
+
+
+# Version of the build folder's format, recorded in ``_info.json`` (`version`) and every stats file
+# (`format_version`). 1: ``shards/00003.tar`` with the parquet and stats files beside it; 2: split-named tars alone
+# in ``shards/``, ``meta/`` for the rest (a format-1 folder is told apart by its file names: `legacy_build_error`).
+BUILD_FORMAT = 2
+
+
 INDEX_FILE = "index.parquet"
 
 
@@ -85,17 +104,16 @@ KNOWN_METHODS = ("dct", "sd", "ti", "mcti")
 _METHOD_RE = re.compile(r"[a-z0-9_]+")
 
 
-def rebuild_hint(out: str | os.PathLike, shard_id: int) -> str:
+def rebuild_hint(out: str | os.PathLike, shard_id: int, method: str) -> str:
     """How a user rebuilds one shard; the only place that spells the command (the build planner owns the command).
 
     The planner redoes every shard whose stats file is absent, so deleting the stats file and resuming is enough.
 
-    >>> rebuild_hint("out/cub", 3)
-    'delete out/cub/shards/00003_stats.json and rerun `synthaug build --config out/cub/config.yaml`'
+    >>> rebuild_hint("out/cub", 3, "dct")
+    'delete out/cub/meta/dct-00003_stats.json and rerun `synthaug build --config out/cub/config.yaml`'
     """
     out = Path(out)
-    stats = out / SHARDS_DIR / f"{shard_id:05d}_stats.json"
-    return f"delete {stats} and rerun `synthaug build --config {out / 'config.yaml'}`"
+    return f"delete {shard_paths(out, shard_id, method).stats} and rerun `synthaug build --config {out / 'config.yaml'}`"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,6 +132,28 @@ def sample_key(method: str, class_index: int, index: int) -> str:
     return f"{method}-c{int(class_index):03d}-s{int(index):05d}"
 
 
+def shard_name(shard_id: int, method: str) -> str:
+    """``{method}-{id:05d}``: the name of a shard's files (its method is its split, as in ``NAME-SPLIT-NNNNN.tar``).
+
+    >>> shard_name(3, "dct")
+    'dct-00003'
+    """
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
+        raise ValueError(f"`shard_id` must be an integer >= 0 but is {shard_id!r}.")
+    if not isinstance(method, str) or not _METHOD_RE.fullmatch(method):
+        raise ValueError(f"`method` must be lower-case letters, digits or '_' (e.g. 'dct') but is {method!r}.")
+    return f"{method}-{shard_id:05d}"
+
+
+_SHARD_NAME_RE = re.compile(r"([a-z0-9_]+)-(\d{5,})")
+
+
+def parse_shard_name(name: str) -> tuple[int, str] | None:
+    """(id, method) of a shard name such as ``"dct-00003"``; None for any other string."""
+    m = _SHARD_NAME_RE.fullmatch(name)
+    return (int(m.group(2)), m.group(1)) if m else None
+
+
 @dataclass(frozen=True)
 class ShardPaths:
     """The three files of one shard."""
@@ -123,38 +163,65 @@ class ShardPaths:
     stats: Path
 
 
-def shard_paths(out: str | os.PathLike, shard_id: int) -> ShardPaths:
-    """``out/shards/{id:05d}.tar``, ``.parquet`` and ``_stats.json``.
+def shard_paths(out: str | os.PathLike, shard_id: int, method: str) -> ShardPaths:
+    """``out/shards/{method}-{id:05d}.tar``, ``out/meta/{method}-{id:05d}.parquet`` and ``..._stats.json``.
 
-    >>> shard_paths("out", 3).tar.name
-    '00003.tar'
+    >>> shard_paths("out", 3, "dct").tar.as_posix()
+    'out/shards/dct-00003.tar'
     """
-    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
-        raise ValueError(f"`shard_id` must be an integer >= 0 but is {shard_id!r}.")
-    d = Path(out) / SHARDS_DIR
-    return ShardPaths(d / f"{shard_id:05d}.tar", d / f"{shard_id:05d}.parquet", d / f"{shard_id:05d}_stats.json")
+    name = shard_name(shard_id, method)
+    out = Path(out)
+    meta = out / META_DIR
+    return ShardPaths(out / SHARDS_DIR / f"{name}.tar", meta / f"{name}.parquet", meta / f"{name}_stats.json")
 
 
-def shard_done(out: str | os.PathLike, shard_id: int) -> bool:
+def shard_done(out: str | os.PathLike, shard_id: int, method: str) -> bool:
     """True when the shard's stats file exists (it is written last, after the tar and the parquet).
 
-    >>> shard_done("out/does-not-exist", 0)
+    >>> shard_done("out/does-not-exist", 0, "dct")
     False
     """
-    return shard_paths(out, shard_id).stats.is_file()
+    return shard_paths(out, shard_id, method).stats.is_file()
+
+
+def done_shards(out: str | os.PathLike) -> dict[int, str]:
+    """``{id: method}`` of every finished shard of `out` (one listing of ``out/meta``), ids ascending."""
+    d = Path(out) / META_DIR
+    if not d.is_dir():
+        return {}
+    found = {}
+    for p in d.iterdir():
+        if p.name.endswith("_stats.json") and (parsed := parse_shard_name(p.name[: -len("_stats.json")])):
+            found[parsed[0]] = parsed[1]
+    return dict(sorted(found.items()))
 
 
 def done_shard_ids(out: str | os.PathLike) -> list[int]:
-    """Ids of every finished shard under ``out/shards``, ascending."""
+    """Ids of every finished shard of `out`, ascending."""
+    return list(done_shards(out))
+
+
+def shard_tars(out: str | os.PathLike) -> dict[int, Path]:
+    """``{id: tar path}`` of every shard tar in ``out/shards`` (one listing), for readers that know only the id."""
     d = Path(out) / SHARDS_DIR
     if not d.is_dir():
-        return []
-    ids = []
-    for p in d.glob("*_stats.json"):
-        m = re.fullmatch(r"(\d{5,})_stats\.json", p.name)
-        if m:
-            ids.append(int(m.group(1)))
-    return sorted(ids)
+        return {}
+    return {parsed[0]: p for p in sorted(d.iterdir())
+            if p.suffix == ".tar" and (parsed := parse_shard_name(p.stem))}
+
+
+_LEGACY_SHARD_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
+
+
+def legacy_build_error(out: str | os.PathLike) -> UserError | None:
+    """The refusal for a build folder in format 1 (``shards/00003.tar``), or None when `out` is not one."""
+    d = Path(out) / SHARDS_DIR
+    if not d.is_dir() or not any(_LEGACY_SHARD_RE.fullmatch(p.name) for p in d.iterdir()):
+        return None
+    return UserError(f"`out` {str(out)!r} holds a build in synthaug's format 1 (shards/00000.tar, with its parquet "
+                     f"and stats files beside it), which this version neither resumes nor reads: rebuild it with "
+                     f"`synthaug build --config {Path(out) / CONFIG_FILE} --overwrite`, or read it with synthaug "
+                     f"0.1.0.")
 
 
 EVAL_DIR = "eval"
@@ -174,30 +241,36 @@ DERIVED_DIRS = (EVAL_DIR, REPORT_DIR, EXPORT_DIR)
 # --------------------------------------------------------------------------------------------------------------------
 # What a build wrote, by name: the only files `build --overwrite` deletes
 # --------------------------------------------------------------------------------------------------------------------
-TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILURES_FILE)
+TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILURES_FILE, WIDS_INDEX_FILE)
 
 
 _TOKEN_FILE_RE = re.compile(r"\d{3,}\.safetensors")
 
 
-_SHARD_FILE_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
+_SHARD_FILE_RE = re.compile(r"[a-z0-9_]+-\d{5,}\.tar")
+
+
+_META_FILE_RE = re.compile(r"[a-z0-9_]+-\d{5,}(\.parquet|_stats\.json)")
 
 
 def build_files(out: str | os.PathLike) -> list[Path]:
     """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
 
-    Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``index.parquet``, ``failures.json``;
-    ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``; ``shards/``: ``NNNNN.tar``, ``NNNNN.parquet``,
-    ``NNNNN_stats.json``; in each, the leftovers of atomic writes of those names (``.tmp-NAME.XXXXXXXX``, see
-    `build_tmp_name`): a user's own ``.tmp-notes`` is not one. Folders are never listed, and a ``tokens/`` or
-    ``shards/`` that is a symbolic link is not entered (its files are not in `out`). The lock file is not a build
-    output. Files only: a directory with a build file's name is not one.
+    Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``shards.wids.json``,
+    ``index.parquet``, ``failures.json``; ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``; ``shards/``:
+    ``METHOD-NNNNN.tar`` (format 1's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json`` too); ``meta/``:
+    ``METHOD-NNNNN.parquet``, ``METHOD-NNNNN_stats.json``; in each, the leftovers of atomic writes of those names
+    (``.tmp-NAME.XXXXXXXX``, see `build_tmp_name`): a user's own ``.tmp-notes`` is not one. Folders are never listed,
+    and a ``tokens/``, ``shards/`` or ``meta/`` that is a symbolic link is not entered (its files are not in `out`).
+    The lock file is not a build output. Files only: a directory with a build file's name is not one.
     """
     out = Path(out)
     found = []
     for folder, wanted in ((out, lambda n: n in TOP_FILES),
                            (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or _TOKEN_FILE_RE.fullmatch(n)),
-                           (out / SHARDS_DIR, lambda n: bool(_SHARD_FILE_RE.fullmatch(n)))):
+                           (out / SHARDS_DIR,
+                            lambda n: bool(_SHARD_FILE_RE.fullmatch(n) or _LEGACY_SHARD_RE.fullmatch(n))),
+                           (out / META_DIR, lambda n: bool(_META_FILE_RE.fullmatch(n)))):
         if not folder.is_dir() or (folder != out and folder.is_symlink()):
             continue
         for p in sorted(folder.iterdir()):
@@ -221,8 +294,8 @@ def build_tmp_name(name: str) -> str | None:
 
 
 def linked_build_dirs(out: str | os.PathLike) -> list[Path]:
-    """``tokens/`` and ``shards/`` of `out` that are symbolic links (whose files live outside `out`)."""
-    return [Path(out) / d for d in (TOKENS_DIR, SHARDS_DIR) if (Path(out) / d).is_symlink()]
+    """``tokens/``, ``shards/`` and ``meta/`` of `out` that are symbolic links (whose files live outside `out`)."""
+    return [Path(out) / d for d in (TOKENS_DIR, SHARDS_DIR, META_DIR) if (Path(out) / d).is_symlink()]
 
 
 def work_done(out: str | os.PathLike) -> bool:

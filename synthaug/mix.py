@@ -24,7 +24,7 @@ from torchvision.datasets import VisionDataset
 from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
 from .index import load_index
-from .layout import CLASSES_FILE, KNOWN_METHODS
+from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, shard_name
 from .names import normalize_name
 from .shards import ShardReader
 
@@ -366,7 +366,7 @@ class SynthAugDataset(VisionDataset):
     @property
     def samples(self) -> list[tuple[str, int]]:
         """``(location, target)`` per item: the real file path (when the real dataset has one) or
-        ``shards/00003.tar#dct-c017-s00042`` for a synthetic image (under ``"replace"``: the real item)."""
+        ``shards/dct-00003.tar#dct-c017-s00042`` for a synthetic image (under ``"replace"``: the real item)."""
         real_samples = getattr(self.real, "samples", None) if self.real is not None else None
         out = []
         for i, t in zip(self._real_index.tolist(), self._real_targets.tolist()):
@@ -375,7 +375,8 @@ class SynthAugDataset(VisionDataset):
             return out
         rows = range(len(self._syn_class)) if self.mode == "concat" else self._ratio_plan().tolist()
         for r in rows:
-            out.append((f"shards/{int(self._shard[r]):05d}.tar#{self.synthetic['key'][r]}", int(self._syn_class[r])))
+            name = shard_name(int(self._shard[r]), self.synthetic["method"][r])
+            out.append((f"{SHARDS_DIR}/{name}.tar#{self.synthetic['key'][r]}", int(self._syn_class[r])))
         return out
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from .evaluate.images import ImageReader
 from .evaluate.tables import load_result, result_tables
 from .index import BuildView, _method_sort_key, open_build
 from .layout import EVAL_DIR, REPORT_DIR
-from .tokens.io import token_metadata
+from .tokens.io import token_metadata, token_updates
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -97,6 +97,7 @@ def _judge_verdicts(root: Path) -> dict[str, tuple[str, bool]]:
 def _token_info(root: Path, class_row: dict) -> dict[str, Any]:
     """Training history and stop reason of a class's token (from its token file's metadata, else classes.json)."""
     info: dict[str, Any] = {"history": [], "stop_reason": class_row.get("stop_reason"), "steps": class_row.get("steps"),
+                            "updates": class_row.get("updates"),
                             "best_step": class_row.get("best_step"), "token": class_row.get("token")}
     path = root / "tokens" / f"{int(class_row['index']):03d}.safetensors"
     if path.is_file():
@@ -109,6 +110,7 @@ def _token_info(root: Path, class_row: dict) -> dict[str, Any]:
         for key in ("stop_reason", "steps", "best_step", "token"):
             if meta.get(key) not in (None, ""):
                 info[key] = meta[key]
+        info["updates"] = token_updates(meta)
     return info
 
 
@@ -434,8 +436,8 @@ def write_report(
             acc = ", ".join(f"{m} {100 * per_class_top1[(ci, m)]:.0f}%" for m in shown_methods
                             if (ci, m) in per_class_top1)
             meta = [f"token {esc(str(info.get('token') or '-'))}"]
-            if info.get("steps") not in (None, ""):
-                meta.append(f"{esc(str(info['steps']))} steps")
+            if info.get("updates") is not None:
+                meta.append(f"{esc(str(info['updates']))} updates")
             if info.get("stop_reason"):
                 meta.append(f"stop: {esc(str(info['stop_reason']))}")
             if acc:

@@ -3,12 +3,14 @@
 Consumes generated images with their metadata (any object with the attributes of `synthaug.generation.GeneratedImage`)
 and produces, per shard id chosen by the build planner::
 
-    shards/00003.tar          WebDataset: "dct-c017-s00042.png" (or .jpg/.webp), ".cls", ".json" per sample
-    shards/00003.parquet      one row per sample: metadata + the image's byte `offset`/`size` in the tar + `sha256`
-    shards/00003_stats.json   written LAST; its presence is what "shard done" means
+    shards/dct-00003.tar         WebDataset: "dct-c017-s00042.png" (or .jpg/.webp), ".cls", ".json", ".txt" per
+                                 sample (the tar's name carries its split: the method that made its images)
+    meta/dct-00003.parquet       one row per sample: metadata + the image's byte `offset`/`size` in the tar + `sha256`
+    meta/dct-00003_stats.json    written LAST; its presence is what "shard done" means
 
-`merge_index` then writes ``index.parquet`` (all rows, sorted by key), ``classes.json`` and ``_info.json`` (timm's
-WebDataset info format, so ``timm.data.create_dataset("wds/synthaug", root=out, split="train")`` reads the build).
+`merge_index` then writes ``index.parquet`` (all rows, sorted by key), ``classes.json``, ``_info.json`` (timm's
+WebDataset info format, so ``timm.data.create_dataset("wds/synthaug", root=out, split="train")`` reads the build) and
+``shards.wids.json`` (the index ``wids.ShardListDataset`` reads).
 `read_sample` reads one image with one positioned read; `verify` checks every byte against the recorded sha256.
 
 Every file is written atomically (synthaug.atomic) and tar members carry a fixed mtime/uid/gid/mode, so the same
@@ -36,10 +38,15 @@ from typing import TYPE_CHECKING, Any
 from .atomic import atomic_write, write_text
 from .errors import UserError
 from .layout import (
+    BUILD_FORMAT,
+    META_DIR,
     SHARDS_DIR,
+    ShardPaths,
+    parse_shard_name,
     rebuild_hint,
     sample_key,
     shard_paths,
+    shard_tars,
 )
 
 if TYPE_CHECKING:
@@ -49,7 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = BUILD_FORMAT
 
 
 # Fixed tar member attributes: a rebuild with the same config and seeds must give identical bytes.
@@ -74,6 +81,10 @@ SAMPLE_FIELDS = ("image", "class_index", "class_name", "method", "index", "promp
                  "scheduler", "steps", "guidance_scale", "height", "width", "guide_prob", "guide_top5")
 
 
+# Index columns a sample's ``.json`` member leaves out (see `_ShardFile.add`).
+JSON_LEFT_OUT = ("judge_prob", "token_sha256")
+
+
 class ShardError(UserError):
     """A shard on disk is missing, truncated or corrupt. The message names it and the command that rebuilds it."""
 
@@ -85,7 +96,10 @@ def index_schema() -> pa.Schema:
     """Columns of the per-shard parquet files and of ``index.parquet`` (ARCHITECTURE.md, plus `index`, `image_format`).
 
     `token_sha256` is null for the plain-prompt baseline, `guide_prob`/`guide_top5` are null when no guide scored the
-    image, `judge_prob` is null until an evaluation fills it. `offset`/`size` locate the image bytes inside the tar.
+    image, `judge_prob` is null until an evaluation fills it. `scheduler_config` is the JSON of the scheduler's
+    diffusers config (``getattr(diffusers, row["scheduler"]).from_config(json.loads(row["scheduler_config"]))``
+    rebuilds it; null when the writer did not record it). `shard_path` is the tar relative to the build folder;
+    `offset`/`size` locate the image bytes inside it.
     """
     import pyarrow as pa
 
@@ -100,6 +114,7 @@ def index_schema() -> pa.Schema:
         ("token_sha256", pa.string()),
         ("model_id", pa.string()),
         ("scheduler", pa.string()),
+        ("scheduler_config", pa.string()),
         ("steps", pa.int64()),
         ("guidance_scale", pa.float64()),
         ("height", pa.int64()),
@@ -109,6 +124,7 @@ def index_schema() -> pa.Schema:
         ("judge_prob", pa.float64()),
         ("image_format", pa.string()),
         ("shard", pa.int64()),
+        ("shard_path", pa.string()),
         ("offset", pa.int64()),
         ("size", pa.int64()),
         ("sha256", pa.string()),
@@ -117,6 +133,10 @@ def index_schema() -> pa.Schema:
 
 def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else str(v)
 
 
 def _top5(v: Any) -> list[int] | None:
@@ -129,6 +149,12 @@ def _top5(v: Any) -> list[int] | None:
             item = item[0]
         out.append(int(item))
     return out
+
+
+# The fields `_describe` gives a sample, in its order: the index columns known before the sample is in a tar.
+ROW_FIELDS = ("key", "class_index", "class_name", "method", "index", "prompt", "seed", "token_sha256", "model_id",
+              "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width", "guide_prob",
+              "guide_top5", "judge_prob", "image_format")
 
 
 def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
@@ -151,6 +177,7 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
         "token_sha256": None if sample.token_sha256 is None else str(sample.token_sha256),
         "model_id": str(sample.model_id),
         "scheduler": str(sample.scheduler),
+        "scheduler_config": _opt_str(getattr(sample, "scheduler_config", None)),
         "steps": int(sample.steps),
         "guidance_scale": float(sample.guidance_scale),
         "height": int(sample.height),
@@ -159,6 +186,23 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
         "guide_top5": _top5(sample.guide_top5),
         "judge_prob": _opt_float(getattr(sample, "judge_prob", None)),
         "image_format": image_format,
+    }
+
+
+def sample_members(row: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """The tar members of one sample (a `webdataset.TarWriter` dict): the image bytes, ``.cls``, ``.json`` (the row's
+    fields that `write_shard` describes, but `JSON_LEFT_OUT`) and ``.txt`` (the prompt). Index rows give the same
+    members back, so `synthaug.reshard` writes samples exactly as a build does."""
+    # Every method's samples carry the same JSON types, or readers that infer a schema from one shard (Hugging Face
+    # `datasets` reads the last split's first examples) fail on the others: the token's hash, null for the plain
+    # prompt, stays in the index; the judge's verdict comes later.
+    meta = {k: row[k] for k in ROW_FIELDS if k not in JSON_LEFT_OUT}
+    return {
+        "__key__": row["key"],
+        row["image_format"]: data,
+        "cls": str(row["class_index"]).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(),
+        "txt": row["prompt"].encode(),
     }
 
 
@@ -188,9 +232,10 @@ def encode_image(image: Image.Image, image_format: str = "png", quality: int = 9
 
 @dataclass(frozen=True)
 class ShardStats:
-    """Contents of ``{id:05d}_stats.json``: what the shard holds and the checksums of its files."""
+    """Contents of ``meta/{method}-{id:05d}_stats.json``: what the shard holds and the checksums of its files."""
 
     shard: int
+    method: str  # the split in the shard's name: every sample of a shard is made with one method
     num_samples: int
     tar: str  # relative to the build directory, as in _info.json
     tar_bytes: int
@@ -218,10 +263,11 @@ class ShardStats:
         if not _count(st.shard) or not _count(st.num_samples) or not st.num_samples or not _count(st.tar_bytes):
             raise ValueError(f"shard, num_samples and tar_bytes must be integers >= 0 (num_samples > 0) but are "
                              f"{st.shard!r}, {st.num_samples!r} and {st.tar_bytes!r}")
-        own = shard_paths(".", st.shard)
-        m = re.fullmatch(r"(\d{5,})_stats\.json", Path(path).name)
-        if (m and int(m.group(1)) != st.shard) or st.tar != f"{SHARDS_DIR}/{own.tar.name}" or \
-                st.parquet != f"{SHARDS_DIR}/{own.parquet.name}":
+        if not isinstance(st.method, str) or not re.fullmatch(r"[a-z0-9_]+", st.method):
+            raise ValueError(f"method must be a method name but is {str(st.method)[:80]!r}")
+        own = shard_paths(".", st.shard, st.method)
+        if (Path(path).name != own.stats.name) or st.tar != f"{SHARDS_DIR}/{own.tar.name}" or \
+                st.parquet != f"{META_DIR}/{own.parquet.name}":
             raise ValueError(f"it names shard {st.shard!r}, tar {str(st.tar)[:80]!r} and parquet "
                              f"{str(st.parquet)[:80]!r}, not the shard's own files")
         for name in ("tar_sha256", "parquet_sha256"):
@@ -270,22 +316,23 @@ def write_shard(
     """Write one shard: the tar, its parquet rows, then its stats file (each atomically, the stats file last).
 
     Samples are streamed (a generator is fine): each image is encoded, written to the tar and dropped, so memory
-    stays at one image. Members are ``{key}.{png|jpg|webp}``, ``{key}.cls`` (the class index as ASCII) and
-    ``{key}.json`` (the metadata row), in that sorted order, with fixed mtime/uid/gid/mode. `ShardWriter` writes the
-    same bytes on a background thread.
+    stays at one image. Members are ``{key}.cls`` (the class index as ASCII), ``{key}.json`` (the metadata row),
+    ``{key}.{png|jpg|webp}`` and ``{key}.txt`` (the prompt, the caption img2dataset and OpenCLIP read), with fixed
+    mtime/uid/gid/mode. All samples of a shard share one method, which names its files (``shards/dct-00003.tar``).
+    `ShardWriter` writes the same bytes on a background thread.
 
     Args:
-        out: the build directory; files go to ``out/shards/``.
+        out: the build directory; the tar goes to ``out/shards/``, the parquet and stats files to ``out/meta/``.
         shard_id: chosen by the build planner (a deterministic function of class and chunk).
         samples: objects with the attributes of `synthaug.generation.GeneratedImage`.
         image_format: ``"png"``, ``"jpg"`` or ``"webp"``.
         quality: JPEG/WebP quality 1-100 (recorded in the stats; unused for PNG).
 
     Returns:
-        The `ShardStats` written to ``{id:05d}_stats.json``.
+        The `ShardStats` written to ``meta/{method}-{id:05d}_stats.json``.
 
     >>> stats = write_shard("out", 0, images)  # doctest: +SKIP
-    >>> stats.num_samples, shard_done("out", 0)  # doctest: +SKIP
+    >>> stats.num_samples, shard_done("out", 0, "dct")  # doctest: +SKIP
     (8, True)
     """
     shard = _ShardFile(out, shard_id, image_format, quality)
@@ -306,20 +353,29 @@ def _check_format(image_format: str, quality: int) -> None:
 
 
 class _ShardFile:
-    """One shard being written: `add` samples one by one, then `close` (or `abort`, which leaves nothing behind)."""
+    """One shard being written: `add` samples one by one, then `close` (or `abort`, which leaves nothing behind).
+
+    The files open at the first sample, whose method names them (``shards/{method}-{id:05d}.tar``).
+    """
 
     def __init__(self, out: str | os.PathLike, shard_id: int, image_format: str, quality: int) -> None:
-        import webdataset as wds
-
         _check_format(image_format, quality)
-        self.shard_id, self.image_format, self.quality = shard_id, image_format, quality
-        self.paths = shard_paths(out, shard_id)
-        # A stale stats file from an earlier attempt must not survive a rewrite: remove it before touching the tar, so
-        # a crash mid-rewrite leaves the shard "not done" rather than "done" with mismatched files.
-        self.paths.stats.unlink(missing_ok=True)
+        self.out, self.shard_id, self.image_format, self.quality = out, shard_id, image_format, quality
+        self.method: str | None = None
+        self.paths: ShardPaths | None = None
         self.rows: list[dict[str, Any]] = []
         self.keys: set[str] = set()
         self._stack = contextlib.ExitStack()
+
+    def _open(self, method: str) -> None:
+        import webdataset as wds
+
+        self.method, self.paths = method, shard_paths(self.out, self.shard_id, method)
+        # A stale stats file from an earlier attempt must not survive a rewrite: remove it before touching the tar, so
+        # a crash mid-rewrite leaves the shard "not done" rather than "done" with mismatched files.
+        self.paths.stats.unlink(missing_ok=True)
+        self.paths.tar.parent.mkdir(parents=True, exist_ok=True)
+        self.paths.stats.parent.mkdir(parents=True, exist_ok=True)
         self._file = self._stack.enter_context(atomic_write(self.paths.tar, "w+b"))
         self._hashing = _HashingWriter(self._file)
         self._writer = wds.TarWriter(self._hashing, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP,
@@ -328,26 +384,26 @@ class _ShardFile:
     def add(self, sample: Any, data: bytes | None = None) -> None:
         """Stream one sample into the tar (hashing the bytes as they pass); `data`: its image already encoded."""
         row = _describe(sample, len(self.rows), self.image_format)
+        if self.method is None:
+            self._open(row["method"])
+        elif row["method"] != self.method:
+            raise ValueError(f"sample {row['key']!r} is made with method {row['method']!r} but shard {self.shard_id} "
+                             f"holds {self.method!r}: every method has shards of its own (its split).")
         if row["key"] in self.keys:
             raise ValueError(f"duplicate key {row['key']!r} in shard {self.shard_id}: every (method, class, index) "
                              "must appear once.")
         self.keys.add(row["key"])
         if data is None:
             data = encode_image(sample.image, self.image_format, self.quality)
-        meta = {k: v for k, v in row.items() if k != "judge_prob"}
-        meta_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        self._writer.write({
-            "__key__": row["key"],
-            self.image_format: data,
-            "cls": str(row["class_index"]).encode("ascii"),
-            "json": meta_bytes,
-        })
+        self._writer.write(sample_members(row, data))
         row["sha256"] = hashlib.sha256(data).hexdigest()
         row["size"] = len(data)
         self.rows.append(row)
 
     def abort(self, error: BaseException) -> None:
         """Drop the temporary tar: nothing of this attempt stays on disk."""
+        if self.paths is None:  # never opened: nothing on disk
+            return
         self._hashing.discard()
         self._stack.__exit__(type(error), error, error.__traceback__)
 
@@ -357,10 +413,10 @@ class _ShardFile:
         import pyarrow.parquet as pq
 
         rows, image_format, shard_id, paths = self.rows, self.image_format, self.shard_id, self.paths
+        if paths is None:
+            raise ValueError(f"shard {shard_id} got no samples: the planner should not create empty shards.")
         try:
             self._writer.close()
-            if not rows:
-                raise ValueError(f"shard {shard_id} got no samples: the planner should not create empty shards.")
             # 2. Locate every image inside the tar from the headers just written (tarfile seeks over the data).
             self._file.seek(0)
             with tarfile.open(fileobj=self._file, mode="r:") as tf:
@@ -374,6 +430,7 @@ class _ShardFile:
             if size != row["size"]:  # would mean the tar writer changed the bytes: never ship such a shard
                 raise RuntimeError(f"tar member {row['key']}.{image_format} has {size} bytes, expected {row['size']}")
             row["shard"] = shard_id
+            row["shard_path"] = f"{SHARDS_DIR}/{paths.tar.name}"
             row["offset"] = offset
         tar_bytes, tar_sha = self._hashing.nbytes, self._hashing.sha.hexdigest()
 
@@ -387,11 +444,12 @@ class _ShardFile:
         # 4. Stats, last: from now on the shard counts as done.
         stats = ShardStats(
             shard=shard_id,
+            method=self.method,
             num_samples=len(rows),
             tar=f"{SHARDS_DIR}/{paths.tar.name}",  # "/" on every OS: _info.json is read by timm anywhere
             tar_bytes=tar_bytes,
             tar_sha256=tar_sha,
-            parquet=f"{SHARDS_DIR}/{paths.parquet.name}",
+            parquet=f"{META_DIR}/{paths.parquet.name}",
             parquet_sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
             image_format=image_format,
             quality=None if image_format == "png" else self.quality,
@@ -602,7 +660,7 @@ class ShardWriter:
             self._current = None
 
 
-def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
+def check_shard(out: str | os.PathLike, shard_id: int, method: str) -> str | None:
     """Why a shard marked done cannot be trusted, or None when it can: the cheap check a resumed build makes.
 
     Compares the tar's size and the parquet file's sha256 with what ``_stats.json`` recorded when the shard was
@@ -610,7 +668,7 @@ def check_shard(out: str | os.PathLike, shard_id: int) -> str | None:
     last): then its sha256 must match too, so a member changed in place (a label, say) is caught without hashing
     every tar on every resume. `verify` checks every tar and every image's bytes.
     """
-    paths = shard_paths(out, shard_id)
+    paths = shard_paths(out, shard_id, method)
     try:
         st = ShardStats.load(paths.stats)
         expected_bytes, expected_sha = int(st.tar_bytes), str(st.parquet_sha256)
@@ -651,11 +709,11 @@ def _sha256_of(path: Path) -> str | None:
 # --------------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------------
-def _shard_of(tar_path: Path) -> tuple[Path, int] | None:
-    """(build dir, shard id) of ``…/out/shards/00003.tar``; None for a tar outside a build."""
-    m = re.fullmatch(r"(\d{5,})\.tar", tar_path.name)
-    if m and tar_path.parent.name == SHARDS_DIR:
-        return tar_path.parent.parent, int(m.group(1))
+def _shard_of(tar_path: Path) -> tuple[Path, int, str] | None:
+    """(build dir, shard id, method) of ``…/out/shards/dct-00003.tar``; None for a tar outside a build."""
+    parsed = parse_shard_name(tar_path.stem) if tar_path.suffix == ".tar" else None
+    if parsed and tar_path.parent.name == SHARDS_DIR:
+        return tar_path.parent.parent, *parsed
     return None
 
 
@@ -673,7 +731,7 @@ def read_sample(tar_path: str | os.PathLike, offset: int, size: int) -> bytes:
             and the command that rebuilds it.
 
     >>> row = load_index("out/digits").slice(0, 1).to_pylist()[0]  # doctest: +SKIP
-    >>> data = read_sample(f"out/digits/shards/{row['shard']:05d}.tar", row["offset"], row["size"])  # doctest: +SKIP
+    >>> data = read_sample(f"out/digits/{row['shard_path']}", row["offset"], row["size"])  # doctest: +SKIP
     """
     tar_path = Path(tar_path)
     try:
@@ -705,8 +763,12 @@ class ShardReader:
 
     def tar_path(self, shard: int) -> Path:
         path = self._paths.get(shard)
-        if path is None:  # Path arithmetic costs more than the read itself on small images: do it once per shard
-            path = self._paths[shard] = shard_paths(self.out, shard).tar
+        if path is None:  # one listing of the shards folder names every tar; a shard it lacks is missing
+            self._paths = shard_tars(self.out)
+            path = self._paths.get(shard)
+            if path is None:
+                raise ShardError(f"Shard {shard} of {self.out} is missing (no {self.out / SHARDS_DIR}/*-{shard:05d}.tar):"
+                                 f" rerun `synthaug build --config {self.out / 'config.yaml'}` to make it again.")
         return path
 
     def _fd(self, shard: int) -> int:

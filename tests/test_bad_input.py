@@ -77,7 +77,34 @@ CASES = [
      r"`mcti.shots` is 500 but class 0 \('zero'\) has \d+ images in split 'train'"),
     ("zero-workers", lambda c, t, w: _sub(c, "run", num_workers=0), r"`run.num_workers` must be > 0"),
     ("unknown-method", lambda c, t, w: replace(c, method="lora"), r"`method` must be one of dct, ti, mcti"),
+    # a CLIP whose text tower is not the model's text encoder: refused from the configs alone (this one has no weights)
+    ("mcti-clip-mismatch", lambda c, t, w: _sub(replace(c, method="mcti"), "mcti", clip_model=_clip_config(t, 768)),
+     (r"`mcti.clip_model` .* does not pair with `model` .*: its text tower is 768-d but the model's text encoder is "
+      r"32-d\. Use the CLIP whose text tower is the model's text encoder")),
 ]
+
+
+def _clip_config(folder, width):
+    """A CLIP directory with a config only: enough for the pairing check, which loads nothing."""
+    import json
+
+    d = folder / f"clip{width}"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"text_config": {"hidden_size": width, "num_hidden_layers": 12}}))
+    return str(d)
+
+
+def test_mcti_clip_defaults_to_the_text_encoders_own(tmp_path):
+    import json
+
+    from synthaug.tokens.clip import default_clip_model
+
+    for width, clip in ((768, "openai/clip-vit-large-patch14"), (1024, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")):
+        (tmp_path / str(width) / "text_encoder").mkdir(parents=True)
+        (tmp_path / str(width) / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": width}))
+        assert default_clip_model(str(tmp_path / str(width))) == clip
+    assert default_clip_model("digits") is None  # the embedded world's own CLIP
+    assert default_clip_model("stabilityai/stable-diffusion-2-1-base") == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @pytest.mark.parametrize("make,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -140,11 +167,27 @@ def test_existing_build_with_another_config_is_refused(tmp_path, world):
     assert not (out / "plan.json").exists()
 
 
-def test_ray_missing_is_a_loud_import_error(tmp_path, world, monkeypatch):
+def test_ray_missing_is_one_line_naming_the_extra_and_the_flag(tmp_path, world, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(ImportError, match=r'pip install "synthaug\[ray\]"'):
+    with pytest.raises(UserError, match=r'Ray is not installed .*: install it with `pip install "synthaug\[ray\]"`, '
+                                        r"or pass --executor local"):
         build(_cfg(tmp_path, world, **{"run.executor": "ray"}), progress=False)
     assert _nothing_done(tmp_path / "out")
+
+
+def test_executor_auto_takes_ray_only_where_it_is_installed(monkeypatch, caplog):
+    import logging
+
+    from synthaug.builder.executors import resolve_executor
+    from synthaug.config import RunConfig
+
+    assert RunConfig().executor == "auto" and resolve_executor(RunConfig(executor="local")) == "local"
+    assert resolve_executor(RunConfig()) == "ray"  # installed here
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with caplog.at_level(logging.INFO, logger="synthaug.builder.executors"):
+        assert resolve_executor(RunConfig()) == "local"
+    assert 'Ray is not installed, so the build runs in this process (`pip install "synthaug[ray]"`' in caplog.text
+    assert resolve_executor(RunConfig(ray_address="auto")) == "ray"  # a cluster needs Ray: `_import_ray` says so
 
 
 def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
@@ -220,11 +263,17 @@ def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
         _prepare(fixed, False)
     more = _sub(replace(old, per_class=6), "shards", quality=80)
     assert _prepare(more, False).mode == "replace"
-    (out / "shards").mkdir()
-    (out / "shards" / "00000_stats.json").write_text("{}")
+    (out / "meta").mkdir()
+    (out / "meta" / "dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
         _prepare(more, False)
     assert _prepare(old, False).mode == "resume"
+    # a build in the first format (shards/00000.tar with its parquet and stats beside it) is refused in one line
+    (out / "shards").mkdir()
+    (out / "shards" / "00000_stats.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds a build in synthaug's format 1 .*: rebuild it with `synthaug build "
+                                        r"--config .*config.yaml --overwrite`"):
+        _prepare(old, False)
 
 
 def test_output_not_writable_is_found_by_trying(tmp_path, world, monkeypatch):

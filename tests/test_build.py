@@ -80,9 +80,10 @@ def test_build_writes_the_documented_layout(reference):
     assert (out / "config.yaml").is_file() and (out / "plan.json").is_file()
     assert sorted(p.name for p in (out / "tokens").iterdir()) == [
         "000.safetensors", "001.safetensors", "002.safetensors", "tokens.safetensors"]
-    stats = sorted(p.name for p in (out / "shards").glob("*_stats.json"))
+    stats = sorted(p.name for p in (out / "meta").glob("*_stats.json"))
     # dct shards of classes 0-2 are 0..5 (2 chunks each); sd shards start after all 10 classes: 20..25
-    assert stats == [f"{i:05d}_stats.json" for i in [0, 1, 2, 3, 4, 5, 20, 21, 22, 23, 24, 25]]
+    assert stats == [f"dct-{i:05d}_stats.json" for i in range(6)] + [f"sd-{i:05d}_stats.json" for i in range(20, 26)]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [p.replace("_stats.json", ".tar") for p in stats]
     rows = pq.read_table(out / "index.parquet").to_pylist()
     assert len(rows) == 24
     assert rows[0]["key"] == "dct-c000-s00000" and rows[-1]["key"] == "sd-c002-s00003"
@@ -93,11 +94,37 @@ def test_build_writes_the_documented_layout(reference):
     assert [c["index"] for c in classes] == [0, 1, 2]
     assert classes[1]["name"] == "one" and classes[1]["token"] == "<synthaug-001>"
     assert classes[1]["steps"] == 2 and classes[1]["stop_reason"] in ("all_correct", "patience", "max_steps")
+    assert classes[1]["updates"] == 1  # measured, updated, measured: the last measurement is followed by no update
     assert classes[1]["images"] == {"dct": 4, "sd": 4}
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 12  # the baseline stays out of the train split
     assert info["splits"]["sd"]["num_samples"] == 12
+    assert json.loads((out / "shards.wids.json").read_text())["shardlist"][0] == {"url": "shards/dct-00000.tar",
+                                                                                 "nsamples": 2}
     assert not (out / "failures.json").exists()
+
+
+def test_an_index_row_alone_regenerates_its_image_with_stock_diffusers(reference, world):
+    """The row names the model, prompt, seed, steps, guidance, size and every scheduler setting: a stock pipeline with
+    the class token makes the same image again (up to float rounding)."""
+    import io
+
+    import diffusers
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    row = next(r for r in pq.read_table(reference / "index.parquet").to_pylist() if r["method"] == "dct")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(world[0], safety_checker=None)
+    pipe.scheduler = getattr(diffusers, row["scheduler"]).from_config(json.loads(row["scheduler_config"]))
+    pipe.load_textual_inversion(str(reference / "tokens" / f"{row['class_index']:03d}.safetensors"))
+    pipe.set_progress_bar_config(disable=True)
+    again = pipe(row["prompt"], num_inference_steps=row["steps"], guidance_scale=row["guidance_scale"],
+                 height=row["height"], width=row["width"], generator=torch.Generator().manual_seed(row["seed"])).images[0]
+    with open(reference / row["shard_path"], "rb") as f:
+        f.seek(row["offset"])
+        stored = Image.open(io.BytesIO(f.read(row["size"]))).convert("RGB")
+    assert np.abs(np.asarray(again, dtype=int) - np.asarray(stored, dtype=int)).max() <= 2
 
 
 def test_resuming_a_finished_build_does_nothing_quickly(reference, world):
@@ -113,8 +140,8 @@ def test_resuming_a_finished_build_does_nothing_quickly(reference, world):
 def test_resume_redoes_exactly_the_missing_work(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     (out / "tokens" / "002.safetensors").unlink()
-    (out / "shards" / "00003_stats.json").unlink()  # shard 3 = dct class 1 chunk 1: "not done"
-    (out / "shards" / "00003.tar").write_bytes(b"garbage from a killed run")
+    (out / "meta" / "dct-00003_stats.json").unlink()  # shard 3 = dct class 1 chunk 1: "not done"
+    (out / "shards" / "dct-00003.tar").write_bytes(b"garbage from a killed run")
     (out / "index.parquet").unlink()
     result = build(bw.config(out, *world), progress=False)
     assert result.ok and result.resumed and result.executor == "local"
@@ -142,9 +169,9 @@ def test_a_folder_built_before_the_auto_switches_resumes_where_auto_means_the_sa
 def test_resume_redoes_a_damaged_shard(tmp_path, world, reference):
     """A shard marked done whose tar is truncated, or whose parquet changed, is made again on resume."""
     out = _copy(reference, tmp_path / "build")
-    tar = out / "shards" / "00003.tar"
+    tar = out / "shards" / "dct-00003.tar"
     tar.write_bytes(tar.read_bytes()[:1000])  # truncated: a disk that filled up, a copy cut short
-    parquet = out / "shards" / "00021.parquet"
+    parquet = out / "meta" / "sd-00021.parquet"
     parquet.write_bytes(parquet.read_bytes() + b"\0")
     result = build(bw.config(out, *world), progress=False)  # index.parquet still there: the finished-build path
     assert result.ok and result.executor == "local" and result.images_new == 4 and result.tokens_new == 0
@@ -154,7 +181,7 @@ def test_resume_redoes_a_damaged_shard(tmp_path, world, reference):
 def test_overwrite_deletes_only_what_the_build_wrote(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     mine = {"notes.txt": b"my notes", "shards/README": b"about the shards", "tokens/favourite.safetensors": b"x",
-            "eval/judge.json": b"{}", "shards/00003.tar.bak": b"a backup"}
+            "eval/judge.json": b"{}", "shards/dct-00003.tar.bak": b"a backup"}
     for name, data in mine.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(data)
@@ -165,8 +192,8 @@ def test_overwrite_deletes_only_what_the_build_wrote(tmp_path, world, reference)
         assert (out / name).read_bytes() == data, name
     assert sorted(p.name for p in (out / "tokens").iterdir()) == ["000.safetensors", "favourite.safetensors",
                                                                    "tokens.safetensors"]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [
-        "00000.parquet", "00000.tar", "00000_stats.json", "00003.tar.bak", "README"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["README", "dct-00000.tar", "dct-00003.tar.bak"]
+    assert sorted(p.name for p in (out / "meta").iterdir()) == ["dct-00000.parquet", "dct-00000_stats.json"]
 
 
 def test_a_build_that_made_nothing_reruns_with_corrected_values(tmp_path, world):
@@ -236,8 +263,8 @@ def test_inspect_counts_and_verify(tmp_path, reference):
     assert "complete" in result.summary() and "verify: OK" in result.summary()
     # a flipped byte inside an image is found
     out = _copy(reference, tmp_path / "build")
-    row = pq.read_table(out / "shards" / "00001.parquet").to_pylist()[1]
-    tar = out / "shards" / "00001.tar"
+    row = pq.read_table(out / "meta" / "dct-00001.parquet").to_pylist()[1]
+    tar = out / row["shard_path"]
     data = bytearray(tar.read_bytes())
     data[row["offset"] + row["size"] // 2] ^= 0xFF
     tar.write_bytes(bytes(data))

@@ -87,7 +87,7 @@ def test_roundtrip_and_diff(tmp_path):
         ({"dct.grad_steps": 99, "dct.num_inference_steps": 10}, r"`dct.grad_steps` must be between 1 and"),
         ({"dct.prompts": ["a photo of {label}"]}, r"has no \{token\} placeholder"),
         ({"baseline": "maybe"}, r"`baseline` must be true or false but is 'maybe'"),
-        ({"run.executor": "dask"}, r"`run.executor` must be one of ray, local"),
+        ({"run.executor": "dask"}, r"`run.executor` must be one of auto, ray, local"),
         ({"dct": 3}, r"`dct` must be a mapping"),
     ],
 )

@@ -25,7 +25,7 @@ def _sample(c: int, i: int, method: str = "dct", shade: int = 0):
 
 def _in_memory(out) -> pa.Table:
     """What the index must hold: every shard's rows, sorted by key (the definition, all in memory)."""
-    tables = [pq.read_table(p).cast(index_schema()) for p in sorted((out / "shards").glob("*.parquet"))]
+    tables = [pq.read_table(p).cast(index_schema()) for p in sorted((out / "meta").glob("*.parquet"))]
     return pa.concat_tables(tables).sort_by([("key", "ascending")])
 
 
@@ -56,7 +56,7 @@ def test_row_groups_are_bounded_and_overlapping_shards_are_sorted_in_memory(tmp_
     assert [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)] == [4, 4, 4, 1]
     assert f.read().equals(_in_memory(tmp_path))
     # disjoint shards stream: the same rows, the same row groups
-    for p in (tmp_path / "shards").glob("0000[01]*"):
+    for p in [*(tmp_path / "shards").glob("dct-0000[01]*"), *(tmp_path / "meta").glob("dct-0000[01]*")]:
         p.unlink()
     _write_build(tmp_path, {0: [_sample(0, i) for i in range(5)], 1: [_sample(0, i) for i in range(5, 10)]})
     merge_index(tmp_path)

@@ -59,7 +59,7 @@ def test_synthetic_only(out):
     assert np.bincount(ds.targets).tolist() == [12, 6, 6]
     img, target = ds[0]
     assert img.size == (SYN, SYN) and img.mode == "RGB" and target == 0
-    assert ds.samples[0] == ("shards/00000.tar#dct-c000-s00000", 0)
+    assert ds.samples[0] == ("shards/dct-00000.tar#dct-c000-s00000", 0)
     assert "Synthetic: 24 images in 3 classes (methods: dct, sd)" in repr(ds)
 
 
@@ -191,7 +191,7 @@ def test_corrupt_shard_error_names_shard_and_command(tmp_path):
     write_shard(tmp_path, 0, [_sample(0, i, "dct", 0.5) for i in range(3)])
     merge_index(tmp_path)
     ds = SynthAugDataset(tmp_path, check_sha256=True)
-    tar = tmp_path / "shards" / "00000.tar"
+    tar = tmp_path / "shards" / "dct-00000.tar"
     data = bytearray(tar.read_bytes())
     data[ds._offset[1] + 40] ^= 0xFF
     tar.write_bytes(bytes(data))

@@ -49,13 +49,15 @@ def test_sample_key_has_method_prefix_and_no_dots():
 
 def test_write_shard_exact_files_members_and_rows(tmp_path):
     stats = write_shard(tmp_path, 3, [make_sample(0, i) for i in range(3)])
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00003.parquet", "00003.tar",
-                                                                      "00003_stats.json"]
-    assert shard_done(tmp_path, 3) and not shard_done(tmp_path, 2)
-    with tarfile.open(tmp_path / "shards" / "00003.tar") as tf:
+    # the tar alone in shards/ (what directory readers open), named by its split; the rest in meta/
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["dct-00003.tar"]
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["dct-00003.parquet", "dct-00003_stats.json"]
+    assert shard_done(tmp_path, 3, "dct") and not shard_done(tmp_path, 2, "dct") and not shard_done(tmp_path, 3, "sd")
+    with tarfile.open(tmp_path / "shards" / "dct-00003.tar") as tf:
         members = tf.getmembers()
         assert [m.name for m in members] == [f"dct-c000-s0000{i}.{ext}" for i in range(3)
-                                             for ext in ("cls", "json", "png")]
+                                             for ext in ("cls", "json", "png", "txt")]
+        assert tf.extractfile("dct-c000-s00001.txt").read() == b"A photo of <synthaug-000> bird 0"
         assert {(m.mtime, m.uid, m.gid, m.mode, m.uname) for m in members} == {(946684800, 0, 0, 0o444, "synthaug")}
         assert tf.extractfile("dct-c000-s00001.cls").read() == b"0"
         meta = json.loads(tf.extractfile("dct-c000-s00001.json").read())
@@ -63,36 +65,44 @@ def test_write_shard_exact_files_members_and_rows(tmp_path):
     assert meta["key"] == "dct-c000-s00001" and meta["seed"] == 1 and meta["guide_top5"] == [0, 0, 1, 2, 3]
     assert png == encode_image(make_sample(0, 1).image, "png")
 
-    rows = pq.read_table(tmp_path / "shards" / "00003.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "meta" / "dct-00003.parquet").to_pylist()
     assert [r["key"] for r in rows] == ["dct-c000-s00000", "dct-c000-s00001", "dct-c000-s00002"]
     expected_cols = {"key", "class_index", "class_name", "method", "prompt", "seed", "token_sha256", "model_id",
-                     "scheduler", "steps", "guidance_scale", "height", "width", "guide_prob", "guide_top5",
-                     "judge_prob", "shard", "offset", "size", "sha256", "index", "image_format"}
+                     "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width", "guide_prob",
+                     "guide_top5", "judge_prob", "shard", "shard_path", "offset", "size", "sha256", "index",
+                     "image_format"}
     assert set(rows[0]) == expected_cols
     assert rows[1]["shard"] == 3 and rows[1]["judge_prob"] is None and rows[1]["guide_prob"] == 0.9
+    assert rows[1]["shard_path"] == "shards/dct-00003.tar"
     # offset/size locate exactly the image bytes, and the sha256 is theirs
-    data = read_sample(tmp_path / "shards" / "00003.tar", rows[1]["offset"], rows[1]["size"])
+    data = read_sample(tmp_path / rows[1]["shard_path"], rows[1]["offset"], rows[1]["size"])
     assert data == png and hashlib.sha256(data).hexdigest() == rows[1]["sha256"]
 
-    on_disk = json.loads((tmp_path / "shards" / "00003_stats.json").read_text())
-    assert on_disk["num_samples"] == stats.num_samples == 3
+    on_disk = json.loads((tmp_path / "meta" / "dct-00003_stats.json").read_text())
+    assert on_disk["num_samples"] == stats.num_samples == 3 and on_disk["method"] == "dct"
     assert on_disk["classes"] == {"0": 3} and on_disk["methods"] == {"dct": 3}
     assert on_disk["quality"] is None and on_disk["image_format"] == "png"
-    assert on_disk["tar_bytes"] == (tmp_path / "shards" / "00003.tar").stat().st_size
-    assert on_disk["tar_sha256"] == hashlib.sha256((tmp_path / "shards" / "00003.tar").read_bytes()).hexdigest()
+    assert on_disk["tar_bytes"] == (tmp_path / "shards" / "dct-00003.tar").stat().st_size
+    assert on_disk["tar_sha256"] == hashlib.sha256((tmp_path / "shards" / "dct-00003.tar").read_bytes()).hexdigest()
+
+
+def test_a_shard_holds_one_method(tmp_path):
+    with pytest.raises(ValueError, match="made with method 'sd' but shard 0 holds 'dct'"):
+        write_shard(tmp_path, 0, [make_sample(0, 0), make_sample(0, 1, "sd")])
+    assert not shard_done(tmp_path, 0, "dct") and not list((tmp_path / "shards").iterdir())
 
 
 def test_rebuild_gives_identical_bytes(tmp_path):
     build(tmp_path / "a")
     build(tmp_path / "b")
-    names = ["shards/00000.tar", "shards/00000.parquet", "shards/00000_stats.json", "shards/00002.tar",
-             "index.parquet", "_info.json", "classes.json"]
+    names = ["shards/dct-00000.tar", "meta/dct-00000.parquet", "meta/dct-00000_stats.json", "shards/sd-00002.tar",
+             "index.parquet", "_info.json", "shards.wids.json", "classes.json"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     # rewriting a shard in place gives the same bytes too
-    before = (tmp_path / "a" / "shards" / "00001.tar").read_bytes()
+    before = (tmp_path / "a" / "shards" / "dct-00001.tar").read_bytes()
     write_shard(tmp_path / "a", 1, [make_sample(1, i) for i in range(4)])
-    assert (tmp_path / "a" / "shards" / "00001.tar").read_bytes() == before
+    assert (tmp_path / "a" / "shards" / "dct-00001.tar").read_bytes() == before
 
 
 def test_failed_write_leaves_nothing_and_stats_only_last(tmp_path):
@@ -105,20 +115,21 @@ def test_failed_write_leaves_nothing_and_stats_only_last(tmp_path):
     with pytest.raises(RuntimeError, match="generator died"):
         write_shard(tmp_path, 0, broken())
     # the old stats file went first, so the half-rewritten shard is not "done"; no temp files remain
-    assert not shard_done(tmp_path, 0)
+    assert not shard_done(tmp_path, 0, "dct")
     assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".tmp-")]
-    assert not (tmp_path / "shards" / "00000_stats.json").exists()
+    assert not (tmp_path / "meta" / "dct-00000_stats.json").exists()
 
 
 @pytest.mark.parametrize("fmt,quality", [("jpg", 80), ("webp", 70)])
 def test_lossy_formats_record_quality(tmp_path, fmt, quality):
     build(tmp_path, baseline=False, image_format=fmt, quality=quality)
-    stats = json.loads((tmp_path / "shards" / "00000_stats.json").read_text())
+    stats = json.loads((tmp_path / "meta" / "dct-00000_stats.json").read_text())
     assert stats["image_format"] == fmt and stats["quality"] == quality
-    with tarfile.open(tmp_path / "shards" / "00000.tar") as tf:
+    with tarfile.open(tmp_path / "shards" / "dct-00000.tar") as tf:
         assert f"dct-c000-s00000.{fmt}" in tf.getnames()
     row = load_index(tmp_path).to_pylist()[0]
-    img = Image.open(io.BytesIO(read_sample(shard_paths(tmp_path, row["shard"]).tar, row["offset"], row["size"])))
+    tar = shard_paths(tmp_path, row["shard"], row["method"]).tar
+    img = Image.open(io.BytesIO(read_sample(tar, row["offset"], row["size"])))
     assert img.size == (SIZE, SIZE) and row["image_format"] == fmt
 
 
@@ -131,7 +142,7 @@ def test_bad_arguments(tmp_path):
         write_shard(tmp_path, 0, [object()])
     with pytest.raises(ValueError, match="duplicate key 'dct-c000-s00000'"):
         write_shard(tmp_path, 0, [make_sample(0, 0), make_sample(0, 0)])
-    assert not shard_done(tmp_path, 0)
+    assert not shard_done(tmp_path, 0, "dct")
 
 
 def test_merge_index_sorted_rows_classes_and_timm_info(tmp_path):
@@ -145,15 +156,19 @@ def test_merge_index_sorted_rows_classes_and_timm_info(tmp_path):
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["name"] == "synthaug" and info["num_classes"] == 2
     assert info["splits"]["train"] == {"name": "train", "num_samples": 11,
-                                       "filenames": ["shards/00000.tar", "shards/00001.tar", "shards/00002.tar"],
+                                       "filenames": ["shards/dct-00000.tar", "shards/dct-00001.tar",
+                                                     "shards/sd-00002.tar"],
                                        "shard_lengths": [3, 4, 4]}
-    assert info["splits"]["dct"]["filenames"] == ["shards/00000.tar", "shards/00001.tar"]
-    assert info["splits"]["sd"] == {"name": "sd", "num_samples": 4, "filenames": ["shards/00002.tar"],
+    assert info["splits"]["dct"]["filenames"] == ["shards/dct-00000.tar", "shards/dct-00001.tar"]
+    assert info["splits"]["sd"] == {"name": "sd", "num_samples": 4, "filenames": ["shards/sd-00002.tar"],
                                     "shard_lengths": [4]}
 
     merge_index(tmp_path, train_methods=["dct"])
     info = json.loads((tmp_path / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 7
+    wids = json.loads((tmp_path / "shards.wids.json").read_text())
+    assert wids["wids_version"] == 1 and wids["shardlist"] == [{"url": "shards/dct-00000.tar", "nsamples": 3},
+                                                               {"url": "shards/dct-00001.tar", "nsamples": 4}]
 
 
 def test_merge_errors(tmp_path):
@@ -163,22 +178,21 @@ def test_merge_errors(tmp_path):
     write_shard(tmp_path, 1, [make_sample(0, 1)])  # a stale shard repeating a key
     with pytest.raises(ShardError, match=r"Key 'dct-c000-s00001' appears in shards \[0, 1\]"):
         merge_index(tmp_path)
-    write_shard(tmp_path, 1, [make_sample(1, 0), make_sample(1, 0, "sd")])
-    with pytest.raises(UserError, match="Shard 00001 mixes methods"):
-        merge_index(tmp_path, train_methods=["dct"])
+
 
 
 def test_webdataset_reads_our_shards(tmp_path):
     import webdataset as wds
 
     build(tmp_path)
-    urls = [str(tmp_path / "shards" / f"{i:05d}.tar") for i in range(3)]
+    urls = [str(tmp_path / "shards" / name) for name in ("dct-00000.tar", "dct-00001.tar", "sd-00002.tar")]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert [s["__key__"] for s in samples][:3] == ["dct-c000-s00000", "dct-c000-s00001", "dct-c000-s00002"]
     assert len(samples) == 11
     assert [s["cls"] for s in samples] == [0] * 3 + [1] * 8
     assert samples[4]["png"].size == (SIZE, SIZE) and samples[4]["json"]["method"] == "dct"
-    assert samples[-1]["json"]["method"] == "sd" and samples[-1]["json"]["token_sha256"] is None
+    assert samples[-1]["json"]["method"] == "sd" and "token_sha256" not in samples[-1]["json"]
+    assert samples[0]["txt"] == "A photo of <synthaug-000> bird 0"
 
 
 def test_timm_create_dataset_reads_build_via_info(tmp_path):
@@ -198,7 +212,7 @@ def test_truncated_and_corrupt_shards_are_named_with_the_rebuild_command(tmp_pat
     build(tmp_path)
     assert verify(tmp_path) == []
     rows = [r for r in load_index(tmp_path).to_pylist() if r["shard"] == 1]
-    tar = tmp_path / "shards" / "00001.tar"
+    tar = tmp_path / "shards" / "dct-00001.tar"
     last = max(rows, key=lambda r: r["offset"])
 
     # corrupt one byte of one image: sha256 check catches it, reading still works
@@ -206,27 +220,28 @@ def test_truncated_and_corrupt_shards_are_named_with_the_rebuild_command(tmp_pat
     data[rows[0]["offset"] + 20] ^= 0xFF
     tar.write_bytes(bytes(data))
     problems = verify(tmp_path)
-    assert len(problems) == 1 and "shards/00001.tar: 1 image(s) fail their sha256 (first: dct-c001-s00000)" \
+    assert len(problems) == 1 and "shards/dct-00001.tar: 1 image(s) fail their sha256 (first: dct-c001-s00000)" \
         in problems[0]
-    assert rebuild_hint(tmp_path, 1) in problems[0]
-    with pytest.raises(ShardError, match="00001.tar is corrupt.*delete .*00001_stats.json and rerun `synthaug build"):
+    assert rebuild_hint(tmp_path, 1, "dct") in problems[0]
+    with pytest.raises(ShardError, match="dct-00001.tar is corrupt.*delete .*meta/dct-00001_stats.json and rerun "
+                                         "`synthaug build"):
         ShardReader(tmp_path).read(1, rows[0]["offset"], rows[0]["size"], sha256=rows[0]["sha256"])
 
     # truncate it: a one-seek read past the end says so, naming the shard and the command
     tar.write_bytes(bytes(data[: last["offset"] + 10]))
-    with pytest.raises(ShardError, match=r"Shard .*00001\.tar is truncated .*: delete .*shards/00001_stats\.json "
+    with pytest.raises(ShardError, match=r"Shard .*dct-00001\.tar is truncated .*: delete .*meta/dct-00001_stats\.json "
                                          r"and rerun `synthaug build --config .*config\.yaml`"):
         read_sample(tar, last["offset"], last["size"])
-    assert any("shards/00001.tar:" in p and "truncated" in p for p in verify(tmp_path, check_sha256=False))
+    assert any("shards/dct-00001.tar:" in p and "truncated" in p for p in verify(tmp_path, check_sha256=False))
 
     # a missing shard, and an unfinished one (tar without stats)
     tar.unlink()
-    (tmp_path / "shards" / "00002_stats.json").unlink()
+    (tmp_path / "meta" / "sd-00002_stats.json").unlink()
     problems = verify(tmp_path)
-    assert any(p.startswith("shards/00001.tar: missing") for p in problems)
-    assert any(p.startswith("shards/00002: unfinished") for p in problems)
+    assert any(p.startswith("shards/dct-00001.tar: missing") for p in problems)
+    assert any(p.startswith("sd-00002: unfinished") for p in problems)
     assert any("index.parquet: 4 rows of shard 00002, the shard has 0" in p for p in problems)
-    with pytest.raises(ShardError, match="00001.tar is missing"):
+    with pytest.raises(ShardError, match="dct-00001.tar is missing"):
         read_sample(tar, 0, 10)
 
 
@@ -246,17 +261,18 @@ def test_check_shard_finds_a_truncated_tar_and_a_changed_parquet(tmp_path):
     from synthaug.shards import check_shard
 
     build(tmp_path, baseline=False)
-    assert check_shard(tmp_path, 0) is None and check_shard(tmp_path, 1) is None
-    tar = shard_paths(tmp_path, 0).tar
+    assert check_shard(tmp_path, 0, "dct") is None and check_shard(tmp_path, 1, "dct") is None
+    tar = shard_paths(tmp_path, 0, "dct").tar
     tar.write_bytes(tar.read_bytes()[:-512])
-    assert check_shard(tmp_path, 0) == f"its tar has {tar.stat().st_size} bytes, the stats say {tar.stat().st_size + 512}"
-    parquet = shard_paths(tmp_path, 1).parquet
+    assert check_shard(tmp_path, 0, "dct") == \
+        f"its tar has {tar.stat().st_size} bytes, the stats say {tar.stat().st_size + 512}"
+    parquet = shard_paths(tmp_path, 1, "dct").parquet
     parquet.write_bytes(parquet.read_bytes().replace(b"bird 1", b"bird 7"))
-    assert check_shard(tmp_path, 1) == "its parquet file differs from the one recorded in the stats"
-    shard_paths(tmp_path, 1).stats.write_text("[]")
-    assert check_shard(tmp_path, 1).startswith("its stats file is unreadable")
+    assert check_shard(tmp_path, 1, "dct") == "its parquet file differs from the one recorded in the stats"
+    shard_paths(tmp_path, 1, "dct").stats.write_text("[]")
+    assert check_shard(tmp_path, 1, "dct").startswith("its stats file is unreadable")
     tar.unlink()
-    assert check_shard(tmp_path, 0) == "its tar is missing"
+    assert check_shard(tmp_path, 0, "dct") == "its tar is missing"
 
 
 def test_the_judge_rewrites_the_index_under_the_build_lock(tmp_path):
@@ -274,3 +290,12 @@ def test_the_judge_rewrites_the_index_under_the_build_lock(tmp_path):
     write_judge_prob(tmp_path, {"dct-c000-s00000": 0.5}, judge="j")
     probs = pq.read_table(index).column("judge_prob").to_pylist()
     assert probs[0] == 0.5 and probs[1:] == [None] * 10
+
+
+def test_a_format_1_build_is_refused_by_the_readers_in_one_line(tmp_path):
+    build(tmp_path)
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")  # the old name of a shard
+    with pytest.raises(UserError, match=r"holds a build in synthaug's format 1 .*which this version neither resumes nor "
+                                        r"reads: rebuild it with `synthaug build --config .* --overwrite`"):
+        load_index(tmp_path)
+    assert verify(tmp_path)[0].startswith("`out` ")

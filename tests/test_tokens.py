@@ -124,6 +124,7 @@ def test_init_from_init_token(tiny_pipe):
     result = learn_dct_token(tiny_pipe, Guide(), 1, "one", cfg(max_steps=1, init_token="bird"))
     assert torch.equal(result.embedding, init_row(tiny_pipe, "bird"))
     assert result.steps == 1 and result.stop_reason == "max_steps" and result.best_step == 0
+    assert result.updates == 0  # one measurement, and no update after the last one
 
 
 @pytest.mark.parametrize("grad_steps", [1, 2, 4])

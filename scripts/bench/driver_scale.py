@@ -115,7 +115,7 @@ def one(work: Path, classes: int, world_classes: int, per_class: int) -> dict:
                                        embedding=torch.zeros(1, 32), steps=1, stop_reason="max_steps", best_step=0,
                                        metadata={"model_id": "bench", "guide": "bench"}), path)
             for task in job.shards:
-                if not shard_done(self.out, task.shard_id):
+                if not shard_done(self.out, task.shard_id, task.method):
                     write_shard(self.out, task.shard_id, (
                         FakeImage(image, job.class_index, job.name, task.method, i, f"a photo of {job.name}", i)
                         for i in range(task.start, task.stop)))

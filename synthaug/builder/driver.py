@@ -40,6 +40,7 @@ from ..layout import (
     FAILURES_FILE,
     FINAL_FILES,
     LOCK_FILE,
+    META_DIR,
     OVERWRITE_MARKER,
     PLAN_FILE,
     SHARDS_DIR,
@@ -48,13 +49,14 @@ from ..layout import (
     build_lock,
     resume_command,
     shard_done,
+    shard_name,
     shard_paths,
     token_path,
 )
 from ..shards import check_shard
-from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens
-from .executors import _run_local, _run_ray, _Tracker
-from .plan import ClassJob, _read_plan, _write_plan, methods_of
+from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens, token_updates
+from .executors import _run_local, _run_ray, _Tracker, resolve_executor
+from .plan import ClassJob, ShardTask, _read_plan, _write_plan, methods_of
 from .validate import _prepare, same_work_diff
 from .worker import load_class_token
 
@@ -151,7 +153,6 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 
     Raises:
         UserError: bad input (nothing is written, no model loads, Ray does not start).
-        ImportError: ``run.executor`` is ``"ray"`` and Ray is not installed.
         BuildFailed: some class jobs failed every retry; ``failures.json`` holds their errors and the exception's
             message the command that resumes.
 
@@ -199,9 +200,9 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
                     len(prep.jobs), len(todo))
         # 3. Run
         tracker = _Tracker(progress, todo, prep.jobs, out, config.run.max_retries)
-        executor = config.run.executor if todo else "none"
+        executor = resolve_executor(config.run) if todo else "none"
         try:
-            if todo and config.run.executor == "ray":
+            if todo and executor == "ray":
                 _run_ray(config, out, todo, prep.class_aliases, tracker)
             elif todo:
                 _run_local(config, out, todo, prep.class_aliases, tracker)
@@ -210,7 +211,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead
             # of being refused as "a different config".
             if prep.mode != "resume" and not any((out / TOKENS_DIR).glob("*.safetensors")) and not any(
-                    (out / "shards").glob("*_stats.json")):
+                    (out / META_DIR).glob("*_stats.json")):
                 for name in (CONFIG_FILE, PLAN_FILE):
                     (out / name).unlink(missing_ok=True)
             raise
@@ -246,11 +247,11 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 
 
 def _job_done(out: Path, job: ClassJob) -> bool:
-    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id) for t in job.shards)
+    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id, t.method) for t in job.shards)
 
 
 def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
-    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id))
+    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
 
 
 def _clear(out: Path) -> None:
@@ -266,8 +267,8 @@ def _clear(out: Path) -> None:
     for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
         p.unlink(missing_ok=True)
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, OVERWRITE_MARKER))
-    for d in (TOKENS_DIR, SHARDS_DIR):
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, META_DIR, OVERWRITE_MARKER))
+    for d in (TOKENS_DIR, SHARDS_DIR, META_DIR):
         if (out / d).is_dir():
             kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
     if kept:
@@ -275,17 +276,17 @@ def _clear(out: Path) -> None:
                        ", ..." if len(kept) > 8 else "")
 
 
-def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[int, str]]:
-    """(shard id, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
-    return [(t.shard_id, problem) for j in jobs for t in j.shards
-            if shard_done(out, t.shard_id) and (problem := check_shard(out, t.shard_id)) is not None]
+def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, str]]:
+    """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
+    return [(t, problem) for j in jobs for t in j.shards
+            if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
 
 
 def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
     """Remove the done-marker (``_stats.json``) of every damaged shard, so that its job writes it again."""
-    for sid, problem in _damaged_shards(out, jobs):
-        logger.warning("shard %05d is damaged (%s): it is made again", sid, problem)
-        shard_paths(out, sid).stats.unlink(missing_ok=True)
+    for task, problem in _damaged_shards(out, jobs):
+        logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
+        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
 
 
 def _remove_tmp(out: Path) -> None:
@@ -317,7 +318,7 @@ def _finished_build(config: BuildConfig) -> BuildResult | None:
         return None
     if _damaged_shards(out, jobs):
         return None  # the full path redoes them
-    newest = max((out / "shards" / f"{t.shard_id:05d}_stats.json").stat().st_mtime for j in jobs for t in j.shards)
+    newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
     if (out / "index.parquet").stat().st_mtime < newest:
         return None
     images = _images_on_disk(out, jobs)
@@ -356,7 +357,7 @@ def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
             images[t.method] += t.size
         classes.append({
             "index": j.class_index, "name": j.name, "token": j.token, "token_file": f"{TOKENS_DIR}/{path.name}",
-            "method": config.method, "steps": _int_or_none(meta.get("steps")),
+            "method": config.method, "steps": _int_or_none(meta.get("steps")), "updates": token_updates(meta),
             "stop_reason": meta.get("stop_reason") or None, "best_step": _int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })

@@ -54,7 +54,7 @@ class _Tracker:
         from tqdm.auto import tqdm
 
         images_total = sum(t.size for j in all_jobs for t in j.shards)
-        images_done = sum(t.size for j in all_jobs for t in j.shards if shard_done(out, t.shard_id))
+        images_done = sum(t.size for j in all_jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
         self.classes = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(jobs), desc="classes", unit="class",
                             disable=not enabled, position=0, dynamic_ncols=True)
         self.images = tqdm(total=images_total, initial=images_done, desc="images ", unit="img", disable=not enabled,
@@ -174,9 +174,27 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise ImportError(f"`run.executor` is 'ray' but Ray is not installed ({e}): install it with "
-                          f"`{INSTALL_RAY}`, or pass --executor local to build in this process.") from e
+        raise UserError(f"`run.executor` is 'ray' but Ray is not installed ({e}): install it with "
+                        f"`{INSTALL_RAY}`, or pass --executor local to build in this process.") from None
     return ray
+
+
+def resolve_executor(run: RunConfig) -> str:
+    """``"ray"`` or ``"local"``: `run.executor`, with ``"auto"`` resolved to Ray when it is installed (or a cluster
+    address is given, which only Ray can use) and to this process otherwise, said in one log line."""
+    if run.executor != "auto":
+        return run.executor
+    if run.ray_address:
+        return "ray"
+    try:
+        import ray  # noqa: F401 (whether it imports is the question)
+
+        return "ray"
+    except ImportError:
+        pass
+    logger.info("run.executor auto: Ray is not installed, so the build runs in this process (`%s` for actors, one "
+                "per GPU)", INSTALL_RAY)
+    return "local"
 
 
 class _Reaper:

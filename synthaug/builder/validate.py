@@ -23,13 +23,15 @@ from ..layout import (
     OVERWRITE_MARKER,
     PLAN_FILE,
     done_shard_ids,
+    legacy_build_error,
     linked_build_dirs,
     resume_command,
     work_done,
 )
 from ..models import resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
-from .executors import _import_ray, check_ray_address
+from ..tokens.clip import check_clip_pairing
+from .executors import _import_ray, check_ray_address, resolve_executor
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
@@ -123,6 +125,8 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
                             f"not proven to be a build and --overwrite deletes nothing there: choose another --out, "
                             f"or run without --overwrite to resume it.")
         return "overwrite"
+    if (legacy := legacy_build_error(out)) is not None:
+        raise legacy
     changed = same_work_diff(old, config)
     if not changed and old.run.cpus_per_worker != config.run.cpus_per_worker and work_done(out) \
             and resolve_device(config.device).type == "cpu":
@@ -234,7 +238,7 @@ def _check_guide(source: str) -> None:
 
 def _check_device(device: torch.device, config: BuildConfig) -> None:
     """A CUDA (or MPS) device this machine has, unless the work runs on a Ray cluster the driver is not part of."""
-    if config.run.executor == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+    if resolve_executor(config.run) == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
         return  # the GPUs are the cluster's; the Ray executor checks what the cluster offers
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -255,8 +259,8 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
     if config.guide_target is not None and not parse_guide_target(config.guide_target).is_class:
         raise UserError(f"`guide_target` {config.guide_target!r} learns one attribute token, but a build learns a "
                         f"token per class: run `synthaug learn --guide-target {config.guide_target}`, or drop it.")
-    # 2. The executor exists
-    if config.run.executor == "ray":
+    # 2. The executor exists (`auto` takes Ray only where it is installed)
+    if resolve_executor(config.run) == "ray":
         _import_ray()
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
@@ -299,5 +303,7 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
             if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
                 raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
                                 f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
+        if config.method == "mcti":
+            check_clip_pairing(config.model, config.mcti.clip_model)
     return _Prepared(config, out, mode, class_names, selected, plan(config, class_names, selected),
                      class_aliases(dataset))

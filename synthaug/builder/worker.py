@@ -236,7 +236,7 @@ class ClassWorker:
         next shard can complete (so a job stopped in that hook leaves exactly the shards reported so far).
         """
         c = job.class_index
-        pending = [t for t in job.shards if not shard_done(self.out, t.shard_id)]
+        pending = [t for t in job.shards if not shard_done(self.out, t.shard_id, t.method)]
         stats: dict[str, Any] = {"shards_written": [], "images": 0, "batch_size": None, "compile_seconds": 0.0,
                                  "generate_seconds": 0.0, "write_seconds": 0.0, "write_wait_seconds": 0.0}
         if not pending:

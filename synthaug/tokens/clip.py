@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..classifier.hub import custom_code
 from ..errors import UserError
-from ..models import ASSETS, clip_tokenizer, offline
+from ..models import ASSETS, EMBEDDED_MODELS, clip_tokenizer, offline
 from .text import encode, pool_eos, splice_tokens, token_embedding, tokenize, tokenizer_with
 
 if TYPE_CHECKING:
@@ -27,6 +27,70 @@ log = logging.getLogger(__name__)
 
 # The CLIP model of the embedded digits world: a CLIPModel whose text tower is the digits pipeline's text encoder.
 DIGITS_CLIP = ASSETS / "digits" / "clip"
+
+
+# The CLIP whose text tower is Stable Diffusion's text encoder, by the encoder's width: SD 1.x conditions on OpenAI's
+# CLIP ViT-L/14 text tower (768-d), SD 2.x on OpenCLIP ViT-H/14's (1024-d; LAION's transformers port of it).
+SD_CLIPS = {768: "openai/clip-vit-large-patch14", 1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+
+
+def _config_file(source: str, filename: str) -> dict | None:
+    """A JSON config of a local directory or a cached hub repo, read without loading anything; None if absent."""
+    p = EMBEDDED_MODELS[source] if source in EMBEDDED_MODELS else Path(source).expanduser()
+    try:
+        if p.is_dir():
+            return json.loads((p / filename).read_text()) if (p / filename).is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(source, filename)
+        return json.loads(Path(hit).read_text()) if isinstance(hit, str) else None
+    except (OSError, ValueError, ImportError):  # unreadable or not cached: the check after loading still runs
+        return None
+
+
+def _text_shape(config: dict | None) -> tuple[int, int] | None:
+    """(width, layers) of a CLIP text tower config, or None."""
+    if not isinstance(config, dict) or "hidden_size" not in config:
+        return None
+    return int(config["hidden_size"]), int(config.get("num_hidden_layers", 0))
+
+
+def default_clip_model(model: str) -> str | None:
+    """MC-TI's CLIP for a diffusion model when ``mcti.clip_model`` is null: the embedded world's own (None) for
+    ``"digits"``, else the CLIP whose text tower is the model's text encoder (`SD_CLIPS`, by the encoder's width from
+    its config; a hub id not in the cache by its name: ``stable-diffusion-2`` → OpenCLIP ViT-H/14, else ViT-L/14).
+
+    >>> default_clip_model("CompVis/stable-diffusion-v1-4")
+    'openai/clip-vit-large-patch14'
+    """
+    if model in EMBEDDED_MODELS:
+        return None
+    shape = _text_shape(_config_file(model, "text_encoder/config.json"))
+    if shape is not None and shape[0] in SD_CLIPS:
+        return SD_CLIPS[shape[0]]
+    return SD_CLIPS[1024] if "stable-diffusion-2" in model.lower() else SD_CLIPS[768]
+
+
+def check_clip_pairing(model: str, clip_model: str | None) -> None:
+    """Refuse, before any model loads, a CLIP whose text tower cannot be the model's text encoder (`check_paired`
+    on their configs: width and depth). Silent when a config cannot be read without a download."""
+    clip_model = clip_model if clip_model is not None else default_clip_model(model)
+    encoder = _text_shape(_config_file(model, "text_encoder/config.json"))
+    clip_config = _config_file(str(DIGITS_CLIP) if clip_model is None else clip_model, "config.json")
+    tower = _text_shape(clip_config.get("text_config") if isinstance(clip_config, dict) else None)
+    if encoder is None or tower is None:
+        return
+    name = clip_model or "the digits CLIP"
+    if tower[0] != encoder[0]:
+        raise UserError(f"`mcti.clip_model` {name!r} does not pair with `model` {model!r}: its text tower is "
+                        f"{tower[0]}-d but the model's text encoder is {encoder[0]}-d. Use the CLIP whose text tower "
+                        f"is the model's text encoder ({SD_CLIPS.get(encoder[0], 'SD 1.x: ' + SD_CLIPS[768])}), or "
+                        f"set mcti.clip_model to null to get it.")
+    if tower[1] and encoder[1] and tower[1] != encoder[1]:
+        raise UserError(f"`mcti.clip_model` {name!r} does not pair with `model` {model!r}: its text tower has "
+                        f"{tower[1]} layers but the model's text encoder has {encoder[1]} (SD 2.x uses the "
+                        f"penultimate layer). Use a model whose text encoder is a whole CLIP text tower (SD 1.x with "
+                        f"{SD_CLIPS[768]}), or method 'ti', which needs no CLIP.")
 
 
 # T_1 of the paper: the template of the regularizer's text feature and of classification (CLIP's zero-shot habit).
@@ -109,7 +173,8 @@ def load_clip(
 
     Args:
         clip_model: hub id (``"openai/clip-vit-large-patch14"`` pairs with SD 1.x: SD's text encoder *is* its text
-            tower), a local ``save_pretrained`` directory, or None for the embedded digits world's CLIP.
+            tower), a local ``save_pretrained`` directory, or None: the CLIP of `pipe`'s text encoder by its width
+            (`SD_CLIPS`), the embedded digits world's CLIP otherwise.
         pipe: if given, the CLIP goes to its text encoder's device and dtype, and the pairing is checked (the text
             projection must accept the text encoder's hidden size; differing text weights are logged).
         device: overrides the device (default: the pipeline's, else CPU).
@@ -124,6 +189,8 @@ def load_clip(
     """
     from transformers import CLIPModel
 
+    if clip_model is None and pipe is not None and token_embedding(pipe.text_encoder).embedding_dim in SD_CLIPS:
+        clip_model = SD_CLIPS[token_embedding(pipe.text_encoder).embedding_dim]  # a Stable Diffusion model's own
     if clip_model is None:
         if not (DIGITS_CLIP / "config.json").is_file():
             raise UserError(

@@ -71,12 +71,14 @@ class TokenResult:
     class_index: int
     label: str
     embedding: torch.Tensor  # [1, dim] fp32, CPU
-    steps: int  # training iterations run (= len(history))
+    steps: int  # training iterations run (= len(history)): measurements, one more than `updates` when the last one
+    # stopped the loop
     stop_reason: str  # "all_correct" | "patience" | "max_steps"
     best_step: int  # the iteration whose v_c is `embedding`
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     unet_evals: int = 0  # UNet forward calls (each on the CFG batch of 2 x batch_size latents)
+    updates: int = 0  # optimizer updates of v_c made (history entries with "updated"; non-finite ones skipped)
     metadata: dict = field(default_factory=dict)  # model id, guide source + trained_on, config; "target" (attributes)
 
 
@@ -250,6 +252,7 @@ def learn_dct_token(
         embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
         steps=len(history), stop_reason=keeper.stop_reason, best_step=keeper.kept_step, history=history,
         seconds=time.perf_counter() - started, unet_evals=unet_evals, metadata=metadata,
+        updates=sum(bool(e.get("updated")) for e in history),
     )
 
 

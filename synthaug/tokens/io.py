@@ -66,6 +66,17 @@ def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -
             weight[tokenizer.convert_tokens_to_ids(token)] = emb.to(device=weight.device, dtype=weight.dtype)
 
 
+def token_updates(meta: dict) -> int | None:
+    """Optimizer updates a token file's token took: its ``updates`` (DCT), or for TI/MC-TI, whose ``steps`` are
+    updates, those; None when the file does not say (a DCT token file written before ``updates`` was recorded, whose
+    ``steps`` count measurements: one more than its updates when the last measurement stopped training)."""
+    if meta.get("updates") not in (None, ""):
+        return _int_or_none(meta.get("updates"))
+    if meta.get("method") in ("ti", "mcti"):
+        return _int_or_none(meta.get("steps"))
+    return None
+
+
 def save_token(result: TokenResult, path: str | os.PathLike) -> None:
     """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [1, dim]}``) with string metadata.
 
@@ -75,7 +86,8 @@ def save_token(result: TokenResult, path: str | os.PathLike) -> None:
     """
     meta = {
         "format": "diffusers-textual-inversion", "token": result.token, "class_index": str(result.class_index),
-        "label": result.label, "steps": str(result.steps), "stop_reason": result.stop_reason,
+        "label": result.label, "steps": str(result.steps), "updates": str(result.updates),
+        "stop_reason": result.stop_reason,
         "best_step": str(result.best_step), "unet_evals": str(result.unet_evals),
         "model_id": str(result.metadata.get("model_id", "unknown")),
         "guide": str(result.metadata.get("guide", "unknown")),

@@ -149,7 +149,7 @@ def learn_mcti_token(
     label: str | None = None,
     features: dict[int, torch.Tensor] | None = None,
     resolution: int | None = None,
-    flip_p: float = 0.0,
+    flip_p: float | None = None,
     templates: Sequence[str] = TI_TEMPLATES,
     progress: bool = False,
     callback: Callable[[int, torch.Tensor], None] | None = None,
@@ -175,8 +175,8 @@ def learn_mcti_token(
         features: precomputed `class_features` of all K classes (computed once, shared by all class jobs); they
             define the classes of the regularizer.
         resolution: training image size; default the UNet's native size.
-        flip_p: random horizontal flip probability (TI's default is 0.5; 0 here since digits and text are not
-            mirror-symmetric).
+        flip_p: random horizontal flip probability; None: ``config.flip_p`` (textual inversion's 0.5; the digits
+            world's 0, since digits are not mirror-symmetric).
         templates: TI prompt templates with ``{token}``.
         progress: show a tqdm bar.
         callback: called as ``callback(step, token_vector)`` after each update (tests, monitoring).
@@ -192,6 +192,7 @@ def learn_mcti_token(
 
     # 1. Check inputs (before any work).
     config = config or MCTIConfig()
+    flip_p = config.flip_p if flip_p is None else flip_p
     if method not in METHODS:
         raise UserError(f"`method` must be one of {', '.join(METHODS)} but is {method!r}.")
     if class_index not in images_by_class or len(images_by_class[class_index]) == 0:
