@@ -159,7 +159,7 @@ def test_a_folder_built_before_the_auto_switches_resumes_where_auto_means_the_sa
     saved["generate"]["compile"] = False
     saved.pop("channels_last", None)
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    (out / "shards" / "00003_stats.json").unlink()
+    (out / "meta" / "dct-00003_stats.json").unlink()
     result = build(bw.config(out, *world), progress=False)
     assert result.ok and result.resumed and result.images_new == 2
     with pytest.raises(UserError, match=r"generate\.compile"):
