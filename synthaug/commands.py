@@ -21,7 +21,7 @@ from .config import from_dict
 from .datasets.base import class_aliases
 from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
-from .errors import UserError
+from .errors import UserError, write_errors
 from .generation import generate
 from .index import verify as verify_shards
 from .layout import (
@@ -516,17 +516,23 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     if not present:
         raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
                         f"build first (`{resume_command(out)}`).")
+    dest = Path(dest) if dest is not None else out / "export" / format
+    # Every token is read and checked before anything is written: a damaged later class leaves no partial export.
+    embeddings = {j.class_index: _class_token(token_path(out, j.class_index), j) for j in present}
+    with write_errors(f"`dest` {str(dest)!r}", "pass --dest a folder you can write to (and with free space)"):
+        return _write_export(out, format, dest, present, embeddings)
+
+
+def _write_export(out: Path, format: str, dest: Path, present: list[ClassJob], embeddings: dict) -> list[Path]:
     import io
 
     import torch
 
-
-    dest = Path(dest) if dest is not None else out / "export" / format
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for j in present:
         src = token_path(out, j.class_index)
-        embedding = _class_token(src, j)
+        embedding = embeddings[j.class_index]
         stem = token_string(j.class_index).strip("<>")  # from the class index: no file's content names a path
         if format == "diffusers":
             path = dest / f"{stem}.safetensors"

@@ -6,6 +6,31 @@ Every message names the argument, the value received, what is valid, and the fix
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
+
 
 class UserError(ValueError):
     """Bad input from the user (argument, config key, dataset root, model path). Printed on one line by the CLI."""
+
+
+# What the machine, not the code, refuses to a write: a full disk or quota, a read-only folder or file system.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextlib.contextmanager
+def write_errors(what: str, fix: str) -> Iterator[None]:
+    """Turn a write the machine refuses (`WRITE_ERRNOS`) into a one-line `UserError`: ``{what}: {reason} ({file}):
+    {fix}.`` Any other error keeps its traceback.
+
+    >>> with write_errors("`dest` 'export/'", "pass a folder you can write to"):  # doctest: +SKIP
+    ...     write_tokens()
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"{what}: {e.strerror or e}{where}: {fix}.") from None

@@ -21,14 +21,15 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import atomic_write, write_text
-from .errors import UserError
+from .atomic import TMP_PREFIX, atomic_write, write_text
+from .errors import UserError, write_errors
 from .evaluate.images import ImageReader
 from .evaluate.tables import load_result, result_tables
 from .index import BuildView, _method_sort_key, open_build
@@ -320,9 +321,22 @@ def _grid_png(rows: list[tuple[str, list[tuple[Image.Image, str | None]]]], titl
     return canvas
 
 
+_UNWRITABLE = "pass --out a folder you can write to (and with free space)"
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
-    with atomic_write(path, "wb") as f:
+    with write_errors(f"`out` {str(path.parent.parent)!r}", _UNWRITABLE), atomic_write(path, "wb") as f:
         img.save(f, format="PNG")
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Create `out_dir` and write (and remove) a probe file there, before any work: a read-only folder or a full disk
+    is one line naming the folder, not a traceback after the images were read."""
+    with write_errors(f"`out` {str(out_dir)!r}", _UNWRITABLE):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -364,6 +378,7 @@ def write_report(
     view = open_build(build)
     methods = view.select_methods(methods)
     out_dir = Path(out) if out is not None else view.root / REPORT_DIR
+    _check_writable(out_dir)
     class_rows = {int(c["index"]): c for c in view.classes}
     rows_by_class: dict[int, list[dict]] = defaultdict(list)
     for r in view.rows(methods):
@@ -466,7 +481,8 @@ def write_report(
             f"<title>synthaug report: {esc(view.root.resolve().name)}</title><style>{CSS}</style></head><body>"
             + "\n".join(body) + "</body></html>\n")
     path = out_dir / "index.html"
-    write_text(path, page)
+    with write_errors(f"`out` {str(out_dir)!r}", _UNWRITABLE):
+        write_text(path, page)
     return path
 
 

@@ -240,16 +240,15 @@ def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
         raise ConnectionError("Could not find any running Ray instance.\nmore lines")
 
     monkeypatch.setattr(ray, "init", refuse)
-    with pytest.raises(UserError, match=r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could "
-                                        r"not find any running Ray instance.\): .*then resume with: X\.$"):
-        with executors._ray_session("auto", "resume with: X"):
-            pass
+    attach = r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could not find any running Ray " \
+             r"instance.\): .*then resume with: X\.$"
+    with pytest.raises(UserError, match=attach), executors._ray_session("auto", "resume with: X"):
+        pass
     monkeypatch.setattr(executors, "_init_local_ray", lambda ray: refuse())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(UserError, match=r"^`run.executor` 'ray': a local Ray could not start .*--executor local; "
-                                        r"then resume with: X\.$"):
-        with executors._ray_session(None, "resume with: X"):
-            pass
+    start = r"^`run.executor` 'ray': a local Ray could not start .*--executor local; then resume with: X\.$"
+    with pytest.raises(UserError, match=start), executors._ray_session(None, "resume with: X"):
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,3 +292,89 @@ def test_a_damaged_token_file_says_delete_it_and_run_again(tmp_path, world, refe
     with pytest.raises(UserError, match=r"Token file .*002.safetensors.* is not a valid safetensors file .*: "
                                         r"delete .*002.safetensors and rerun `synthaug build --config"):
         build(bw.config(out, *world), progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A full disk, a read-only folder: one line, and a resume that makes the same bytes
+# --------------------------------------------------------------------------------------------------------------------
+def _full_disk(monkeypatch, *suffixes):
+    """`os.replace` of atomic writes to names ending in one of `suffixes` fails as on a full disk."""
+    import errno
+    import os
+
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(suffixes):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("suffixes", [(".tar",), (".tar", "failures.json"), ("index.parquet",)])
+def test_a_full_disk_is_one_line_and_the_resume_is_identical(tmp_path, world, reference, monkeypatch, suffixes):
+    from synthaug.builder.driver import BuildFailed
+
+    out = _copy(reference, tmp_path / "build")
+    (out / "shards" / "00003_stats.json").unlink()
+    resume = r"resume with: synthaug build --config "
+    with monkeypatch.context() as m:
+        _full_disk(m, *suffixes)
+        if suffixes == (".tar",):  # the job fails every retry: failures.json and the resume line (exit 1)
+            with pytest.raises(BuildFailed, match=r"failed every retry .*" + resume):
+                build(bw.config(out, *world), progress=False)
+            assert "No space left on device" in (out / "failures.json").read_text()
+        else:  # nothing more can be written: one line with the resume command (exit 2)
+            with pytest.raises(UserError, match=rf"^`out` .*: No space left on device \(.*{suffixes[-1]}\): free "
+                                                rf"space there \(or make it writable\), then {resume}"):
+                build(bw.config(out, *world), progress=False)
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and bw.snapshot(out) == bw.snapshot(reference)
+
+
+def _read_only(monkeypatch, folder):
+    """Creating anything under `folder` fails as on a read-only file system (root ignores permission bits)."""
+    import errno
+    import os
+
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return (real_mkdir if refuse.mkdir else real_open)(path, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        refuse.mkdir = True
+        return refuse(path, *args, **kwargs)
+
+    def open_(path, *args, **kwargs):
+        refuse.mkdir = False
+        return refuse(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+def test_report_and_export_to_a_read_only_folder_are_one_line(tmp_path, reference, monkeypatch):
+    from synthaug.commands import export_tokens
+    from synthaug.report import write_report
+
+    locked = tmp_path / "locked"
+    _read_only(monkeypatch, locked)
+    with pytest.raises(UserError, match=r"^`out` .*locked/report': Read-only file system .*: pass --out a folder you "
+                                        r"can write to"):
+        write_report(reference, out=locked / "report", progress=False)
+    with pytest.raises(UserError, match=r"^`dest` .*locked/export': Read-only file system .*: pass --dest a folder"):
+        export_tokens(reference, dest=locked / "export")
+
+
+def test_export_checks_every_token_before_writing_any(tmp_path, reference):
+    from synthaug.commands import export_tokens
+
+    out = _copy(reference, tmp_path / "build")
+    (out / "tokens" / "002.safetensors").write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"002.safetensors"):
+        export_tokens(out, dest=tmp_path / "export")
+    assert not (tmp_path / "export").exists()

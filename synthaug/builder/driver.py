@@ -31,7 +31,7 @@ from typing import Any
 from ..atomic import TMP_PREFIX, write_text
 from ..config import BuildConfig, diff, dump_yaml, from_dict, validate
 from ..datasets.select import select_classes
-from ..errors import UserError
+from ..errors import UserError, write_errors
 from ..index import merge_index
 from ..layout import (
     ALL_TOKENS_FILE,
@@ -172,7 +172,11 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     prep = _prepare(config, overwrite)
     out = prep.out
     out.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
+    # A full disk or a folder turned read-only is one line with the command that resumes, not a traceback: every
+    # file is written atomically, so once there is room the resume makes the same bytes.
+    unwritable = write_errors(f"`out` {str(out)!r}", f"free space there (or make it writable), then resume with: "
+                                                     f"{resume_command(out)}")
+    with unwritable, build_lock(out):
         # 1. Config and plan on disk before any work
         if prep.mode == "overwrite":
             _clear(out)

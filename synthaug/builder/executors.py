@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import BuildConfig, RunConfig, to_dict
-from ..errors import UserError
+from ..errors import WRITE_ERRNOS, UserError
 from ..layout import resume_command, shard_done
 from .plan import ClassJob
 from .worker import ClassWorker, WorkerHooks, _QueueReport
@@ -141,6 +141,11 @@ def _run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: li
                     break
                 except UserError:
                     raise  # bad input found only once a model was loaded: retrying cannot fix it
+                except OSError as e:
+                    if e.errno in WRITE_ERRNOS:
+                        raise  # a full disk or a read-only folder: retrying cannot fix it (`build` says so)
+                    if not tracker.failed(job, traceback.format_exc()):
+                        break
                 except Exception:  # noqa: BLE001 (any failure of a job is recorded and retried, as on Ray)
                     if not tracker.failed(job, traceback.format_exc()):
                         break
