@@ -378,3 +378,46 @@ def test_export_checks_every_token_before_writing_any(tmp_path, reference):
     with pytest.raises(UserError, match=r"002.safetensors"):
         export_tokens(out, dest=tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Only what synthaug wrote is deleted, and only inside --out
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("linked", ["tokens", "shards"])
+def test_overwrite_refuses_a_linked_tokens_or_shards_folder(tmp_path, world, reference, linked):
+    out = _copy(reference, tmp_path / "build")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(out / linked, elsewhere)
+    (out / linked).symlink_to(elsewhere)
+    (elsewhere / ".tmp-00000.tar.abcdefgh").write_bytes(b"x")
+    before = sorted(p.name for p in elsewhere.iterdir())
+    with pytest.raises(UserError, match=rf"`out` .*: {linked}/ is a symbolic link to .*elsewhere, and --overwrite "
+                                        r"deletes only inside the build folder"):
+        build(_small(out, world), overwrite=True, progress=False)
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+
+
+def test_a_resume_keeps_a_users_tmp_files(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    mine = [out / ".tmp-notes", out / "tokens" / ".tmp-backup.safetensors", out / "shards" / ".tmp-x"]
+    leftovers = [out / ".tmp-plan.json.k2j4h1x_", out / "shards" / ".tmp-00003.tar.a1b2c3d4"]
+    for p in mine + leftovers:
+        p.write_bytes(b"x")
+    (out / "shards" / "00003_stats.json").unlink()
+    assert build(bw.config(out, *world), progress=False).ok
+    assert all(p.exists() for p in mine) and not any(p.exists() for p in leftovers)
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "directory"])
+def test_a_lock_that_is_not_a_file_is_one_line(tmp_path, world, kind):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "outside-lock"
+    if kind == "dangling-link":
+        (out / ".lock").symlink_to(target)
+    else:
+        (out / ".lock").mkdir()
+    with pytest.raises(UserError, match=r"`out` .*: its lock file .*\.lock cannot be opened .*: remove .*\.lock and "
+                                        r"run again"):
+        build(_small(out, world), progress=False)
+    assert not target.exists()
