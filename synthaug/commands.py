@@ -407,6 +407,9 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
 
     >>> generate_to_folder(load_config(overrides={"classes": "seven", "per_class": 8}), tokens="tokens/", dest="imgs")
     """
+    if (Path(dest) / "metadata.jsonl").exists():  # an earlier run's images: never overwritten
+        raise UserError(f"`--dest` {str(dest)!r} already holds metadata.jsonl (images of an earlier `synthaug "
+                        f"generate`), which this run would overwrite: pass a new or empty folder, or move it away.")
     if tokens is not None and Path(tokens).is_file():
         target = token_metadata(Path(tokens)).get("target")
         if target and target != "class":

@@ -775,7 +775,8 @@ def decode_image(data: bytes, *, where: str = "", mode: str = "RGB", image_forma
     try:
         img = Image.open(io.BytesIO(data), formats=formats)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        # a bomb: a header claiming far more pixels than PIL allows (Image.MAX_IMAGE_PIXELS), never a synthaug image
         raise ShardError(f"Image {where} cannot be decoded ({e}).") from None
     return img.convert(mode) if mode and img.mode != mode else img
 

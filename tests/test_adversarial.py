@@ -421,3 +421,26 @@ def test_a_lock_that_is_not_a_file_is_one_line(tmp_path, world, kind):
                                         r"run again"):
         build(_small(out, world), progress=False)
     assert not target.exists()
+
+
+def test_generate_never_overwrites_an_earlier_runs_metadata(tmp_path, world):
+    from synthaug.commands import generate_to_folder
+
+    dest = tmp_path / "images"
+    dest.mkdir()
+    (dest / "metadata.jsonl").write_text('{"key": "mine"}\n')
+    with pytest.raises(UserError, match=r"`--dest` .*images' already holds metadata.jsonl .*: pass a new or empty "
+                                        r"folder"):
+        generate_to_folder(_small(tmp_path / "out", world), tokens=None, dest=str(dest), progress=False)
+    assert (dest / "metadata.jsonl").read_text() == '{"key": "mine"}\n'
+
+
+def test_a_decompression_bomb_in_a_shard_is_one_line(reference, monkeypatch):
+    from PIL import Image
+
+    from synthaug.mix import SynthAugDataset
+    from synthaug.shards import ShardError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32x32 image now claims 10x PIL's limit
+    with pytest.raises(ShardError, match=r"Image .* cannot be decoded \(Image size \(1024 pixels\) exceeds limit"):
+        SynthAugDataset(reference)[0]
