@@ -401,6 +401,26 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load`, except that a mapping giving one key twice is an error (YAML's last-wins would silently drop
+    the first value)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.YAMLError(f"key {key!r} is given twice (lines {seen[key]} and {line}): keep one")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: plain data only
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
@@ -422,7 +442,7 @@ def load_config(
         if not p.is_file():
             raise UserError(f"`--config` {str(path)!r} does not exist: pass a YAML file such as configs/digits.yaml.")
         try:
-            file_data = yaml.safe_load(p.read_text()) or {}
+            file_data = _safe_load_unique(p.read_text()) or {}
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"`--config` {str(path)!r} cannot be read ({e}): pass a YAML text file.") from None
         except yaml.YAMLError as e:

@@ -444,3 +444,43 @@ def test_a_decompression_bomb_in_a_shard_is_one_line(reference, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 32x32 image now claims 10x PIL's limit
     with pytest.raises(ShardError, match=r"Image .* cannot be decoded \(Image size \(1024 pixels\) exceeds limit"):
         SynthAugDataset(reference)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad input caught before any work, and never guessed
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_class_folder_without_a_name_is_refused_before_any_work(tmp_path):
+    from PIL import Image
+
+    from synthaug.datasets.catalog import get_dataset
+
+    for folder in ("000.Cat", "001."):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / folder / "a.png")
+    with pytest.raises(UserError, match=r"`root` .*: class folder '001.' has no name once its number prefix is "
+                                        r"dropped .*: rename it, e.g. to '001.Some_class'"):
+        get_dataset("imagefolder", str(tmp_path / "data"), None)
+
+
+def test_a_class_name_that_matches_two_classes_is_refused():
+    from synthaug.datasets.select import select_classes
+
+    names = ["Cat", "cat", "dog"]
+    assert select_classes(names, "cat") == [1] and select_classes(names, "Cat") == [0]
+    assert select_classes(names, "DOG") == [2]
+    with pytest.raises(UserError, match=r"`classes` entry 'CAT' matches 2 classes \(0 'Cat', 1 'cat'\): give the "
+                                        r"exact name or the index"):
+        select_classes(names, "CAT")
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    from synthaug.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("per_class: 10\ndct:\n  lr: 0.001\nper_class: 1000\n")
+    with pytest.raises(UserError, match=r"`--config` .*c.yaml' is not valid YAML: key 'per_class' is given twice "
+                                        r"\(lines 1 and 4\): keep one"):
+        load_config(path)
+    path.write_text("dct:\n  lr: 0.001\n  lr: 0.01\n")
+    with pytest.raises(UserError, match=r"key 'lr' is given twice \(lines 2 and 3\)"):
+        load_config(path)

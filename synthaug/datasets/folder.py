@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchvision.datasets.folder import find_classes, make_dataset
 
+from ..errors import UserError
 from ..names import clean_class_name
 from .base import IMG_EXTENSIONS, _ImageList, _not_found, pil_loader
 
@@ -41,4 +42,10 @@ class ImageFolder(_ImageList):
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
             raise _not_found(root, f"image files ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/")
-        self._set_samples([clean_class_name(n) for n in self.folder_names], samples)
+        names = [clean_class_name(n) for n in self.folder_names]
+        unnamed = [f for f, n in zip(self.folder_names, names) if not n]
+        if unnamed:  # a prompt needs a class name: refused here, before any class of the build is made
+            raise UserError(f"`root` {str(root)!r}: class folder {unnamed[0]!r} has no name once its number prefix is "
+                            f"dropped (prompts say 'a photo of <name>'): rename it, e.g. to "
+                            f"'{unnamed[0].rstrip('.')}.Some_class'.")
+        self._set_samples(names, samples)

@@ -40,9 +40,11 @@ def select_classes(dataset: Any, selection: str | None) -> list[int]:
     n = len(class_names)
     if selection is None or not str(selection).strip():
         return list(range(n))
-    by_name: dict[str, int] = {}
+    # A name matches its own class exactly; otherwise by `normalize_name`, which must then name one class only.
+    exact = {name: i for i, name in reversed(list(enumerate(class_names)))}
+    by_name: dict[str, list[int]] = {}
     for i, name in enumerate(class_names):
-        by_name.setdefault(normalize_name(name), i)
+        by_name.setdefault(normalize_name(name), []).append(i)
     chosen: set[int] = set()
     for part in str(selection).split(","):
         part = part.strip()
@@ -61,8 +63,14 @@ def select_classes(dataset: Any, selection: str | None) -> list[int]:
             if not 0 < k <= n:
                 raise UserError(f"`classes` {part!r} asks for {k} classes but the dataset has {n}: use 1..{n}.")
             chosen.update(_sample_classes(n, k, seed, supercategories))
-        elif (i := by_name.get(normalize_name(part))) is not None:
-            chosen.add(i)
+        elif part in exact:
+            chosen.add(exact[part])
+        elif (same := by_name.get(normalize_name(part))) is not None:
+            if len(same) > 1:
+                raise UserError(f"`classes` entry {part!r} matches {len(same)} classes "
+                                f"({', '.join(f'{i} {class_names[i]!r}' for i in same[:4])}): give the exact name "
+                                f"or the index, e.g. '{same[0]}'.")
+            chosen.add(same[0])
         else:
             close = difflib.get_close_matches(part, list(class_names), n=3)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
