@@ -121,7 +121,13 @@ class InspectResult:
             lines.extend(f"  {p}" for p in self.problems)
         if not self.complete and not self.failures:
             lines.append(f"resume with: {resume_command(self.out)}")
-        return "\n".join(lines)
+        return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """`text` with every control character (a terminal escape sequence's ESC included) shown as its escape code:
+    class names and metadata come from files and must not drive the user's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # --------------------------------------------------------------------------------------------------------------------

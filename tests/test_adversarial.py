@@ -484,3 +484,28 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     path.write_text("dct:\n  lr: 0.001\n  lr: 0.01\n")
     with pytest.raises(UserError, match=r"key 'lr' is given twice \(lines 2 and 3\)"):
         load_config(path)
+
+
+def test_a_build_with_a_damaged_config_says_how_to_go_on(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / "config.yaml").write_text("dataset: [unclosed\n")
+    with pytest.raises(UserError, match=r"`out` .* holds a synthaug build whose config.yaml is damaged \(its "
+                                        r"config.yaml is not readable YAML.*\): restore config.yaml to resume it, or "
+                                        r"pass --overwrite"):
+        build(_small(out, world), progress=False)
+    result = build(_small(out, world), overwrite=True, progress=False)
+    assert result.ok and result.images == 2
+
+
+def test_inspect_prints_no_terminal_escape_codes(tmp_path, reference):
+    import json
+
+    out = _copy(reference, tmp_path / "build")
+    plan = json.loads((out / "plan.json").read_text())
+    plan["jobs"][0]["name"] = "zero\x1b]0;pwned\x07\x1b[2J"
+    (out / "plan.json").write_text(json.dumps(plan))
+    (out / "failures.json").write_text(json.dumps({"failed": [{"class_index": 1, "name": "\x1b[31mone",
+                                                              "attempts": 1, "error": "boom\x1b[0m"}]}))
+    text = inspect(out).summary()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "zero\\x1b]0;pwned" in text and "boom\\x1b[0m" in text

@@ -97,6 +97,12 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
 
 def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
     old, why_not = _read_build_config(out)
+    if old is None and _read_plan(out) is not None:  # a build (its plan proves it) whose config.yaml was damaged
+        if overwrite:
+            return "overwrite"
+        raise UserError(f"`out` {str(out)!r} holds a synthaug build whose {CONFIG_FILE} is damaged ({why_not}): "
+                        f"restore {CONFIG_FILE} to resume it, or pass --overwrite to discard the build and start "
+                        f"over, or choose another --out.")
     if old is None:
         raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} but is not a synthaug build ({why_not}); "
                         f"{'--overwrite discards synthaug builds only, so ' if overwrite else ''}nothing there was "
