@@ -509,3 +509,14 @@ def test_inspect_prints_no_terminal_escape_codes(tmp_path, reference):
     text = inspect(out).summary()
     assert "\x1b" not in text and "\x07" not in text
     assert "zero\\x1b]0;pwned" in text and "boom\\x1b[0m" in text
+
+
+def test_another_cpus_per_worker_is_refused_on_a_cpu_resume(tmp_path, world, reference):
+    """On CPU the thread count changes float results: a resume must not mix images of two thread counts."""
+    out = _copy(reference, tmp_path / "build")
+    (out / "shards" / "00003_stats.json").unlink()
+    with pytest.raises(UserError, match=r"`run.cpus_per_worker` 1 -> 2: on CPU it is each worker's torch thread "
+                                        r"count.*resume with --set run.cpus_per_worker=1, or pass --overwrite"):
+        build(bw.config(out, *world, **{"run.cpus_per_worker": 2}), progress=False)
+    # a finished build has nothing left to mix: it stays finished
+    assert build(bw.config(reference, *world, **{"run.cpus_per_worker": 2}), progress=False).executor == "none"

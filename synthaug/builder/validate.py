@@ -33,6 +33,8 @@ from .executors import _import_ray, check_ray_address
 from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
+# One exception (`_existing_build`): on CPU, `run.cpus_per_worker` is the torch thread count, and the thread count
+# changes float results in their last bits, so it may change only while nothing was made.
 RESUMABLE_KEYS = ("run", "out")
 
 
@@ -115,6 +117,13 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
                             f"or run without --overwrite to resume it.")
         return "overwrite"
     changed = diff(old, config, ignore=RESUMABLE_KEYS)
+    if not changed and old.run.cpus_per_worker != config.run.cpus_per_worker and work_done(out) \
+            and resolve_device(config.device).type == "cpu":
+        was = old.run.cpus_per_worker
+        raise UserError(f"`run.cpus_per_worker` {was} -> {config.run.cpus_per_worker}: on CPU it is each worker's "
+                        f"torch thread count, which changes the last bits of float results, so tokens and images made "
+                        f"from now on would not match those already in {str(out)!r}: resume with --set "
+                        f"run.cpus_per_worker={was}, or pass --overwrite to start over.")
     if not changed:
         return "resume"
     if has_plan and not work_done(out):
