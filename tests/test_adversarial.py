@@ -520,3 +520,14 @@ def test_another_cpus_per_worker_is_refused_on_a_cpu_resume(tmp_path, world, ref
         build(bw.config(out, *world, **{"run.cpus_per_worker": 2}), progress=False)
     # a finished build has nothing left to mix: it stays finished
     assert build(bw.config(reference, *world, **{"run.cpus_per_worker": 2}), progress=False).executor == "none"
+
+
+def test_overwrite_keeps_a_users_tmp_files(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    mine = [out / ".tmp-notes", out / "shards" / ".tmp-00003.tar.mine", out / "tokens" / ".tmp-x.safetensors"]
+    for p in mine:
+        p.write_bytes(b"x")
+    leftover = out / "tokens" / ".tmp-001.safetensors.q9w8e7r6"
+    leftover.write_bytes(b"x")
+    assert build(_small(out, world), overwrite=True, progress=False).ok
+    assert all(p.read_bytes() == b"x" for p in mine) and not leftover.exists()
