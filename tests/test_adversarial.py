@@ -531,3 +531,10 @@ def test_overwrite_keeps_a_users_tmp_files(tmp_path, world, reference):
     leftover.write_bytes(b"x")
     assert build(_small(out, world), overwrite=True, progress=False).ok
     assert all(p.read_bytes() == b"x" for p in mine) and not leftover.exists()
+
+
+def test_an_overwrite_interrupted_before_deleting_anything_is_not_a_finished_build(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / ".overwriting").write_text("")  # killed right after the marker was written
+    with pytest.raises(UserError, match=r"`--overwrite` was interrupted"):
+        build(bw.config(out, *world), progress=False)
