@@ -224,6 +224,16 @@ def test_an_unreachable_or_invalid_ray_address_fails_in_seconds(tmp_path, world,
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "out" / "config.yaml").exists()
 
 
+def test_the_cli_says_an_unreachable_ray_address_on_one_line(tmp_path, world, capsys):
+    from synthaug.cli import main
+
+    cfg_file = bw.write_config(tmp_path / "config.yaml", tmp_path / "out", *world)
+    assert main(["build", "--config", str(cfg_file), "--executor", "ray", "--ray-address", "127.0.0.1:1", "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("synthaug build: error: `run.ray_address` '127.0.0.1:1': nothing "
+                                               "accepts connections there")
+
+
 def test_an_unreachable_ray_address_on_resume_names_the_resume_command(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     (out / "shards" / "00003_stats.json").unlink()
