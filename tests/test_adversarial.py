@@ -31,7 +31,7 @@ def _small(out, world, **extra):
 # --------------------------------------------------------------------------------------------------------------------
 def test_a_changed_label_member_fails_verify_and_is_redone_on_resume(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
-    tar = out / "shards" / "00001.tar"
+    tar = out / "shards" / "dct-00001.tar"
     with tarfile.open(tar) as t:
         member = next(m for m in t.getmembers() if m.name.endswith(".cls"))
     data = bytearray(tar.read_bytes())
@@ -39,7 +39,7 @@ def test_a_changed_label_member_fails_verify_and_is_redone_on_resume(tmp_path, w
     data[member.offset_data] = ord("7")  # the sample now claims class 7; the tar keeps its size
     tar.write_bytes(bytes(data))
     result = inspect(out, verify=True)
-    assert not result.ok and any("00001.tar" in p and "sha256" in p and "label" in p for p in result.problems)
+    assert not result.ok and any("dct-00001.tar" in p and "sha256" in p and "label" in p for p in result.problems)
     resumed = build(bw.config(out, *world), progress=False)  # index.parquet still there: the finished-build path
     assert resumed.images_new == 2 and bw.snapshot(out) == bw.snapshot(reference)
 
@@ -103,7 +103,8 @@ def test_an_interrupted_overwrite_is_finished_by_the_same_command(tmp_path, worl
         build(_small(out, world), progress=False)
     result = build(_small(out, world), overwrite=True, progress=False)
     assert result.ok and result.images == 2 and not (out / ".overwriting").exists()
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["dct-00000.tar"]
+    assert sorted(p.name for p in (out / "meta").iterdir()) == ["dct-00000.parquet", "dct-00000_stats.json"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,9 +225,19 @@ def test_an_unreachable_or_invalid_ray_address_fails_in_seconds(tmp_path, world,
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "out" / "config.yaml").exists()
 
 
+def test_the_cli_says_an_unreachable_ray_address_on_one_line(tmp_path, world, capsys):
+    from synthaug.cli import main
+
+    cfg_file = bw.write_config(tmp_path / "config.yaml", tmp_path / "out", *world)
+    assert main(["build", "--config", str(cfg_file), "--executor", "ray", "--ray-address", "127.0.0.1:1", "-q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("synthaug build: error: `run.ray_address` '127.0.0.1:1': nothing "
+                                               "accepts connections there")
+
+
 def test_an_unreachable_ray_address_on_resume_names_the_resume_command(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
-    (out / "shards" / "00003_stats.json").unlink()
+    (out / "meta" / "dct-00003_stats.json").unlink()
     with pytest.raises(UserError, match=r"nothing accepts connections there .* resume with: synthaug build --config "):
         build(bw.config(out, *world, **{"run.executor": "ray", "run.ray_address": "127.0.0.1:1"}), progress=False)
 
@@ -260,7 +271,7 @@ def test_a_damaged_stats_file_is_redone_and_never_copied(tmp_path, world, refere
     import json
 
     out = _copy(reference, tmp_path / "build")
-    stats = out / "shards" / "00003_stats.json"
+    stats = out / "meta" / "dct-00003_stats.json"
     data = json.loads(stats.read_text())
     data[field] = value
     stats.write_text(json.dumps(data))
@@ -288,7 +299,7 @@ def test_a_token_file_holding_another_class_token_is_refused(tmp_path, world, re
 def test_a_damaged_token_file_says_delete_it_and_run_again(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     (out / "tokens" / "002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    (out / "shards" / "00005_stats.json").unlink()  # class 2 has work left: its worker loads the token
+    (out / "meta" / "dct-00005_stats.json").unlink()  # class 2 has work left: its worker loads the token
     with pytest.raises(UserError, match=r"Token file .*002.safetensors.* is not a valid safetensors file .*: "
                                         r"delete .*002.safetensors and rerun `synthaug build --config"):
         build(bw.config(out, *world), progress=False)
@@ -317,7 +328,7 @@ def test_a_full_disk_is_one_line_and_the_resume_is_identical(tmp_path, world, re
     from synthaug.builder.driver import BuildFailed
 
     out = _copy(reference, tmp_path / "build")
-    (out / "shards" / "00003_stats.json").unlink()
+    (out / "meta" / "dct-00003_stats.json").unlink()
     resume = r"resume with: synthaug build --config "
     with monkeypatch.context() as m:
         _full_disk(m, *suffixes)
@@ -383,13 +394,13 @@ def test_export_checks_every_token_before_writing_any(tmp_path, reference):
 # --------------------------------------------------------------------------------------------------------------------
 # Only what synthaug wrote is deleted, and only inside --out
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("linked", ["tokens", "shards"])
+@pytest.mark.parametrize("linked", ["tokens", "shards", "meta"])
 def test_overwrite_refuses_a_linked_tokens_or_shards_folder(tmp_path, world, reference, linked):
     out = _copy(reference, tmp_path / "build")
     elsewhere = tmp_path / "elsewhere"
     shutil.move(out / linked, elsewhere)
     (out / linked).symlink_to(elsewhere)
-    (elsewhere / ".tmp-00000.tar.abcdefgh").write_bytes(b"x")
+    (elsewhere / ".tmp-dct-00000.tar.abcdefgh").write_bytes(b"x")
     before = sorted(p.name for p in elsewhere.iterdir())
     with pytest.raises(UserError, match=rf"`out` .*: {linked}/ is a symbolic link to .*elsewhere, and --overwrite "
                                         r"deletes only inside the build folder"):
@@ -400,10 +411,10 @@ def test_overwrite_refuses_a_linked_tokens_or_shards_folder(tmp_path, world, ref
 def test_a_resume_keeps_a_users_tmp_files(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     mine = [out / ".tmp-notes", out / "tokens" / ".tmp-backup.safetensors", out / "shards" / ".tmp-x"]
-    leftovers = [out / ".tmp-plan.json.k2j4h1x_", out / "shards" / ".tmp-00003.tar.a1b2c3d4"]
+    leftovers = [out / ".tmp-plan.json.k2j4h1x_", out / "shards" / ".tmp-dct-00003.tar.a1b2c3d4"]
     for p in mine + leftovers:
         p.write_bytes(b"x")
-    (out / "shards" / "00003_stats.json").unlink()
+    (out / "meta" / "dct-00003_stats.json").unlink()
     assert build(bw.config(out, *world), progress=False).ok
     assert all(p.exists() for p in mine) and not any(p.exists() for p in leftovers)
 
@@ -514,7 +525,7 @@ def test_inspect_prints_no_terminal_escape_codes(tmp_path, reference):
 def test_another_cpus_per_worker_is_refused_on_a_cpu_resume(tmp_path, world, reference):
     """On CPU the thread count changes float results: a resume must not mix images of two thread counts."""
     out = _copy(reference, tmp_path / "build")
-    (out / "shards" / "00003_stats.json").unlink()
+    (out / "meta" / "dct-00003_stats.json").unlink()
     with pytest.raises(UserError, match=r"`run.cpus_per_worker` 1 -> 2: on CPU it is each worker's torch thread "
                                         r"count.*resume with --set run.cpus_per_worker=1, or pass --overwrite"):
         build(bw.config(out, *world, **{"run.cpus_per_worker": 2}), progress=False)
@@ -524,10 +535,17 @@ def test_another_cpus_per_worker_is_refused_on_a_cpu_resume(tmp_path, world, ref
 
 def test_overwrite_keeps_a_users_tmp_files(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
-    mine = [out / ".tmp-notes", out / "shards" / ".tmp-00003.tar.mine", out / "tokens" / ".tmp-x.safetensors"]
+    mine = [out / ".tmp-notes", out / "shards" / ".tmp-dct-00003.tar.mine", out / "tokens" / ".tmp-x.safetensors"]
     for p in mine:
         p.write_bytes(b"x")
     leftover = out / "tokens" / ".tmp-001.safetensors.q9w8e7r6"
     leftover.write_bytes(b"x")
     assert build(_small(out, world), overwrite=True, progress=False).ok
     assert all(p.read_bytes() == b"x" for p in mine) and not leftover.exists()
+
+
+def test_an_overwrite_interrupted_before_deleting_anything_is_not_a_finished_build(tmp_path, world, reference):
+    out = _copy(reference, tmp_path / "build")
+    (out / ".overwriting").write_text("")  # killed right after the marker was written
+    with pytest.raises(UserError, match=r"`--overwrite` was interrupted"):
+        build(bw.config(out, *world), progress=False)

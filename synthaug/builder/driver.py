@@ -301,7 +301,8 @@ def _remove_tmp(out: Path) -> None:
 def _finished_build(config: BuildConfig) -> BuildResult | None:
     """A result when `config.out` holds a finished build of this very config (resuming it has nothing to do)."""
     out = Path(config.out).expanduser()
-    if not (out / CONFIG_FILE).is_file() or not (out / "index.parquet").is_file() or (out / FAILURES_FILE).exists():
+    if not (out / CONFIG_FILE).is_file() or not (out / "index.parquet").is_file() or (out / FAILURES_FILE).exists() \
+            or (out / OVERWRITE_MARKER).exists():  # an --overwrite began here: `_prepare` says how to finish it
         return None
     try:
         import yaml
