@@ -137,6 +137,9 @@ class GenerateConfig:
     # torch.compile the UNet once per worker, for generation only (token learning stays eager); the compile time is
     # logged and returned apart from the generation time (worker result "compile_seconds")
     compile: bool = False
+    # classes whose guide probability each image keeps in the index (plus the target class): the soft labels that
+    # `SynthAugDataset(targets="soft")` trains on; 0 keeps the target's alone
+    soft_top_k: int = 5
 
 
 @dataclass(frozen=True)

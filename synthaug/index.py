@@ -31,7 +31,7 @@ from .layout import (
     rebuild_hint,
     shard_paths,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, index_schema
+from .shards import FORMAT_VERSION, ShardError, ShardStats, conform, index_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,7 +82,7 @@ def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
     if t.num_rows != st.num_samples:
         raise ShardError(f"Shard {st.shard:05d} has {t.num_rows} rows in {path.name} but its stats say "
                          f"{st.num_samples}: {rebuild_hint(out, st.shard)}.")
-    return t.cast(index_schema())
+    return conform(t)
 
 
 def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
@@ -379,7 +379,7 @@ def load_index(out: str | os.PathLike) -> pa.Table:
     path = out / INDEX_FILE
     if path.is_file():
         try:
-            return pq.read_table(path).cast(index_schema())
+            return conform(pq.read_table(path))
         except (OSError, ValueError, pa.ArrowException) as e:
             raise ShardError(f"{path} is corrupt ({e}): rerun `synthaug build --config {out / 'config.yaml'}` to "
                              "merge it again from the shards.") from None
