@@ -52,6 +52,11 @@ def token_string(class_index: int) -> str:
     return TOKEN_FORMAT.format(class_index)
 
 
+def trust_path(out: str | os.PathLike, class_index: int) -> Path:
+    """``out/tokens/{class:03d}_trust.json``: a class token's trust verdict (``dct.trust``), written after the token."""
+    return Path(out) / TOKENS_DIR / f"{class_index:03d}_trust.json"
+
+
 def token_path(out: str | os.PathLike, class_index: int) -> Path:
     """``out/tokens/{class:03d}.safetensors``: the token file of one class (its presence means "token done")."""
     return Path(out) / TOKENS_DIR / f"{class_index:03d}.safetensors"
@@ -175,6 +180,9 @@ TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILUR
 _TOKEN_FILE_RE = re.compile(r"\d{3,}\.safetensors")
 
 
+_TRUST_FILE_RE = re.compile(r"\d{3,}_trust\.json")
+
+
 _SHARD_FILE_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
 
 
@@ -182,14 +190,16 @@ def build_files(out: str | os.PathLike) -> list[Path]:
     """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
 
     Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``index.parquet``, ``failures.json``
-    and leftover ``.tmp-*`` files of atomic writes; ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``;
+    and leftover ``.tmp-*`` files of atomic writes; ``tokens/``: ``NNN.safetensors``, ``NNN_trust.json``,
+    ``tokens.safetensors``;
     ``shards/``: ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json``. Folders are never listed, and the lock file
     is not a build output. Files only: a directory with a build file's name is not one.
     """
     out = Path(out)
     found = []
     for folder, wanted in ((out, lambda n: n in TOP_FILES),
-                           (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or _TOKEN_FILE_RE.fullmatch(n)),
+                           (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or bool(_TOKEN_FILE_RE.fullmatch(n) or
+                                                                             _TRUST_FILE_RE.fullmatch(n))),
                            (out / SHARDS_DIR, lambda n: bool(_SHARD_FILE_RE.fullmatch(n)))):
         if not folder.is_dir():
             continue

@@ -47,6 +47,7 @@ from ..layout import (
     shard_done,
     shard_paths,
     token_path,
+    trust_path,
 )
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, load_tokens, save_tokens
@@ -326,6 +327,10 @@ def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
             "stop_reason": meta.get("stop_reason") or None, "best_step": _int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })
+        trust = trust_path(out, j.class_index)
+        if trust.is_file():  # dct.trust: the verdict and its numbers; "fallback" when the class got the plain prompt
+            verdict = json.loads(trust.read_text())
+            classes[-1]["trust"] = {**verdict, "fallback": config.dct.trust == "fallback" and not verdict["trusted"]}
     save_tokens(tokens, out / TOKENS_DIR / ALL_TOKENS_FILE,
                 metadata={"model_id": config.model, "method": config.method, "guide": config.guide})
     merge_index(out, classes, train_methods=[config.method])
