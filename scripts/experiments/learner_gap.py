@@ -193,6 +193,7 @@ def main() -> int:
         keep = np.concatenate([np.flatnonzero(classes == c)[:per_class] for c in range(10)])
         return grey(images[keep], size), classes[keep]
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     cells = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for k in shots:
         for d in draws:
