@@ -12,6 +12,21 @@ build was made from (its config's ``dataset``/``root``).
 Writes ``eval/downstream.json``/``.csv`` and ``eval/table2.md`` (command line + tables); with ``--results FILE`` also
 the block ``<!-- synthaug:table2-NAME begin/end -->`` of FILE (nothing else in it changes).
 
+**The extended table** (``--row``, repeatable): each row is one synthetic set, ``NAME=BUILD[:METHOD][,KEY=VALUE...]``
+— a method of a build folder with `DownstreamConfig` settings of its own — so a row for any generation lever is a
+build made with it, and a row for a training lever is a setting::
+
+    python pipelines/reproduce_table2.py --shots 0,1,3,5,9,15 --seeds 5 --mode ratio --p 0.5 --out out/t2x \
+        --row sd=out/digits-report:sd --row sd+conf=out/digits-report:sd,min_confidence=0.9 \
+        --row dct=out/digits-report:dct --row dct+soft=out/digits-report:dct,targets=soft \
+        --row dct+init=out/digits-init:dct --learners cnn,linear --against sd,sd+conf
+
+Real images alone are a row of their own (``real``, from the first row's build). Every row trains with the same
+seeds, the same k real images per seed and `--synthetic-per-class` images; each learner (``cnn``: the default timm
+CNN; ``linear``: logistic regression on the pixels, ``arch=linear``) gets its own folder ``OUT/LEARNER/ROW``, and the
+table gives each row's mean with its 95% t-interval and its paired difference to every ``--against`` row
+(`synthaug.evaluate.paired`); ``OUT/table2.md`` holds it.
+
 Exit status: 0 done, 2 bad input.
 """
 
@@ -39,9 +54,90 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,3,9 but got {text!r}") from None
 
 
+# Settings a row may not change: they define the table (every row shares them) or only where it runs.
+TABLE_KEYS = ("shots", "seeds", "methods", "include_real", "device", "num_workers")
+LEARNERS = {"cnn": {}, "linear": {"arch": "linear"}}
+
+
+def parse_row(text: str) -> tuple[str, str, str | None, dict]:
+    """``NAME=BUILD[:METHOD][,KEY=VALUE...]`` -> (name, build, method, DownstreamConfig overrides)."""
+    import dataclasses
+
+    import yaml
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest.strip():
+        raise UserError(f"`--row` {text!r} must look like NAME=BUILD[:METHOD][,KEY=VALUE...], e.g. "
+                        "sd+conf=out/digits-report:sd,min_confidence=0.9.")
+    where, *settings = rest.split(",")
+    build, _, method = where.rpartition(":") if ":" in where else (where, "", "")
+    fields = {f.name for f in dataclasses.fields(DownstreamConfig)} - set(TABLE_KEYS)
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise UserError(f"`--row` {text!r}: {item!r} is not KEY=VALUE with KEY a DownstreamConfig setting a "
+                            f"row may change ({', '.join(sorted(fields))}).")
+        overrides[key] = yaml.safe_load(value)
+    return name.strip(), build, method or None, overrides
+
+
+def run_rows(args, command: str) -> int:
+    """The extended table: every `--row` x learner, real images alone, and the paired comparisons."""
+    from synthaug.evaluate.paired import compare_rows, format_comparison, load_row_cells
+
+    rows = [parse_row(r) for r in args.row]
+    names = [r[0] for r in rows]
+    if len(set(names)) != len(names) or "real" in names:
+        raise UserError(f"`--row` names must be unique and not 'real' (real images alone are a row already): "
+                        f"{', '.join(names)}.")
+    against = [a for a in (args.against or "").split(",") if a]
+    unknown = [a for a in against if a not in names + ["real"]]
+    if unknown:
+        raise UserError(f"`--against` {', '.join(unknown)} is not a row: pass names of --row (or real).")
+    learners = [x for x in args.learners.split(",") if x]
+    bad = [x for x in learners if x not in LEARNERS]
+    if bad:
+        raise UserError(f"`--learners` {', '.join(bad)} unknown: use {', '.join(LEARNERS)}.")
+    out = Path(args.out or "out/table2")
+    pretrained = {"true": True, "false": False}.get(str(args.pretrained).lower(), args.pretrained)
+    markdown = [f"### Table 2, extended: {', '.join(names)} ({', '.join(learners)})", "", f"`{command}`", ""]
+    for learner in learners:
+        tables = {}
+        for name, build, method, overrides in [("real", rows[0][1], None, {})] + rows:
+            view = open_build(build)
+            real = args.real or view.config.get("dataset")
+            root = args.root if args.root is not None else (view.config.get("root") if not args.real else None)
+            settings = {
+                "train_split": args.train_split, "test_split": args.test_split, "shots": args.shots,
+                "seeds": args.seeds, "shots_seed": args.shots_seed, "synthetic_per_class": args.synthetic_per_class,
+                "mode": args.mode, "p": args.p, "min_confidence": args.min_confidence, "class_map": args.class_map,
+                "arch": args.arch, "arch_kwargs": args.arch_kwargs, "pretrained": pretrained, "steps": args.steps,
+                "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "num_workers": args.workers,
+                "image_size": args.image_size,
+            }
+            settings.update(LEARNERS[learner])
+            if learner == "linear":
+                settings.update(arch_kwargs=None, pretrained=False, image_size=args.linear_size or args.image_size)
+            settings.update(overrides)
+            config = DownstreamConfig(**settings, methods=[] if name == "real" else [method or view.methods[-1]],
+                                      include_real=name == "real")
+            folder = out / learner / name
+            train_downstream(view.root, real, config, root=root, out=folder, progress=not args.quiet)
+            tables[name] = load_row_cells([folder], "real" if name == "real" else config.methods[0])
+        stats, diffs = compare_rows(tables, against)
+        markdown += [format_comparison(stats, diffs, title=f"learner: {learner}"), ""]
+    text = "\n".join(markdown)
+    write_text(out / "table2.md", text)
+    if args.results:
+        write_results_block(Path(args.results), f"table2x-{out.name}", text)
+    print(text + f"\nwrote {out / 'table2.md'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("build", help="build directory (synthaug build --out)")
+    parser.add_argument("build", nargs="?", help="build directory (synthaug build --out); with --row: none")
     parser.add_argument("--real", help="real dataset name (default: the build's dataset)")
     parser.add_argument("--root", help="real dataset root (default: the build's root)")
     parser.add_argument("--train-split", help="real training split (default train)")
@@ -68,11 +164,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--results", help="markdown file whose synthaug:table2-NAME block gets the tables")
+    parser.add_argument("--image-size", type=int, help="training resolution (default: the build's image size)")
+    parser.add_argument("--row", action="append", default=[],
+                        help="NAME=BUILD[:METHOD][,KEY=VALUE...]: one row of the extended table (repeatable)")
+    parser.add_argument("--learners", default="cnn", help="with --row: cnn, linear or cnn,linear")
+    parser.add_argument("--linear-size", type=int, help="with --row: the linear learner's pixel size (default: "
+                                                        "--image-size)")
+    parser.add_argument("--against", default="", help="with --row: rows every row is compared with, e.g. sd,sd+conf")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     configure_logging(timestamps=True)
     command = rerun_command("pipelines/reproduce_table2.py", argv)
     pretrained = {"true": True, "false": False}.get(str(args.pretrained).lower(), args.pretrained)
+    if args.row:
+        if args.build:
+            parser.error("pass either a build or --row, not both (a row names its build)")
+        try:
+            return run_rows(args, command)
+        except UserError as e:
+            print(f"reproduce_table2: error: {e}", file=sys.stderr)
+            return 2
+    if not args.build:
+        parser.error("a build directory (or --row) is required")
     try:
         view = open_build(args.build)
         real = args.real or view.config.get("dataset")
@@ -86,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
             min_confidence=args.min_confidence, class_map=args.class_map, arch=args.arch,
             arch_kwargs=args.arch_kwargs, pretrained=pretrained, steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, device=args.device, num_workers=args.workers,
+            lr=args.lr, device=args.device, num_workers=args.workers, image_size=args.image_size,
         )
         result = train_downstream(view.root, real, config, root=root, out=args.out, progress=not args.quiet)
     except UserError as e:

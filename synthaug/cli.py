@@ -175,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     shots = [int(s) for s in args.shots.split(",")]
     result = train_downstream(args.out_dir, real=args.real, root=args.root, shots=shots, seeds=args.seeds,
                               synthetic_per_class=args.synthetic_per_class, mode=args.mode, p=args.p,
-                              min_confidence=args.min_confidence, arch=args.arch, epochs=args.epochs,
+                              min_confidence=args.min_confidence, targets=args.targets,
+                              temperature=args.temperature, arch=args.arch, epochs=args.epochs,
                               test_split=args.test_split, class_map=args.class_map,
                               device=args.device or "auto", progress=not args.quiet)
     print(format_table(result))
@@ -295,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "few-shot setting that measured best (RESULTS.md); concat is the paper's Table 2 protocol")
     p.add_argument("--p", type=float, default=0.5, help="ratio: synthetic share of each epoch; replace: swap odds")
     p.add_argument("--min-confidence", type=float, help="keep synthetic images with guide probability >= this")
-    p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size)")
+    p.add_argument("--targets", default="hard", choices=("hard", "soft"),
+                   help="soft: synthetic images train towards the guide's recorded probabilities (soft cross-entropy), "
+                        "real ones towards their label")
+    p.add_argument("--temperature", type=float, default=1.0, help="soft targets: guide probabilities ** (1 / this)")
+    p.add_argument("--arch", help="timm architecture (default: a small CNN fit for the image size), or linear: "
+                                  "logistic regression on the pixels")
     p.add_argument("--epochs", type=int)
     p.add_argument("--test-split", help="real split to test on (default: test, or val where there is no test split)")
     p.add_argument("--class-map", help="build class -> real class when names differ: inat179, inat179:ROOT, or a "

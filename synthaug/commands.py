@@ -38,6 +38,7 @@ from .layout import (
     shard_name,
     token_path,
     token_string,
+    trust_path,
 )
 from .models import load_diffusion
 from .shards import encode_image
@@ -55,6 +56,7 @@ from .tokens.io import (
     token_updates,
 )
 from .tokens.text import token_name
+from .tokens.trust import TrustVerdict
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +70,8 @@ class InspectResult:
         out: the build directory.
         config: the build's resolved config (``config.yaml``) as a nested dict.
         classes: per selected class: ``index``, ``name``, ``token``, ``token_done``, ``images`` ({method: count}),
-            ``shards_done``, ``shards`` (planned), and token ``steps`` / ``stop_reason`` where the token exists.
+            ``shards_done``, ``shards`` (planned), and token ``steps`` / ``stop_reason`` where the token exists, and
+            ``trust`` (the ``dct.trust`` verdict: ``trusted``, its numbers, ``fallback``) where it was checked.
         counts: ``{method: {class_index: images on disk}}``.
         images: images on disk; `images_expected`: images the plan makes.
         shards_done / shards_expected: finished shards / planned shards.
@@ -116,6 +119,13 @@ class InspectResult:
                 + " ".join(f"{c['images'].get(m, 0):>6}" for m in methods)
                 + f"  {'' if c.get('steps') is None else c['steps']:>5}  {c.get('stop_reason') or ''}"
             )
+        checked = [c for c in self.classes if c.get("trust")]
+        if checked:
+            lines.append(f"trust check (dct.trust={cfg.get('dct', {}).get('trust')}):")
+        for c in checked:
+            t = TrustVerdict(**{k: v for k, v in c["trust"].items() if k != "fallback"})
+            lines.append(f"{c['index']:>6}  {str(c['name'])[:28]:<28} {t.describe()}"
+                         + ("; generated with the plain prompt" if c["trust"].get("fallback") else ""))
         for f in self.failures:
             lines.append(f"FAILED class {f['class_index']} ({f.get('name')}) after {f.get('attempts')} attempt(s): "
                          f"{f.get('error', '').splitlines()[0] if f.get('error') else ''}")
@@ -206,6 +216,12 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
                         "shards_done": done_here, "shards": len(j.shards), "steps": _int_or_none(meta.get("steps")),
                         "updates": token_updates(meta),
                         "stop_reason": meta.get("stop_reason") or None})
+        trust = trust_path(out, j.class_index)
+        if trust.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                verdict = json.loads(trust.read_text())
+                classes[-1]["trust"] = {**verdict, "fallback": (config.get("dct") or {}).get("trust") == "fallback"
+                                        and not verdict.get("trusted")}
     failures: list[dict[str, Any]] = []
     if (out / FAILURES_FILE).is_file():
         with contextlib.suppress(OSError, ValueError):

@@ -97,6 +97,13 @@ class DCTConfig:
     # and inside them diffusers' per-block checkpointing; ~2 extra forwards of those calls per update.
     micro_batch: int | None = None
     checkpointing: bool = False
+    # A per-class check of the learned token against the user's own real images (synthaug.tokens.trust): "off",
+    # "warn" (log a distrusted class) or "fallback" (generate a distrusted class with the plain prompt instead). It
+    # reads trust_shots real images per class of the build's dataset split (drawn with `seed`) and makes trust_images
+    # check images with the token and as many with the plain prompt. Not part of the token: its file never records it.
+    trust: str = "off"
+    trust_shots: int = 5
+    trust_images: int = 8
 
     @property
     def learning_rate(self) -> float:
@@ -145,6 +152,9 @@ class GenerateConfig:
     # minutes on CPUs and gains little). Compiled code is cached on disk (generation.compile_cache_dir) for every
     # worker and rerun. The images equal the eager ones up to float rounding.
     compile: bool | None = None
+    # classes whose guide probability each image keeps in the index (plus the target class): the soft labels that
+    # `SynthAugDataset(targets="soft")` trains on; 0 keeps the target's alone
+    soft_top_k: int = 5
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,7 @@ VALID = {
     "dct.select": ("min_loss", "last", "val"),
     "dct.patience_metric": ("loss", "val"),
     "dct.lr_schedule": ("constant", "cosine"),
+    "dct.trust": ("off", "warn", "fallback"),
 }
 
 
@@ -526,7 +537,7 @@ def get(cfg: Any, dotted: str) -> Any:
 
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
-            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "generate.batch_size", "generate.num_inference_steps",
+            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_shots", "dct.trust_images", "generate.batch_size", "generate.num_inference_steps",
             "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
@@ -637,6 +648,9 @@ def validate(cfg: BuildConfig) -> None:
     for p in cfg.dct.prompts:
         if "{token}" not in p:
             raise UserError(f"`dct.prompts` entry {p!r} has no {{token}} placeholder: add one where S_c goes.")
+    if cfg.dct.trust != "off" and cfg.method != "dct":
+        raise UserError(f"`dct.trust` {cfg.dct.trust!r} checks DCT tokens, but `method` is {cfg.method!r}: set "
+                        "dct.trust=off, or method=dct.")
     if "{token}" not in cfg.generate.prompt:
         raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
     if cfg.baseline and "{label}" not in cfg.generate.prompt and parse_guide_target(cfg.guide_target).is_class:

@@ -67,6 +67,10 @@ class GeneratedImage:
     # The scheduler's diffusers config as JSON (`scheduler_config_json`): with the rest of the row, what a stock
     # pipeline needs to make the same image again.
     scheduler_config: str | None = None
+    # the guide's soft label, compact: its `generate.soft_top_k` most likely classes (most likely first), then the
+    # target class when it is not among them, with their probabilities (None without a classifier)
+    guide_soft_classes: list[int] | None = None
+    guide_soft_probs: list[float] | None = None
 
 
 def generate(
@@ -91,7 +95,9 @@ def generate(
         indices: which images of the class to make; image ``i`` always gets seed ``image_seed(config.seed, class, i)``.
         config: prompt template, steps, guidance, size, batch size (None: `batch_size_for` picks it), base seed.
         method: recorded in the metadata; default ``"dct"`` with a token, ``"sd"`` without.
-        classifier: optional guide; fills `guide_prob` / `guide_top5`, scored on the 8-bit image as saved.
+        classifier: optional guide; fills `guide_prob`, `guide_top5` and the soft label (`guide_soft_classes`,
+            `guide_soft_probs`: the top `config.soft_top_k` classes and the target), scored on the 8-bit image as
+            saved.
         progress: show a tqdm bar over batches.
 
     Returns:
@@ -154,9 +160,9 @@ def generate(
             # Exactly the pipeline's own PIL conversion (round to 8 bit), so these are the bytes output_type="pil"
             # would give; the guide scores the same 8-bit pixels a later reader of the PNG sees.
             pils = pipe.image_processor.numpy_to_pil(result.images)
-            probs = top5 = None
+            probs = top5 = soft = None
             if classifier is not None:
-                probs, top5 = _score(classifier, pils, class_index)
+                probs, top5, soft = _score(classifier, pils, class_index, config.soft_top_k)
 
             # 3. Record per-sample metadata
             for j, (i, seed, image) in enumerate(zip(batch, seeds, pils)):
@@ -167,6 +173,8 @@ def generate(
                     height=config.height, width=config.width,
                     guide_prob=None if probs is None else probs[j], guide_top5=None if top5 is None else top5[j],
                     scheduler_config=scheduler_config,
+                    guide_soft_classes=None if soft is None else soft[j][0],
+                    guide_soft_probs=None if soft is None else soft[j][1],
                 ))
             if bar is not None:
                 bar.update(len(batch))
@@ -190,8 +198,10 @@ def scheduler_config_json(scheduler: Any) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"), default=list)
 
 
-def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple[list[float], list[list[int]]]:
-    """Target-class probability and top-5 classes of 8-bit PIL images under `classifier` (images in [0, 1])."""
+def _score(classifier: torch.nn.Module, images: list, class_index: int, top_k: int = 5
+           ) -> tuple[list[float], list[list[int]], list[tuple[list[int], list[float]]]]:
+    """Target-class probability, top-5 classes and the soft label (top `top_k` classes plus the target, with their
+    probabilities) of 8-bit PIL images under `classifier` (images in [0, 1])."""
     import numpy as np
     import torch
 
@@ -203,7 +213,11 @@ def _score(classifier: torch.nn.Module, images: list, class_index: int) -> tuple
     with torch.no_grad():
         probs = classifier(x).float().softmax(-1)
     top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
-    return probs[:, class_index].tolist(), top.tolist()
+    soft = []
+    for row, ranked in zip(probs, probs.topk(min(top_k, probs.shape[-1]), dim=-1).indices.tolist()):
+        classes = ranked if class_index in ranked else [*ranked, class_index]
+        soft.append((classes, row[classes].tolist()))
+    return probs[:, class_index].tolist(), top.tolist(), soft
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .layout import (
     token_path,
     token_string,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, index_schema
+from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, conform, index_schema
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -100,7 +100,7 @@ def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
     if t.num_rows != st.num_samples:
         raise ShardError(f"Shard {shard_name(st.shard, st.method)} has {t.num_rows} rows in {path.name} but its "
                          f"stats say {st.num_samples}: {rebuild_hint(out, st.shard, st.method)}.")
-    return t.cast(index_schema())
+    return conform(t)
 
 
 def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
@@ -406,7 +406,7 @@ def load_index(out: str | os.PathLike) -> pa.Table:
     path = out / INDEX_FILE
     if path.is_file():
         try:
-            return pq.read_table(path).cast(index_schema())
+            return conform(pq.read_table(path))
         except (OSError, ValueError, pa.ArrowException) as e:
             raise ShardError(f"{path} is corrupt ({e}): rerun `synthaug build --config {out / 'config.yaml'}` to "
                              "merge it again from the shards.") from None

@@ -61,6 +61,11 @@ def token_string(class_index: int) -> str:
     return TOKEN_FORMAT.format(class_index)
 
 
+def trust_path(out: str | os.PathLike, class_index: int) -> Path:
+    """``out/tokens/{class:03d}_trust.json``: a class token's trust verdict (``dct.trust``), written after the token."""
+    return Path(out) / TOKENS_DIR / f"{class_index:03d}_trust.json"
+
+
 def token_path(out: str | os.PathLike, class_index: int) -> Path:
     """``out/tokens/{class:03d}.safetensors``: the token file of one class (its presence means "token done")."""
     return Path(out) / TOKENS_DIR / f"{class_index:03d}.safetensors"
@@ -247,6 +252,9 @@ TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILUR
 _TOKEN_FILE_RE = re.compile(r"\d{3,}\.safetensors")
 
 
+_TRUST_FILE_RE = re.compile(r"\d{3,}_trust\.json")
+
+
 _SHARD_FILE_RE = re.compile(r"[a-z0-9_]+-\d{5,}\.tar")
 
 
@@ -257,7 +265,8 @@ def build_files(out: str | os.PathLike) -> list[Path]:
     """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
 
     Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``shards.wids.json``,
-    ``index.parquet``, ``failures.json``; ``tokens/``: ``NNN.safetensors``, ``tokens.safetensors``; ``shards/``:
+    ``index.parquet``, ``failures.json``; ``tokens/``: ``NNN.safetensors``, ``NNN_trust.json``,
+    ``tokens.safetensors``; ``shards/``:
     ``METHOD-NNNNN.tar`` (format 1's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json`` too); ``meta/``:
     ``METHOD-NNNNN.parquet``, ``METHOD-NNNNN_stats.json``; in each, the leftovers of atomic writes of those names
     (``.tmp-NAME.XXXXXXXX``, see `build_tmp_name`): a user's own ``.tmp-notes`` is not one. Folders are never listed,
@@ -267,7 +276,8 @@ def build_files(out: str | os.PathLike) -> list[Path]:
     out = Path(out)
     found = []
     for folder, wanted in ((out, lambda n: n in TOP_FILES),
-                           (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or _TOKEN_FILE_RE.fullmatch(n)),
+                           (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or bool(_TOKEN_FILE_RE.fullmatch(n) or
+                                                                             _TRUST_FILE_RE.fullmatch(n))),
                            (out / SHARDS_DIR,
                             lambda n: bool(_SHARD_FILE_RE.fullmatch(n) or _LEGACY_SHARD_RE.fullmatch(n))),
                            (out / META_DIR, lambda n: bool(_META_FILE_RE.fullmatch(n)))):

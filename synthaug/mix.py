@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("concat", "replace", "ratio")
 
+TARGETS = ("hard", "soft")  # what an item's target is: the class index, or a probability vector over the classes
+
 
 class Source(NamedTuple):
     """Where item `i` comes from in the current epoch."""
@@ -122,6 +124,13 @@ class SynthAugDataset(VisionDataset):
         class_map: build class index -> real target, when the build's classes are not the real dataset's (a CUB
             build with iNat179 real images, `synthaug.evaluate.names.map_classes`); synthetic images of build classes
             it leaves out are dropped. It replaces the name check.
+        targets: ``"hard"``: every target is the class index. ``"soft"``: a float32 tensor of class probabilities —
+            the guide's soft label for a synthetic image (distillation through images: the probabilities the build
+            recorded for its top classes and the target, the rest of the mass spread evenly over the other classes),
+            one-hot for a real image. Train with ``torch.nn.functional.cross_entropy(logits, target)``, which takes
+            probabilities. Needs a build that recorded them (``guide_soft_probs`` in the index).
+        temperature: ``"soft"`` only: each synthetic label becomes ``p ** (1 / temperature)``, renormalised; 1 keeps
+            the guide's probabilities, above 1 softens them, below 1 sharpens them towards the guide's top class.
 
     >>> from synthaug.datasets import CUB200
     >>> ds = SynthAugDataset("out/cub", real=CUB200("data/CUB_200_2011"), shots=5, mode="concat")  # doctest: +SKIP
@@ -146,6 +155,8 @@ class SynthAugDataset(VisionDataset):
         check_sha256: bool = False,
         class_map: Mapping[int, int] | None = None,
         shots_seed: int | None = None,
+        targets: str = "hard",
+        temperature: float = 1.0,
     ) -> None:
         super().__init__(str(root), transform=transform, target_transform=target_transform)
         # 1. Check the arguments before touching any data.
@@ -158,6 +169,11 @@ class SynthAugDataset(VisionDataset):
             raise UserError(f"`synthetic_per_class` must be >= 0 (or None for all) but is {synthetic_per_class!r}.")
         if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
             raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
+        if targets not in TARGETS:
+            raise UserError(f"`targets` must be one of {', '.join(TARGETS)} but is {targets!r}.")
+        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+            raise UserError(f"`temperature` must be a finite number > 0 but is {temperature!r}: 1 keeps the guide's "
+                            "probabilities.")
         if methods is not None:
             methods = [methods] if isinstance(methods, str) else list(methods)
             bad = [m for m in methods if m not in KNOWN_METHODS]
@@ -168,6 +184,7 @@ class SynthAugDataset(VisionDataset):
         self.min_confidence = min_confidence
         self.synthetic_per_class = synthetic_per_class
         self.check_sha256 = check_sha256
+        self.target_kind, self.temperature = targets, float(temperature)
         self.real = real
         if real is not None and transform is not None and getattr(real, "transform", None) is not None:
             warnings.warn("`real` has its own transform and SynthAugDataset applies `transform` again to real "
@@ -175,8 +192,9 @@ class SynthAugDataset(VisionDataset):
 
         # 2. Synthetic rows: filter by method and confidence, then cap per class.
         table = load_index(root)
-        rows = table.select(["key", "class_index", "class_name", "method", "index", "guide_prob", "shard",
-                             "offset", "size", "sha256", "image_format"]).to_pydict()
+        columns = ["key", "class_index", "class_name", "method", "index", "guide_prob", "shard", "offset", "size",
+                   "sha256", "image_format"] + (["guide_soft_classes", "guide_soft_probs"] if targets == "soft" else [])
+        rows = table.select(columns).to_pydict()
         available = sorted(set(rows["method"]))
         keep = np.ones(table.num_rows, dtype=bool)
         if methods is not None:
@@ -234,11 +252,11 @@ class SynthAugDataset(VisionDataset):
             self._real_index = np.zeros(0, dtype=np.int64)
             self._real_targets = np.zeros(0, dtype=np.int64)
         else:
-            targets = targets_of(real)
-            chosen = (list(range(len(targets))) if shots is None
-                      else few_shot_indices(targets, shots, seed if shots_seed is None else shots_seed))
+            real_targets = targets_of(real)
+            chosen = (list(range(len(real_targets))) if shots is None
+                      else few_shot_indices(real_targets, shots, seed if shots_seed is None else shots_seed))
             self._real_index = np.asarray(chosen, dtype=np.int64)
-            self._real_targets = np.asarray([targets[i] for i in chosen], dtype=np.int64)
+            self._real_targets = np.asarray([real_targets[i] for i in chosen], dtype=np.int64)
         n_real, n_syn = len(self._real_index), len(self._syn_class)
         if mode in ("replace", "ratio") and n_real == 0:
             raise UserError(f"mode={mode!r} mixes synthetic images into real ones, but there are no real images "
@@ -247,6 +265,10 @@ class SynthAugDataset(VisionDataset):
         if mode in ("replace", "ratio") and n_syn == 0 and p > 0:
             logger.warning("no synthetic images selected: mode=%r serves real images only", mode)
         self._n_ratio = round(n_real * self.p / (1.0 - self.p)) if mode == "ratio" and n_syn else 0
+
+        # 5. Soft labels: one probability vector per synthetic row, over this dataset's classes.
+        self._soft = (self._soft_labels(rows, order, class_map, Path(root)) if targets == "soft"
+                      else np.zeros((0, 0), np.float32))
         self._epoch = _SharedEpoch(0)
         self._plan_cache: tuple[int, np.ndarray] | None = None
         self._reader = ShardReader(root)
@@ -275,6 +297,41 @@ class SynthAugDataset(VisionDataset):
             raise UserError(f"Class indices of {self.root} and the real dataset disagree ({len(bad)} classes; "
                             f"{'; '.join(bad[:3])}): build from the same dataset and class list, or pass "
                             "check_classes=False if the names differ only in wording.")
+
+    def _soft_labels(self, rows: dict[str, list], order: np.ndarray, class_map: Mapping[int, int] | None,
+                     root: Path) -> np.ndarray:
+        """(synthetic rows, classes) float32: the stored guide probabilities, the rest spread evenly, tempered."""
+        n_classes = len(self.classes)
+        soft = np.zeros((len(order), n_classes), dtype=np.float64)
+        for j, r in enumerate(order.tolist()):
+            classes, probs = rows["guide_soft_classes"][r], rows["guide_soft_probs"][r]
+            if classes is None or probs is None:
+                raise UserError(
+                    f"targets='soft' needs the guide's probabilities of every synthetic image, but "
+                    f"{rows['key'][r]!r} in {root} has none (a build made before synthaug recorded them, or without "
+                    f"a guide): rebuild it with `synthaug build --config {root / 'config.yaml'} --overwrite`, or "
+                    "use targets='hard'.")
+            stored = np.zeros(n_classes, dtype=bool)
+            for c, pr in zip(classes, probs):
+                t = class_map.get(int(c)) if class_map is not None else int(c)
+                if t is not None and 0 <= t < n_classes:
+                    soft[j, t] += pr
+                    stored[t] = True
+            rest = max(0.0, 1.0 - float(soft[j].sum()))
+            if (~stored).any():
+                soft[j, ~stored] = rest / int((~stored).sum())
+        soft = np.clip(soft, 1e-12, None) ** (1.0 / self.temperature)
+        return (soft / soft.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def target_vector(self, src: Source) -> Any:
+        """The soft target of an item's `Source`: the synthetic row's guide label, or one-hot for a real image."""
+        import torch
+
+        if src.kind == "synthetic":
+            return torch.from_numpy(self._soft[src.index].copy())
+        one_hot = torch.zeros(len(self.classes), dtype=torch.float32)
+        one_hot[src.target] = 1.0
+        return one_hot
 
     # ----------------------------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -338,7 +395,7 @@ class SynthAugDataset(VisionDataset):
                 img = img.convert("RGB")
         else:
             img = self.load_synthetic(src.index)
-        target = src.target
+        target = self.target_vector(src) if self.target_kind == "soft" else src.target
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
@@ -391,7 +448,7 @@ class SynthAugDataset(VisionDataset):
             f"Real: {real}",
             f"Synthetic: {len(self._syn_class)} images in {len(self._by_class)} classes (methods: {methods})",
             f"Classes: {len(self.classes)}",
-        ])
+        ] + ([f"Targets: soft (temperature {self.temperature:g})"] if self.target_kind == "soft" else []))
 
 
-__all__ = ["MODES", "Source", "SynthAugDataset"]
+__all__ = ["MODES", "TARGETS", "Source", "SynthAugDataset"]

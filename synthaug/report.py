@@ -35,6 +35,7 @@ from .evaluate.tables import load_result, result_tables
 from .index import BuildView, _method_sort_key, open_build
 from .layout import EVAL_DIR, REPORT_DIR
 from .tokens.io import token_metadata, token_updates
+from .tokens.trust import TrustVerdict
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -442,6 +443,10 @@ def write_report(
                 meta.append(f"stop: {esc(str(info['stop_reason']))}")
             if acc:
                 meta.append(f"judge top-1: {esc(acc)}")
+            if crow.get("trust"):  # dct.trust: the per-class verdict from the user's own real images
+                t = crow["trust"]
+                meta.append(esc(TrustVerdict(**{k: v for k, v in t.items() if k != "fallback"}).describe()
+                                + ("; generated with the plain prompt" if t.get("fallback") else "")))
             # Columns are seeds (the same noise for every method); headed by the sample index, the seed on hover
             index_of = {c.seed: c.index for c in cells.values()}
             grid = ['<table class="grid"><tr><th></th>' + "".join(

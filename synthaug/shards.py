@@ -96,10 +96,12 @@ def index_schema() -> pa.Schema:
     """Columns of the per-shard parquet files and of ``index.parquet`` (ARCHITECTURE.md, plus `index`, `image_format`).
 
     `token_sha256` is null for the plain-prompt baseline, `guide_prob`/`guide_top5` are null when no guide scored the
-    image, `judge_prob` is null until an evaluation fills it. `scheduler_config` is the JSON of the scheduler's
-    diffusers config (``getattr(diffusers, row["scheduler"]).from_config(json.loads(row["scheduler_config"]))``
-    rebuilds it; null when the writer did not record it). `shard_path` is the tar relative to the build folder;
-    `offset`/`size` locate the image bytes inside it.
+    image, and so are `guide_soft_classes`/`guide_soft_probs` (the guide's soft label: its `generate.soft_top_k` most
+    likely classes, then the target class when it is not among them, and their probabilities; null too in builds
+    made before they were recorded), `judge_prob` is null until an evaluation fills it. `scheduler_config` is the
+    JSON of the scheduler's diffusers config (``getattr(diffusers, row["scheduler"]).from_config(
+    json.loads(row["scheduler_config"]))`` rebuilds it; null when the writer did not record it). `shard_path` is the
+    tar relative to the build folder; `offset`/`size` locate the image bytes inside it.
     """
     import pyarrow as pa
 
@@ -121,6 +123,8 @@ def index_schema() -> pa.Schema:
         ("width", pa.int64()),
         ("guide_prob", pa.float64()),
         ("guide_top5", pa.list_(pa.int64())),
+        ("guide_soft_classes", pa.list_(pa.int64())),
+        ("guide_soft_probs", pa.list_(pa.float32())),
         ("judge_prob", pa.float64()),
         ("image_format", pa.string()),
         ("shard", pa.int64()),
@@ -131,12 +135,37 @@ def index_schema() -> pa.Schema:
     ])
 
 
+# Columns added to the index after builds were made with it: an older table gets them as nulls (`conform`).
+LATER_COLUMNS = ("guide_soft_classes", "guide_soft_probs")
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """`table` (a shard's parquet or an index) in today's `index_schema`, the columns added since it was written
+    (`LATER_COLUMNS`) filled with nulls, so builds made before them still read."""
+    import pyarrow as pa
+
+    schema = index_schema()
+    for name in LATER_COLUMNS:
+        if name not in table.column_names:
+            field = schema.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
+
+
 def _opt_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
 def _opt_str(v: Any) -> str | None:
     return None if v is None else str(v)
+
+
+def _opt_ints(v: Any) -> list[int] | None:
+    return None if v is None else [int(x) for x in v]
+
+
+def _opt_floats(v: Any) -> list[float] | None:
+    return None if v is None else [float(x) for x in v]
 
 
 def _top5(v: Any) -> list[int] | None:
@@ -184,6 +213,8 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
         "width": int(sample.width),
         "guide_prob": _opt_float(sample.guide_prob),
         "guide_top5": _top5(sample.guide_top5),
+        "guide_soft_classes": _opt_ints(getattr(sample, "guide_soft_classes", None)),
+        "guide_soft_probs": _opt_floats(getattr(sample, "guide_soft_probs", None)),
         "judge_prob": _opt_float(getattr(sample, "judge_prob", None)),
         "image_format": image_format,
     }

@@ -44,7 +44,7 @@ def make_build(root: Path, samples: list[dict], *, classes: list[str] = DIGITS, 
     """Write a build directory: shards (one per (method, class)), index.parquet, classes.json, config.yaml.
 
     Each sample dict holds ``method, class_index, index, image`` and optionally ``seed`` (default: the index, so
-    methods share seeds) and ``guide_prob``. `histories` adds token files with a training history per class.
+    methods share seeds), ``guide_prob`` and the soft label ``guide_soft_classes``/``guide_soft_probs``. `histories` adds token files with a training history per class.
     """
     from synthaug.index import merge_index
     from synthaug.shards import write_shard
@@ -59,6 +59,7 @@ def make_build(root: Path, samples: list[dict], *, classes: list[str] = DIGITS, 
             index=s["index"], prompt=f"A photo of {classes[s['class_index']]}", seed=s.get("seed", s["index"]),
             token_sha256=None if s["method"] == "sd" else "0" * 64, model_id="test-model", scheduler="ddim", steps=10,
             guidance_scale=7.0, height=img.height, width=img.width, guide_prob=s.get("guide_prob"), guide_top5=None,
+            guide_soft_classes=s.get("guide_soft_classes"), guide_soft_probs=s.get("guide_soft_probs"),
         ))
     for sid, (_, items) in enumerate(sorted(groups.items())):
         write_shard(root, sid, sorted(items, key=lambda x: x.index))

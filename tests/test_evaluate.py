@@ -350,6 +350,48 @@ def test_downstream_mixing_modes_and_confidence_filter(tmp_path):
         run("plain", mode="replace", p=0.5)
 
 
+def test_downstream_soft_targets_and_the_linear_learner(tmp_path, downstream_world):
+    """Soft targets train on the guide's recorded probabilities and are part of the protocol; a build without them
+    is refused before any training, naming the fix; arch='linear' trains logistic regression on the pixels."""
+    from synthaug.evaluate.downstream import train_downstream
+
+    classes = DIGITS[:3]
+    rng = np.random.default_rng(2)
+
+    def image(c: int) -> Image.Image:
+        a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+        a[..., c] += 150
+        return Image.fromarray(a)
+
+    samples = [{"method": "dct", "class_index": c, "index": i, "image": image(c), "guide_prob": 0.7,
+                "guide_soft_classes": [c, (c + 1) % 3], "guide_soft_probs": [0.7, 0.2]} for c in range(3)
+               for i in range(4)]
+    build = make_build(tmp_path / "soft-build", samples, classes=classes)
+    train = ImageList([image(i % 3) for i in range(18)], [i % 3 for i in range(18)], classes)
+    test = ImageList([image(i % 3) for i in range(9)], [i % 3 for i in range(9)], classes)
+
+    def run(out, **kw):
+        return {(c.method, c.shots): c for c in train_downstream(
+            build, train, test=test, shots=[2], seeds=[0], steps=3, batch_size=4, out=tmp_path / out, mode="ratio",
+            progress=False, **{**TINY_NET, **kw}).cells}
+
+    hard, soft = run("hard"), run("soft", targets="soft", temperature=2.0)
+    assert "targets" not in hard[("dct", 2)].protocol  # the default adds no keys: older cells still resume
+    assert (soft[("dct", 2)].protocol["targets"], soft[("dct", 2)].protocol["temperature"]) == ("soft", 2.0)
+    assert run("soft", targets="soft", temperature=2.0) == soft  # resumed: the same cells
+    with pytest.raises(UserError, match="targets, temperature differ"):
+        run("soft")
+    linear = run("linear", arch="linear", pretrained="auto", arch_kwargs=None)
+    assert linear[("dct", 2)].protocol["arch"] == "linear" and 0 <= linear[("dct", 2)].top1 <= 1
+
+    old_build, old_train, old_test = downstream_world  # made without soft labels
+    with pytest.raises(UserError, match=r"targets='soft' needs the guide's probabilities .* --overwrite"):
+        train_downstream(old_build, old_train, test=old_test, shots=[2], seeds=1, steps=1, targets="soft",
+                         progress=False, **TINY_NET)
+    with pytest.raises(UserError, match="`targets` must be one of hard, soft but is 'probs'"):
+        train_downstream(build, train, test=test, targets="probs")
+
+
 def test_downstream_bad_input(downstream_world):
     from synthaug.evaluate.downstream import train_downstream
 

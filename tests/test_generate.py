@@ -122,8 +122,17 @@ def test_metadata_and_guide_scores(pipe):
     probs = guide(pixels).softmax(-1)[0]
     assert x.guide_prob == pytest.approx(probs[3].item(), rel=1e-5)
     assert x.guide_top5 == probs.topk(5).indices.tolist()
+    # the soft label: the top soft_top_k classes, then the target when the guide did not rank it among them
+    assert x.guide_soft_classes[:5] == probs.topk(5).indices.tolist()
+    assert x.guide_soft_probs == pytest.approx(probs[x.guide_soft_classes].tolist(), rel=1e-5)
+    assert len(x.guide_soft_classes) == 5 + (3 not in probs.topk(5).indices.tolist())
+    two = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0], classifier=guide,
+                   config=gen_config(seed=7, soft_top_k=2))[0]
+    top2 = probs.topk(2).indices.tolist()
+    assert two.guide_soft_classes == (top2 if 3 in top2 else [*top2, 3])
+    assert two.guide_soft_probs == pytest.approx(probs[two.guide_soft_classes].tolist(), rel=1e-5)
     plain = generate(pipe, class_index=3, label="three", token=TOKEN, indices=[0], config=gen_config(seed=7))
-    assert plain[0].guide_prob is None and plain[0].guide_top5 is None
+    assert plain[0].guide_prob is None and plain[0].guide_top5 is None and plain[0].guide_soft_probs is None
     assert png(plain[0].image) == png(x.image)
 
 

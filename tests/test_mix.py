@@ -205,3 +205,60 @@ def test_corrupt_shard_error_names_shard_and_command(tmp_path):
     tar.write_bytes(bytes(data[:2000]))
     with pytest.raises(ShardError, match=r"00000\.tar is truncated"):
         SynthAugDataset(tmp_path)[2]
+
+
+@pytest.fixture(scope="module")
+def soft_out(tmp_path_factory):
+    """Classes 0-1, 2 dct images each, with the guide's soft label: 0.6 on the class, 0.3 on the other one."""
+    root = tmp_path_factory.mktemp("soft")
+    samples = []
+    for c in range(2):
+        for i in range(2):
+            s = _sample(c, i, "dct", 0.6)
+            s.guide_soft_classes, s.guide_soft_probs = [c, 1 - c], [0.6, 0.3]
+            samples.append(s)
+    write_shard(root, 0, samples)
+    merge_index(root, classes=[{"index": i, "name": n} for i, n in enumerate(Digits.classes)])
+    return root
+
+
+def test_soft_targets_guide_labels_for_synthetic_one_hot_for_real(soft_out, real):
+    ds = SynthAugDataset(soft_out, real=real, shots=1, targets="soft")
+    assert len(ds) == 14 and "Targets: soft (temperature 1)" in repr(ds)
+    real_item, syn_item = ds.source(0), ds.source(10)
+    assert real_item.kind == "real" and syn_item.kind == "synthetic" and syn_item.target == 0
+    one_hot = ds[0][1]
+    assert one_hot.dtype == torch.float32 and one_hot.tolist() == np.eye(10)[real_item.target].tolist()
+    # stored 0.6 / 0.3, the missing 0.1 spread over the 8 other classes
+    assert ds[10][1].tolist() == pytest.approx([0.6, 0.3] + [0.1 / 8] * 8, abs=1e-6)
+    assert ds.targets[10] == 0  # `targets` stays the class index (torchvision's convention)
+    sharp = SynthAugDataset(soft_out, targets="soft", temperature=0.5)[0][1]
+    p = np.array([0.6, 0.3] + [0.1 / 8] * 8) ** 2
+    assert sharp.tolist() == pytest.approx((p / p.sum()).tolist(), abs=1e-6)
+    # a DataLoader stacks the vectors and soft cross-entropy takes them
+    _, y = next(iter(torch.utils.data.DataLoader(
+        SynthAugDataset(soft_out, real=real, shots=1, targets="soft", transform=size_of), batch_size=14)))
+    assert y.shape == (14, 10) and torch.allclose(y.sum(1), torch.ones(14))
+    assert torch.nn.functional.cross_entropy(torch.zeros(14, 10), y).item() == pytest.approx(np.log(10), rel=1e-5)
+
+
+def test_soft_targets_refused_without_recorded_probabilities(out, soft_out, tmp_path):
+    with pytest.raises(UserError, match=r"targets='soft' needs the guide's probabilities .* rebuild it with "
+                                        r"`synthaug build --config .*config.yaml --overwrite`, or use targets='hard'"):
+        SynthAugDataset(out, targets="soft")
+    # an index written before the columns existed still reads, with hard targets
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(soft_out, old)
+    table = pq.read_table(old / "index.parquet")
+    pq.write_table(table.drop_columns(["guide_soft_classes", "guide_soft_probs"]), old / "index.parquet")
+    assert SynthAugDataset(old)[0][1] == 0
+    with pytest.raises(UserError, match="targets='soft' needs the guide's probabilities"):
+        SynthAugDataset(old, targets="soft")
+    with pytest.raises(UserError, match=r"`targets` must be one of hard, soft but is 'probs'"):
+        SynthAugDataset(soft_out, targets="probs")
+    with pytest.raises(UserError, match=r"`temperature` must be a finite number > 0 but is 0"):
+        SynthAugDataset(soft_out, targets="soft", temperature=0)

@@ -78,6 +78,37 @@ def test_reproduce_table2_and_fid(digits_build, capsys):
     assert "features='judge'" in capsys.readouterr().err
 
 
+def test_reproduce_table2_rows_learners_and_paired_comparisons(digits_build, tmp_path, capsys):
+    """The extended table: rows by build and setting, real-only, two learners, intervals and paired tests; a row's
+    cells pair with another's only on the same real images."""
+    out = tmp_path / "t2x"
+    b = str(digits_build)
+    argv = ["--shots", "2", "--seeds", "2", "--steps", "2", "--batch-size", "16", "--synthetic-per-class", "3",
+            "--arch-kwargs", '{"channels": [4, 8, 8, 8], "stem_width": 4}', "--pretrained", "false", "--out", str(out),
+            "--row", f"sd={b}:sd", "--row", f"sd2={b}:sd,synthetic_per_class=2", "--row", f"dct={b}:dct",
+            "--learners", "cnn,linear", "--linear-size", "8", "--against", "sd,sd2", "-q"]
+    assert _pipeline("reproduce_table2").main(argv) == 0
+    md = (out / "table2.md").read_text()
+    assert "**learner: cnn**" in md and "**learner: linear**" in md
+    assert "| k | real | sd | sd2 | dct | sd2 - sd | dct - sd | sd - sd2 | dct - sd2 |\n" in md
+    for learner in ("cnn", "linear"):
+        cells = [json.loads(f.read_text()) for f in (out / learner).glob("*/downstream/cells/*.json")]
+        assert len(cells) == 4 * 2  # real and three rows, two seeds each
+        assert all(c["protocol"]["arch"] == ("linear" if learner == "linear" else "resnet10t") for c in cells)
+        k2 = {(c["method"], c["seed"]): c["real_indices_sha256"] for c in cells if c["shots"] == 2}
+        assert len({k2[("real", 0)], k2[("sd", 0)], k2[("dct", 0)]}) == 1 != len({k2[("sd", 0)], k2[("sd", 1)]})
+    sd2 = json.loads(next((out / "cnn" / "sd2").glob("downstream/cells/*.json")).read_text())
+    assert sd2["train_synthetic"] == 20 and sd2["protocol"]["synthetic_per_class"] == 2  # the row's own setting
+    linear_cell = json.loads(next((out / "linear" / "dct").glob("downstream/cells/*.json")).read_text())
+    assert linear_cell["protocol"]["image_size"] == 8
+    # resumed: the same table, nothing retrained
+    assert _pipeline("reproduce_table2").main(argv) == 0 and (out / "table2.md").read_text() == md
+    assert _pipeline("reproduce_table2").main([*argv[:-1], "--row", f"bad={b}:dct,epochs_x=3", "-q"]) == 2
+    assert "'epochs_x=3' is not KEY=VALUE with KEY a DownstreamConfig setting" in capsys.readouterr().err
+    assert _pipeline("reproduce_table2").main([*argv[:-3], "--against", "nope", "-q"]) == 2
+    assert "`--against` nope is not a row" in capsys.readouterr().err
+
+
 def test_reproduce_table4_toy(tmp_path, capsys):
     """One tiny build per DCT batch size, scored by a judge: the rows and the RESULTS block."""
     import buildworld as bw

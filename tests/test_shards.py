@@ -69,8 +69,8 @@ def test_write_shard_exact_files_members_and_rows(tmp_path):
     assert [r["key"] for r in rows] == ["dct-c000-s00000", "dct-c000-s00001", "dct-c000-s00002"]
     expected_cols = {"key", "class_index", "class_name", "method", "prompt", "seed", "token_sha256", "model_id",
                      "scheduler", "scheduler_config", "steps", "guidance_scale", "height", "width", "guide_prob",
-                     "guide_top5", "judge_prob", "shard", "shard_path", "offset", "size", "sha256", "index",
-                     "image_format"}
+                     "guide_top5", "guide_soft_classes", "guide_soft_probs", "judge_prob", "shard", "shard_path",
+                     "offset", "size", "sha256", "index", "image_format"}
     assert set(rows[0]) == expected_cols
     assert rows[1]["shard"] == 3 and rows[1]["judge_prob"] is None and rows[1]["guide_prob"] == 0.9
     assert rows[1]["shard_path"] == "shards/dct-00003.tar"

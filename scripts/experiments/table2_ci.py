@@ -6,6 +6,13 @@ t-interval over seeds, and for the token method against each other method the me
 seed, hence the same k real images), its 95% t-interval and the two-sided paired t-test p-value.
 
     python scripts/experiments/table2_ci.py out/digits-report/eval/t2 --method dct
+
+With ``NAME=DIR[:METHOD]`` arguments instead, each is a named row (the cells of one method in DIR; folders of
+different builds or settings pair up on the same real images), and every row is compared with each ``--against`` row
+(`synthaug.evaluate.paired`; ``pipelines/reproduce_table2.py --row`` writes such folders, ``OUT/LEARNER/ROW``):
+
+    python scripts/experiments/table2_ci.py real=out/t2x/cnn/real:real sd=out/t2x/cnn/sd \
+        sd+conf=out/t2x/cnn/sd+conf dct=out/t2x/cnn/dct --against sd,sd+conf
 """
 
 from __future__ import annotations
@@ -46,10 +53,21 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="eval folders (reproduce_table2.py --out)")
+    parser.add_argument("dirs", nargs="+", help="eval folders (reproduce_table2.py --out), or NAME=DIR[:METHOD] rows")
     parser.add_argument("--method", default="dct", help="the method compared with every other one")
+    parser.add_argument("--against", default="sd", help="with named rows: the rows every row is compared with")
     args = parser.parse_args()
-    cells = load_cells(args.dirs)
+    if any("=" in d for d in args.dirs):
+        from synthaug.evaluate.paired import compare_rows, format_comparison, load_row_cells
+
+        rows = {}
+        for d in args.dirs:
+            name, _, where = d.partition("=")
+            folder, _, method = where.rpartition(":") if ":" in where else (where, "", "")
+            rows[name] = load_row_cells([folder], method or None)
+        print(format_comparison(*compare_rows(rows, [a for a in args.against.split(",") if a])))
+        return 0
+    cells = load_cells([Path(d) for d in args.dirs])
     methods = sorted({m for m, _ in cells}, key=lambda m: (m != "real", m != "sd", m))
     for k in sorted({k for _, k in cells}):
         parts = []

@@ -52,6 +52,7 @@ from ..layout import (
     shard_name,
     shard_paths,
     token_path,
+    trust_path,
 )
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens, token_updates
@@ -362,6 +363,10 @@ def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
             "stop_reason": meta.get("stop_reason") or None, "best_step": _int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })
+        trust = trust_path(out, j.class_index)
+        if trust.is_file():  # dct.trust: the verdict and its numbers; "fallback" when the class got the plain prompt
+            verdict = json.loads(trust.read_text())
+            classes[-1]["trust"] = {**verdict, "fallback": config.dct.trust == "fallback" and not verdict["trusted"]}
     save_tokens(tokens, out / TOKENS_DIR / ALL_TOKENS_FILE,
                 metadata={"model_id": config.model, "method": config.method, "guide": config.guide})
     merge_index(out, classes, train_methods=[config.method])

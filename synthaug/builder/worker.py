@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from ..atomic import write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import check_label_agreement
 from ..config import from_dict
@@ -21,13 +22,14 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, use_unet
-from ..layout import resume_command, shard_done, token_path
+from ..layout import resume_command, shard_done, token_path, trust_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, load_clip
 from ..tokens.dct import learn_dct_token
 from ..tokens.io import add_tokens, load_tokens, save_token
 from ..tokens.mcti import learn_mcti_token
+from ..tokens.trust import TrustVerdict, check_token_trust
 from .plan import ClassJob, ShardTask
 
 logger = logging.getLogger(__name__)
@@ -224,12 +226,41 @@ class ClassWorker:
         self._hook("on_job_start", job, attempt)
         models = self._load()
         learned, token_seconds = self._ensure_token(job, models)
-        stats = self._write_shards(job, models)
+        verdict = self._ensure_trust(job, models)
+        plain = verdict is not None and not verdict.trusted and self.config.dct.trust == "fallback"
+        if plain:
+            logger.warning("class %d (%s): token not trusted, generating with the plain prompt (dct.trust=fallback): "
+                           "%s", job.class_index, job.name, verdict.describe())
+        stats = self._write_shards(job, models, plain=plain)
         return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds, **stats,
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
-    def _write_shards(self, job: ClassJob, models: dict[str, Any]) -> dict[str, Any]:
-        """Generate and write every unfinished shard of the job, batch by batch.
+    def _ensure_trust(self, job: ClassJob, models: dict[str, Any]) -> TrustVerdict | None:
+        """``dct.trust``: the class token's trust verdict, checked once and kept in ``tokens/NNN_trust.json`` (None
+        when the check is off)."""
+        cfg = self.config
+        if cfg.method != "dct" or cfg.dct.trust == "off":
+            return None
+        path = trust_path(self.out, job.class_index)
+        if path.is_file():
+            return TrustVerdict.from_json(path.read_text())
+        if "real_by_class" not in models:
+            dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
+            by_class: dict[int, list[Any]] = {}
+            for i in few_shot_indices(dataset.targets, cfg.dct.trust_shots, cfg.dct.seed, allow_fewer=True):
+                by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
+            models["real_by_class"] = by_class
+        verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
+                                    token=job.token, real_images=models["real_by_class"], config=cfg.generate,
+                                    images=cfg.dct.trust_images, seed=cfg.dct.seed)
+        write_text(path, verdict.to_json() + "\n")
+        (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
+                                                              job.name, verdict.describe())
+        return verdict
+
+    def _write_shards(self, job: ClassJob, models: dict[str, Any], *, plain: bool = False) -> dict[str, Any]:
+        """Generate and write every unfinished shard of the job, batch by batch (`plain`: the token's shards with
+        the plain prompt, a distrusted token's fallback).
 
         The images of batch i are encoded and written on the `ShardWriter`'s thread while batch i+1 generates. A
         shard's progress event and ``on_shard_written`` hook come once it is complete on disk, and always before the
@@ -262,7 +293,7 @@ class ClassWorker:
                          background=self.overlap_writes, encode_threads=encoders) as writer, use_unet(pipe, self._unet):
             for task in pending:
                 writer.begin(task.shard_id)
-                token = None if task.method == "sd" else job.token
+                token = None if task.method == "sd" or plain else job.token
                 # batches start at the shard's first index, exactly as `generate` would split the whole range itself
                 for lo in range(task.start, task.stop, gen.batch_size):
                     hi = min(lo + gen.batch_size, task.stop)

@@ -25,7 +25,7 @@ from ..datasets.catalog import check_split, default_test_split, get_dataset
 from ..errors import UserError
 from ..index import BuildView, _method_sort_key, open_build
 from ..layout import EVAL_DIR
-from ..mix import MODES, SynthAugDataset
+from ..mix import MODES, TARGETS, SynthAugDataset
 from ..models import resolve_device
 from ..names import normalize_name
 from .judge import _write_csv
@@ -34,6 +34,8 @@ from .names import map_build_classes, resolve_class_map
 log = logging.getLogger(__name__)
 
 REAL_ONLY = "real"  # the downstream baseline trained on real images alone
+
+LINEAR = "linear"  # `arch` of the second learner: multinomial logistic regression on the normalised pixels
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,6 +152,11 @@ def _pretrained_file(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any]
     """
     import timm
 
+    if arch == LINEAR:
+        if pretrained is True or (isinstance(pretrained, str) and pretrained != "auto"):
+            raise UserError(f"`pretrained` is {pretrained!r} but arch='linear' (logistic regression on pixels) has no "
+                            "pretrained weights: pass pretrained=false or 'auto'.")
+        return None
     if isinstance(pretrained, str) and pretrained != "auto":
         return pretrained  # checked to be a file by DownstreamConfig.validate
     if pretrained is False:
@@ -173,10 +180,14 @@ def _pretrained_file(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any]
     return file
 
 
-def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], weights: str | None) -> nn.Module:
-    """timm model with a fresh `num_classes` head, from the local checkpoint `weights` or from scratch."""
+def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], weights: str | None,
+                  image_size: int | None = None) -> nn.Module:
+    """timm model with a fresh `num_classes` head, from the local checkpoint `weights` or from scratch; for
+    ``arch="linear"`` one linear layer over the RGB pixels at `image_size` (multinomial logistic regression)."""
     import timm
 
+    if arch == LINEAR:
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, num_classes))
     try:
         if weights is not None:
             return timm.create_model(arch, pretrained=True, num_classes=num_classes,
@@ -232,11 +243,18 @@ class DownstreamConfig:
             ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
             real images (k = 0) train on synthetic images alone in every mode.
         min_confidence: keep only synthetic images whose stored guide probability is at least this.
+        targets: ``"hard"`` (class indices, cross-entropy) or ``"soft"``: synthetic images train towards the guide's
+            recorded probabilities and real ones towards their one-hot label (soft cross-entropy; `SynthAugDataset`'s
+            ``targets="soft"``).
+        temperature: ``"soft"`` only: the guide's probabilities raised to ``1 / temperature`` and renormalised.
         class_map: build class -> real class when the names differ (`synthaug.evaluate.names.resolve_class_map`
             forms; ``"inat179"`` for a CUB build tested on iNat179). Default: matched by name, or through the
             CUB -> iNat map when the real dataset is the iNat179 subset. Build classes without a real class are left
             out of the synthetic images.
-        arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50).
+        arch: timm architecture (default: a small ResNet for images <= 64 px, else resnet50), or ``"linear"``:
+            multinomial logistic regression on the normalised RGB pixels at `image_size`, trained by the same loop
+            (the second learner of Table 2: the sign of a difference between synthetic sets can depend on the
+            learner).
         arch_kwargs: extra `timm.create_model` kwargs (e.g. ``{"channels": (16, 32, 64, 128)}``).
         pretrained: "auto" (weights already on disk if any, else from scratch), True (require them), False, or a
             checkpoint path. Nothing is ever downloaded. The protocol records the weights actually loaded.
@@ -260,6 +278,8 @@ class DownstreamConfig:
     mode: str = "concat"
     p: float = 0.5
     min_confidence: float | None = None
+    targets: str = "hard"
+    temperature: float = 1.0
     class_map: Any = None
     arch: str | None = None
     arch_kwargs: Mapping[str, Any] | None = None
@@ -297,6 +317,11 @@ class DownstreamConfig:
             raise UserError(f"`p` must be in [0, 1) but is {self.p!r}: the synthetic share of the training images.")
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {self.min_confidence!r}.")
+        if self.targets not in TARGETS:
+            raise UserError(f"`targets` must be one of {', '.join(TARGETS)} but is {self.targets!r}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"`temperature` must be a finite number > 0 but is {self.temperature!r}: 1 keeps the "
+                            "guide's probabilities.")
         if isinstance(self.pretrained, str) and self.pretrained != "auto" and not Path(self.pretrained).is_file():
             raise UserError(f"`pretrained` {self.pretrained!r} is not a file: pass a timm checkpoint path, 'auto' "
                             "or false.")
@@ -327,6 +352,8 @@ class _Protocol:
     test_size: int
     class_map: dict[str, int] | None  # build class name -> real class index, when not the same classes
     shots_seed: int | None = None  # the k real images drawn with this seed in every cell; None: the cell's seed
+    targets: str = "hard"  # "soft": the guide's recorded probabilities as the synthetic images' targets
+    temperature: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON a cell stores. Settings at their long-standing defaults (concat mixing, no filter, the same
@@ -337,6 +364,8 @@ class _Protocol:
         for key in ("min_confidence", "class_map", "shots_seed"):
             if d[key] is None:
                 del d[key]
+        if self.targets == "hard":
+            del d["targets"], d["temperature"]
         return json.loads(json.dumps(d, default=str))
 
 
@@ -468,7 +497,7 @@ def train_downstream(
         real=real_name, train_split=train_split, test_split=test_split, train_size=len(real_train),
         test_size=len(real_test),
         class_map=None if class_to_real is None else {names[b]: r for b, r in sorted(class_to_real.items())},
-        shots_seed=cfg.shots_seed,
+        shots_seed=cfg.shots_seed, targets=cfg.targets, temperature=float(cfg.temperature),
     )
     stored_protocol = protocol.as_dict()
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
@@ -543,7 +572,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     batch_size, steps, epochs, mode = pr.batch_size, pr.steps, pr.epochs, pr.mode
     # 1. Model first, under the seed: the init depends only on (arch, seed), not on the method.
     torch.manual_seed(seed)
-    model = _create_model(pr.arch, num_classes, pr.arch_kwargs, weights)
+    model = _create_model(pr.arch, num_classes, pr.arch_kwargs, weights, pr.image_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
     train_tf, test_tf = _transforms(pr.image_size, mean, std, hflip=pr.hflip)
@@ -560,7 +589,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
                             methods=[] if real_only else [method],
                             synthetic_per_class=0 if real_only else pr.synthetic_per_class, seed=seed, mode=mode,
                             p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real,
-                            shots_seed=pr.shots_seed)
+                            shots_seed=pr.shots_seed, targets=pr.targets, temperature=pr.temperature)
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")

@@ -21,10 +21,12 @@ from .dct import STOP_REASONS, TokenResult, learn_dct_token
 from .io import add_tokens, load_tokens, save_token, save_tokens, token_metadata
 from .mcti import METHODS, TI_TEMPLATES, MCTIResult, learn_mcti_token, splice_tokens
 from .text import embedding_sha256, render_prompt, token_name
+from .trust import TRUST_MODES, TrustVerdict, check_token_trust
 
 __all__ = [
-    "CLASSIFY_TEMPLATE", "METHODS", "STOP_REASONS", "TI_TEMPLATES", "ClipPreprocess", "MCTIResult",
-    "TokenResult", "add_tokens", "check_paired", "class_features", "classify", "embedding_sha256",
+    "CLASSIFY_TEMPLATE", "METHODS", "STOP_REASONS", "TI_TEMPLATES", "TRUST_MODES", "ClipPreprocess", "MCTIResult",
+    "TokenResult", "TrustVerdict", "add_tokens", "check_paired", "check_token_trust", "class_features", "classify",
+    "embedding_sha256",
     "image_features", "learn_dct_token", "learn_mcti_token", "load_clip", "load_tokens", "render_prompt",
     "save_token", "save_tokens", "splice_tokens", "text_prototypes", "token_metadata", "token_name",
 ]

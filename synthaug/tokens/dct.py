@@ -243,7 +243,7 @@ def learn_dct_token(
         "scheduler": type(pipe.scheduler).__name__,
         "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "checkpointing": run.checkpointing,
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in TRUST_KEYS},
     }
     if not target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
         metadata["target"] = str(target)
@@ -823,6 +823,11 @@ def _resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget
         raise UserError(f"`class_index` {class_index!r} disagrees with `target` {str(target)!r}, which is output "
                         f"{index} of the classifier: omit class_index for attribute tokens.")
     return target, index, label if label is not None else ""
+
+
+# DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned: not recorded
+# in the token file, whose bytes do not depend on them.
+TRUST_KEYS = ("trust", "trust_shots", "trust_images")
 
 
 def _seed(kind: str, seed: int, class_index: int, index: int) -> int:

@@ -1,0 +1,135 @@
+"""A per-class trust check of a learned class token, from the user's own k real images of the class.
+
+A guide can be confidently wrong about a class (a few-shot guide, or one trained on other data); then its token pulls
+the class's images towards the guide's mistake, and nothing in the token's own training tells. With only the k real
+images of every class, two questions can be asked:
+
+1. Does the guide recognise the class's real images? (its top-1 on them)
+2. Do the token's images land nearer the class's real images than the plain prompt's images on the same seeds do?
+   In the guide's feature space (the head's input), each image goes to the class whose real images' mean feature is
+   nearest (cosine); the check counts how many of the token's images go to their own class, and the same for the
+   plain prompt's.
+
+The token is trusted when the guide gets at least half of the class's real images right and the token's images land
+on the class at least as often as the plain prompt's. `dct.trust` decides what a build does with a distrusted token:
+``warn`` (log it) or ``fallback`` (generate that class with the plain prompt instead, and record that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+TRUST_MODES = ("off", "warn", "fallback")
+
+MIN_GUIDE_ACCURACY = 0.5  # the guide must recognise at least half of the class's real images
+
+
+@dataclass(frozen=True)
+class TrustVerdict:
+    """The trust check of one class token (`check_token_trust`)."""
+
+    trusted: bool
+    guide_real_accuracy: float  # the guide's top-1 on the class's k real images
+    token_on_class: float  # share of the token's check images nearest (guide features) to the class's real images
+    plain_on_class: float  # the same for the plain prompt's images on the same seeds
+    real_images: int  # k: the class's real images the check used
+    images: int  # check images per prompt
+    reason: str  # why not trusted ("" when trusted)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrustVerdict:
+        return cls(**json.loads(text))
+
+    def describe(self) -> str:
+        """One line: the verdict and its numbers."""
+        verdict = "trusted" if self.trusted else f"NOT trusted ({self.reason})"
+        return (f"{verdict}: guide {100 * self.guide_real_accuracy:.0f}% on {self.real_images} real images; "
+                f"token images on the class {100 * self.token_on_class:.0f}% vs plain "
+                f"{100 * self.plain_on_class:.0f}% of {self.images}")
+
+
+def trust_seed(seed: int, class_index: int) -> int:
+    """The check images' base seed: its own namespace, so they are none of the build's images."""
+    digest = hashlib.sha256(f"synthaug-trust:{int(seed)}:{int(class_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _pixels(images: Sequence[Any]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+                            ).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def check_token_trust(
+    pipe: Any,
+    guide: Any,
+    *,
+    class_index: int,
+    label: str,
+    token: str,
+    real_images: Mapping[int, Sequence[Any]],
+    config: Any,
+    images: int = 8,
+    seed: int = 0,
+) -> TrustVerdict:
+    """Check one class token against the k real images of every class (see the module docstring).
+
+    Args:
+        pipe: the pipeline, with `token` already added.
+        guide: the `Classifier` that steered the token (its `features` are the feature space).
+        class_index, label: the class.
+        token: the class token.
+        real_images: class index -> its k real PIL images (every class: the neighbours are needed too).
+        config: the `GenerateConfig` the build generates with (prompt, steps, guidance, size).
+        images: check images per prompt (token and plain, on the same seeds).
+        seed: base seed (the build's `dct.seed`); the check images' seeds are hashed from it and the class.
+
+    >>> verdict = check_token_trust(pipe, guide, class_index=3, label="three", token="<synthaug-003>",
+    ...                             real_images=by_class, config=GenerateConfig())  # doctest: +SKIP
+    """
+    from ..generation import generate
+
+    if class_index not in real_images or not real_images[class_index]:
+        raise ValueError(f"no real images of class {class_index} for the trust check")
+    param = next(iter(guide.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    classes = sorted(real_images)
+    own = _pixels(real_images[class_index]).to(device, dtype)
+    accuracy = float((guide(own).argmax(-1) == class_index).float().mean())
+    centroids = torch.stack([torch.nn.functional.normalize(guide.features(_pixels(real_images[c]).to(device, dtype)),
+                                                           dim=-1).mean(0) for c in classes])
+    centroids = torch.nn.functional.normalize(centroids, dim=-1)
+    gen = dataclasses.replace(config, seed=trust_seed(seed, class_index))
+
+    def on_class(tok: str | None) -> float:
+        made = generate(pipe, class_index=class_index, label=label, token=tok, indices=range(images), config=gen)
+        feats = torch.nn.functional.normalize(guide.features(_pixels([m.image for m in made]).to(device, dtype)),
+                                              dim=-1)
+        nearest = (feats @ centroids.T).argmax(-1)
+        return float((nearest == classes.index(class_index)).float().mean())
+
+    token_share, plain_share = on_class(token), on_class(None)
+    reasons = []
+    if accuracy < MIN_GUIDE_ACCURACY:
+        reasons.append(f"the guide recognises {100 * accuracy:.0f}% of the class's real images")
+    if token_share < plain_share:
+        reasons.append(f"the token's images land on the class less often than the plain prompt's "
+                       f"({100 * token_share:.0f}% vs {100 * plain_share:.0f}%)")
+    return TrustVerdict(trusted=not reasons, guide_real_accuracy=accuracy, token_on_class=token_share,
+                        plain_on_class=plain_share, real_images=len(real_images[class_index]), images=images,
+                        reason="; ".join(reasons))
+
+
+__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "trust_seed"]

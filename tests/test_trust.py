@@ -1,0 +1,86 @@
+"""dct.trust: the per-class check of a token against the user's own real images, and what a build does with it."""
+
+import json
+
+import buildworld as bw
+import pytest
+import torch
+from fakebuild import ColorJudge, color_image
+
+from synthaug.builder.driver import build
+from synthaug.commands import inspect
+from synthaug.config import GenerateConfig
+from synthaug.errors import UserError
+from synthaug.testing import tiny_pipeline
+from synthaug.tokens.io import add_tokens
+from synthaug.tokens.trust import TrustVerdict, check_token_trust
+
+TOKEN = "<synthaug-003>"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_pipeline(seed=0)
+    add_tokens(p, {TOKEN: 50 * torch.randn(1, 32, generator=torch.Generator().manual_seed(0))})
+    return p
+
+
+def test_verdict_follows_the_guide_on_real_images_and_where_the_token_images_land(pipe):
+    gen = GenerateConfig(num_inference_steps=2, height=16, width=16, batch_size=4)
+    real = {c: [color_image(c, size=16, green=g) for g in (0, 40, 80)] for c in range(6)}
+    kw = {"class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4}
+    ok = check_token_trust(pipe, ColorJudge(), real_images=real, **kw)
+    assert ok.guide_real_accuracy == 1.0 and ok.real_images == 3 and ok.images == 4
+    assert ok.trusted == (ok.token_on_class >= ok.plain_on_class)
+    assert check_token_trust(pipe, ColorJudge(), real_images=real, **kw) == ok  # seeded: the same verdict
+    assert TrustVerdict.from_json(ok.to_json()) == ok
+    # the guide takes this user's threes for fives: whatever the token does, it is not trusted
+    confused = {**real, 3: [color_image(5, size=16, green=g) for g in (0, 40, 80)]}
+    bad = check_token_trust(pipe, ColorJudge(), real_images=confused, **kw)
+    assert not bad.trusted and bad.guide_real_accuracy == 0.0
+    assert "the guide recognises 0% of the class's real images" in bad.reason
+    assert bad.describe().startswith("NOT trusted (the guide recognises 0%")
+
+
+def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_path, world):
+    out = tmp_path / "build"
+    cfg = bw.config(out, *world, **{"dct.trust": "fallback", "dct.trust_shots": 2, "dct.trust_images": 2})
+    result = build(cfg, progress=False)
+    assert result.ok
+    classes = json.loads((out / "classes.json").read_text())
+    rows = pq_rows(out)
+    for c in classes:
+        t = c["trust"]
+        assert t["real_images"] == 2 and t["images"] == 2 and t["fallback"] == (not t["trusted"])
+        assert json.loads((out / "tokens" / f"{c['index']:03d}_trust.json").read_text())["trusted"] == t["trusted"]
+        dct = [r for r in rows if r["class_index"] == c["index"] and r["method"] == "dct"]
+        sd = [r for r in rows if r["class_index"] == c["index"] and r["method"] == "sd"]
+        if t["fallback"]:  # the plain prompt's images, on the dct rows' own seeds
+            assert all(r["token_sha256"] is None and c["token"] not in r["prompt"] for r in dct)
+            assert [r["sha256"] for r in dct] == [r["sha256"] for r in sd]
+        else:
+            assert all(r["token_sha256"] is not None and c["token"] in r["prompt"] for r in dct)
+    summary = inspect(out).summary()
+    assert "trust check (dct.trust=fallback):" in summary
+    assert sum("generated with the plain prompt" in line for line in summary.splitlines()) == sum(
+        c["trust"]["fallback"] for c in classes)
+    # resumed: the verdicts are read back, nothing changes
+    before = bw.snapshot(out)
+    assert build(cfg, progress=False).ok and bw.snapshot(out) == before
+
+
+def test_trust_setting_is_checked():
+    from synthaug.config import BuildConfig, DCTConfig, validate
+
+    with pytest.raises(UserError, match="`dct.trust` must be one of off, warn, fallback but is 'maybe'"):
+        validate(BuildConfig(dct=DCTConfig(trust="maybe")))
+    with pytest.raises(UserError, match="`dct.trust_shots` must be > 0 but is 0"):
+        validate(BuildConfig(dct=DCTConfig(trust_shots=0)))
+    with pytest.raises(UserError, match="`dct.trust` 'warn' checks DCT tokens, but `method` is 'mcti'"):
+        validate(BuildConfig(method="mcti", dct=DCTConfig(trust="warn")))
+
+
+def pq_rows(out):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out / "index.parquet").to_pylist()
