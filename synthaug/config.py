@@ -550,6 +550,8 @@ def check_generate_levers(gen: GenerateConfig) -> None:
                             f"token goes, e.g. 'A sketch of {{token}} {{label}}'.")
     if gen.init not in VALID["generate.init"]:
         raise UserError(f"`generate.init` must be one of {', '.join(VALID['generate.init'])} but is {gen.init!r}.")
+    if gen.init != "real":
+        return  # the strength is read only when an image starts from a real one
     s, steps = gen.strength, gen.num_inference_steps
     if len(s) not in (1, 2) or not all(0 < v <= 1 for v in s) or s[0] > s[-1]:
         raise UserError(f"`generate.strength` must be one value in (0, 1] or a range [low, high] with 0 < low <= high "

@@ -60,12 +60,15 @@ def test_strength_takes_one_value_or_a_range_of_whole_steps():
     assert strength_steps((0.75,), 10) == [7]
 
 
+REAL = {"generate.init": "real"}
+
+
 @pytest.mark.parametrize("overrides, match", [
     ({"generate.init": "image"}, r"`generate.init` must be one of noise, real but is 'image'"),
-    ({"generate.strength": [0.9, 0.5]}, r"`generate.strength` must be one value in \(0, 1\] or a range"),
-    ({"generate.strength": 1.5}, r"`generate.strength` must be one value in \(0, 1\]"),
-    ({"generate.strength": 0.05, "generate.num_inference_steps": 10}, r"leaves no denoising step"),
-    ({"generate.strength": [0.61, 0.68], "generate.num_inference_steps": 10}, r"leaves no denoising step"),
+    ({**REAL, "generate.strength": [0.9, 0.5]}, r"`generate.strength` must be one value in \(0, 1\] or a range"),
+    ({**REAL, "generate.strength": 1.5}, r"`generate.strength` must be one value in \(0, 1\]"),
+    ({**REAL, "generate.strength": 0.05, "generate.num_inference_steps": 10}, r"leaves no denoising step"),
+    ({**REAL, "generate.strength": [0.61, 0.68], "generate.num_inference_steps": 10}, r"leaves no denoising step"),
     ({"generate.shots": 0}, r"`generate.shots` must be > 0"),
     ({"generate.prompts": ["A photo of {label}"]}, r"`generate.prompts` entry 'A photo of \{label\}' has no \{token\}"),
     ({"generate.prompts": ["A photo of {token}"], "baseline": True}, r"`baseline` needs a class name in every"),
