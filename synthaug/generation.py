@@ -122,6 +122,7 @@ def generate(
 
     >>> images = generate(pipe, class_index=3, label="three", token="<synthaug-003>", indices=range(8))
     """
+    import numpy as np
     import torch
 
     # 1. Check inputs
@@ -194,8 +195,6 @@ def generate(
                     arrays[j] = array
             # Exactly the pipeline's own PIL conversion (round to 8 bit), so these are the bytes output_type="pil"
             # would give; the guide scores the same 8-bit pixels a later reader of the PNG sees.
-            import numpy as np
-
             pils = pipe.image_processor.numpy_to_pil(np.stack(arrays))
             probs = top5 = None
             if classifier is not None:

@@ -116,7 +116,7 @@ def learn_dct_token(
         token: the token string; default `token_name(class_index)`.
         progress: show a tqdm bar over training iterations.
         callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
-            fp32 CPU copy ``[num_vectors, dim]`` of the embedding that was measured), before the update.
+            fp32 CPU copy of the embedding that was measured: ``[dim]``, or ``[num_vectors, dim]``), before the update.
         checkpointing: overrides ``config.checkpointing`` (None: the config's): recompute activations during
             backward instead of storing them — see `DCTConfig.checkpointing`.
         val_prompt: the template ``select="val"`` generates with: the prompt the token will be used with (builds and
@@ -150,11 +150,11 @@ def learn_dct_token(
                config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe), target=target)
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
-        # 2. v_c: a standalone fp32 parameter [num_vectors, dim], each vector initialised from the embedding of
-        #    `init_token` ("bird" / "a", §3)
+        # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3);
+        #    [dim], or [num_vectors, dim] with every vector so initialised
         init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
-        init = pipe.text_encoder.get_input_embeddings().weight[init_id]
-        v_c = torch.nn.Parameter(init.detach().to(device=run.device, dtype=torch.float32).repeat(config.num_vectors, 1))
+        init = pipe.text_encoder.get_input_embeddings().weight[init_id].detach().to(run.device, torch.float32)
+        v_c = torch.nn.Parameter(init.clone() if config.num_vectors == 1 else init.repeat(config.num_vectors, 1))
         optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
 
         # 3. Prompts, padded to model_max_length as at inference: batch element b gets prompts[b % len(prompts)], so

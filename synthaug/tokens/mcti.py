@@ -235,9 +235,11 @@ def learn_mcti_token(
     device = unet.device
     resolution = resolution or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
 
-    # 2. The token: a standalone fp32 parameter [n, dim], each vector initialised from `init_token`'s embedding.
+    # 2. The token: a standalone fp32 parameter ([dim], or [n, dim]), each vector initialised from `init_token`'s
+    #    embedding.
     init_id = single_token_id(tokenizer, config.init_token, "mcti.init_token")
-    init = token_embedding(text_encoder).weight[init_id].detach().float().repeat(n, 1)
+    init = token_embedding(text_encoder).weight[init_id].detach().float().clone()
+    init = init if n == 1 else init.repeat(n, 1)
     tids = tokenizer.convert_tokens_to_ids(vector_names(token, n))
     vec = torch.nn.Parameter(init.to(device))
     # AdamW with torch's default weight decay (0.01), as the TI implementations MC-TI builds on use it.
@@ -291,7 +293,7 @@ def learn_mcti_token(
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, num_train_t, (len(idx),), generator=gen).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        with splice_tokens(text_encoder, dict(zip(tids, vec))):
+        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
             cond = encode(text_encoder, tokenize(tokenizer, prompts, device))
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
         target_ = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
@@ -303,14 +305,14 @@ def learn_mcti_token(
         # the intended logits are s·cos, CLIP's logit scale.)
         protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=gen_reg).item()]
                               for k in classes])
-        with splice_tokens(text_encoder, dict(zip(tids, vec))):
+        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
             g = _text_features(clip, text_encoder, tokenizer, reg_enc)
         logits = config.scale * g @ protos.T
         return F.cross_entropy(logits, target)
 
     # 4. Train: TI warm-up, then the joint loss (Eq. 5).
     history: list[dict[str, Any]] = []
-    warmup = init.cpu().clone() if ti_steps == 0 and method == "mcti" else None
+    warmup = init.cpu().clone().view(n, -1) if ti_steps == 0 and method == "mcti" else None
     total = ti_steps + joint_steps
     bar = _progress(total, progress, f"{method} {token}")
     start = time.perf_counter()
@@ -338,7 +340,7 @@ def learn_mcti_token(
                         "loss_mse": None if loss_mse is None else loss_mse.item(),
                         "loss_reg": None if loss_reg is None else loss_reg.item(), "loss": float(loss.detach())})
         if method == "mcti" and step + 1 == ti_steps:
-            warmup = vec.detach().float().cpu().clone()
+            warmup = vec.detach().float().cpu().clone().view(n, -1)
         if callback is not None:
             callback(step, vec.detach())
         bar.update(1)
@@ -350,7 +352,7 @@ def learn_mcti_token(
                            f"lower `mcti.lr` or use fp32/bf16 weights.")
 
     # 5. The result (the pipeline is untouched: `add_tokens` puts the token in for generation).
-    embedding = vec.detach().float().cpu().clone()
+    embedding = vec.detach().float().cpu().clone().view(n, -1)
     last = history[-1] if history else {}
     metadata = {
         "method": method, "token": token, "class_index": class_index, "label": label or "",
