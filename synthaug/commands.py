@@ -21,7 +21,7 @@ from .datasets.base import class_aliases
 from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
 from .errors import UserError, write_errors
-from .generation import generate
+from .generation import generate, real_start_images
 from .index import verify as verify_shards
 from .layout import (
     CLASSES_FILE,
@@ -41,7 +41,7 @@ from .layout import (
     trust_path,
 )
 from .models import load_diffusion
-from .shards import encode_image
+from .shards import OPTIONAL_COLUMNS, encode_image
 from .target import GuideTarget, check_label_free, parse_guide_target
 from .tokens.clip import classify, load_clip
 from .tokens.dct import TokenResult, learn_dct_token
@@ -452,6 +452,7 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
                           timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
     guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
     add_tokens(pipe, loaded)
+    starts = real_start_images(dataset, config.generate, selected) if config.generate.init == "real" else {}
     dest = Path(dest)
     rows = []
     for c in selected:
@@ -459,7 +460,8 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
         for token in variants:
             method = "sd" if token is None else config.method
             for im in generate(pipe, class_index=c, label=names[c], token=token, indices=range(config.per_class),
-                               config=config.generate, method=method, classifier=guide, progress=progress):
+                               config=config.generate, method=method, classifier=guide, init_images=starts.get(c),
+                               progress=progress):
                 rows.append(_save_png(dest, sample_key(im.method, c, im.index), im))
     write_text(dest / "metadata.jsonl", "\n".join(rows) + "\n")
     return len(rows)
@@ -469,14 +471,17 @@ def _save_png(dest: Path, key: str, im, **extra: str) -> str:
     """Write one generated image as ``dest/{key}.png`` (atomically); its ``metadata.jsonl`` row."""
     with atomic_write(dest / f"{key}.png") as f:
         f.write(encode_image(im.image, "png", 95))
-    row = {k: v for k, v in asdict(im).items() if k != "image"}
+    row = {k: v for k, v in asdict(im).items() if k != "image" and not (k in OPTIONAL_COLUMNS and v is None)}
     return json.dumps({"key": key, **extra, **row}, sort_keys=True)
 
 
 def _generate_attribute(config, path: Path, target: GuideTarget, dest: Path, progress: bool) -> int:
     """`generate_to_folder` for an attribute token: image i of every variant on seed
     ``image_seed(generate.seed, 0, i)``, as `pipelines/reproduce_attributes.py` judges them."""
-    check_label_free((config.generate.prompt,), target)
+    check_label_free((config.generate.prompt, *config.generate.prompts), target)
+    if config.generate.init == "real":
+        raise UserError(f"`generate.init` 'real' starts each image from its class's real images, and the attribute "
+                        f"token {target} has no class: set generate.init=noise.")
     loaded = load_tokens(path)
     if len(loaded) != 1:
         raise UserError(f"`--tokens` {str(path)!r} holds {len(loaded)} tokens; an attribute token file holds one: "
@@ -518,10 +523,10 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
 
     Formats:
         ``"a1111"``: Stable Diffusion web UI embeddings, ``{dest}/synthaug-000.pt`` holding
-        ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor[1, dim]}, "name", "step",
+        ``{"string_to_token": {"*": 265}, "string_to_param": {"*": tensor[n, dim]}, "name", "step",
         "sd_checkpoint", "sd_checkpoint_name"}`` (the web UI's own save format; diffusers'
         ``load_textual_inversion`` reads it too). The file name is the prompt word in the web UI.
-        ``"diffusers"``: ``{dest}/synthaug-000.safetensors`` (``{token: tensor[1, dim]}`` plus metadata), for
+        ``"diffusers"``: ``{dest}/synthaug-000.safetensors`` (``{token: tensor[n, dim]}`` plus metadata), for
         ``pipe.load_textual_inversion(path)``.
 
     Args:
@@ -564,7 +569,7 @@ def _write_export(out: Path, format: str, dest: Path, present: list[ClassJob], e
             write_bytes(path, src.read_bytes())
         else:
             meta = _token_file_metadata(src)
-            data = {"string_to_token": {"*": 265}, "string_to_param": {"*": embedding.reshape(1, -1).contiguous()},
+            data = {"string_to_token": {"*": 265}, "string_to_param": {"*": embedding.contiguous()},  # [n, dim]
                     "name": stem, "step": _int_or_none(meta.get("steps")) or 0, "sd_checkpoint": None,
                     "sd_checkpoint_name": meta.get("model_id")}
             buf = io.BytesIO()

@@ -104,6 +104,10 @@ class DCTConfig:
     trust: str = "off"
     trust_shots: int = 5
     trust_images: int = 8
+    # Embedding vectors of the class token: n > 1 learns n vectors, spelled in prompts as diffusers' multi-vector
+    # textual inversion spells them ("<tok> <tok>_1 ... <tok>_{n-1}", written as one [n, dim] tensor that stock
+    # `load_textual_inversion` expands); 1 = the paper's single embedding
+    num_vectors: int = 1
 
     @property
     def learning_rate(self) -> float:
@@ -130,6 +134,7 @@ class MCTIConfig:
     # since a mirrored digit is another glyph or none
     flip_p: float = 0.5
     seed: int = 0
+    num_vectors: int = 1  # embedding vectors of each class token, as dct.num_vectors (the TI paper's multi-vector S*)
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,21 @@ class GenerateConfig:
     # classes whose guide probability each image keeps in the index (plus the target class): the soft labels that
     # `SynthAugDataset(targets="soft")` trains on; 0 keeps the target's alone
     soft_top_k: int = 5
+    # Prompt variety: templates with `{token}` and `{label}` (contexts, viewpoints, styles); each image draws one by
+    # its seed (generation.image_draw) and its index row records which (`prompt_index`). Empty: every image uses
+    # `prompt`. Tokens are still learned on dct.prompts, as the paper does.
+    prompts: tuple[str, ...] = ()
+    # Where an image starts: "noise" (text-to-image) or "real" (SDEdit / DA-Fusion: one of the class's `shots` real
+    # images, drawn per image by its seed, noised to `strength` and denoised with the class token in the prompt, by
+    # diffusers' StableDiffusionImg2ImgPipeline on the loaded modules). The row records the real image's index in the
+    # dataset split (`init_index`) and the strength. The real images are `few_shot_indices(targets, shots,
+    # shots_seed)`: the k images per class that `SynthAugDataset(shots=k, seed=shots_seed)` mixes in.
+    init: str = "noise"
+    # one value, or [low, high]: each image draws a strength among those the scheduler can take, i/T for whole i in
+    # [low*T, high*T] with T = num_inference_steps (img2img denoises int(strength*T) steps; 1.0 = pure noise)
+    strength: tuple[float, ...] = (0.75,)
+    shots: int = 5
+    shots_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -307,6 +327,7 @@ VALID = {
     "dct.patience_metric": ("loss", "val"),
     "dct.lr_schedule": ("constant", "cosine"),
     "dct.trust": ("off", "warn", "fallback"),
+    "generate.init": ("noise", "real"),
 }
 
 
@@ -337,8 +358,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
+        if isinstance(value, str) or (args[0] in (int, float) and isinstance(value, (int, float))
+                                      and not isinstance(value, bool)):
+            value = [value]  # one value for a list of one: `generate.strength: 0.6`
         if not isinstance(value, (list, tuple)):
             raise UserError(f"`{key}` must be a list but is {_short(value)}.")
         return tuple(_coerce(v, args[0], key) for v in value)
@@ -538,6 +560,7 @@ def get(cfg: Any, dotted: str) -> Any:
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
             "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_shots", "dct.trust_images", "generate.batch_size", "generate.num_inference_steps",
+            "generate.shots", "dct.num_vectors", "mcti.num_vectors",
             "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
@@ -569,6 +592,41 @@ def check_dct_levers(dct: DCTConfig) -> None:
         if on and dct.select != "val":
             raise UserError(f"`dct.{key}` {getattr(dct, key)!r} reads the validation score, which only "
                             f"dct.select=val measures: set dct.select=val too.")
+
+
+def check_generate_levers(gen: GenerateConfig) -> None:
+    """The rules of generation's prompt-variety and real-anchored levers. Raises `UserError`."""
+    for p in gen.prompts:
+        if not isinstance(p, str) or "{token}" not in p:
+            raise UserError(f"`generate.prompts` entry {p!r} has no {{token}} placeholder: add one where the class "
+                            f"token goes, e.g. 'A sketch of {{token}} {{label}}'.")
+    if gen.init not in VALID["generate.init"]:
+        raise UserError(f"`generate.init` must be one of {', '.join(VALID['generate.init'])} but is {gen.init!r}.")
+    if gen.init != "real":
+        return  # the strength is read only when an image starts from a real one
+    s, steps = gen.strength, gen.num_inference_steps
+    if len(s) not in (1, 2) or not all(0 < v <= 1 for v in s) or s[0] > s[-1]:
+        raise UserError(f"`generate.strength` must be one value in (0, 1] or a range [low, high] with 0 < low <= high "
+                        f"<= 1 but is {list(s)!r}: e.g. 0.75 or [0.5, 0.9].")
+    if not strength_steps(s, steps):
+        raise UserError(f"`generate.strength` {list(s)!r} leaves no denoising step at generate.num_inference_steps "
+                        f"{steps} (img2img denoises int(strength x steps) steps, at least 1): raise the strength or "
+                        f"the steps, e.g. strength {max(s[-1], 1 / steps):.2f}.")
+
+
+def strength_steps(strength: tuple[float, ...], num_inference_steps: int) -> list[int]:
+    """The denoising step counts an image may draw: ``int(strength * T)`` for one value, every whole count in
+    ``[low * T, high * T]`` for a range (none below 1).
+
+    >>> strength_steps((0.5, 0.9), 10)
+    [5, 6, 7, 8, 9]
+    """
+    t = num_inference_steps
+    if len(strength) == 1:
+        n = min(int(t * strength[0]), t)
+        return [n] if n >= 1 else []
+    lo, hi = math.ceil(strength[0] * t - 1e-9), math.floor(strength[1] * t + 1e-9)
+    return list(range(max(lo, 1), min(hi, t) + 1))
 
 
 def validate(cfg: BuildConfig) -> None:
@@ -653,6 +711,11 @@ def validate(cfg: BuildConfig) -> None:
                         "dct.trust=off, or method=dct.")
     if "{token}" not in cfg.generate.prompt:
         raise UserError(f"`generate.prompt` {cfg.generate.prompt!r} has no {{token}} placeholder: add one.")
+    check_generate_levers(cfg.generate)
+    for p in cfg.generate.prompts:
+        if cfg.baseline and "{label}" not in p and parse_guide_target(cfg.guide_target).is_class:
+            raise UserError(f"`baseline` needs a class name in every `generate.prompts` entry but {p!r} has no "
+                            f"{{label}}: add one, or drop --baseline.")
     if cfg.baseline and "{label}" not in cfg.generate.prompt and parse_guide_target(cfg.guide_target).is_class:
         raise UserError(f"`baseline` needs a class name in `generate.prompt` {cfg.generate.prompt!r} (the plain prompt "
                         f"is that prompt without the token): add {{label}}, e.g. 'A photo of {{token}} {{label}}', or "

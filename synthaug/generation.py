@@ -13,15 +13,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import GenerateConfig
+from .config import GenerateConfig, check_generate_levers, strength_steps
 from .errors import UserError
-from .tokens.text import embedding_sha256, render_prompt
+from .tokens.text import embedding_sha256, render_prompt, vector_ids
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -42,6 +43,18 @@ def image_seed(seed: int, class_index: int, index: int) -> int:
     """
     digest = hashlib.sha256(f"synthaug-image:{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1  # [0, 2**63)
+
+
+def image_draw(purpose: str, seed: int, class_index: int, index: int, n: int) -> int:
+    """A choice among `n` for image `index` of class `class_index` (its prompt template, its real source image, its
+    strength): a pure function of these values, so a resumed or re-batched build draws the same, and each purpose
+    draws independently of the others and of the image's noise.
+
+    >>> image_draw("prompt", 0, 3, 7, 4) == image_draw("prompt", 0, 3, 7, 4)
+    True
+    """
+    digest = hashlib.sha256(f"synthaug-{purpose}:{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % int(n)
 
 
 @dataclass
@@ -71,6 +84,10 @@ class GeneratedImage:
     # target class when it is not among them, with their probabilities (None without a classifier)
     guide_soft_classes: list[int] | None = None
     guide_soft_probs: list[float] | None = None
+    # Levers' records, None when the lever is off (the index then has no such column)
+    prompt_index: int | None = None  # which of generate.prompts the image drew
+    init_index: int | None = None  # generate.init "real": the real image it started from, its index in the split
+    strength: float | None = None  # generate.init "real": the img2img strength it was denoised from
 
 
 def generate(
@@ -83,21 +100,31 @@ def generate(
     config: GenerateConfig = GenerateConfig(),  # noqa: B008 (frozen, so a shared default is safe)
     method: str | None = None,
     classifier: torch.nn.Module | None = None,
+    init_images: Mapping[int, PIL.Image.Image] | None = None,
     progress: bool = False,
 ) -> list[GeneratedImage]:
     """Generate images `indices` of one class with the stock pipeline ``__call__``.
 
+    With ``config.init == "real"`` each image starts from one of `init_images` instead of pure noise, through
+    diffusers' ``StableDiffusionImg2ImgPipeline`` built on the same loaded modules (``from_pipe``); with
+    ``config.prompts`` each image draws its prompt template. Every draw is a function of the image's seed
+    (`image_draw`), so neither the batch nor the worker changes an image.
+
     Args:
-        pipe: a `StableDiffusionPipeline`; `token`, if given, must already be in its tokenizer.
+        pipe: a `StableDiffusionPipeline`; `token`, if given, must already be in its tokenizer (a multi-vector
+            token with its ``<token>_1``... vectors, which the pipeline puts in the prompt itself).
         class_index: the class's index (part of every image's seed).
         label: the clean class name that fills ``{label}``; ``""`` for a prompt without one (attribute tokens).
         token: the class token (e.g. ``"<synthaug-000>"``), or None for the plain-prompt baseline.
         indices: which images of the class to make; image ``i`` always gets seed ``image_seed(config.seed, class, i)``.
-        config: prompt template, steps, guidance, size, batch size (None: `batch_size_for` picks it), base seed.
+        config: prompt template(s), steps, guidance, size, batch size (None: `batch_size_for` picks it), base seed,
+            init and strength.
         method: recorded in the metadata; default ``"dct"`` with a token, ``"sd"`` without.
         classifier: optional guide; fills `guide_prob`, `guide_top5` and the soft label (`guide_soft_classes`,
             `guide_soft_probs`: the top `config.soft_top_k` classes and the target), scored on the 8-bit image as
             saved.
+        init_images: with ``config.init == "real"``, the class's real images by their index in the dataset split
+            (resized to the config's size); each image starts from one of them.
         progress: show a tqdm bar over batches.
 
     Returns:
@@ -105,10 +132,12 @@ def generate(
 
     >>> images = generate(pipe, class_index=3, label="three", token="<synthaug-003>", indices=range(8))
     """
+    import numpy as np
     import torch
 
     # 1. Check inputs
-    if not isinstance(label, str) or (not label.strip() and "{label}" in config.prompt):
+    templates = list(config.prompts) or [config.prompt]
+    if not isinstance(label, str) or (not label.strip() and any("{label}" in t for t in templates)):
         raise UserError(f"`label` must be a non-empty class name but is {label!r} (only a prompt without {{label}}, "
                         f"such as an attribute token's 'A photo of {{token}}', takes an empty one).")
     indices = list(indices)
@@ -124,6 +153,14 @@ def generate(
     if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
                                           or config.batch_size <= 0):
         raise UserError(f"`generate.batch_size` must be an integer > 0 or null (auto) but is {config.batch_size!r}.")
+    check_generate_levers(config)
+    sources: list[tuple[int, PIL.Image.Image]] = []
+    if config.init == "real":
+        if not init_images:
+            raise UserError("`init_images` is empty but generate.init is 'real', which starts each image from one of "
+                            "the class's real images: pass them as {index_in_split: PIL image}, or set "
+                            "generate.init=noise.")
+        sources = [(int(k), _fit(init_images[k], config)) for k in sorted(init_images)]
     token_sha = None
     if token is not None:
         if token not in pipe.tokenizer.get_added_vocab():
@@ -131,11 +168,11 @@ def generate(
                 f"`token` {token!r} is not in the pipeline's tokenizer: add it first with "
                 f"synthaug.tokens.add_tokens(pipe, load_tokens(path)) or pipe.load_textual_inversion(path)."
             )
-
-        token_id = pipe.tokenizer.convert_tokens_to_ids(token)
-        token_sha = embedding_sha256(pipe.text_encoder.get_input_embeddings().weight[token_id])
+        rows = pipe.text_encoder.get_input_embeddings().weight[vector_ids(pipe.tokenizer, token)]
+        token_sha = embedding_sha256(rows)
     method = method or ("dct" if token is not None else "sd")
-    prompt = render_prompt(config.prompt, label, token)
+    prompts = [render_prompt(t, label, token) for t in templates]
+    steps = strength_steps(config.strength, config.num_inference_steps)
     model_id = str(getattr(pipe, "synthaug_model_id", None) or pipe.config.get("_name_or_path", "") or "unknown")
     scheduler_config = scheduler_config_json(pipe.scheduler)
 
@@ -143,6 +180,7 @@ def generate(
     out: list[GeneratedImage] = []
     batch_size = batch_size_for(pipe, config)
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    img2img = _img2img(pipe) if sources else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -150,31 +188,42 @@ def generate(
         bar = tqdm(total=len(indices), desc=f"generate {method} {label}", unit="img")
     try:
         for batch in batches:
+            plans = [_draw(config, class_index, i, len(prompts), len(sources), steps) for i in batch]
             seeds = [image_seed(config.seed, class_index, i) for i in batch]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            result = pipe(
-                prompt=[prompt] * len(batch), num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale, height=config.height, width=config.width,
-                generator=generators, output_type="np",
-            )
+            arrays: list[Any] = [None] * len(batch)
+            # one pipeline call per strength (img2img takes one per call): a single one without a real start
+            for strength in sorted({p.strength for p in plans}, key=lambda v: -1.0 if v is None else v):
+                where = [j for j, p in enumerate(plans) if p.strength == strength]
+                kwargs = {"prompt": [prompts[plans[j].prompt or 0] for j in where],
+                          "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+                          "generator": [torch.Generator(device="cpu").manual_seed(seeds[j]) for j in where],
+                          "output_type": "np"}
+                if strength is None:
+                    result = pipe(height=config.height, width=config.width, **kwargs)
+                else:
+                    result = img2img(image=[sources[plans[j].source][1] for j in where], strength=strength, **kwargs)
+                for j, array in zip(where, result.images):
+                    arrays[j] = array
             # Exactly the pipeline's own PIL conversion (round to 8 bit), so these are the bytes output_type="pil"
             # would give; the guide scores the same 8-bit pixels a later reader of the PNG sees.
-            pils = pipe.image_processor.numpy_to_pil(result.images)
+            pils = pipe.image_processor.numpy_to_pil(np.stack(arrays))
             probs = top5 = soft = None
             if classifier is not None:
                 probs, top5, soft = _score(classifier, pils, class_index, config.soft_top_k)
 
             # 3. Record per-sample metadata
-            for j, (i, seed, image) in enumerate(zip(batch, seeds, pils)):
+            for j, (i, seed, image, plan) in enumerate(zip(batch, seeds, pils, plans)):
                 out.append(GeneratedImage(
-                    image=image, class_index=class_index, class_name=label, method=method, index=i, prompt=prompt,
-                    seed=seed, token_sha256=token_sha, model_id=model_id, scheduler=type(pipe.scheduler).__name__,
-                    steps=config.num_inference_steps, guidance_scale=float(config.guidance_scale),
-                    height=config.height, width=config.width,
+                    image=image, class_index=class_index, class_name=label, method=method, index=i,
+                    prompt=prompts[plan.prompt or 0], seed=seed, token_sha256=token_sha, model_id=model_id,
+                    scheduler=type(pipe.scheduler).__name__, steps=config.num_inference_steps,
+                    guidance_scale=float(config.guidance_scale), height=config.height, width=config.width,
                     guide_prob=None if probs is None else probs[j], guide_top5=None if top5 is None else top5[j],
                     scheduler_config=scheduler_config,
                     guide_soft_classes=None if soft is None else soft[j][0],
                     guide_soft_probs=None if soft is None else soft[j][1],
+                    prompt_index=plan.prompt, init_index=None if plan.source is None else sources[plan.source][0],
+                    strength=plan.strength,
                 ))
             if bar is not None:
                 bar.update(len(batch))
@@ -196,6 +245,66 @@ def scheduler_config_json(scheduler: Any) -> str:
 
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     return json.dumps(config, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def real_start_images(dataset: Any, config: GenerateConfig, classes: Sequence[int]) -> dict[int, dict[int, Any]]:
+    """``generate.init: real``: the start images of each of `classes`, ``{class: {index in the split: image}}``.
+
+    They are the class's ``config.shots`` images drawn with ``config.shots_seed`` (`few_shot_indices`, all of a
+    class that has fewer): the k real images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
+    """
+    from .datasets.fewshot import few_shot_indices
+
+    wanted = set(classes)
+    images: dict[int, dict[int, Any]] = {}
+    for i in few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True):
+        target = int(dataset.targets[i])
+        if target in wanted:
+            images.setdefault(target, {})[i] = dataset[i][0]
+    return images
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an image draws by its seed: its prompt template, its real source image and its strength (None: off)."""
+
+    prompt: int | None
+    source: int | None
+    strength: float | None
+
+
+def _draw(config: GenerateConfig, class_index: int, index: int, num_prompts: int, num_sources: int,
+          steps: list[int]) -> _Plan:
+    prompt = image_draw("prompt", config.seed, class_index, index, num_prompts) if config.prompts else None
+    if not num_sources:
+        return _Plan(prompt, None, None)
+    source = image_draw("init", config.seed, class_index, index, num_sources)
+    if len(config.strength) == 1:
+        return _Plan(prompt, source, float(config.strength[0]))
+    n, t = steps[image_draw("strength", config.seed, class_index, index, len(steps))], config.num_inference_steps
+    strength = n / t
+    while int(t * strength) < n:  # the float n / t may land a hair below n steps (0.29 * 100 = 28.999...)
+        strength = math.nextafter(strength, 2.0)
+    return _Plan(prompt, source, strength)
+
+
+def _fit(image: PIL.Image.Image, config: GenerateConfig) -> PIL.Image.Image:
+    """A real start image as the pipeline takes it: RGB at the config's size (bicubic, PIL's deterministic resize)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (config.width, config.height):
+        image = image.resize((config.width, config.height), Image.Resampling.BICUBIC)
+    return image
+
+
+def _img2img(pipe: StableDiffusionPipeline):
+    """diffusers' img2img pipeline on `pipe`'s very modules (its UNet as it is now, a compiled one included)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return img2img
 
 
 def _score(classifier: torch.nn.Module, images: list, class_index: int, top_k: int = 5

@@ -40,7 +40,7 @@ from .layout import (
     token_path,
     token_string,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, conform, index_schema
+from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, conform, index_schema, optional_columns
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -87,8 +87,9 @@ def _done_stats(out: Path) -> list[ShardStats]:
     return [_shard_stats(out, sid, method) for sid, method in done_shards(out).items()]
 
 
-def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
-    """A finished shard's parquet rows in the index schema, checked against its stats."""
+def _shard_rows(out: Path, st: ShardStats, optional: tuple[str, ...] | None = None) -> pa.Table:
+    """A finished shard's parquet rows in the index schema (with the `optional` columns; None: its own), checked
+    against its stats."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,7 +101,22 @@ def _shard_rows(out: Path, st: ShardStats) -> pa.Table:
     if t.num_rows != st.num_samples:
         raise ShardError(f"Shard {shard_name(st.shard, st.method)} has {t.num_rows} rows in {path.name} but its "
                          f"stats say {st.num_samples}: {rebuild_hint(out, st.shard, st.method)}.")
-    return conform(t)
+    return conform(t, optional_columns(t.column_names) if optional is None else optional)
+
+
+def _optional_of(out: Path, stats: list[ShardStats]) -> tuple[str, ...]:
+    """The optional columns any of the shards has (read from the parquet footers only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names: set[str] = set()
+    for st in stats:
+        path = shard_paths(out, st.shard, st.method).parquet
+        try:
+            names.update(pq.read_schema(path).names)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise ShardError(f"Shard index {path} is corrupt ({e}): {rebuild_hint(out, st.shard, st.method)}.") from None
+    return optional_columns(names)
 
 
 def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
@@ -108,7 +124,8 @@ def _read_done_shards(out: Path) -> tuple[list[ShardStats], pa.Table]:
     import pyarrow as pa
 
     stats = _done_stats(out)
-    tables = [_shard_rows(out, st) for st in stats]
+    optional = _optional_of(out, stats)
+    tables = [_shard_rows(out, st, optional) for st in stats]
     table = pa.concat_tables(tables) if tables else index_schema().empty_table()
     return stats, table
 
@@ -117,7 +134,7 @@ class _Unsorted(Exception):
     """The shards' rows, read in the order of their first keys, are not strictly ascending (overlapping shards)."""
 
 
-def _sorted_rows(out: Path, stats: list[ShardStats]):
+def _sorted_rows(out: Path, stats: list[ShardStats], optional: tuple[str, ...] = ()):
     """Every shard's rows as one stream in ascending key order, shard by shard, without holding more than one shard.
 
     Shards are read in the order of their recorded first keys; the stream checks that keys strictly ascend inside
@@ -127,7 +144,7 @@ def _sorted_rows(out: Path, stats: list[ShardStats]):
 
     last = None
     for st in sorted(stats, key=lambda s: (s.first_key, s.shard)):
-        t = _shard_rows(out, st)
+        t = _shard_rows(out, st, optional)
         if not t.num_rows:
             continue
         keys = t.column("key")
@@ -139,12 +156,12 @@ def _sorted_rows(out: Path, stats: list[ShardStats]):
         yield t
 
 
-def _memory_sorted_rows(out: Path, stats: list[ShardStats]):
+def _memory_sorted_rows(out: Path, stats: list[ShardStats], optional: tuple[str, ...] = ()):
     """All rows sorted in memory: for shards whose key ranges overlap. A key in two shards is an error."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = pa.concat_tables([_shard_rows(out, st) for st in stats]).sort_by([("key", "ascending")])
+    table = pa.concat_tables([_shard_rows(out, st, optional) for st in stats]).sort_by([("key", "ascending")])
     keys = table.column("key")
     if table.num_rows > 1:
         same = pc.equal(keys.slice(1), keys.slice(0, table.num_rows - 1))
@@ -238,7 +255,7 @@ class _ArrowStrings:
         return self.array[i].as_py()
 
 
-def _write_index(path: Path, tables, verdicts: _Verdicts) -> tuple[int, int]:
+def _write_index(path: Path, tables, verdicts: _Verdicts, optional: tuple[str, ...] = ()) -> tuple[int, int]:
     """Write `tables` (rows in final order) to `path` atomically, in row groups of `INDEX_ROW_GROUP` rows.
 
     Each row group is written from one contiguous chunk, so the bytes depend on the rows only, not on how they were
@@ -248,7 +265,7 @@ def _write_index(path: Path, tables, verdicts: _Verdicts) -> tuple[int, int]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    schema = index_schema()
+    schema = index_schema(optional)
     if verdicts and verdicts.judge is not None:
         schema = schema.with_metadata({b"synthaug.judge": verdicts.judge})
     judge_i = schema.get_field_index("judge_prob")
@@ -346,11 +363,13 @@ def merge_index(
     # disjoint key ranges); shards whose ranges overlap are sorted in memory, where a key in two shards (a stale or
     # misplanned shard) is an error.
     verdicts = _Verdicts(out / INDEX_FILE)
+    optional = _optional_of(out, stats)
     try:
-        num_samples, top_class = _write_index(out / INDEX_FILE, _sorted_rows(out, stats), verdicts)
+        num_samples, top_class = _write_index(out / INDEX_FILE, _sorted_rows(out, stats, optional), verdicts, optional)
     except _Unsorted:
         logger.info("shards of %s overlap in keys: sorting the index in memory", out)
-        num_samples, top_class = _write_index(out / INDEX_FILE, _memory_sorted_rows(out, stats), verdicts)
+        num_samples, top_class = _write_index(out / INDEX_FILE, _memory_sorted_rows(out, stats, optional), verdicts,
+                                              optional)
 
     # 2. classes.json
     classes_path = None
@@ -406,7 +425,8 @@ def load_index(out: str | os.PathLike) -> pa.Table:
     path = out / INDEX_FILE
     if path.is_file():
         try:
-            return conform(pq.read_table(path))
+            table = pq.read_table(path)
+            return conform(table, optional_columns(table.column_names))
         except (OSError, ValueError, pa.ArrowException) as e:
             raise ShardError(f"{path} is corrupt ({e}): rerun `synthaug build --config {out / 'config.yaml'}` to "
                              "merge it again from the shards.") from None

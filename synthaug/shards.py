@@ -92,8 +92,14 @@ class ShardError(UserError):
 # --------------------------------------------------------------------------------------------------------------------
 # The index schema
 # --------------------------------------------------------------------------------------------------------------------
-def index_schema() -> pa.Schema:
-    """Columns of the per-shard parquet files and of ``index.parquet`` (ARCHITECTURE.md, plus `index`, `image_format`).
+# Columns a row has only when a generation lever made them, after the others: `prompt_index` (generate.prompts),
+# `init_index` and `strength` (generate.init "real"). A build without the levers keeps the columns it always had.
+OPTIONAL_COLUMNS = ("prompt_index", "init_index", "strength")
+
+
+def index_schema(optional: Iterable[str] = ()) -> pa.Schema:
+    """Columns of the per-shard parquet files and of ``index.parquet`` (ARCHITECTURE.md, plus `index`, `image_format`),
+    with those of `OPTIONAL_COLUMNS` named in `optional`.
 
     `token_sha256` is null for the plain-prompt baseline, `guide_prob`/`guide_top5` are null when no guide scored the
     image, and so are `guide_soft_classes`/`guide_soft_probs` (the guide's soft label: its `generate.soft_top_k` most
@@ -105,6 +111,8 @@ def index_schema() -> pa.Schema:
     """
     import pyarrow as pa
 
+    extra = {"prompt_index": pa.int64(), "init_index": pa.int64(), "strength": pa.float64()}
+    wanted = set(optional)
     return pa.schema([
         ("key", pa.string()),
         ("class_index", pa.int64()),
@@ -132,6 +140,7 @@ def index_schema() -> pa.Schema:
         ("offset", pa.int64()),
         ("size", pa.int64()),
         ("sha256", pa.string()),
+        *((c, extra[c]) for c in OPTIONAL_COLUMNS if c in wanted),
     ])
 
 
@@ -139,17 +148,24 @@ def index_schema() -> pa.Schema:
 LATER_COLUMNS = ("guide_soft_classes", "guide_soft_probs")
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """`table` (a shard's parquet or an index) in today's `index_schema`, the columns added since it was written
-    (`LATER_COLUMNS`) filled with nulls, so builds made before them still read."""
+def optional_columns(names: Iterable[str]) -> tuple[str, ...]:
+    """The optional columns among `names`, in schema order."""
+    names = set(names)
+    return tuple(c for c in OPTIONAL_COLUMNS if c in names)
+
+
+def conform(table: pa.Table, optional: Iterable[str] = ()) -> pa.Table:
+    """`table` (a shard's parquet or an index) in ``index_schema(optional)``: the optional columns it lacks, and the
+    columns added since it was written (`LATER_COLUMNS`), filled with nulls, the rest cast, so every build reads."""
     import pyarrow as pa
 
-    schema = index_schema()
-    for name in LATER_COLUMNS:
-        if name not in table.column_names:
-            field = schema.field(name)
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-    return table.select(schema.names).cast(schema)
+    schema = index_schema(optional)
+    for name in schema.names:
+        if name not in table.column_names and (name in OPTIONAL_COLUMNS or name in LATER_COLUMNS):
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    if table.column_names != schema.names:
+        table = table.select(schema.names)
+    return table.cast(schema)
 
 
 def _opt_float(v: Any) -> float | None:
@@ -217,6 +233,7 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
         "guide_soft_probs": _opt_floats(getattr(sample, "guide_soft_probs", None)),
         "judge_prob": _opt_float(getattr(sample, "judge_prob", None)),
         "image_format": image_format,
+        **{c: getattr(sample, c) for c in OPTIONAL_COLUMNS if getattr(sample, c, None) is not None},
     }
 
 
@@ -466,7 +483,7 @@ class _ShardFile:
         tar_bytes, tar_sha = self._hashing.nbytes, self._hashing.sha.hexdigest()
 
         # 3. Parquet rows, in tar order.
-        table = pa.Table.from_pylist(rows, schema=index_schema())
+        table = pa.Table.from_pylist(rows, schema=index_schema(optional_columns(set().union(*rows))))
         buf = io.BytesIO()
         pq.write_table(table, buf)
         with atomic_write(paths.parquet, "wb") as f:

@@ -21,7 +21,7 @@ from ..config import from_dict
 from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
-from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, use_unet
+from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
 from ..layout import resume_command, shard_done, token_path, trust_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
@@ -188,6 +188,8 @@ class ClassWorker:
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}
         if cfg.method in ("ti", "mcti"):
             models.update(self._few_shot(pipe))
+        if cfg.generate.init == "real":
+            models["init_images"] = self._init_images()
         self._models = models
         return models
 
@@ -207,6 +209,12 @@ class ClassWorker:
             extra["clip"] = load_clip(cfg.mcti.clip_model, pipe)
             extra["features"] = class_features(extra["clip"], images)
         return extra
+
+    def _init_images(self) -> dict[int, dict[int, Any]]:
+        """generate.init "real": each selected class's real start images, by their index in the split."""
+        cfg = self.config
+        return real_start_images(get_dataset(cfg.dataset, cfg.root, cfg.split), cfg.generate,
+                                 self.selected or range(len(self.classes)))
 
     # -- one class job ----------------------------------------------------------------------------------------------
     def run(self, job: ClassJob, attempt: int = 0) -> dict[str, Any]:
@@ -298,7 +306,8 @@ class ClassWorker:
                 for lo in range(task.start, task.stop, gen.batch_size):
                     hi = min(lo + gen.batch_size, task.stop)
                     writer.put(generate(pipe, class_index=c, label=job.name, token=token, indices=range(lo, hi),
-                                        config=gen, method=task.method, classifier=models["guide"]))
+                                        config=gen, method=task.method, classifier=models["guide"],
+                                        init_images=models.get("init_images", {}).get(c)))
                     self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": hi - task.start})
                     on_disk(writer.finished())
                 on_disk(writer.drain())  # the previous shard: its hook runs before this one can complete

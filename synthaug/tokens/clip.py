@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..classifier.hub import custom_code
 from ..errors import UserError
 from ..models import ASSETS, EMBEDDED_MODELS, clip_tokenizer, offline
-from .text import encode, pool_eos, splice_tokens, token_embedding, tokenize, tokenizer_with
+from .text import encode, pool_eos, spell_token, splice_tokens, token_embedding, tokenize, tokenizer_with, vector_names
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -348,7 +348,7 @@ def text_prototypes(
 
     Args:
         clip: the paired CLIP (`load_clip`).
-        tokens: ``{token: embedding [1, dim] or [dim]}``, in class order (e.g. from `load_tokens`).
+        tokens: ``{token: embedding [n, dim] or [dim]}``, in class order (e.g. from `load_tokens`).
         text_encoder: the text tower; default CLIP's own (identical to the pipeline's for SD 1.x and digits).
         tokenizer: default the tokenizer saved with the CLIP, else the real CLIP tokenizer
             (`synthaug.models.clip_tokenizer`). Not modified: tokens are added to a copy.
@@ -367,15 +367,19 @@ def text_prototypes(
         tokenizer = clip_tokenizer()
     text_encoder = text_encoder if text_encoder is not None else clip.text_model
     emb = token_embedding(text_encoder)
-    tok = tokenizer_with(tokenizer, list(tokens))
-    rows = {}
+    vectors = {}
     for name, vecs in tokens.items():
-        v = torch.as_tensor(vecs).reshape(-1)
-        if v.numel() != emb.embedding_dim:
+        v = torch.as_tensor(vecs)
+        if v.numel() % emb.embedding_dim or not v.numel():
             raise UserError(f"`tokens` entry {name!r} has {v.numel()} values but the text encoder embeds in "
                             f"{emb.embedding_dim}: the tokens were learned for a different model.")
-        rows[tok.convert_tokens_to_ids(name)] = v.to(emb.weight.device)
-    enc = tokenize(tok, [template.format(token=t) for t in tokens], emb.weight.device)
+        vectors[name] = v.reshape(-1, emb.embedding_dim)  # [n, dim]: n > 1 for a multi-vector token
+    tok = tokenizer_with(tokenizer, [w for name, v in vectors.items() for w in vector_names(name, len(v))])
+    rows = {}
+    for name, v in vectors.items():
+        rows.update(zip(tok.convert_tokens_to_ids(vector_names(name, len(v))), v.to(emb.weight.device)))
+    enc = tokenize(tok, [template.format(token=spell_token(t, len(v))) for t, v in vectors.items()],
+                   emb.weight.device)
     with splice_tokens(text_encoder, rows):
         return _text_features(clip, text_encoder, tok, enc).cpu()
 

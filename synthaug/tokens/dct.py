@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 from ..config import DCTConfig, check_dct_levers
 from ..errors import UserError
 from ..target import CLASS, GuideTarget, check_label_free, parse_guide_target
-from .text import encode, render_prompt, splice_tokens, token_name, tokenize, tokenizer_with
+from .text import encode, render_prompt, spell_token, splice_tokens, token_name, tokenize, tokenizer_with, vector_names
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -70,7 +70,7 @@ class TokenResult:
     token: str
     class_index: int
     label: str
-    embedding: torch.Tensor  # [1, dim] fp32, CPU
+    embedding: torch.Tensor  # [num_vectors, dim] fp32, CPU (diffusers multi-vector TI layout; [1, dim] by default)
     steps: int  # training iterations run (= len(history)): measurements, one more than `updates` when the last one
     # stopped the loop
     stop_reason: str  # "all_correct" | "patience" | "max_steps"
@@ -118,7 +118,7 @@ def learn_dct_token(
         token: the token string; default `token_name(class_index)`.
         progress: show a tqdm bar over training iterations.
         callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
-            fp32 CPU copy of the embedding that was measured), before the update.
+            fp32 CPU copy of the embedding that was measured: ``[dim]``, or ``[num_vectors, dim]``), before the update.
         checkpointing: overrides ``config.checkpointing`` (None: the config's): recompute activations during
             backward instead of storing them — see `DCTConfig.checkpointing`.
         val_prompt: the template ``select="val"`` generates with: the prompt the token will be used with (builds and
@@ -146,22 +146,24 @@ def learn_dct_token(
     token = token if token is not None else token_name(class_index) if target.is_class else target.token
     val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
     tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt, target)
-    run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(token),
+    spelled = spell_token(token, config.num_vectors)  # "S_c" or, multi-vector, "S_c S_c_1 ..." (diffusers' spelling)
+    run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(spelled.split()),
                pipe._execution_device, pipe.text_encoder.dtype,  # the pipeline's latents are in the prompts' dtype
                config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe), target=target)
 
     with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
-        # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3)
+        # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3);
+        #    [dim], or [num_vectors, dim] with every vector so initialised
         init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
-        init = pipe.text_encoder.get_input_embeddings().weight[init_id]
-        v_c = torch.nn.Parameter(init.detach().to(device=run.device, dtype=torch.float32).clone())
+        init = pipe.text_encoder.get_input_embeddings().weight[init_id].detach().to(run.device, torch.float32)
+        v_c = torch.nn.Parameter(init.clone() if config.num_vectors == 1 else init.repeat(config.num_vectors, 1))
         optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
 
         # 3. Prompts, padded to model_max_length as at inference: batch element b gets prompts[b % len(prompts)], so
         #    every update's loss is measured on the same prompt mix (and losses compare across updates). Validation
         #    uses the generation prompt. The unconditional embedding does not depend on v_c: once, without a graph.
-        prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, token) for p in config.prompts], run.device)
-        val_inputs = (tokenize(tokenizer, [render_prompt(val_prompt, label, token)], run.device)
+        prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, spelled) for p in config.prompts], run.device)
+        val_inputs = (tokenize(tokenizer, [render_prompt(val_prompt, label, spelled)], run.device)
                       if config.select == "val" else None)
         if run.do_cfg:
             with torch.no_grad():
@@ -243,13 +245,14 @@ def learn_dct_token(
         "scheduler": type(pipe.scheduler).__name__,
         "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "checkpointing": run.checkpointing,
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in TRUST_KEYS},
+        "config": {k: v for k, v in dataclasses.asdict(config).items()  # single-vector tokens' files keep their bytes
+                   if k not in TRUST_KEYS and (k != "num_vectors" or config.num_vectors != 1)},
     }
     if not target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
         metadata["target"] = str(target)
     return TokenResult(
         token=token, class_index=class_index, label=label,
-        embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(1, -1).clone(),
+        embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(config.num_vectors, -1).clone(),
         steps=len(history), stop_reason=keeper.stop_reason, best_step=keeper.kept_step, history=history,
         seconds=time.perf_counter() - started, unet_evals=unet_evals, metadata=metadata,
         updates=sum(bool(e.get("updated")) for e in history),
@@ -267,7 +270,7 @@ class _Run:
     classifier: torch.nn.Module
     config: DCTConfig
     class_index: int
-    token_id: int
+    token_ids: list[int]  # S_c's vectors' ids (one but for multi-vector tokens)
     device: torch.device
     dtype: torch.dtype  # of the text embeddings; the pipeline runs its latents in it
     checkpointing: bool
@@ -356,7 +359,7 @@ def _scheduled_lr(config: DCTConfig, step: int) -> float:
 
 def _encode(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """C = τ(P): the prompt's hidden states ``[1, L, D]`` with `v` at S_c's positions, in the pipeline's dtype."""
-    with splice_tokens(run.pipe.text_encoder, {run.token_id: v}):
+    with splice_tokens(run.pipe.text_encoder, dict(zip(run.token_ids, v.reshape(len(run.token_ids), -1)))):
         return encode(run.pipe.text_encoder, inputs).to(run.dtype)
 
 
@@ -640,13 +643,16 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
             f"`dct.init_token` {config.init_token!r} is {len(init_ids)} tokens, not one: pick a single-token word "
             f"such as 'bird' (bird classifiers) or 'a' (general ones)."
         )
-    tokenizer = tokenizer_with(tokenizer, [token])
-    token_id = tokenizer.convert_tokens_to_ids(token)
+    if isinstance(config.num_vectors, bool) or not isinstance(config.num_vectors, int) or config.num_vectors < 1:
+        raise UserError(f"`dct.num_vectors` must be an integer >= 1 but is {config.num_vectors!r}.")
+    tokenizer = tokenizer_with(tokenizer, vector_names(token, config.num_vectors))
+    token_id = tokenizer.convert_tokens_to_ids(vector_names(token, config.num_vectors)[-1])  # all in, if the last is
     if config.select == "val" and "{token}" not in val_prompt:
         raise UserError(f"`val_prompt` {val_prompt!r} (the generation prompt) has no {{token}} placeholder: validation "
                         f"must measure the token; add one where S_c goes.")
     for p in (*config.prompts, *([val_prompt] if config.select == "val" else [])):
-        if not bool((tokenize(tokenizer, [render_prompt(p, label, token)], "cpu")["input_ids"] == token_id).any()):
+        spelled = render_prompt(p, label, spell_token(token, config.num_vectors))
+        if not bool((tokenize(tokenizer, [spelled], "cpu")["input_ids"] == token_id).any()):
             raise UserError(
                 f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
                 f"{tokenizer.model_max_length} tokens and the class token {token!r} was cut off: shorten the prompt "

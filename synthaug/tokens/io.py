@@ -13,7 +13,7 @@ import torch
 from ..atomic import write_bytes
 from ..errors import UserError
 from .dct import TokenResult
-from .text import token_name
+from .text import token_name, vector_ids, vector_names
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------------------------------
 def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -> None:
     """Add tokens to the pipeline's tokenizer and set their text-encoder rows; every other row stays bit-identical.
+
+    A token of ``[n, dim]`` with n > 1 is added as diffusers' ``load_textual_inversion`` adds a multi-vector token:
+    as ``token``, ``token_1``, ... ``token_{n-1}``, which the pipeline spells in place of ``token`` in a prompt.
 
     A token the tokenizer already holds as an added token gets its row overwritten (so re-adding is safe); a token
     that is an ordinary vocabulary word is refused. New rows are sized with ``mean_resizing=False`` and then set,
@@ -45,12 +48,20 @@ def add_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, torch.Tensor]) -
                 f"Rename it, e.g. {token_name(0)!r}."
             )
         emb = torch.as_tensor(emb)
-        if emb.reshape(-1).shape[0] != dim or (emb.dim() == 2 and emb.shape[0] != 1) or emb.dim() > 2:
+        if emb.dim() == 1:
+            emb = emb[None]
+        if emb.dim() != 2 or emb.shape[-1] != dim or emb.shape[0] < 1:
             raise UserError(
-                f"Token {token!r} has an embedding of shape {tuple(emb.shape)} but this text encoder takes [1, {dim}]: "
+                f"Token {token!r} has an embedding of shape {tuple(emb.shape)} but this text encoder takes [n, {dim}]: "
                 f"the token was learned for a different model; learn it again for this one."
             )
-        rows[token] = emb.reshape(-1)
+        names = vector_names(token, emb.shape[0])
+        stale = len(vector_ids(tokenizer, token)) if token in tokenizer.get_added_vocab() else 0
+        if stale > len(names):
+            raise UserError(f"Token {token!r} is in the tokenizer with {stale} vectors, and the new one has "
+                            f"{len(names)}: the pipeline would spell it with the old extra vectors. Load it into a "
+                            f"freshly loaded pipeline.")
+        rows.update(zip(names, emb))
     new = [t for t in rows if t not in tokenizer.get_added_vocab()]
     if new:
         tokenizer.add_tokens(new)
@@ -78,7 +89,8 @@ def token_updates(meta: dict) -> int | None:
 
 
 def save_token(result: TokenResult, path: str | os.PathLike) -> None:
-    """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [1, dim]}``) with string metadata.
+    """Write one token as diffusers' ``learned_embeds.safetensors`` (``{token: [n, dim]}``, n = 1 but for a
+    multi-vector token) with string metadata.
 
     Atomic; the same result gives the same bytes. Loadable by stock diffusers: ``pipe.load_textual_inversion(path)``.
 
@@ -142,7 +154,7 @@ def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a token file (one or many tokens; a directory means its ``learned_embeds.safetensors``).
 
     Returns:
-        ``{token: fp32 tensor [1, dim]}`` in file order.
+        ``{token: fp32 tensor [n, dim]}`` in file order (n = 1 but for multi-vector tokens).
 
     >>> tokens = load_tokens("out/digits/tokens/003.safetensors")
     """
@@ -162,10 +174,10 @@ def load_tokens(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for token, emb in ((t, raw[t]) for t in names):
         if emb.dim() == 1:
             emb = emb[None]
-        if emb.dim() != 2 or emb.shape[0] != 1:
+        if emb.dim() != 2 or emb.shape[0] < 1:
             raise UserError(
-                f"Token {token!r} in {str(path)!r} has shape {tuple(emb.shape)}; synthaug tokens are [1, dim] "
-                f"(multi-vector embeddings are not supported): load it with pipe.load_textual_inversion instead."
+                f"Token {token!r} in {str(path)!r} has shape {tuple(emb.shape)}; textual-inversion tokens are "
+                f"[n, dim] (n vectors): write it again with save_token or load it with pipe.load_textual_inversion."
             )
         out[token] = emb.float()
     return out
@@ -208,8 +220,10 @@ def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: 
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     blobs, offset = [], 0
     for token, emb in tensors.items():
-        data = torch.as_tensor(emb).detach().to("cpu", torch.float32).reshape(1, -1).numpy().astype("<f4").tobytes()
-        header[token] = {"dtype": "F32", "shape": [1, len(data) // 4], "data_offsets": [offset, offset + len(data)]}
+        emb = torch.as_tensor(emb).detach().to("cpu", torch.float32)
+        rows = emb.reshape(emb.shape[0] if emb.dim() == 2 else 1, -1)  # [n, dim]: n vectors (1 for a [dim] tensor)
+        data = rows.numpy().astype("<f4").tobytes()
+        header[token] = {"dtype": "F32", "shape": list(rows.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -35,7 +35,17 @@ from ..config import MCTIConfig
 from ..errors import UserError
 from .clip import CLASSIFY_TEMPLATE, _text_features, check_paired, class_features
 from .io import save_tokens
-from .text import encode, single_token_id, splice_tokens, token_embedding, token_name, tokenize, tokenizer_with
+from .text import (
+    encode,
+    single_token_id,
+    spell_token,
+    splice_tokens,
+    token_embedding,
+    token_name,
+    tokenize,
+    tokenizer_with,
+    vector_names,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -70,9 +80,9 @@ class MCTIResult:
         class_index: the class it stands for.
         label: the class name, metadata only (MC-TI never puts it in a prompt: the method is semantic-agnostic).
         method: ``"ti"`` or ``"mcti"``.
-        embedding: the learned embedding, ``[1, dim]`` fp32 on the CPU.
+        embedding: the learned embedding, ``[num_vectors, dim]`` fp32 on the CPU (``[1, dim]`` by default).
         warmup_embedding: for MC-TI, the token at the end of the TI warm-up (exactly the token ``method="ti"`` with
-            the same config learns), ``[1, dim]`` fp32; None for TI.
+            the same config learns), as `embedding`; None for TI.
         steps: optimizer updates done (warm-up + joint).
         history: one dict per update: ``step``, ``phase`` (``"ti"`` | ``"mcti"``), ``loss_mse``, ``loss_reg``
             (None where not computed), ``loss`` (what was minimised).
@@ -219,15 +229,19 @@ def learn_mcti_token(
                             f"every class, this one included.")
         check_paired(clip, pipe.text_encoder)
     token = token or token_name(class_index)
-    tokenizer = tokenizer_with(pipe.tokenizer, [token])  # a copy that knows S_k; the pipeline's stays as it was
+    n = config.num_vectors
+    spelled = spell_token(token, n)  # S_k, or its n vectors as diffusers spells a multi-vector token
+    tokenizer = tokenizer_with(pipe.tokenizer, vector_names(token, n))  # a copy: the pipeline's stays as it was
     text_encoder, unet = pipe.text_encoder, pipe.unet
     device = unet.device
     resolution = resolution or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
 
-    # 2. The token: a standalone fp32 parameter, initialised from `init_token`'s embedding.
+    # 2. The token: a standalone fp32 parameter ([dim], or [n, dim]), each vector initialised from `init_token`'s
+    #    embedding.
     init_id = single_token_id(tokenizer, config.init_token, "mcti.init_token")
     init = token_embedding(text_encoder).weight[init_id].detach().float().clone()
-    tid = tokenizer.convert_tokens_to_ids(token)
+    init = init if n == 1 else init.repeat(n, 1)
+    tids = tokenizer.convert_tokens_to_ids(vector_names(token, n))
     vec = torch.nn.Parameter(init.to(device))
     # AdamW with torch's default weight decay (0.01), as the TI implementations MC-TI builds on use it.
     optimizer = torch.optim.AdamW([vec], lr=config.lr)
@@ -253,7 +267,7 @@ def learn_mcti_token(
             raise UserError(f"`features` of classes {empty[:10]} are empty: every class needs at least one image.")
         feats = {k: feats[k].to(device, torch.float32) for k in classes}
         target = torch.tensor([classes.index(class_index)], device=device)
-        reg_enc = tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=token)], device)
+        reg_enc = tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=spelled)], device)
 
     # Separate random streams: the regularizer's draws never shift the L_mse draws, so that MC-TI with β=0 is TI,
     # update for update.
@@ -270,7 +284,7 @@ def learn_mcti_token(
     def l_mse() -> torch.Tensor:
         # Eq. 1: ||ε - ε_θ(z_t, t, τ_φ(P))||², VAE latents of random shots, random templates and timesteps.
         idx = batch_indices(config.batch_size)
-        prompts = [templates[int(i)].format(token=token)
+        prompts = [templates[int(i)].format(token=spelled)
                    for i in torch.randint(len(templates), (len(idx),), generator=gen)]
         flips = (torch.rand(len(idx), generator=gen) < flip_p).tolist() if flip_p > 0 else [False] * len(idx)
         mu = torch.stack([(mean_f if f else mean)[i] for i, f in zip(idx, flips)])
@@ -280,7 +294,7 @@ def learn_mcti_token(
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, num_train_t, (len(idx),), generator=gen).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        with splice_tokens(text_encoder, {tid: vec}):
+        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
             cond = encode(text_encoder, tokenize(tokenizer, prompts, device))
         pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
         target_ = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
@@ -292,14 +306,14 @@ def learn_mcti_token(
         # the intended logits are s·cos, CLIP's logit scale.)
         protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=gen_reg).item()]
                               for k in classes])
-        with splice_tokens(text_encoder, {tid: vec}):
+        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
             g = _text_features(clip, text_encoder, tokenizer, reg_enc)
         logits = config.scale * g @ protos.T
         return F.cross_entropy(logits, target)
 
     # 4. Train: TI warm-up, then the joint loss (Eq. 5).
     history: list[dict[str, Any]] = []
-    warmup = init.cpu().clone().view(1, -1) if ti_steps == 0 and method == "mcti" else None
+    warmup = init.cpu().clone().view(n, -1) if ti_steps == 0 and method == "mcti" else None
     total = ti_steps + joint_steps
     bar = _progress(total, progress, f"{method} {token}")
     start = time.perf_counter()
@@ -327,7 +341,7 @@ def learn_mcti_token(
                         "loss_mse": None if loss_mse is None else loss_mse.item(),
                         "loss_reg": None if loss_reg is None else loss_reg.item(), "loss": float(loss.detach())})
         if method == "mcti" and step + 1 == ti_steps:
-            warmup = vec.detach().float().cpu().clone().view(1, -1)
+            warmup = vec.detach().float().cpu().clone().view(n, -1)
         if callback is not None:
             callback(step, vec.detach())
         bar.update(1)
@@ -339,7 +353,7 @@ def learn_mcti_token(
                            f"lower `mcti.lr` or use fp32/bf16 weights.")
 
     # 5. The result (the pipeline is untouched: `add_tokens` puts the token in for generation).
-    embedding = vec.detach().float().cpu().clone().view(1, -1)
+    embedding = vec.detach().float().cpu().clone().view(n, -1)
     last = history[-1] if history else {}
     metadata = {
         "method": method, "token": token, "class_index": class_index, "label": label or "",
@@ -349,6 +363,7 @@ def learn_mcti_token(
         "shots": len(own), "num_classes": len(classes), "resolution": resolution, "flip_p": flip_p,
         "final_loss_mse": last.get("loss_mse"), "final_loss_reg": last.get("loss_reg"),
         "model_id": getattr(pipe, "synthaug_model_id", ""), "clip_id": getattr(clip, "synthaug_id", "") if clip else "",
+        **({"num_vectors": n} if n != 1 else {}),  # single-vector tokens' files keep their bytes
     }
     return MCTIResult(token=token, class_index=class_index, label=label, method=method, embedding=embedding,
                       warmup_embedding=warmup if method == "mcti" else None, steps=total, history=history,
@@ -361,6 +376,8 @@ def _check_config(config: MCTIConfig, method: str) -> None:
         raise UserError(f"`mcti.lr` must be a positive number but is {config.lr!r}: the paper uses 5e-4.")
     if config.batch_size <= 0:
         raise UserError(f"`mcti.batch_size` must be > 0 but is {config.batch_size!r}.")
+    if isinstance(config.num_vectors, bool) or not isinstance(config.num_vectors, int) or config.num_vectors < 1:
+        raise UserError(f"`mcti.num_vectors` must be an integer >= 1 but is {config.num_vectors!r}.")
     if config.steps < 0 or config.extra_steps < 0:
         raise UserError(f"`mcti.steps` and `mcti.extra_steps` must be >= 0 but are {config.steps} and "
                         f"{config.extra_steps}.")

@@ -33,6 +33,37 @@ def token_name(class_index: int) -> str:
     return token_string(class_index)
 
 
+def vector_names(token: str, num_vectors: int = 1) -> list[str]:
+    """The tokenizer entries of a token of `num_vectors` embedding vectors, named as diffusers' multi-vector textual
+    inversion names them (``load_textual_inversion`` adds them, and its pipelines spell ``token`` in a prompt as all
+    of them).
+
+    >>> vector_names("<synthaug-003>", 3)
+    ['<synthaug-003>', '<synthaug-003>_1', '<synthaug-003>_2']
+    """
+    return [token] + [f"{token}_{i}" for i in range(1, int(num_vectors))]
+
+
+def spell_token(token: str, num_vectors: int = 1) -> str:
+    """How a prompt spells a token of `num_vectors` vectors for the text encoder (what diffusers'
+    ``maybe_convert_prompt`` makes of ``token``).
+
+    >>> spell_token("<synthaug-003>", 2)
+    '<synthaug-003> <synthaug-003>_1'
+    """
+    return " ".join(vector_names(token, num_vectors))
+
+
+def vector_ids(tokenizer: CLIPTokenizer, token: str) -> list[int]:
+    """The ids of `token`'s vectors: the token, then ``<token>_1``, ``<token>_2``... while the tokenizer holds them
+    (diffusers' rule in ``TextualInversionLoaderMixin.maybe_convert_prompt``)."""
+    added = tokenizer.get_added_vocab()
+    names = [token]
+    while f"{token}_{len(names)}" in added:
+        names.append(f"{token}_{len(names)}")
+    return [tokenizer.convert_tokens_to_ids(n) for n in names]
+
+
 def embedding_sha256(embedding: torch.Tensor) -> str:
     """sha256 of an embedding's fp32 values (little-endian, C order): what `GeneratedImage.token_sha256` records."""
     data = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1).numpy()
