@@ -8,6 +8,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Worker hooks that inject faults when a test sets SYNTHAUG_TEST_* (tests/faults.py); inert otherwise.
 os.environ.setdefault("SYNTHAUG_WORKER_HOOKS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults.py"))
+# Compiled kernels of this run only: inductor's cache (synthaug's default is a persistent user folder) is not shared
+# with earlier runs or other processes, so a run with the CPU's instruction set capped (ATEN_CPU_CAPABILITY=avx2 ...)
+# compiles its own kernels. Under such a cap, one suite run that reused a shared cache got black images from the
+# compiled UNet; with a cache of its own the same test passed.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="synthaug-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import buildworld as bw
 import pytest
