@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import GenerateConfig, check_generate_levers, strength_steps
+from .datasets.fewshot import few_shot_indices
 from .errors import UserError
 from .tokens.text import embedding_sha256, render_prompt, vector_ids
 
@@ -253,8 +254,6 @@ def real_start_images(dataset: Any, config: GenerateConfig, classes: Sequence[in
     They are the class's ``config.shots`` images drawn with ``config.shots_seed`` (`few_shot_indices`, all of a
     class that has fewer): the k real images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
     """
-    from .datasets.fewshot import few_shot_indices
-
     wanted = set(classes)
     images: dict[int, dict[int, Any]] = {}
     for i in few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True):

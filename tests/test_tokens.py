@@ -745,7 +745,7 @@ def test_add_tokens(own_pipe):
     assert own_pipe.tokenizer("x <t-a> y").input_ids[2] == own_pipe.tokenizer.convert_tokens_to_ids("<t-a>")
     with pytest.raises(UserError, match="already a word"):
         add_tokens(own_pipe, {"bird": a})
-    with pytest.raises(UserError, match=r"shape \(1, 16\) but this text encoder takes \[1, 32\]"):
+    with pytest.raises(UserError, match=r"shape \(1, 16\) but this text encoder takes \[n, 32\]"):
         add_tokens(own_pipe, {"<t-c>": torch.zeros(1, 16)})
 
 
@@ -767,9 +767,11 @@ def test_load_tokens_errors(tmp_path):
         load_tokens(bad)
     from safetensors.torch import save_file
 
-    save_file({"<multi>": torch.zeros(2, 32)}, tmp_path / "multi.safetensors")
-    with pytest.raises(UserError, match="multi-vector"):
-        load_tokens(tmp_path / "multi.safetensors")
+    save_file({"<multi>": torch.zeros(2, 32)}, tmp_path / "multi.safetensors")  # diffusers' multi-vector layout
+    assert load_tokens(tmp_path / "multi.safetensors")["<multi>"].shape == (2, 32)
+    save_file({"<cube>": torch.zeros(2, 2, 32)}, tmp_path / "cube.safetensors")
+    with pytest.raises(UserError, match=r"has shape \(2, 2, 32\); textual-inversion tokens are \[n, dim\]"):
+        load_tokens(tmp_path / "cube.safetensors")
     # a diffusers-style directory holding learned_embeds.safetensors
     save_file({"<x>": torch.ones(32)}, tmp_path / "learned_embeds.safetensors")
     assert load_tokens(tmp_path)["<x>"].shape == (1, 32)
