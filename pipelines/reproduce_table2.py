@@ -13,8 +13,8 @@ Writes ``eval/downstream.json``/``.csv`` and ``eval/table2.md`` (command line + 
 the block ``<!-- synthaug:table2-NAME begin/end -->`` of FILE (nothing else in it changes).
 
 **The extended table** (``--row``, repeatable): each row is one synthetic set, ``NAME=BUILD[:METHOD][,KEY=VALUE...]``
-— a method of a build folder with `DownstreamConfig` settings of its own — so a row for any generation lever is a
-build made with it, and a row for a training lever is a setting::
+— a method of a build folder (without ``:METHOD``, the build's own) with `DownstreamConfig` settings of its own —
+so a row for any generation lever is a build made with it, and a row for a training lever is a setting::
 
     python pipelines/reproduce_table2.py --shots 0,1,3,5,9,15 --seeds 5 --mode ratio --p 0.5 --out out/t2x \
         --row sd=out/digits-report:sd --row sd+conf=out/digits-report:sd,min_confidence=0.9 \
@@ -120,8 +120,8 @@ def run_rows(args, command: str) -> int:
             if learner == "linear":
                 settings.update(arch_kwargs=None, pretrained=False, image_size=args.linear_size or args.image_size)
             settings.update(overrides)
-            config = DownstreamConfig(**settings, methods=[] if name == "real" else [method or view.methods[-1]],
-                                      include_real=name == "real")
+            own = method or view.config.get("method") or "dct"  # a row without :METHOD: the build's own
+            config = DownstreamConfig(**settings, methods=[] if name == "real" else [own], include_real=name == "real")
             folder = out / learner / name
             train_downstream(view.root, real, config, root=root, out=folder, progress=not args.quiet)
             tables[name] = load_row_cells([folder], "real" if name == "real" else config.methods[0])

@@ -64,6 +64,13 @@ def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_p
     assert "trust check (dct.trust=fallback):" in summary
     assert sum("generated with the plain prompt" in line for line in summary.splitlines()) == sum(
         c["trust"]["fallback"] for c in classes)
+    from synthaug.report import write_report
+
+    html = write_report(out, grids=False, progress=False).read_text()
+    assert html.count("trusted: guide") + html.count("NOT trusted (") == len(classes)
+    from synthaug.layout import build_files  # --overwrite deletes them with the rest of the build
+
+    assert {p.name for p in build_files(out)} >= {f"{c['index']:03d}_trust.json" for c in classes}
     # resumed: the verdicts are read back, nothing changes
     before = bw.snapshot(out)
     assert build(cfg, progress=False).ok and bw.snapshot(out) == before

@@ -141,7 +141,11 @@ def format_comparison(stats: Sequence[RowStat], diffs: Sequence[PairedDiff], *, 
     against = sorted({d.against for d in diffs}, key=rows.index)
     by = {(s.row, s.shots): s for s in stats}
     dby = {(d.row, d.against, d.shots): d for d in diffs}
-    pairs = [(r, a) for a in against for r in rows if r != a and any(k[:2] == (r, a) for k in dby)]
+    pairs: list[tuple[str, str]] = []
+    for a in against:
+        for r in rows:  # each pair once: "sd+conf - sd", not also "sd - sd+conf"
+            if r != a and (a, r) not in pairs and any(k[:2] == (r, a) for k in dby):
+                pairs.append((r, a))
     head = ["k"] + rows + [f"{r} - {a}" for r, a in pairs]
     lines = ([f"**{title}**", ""] if title else []) + [
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
