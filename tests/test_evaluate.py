@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -310,16 +311,19 @@ def evaluate_downstream_once(build, train, test, out):
                             steps=3, batch_size=8, out=out, progress=False, **TINY_NET)
 
 
+def _class_image(rng: np.random.Generator, c: int) -> Image.Image:
+    """A 16 px noise image whose channel `c` is bright: class c, learnable from pixels."""
+    a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+    a[..., c] += 150
+    return Image.fromarray(a)
+
+
 def test_downstream_mixing_modes_and_confidence_filter(tmp_path):
     from synthaug.evaluate.downstream import train_downstream
 
     classes = DIGITS[:3]
     rng = np.random.default_rng(1)
-
-    def image(c: int) -> Image.Image:
-        a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-        a[..., c] += 150
-        return Image.fromarray(a)
+    image = functools.partial(_class_image, rng)
 
     # guide_prob 0.1, 0.4, 0.7, 1.0 for the 4 images of every class
     samples = [{"method": "dct", "class_index": c, "index": i, "image": image(c), "guide_prob": 0.1 + 0.3 * i}
@@ -357,11 +361,7 @@ def test_downstream_soft_targets_and_the_linear_learner(tmp_path, downstream_wor
 
     classes = DIGITS[:3]
     rng = np.random.default_rng(2)
-
-    def image(c: int) -> Image.Image:
-        a = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-        a[..., c] += 150
-        return Image.fromarray(a)
+    image = functools.partial(_class_image, rng)
 
     samples = [{"method": "dct", "class_index": c, "index": i, "image": image(c), "guide_prob": 0.7,
                 "guide_soft_classes": [c, (c + 1) % 3], "guide_soft_probs": [0.7, 0.2]} for c in range(3)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from scipy import stats
+
+from synthaug.evaluate.paired import t_interval
 
 
 def load_cells(dirs: list[Path]) -> dict[tuple[str, int], dict[int, float]]:
@@ -39,16 +40,6 @@ def load_cells(dirs: list[Path]) -> dict[tuple[str, int], dict[int, float]]:
     if not cells:
         raise SystemExit(f"no cells under {', '.join(map(str, dirs))}: pass eval folders of reproduce_table2.py")
     return cells
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def main() -> int:
@@ -73,7 +64,7 @@ def main() -> int:
         parts = []
         for m in methods:
             if (m, k) in cells:
-                mean, half = interval(list(cells[(m, k)].values()))
+                mean, half = t_interval(list(cells[(m, k)].values()))
                 parts.append(f"{m} {100 * mean:.1f} ± {100 * half:.1f} (n={len(cells[(m, k)])})")
         print(f"k={k}: " + ", ".join(parts))
         mine = cells.get((args.method, k), {})
@@ -84,7 +75,7 @@ def main() -> int:
             if len(seeds) < 2:
                 continue
             diff = [mine[s] - cells[(m, k)][s] for s in seeds]
-            mean, half = interval(diff)
+            mean, half = t_interval(diff)
             p = stats.ttest_rel([mine[s] for s in seeds], [cells[(m, k)][s] for s in seeds]).pvalue
             print(f"    {args.method} - {m}: {100 * mean:+.1f} ± {100 * half:.1f} (paired over {len(seeds)} seeds, "
                   f"p = {p:.2g})")
