@@ -66,7 +66,8 @@ def test_world_loads_offline_as_a_stock_stable_diffusion_pipeline(pipe):
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 8
-    # Leading spacing + steps_offset 1: the last denoising step is at t=1 (a last step at t=99 made DCT diverge on a prototype of this world).
+    # Leading spacing + steps_offset 1: the last denoising step is at t=1 (a last step at t=99 made DCT diverge on a
+    # prototype of this world).
     assert isinstance(pipe.scheduler, DDIMScheduler)
     pipe.scheduler.set_timesteps(10)
     assert pipe.scheduler.timesteps.tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]

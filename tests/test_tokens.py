@@ -1,4 +1,5 @@
-"""DCT token learning mechanics on random tiny models (random weights ignore the text, so a token cannot learn there), and token files.
+"""DCT token learning mechanics on random tiny models (random weights ignore the text, so a token cannot learn
+there), and token files.
 
 Every behaviour here is one a user relies on: only v_c changes, gradients flow through the last `grad_steps`
 denoising steps only, any scheduler works, training reproduces inference, stopping and selection follow the paper
