@@ -508,8 +508,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
     if index.is_file():
         try:
             table = pq.read_table(index)
-            table = table.drop_columns([c for c in ("judge_prob",) if c in table.column_names]).cast(
-                _unjudged_schema())
+            table = conform(table, optional_columns(table.column_names)).drop_columns(["judge_prob"])
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             problems.append(f"{INDEX_FILE}: unreadable ({type(e).__name__}); {remerge}.")
         else:
@@ -550,13 +549,6 @@ def _check_tar(tar: Path, rows: list[dict]) -> tuple[list[str], str]:
     return bad, whole.hexdigest()
 
 
-def _unjudged_schema():
-    import pyarrow as pa
-
-    schema = index_schema()
-    return pa.schema([f for f in schema if f.name != "judge_prob"])
-
-
 def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], methods: dict[int, str],
                           remerge: str) -> list[str]:
     """Problems of ``index.parquet`` (without ``judge_prob``) against the shards' own parquet files, row by row."""
@@ -575,7 +567,8 @@ def _index_against_shards(out: Path, table: pa.Table, counts: dict[int, int], me
         start += n
         if counts.get(sid) != n:
             continue  # already reported
-        theirs = pq.read_table(shard_paths(out, sid, methods[sid]).parquet).cast(index_schema())
+        theirs = pq.read_table(shard_paths(out, sid, methods[sid]).parquet)
+        theirs = conform(theirs, optional_columns(table.column_names))
         theirs = theirs.drop_columns(["judge_prob"]).sort_by([("key", "ascending")])
         if not rows.equals(theirs):
             first = next((rows.column("key")[i].as_py() for i in range(n)

@@ -185,7 +185,7 @@ LEVERS = {
 @pytest.mark.parametrize("lever", list(LEVERS))
 def test_a_lever_build_is_deterministic_and_resumes_to_the_same_bytes(lever, tmp_path, world):
     from synthaug import build
-    from synthaug.index import load_index
+    from synthaug.index import load_index, verify
 
     extra = {"classes": "0", "per_class": 2, "shards.samples_per_shard": 1, **LEVERS[lever]}
     first, second = tmp_path / "a", tmp_path / "b"
@@ -194,6 +194,7 @@ def test_a_lever_build_is_deterministic_and_resumes_to_the_same_bytes(lever, tmp
     columns = {"prompts": ["prompt_index"], "init-real": ["init_index", "strength"], "num-vectors": []}[lever]
     assert [c for c in ("prompt_index", "init_index", "strength") if c in table.column_names] == columns
     assert all(v is not None for c in columns for v in table.column(c).to_pylist())
+    assert verify(first) == []  # every check of `inspect --verify` holds with the lever's columns
     if lever == "num-vectors":
         assert load_tokens(first / "tokens" / "000.safetensors")["<synthaug-000>"].shape == (2, 32)
     # a copy that lost its token, a token shard, a baseline shard and its index: the resume learns and draws them
