@@ -36,34 +36,62 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------------------------------
 # Shared options
 # --------------------------------------------------------------------------------------------------------------------
-def _config_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("configuration (YAML keys = config field names; CLI flags override the file)")
+# The one table from flags to config keys: every flag that sets a config key, with its argparse settings. A flag's
+# value lands in its key (a flag left out changes nothing); `--set KEY=VALUE` reaches every other key.
+CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
+    "--dataset": ("dataset", {"help": "digits | cub | inat | imagenet | imagefolder | a torchvision set name"}),
+    "--root": ("root", {"help": "dataset root on disk (not needed for digits)"}),
+    "--classes": ("classes", {"help": "class selection: indices/ranges '0-9,17' or names 'seven,one'"}),
+    "--model": ("model", {"help": "diffusers hub id, local save_pretrained dir, or 'digits'"}),
+    "--scheduler": ("scheduler", {"help": "ddim | pndm | euler | euler_a | dpmsolver++ | lms (default: the model's "
+                                          "own)"}),
+    "--guide": ("guide", {"help": "classifier that steers DCT tokens: timm name, hf-hub:id, torchvision:name, dir, "
+                                  "..."}),
+    "--method": ("method", {"choices": ["dct", "ti", "mcti"], "help": "how class tokens are learned (default dct)"}),
+    "--device": ("device", {"help": "auto | cpu | cuda | cuda:N"}),
+    "--out": ("out", {"help": "output directory (default out/digits)"}),
+    "--per-class": ("per_class", {"type": int, "help": "images per class (default 100)"}),
+    "-n": ("per_class", {"type": int, "help": "images per class"}),
+    "--baseline": ("baseline", {"action": "store_const", "const": True,
+                                "help": "also generate plain-prompt images with the same seeds"}),
+    "--shots": ("mcti.shots", {"type": int, "help": "real images per class for --method ti|mcti"}),
+    "--executor": ("run.executor", {"choices": ["auto", "ray", "local"], "help": "ray (one actor per GPU), local "
+                                    "(in this process), or auto (the default: Ray when installed)"}),
+    "--ray-address": ("run.ray_address", {"help": "attach to a Ray cluster ('auto' or an address); default starts "
+                                                  "a local one"}),
+    "--num-workers": ("run.num_workers", {"type": int, "help": "actors (default: one per GPU, or "
+                                                               "CPUs/cpus_per_worker)"}),
+    "--guide-target": ("guide_target", {"metavar": "TARGET", "help": (
+        "'class' (default: one token per class) or 'attribute:NAME[=0|1]': one attribute token from a multi-label "
+        "guide's output NAME, towards 1 (has it, the default) or 0, e.g. --guide digits-attr-guide --guide-target "
+        "attribute:closed_loop")}),
+}
+
+# The flags every subcommand that loads a config takes; each subcommand adds its own from the table.
+SHARED_FLAGS = ("--dataset", "--root", "--classes", "--model", "--scheduler", "--guide", "--method", "--device",
+                "--out")
+
+
+def _config_options(p: argparse.ArgumentParser, *own: str) -> None:
+    g = p.add_argument_group("configuration (YAML keys = config field names; CLI flags override the file; "
+                             "`synthaug config --explain KEY` documents a key)")
     g.add_argument("--config", help="YAML config file (see configs/); keys equal BuildConfig field names")
     g.add_argument("--preset", help="named override set over the dataset's defaults: 'paper' (DCT appendix D), "
                    "'fast' (DPM-Solver++, half the UNet calls or fewer; README 'Presets')")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, dotted for sections: --set dct.lr=0.001 --set per_class=10")
-    g.add_argument("--dataset", help="digits | cub | inat | imagenet | imagefolder | a torchvision set name")
-    g.add_argument("--root", help="dataset root on disk (not needed for digits)")
-    g.add_argument("--classes", help="class selection: indices/ranges '0-9,17' or names 'seven,one'")
-    g.add_argument("--model", help="diffusers hub id, local save_pretrained dir, or 'digits'")
-    g.add_argument("--scheduler", help="ddim | pndm | euler | euler_a | dpmsolver++ | lms (default: the model's own)")
-    g.add_argument("--guide", help="classifier that steers DCT tokens: timm name, hf-hub:id, torchvision:name, dir, ...")
-    g.add_argument("--method", choices=["dct", "ti", "mcti"], help="how class tokens are learned (default dct)")
-    g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--out", help="output directory (default out/digits)")
+    for flag in (*SHARED_FLAGS, *own):
+        key, kwargs = CONFIG_FLAGS[flag]
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs = {"metavar": key.rpartition(".")[2].upper(), **kwargs}
+        (g if flag in SHARED_FLAGS else p).add_argument(flag, dest=key, **kwargs)
 
 
-def _overrides(args: argparse.Namespace, extra: dict | None = None) -> dict:
+def config_overrides(args: argparse.Namespace, extra: dict | None = None) -> dict:
+    """The config keys the flags set (`CONFIG_FLAGS`), then `extra`, then ``--set``."""
     from .config import parse_overrides
 
-    flags = {"dataset": "dataset", "root": "root", "classes": "classes", "model": "model", "scheduler": "scheduler",
-             "guide": "guide", "guide_target": "guide_target", "method": "method", "device": "device", "out": "out"}
-    out = {}
-    for attr, key in flags.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            out[key] = v
+    out = {key: v for key, _ in CONFIG_FLAGS.values() if (v := getattr(args, key, None)) is not None}
     out.update(extra or {})
     out.update(parse_overrides(args.overrides))
     return out
@@ -72,7 +100,7 @@ def _overrides(args: argparse.Namespace, extra: dict | None = None) -> dict:
 def _load_config(args: argparse.Namespace, extra: dict | None = None):
     from .config import load_config
 
-    return load_config(args.config, _overrides(args, extra), preset=args.preset)
+    return load_config(args.config, config_overrides(args, extra), preset=args.preset)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -81,20 +109,7 @@ def _load_config(args: argparse.Namespace, extra: dict | None = None):
 def cmd_build(args: argparse.Namespace) -> int:
     from .builder import BuildFailed, build
 
-    extra = {}
-    if args.per_class is not None:
-        extra["per_class"] = args.per_class
-    if args.baseline:
-        extra["baseline"] = True
-    if args.shots is not None:
-        extra["mcti.shots"] = args.shots
-    if args.executor is not None:
-        extra["run.executor"] = args.executor
-    if args.ray_address is not None:
-        extra["run.ray_address"] = args.ray_address
-    if args.num_workers is not None:
-        extra["run.num_workers"] = args.num_workers
-    cfg = _load_config(args, extra)
+    cfg = _load_config(args)
     try:
         result = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
     except BuildFailed as e:  # some class jobs failed every retry: summary + the command that resumes, exit 1
@@ -119,9 +134,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .commands import generate_to_folder
 
-    extra = {"per_class": args.n} if args.n is not None else {}
-    if args.baseline:
-        extra["baseline"] = True
+    extra = {}
     if args.tokens and Path(args.tokens).is_file():  # an attribute token file says its target itself
         from .tokens.io import token_metadata
 
@@ -228,34 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn one token per class, generate --per-class images per class (and with "
                        "--baseline the plain-prompt images on the same seeds), write WebDataset shards and the "
                        "parquet index. Re-running on an existing --out resumes.")
-    _config_options(p)
-    p.add_argument("--per-class", type=int, help="images per class (default 100)")
-    p.add_argument("--baseline", action="store_true", help="also generate plain-prompt images with the same seeds")
-    p.add_argument("--shots", type=int, help="real images per class for --method ti|mcti")
-    p.add_argument("--executor", choices=["auto", "ray", "local"],
-                   help="ray (one actor per GPU), local (in this process), or auto (the default: Ray when installed)")
-    p.add_argument("--ray-address", help="attach to a Ray cluster ('auto' or an address); default starts a local one")
-    p.add_argument("--num-workers", type=int, help="actors (default: one per GPU, or CPUs/cpus_per_worker)")
+    _config_options(p, "--per-class", "--baseline", "--shots", "--executor", "--ray-address", "--num-workers")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("learn", help="learn DCT tokens for a few classes (no images)")
-    _config_options(p)
+    _config_options(p, "--guide-target")
     p.add_argument("--tokens-out", required=True, help="directory for the token files")
-    p.add_argument("--guide-target", metavar="TARGET",
-                   help="'class' (default: one token per class) or 'attribute:NAME[=0|1]': one attribute token "
-                        "from a multi-label guide's output NAME, towards 1 (has it, the default) or 0, e.g. "
-                        "--guide digits-attr-guide --guide-target attribute:closed_loop")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("generate", help="generate PNGs for a few classes with learned tokens (and the plain prompt)")
-    _config_options(p)
+    _config_options(p, "-n", "--baseline")
     p.add_argument("--tokens", help="token file or directory written by `synthaug learn` (omit: plain prompt only)")
     p.add_argument("--dest", required=True, help="folder for the PNGs and metadata.jsonl")
-    p.add_argument("-n", type=int, help="images per class")
-    p.add_argument("--baseline", action="store_true", help="also plain-prompt images with the same seeds")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_generate)
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .atomic import atomic_write, write_bytes, write_text
-from .builder.plan import ClassJob, _read_plan
 from .classifier.load import load_classifier
 from .classifier.source import check_label_agreement, declared_labels, declared_multi_label
 from .config import from_dict
@@ -25,13 +24,16 @@ from .generation import generate, real_start_images
 from .index import verify as verify_shards
 from .layout import (
     CLASSES_FILE,
-    CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
     PLAN_FILE,
     TOKENS_DIR,
+    ClassJob,
+    class_token_files,
     done_shards,
     legacy_build_error,
+    read_config,
+    read_plan,
     resume_command,
     sample_key,
     shard_done,
@@ -147,27 +149,15 @@ def _printable(text: str) -> str:
 # inspect and export
 # --------------------------------------------------------------------------------------------------------------------
 def _open_build(out: str | os.PathLike) -> tuple[Path, dict[str, Any], list[ClassJob]]:
-    import yaml
-
     out = Path(out).expanduser()
-    if not (out / CONFIG_FILE).is_file():
-        raise UserError(f"`out` {str(out)!r} is not a synthaug build (no {CONFIG_FILE}): pass the --out folder of "
-                        f"`synthaug build`.")
-    try:
-        config = yaml.safe_load((out / CONFIG_FILE).read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{out / CONFIG_FILE} is not valid YAML ({str(e).splitlines()[0]}): rerun the build with "
-                        f"--overwrite.") from None
-    if not isinstance(config, dict):
-        raise UserError(f"`out` {str(out)!r} is not a synthaug build ({CONFIG_FILE} holds {type(config).__name__}, not "
-                        f"a config): pass the --out folder of `synthaug build`.")
+    config = read_config(out)
     if (legacy := legacy_build_error(out)) is not None:
         raise legacy
-    jobs = _read_plan(out)
-    if jobs is None:
+    planned = read_plan(out)
+    if planned is None:
         raise UserError(f"`out` {str(out)!r} has no readable {PLAN_FILE} (the build never got past validation): "
                         f"run `{resume_command(out)}`.")
-    return out, config, jobs
+    return out, config, list(planned.jobs)
 
 
 def _listed_classes(out: Path) -> list[int] | None:
@@ -371,20 +361,12 @@ def classify_images(build: str | os.PathLike, *, images: str | None = None, root
 
     >>> classify_images("out/digits-mcti").accuracy  # doctest: +SKIP
     """
-    import yaml
     from PIL import Image
 
-
     out = Path(build)
-    if not (out / "config.yaml").is_file():
-        raise UserError(f"`build` {str(build)!r} has no config.yaml: pass a folder written by `synthaug build`.")
-    data = yaml.safe_load((out / "config.yaml").read_text())
-    if not isinstance(data, dict):
-        raise UserError(f"`build` {str(build)!r} has a config.yaml that is not a synthaug config: pass a folder "
-                        f"written by `synthaug build`.")
-    cfg = from_dict(data)
-    classes = json.loads((out / "classes.json").read_text()) if (out / "classes.json").is_file() else []
-    files = sorted((out / "tokens").glob("[0-9][0-9][0-9]*.safetensors"))
+    cfg = from_dict(read_config(out, what="build"))
+    classes = json.loads((out / CLASSES_FILE).read_text()) if (out / CLASSES_FILE).is_file() else []
+    files = class_token_files(out)
     if not files:
         raise UserError(f"`build` {str(build)!r} has no learned tokens under tokens/: run `synthaug build` first.")
     tokens: dict[str, torch.Tensor] = {}

@@ -34,7 +34,9 @@ from .layout import (
     done_shards,
     legacy_build_error,
     parse_shard_name,
+    read_config,
     rebuild_hint,
+    resume_command,
     shard_name,
     shard_paths,
     token_path,
@@ -428,7 +430,7 @@ def load_index(out: str | os.PathLike) -> pa.Table:
             table = pq.read_table(path)
             return conform(table, optional_columns(table.column_names))
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise ShardError(f"{path} is corrupt ({e}): rerun `synthaug build --config {out / 'config.yaml'}` to "
+            raise ShardError(f"{path} is corrupt ({e}): rerun `{resume_command(out)}` to "
                              "merge it again from the shards.") from None
     stats, table = _read_done_shards(out)
     if not stats:
@@ -468,7 +470,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
                    if p.suffix == ".parquet" and (parsed := parse_shard_name(p.stem)) is not None}
         for sid, method in sorted(started - set(done.items())):
             problems.append(f"{shard_name(sid, method)}: unfinished (no {META_DIR}/{shard_name(sid, method)}"
-                            f"_stats.json); a resumed build (`synthaug build --config {out / 'config.yaml'}`) redoes it.")
+                            f"_stats.json); a resumed build (`{resume_command(out)}`) redoes it.")
     counts: dict[int, int] = {}
     for sid, method in done.items():
         paths = shard_paths(out, sid, method)
@@ -504,7 +506,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
                 problems.append(f"{tar}: its sha256 differs from the one in its stats (a label or metadata member was "
                                 f"changed); {hint}.")
     index = out / INDEX_FILE
-    remerge = f"delete {index} and rerun `synthaug build --config {out / 'config.yaml'}` to merge it again"
+    remerge = f"delete {index} and rerun `{resume_command(out)}` to merge it again"
     if index.is_file():
         try:
             table = pq.read_table(index)
@@ -515,7 +517,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
             problems += _index_against_shards(out, table, counts, done, remerge)
             problems += _tokens_against_index(out, table)
     elif done:
-        problems.append(f"{INDEX_FILE}: missing; rerun `synthaug build --config {out / 'config.yaml'}` to merge it.")
+        problems.append(f"{INDEX_FILE}: missing; rerun `{resume_command(out)}` to merge it.")
     return problems
 
 
@@ -593,7 +595,7 @@ def _tokens_against_index(out: Path, table: pa.Table) -> list[str]:
     by_class: dict[int, set[str]] = {}
     for c, sha in zip(recorded.column("class_index").to_pylist(), recorded.column("token_sha256").to_pylist()):
         by_class.setdefault(c, set()).add(sha)
-    fix = f"rerun `synthaug build --config {out / 'config.yaml'}`"
+    fix = f"rerun `{resume_command(out)}`"
     class_vectors = {}
     for c, shas in sorted(by_class.items()):
         path = token_path(out, c)
@@ -643,7 +645,7 @@ def _token_hashes(vector) -> set[str]:
 METHOD_ORDER = ("real", "sd", "ti", "mcti", "dct")  # table order: baselines first, the method last
 
 
-def _method_sort_key(m: str) -> tuple[int, str]:
+def method_sort_key(m: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
 
 
@@ -665,7 +667,7 @@ class BuildView:
 
     @property
     def methods(self) -> list[str]:
-        return sorted(set(self.index.column("method").to_pylist()), key=_method_sort_key)
+        return sorted(set(self.index.column("method").to_pylist()), key=method_sort_key)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -698,9 +700,6 @@ def open_build(root: str | os.PathLike) -> BuildView:
     >>> build.methods
     ['sd', 'dct']
     """
-    import yaml
-
-
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"Build directory not found at {root}: run `synthaug build --out {root}` first.")
@@ -713,7 +712,5 @@ def open_build(root: str | os.PathLike) -> BuildView:
     if index.num_rows == 0:
         raise UserError(f"The build at {root} holds no images: run (or resume) `synthaug build --out {root}`.")
     classes = json.loads((root / CLASSES_FILE).read_text())
-    config = {}
-    if (root / "config.yaml").is_file():
-        config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    config = read_config(root, what="root", missing_ok=True)
     return BuildView(root=root, classes=classes, index=index, config=config)

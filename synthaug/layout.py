@@ -1,7 +1,9 @@
-"""The build folder's format: file names, token and shard naming, done-markers.
+"""The build folder: its one owner. File names, token and shard naming, done-markers, the one reader and writer of
+``config.yaml`` and ``plan.json``, and what clearing a build deletes.
 
-Pure path logic with no torch import, shared by the builder (which writes a build), the readers (`synthaug.shards`,
-`synthaug.mix`, `synthaug.evaluate`, `synthaug.report`) and the CLI. A build folder::
+No torch import; shared by the builder (which writes a build), the readers (`synthaug.shards`, `synthaug.index`,
+`synthaug.mix`, `synthaug.evaluate`, `synthaug.report`) and the CLI: none of them spells a path of the folder or
+parses one of its files itself. A build folder::
 
     out/config.yaml  plan.json  tokens/<class>.safetensors  tokens/tokens.safetensors
     out/shards/dct-00003.tar  (tars only: the folder that stock WebDataset readers are pointed at)
@@ -15,13 +17,18 @@ and Ray Data all tell splits apart by file name, and a folder of tars only is wh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
-from .atomic import TMP_PREFIX
+from .atomic import TMP_PREFIX, write_text
+from .config import BuildConfig, dump_yaml, from_dict
 from .errors import UserError
 
 CONFIG_FILE = "config.yaml"
@@ -308,13 +315,15 @@ def linked_build_dirs(out: str | os.PathLike) -> list[Path]:
     return [Path(out) / d for d in (TOKENS_DIR, SHARDS_DIR, META_DIR) if (Path(out) / d).is_symlink()]
 
 
+def class_token_files(out: str | os.PathLike) -> list[Path]:
+    """The per-class token files of `out` (``tokens/NNN.safetensors``), sorted by class."""
+    folder = Path(out) / TOKENS_DIR
+    return sorted(p for p in folder.iterdir() if _TOKEN_FILE_RE.fullmatch(p.name)) if folder.is_dir() else []
+
+
 def work_done(out: str | os.PathLike) -> bool:
     """True when `out` holds a class token or a finished shard: something a config change would invalidate."""
-    out = Path(out)
-    tokens = out / TOKENS_DIR
-    if tokens.is_dir() and any(_TOKEN_FILE_RE.fullmatch(p.name) for p in tokens.iterdir()):
-        return True
-    return bool(done_shard_ids(out))
+    return bool(class_token_files(out)) or bool(done_shard_ids(out))
 
 
 @contextlib.contextmanager
@@ -345,3 +354,247 @@ def build_lock(out: str | os.PathLike, fix: str = "wait for it to finish, or cho
         yield
     finally:
         f.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# config.yaml: the build's resolved config, written before any work
+# --------------------------------------------------------------------------------------------------------------------
+# The keys every config.yaml a build writes holds (the whole resolved config): a folder whose config.yaml lacks
+# them was not made by `synthaug build`.
+BUILD_CONFIG_KEYS = ("dataset", "model", "guide", "method", "per_class", "out", "dct", "generate", "shards", "run")
+
+
+def write_config(out: str | os.PathLike, config: BuildConfig) -> None:
+    """Write ``config.yaml`` (atomically): the resolved config every later command of the build reads back."""
+    write_text(Path(out) / CONFIG_FILE, dump_yaml(config))
+
+
+def _load_config(out: str | os.PathLike) -> tuple[dict[str, Any] | None, str]:
+    """The one reader of ``config.yaml``: the mapping it holds, or None and why there is none."""
+    import yaml
+
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        return None, f"no {CONFIG_FILE}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return None, f"its {CONFIG_FILE} is not readable YAML: {str(e).splitlines()[0][:100]}"
+    if not isinstance(data, dict):
+        return None, f"its {CONFIG_FILE} holds {type(data).__name__}, not the config mapping a build writes"
+    return data, ""
+
+
+def read_config(out: str | os.PathLike, *, what: str = "out", missing_ok: bool = False) -> dict[str, Any]:
+    """``config.yaml`` of a build folder as the nested mapping it holds (what `inspect`, `evaluate` and the readers
+    show); ``{}`` for a folder without one when `missing_ok`.
+
+    Raises:
+        UserError: `out` holds no readable config; the message names the argument `what` and says what to pass.
+    """
+    data, why = _load_config(out)
+    if data is None and missing_ok and not (Path(out) / CONFIG_FILE).exists():
+        return {}
+    if data is None:
+        raise UserError(f"`{what}` {str(out)!r} is not a synthaug build ({why}): pass the --out folder of "
+                        f"`synthaug build`.")
+    return data
+
+
+def read_build_config(out: str | os.PathLike) -> tuple[BuildConfig | None, str]:
+    """The `BuildConfig` of the build in `out`, or None and why ``out/config.yaml`` is not one of this synthaug."""
+    data, why = _load_config(out)
+    if data is None:
+        return None, why
+    missing = [k for k in BUILD_CONFIG_KEYS if k not in data]
+    if missing:
+        return None, f"its {CONFIG_FILE} lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+    try:
+        return from_dict(data), ""
+    except UserError as e:
+        return None, f"its {CONFIG_FILE} is not a config of this synthaug: {str(e)[:120]}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plan.json: the class jobs of a build
+# --------------------------------------------------------------------------------------------------------------------
+PLAN_VERSION = 1
+
+# Shard ids are planned densely; a larger one in plan.json is damage, and would make a file name too long.
+MAX_SHARD_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard of one class job: images ``start..stop-1`` of `class_index` made with `method`."""
+
+    shard_id: int
+    method: str
+    class_index: int
+    chunk: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ClassJob:
+    """Learn (or load) the token of one class, then write its shards."""
+
+    class_index: int
+    name: str
+    token: str
+    shards: tuple[ShardTask, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``plan.json`` holds: the dataset's classes (by index), the methods, the images per class, the jobs."""
+
+    class_names: tuple[str, ...] | None  # None in plans written before every name was recorded
+    num_classes: int
+    methods: tuple[str, ...]
+    per_class: int
+    jobs: tuple[ClassJob, ...]
+
+
+def write_plan(out: str | os.PathLike, plan: Plan) -> None:
+    """Write ``plan.json`` (atomically, and only when it changes), so `inspect` and a finished-build resume need no
+    dataset scan."""
+    data = {
+        "format_version": PLAN_VERSION, "num_classes": plan.num_classes, "methods": list(plan.methods),
+        "per_class": plan.per_class, "classes": list(plan.class_names or ()),
+        "jobs": [{"class_index": j.class_index, "name": j.name, "token": j.token,
+                  "shards": [asdict(t) for t in j.shards]} for j in plan.jobs],
+    }
+    text = json.dumps(data, indent=1) + "\n"
+    path = Path(out) / PLAN_FILE
+    if not path.is_file() or path.read_text() != text:
+        write_text(path, text)
+
+
+def read_plan(out: str | os.PathLike) -> Plan | None:
+    """``plan.json`` of `out`; None when it is missing or not a plan this version wrote.
+
+    Every number is checked to be a non-negative integer (a shard id below `MAX_SHARD_ID`) and every name a string:
+    file names are made from the class and shard ids, so a plan file must not be able to name a path. Each job must
+    be whole: for every planned method, chunks ``0..n-1`` covering images ``0..per_class-1`` of a class below
+    ``num_classes``, and the token of its class. A plan that fails any check is not this build's plan.
+    """
+    try:
+        data = json.loads((Path(out) / PLAN_FILE).read_text())
+        if not isinstance(data, dict) or data.get("format_version") != PLAN_VERSION:
+            return None
+        per_class, methods, num_classes = data["per_class"], data["methods"], data["num_classes"]
+        if not _index(per_class) or not _index(num_classes) or not isinstance(methods, list) or not methods \
+                or not all(isinstance(m, str) for m in methods):
+            return None
+        jobs = []
+        for j in data["jobs"]:
+            tasks = []
+            for t in j["shards"]:
+                task = ShardTask(**t)
+                if not all(_index(getattr(task, k)) for k in ("shard_id", "class_index", "chunk", "start", "stop")) \
+                        or not isinstance(task.method, str) or task.stop <= task.start or task.shard_id > MAX_SHARD_ID:
+                    return None
+                tasks.append(task)
+            job = ClassJob(j["class_index"], j["name"], j["token"], tuple(tasks))
+            if not _index(job.class_index) or not isinstance(job.name, str) or job.token != token_string(
+                    job.class_index) or any(t.class_index != job.class_index for t in tasks) \
+                    or job.class_index >= num_classes or not _whole(tasks, methods, per_class):
+                return None
+            jobs.append(job)
+        if len({j.class_index for j in jobs}) != len(jobs):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    names = data.get("classes")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        names = None
+    return Plan(tuple(names) if names is not None else None, num_classes, tuple(methods), per_class, tuple(jobs))
+
+
+def _whole(tasks: list[ShardTask], methods: list, per_class: int) -> bool:
+    """True when `tasks` are, for each of `methods`, chunks 0, 1, ... covering images 0..per_class-1 in order."""
+    for method in methods:
+        mine = [t for t in tasks if t.method == method]
+        if [t.chunk for t in mine] != list(range(len(mine))) or not mine or mine[0].start != 0 \
+                or mine[-1].stop != per_class or any(a.stop != b.start for a, b in pairwise(mine)):
+            return False
+    return all(t.method in methods for t in tasks)
+
+
+def _index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Clearing: what `build --overwrite` and a restart delete (build files only, by name)
+# --------------------------------------------------------------------------------------------------------------------
+def clear_build(out: str | os.PathLike) -> list[str]:
+    """Discard a build for ``--overwrite`` (the caller proved the folder is one): delete the files a build writes,
+    by name (`build_files`), and nothing else. Returns what was kept: the user's own files and the outputs of other
+    subcommands (eval/, report/, export/); the lock stays.
+
+    Resumable: ``.overwriting`` is written first and removed only once the new config.yaml is on disk
+    (`begin_build`), and config.yaml and plan.json go last, so a clearing cut short by Ctrl-C or a kill is finished
+    by the same command.
+    """
+    out = Path(out)
+    write_text(out / OVERWRITE_MARKER, "synthaug build --overwrite is clearing this folder\n")
+    last = (out / PLAN_FILE, out / CONFIG_FILE)
+    for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
+        p.unlink(missing_ok=True)
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, META_DIR, OVERWRITE_MARKER))
+    for d in (TOKENS_DIR, SHARDS_DIR, META_DIR):
+        if (out / d).is_dir():
+            kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
+    return kept
+
+
+def begin_build(out: str | os.PathLike, config: BuildConfig, plan: Plan, mode: str) -> list[str]:
+    """Put a build's config and plan on disk before any work, in the order that keeps every step resumable.
+
+    `mode` is what the checks decided for the folder: ``"new"``, ``"resume"`` (config.yaml stays as it is),
+    ``"replace"`` (a build of another config that made nothing its change would invalidate) or ``"overwrite"``
+    (`clear_build` first). Leftover temporary files of atomic writes a killed run left behind are removed (a user's
+    own ``.tmp-*`` files do not have their names, `build_tmp_name`). Returns what ``--overwrite`` kept.
+    """
+    out = Path(out)
+    kept = clear_build(out) if mode == "overwrite" else []
+    if mode != "resume":
+        write_config(out, config)
+    write_plan(out, plan)
+    (out / OVERWRITE_MARKER).unlink(missing_ok=True)  # the clearing, if any, is complete: this is the new build
+    for p in build_files(out):
+        if p.name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return kept
+
+
+def job_done(out: str | os.PathLike, job: ClassJob) -> bool:
+    """True when the class job's token and every one of its shards are on disk."""
+    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id, t.method) for t in job.shards)
+
+
+def images_on_disk(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> int:
+    """Images of `jobs` in finished shards."""
+    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
+
+
+def tokens_on_disk(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> int:
+    """Class tokens of `jobs` on disk."""
+    return sum(token_path(out, j.class_index).is_file() for j in jobs)
+
+
+def forget_build(out: str | os.PathLike) -> None:
+    """Take back config.yaml and plan.json of a build that made nothing, so that a corrected command starts afresh
+    instead of being refused as "a different config"."""
+    if not work_done(out):
+        for name in (CONFIG_FILE, PLAN_FILE):
+            (Path(out) / name).unlink(missing_ok=True)

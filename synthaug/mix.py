@@ -24,7 +24,7 @@ from torchvision.datasets import VisionDataset
 from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
 from .index import load_index
-from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, shard_name
+from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, resume_command, shard_name
 from .names import normalize_name
 from .shards import ShardReader
 
@@ -309,7 +309,7 @@ class SynthAugDataset(VisionDataset):
                 raise UserError(
                     f"targets='soft' needs the guide's probabilities of every synthetic image, but "
                     f"{rows['key'][r]!r} in {root} has none (a build made before synthaug recorded them, or without "
-                    f"a guide): rebuild it with `synthaug build --config {root / 'config.yaml'} --overwrite`, or "
+                    f"a guide): rebuild it with `{resume_command(root)} --overwrite`, or "
                     "use targets='hard'.")
             stored = np.zeros(n_classes, dtype=bool)
             for c, pr in zip(classes, probs):

@@ -53,6 +53,31 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise UserError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N' but is {device!r}: {e}") from None
 
 
+def cuda_available() -> bool:
+    """Whether this machine has a usable CUDA GPU (what ``auto`` switches resolve against)."""
+    return torch.cuda.is_available()
+
+
+def check_device(device: torch.device, requested: str, *, local: bool) -> None:
+    """Refuse in one line a CUDA (or MPS) `device` this machine does not have.
+
+    Args:
+        device: the resolved device (`resolve_device`).
+        requested: what the user asked for (named in the message).
+        local: the work runs in this process, so a ``cuda:N`` must be one of this machine's devices.
+    """
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"`device` is {requested!r} but this machine has no usable CUDA GPU "
+                            f"(torch.cuda.is_available() is False): pass --device cpu (or auto), or run on a GPU "
+                            f"machine.")
+        if local and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"`device` is {requested!r} but this machine has {torch.cuda.device_count()} CUDA "
+                            f"device(s): pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"`device` is {requested!r} but MPS is not available here: pass --device cpu or auto.")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Weights dtype for UNet/VAE. ``"auto"``: bf16 on CUDA where supported (fp16 otherwise), fp32 on CPU.
 

@@ -32,8 +32,8 @@ from .atomic import TMP_PREFIX, atomic_write, write_text
 from .errors import UserError, write_errors
 from .evaluate.images import ImageReader
 from .evaluate.tables import load_result, result_tables
-from .index import BuildView, _method_sort_key, open_build
-from .layout import EVAL_DIR, REPORT_DIR
+from .index import BuildView, method_sort_key, open_build
+from .layout import EVAL_DIR, REPORT_DIR, token_path
 from .tokens.io import token_metadata, token_updates
 from .tokens.trust import TrustVerdict
 
@@ -100,7 +100,7 @@ def _token_info(root: Path, class_row: dict) -> dict[str, Any]:
     info: dict[str, Any] = {"history": [], "stop_reason": class_row.get("stop_reason"), "steps": class_row.get("steps"),
                             "updates": class_row.get("updates"),
                             "best_step": class_row.get("best_step"), "token": class_row.get("token")}
-    path = root / "tokens" / f"{int(class_row['index']):03d}.safetensors"
+    path = token_path(root, int(class_row["index"]))
     if path.is_file():
 
         meta = token_metadata(path)
@@ -121,7 +121,7 @@ def _select_cells(view: BuildView, rows: list[dict], methods: list[str], per_cla
     by_method: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         by_method[r["method"]].setdefault(int(r["seed"]), r)
-    ordered = sorted(rows, key=lambda r: (int(r["index"]), _method_sort_key(r["method"])))
+    ordered = sorted(rows, key=lambda r: (int(r["index"]), method_sort_key(r["method"])))
     present = [m for m in methods if by_method.get(m)]
     shared = [int(r["seed"]) for r in ordered if all(int(r["seed"]) in by_method[m] for m in present)]
     seeds = list(dict.fromkeys(shared or [int(r["seed"]) for r in ordered]))[:per_class]

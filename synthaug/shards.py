@@ -8,10 +8,11 @@ and produces, per shard id chosen by the build planner::
     meta/dct-00003.parquet       one row per sample: metadata + the image's byte `offset`/`size` in the tar + `sha256`
     meta/dct-00003_stats.json    written LAST; its presence is what "shard done" means
 
-`merge_index` then writes ``index.parquet`` (all rows, sorted by key), ``classes.json``, ``_info.json`` (timm's
-WebDataset info format, so ``timm.data.create_dataset("wds/synthaug", root=out, split="train")`` reads the build) and
-``shards.wids.json`` (the index ``wids.ShardListDataset`` reads).
-`read_sample` reads one image with one positioned read; `verify` checks every byte against the recorded sha256.
+What is here: the writer (`write_shard`, and `ShardWriter`, which encodes and writes batch by batch on a background
+thread), the check a resume runs on a finished shard (`check_shard`), and random access (`read_sample` reads one
+image with one positioned read; `ShardReader`, `decode_image`). The build-wide files are `synthaug.index`'s:
+`merge_index` writes ``index.parquet``, ``classes.json``, ``_info.json`` and ``shards.wids.json`` from these shards,
+and `synthaug.index.verify` checks every byte against the recorded sha256.
 
 Every file is written atomically (synthaug.atomic) and tar members carry a fixed mtime/uid/gid/mode, so the same
 images give byte-identical shards.

@@ -84,20 +84,20 @@ def test_a_replaced_token_file_fails_verify(tmp_path, reference):
 # --overwrite: resumable, and only inside the folder
 # --------------------------------------------------------------------------------------------------------------------
 def test_an_interrupted_overwrite_is_finished_by_the_same_command(tmp_path, world, reference, monkeypatch):
-    from synthaug.builder import driver
+    from synthaug import layout
 
     out = _copy(reference, tmp_path / "build")
-    real_write = driver.write_text
+    real_write = layout.write_text
 
     def interrupted(path, text):  # Ctrl-C after the clearing deleted every build file, config.yaml included
         if path.name == "config.yaml":
             raise KeyboardInterrupt
         real_write(path, text)
 
-    monkeypatch.setattr(driver, "write_text", interrupted)
+    monkeypatch.setattr(layout, "write_text", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(_small(out, world), overwrite=True, progress=False)
-    monkeypatch.setattr(driver, "write_text", real_write)
+    monkeypatch.setattr(layout, "write_text", real_write)
     assert not (out / "config.yaml").exists()
     with pytest.raises(UserError, match=r"`out` .* `--overwrite` was interrupted .*: rerun with --overwrite"):
         build(_small(out, world), progress=False)
@@ -192,14 +192,14 @@ def test_a_cut_plan_is_not_a_complete_build(tmp_path, world, reference):
 
 @pytest.mark.parametrize("damage", ["huge-shard-id", "missing-chunk"])
 def test_a_damaged_plan_is_not_trusted(tmp_path, world, reference, damage):
-    from synthaug.builder.plan import _read_plan
+    from synthaug.layout import read_plan
 
     out = _copy(reference, tmp_path / "build")
     if damage == "huge-shard-id":
         _edit_plan(out, lambda d: d["jobs"][0]["shards"][0].update(shard_id=10**400))
     else:
         _edit_plan(out, lambda d: d["jobs"][1].update(shards=d["jobs"][1]["shards"][1:]))
-    assert _read_plan(out) is None
+    assert read_plan(out) is None
     with pytest.raises(UserError, match=r"has no readable plan.json"):
         inspect(out)
     result = build(bw.config(out, *world), progress=False)
@@ -245,7 +245,7 @@ def test_an_unreachable_ray_address_on_resume_names_the_resume_command(tmp_path,
 def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
     import ray
 
-    from synthaug.builder import executors
+    from synthaug.builder import cluster
 
     def refuse(*args, **kwargs):
         raise ConnectionError("Could not find any running Ray instance.\nmore lines")
@@ -253,12 +253,12 @@ def test_ray_failing_to_attach_or_start_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     attach = r"^`run.ray_address` 'auto': Ray could not attach \(ConnectionError: Could not find any running Ray " \
              r"instance.\): .*then resume with: X\.$"
-    with pytest.raises(UserError, match=attach), executors._ray_session("auto", "resume with: X"):
+    with pytest.raises(UserError, match=attach), cluster.ray_session("auto", "resume with: X"):
         pass
-    monkeypatch.setattr(executors, "_init_local_ray", lambda ray: refuse())
+    monkeypatch.setattr(cluster, "init_local_ray", lambda ray: refuse())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     start = r"^`run.executor` 'ray': a local Ray could not start .*--executor local; then resume with: X\.$"
-    with pytest.raises(UserError, match=start), executors._ray_session(None, "resume with: X"):
+    with pytest.raises(UserError, match=start), cluster.ray_session(None, "resume with: X"):
         pass
 
 

@@ -178,16 +178,16 @@ def test_ray_missing_is_one_line_naming_the_extra_and_the_flag(tmp_path, world, 
 def test_executor_auto_takes_ray_only_where_it_is_installed(monkeypatch, caplog):
     import logging
 
-    from synthaug.builder.executors import resolve_executor
+    from synthaug.builder.cluster import resolve_executor
     from synthaug.config import RunConfig
 
     assert RunConfig().executor == "auto" and resolve_executor(RunConfig(executor="local")) == "local"
     assert resolve_executor(RunConfig()) == "ray"  # installed here
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with caplog.at_level(logging.INFO, logger="synthaug.builder.executors"):
+    with caplog.at_level(logging.INFO, logger="synthaug.builder.cluster"):
         assert resolve_executor(RunConfig()) == "local"
     assert 'Ray is not installed, so the build runs in this process (`pip install "synthaug[ray]"`' in caplog.text
-    assert resolve_executor(RunConfig(ray_address="auto")) == "ray"  # a cluster needs Ray: `_import_ray` says so
+    assert resolve_executor(RunConfig(ray_address="auto")) == "ray"  # a cluster needs Ray: `import_ray` says so
 
 
 def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
@@ -238,42 +238,43 @@ def test_overwrite_needs_a_plan_to_prove_the_build(tmp_path, world):
 
 def _planned_folder(cfg):
     """A folder as a build leaves it when it failed before finishing its first job: config.yaml and plan.json."""
-    from synthaug.builder.plan import _write_plan
-    from synthaug.builder.validate import _prepare
+    from synthaug.builder.plan import plan, plan_file
+    from synthaug.builder.validate import check_build
+    from synthaug.layout import write_plan
 
-    prep = _prepare(cfg, False)
-    prep.out.mkdir(parents=True)
-    (prep.out / "config.yaml").write_text(dump_yaml(cfg))
-    _write_plan(prep.out, prep)
-    return prep.out
+    checked = check_build(cfg, False)
+    checked.out.mkdir(parents=True)
+    (checked.out / "config.yaml").write_text(dump_yaml(cfg))
+    write_plan(checked.out, plan_file(cfg, checked.class_names, plan(cfg, checked.class_names, checked.selected)))
+    return checked.out
 
 
 def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
-    from synthaug.builder.validate import _prepare
+    from synthaug.builder.validate import check_build
 
     old = _sub(_cfg(tmp_path, world), "dct", lr=0.5)
     out = _planned_folder(old)
     fixed = _sub(old, "dct", lr=0.001)
-    assert _prepare(fixed, False).mode == "replace"
+    assert check_build(fixed, False).mode == "replace"
     # with a token made, a change that concerns tokens is refused; one that concerns only images is not, until a
     # shard is finished
     (out / "tokens").mkdir()
     (out / "tokens" / "000.safetensors").write_bytes(b"token")
     with pytest.raises(UserError, match=r"holds a build made with a different config \(dct.lr: 0.5 -> 0.001\)"):
-        _prepare(fixed, False)
+        check_build(fixed, False)
     more = _sub(replace(old, per_class=6), "shards", quality=80)
-    assert _prepare(more, False).mode == "replace"
+    assert check_build(more, False).mode == "replace"
     (out / "meta").mkdir()
     (out / "meta" / "dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
-        _prepare(more, False)
-    assert _prepare(old, False).mode == "resume"
+        check_build(more, False)
+    assert check_build(old, False).mode == "resume"
     # a build in the first format (shards/00000.tar with its parquet and stats beside it) is refused in one line
     (out / "shards").mkdir()
     (out / "shards" / "00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"holds a build in synthaug's format 1 .*: rebuild it with `synthaug build "
                                         r"--config .*config.yaml --overwrite`"):
-        _prepare(old, False)
+        check_build(old, False)
 
 
 def test_output_not_writable_is_found_by_trying(tmp_path, world, monkeypatch):

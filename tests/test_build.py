@@ -199,17 +199,18 @@ def test_overwrite_deletes_only_what_the_build_wrote(tmp_path, world, reference)
 def test_a_build_that_made_nothing_reruns_with_corrected_values(tmp_path, world):
     """Failed before its first job finished (config.yaml and plan.json on disk, nothing else): the corrected command
     runs without --overwrite."""
-    from synthaug.builder.plan import _write_plan
-    from synthaug.builder.validate import _prepare
+    from synthaug.builder.plan import plan, plan_file
+    from synthaug.builder.validate import check_build
     from synthaug.config import dump_yaml, replace
+    from synthaug.layout import write_plan
 
     out = tmp_path / "build"
     good = bw.config(out, *world, classes="0", per_class=2, baseline=False)
     bad = replace(good, per_class=3, dct=replace(good.dct, lr=5.0))
-    prep = _prepare(bad, False)
+    checked = check_build(bad, False)
     out.mkdir()
     (out / "config.yaml").write_text(dump_yaml(bad))
-    _write_plan(out, prep)
+    write_plan(out, plan_file(bad, checked.class_names, plan(bad, checked.class_names, checked.selected)))
     result = build(good, progress=False)
     assert result.ok and not result.resumed and (result.tokens_new, result.images_new) == (1, 2)
     assert (out / "config.yaml").read_text() == dump_yaml(good)
@@ -545,5 +546,5 @@ def test_inspect_and_export_refuse_a_config_yaml_that_is_not_a_mapping(tmp_path,
     out = _copy(reference, tmp_path / "build")
     (out / "config.yaml").write_text("- a\n- list\n")
     for call in (lambda: inspect(out), lambda: export_tokens(out, dest=tmp_path / "dest")):
-        with pytest.raises(UserError, match=r"is not a synthaug build \(config.yaml holds list, not a config\)"):
+        with pytest.raises(UserError, match=r"is not a synthaug build \(its config.yaml holds list, not the config mapping"):
             call()

@@ -26,11 +26,11 @@ ONE = {**RAY, "run.num_workers": 1}  # failure tests: one actor (each actor proc
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray for the module; `build` uses the session it finds and leaves it running."""
-    from synthaug.builder.executors import _init_local_ray
+    from synthaug.builder.cluster import init_local_ray
 
     started = not ray.is_initialized()
     if started:
-        _init_local_ray(ray, num_cpus=2)  # retries Ray's own startup timeout on a loaded machine
+        init_local_ray(ray, num_cpus=2)  # retries Ray's own startup timeout on a loaded machine
     yield ray
     if started:
         ray.shutdown()
@@ -153,7 +153,7 @@ def test_reaper_ends_what_a_sigkilled_driver_started_and_nothing_else(tmp_path):
     import subprocess
     import sys
 
-    from synthaug.builder.executors import REAPER
+    from synthaug.builder.cluster import REAPER
 
     psutil = pytest.importorskip("psutil")
     pids = tmp_path / "pids"

@@ -25,7 +25,7 @@ def test_help_lists_every_subcommand_without_heavy_imports():
     [
         (["build", "--set", "per_class=0", "--executor", "local"], "`per_class` must be > 0 but is 0"),
         (["build", "--set", "dct.lrr=1"], r"Unknown config key\(s\) dct.lrr"),
-        (["classify", "/nonexistent/build"], "has no config.yaml"),
+        (["classify", "/nonexistent/build"], r"is not a synthaug build \(no config.yaml\)"),
         (["report", "/nonexistent/build"], "nonexistent"),
         (["build", "--set", "dataset=[a]"], "`dataset` must be a single value, not a list: ['a']"),
         (["build", "--set", "dct.lr=.nan"], "`dct.lr` must be a finite number but is nan"),
@@ -51,7 +51,7 @@ def test_yaml_with_an_integer_key_is_one_line(tmp_path, capsys):
 
 
 # Property: any build command line either validates or exits 2 with one line -- never a traceback. `build` is
-# replaced by its validation (`_prepare`: config, folder, device, model path, dataset, classes, guide), which is all
+# replaced by its validation (`check_build`: config, folder, device, model path, dataset, classes, guide), which is all
 # that runs before work starts; the models never load.
 def test_any_build_command_line_validates_or_exits_2_with_one_line(tmp_path, monkeypatch):
     import contextlib
@@ -62,11 +62,12 @@ def test_any_build_command_line_validates_or_exits_2_with_one_line(tmp_path, mon
     from hypothesis import strategies as st
 
     import synthaug.builder
-    from synthaug.builder.validate import _prepare
-    from synthaug.config import BuildConfig, flatten, to_dict
+    from synthaug.builder.validate import check_build
+    from synthaug.config import BuildConfig, flatten, to_dict, validate
 
     def validate_only(cfg, overwrite=False, progress=True):
-        _prepare(cfg, overwrite)
+        validate(cfg)
+        check_build(cfg, overwrite)
         return SimpleNamespace(ok=True, summary=lambda: "valid")
 
     monkeypatch.setattr(synthaug.builder, "build", validate_only)
@@ -124,3 +125,21 @@ def test_logging_shows_synthaugs_lines_and_dependencies_only_when_verbose(verbos
     lines = err.splitlines()
     assert [line for line in lines if line.startswith("INFO")] == shown
     assert "WARNING a real warning" in lines
+
+
+def test_each_config_flag_sets_the_key_its_table_names():
+    """One table maps flags to config keys: every key it names exists, and each subcommand's flags land there."""
+    from synthaug.cli import CONFIG_FLAGS, config_overrides, build_parser
+    from synthaug.config import BuildConfig, flatten, to_dict
+
+    keys = set(flatten(to_dict(BuildConfig())))
+    assert {key for key, _ in CONFIG_FLAGS.values()} <= keys
+    args = build_parser().parse_args(["build", "--per-class", "7", "--baseline", "--shots", "3", "--executor", "local",
+                                      "--ray-address", "auto", "--num-workers", "2", "--dataset", "digits",
+                                      "--set", "dct.lr=0.1"])
+    assert config_overrides(args) == {"per_class": 7, "baseline": True, "mcti.shots": 3, "run.executor": "local",
+                                "run.ray_address": "auto", "run.num_workers": 2, "dataset": "digits", "dct.lr": 0.1}
+    assert config_overrides(build_parser().parse_args(["build"])) == {}  # a flag left out changes nothing
+    assert config_overrides(build_parser().parse_args(["generate", "--dest", "d", "-n", "4"])) == {"per_class": 4}
+    args = build_parser().parse_args(["learn", "--tokens-out", "t", "--guide-target", "attribute:closed_loop"])
+    assert config_overrides(args) == {"guide_target": "attribute:closed_loop"}

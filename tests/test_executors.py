@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synthaug.builder.executors import _in_flight, _plan_workers
+from synthaug.builder.executors import in_flight, plan_workers
 from synthaug.builder.worker import HOOKS_ENV, WorkerHooks
 from synthaug.config import RunConfig, load_config
 from synthaug.errors import UserError
@@ -26,7 +26,7 @@ def _run(**kw) -> RunConfig:
     ([{"CPU": 2}], {"cpus_per_worker": 1, "num_workers": 2}, "auto", 2, False),
 ])
 def test_workers_never_exceed_what_the_nodes_hold(nodes, run, device, count, capped):
-    plan = _plan_workers(nodes, _run(**run), device, jobs=100)
+    plan = plan_workers(nodes, _run(**run), device, jobs=100)
     assert plan.count == count
     assert (plan.capped is not None) == capped
     if capped:
@@ -35,10 +35,10 @@ def test_workers_never_exceed_what_the_nodes_hold(nodes, run, device, count, cap
 
 
 def test_workers_are_no_more_than_jobs_and_a_node_too_small_is_refused():
-    assert _plan_workers([{"CPU": 16}], _run(cpus_per_worker=1), "cpu", jobs=3).count == 3
+    assert plan_workers([{"CPU": 16}], _run(cpus_per_worker=1), "cpu", jobs=3).count == 3
     with pytest.raises(UserError, match=r"`run.cpus_per_worker` is 4 but no node of the Ray cluster has that many "
                                         r"CPUs \(the largest has 3\): lower it \(--set run.cpus_per_worker=3\)"):
-        _plan_workers([{"CPU": 3}, {"CPU": 3}], _run(cpus_per_worker=4), "cpu", jobs=3)
+        plan_workers([{"CPU": 3}, {"CPU": 3}], _run(cpus_per_worker=4), "cpu", jobs=3)
 
 
 @pytest.mark.parametrize(("max_in_flight", "workers", "expected"), [
@@ -46,7 +46,7 @@ def test_workers_are_no_more_than_jobs_and_a_node_too_small_is_refused():
     (8, 4, (8, 2)), (5, 2, (5, 3)), (1, 3, (1, 1)),  # explicit: queued on the actors, never fewer than one each
 ])
 def test_jobs_in_flight_default_to_one_per_free_actor(max_in_flight, workers, expected):
-    assert _in_flight(_run(max_in_flight=max_in_flight), workers) == expected
+    assert in_flight(_run(max_in_flight=max_in_flight), workers) == expected
 
 
 @pytest.mark.parametrize("value", [0, -5, "soon", float("nan"), float("inf")])

@@ -1,14 +1,23 @@
-"""The build: config -> plan of class jobs -> Ray actors (one per GPU) or in-process; resume, retry.
+"""The build: config -> checks -> plan of class jobs -> Ray actors (one per GPU) or in-process; resume, retry.
 
-`plan` (class jobs and shard ids, a pure function of the config) -> `validate` (every input checked before a model
-loads) -> `executors` (local or Ray, with retries) running `worker.ClassWorker` -> `driver.build` (bookkeeping, lock,
-final index). The package is named ``builder`` so that ``synthaug.build`` stays the function.
+Named parts, wired by `driver.build` (lock, bookkeeping, the final index), the way img2dataset wires its reader,
+downloader, writer and distributor:
+
+- `validate.check_build`: every input checked once, before a model loads (no worker, model or Ray import);
+- `plan.plan`: the class jobs and their shard ids, a pure function of the config;
+- `cluster`: where Ray comes from (installed, attached, started) — no worker import;
+- `executors.run_local` / `executors.run_ray` (`RayExecutor`): where jobs run, with one retry policy
+  (`executors.retryable`, `executors.Tracker`);
+- `worker.ClassWorker`: one class job — its token, then its shards.
+
+The build folder's paths and files (``config.yaml``, ``plan.json``, tokens, shards) belong to `synthaug.layout`.
+The package is named ``builder`` so that ``synthaug.build`` stays the function.
 """
 
 from .driver import BuildFailed, BuildResult, build
 from .plan import ClassJob, ShardTask, methods_of, plan, shard_id
-from .validate import guide_num_classes
+from .validate import CheckedBuild, check_build, guide_num_classes
 from .worker import ClassWorker
 
-__all__ = ["BuildFailed", "BuildResult", "ClassJob", "ClassWorker", "ShardTask", "build", "guide_num_classes",
-           "methods_of", "plan", "shard_id"]
+__all__ = ["BuildFailed", "BuildResult", "CheckedBuild", "ClassJob", "ClassWorker", "ShardTask", "build",
+           "check_build", "guide_num_classes", "methods_of", "plan", "shard_id"]

@@ -1,6 +1,6 @@
 """The reaper: a tiny watchdog process beside a driver that started its own local Ray.
 
-Started by `synthaug.builder.executors._Reaper` as ``python path/to/_reaper.py DRIVER_PID [KEEP_PID ...]``,
+Started by `synthaug.builder.cluster` as ``python path/to/_reaper.py DRIVER_PID [KEEP_PID ...]``,
 with a pipe on its standard input. Ray ties gcs_server and the raylet to the driver (PR_SET_PDEATHSIG), but a
 SIGKILLed driver still leaves the processes the raylet spawned (the dashboard and runtime-env agents) running forever.
 The reaper records, every half second, every process that descends from the driver (except the KEEP_PIDs, which

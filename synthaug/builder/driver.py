@@ -6,20 +6,22 @@ class, chunk), so any worker can (re)do any job and write the same bytes.
 
 What `build` does, in order:
 
-1. Validates every input (config rules, output folder, model path, dataset root and class selection, the guide's
-   label count, what the method needs) before a model loads or Ray starts. Bad input is a one-line `UserError`.
-2. Writes ``config.yaml`` and ``plan.json`` atomically — or, on an existing folder, checks that the config is the
-   same and resumes: a token is done when its file exists, a shard when its ``_stats.json`` exists.
-3. Runs the unfinished class jobs in-process (``run.executor: local``) or on Ray actors (one per GPU, CPU slots
-   without GPUs), each loading its models once. A failed job (a dead worker included) is retried up to
-   ``run.max_retries`` times.
-4. When every job is done: ``tokens/tokens.safetensors``, then ``index.parquet``, ``classes.json``, ``_info.json``.
+0. Checks every input once (`synthaug.config.validate`, then `validate.check_build`: output folder, model path,
+   dataset root and class selection, the guide's label count, what the method needs) before a model loads or Ray
+   starts, and plans the class jobs (`plan.plan`). Bad input is a one-line `UserError`.
+1. Puts ``config.yaml`` and ``plan.json`` on disk (`synthaug.layout.begin_build`) — or, on an existing folder of the
+   same config, resumes: a token is done when its file exists, a shard when its ``_stats.json`` exists.
+2. Finds what is left (`unfinished_jobs`): damaged shards are redone.
+3. Runs the unfinished class jobs in-process (`executors.run_local`) or on Ray actors (`executors.run_ray`: one per
+   GPU, CPU slots without GPUs), each loading its models once. A failed job (a dead worker included) is retried up to
+   ``run.max_retries`` times (`executors.retryable`).
+4. When every job is done (`finalize`): ``tokens/tokens.safetensors``, then ``index.parquet``, ``classes.json``,
+   ``_info.json``.
    Jobs that failed every retry go to ``failures.json`` and `build` raises `BuildFailed` with the resume command.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -28,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import TMP_PREFIX, write_text
-from ..config import BuildConfig, dump_yaml, from_dict, validate
+from ..atomic import write_text
+from ..config import BuildConfig, validate
 from ..datasets.select import select_classes
 from ..errors import UserError, write_errors
 from ..index import merge_index
@@ -39,26 +41,33 @@ from ..layout import (
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
-    LOCK_FILE,
-    META_DIR,
+    INDEX_FILE,
     OVERWRITE_MARKER,
-    PLAN_FILE,
-    SHARDS_DIR,
     TOKENS_DIR,
-    build_files,
+    ClassJob,
+    Plan,
+    ShardTask,
+    begin_build,
     build_lock,
+    forget_build,
+    images_on_disk,
+    job_done,
+    read_build_config,
+    read_plan,
     resume_command,
     shard_done,
     shard_name,
     shard_paths,
     token_path,
+    tokens_on_disk,
     trust_path,
 )
 from ..shards import check_shard
 from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens, token_updates
-from .executors import _run_local, _run_ray, _Tracker, resolve_executor
-from .plan import ClassJob, ShardTask, _read_plan, _write_plan, methods_of
-from .validate import _prepare, same_work_diff
+from .cluster import resolve_executor
+from .executors import Tracker, run_local, run_ray
+from .plan import methods_of, plan, plan_file
+from .validate import check_build, same_work_diff
 from .worker import load_class_token
 
 logger = logging.getLogger(__name__)
@@ -166,13 +175,15 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     if not isinstance(config, BuildConfig):
         raise UserError(f"`config` must be a synthaug BuildConfig (synthaug.config.load_config) but is "
                         f"{type(config).__name__}.")
-    finished = None if overwrite else _finished_build(config)
+    validate(config)  # once per build: a config made in code never went through load_config
+    finished = None if overwrite else finished_build(config)
     if finished is not None:  # nothing to do: no dataset scan, no model, no Ray
         finished.seconds = time.perf_counter() - started
         logger.info("%s", finished.summary())
         return finished
-    prep = _prepare(config, overwrite)
-    out = prep.out
+    checked = check_build(config, overwrite)
+    jobs = plan(config, checked.class_names, checked.selected)
+    out = checked.out
     out.mkdir(parents=True, exist_ok=True)
     # A full disk or a folder turned read-only is one line with the command that resumes, not a traceback: every
     # file is written atomically, so once there is room the resume makes the same bytes.
@@ -180,63 +191,49 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
                                                      f"{resume_command(out)}")
     with unwritable, build_lock(out):
         # 1. Config and plan on disk before any work
-        if prep.mode == "overwrite":
-            _clear(out)
-        elif prep.mode == "replace":
+        if checked.mode == "replace":
             logger.info("%s: no token or shard was made with its old config; replacing %s", out, CONFIG_FILE)
-        if prep.mode != "resume":
-            write_text(out / CONFIG_FILE, dump_yaml(config))
-        _write_plan(out, prep)
-        (out / OVERWRITE_MARKER).unlink(missing_ok=True)  # the clearing, if any, is complete: this is the new build
-        _remove_tmp(out)
+        kept = begin_build(out, config, plan_file(config, checked.class_names, jobs), checked.mode)
+        if kept:
+            logger.warning("--overwrite kept what synthaug build did not write in %s: %s%s", out, ", ".join(kept[:8]),
+                           ", ..." if len(kept) > 8 else "")
         # 2. What is left to do: damaged shards are redone too
-        _unmark_damaged_shards(out, prep.jobs)
-        todo = [j for j in prep.jobs if not _job_done(out, j)]
-        tokens_before = sum(token_path(out, j.class_index).is_file() for j in prep.jobs)
-        images_before = _images_on_disk(out, prep.jobs)
-        if todo:
-            for name in FINAL_FILES:
-                (out / name).unlink(missing_ok=True)
-        logger.info("%s %s: %d classes, %d to do", "resuming" if prep.mode == "resume" else "building", out,
-                    len(prep.jobs), len(todo))
+        todo = unfinished_jobs(out, jobs)
+        tokens_before, images_before = tokens_on_disk(out, jobs), images_on_disk(out, jobs)
+        logger.info("%s %s: %d classes, %d to do", "resuming" if checked.mode == "resume" else "building", out,
+                    len(jobs), len(todo))
         # 3. Run
-        tracker = _Tracker(progress, todo, prep.jobs, out, config.run.max_retries)
+        tracker = Tracker(progress, todo, jobs, out, config.run.max_retries)
         executor = resolve_executor(config.run) if todo else "none"
         try:
             if todo and executor == "ray":
-                _run_ray(config, out, todo, prep.class_aliases, tracker)
+                run_ray(config, out, todo, checked.class_aliases, tracker)
             elif todo:
-                _run_local(config, out, todo, prep.class_aliases, tracker)
+                run_local(config, out, todo, checked.class_aliases, tracker)
         except UserError:
             # Bad input that only a loaded model reveals (e.g. a guide whose label count no config file states).
-            # If nothing was made yet, take back config.yaml too, so that the fixed command starts afresh instead
-            # of being refused as "a different config".
-            if prep.mode != "resume" and not any((out / TOKENS_DIR).glob("*.safetensors")) and not any(
-                    (out / META_DIR).glob("*_stats.json")):
-                for name in (CONFIG_FILE, PLAN_FILE):
-                    (out / name).unlink(missing_ok=True)
+            if checked.mode != "resume":
+                forget_build(out)
             raise
         finally:
             tracker.close()
         # 4. Finish: merge when all is done, else record the failures
-        done = [j for j in prep.jobs if _job_done(out, j)]
+        done = [j for j in jobs if job_done(out, j)]
         failures = tracker.failures
-        if len(done) == len(prep.jobs):
-            _finalize(out, config, prep.jobs)
+        if len(done) == len(jobs):
+            finalize(out, config, jobs)
             (out / FAILURES_FILE).unlink(missing_ok=True)
         elif not failures:  # cannot happen unless files vanished under us; never claim success then
             failures = [{"class_index": j.class_index, "name": j.name, "attempts": 0,
-                         "error": "job reported success but its files are missing"} for j in prep.jobs
-                        if j not in done]
+                         "error": "job reported success but its files are missing"} for j in jobs if j not in done]
         if failures:
             write_text(out / FAILURES_FILE, json.dumps({"resume": resume_command(out), "failed": failures},
                                                        indent=1) + "\n")
         result = BuildResult(
-            out=out, classes=len(prep.jobs), classes_done=len(done), images=_images_on_disk(out, prep.jobs),
-            images_new=_images_on_disk(out, prep.jobs) - images_before,
-            tokens_new=sum(token_path(out, j.class_index).is_file() for j in prep.jobs) - tokens_before,
+            out=out, classes=len(jobs), classes_done=len(done), images=images_on_disk(out, jobs),
+            images_new=images_on_disk(out, jobs) - images_before, tokens_new=tokens_on_disk(out, jobs) - tokens_before,
             seconds=time.perf_counter() - started, executor=executor, workers=tracker.workers, failures=failures,
-            resumed=prep.mode == "resume", resume_command=resume_command(out),
+            resumed=checked.mode == "resume", resume_command=resume_command(out),
             ray_seconds=tracker.ray_seconds, first_worker_seconds=tracker.first_worker_seconds,
             compile_seconds=sum(float(r.get("compile_seconds") or 0.0) for r in tracker.results),
         )
@@ -247,34 +244,21 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     return result
 
 
-def _job_done(out: Path, job: ClassJob) -> bool:
-    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id, t.method) for t in job.shards)
-
-
-def _images_on_disk(out: Path, jobs: list[ClassJob]) -> int:
-    return sum(t.size for j in jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
-
-
-def _clear(out: Path) -> None:
-    """Discard a build for --overwrite (`_prepare` proved the folder is one): delete the files a build writes, by
-    name (`build_files`), and nothing else; the lock stays, and so do the user's own files and the outputs of other
-    subcommands (eval/, report/, export/), which are named in the log.
-
-    Resumable: ``.overwriting`` is written first and removed only once the new config.yaml is on disk (`build`), and
-    config.yaml and plan.json go last, so a clearing cut short by Ctrl-C or a kill is finished by the same command.
-    """
-    write_text(out / OVERWRITE_MARKER, "synthaug build --overwrite is clearing this folder\n")
-    last = (out / PLAN_FILE, out / CONFIG_FILE)
-    for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
-        p.unlink(missing_ok=True)
-    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                  if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, META_DIR, OVERWRITE_MARKER))
-    for d in (TOKENS_DIR, SHARDS_DIR, META_DIR):
-        if (out / d).is_dir():
-            kept += [f"{d}/{p.name}" for p in sorted((out / d).iterdir())]
-    if kept:
-        logger.warning("--overwrite kept what synthaug build did not write in %s: %s%s", out, ", ".join(kept[:8]),
-                       ", ..." if len(kept) > 8 else "")
+# --------------------------------------------------------------------------------------------------------------------
+# The build's steps
+# --------------------------------------------------------------------------------------------------------------------
+def unfinished_jobs(out: Path, jobs: list[ClassJob]) -> list[ClassJob]:
+    """The jobs left to do. A damaged shard (its files do not match its stats) loses its done-marker first, so that
+    its job writes it again; with work left, the files of a finished build go, so none claims a completeness the
+    folder does not have."""
+    for task, problem in _damaged_shards(out, jobs):
+        logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
+        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
+    todo = [j for j in jobs if not job_done(out, j)]
+    if todo:
+        for name in FINAL_FILES:
+            (out / name).unlink(missing_ok=True)
+    return todo
 
 
 def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, str]]:
@@ -283,70 +267,51 @@ def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, st
             if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
 
 
-def _unmark_damaged_shards(out: Path, jobs: list[ClassJob]) -> None:
-    """Remove the done-marker (``_stats.json``) of every damaged shard, so that its job writes it again."""
-    for task, problem in _damaged_shards(out, jobs):
-        logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
-        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
-
-
-def _remove_tmp(out: Path) -> None:
-    """Delete temporary files a killed run left behind (atomic writes of build files that never got renamed; a
-    user's own ``.tmp-*`` files do not have their names, `build_files`)."""
-    for p in build_files(out):
-        if p.name.startswith(TMP_PREFIX):
-            with contextlib.suppress(OSError):
-                p.unlink()
-
-
-def _finished_build(config: BuildConfig) -> BuildResult | None:
-    """A result when `config.out` holds a finished build of this very config (resuming it has nothing to do)."""
+def finished_build(config: BuildConfig) -> BuildResult | None:
+    """A result when `config.out` holds a finished build of this very (validated) config: resuming it has nothing
+    to do, so no dataset is scanned, no model loads and Ray does not start."""
     out = Path(config.out).expanduser()
-    if not (out / CONFIG_FILE).is_file() or not (out / "index.parquet").is_file() or (out / FAILURES_FILE).exists() \
-            or (out / OVERWRITE_MARKER).exists():  # an --overwrite began here: `_prepare` says how to finish it
+    if not (out / INDEX_FILE).is_file() or (out / FAILURES_FILE).exists() \
+            or (out / OVERWRITE_MARKER).exists():  # an --overwrite began here: `check_build` says how to finish it
         return None
-    try:
-        import yaml
-
-        validate(config)
-        old = from_dict(yaml.safe_load((out / CONFIG_FILE).read_text()) or {})
-    except Exception:  # noqa: BLE001 (anything odd: take the full path, which explains itself)
+    old, _ = read_build_config(out)
+    if old is None or same_work_diff(old, config):
         return None
-    if same_work_diff(old, config):
+    planned = read_plan(out)
+    if not planned or not planned.jobs or not _plan_is_the_configs(out, planned, config):
         return None
-    jobs = _read_plan(out)
-    if not jobs or not _plan_is_the_configs(out, jobs, config) or not all(_job_done(out, j) for j in jobs) or any(
-            not (out / f).is_file() for f in FINAL_FILES):
+    jobs = list(planned.jobs)
+    if not all(job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
         return None
     if _damaged_shards(out, jobs):
         return None  # the full path redoes them
     newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
-    if (out / "index.parquet").stat().st_mtime < newest:
+    if (out / INDEX_FILE).stat().st_mtime < newest:
         return None
-    images = _images_on_disk(out, jobs)
+    images = images_on_disk(out, jobs)
     return BuildResult(out=out, classes=len(jobs), classes_done=len(jobs), images=images, images_new=0, tokens_new=0,
                        seconds=0.0, executor="none", workers=0, resumed=True, resume_command=resume_command(out))
 
 
-def _plan_is_the_configs(out: Path, jobs: list[ClassJob], config: BuildConfig) -> bool:
+def _plan_is_the_configs(out: Path, planned: Plan, config: BuildConfig) -> bool:
     """True when ``plan.json`` plans what `config` asks for (a damaged or edited plan is not trusted to say "done"):
     the same images per class and methods, the classes ``classes.json`` lists, and (for a selection that needs no
     dataset: indices, ranges, names) the config's class selection."""
+    indices = [j.class_index for j in planned.jobs]
+    if planned.per_class != config.per_class or planned.methods != methods_of(config):
+        return False
     try:
-        data = json.loads((out / PLAN_FILE).read_text())
         listed = json.loads((out / CLASSES_FILE).read_text())
-        if data["per_class"] != config.per_class or data["methods"] != list(methods_of(config)):
-            return False
-        if sorted(int(c["index"]) for c in listed) != [j.class_index for j in jobs]:
+        if sorted(int(c["index"]) for c in listed) != indices:
             return False
         if not (config.classes or "").strip().startswith("sample:"):
-            return select_classes(list(data["classes"]), config.classes) == [j.class_index for j in jobs]
+            return select_classes(list(planned.class_names or ()), config.classes) == indices
     except (OSError, ValueError, KeyError, TypeError, UserError):
         return False
     return True
 
 
-def _finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
+def finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
     """All jobs done: the all-tokens file, then the index, classes.json and _info.json (`merge_index`)."""
     tokens: dict[str, Any] = {}
     classes = []

@@ -1,18 +1,22 @@
-"""Everything `build` checks before a model loads or Ray starts: the config, the output folder, the guide, the dataset."""
+"""Everything `build` checks before a model loads or Ray starts: the config, the output folder, the guide, the dataset.
+
+`check_build` runs the checks once per build and returns what they found (`CheckedBuild`); it makes no plan and
+writes nothing. No Ray import here unless the build runs on Ray (`cluster.import_ray` is itself a check), and no
+worker, model or pipeline import.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..atomic import TMP_PREFIX
 from ..classifier.source import check_label_agreement, declared_labels, parse_source
-from ..config import BuildConfig, diff, from_dict, get, resolve_auto, validate
+from ..config import BuildConfig, diff, get, resolve_auto
 from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
 from ..datasets.select import select_classes
@@ -25,14 +29,15 @@ from ..layout import (
     done_shard_ids,
     legacy_build_error,
     linked_build_dirs,
+    read_build_config,
+    read_plan,
     resume_command,
     work_done,
 )
-from ..models import resolve_device, resolve_dtype, resolve_model_path
+from ..models import check_device, cuda_available, resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
 from ..tokens.clip import check_clip_pairing
-from .executors import _import_ray, check_ray_address, resolve_executor
-from .plan import _Prepared, _read_plan, _read_plan_classes, plan
+from .cluster import check_ray_address, import_ray, resolve_executor
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
 # One exception (`_existing_build`): on CPU, `run.cpus_per_worker` is the torch thread count, and the thread count
@@ -40,39 +45,27 @@ from .plan import _Prepared, _read_plan, _read_plan_classes, plan
 RESUMABLE_KEYS = ("run", "out")
 
 
+@dataclass
+class CheckedBuild:
+    """What `check_build` found: the folder, what to do with it, the dataset's classes and the selection."""
+
+    out: Path
+    mode: str  # "new" | "resume" | "replace" | "overwrite" (`_check_out`)
+    class_names: list[str]
+    selected: list[int]
+    # every name each class goes by (`class_aliases`): a loaded guide's labels are checked against them
+    class_aliases: list[tuple[str, ...]] = field(default_factory=list)
+
+
 def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
     """The keys by which `new` would do other work than the build `old` (its auto switches resolved on this
     machine; the `RESUMABLE_KEYS` left out)."""
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     return diff(resolve_auto(old, cuda=cuda), resolve_auto(new, cuda=cuda), ignore=RESUMABLE_KEYS)
 
 
 # Config keys that decide only the images, not the tokens: they may change while no shard is finished yet.
 SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline")
-
-# The keys every config.yaml a build writes holds (the whole resolved config): a folder whose config.yaml lacks
-# them was not made by `synthaug build`.
-_BUILD_KEYS = ("dataset", "model", "guide", "method", "per_class", "out", "dct", "generate", "shards", "run")
-
-
-def _read_build_config(out: Path) -> tuple[BuildConfig | None, str]:
-    """The config of the build in `out`, or None and why ``out/config.yaml`` is not a synthaug build's."""
-    import yaml
-
-    try:
-        data = yaml.safe_load((out / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        return None, f"its {CONFIG_FILE} is not readable YAML: {str(e).splitlines()[0][:100]}"
-    if not isinstance(data, dict):
-        return None, f"its {CONFIG_FILE} holds {type(data).__name__}, not the config mapping a build writes"
-    missing = [k for k in _BUILD_KEYS if k not in data]
-    if missing:
-        return None, f"its {CONFIG_FILE} lacks {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
-    try:
-        return from_dict(data), ""
-    except UserError as e:
-        return None, f"its {CONFIG_FILE} is not a config of this synthaug: {str(e)[:120]}"
-
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     """What to do with the output folder. Writes nothing but a probe file it removes again.
@@ -107,8 +100,8 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
 
 
 def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
-    old, why_not = _read_build_config(out)
-    if old is None and _read_plan(out) is not None:  # a build (its plan proves it) whose config.yaml was damaged
+    old, why_not = read_build_config(out)
+    if old is None and read_plan(out) is not None:  # a build (its plan proves it) whose config.yaml was damaged
         if overwrite:
             return "overwrite"
         raise UserError(f"`out` {str(out)!r} holds a synthaug build whose {CONFIG_FILE} is damaged ({why_not}): "
@@ -118,7 +111,7 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
         raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} but is not a synthaug build ({why_not}); "
                         f"{'--overwrite discards synthaug builds only, so ' if overwrite else ''}nothing there was "
                         f"touched: choose another --out.")
-    has_plan = _read_plan(out) is not None
+    has_plan = read_plan(out) is not None
     if overwrite:
         if not has_plan:
             raise UserError(f"`out` {str(out)!r} has a synthaug {CONFIG_FILE} but no readable {PLAN_FILE}, so it is "
@@ -167,10 +160,10 @@ def _check_writable(out: Path) -> None:
 
 def _check_dataset_unchanged(out: Path, config: BuildConfig, class_names: list[str]) -> None:
     """Refuse to resume a build whose dataset's classes changed: tokens and shards are filed by class index."""
-    stored = _read_plan_classes(out)
+    stored = read_plan(out)
     if stored is None:
         return
-    num, planned, names = stored
+    names = stored.class_names
     problems = []
     if names is not None:
         renamed = [(i, a, b) for i, (a, b) in enumerate(zip(names, class_names)) if a != b]
@@ -184,8 +177,9 @@ def _check_dataset_unchanged(out: Path, config: BuildConfig, class_names: list[s
             gone = names[len(class_names):]
             problems.append(f"gone {', '.join(repr(n) for n in gone[:3])}{', ...' if len(gone) > 3 else ''}")
     else:  # a plan from before every name was recorded: its class count and its classes' names
-        if num != len(class_names):
-            problems.append(f"{num} classes then, {len(class_names)} now")
+        if stored.num_classes != len(class_names):
+            problems.append(f"{stored.num_classes} classes then, {len(class_names)} now")
+        planned = {j.class_index: j.name for j in stored.jobs}
         renamed = [(i, a) for i, a in sorted(planned.items()) if i >= len(class_names) or class_names[i] != a]
         problems += [f"class {i} was {a!r}, now {class_names[i]!r}" if i < len(class_names) else
                      f"class {i} ({a!r}) is gone" for i, a in renamed[:3]]
@@ -236,41 +230,27 @@ def _check_guide(source: str) -> None:
                         f"(timm.models.save_for_hf) or a transformers one (save_pretrained).")
 
 
-def _check_device(device: torch.device, config: BuildConfig) -> None:
-    """A CUDA (or MPS) device this machine has, unless the work runs on a Ray cluster the driver is not part of."""
-    if resolve_executor(config.run) == "ray" and (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        return  # the GPUs are the cluster's; the Ray executor checks what the cluster offers
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"`device` is {config.device!r} but this machine has no usable CUDA GPU "
-                            f"(torch.cuda.is_available() is False): pass --device cpu (or auto), or run on a GPU "
-                            f"machine.")
-        if config.run.executor == "local" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"`device` is {config.device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                            f"device(s): pass cuda:0 .. cuda:{torch.cuda.device_count() - 1}.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"`device` is {config.device!r} but MPS is not available here: pass --device cpu or auto.")
-
-
-def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
-    """Validate every input of a build. Raises `UserError`; loads no model, starts no Ray."""
-    # 1. Config rules (a config built in code never went through load_config); a build learns class tokens
-    validate(config)
+def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
+    """Check every input of a build whose config passed `synthaug.config.validate`. Raises `UserError`; loads no
+    model, starts no Ray, writes nothing but a probe file it removes again."""
+    # 1. A build learns class tokens
     if config.guide_target is not None and not parse_guide_target(config.guide_target).is_class:
         raise UserError(f"`guide_target` {config.guide_target!r} learns one attribute token, but a build learns a "
                         f"token per class: run `synthaug learn --guide-target {config.guide_target}`, or drop it.")
     # 2. The executor exists (`auto` takes Ray only where it is installed)
     if resolve_executor(config.run) == "ray":
-        _import_ray()
+        import_ray()
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
     mode = _check_out(out, config, overwrite)
-    if config.run.executor == "ray" and not _import_ray().is_initialized():  # a caller's own session is theirs
+    if config.run.executor == "ray" and not import_ray().is_initialized():  # a caller's own session is theirs
         check_ray_address(config.run.ray_address or os.environ.get("RAY_ADDRESS"),
                           f"resume with: {resume_command(out)}" if mode == "resume" else "run the same command again")
     # 4. Device, dtype, model
     device = resolve_device(config.device)
-    _check_device(device, config)
+    if resolve_executor(config.run) == "local" or not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        # (on a Ray cluster the driver is not part of, the GPUs are the cluster's: the Ray executor checks them)
+        check_device(device, config.device, local=config.run.executor == "local")
     resolve_dtype(config.dtype, device)
     resolve_model_path(config.model)
     # 5. Dataset root and layout, class selection; on resume, the same classes as when the build was planned
@@ -305,5 +285,4 @@ def _prepare(config: BuildConfig, overwrite: bool) -> _Prepared:
                                 f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
         if config.method == "mcti":
             check_clip_pairing(config.model, config.mcti.clip_model)
-    return _Prepared(config, out, mode, class_names, selected, plan(config, class_names, selected),
-                     class_aliases(dataset))
+    return CheckedBuild(out, mode, class_names, selected, class_aliases(dataset))

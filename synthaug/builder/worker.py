@@ -371,7 +371,7 @@ class ClassWorker:
             fn(self, *args)
 
 
-class _QueueReport:
+class QueueReport:
     """A picklable progress callback for Ray actors: puts events on a `ray.util.queue.Queue`; never fails a job."""
 
     def __init__(self, queue: Any) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from ..atomic import write_text
 from ..datasets.catalog import check_split, default_test_split, get_dataset
 from ..errors import UserError
-from ..index import BuildView, _method_sort_key, open_build
+from ..index import BuildView, method_sort_key, open_build
 from ..layout import EVAL_DIR
 from ..mix import MODES, TARGETS, SynthAugDataset
 from ..models import resolve_device
@@ -550,7 +550,7 @@ def _summarise(cells: list[CellResult]) -> list[DownstreamRow]:
         return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
     rows = []
-    for (m, k), items in sorted(groups.items(), key=lambda kv: (_method_sort_key(kv[0][0]), kv[0][1])):
+    for (m, k), items in sorted(groups.items(), key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
         t1, t5 = [c.top1 for c in items], [c.top5 for c in items]
         rows.append(DownstreamRow(method=m, shots=k, seeds=len(items), top1_mean=float(np.mean(t1)), top1_std=std(t1),
                                   top5_mean=float(np.mean(t5)), top5_std=std(t5)))

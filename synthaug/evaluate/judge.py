@@ -24,7 +24,7 @@ from ..atomic import atomic_write, write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import same_source
 from ..errors import UserError
-from ..index import _method_sort_key, open_build
+from ..index import method_sort_key, open_build
 from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
 from .images import _model_device_dtype, iter_image_batches
@@ -239,10 +239,10 @@ def evaluate_judge(
         methods=method_rows, per_class=per_class, paired=paired,
     )
     result.files = _write_judge_files(result, scored, out_dir)
-    if write_back and (view.root / "index.parquet").is_file():
+    if write_back and (view.root / INDEX_FILE).is_file():
         try:
             write_judge_prob(view.root, {s["key"]: s["judge_prob"] for s in scored}, judge=judge_source)
-            result.files["index"] = str(view.root / "index.parquet")
+            result.files["index"] = str(view.root / INDEX_FILE)
         except UserError as e:  # a build holds the folder, or removed its index meanwhile: the eval files stand
             log.warning("judge_prob not written back into the index: %s", e)
     elif write_back:
@@ -256,14 +256,14 @@ def _aggregate(scored: list[dict], methods: Sequence[str]) -> tuple[list[ClassAc
     for s in scored:
         groups[(s["class_index"], s["method"])].append(s)
     per_class = []
-    for (ci, m), items in sorted(groups.items(), key=lambda kv: (kv[0][0], _method_sort_key(kv[0][1]))):
+    for (ci, m), items in sorted(groups.items(), key=lambda kv: (kv[0][0], method_sort_key(kv[0][1]))):
         per_class.append(ClassAccuracy(
             class_index=ci, class_name=items[0]["class_name"], method=m, images=len(items),
             top1=float(np.mean([s["top1"] for s in items])), top5=float(np.mean([s["top5"] for s in items])),
             mean_prob=float(np.mean([s["judge_prob"] for s in items])),
         ))
     method_rows = []
-    for m in sorted(methods, key=_method_sort_key):
+    for m in sorted(methods, key=method_sort_key):
         items = [s for s in scored if s["method"] == m]
         if not items:
             continue
@@ -285,7 +285,7 @@ def _paired(scored: list[dict], methods: Sequence[str], baseline: str) -> list[P
         return []
     base = by_seed[baseline]
     out = []
-    for m in sorted(methods, key=_method_sort_key):
+    for m in sorted(methods, key=method_sort_key):
         if m == baseline or m not in by_seed:
             continue
         keys = sorted(set(base) & set(by_seed[m]))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..index import _method_sort_key
+from ..index import method_sort_key
 from .downstream import CellResult, DownstreamResult, DownstreamRow
 from .fid import FIDResult, FIDRow
 from .judge import ClassAccuracy, JudgeResult, MethodAccuracy, PairedComparison
@@ -109,7 +109,7 @@ def _judge_tables(r: JudgeResult, per_class: bool) -> list[Table]:
 
 
 def _downstream_tables(r: DownstreamResult) -> list[Table]:
-    methods = sorted({row.method for row in r.rows}, key=_method_sort_key)
+    methods = sorted({row.method for row in r.rows}, key=method_sort_key)
     shots = sorted({row.shots for row in r.rows})
     cell = {(row.method, row.shots): row for row in r.rows}
     seeds = max((row.seeds for row in r.rows), default=0)
