@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..config import MCTIConfig
 from ..errors import UserError
-from .clip import CLASSIFY_TEMPLATE, _text_features, check_paired, class_features
+from .clip import CLASSIFY_TEMPLATE, check_paired, class_features, text_features
 from .io import save_tokens
 from .text import (
     encode,
@@ -307,7 +307,7 @@ def learn_mcti_token(
         protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=gen_reg).item()]
                               for k in classes])
         with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
-            g = _text_features(clip, text_encoder, tokenizer, reg_enc)
+            g = text_features(clip, text_encoder, tokenizer, reg_enc)
         logits = config.scale * g @ protos.T
         return F.cross_entropy(logits, target)
 
@@ -396,9 +396,3 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
-
-
-def _replace(config: MCTIConfig, **changes: Any) -> MCTIConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
