@@ -223,6 +223,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config_docs import explain
+
+    print(explain(args.explain, build=args.build))
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--device")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("config", help="explain a config key: its documentation, type, default (and a build's value)")
+    p.add_argument("--explain", required=True, metavar="KEY", help="a config key (dct.lr) or a section (dct)")
+    p.add_argument("--build", metavar="DIR", help="also print the value the build in DIR used")
+    p.set_defaults(func=cmd_config)
     return parser
 
 

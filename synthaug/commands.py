@@ -48,13 +48,13 @@ from .target import GuideTarget, check_label_free, parse_guide_target
 from .tokens.clip import classify, load_clip
 from .tokens.dct import TokenResult, learn_dct_token
 from .tokens.io import (
-    _int_or_none,
-    _token_file_metadata,
     add_tokens,
+    int_or_none,
     load_tokens,
     save_token,
     save_tokens,
     token_metadata,
+    token_metadata_or_empty,
     token_updates,
 )
 from .tokens.text import token_name
@@ -197,13 +197,13 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         for m, n in per.items():
             counts[m][j.class_index] = n
         path = token_path(out, j.class_index)
-        meta = _token_file_metadata(path) if path.is_file() else {}
+        meta = token_metadata_or_empty(path) if path.is_file() else {}
         tokens_done += path.is_file()
         shards_done += done_here
         images += sum(per.values())
         classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": path.is_file(),
                         "images": {m: per.get(m, 0) for m in sorted({t.method for t in j.shards})},
-                        "shards_done": done_here, "shards": len(j.shards), "steps": _int_or_none(meta.get("steps")),
+                        "shards_done": done_here, "shards": len(j.shards), "steps": int_or_none(meta.get("steps")),
                         "updates": token_updates(meta),
                         "stop_reason": meta.get("stop_reason") or None})
         trust = trust_path(out, j.class_index)
@@ -550,9 +550,9 @@ def _write_export(out: Path, format: str, dest: Path, present: list[ClassJob], e
             path = dest / f"{stem}.safetensors"
             write_bytes(path, src.read_bytes())
         else:
-            meta = _token_file_metadata(src)
+            meta = token_metadata_or_empty(src)
             data = {"string_to_token": {"*": 265}, "string_to_param": {"*": embedding.contiguous()},  # [n, dim]
-                    "name": stem, "step": _int_or_none(meta.get("steps")) or 0, "sd_checkpoint": None,
+                    "name": stem, "step": int_or_none(meta.get("steps")) or 0, "sd_checkpoint": None,
                     "sd_checkpoint_name": meta.get("model_id")}
             buf = io.BytesIO()
             torch.save(data, buf)

@@ -4,7 +4,8 @@ Consumes ``configs/*.yaml`` + CLI ``--set key=value`` overrides and produces a f
 config is written as ``out/config.yaml`` before any work. YAML keys equal field names (nested sections as mappings,
 ``dct.lr`` on the command line); unknown keys are an error. Presets (``paper``, ``fast``) are named override sets
 applied over the dataset's defaults and before the file's own keys; a preset may carry its own values for a dataset
-(`PRESET_VARIANTS`), used there instead of its generic ones.
+(`PRESET_VARIANTS`), used there instead of its generic ones. The tables live in `synthaug.presets`. Each config
+dataclass documents its fields in its ``Attributes:`` section, which ``synthaug config --explain KEY`` prints.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import UserError
+from .presets import DATASET_DEFAULTS, METHOD_DEFAULTS, PAPER_PROMPTS, PRESET_VARIANTS, PRESETS, SEED_SETS
 from .target import parse_guide_target
-
-# The paper's two training prompts (DCT appendix D / §3 "Design choices"), with `{token}` for S_c and `{label}`.
-PAPER_PROMPTS = ("A high-resolution realistic image of a {token} {label}", "A photo of {token} {label}")
-
 
 # Schedulers by the names users type; each maps to (diffusers class name, extra config overrides).
 SCHEDULERS = {
@@ -49,64 +47,105 @@ def check_scheduler(scheduler: str | None, timestep_spacing: str | None = None) 
 
 @dataclass(frozen=True)
 class DCTConfig:
-    """Discriminative Class Token learning (DCT §3, appendix D)."""
+    """Discriminative Class Token learning (DCT §3, appendix D): the ``dct`` section.
 
-    max_steps: int = 200  # early stopping rule 3: the paper stops after 200 updates
-    batch_size: int = 5  # seeds per update; the paper picked 5 after trying 1-6 (appendix B)
-    lr: float | None = None  # None -> 0.00025 * batch_size, the paper's recommendation
-    grad_clip: float = 1.0  # max grad-norm, applied after backward on unscaled gradients
-    grad_steps: int = 1  # denoising steps that carry gradient (1 = the paper's "gradient skipping")
-    num_inference_steps: int = 50  # T during training
-    guidance_scale: float = 7.0  # CFG during training, as at generation
+    Attributes:
+        max_steps: Stopping rule 3: the most token updates (the paper stops after 200). An integer > 0.
+        batch_size: Seeds (images) per update; the paper picked 5 after trying 1-6 (appendix B). An integer > 0.
+        lr: Adam's learning rate for the token; null: ``0.00025 * batch_size``, the paper's recommendation.
+        grad_clip: The largest gradient norm, applied after backward on the unscaled gradient.
+        grad_steps: Denoising steps that carry gradient, counted as UNet calls at the end of the scheduler's own
+            timesteps (2nd-order schedulers make two calls per step); 1 is the paper's "gradient skipping".
+        num_inference_steps: T, the denoising steps of each training image.
+        guidance_scale: Classifier-free guidance scale during training, as at generation.
+        height: Height in pixels of the training images.
+        width: Width in pixels of the training images.
+        prompts: Training prompts: batch element b gets ``prompts[b % len(prompts)]``; ``{token}`` is the class
+            token S_c, ``{label}`` the clean class name. Default: the paper's two prompts.
+        init_token: The word whose embedding initialises the token, one token of the tokenizer: "bird" for bird
+            classifiers, "a" for general ones (paper §3).
+        stop_all_correct: Stopping rule 1: stop when the guide classifies the whole batch (with ``select: val``,
+            and the validation seeds) correctly.
+        patience: Stopping rule 2: stop after this many updates without a lower loss (see `patience_metric`) ...
+        patience_min_accuracy: ... while at least this fraction of the batch is correct (rule 2).
+        fixed_seeds: true: every update uses the same batch of training seeds; false: fresh seeds per update
+            (which diverged on digits).
+        select: Which token to keep: "min_loss" (the measured token with the lowest loss, as the reference code),
+            "last" (the last measured one), or "val": every `val_every` updates and at the stop, generate
+            `val_batch_size` images from held-out seeds with the generation prompt, without gradient, and keep the
+            token the guide scores best there (accuracy, then mean probability; the initial token competes too, so
+            a token that only fits its training seeds is never kept).
+        val_batch_size: With ``select: val``: images per validation.
+        val_every: With ``select: val``: updates between validations.
+        patience_metric: What rule 2 counts updates since: "loss" (the lowest training loss) or "val" (needs
+            ``select: val``; the best validation score, and `patience_min_accuracy` then does not apply).
+        lr_schedule: "constant", or "cosine": the learning rate decays from `lr` to ``lr_floor × lr`` over
+            `max_steps` (half a cosine), then stays there.
+        lr_floor: With ``lr_schedule: cosine``: the final learning rate as a fraction of `lr`.
+        extend_steps: With ``select: val``: up to this many updates past `max_steps`, taken only while the kept
+            token was found within the last `extend_window` updates (the validation score still rising at the
+            cap); 0: none.
+        extend_window: The window of `extend_steps`, in updates.
+        augment: Copies of each image under random differentiable shifts and noise before the guide (expectation
+            over transformation); 0: none.
+        straight_through_clamp: true: clamp decoded images to [0, 1] forward and pass the gradient through
+            unchanged backward; false: a hard clamp, which zeroes the gradient of saturated pixels.
+        seed: Base seed of the training and validation noise (each seed is hashed from it, the class and the index).
+        x0_weight: > 0: also classify the scheduler's predicted clean image (``pred_original_sample``) at every
+            denoising step before the gradient-carrying ones, each through that step's UNet call only, and add
+            ``x0_weight ×`` their mean cross-entropy: a gradient at the high-noise steps where the image's class is
+            decided (RESULTS.md, "Making the tokens help"). 0: off, as in the paper.
+        micro_batch: Memory lever (the maths is unchanged): put the batch through the graph this many seeds at a
+            time, back-propagating each micro-batch's share of the loss at once (the summed gradient is the whole
+            batch's); null: the whole batch at once.
+        checkpointing: Memory lever (the maths is unchanged): recompute activations in the backward instead of
+            storing them, for each gradient-carrying UNet call and each image's VAE decode as a whole and inside
+            them diffusers' per-block checkpointing; about 2 extra forwards of those calls per update
+            (BENCHMARKS.md "Memory at 512 px").
+        trust: A per-class check of the learned token against the user's own real images
+            (`synthaug.tokens.trust`): "off", "warn" (log a distrusted class) or "fallback" (generate a distrusted
+            class with the plain prompt instead). Not part of the token: its file never records it.
+        trust_shots: Real images per class of the build's dataset split that the trust check reads (drawn with
+            `seed`).
+        trust_images: Images the trust check makes with the token, and as many with the plain prompt.
+        num_vectors: Embedding vectors of the class token: 1 is the paper's single embedding; n > 1 learns n
+            vectors, spelled in prompts as diffusers' multi-vector textual inversion spells them
+            ("<tok> <tok>_1 ... <tok>_{n-1}", written as one [n, dim] tensor that stock ``load_textual_inversion``
+            expands).
+    """
+
+    max_steps: int = 200
+    batch_size: int = 5
+    lr: float | None = None
+    grad_clip: float = 1.0
+    grad_steps: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.0
     height: int = 512
     width: int = 512
-    prompts: tuple[str, ...] = PAPER_PROMPTS  # cycled over updates; `{token}` = S_c, `{label}` = clean class name
-    init_token: str = "a"  # "bird" for bird classifiers, "a" for general ones (paper §3)
-    stop_all_correct: bool = True  # rule 1: stop when the whole batch (with select="val": and the val seeds) is right
-    patience: int = 20  # rule 2: no loss improvement for this many updates ...
-    patience_min_accuracy: float = 0.5  # ... while at least this fraction of the batch is correct
-    fixed_seeds: bool = True  # reuse one batch of training seeds every update (fresh noise per update diverged on digits)
-    select: str = "min_loss"  # which token to keep: "min_loss" (reference code), "last", or "val" (see below)
-    # select="val": every `val_every` updates (and at the stop) generate `val_batch_size` images from held-out seeds
-    # with the first prompt, no gradient, and keep the token the guide scores best there (accuracy, then mean
-    # probability; the initial token competes too, so a token that only fits its training seeds is never kept)
+    prompts: tuple[str, ...] = PAPER_PROMPTS
+    init_token: str = "a"
+    stop_all_correct: bool = True
+    patience: int = 20
+    patience_min_accuracy: float = 0.5
+    fixed_seeds: bool = True
+    select: str = "min_loss"
     val_batch_size: int = 16
     val_every: int = 5
-    # Levers on the keep/stop rules and the step size (RESULTS.md "Levers tried on tune seeds"); defaults keep the
-    # rules above. patience_metric="val" (needs select="val"): rule 2 counts updates since the best validation score
-    # instead of since the lowest training loss (patience_min_accuracy then does not apply). lr_schedule="cosine":
-    # the learning rate decays from lr to lr_floor x lr over max_steps (half a cosine), then stays there.
-    # extend_steps (needs select="val"): up to this many updates past max_steps, taken only while the kept token was
-    # found within the last extend_window updates (the validation score still rising at the cap).
     patience_metric: str = "loss"
     lr_schedule: str = "constant"
     lr_floor: float = 0.1
     extend_steps: int = 0
     extend_window: int = 10
-    augment: int = 0  # >0: copies per image under random differentiable shifts/noise before the guide (EOT)
-    straight_through_clamp: bool = True  # clamp decoded images to [0,1] forward, identity backward (a hard clamp zeroes saturated pixels' gradient)
-    seed: int = 0  # base seed of the training noise
-    # >0: also classify the scheduler's predicted clean image (pred_original_sample) at every denoising step before
-    # the gradient-carrying ones, each through that step's UNet call only, and add weight x their mean CE. Gives the
-    # token a gradient at the high-noise steps where the image's class is decided (RESULTS.md, "Making the tokens help").
+    augment: int = 0
+    straight_through_clamp: bool = True
+    seed: int = 0
     x0_weight: float = 0.0
-    # Memory levers (the maths is unchanged; see BENCHMARKS.md "Memory at 512 px"). micro_batch: put the batch through
-    # the graph this many seeds at a time, back-propagating each micro-batch's share of the loss at once (the summed
-    # gradient is the whole batch's); None = the whole batch at once. checkpointing: recompute activations in the
-    # backward instead of storing them - each gradient-carrying UNet call and each image's VAE decode as a whole,
-    # and inside them diffusers' per-block checkpointing; ~2 extra forwards of those calls per update.
     micro_batch: int | None = None
     checkpointing: bool = False
-    # A per-class check of the learned token against the user's own real images (synthaug.tokens.trust): "off",
-    # "warn" (log a distrusted class) or "fallback" (generate a distrusted class with the plain prompt instead). It
-    # reads trust_shots real images per class of the build's dataset split (drawn with `seed`) and makes trust_images
-    # check images with the token and as many with the plain prompt. Not part of the token: its file never records it.
     trust: str = "off"
     trust_shots: int = 5
     trust_images: int = 8
-    # Embedding vectors of the class token: n > 1 learns n vectors, spelled in prompts as diffusers' multi-vector
-    # textual inversion spells them ("<tok> <tok>_1 ... <tok>_{n-1}", written as one [n, dim] tensor that stock
-    # `load_textual_inversion` expands); 1 = the paper's single embedding
     num_vectors: int = 1
 
     @property
@@ -116,62 +155,91 @@ class DCTConfig:
 
 @dataclass(frozen=True)
 class MCTIConfig:
-    """Textual inversion and Multi-Class TI (MC-TI §3.2)."""
+    """Textual inversion and Multi-Class TI (MC-TI §3.2): the ``mcti`` section, used by ``method: ti`` and ``mcti``.
 
-    shots: int = 5  # real images per class the tokens are learned from
-    steps: int = 3000  # TI steps (the TI paper's schedule; MC-TI warm-up)
-    extra_steps: int = 100  # MC-TI joint-loss steps after the TI warm-up
-    lr: float = 5e-4  # AdamW
+    Attributes:
+        shots: Real images per class the tokens are learned from.
+        steps: Textual-inversion updates (the TI paper's schedule): all of TI, MC-TI's warm-up.
+        extra_steps: MC-TI's joint-loss updates after the warm-up (``method: mcti`` only).
+        lr: AdamW's learning rate for the token (the paper: 5e-4).
+        batch_size: Images per update.
+        alpha: Weight of the noise-prediction loss in MC-TI's joint loss (Eq. 5); >= 0.
+        beta: Weight of the discriminative regularizer (Eq. 5); >= 0; 0: the joint updates are plain TI.
+        scale: s in Eq. 3, the inverse softmax temperature of the regularizer; > 0.
+        init_token: The word whose embedding initialises the token, one token of the tokenizer.
+        clip_model: The CLIP whose image tower is paired with the text encoder (the regularizer and token
+            classification need it); null: the one whose text tower is the model's text encoder (SD 1.x: CLIP
+            ViT-L/14, SD 2.x: OpenCLIP ViT-H/14; the digits world's own on digits).
+        flip_p: Probability of a random horizontal flip of a real image, as textual inversion trains (0.5); the
+            digits world keeps 0, since a mirrored digit is another glyph or none.
+        seed: Base seed of the training draws (images, templates, noise, timesteps).
+        num_vectors: Embedding vectors of each class token, as `dct.num_vectors` (the TI paper's multi-vector S*).
+    """
+
+    shots: int = 5
+    steps: int = 3000
+    extra_steps: int = 100
+    lr: float = 5e-4
     batch_size: int = 4
-    alpha: float = 1.0  # weight of the noise-prediction loss (Eq. 5)
-    beta: float = 1.0  # weight of the discriminative regularizer (Eq. 5); 0 -> plain TI
-    scale: float = 10.0  # s in Eq. 3: inverse softmax temperature
+    alpha: float = 1.0
+    beta: float = 1.0
+    scale: float = 10.0
     init_token: str = "a"
-    # CLIP with the image tower paired to the text encoder; None -> the one whose text tower is the model's text
-    # encoder (SD 1.x: CLIP ViT-L/14, SD 2.x: OpenCLIP ViT-H/14; the digits world's own on digits)
     clip_model: str | None = None
-    # random horizontal flips of the real images, as textual inversion trains (p = 0.5); the digits world keeps 0,
-    # since a mirrored digit is another glyph or none
     flip_p: float = 0.5
     seed: int = 0
-    num_vectors: int = 1  # embedding vectors of each class token, as dct.num_vectors (the TI paper's multi-vector S*)
+    num_vectors: int = 1
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Image generation with the learned tokens (and the plain prompt on the same seeds)."""
+    """Image generation with the learned tokens (and the plain prompt on the same seeds): the ``generate`` section.
 
-    # `{token}` is dropped for the plain-prompt baseline; TI/MC-TI builds default to "A photo of a {token}"
+    Attributes:
+        prompt: The generation prompt, with ``{token}`` and ``{label}``; ``{token}`` is dropped for the plain-prompt
+            baseline. TI/MC-TI builds default to "A photo of a {token}".
+        num_inference_steps: Denoising steps per image.
+        guidance_scale: Classifier-free guidance scale.
+        height: Image height in pixels.
+        width: Image width in pixels.
+        batch_size: Images per pipeline call; null or "auto": on CUDA the most that fit in free memory (measured
+            once per worker, `synthaug.generation.batch_size_for`), elsewhere 8. The batch changes no image beyond
+            float rounding.
+        seed: Base seed of the images: an image's seed is hashed from it, its class and its index
+            (`synthaug.generation.image_seed`).
+        compile: torch.compile the UNet once per worker, for generation only (token learning stays eager); the
+            compile time is logged and returned apart from the generation time. null or "auto": on with CUDA
+            (measured 0.254 against 0.35 s per image at batch 16 on an H100), off elsewhere (inductor's C++ build
+            takes minutes on CPUs and gains little). Compiled code is cached on disk
+            for every worker and rerun. The images equal the eager ones up to float rounding.
+        soft_top_k: Classes whose guide probability each image keeps in the index (plus the target class): the
+            soft labels ``SynthAugDataset(targets="soft")`` trains on; 0 keeps the target's alone.
+        prompts: Prompt variety: templates with ``{token}`` and ``{label}`` (contexts, viewpoints, styles); each
+            image draws one by its seed and its index row records which (``prompt_index``). Empty: every image uses
+            `prompt`. Tokens are still learned on `dct.prompts`, as the paper does.
+        init: Where an image starts: "noise" (text-to-image) or "real" (SDEdit / DA-Fusion: one of the class's
+            `shots` real images, drawn per image by its seed, noised to `strength` and denoised with the class token
+            in the prompt by diffusers' StableDiffusionImg2ImgPipeline on the loaded modules). The row records the
+            real image's index in the dataset split (``init_index``) and the strength.
+        strength: With ``init: real``: one value, or [low, high]: each image draws a strength among those the
+            scheduler can take, i/T for whole i in [low·T, high·T] with T = `num_inference_steps` (img2img denoises
+            int(strength·T) steps; 1.0 = pure noise).
+        shots: With ``init: real``: real images per class to start from, ``few_shot_indices(targets, shots,
+            shots_seed)``: the k images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
+        shots_seed: With ``init: real``: the seed that picks those `shots` images.
+    """
+
     prompt: str = "A photo of {token} {label}"
     num_inference_steps: int = 50
     guidance_scale: float = 7.0
     height: int = 512
     width: int = 512
-    # images per pipeline call; null or "auto": on CUDA the most that fit in free memory (measured once per worker,
-    # see generation.batch_size_for), elsewhere 8. The batch changes no image beyond float rounding.
     batch_size: int | None = None
-    seed: int = 0  # per-image seed = f(seed, class, index), see generate.image_seed
-    # torch.compile the UNet once per worker, for generation only (token learning stays eager); the compile time is
-    # logged and returned apart from the generation time (worker result "compile_seconds"). null or "auto": on with
-    # CUDA (measured 0.254 against 0.35 s per image at batch 16 on an H100), off elsewhere (inductor's C++ build takes
-    # minutes on CPUs and gains little). Compiled code is cached on disk (generation.compile_cache_dir) for every
-    # worker and rerun. The images equal the eager ones up to float rounding.
+    seed: int = 0
     compile: bool | None = None
-    # classes whose guide probability each image keeps in the index (plus the target class): the soft labels that
-    # `SynthAugDataset(targets="soft")` trains on; 0 keeps the target's alone
     soft_top_k: int = 5
-    # Prompt variety: templates with `{token}` and `{label}` (contexts, viewpoints, styles); each image draws one by
-    # its seed (generation.image_draw) and its index row records which (`prompt_index`). Empty: every image uses
-    # `prompt`. Tokens are still learned on dct.prompts, as the paper does.
     prompts: tuple[str, ...] = ()
-    # Where an image starts: "noise" (text-to-image) or "real" (SDEdit / DA-Fusion: one of the class's `shots` real
-    # images, drawn per image by its seed, noised to `strength` and denoised with the class token in the prompt, by
-    # diffusers' StableDiffusionImg2ImgPipeline on the loaded modules). The row records the real image's index in the
-    # dataset split (`init_index`) and the strength. The real images are `few_shot_indices(targets, shots,
-    # shots_seed)`: the k images per class that `SynthAugDataset(shots=k, seed=shots_seed)` mixes in.
     init: str = "noise"
-    # one value, or [low, high]: each image draws a strength among those the scheduler can take, i/T for whole i in
-    # [low*T, high*T] with T = num_inference_steps (img2img denoises int(strength*T) steps; 1.0 = pure noise)
     strength: tuple[float, ...] = (0.75,)
     shots: int = 5
     shots_seed: int = 0
@@ -179,57 +247,100 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """WebDataset shards."""
+    """WebDataset shards: the ``shards`` section.
 
-    samples_per_shard: int = 1000  # a class's images are split into chunks of this size; one shard per chunk
-    image_format: str = "png"  # png | jpg | webp
-    quality: int = 95  # jpg/webp quality (recorded in the stats)
+    Attributes:
+        samples_per_shard: A class's images are split into chunks of this size; one shard per chunk.
+        image_format: "png", "jpg" or "webp".
+        quality: jpg/webp quality (recorded in the stats); png ignores it.
+    """
+
+    samples_per_shard: int = 1000
+    image_format: str = "png"
+    quality: int = 95
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where and how the work runs."""
+    """Where and how the work runs: the ``run`` section.
 
-    executor: str = "auto"  # ray | local | auto (Ray when installed, else in this process: said in one log line)
-    ray_address: str | None = None  # None -> start a local Ray; "auto" or an address -> attach
-    num_workers: int | None = None  # actors; None -> one per GPU, or 1 CPU actor per 2 CPUs without GPUs
-    cpus_per_worker: int = 2  # CPU slots per actor when the cluster has no GPU
-    max_retries: int = 2  # a failed class job is retried this many times
-    max_in_flight: int | None = None  # jobs submitted but not finished; None -> one per worker (a free one)
-    job_timeout_s: float = 3600.0  # Ray: a running job with no progress event (start, token, images, shard) for this
-    # long is stopped and retried on another worker; token learning reports only when done, so keep it above that
+    Attributes:
+        executor: "ray", "local" (in this process) or "auto" (Ray when installed, else local: said in one log line).
+        ray_address: null: start a local Ray; "auto" or an address: attach to that cluster.
+        num_workers: Actors; null: one per GPU, or one CPU actor per `cpus_per_worker` CPUs without GPUs.
+        cpus_per_worker: CPU slots per actor when the cluster has no GPU.
+        max_retries: A failed class job is retried this many times.
+        max_in_flight: Jobs submitted but not finished; null: one per worker (a free one).
+        job_timeout_s: Ray: a running job with no progress event (start, token, images, shard) for this many
+            seconds is stopped and retried on another worker; token learning reports only when done, so keep it
+            above that.
+    """
+
+    executor: str = "auto"
+    ray_address: str | None = None
+    num_workers: int | None = None
+    cpus_per_worker: int = 2
+    max_retries: int = 2
+    max_in_flight: int | None = None
+    job_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything `synthaug build` needs. YAML keys equal these field names."""
+    """Everything `synthaug build` needs. YAML keys equal these field names; sections are mappings.
 
-    dataset: str = "digits"  # digits | cub | inat | imagenet | imagefolder | a torchvision set name
-    root: str | None = None  # dataset root on disk (None for the embedded digits)
+    Attributes:
+        dataset: "digits", "cub", "inat", "imagenet", "imagefolder" or a torchvision set name; it also picks
+            dataset defaults (model, guide, sizes).
+        root: The dataset's folder on disk; null for the embedded digits.
+        split: The dataset split the classes (and real images) come from.
+        classes: The classes to build: "0-9,17" or comma-separated names; null: all.
+        model: The diffusion model: a diffusers hub id, a local folder or an embedded name ("digits").
+        scheduler: The sampler, one of ddim, pndm, euler, euler_a, dpmsolver++, lms; null keeps the model's.
+        timestep_spacing: How the denoising steps are spread over the training timesteps, diffusers'
+            ``timestep_spacing``: "leading", "linspace" or "trailing"; null keeps the model's (SD's and the digits
+            world's: leading, which at 5 DPM-Solver++ steps starts at t=831 instead of pure noise).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        dtype: UNet and VAE weights' dtype: "auto" (on CUDA bf16 where supported, else fp16; fp32 on the CPU),
+            "float32", "float16" or "bfloat16" ("fp32", "fp16", "bf16"); the token always trains in fp32.
+        channels_last: UNet and VAE weights in channels-last (NHWC) memory, for generation and token learning
+            (NCHW tensors cost transposes around cuDNN's convolutions). null or "auto": on with CUDA, off elsewhere.
+            Values change by float rounding only.
+        guide: The classifier that steers DCT tokens (a `synthaug.classifier.load_classifier` source).
+        guide_trained_on: A note of what the guide saw; null: what the classifier source declares.
+        guide_target: What the guide is steered towards (`synthaug.target`): null: the class (a token per selected
+            class, the paper's main method); "attribute:NAME[=0|1]": one output of a multi-label guide
+            (``synthaug learn`` only: one token).
+        method: How tokens are learned: "dct", "ti" or "mcti".
+        per_class: Images generated per class (and per method).
+        baseline: Also generate plain-prompt ("sd") images on the same seeds.
+        seeds: A named seed set, "tune" or "report", that fixes `dct.seed`, `mcti.seed` and `generate.seed`; null:
+            the seeds as set.
+        out: The build folder.
+        dct: DCT token learning (`DCTConfig`).
+        mcti: TI / MC-TI token learning (`MCTIConfig`).
+        generate: Image generation (`GenerateConfig`).
+        shards: WebDataset shards (`ShardConfig`).
+        run: Where and how the work runs (`RunConfig`).
+    """
+
+    dataset: str = "digits"
+    root: str | None = None
     split: str = "train"
-    classes: str | None = None  # selection: "0-9,17" or comma-separated names; None -> all
-    model: str = "digits"  # diffusers hub id / local dir / embedded name
-    scheduler: str | None = None  # None keeps the model's scheduler
-    # how the denoising steps are spread over the training timesteps, diffusers' `timestep_spacing`: leading |
-    # linspace | trailing; None keeps the model's (SD's and the digits world's: leading, which at 5 DPM-Solver++ steps
-    # starts at t=831 instead of pure noise)
+    classes: str | None = None
+    model: str = "digits"
+    scheduler: str | None = None
     timestep_spacing: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    # UNet and VAE weights in channels-last (NHWC) memory, for generation and token learning: cuDNN's convolutions
-    # work in it, and NCHW tensors cost transposes around each of them (10% of an SD update's GPU time, measured).
-    # null or "auto": on with CUDA, off elsewhere (where the default keeps the recorded CPU bytes). Values change by
-    # float rounding only.
     channels_last: bool | None = None
-    guide: str = "digits-guide"  # classifier that steers DCT tokens (see classifier.load_classifier)
-    guide_trained_on: str | None = None  # note of what the guide saw; None -> what the classifier source declares
-    # what the guide is steered towards (synthaug.target): None = the class (a token per selected class, the paper's
-    # main method); "attribute:NAME[=0|1]" = one output of a multi-label guide (`synthaug learn` only: one token)
+    guide: str = "digits-guide"
+    guide_trained_on: str | None = None
     guide_target: str | None = None
-    method: str = "dct"  # dct | ti | mcti
+    method: str = "dct"
     per_class: int = 100
-    baseline: bool = False  # also generate plain-prompt ("sd") images with the same seeds
-    seeds: str | None = None  # a named seed set, "tune" or "report" (SEED_SETS); None: the seeds as set
+    baseline: bool = False
+    seeds: str | None = None
     out: str = "out/digits"
     dct: DCTConfig = field(default_factory=DCTConfig)
     mcti: MCTIConfig = field(default_factory=MCTIConfig)
@@ -237,87 +348,6 @@ class BuildConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-
-# Named override sets, applied over the dataset's defaults (a dataset's `PRESET_VARIANTS` entry replaces them there).
-# `paper`: DCT appendix D. `fast`: below.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "dct.num_inference_steps": 50, "dct.guidance_scale": 7.0, "dct.height": 512, "dct.width": 512,
-        "dct.batch_size": 5, "dct.lr": None, "dct.grad_clip": 1.0, "dct.max_steps": 200, "dct.patience": 20,
-        "dct.patience_min_accuracy": 0.5, "dct.stop_all_correct": True, "dct.prompts": list(PAPER_PROMPTS),
-        "dct.grad_steps": 1, "generate.num_inference_steps": 50, "generate.guidance_scale": 7.0,
-        # not the paper's setting but its memory: 4.5 GiB instead of 23.5 GiB per SD-1.5 update at 512 px in bf16,
-        # for about two more forwards of the last UNet call and of the decoder per update (BENCHMARKS.md)
-        "dct.checkpointing": True,
-        "generate.height": 512, "generate.width": 512,
-    },
-}
-# `fast`: the paper's settings at half the UNet evaluations or fewer. DPM-Solver++ (2M), diffusers' multistep solver,
-# at 20 denoising steps per token update (0.4x the paper's 50 PNDM steps) and 25 per image (0.5x); the stopping rules
-# stay the paper's (on the digits world a patience of 10 stopped "eight" after 11 updates at +2 judge points, where the
-# default rules ran 51 updates for +22; tune seeds).
-# Weights load in bf16 on CUDA where supported (`dtype: auto`, as for every preset); the token always trains in fp32.
-# BENCHMARKS.md "Cost model" has the TFLOP per image and per update on SD-1.5; RESULTS.md "The fast preset" the
-# acceptance measurement on the digits world.
-PRESETS["fast"] = {
-    **PRESETS["paper"],
-    "scheduler": "dpmsolver++", "dct.num_inference_steps": 20, "generate.num_inference_steps": 25,
-}
-
-# A preset's values for one dataset, used there instead of the preset's generic ones (they sit on that dataset's own
-# defaults). Digits: a world whose defaults already differ from the paper's (32 px, 10 denoising steps, 60 updates);
-# "fast" makes the same relative cut there: DPM-Solver++ at 5 steps for the token and the images, spaced from t=999
-# (the model's "leading" spacing starts 5 steps at t=831: +10.0 judge points on the six ambiguous classes' tune seeds,
-# against +13.4 with "linspace" and +13.0 for the default), and the world's own stopping rules (on tune seeds, 30
-# updates gave "one" +4 where 60 gave +12; patience 10 gave "eight" +2; RESULTS.md "The fast preset").
-PRESET_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "fast": {
-        "digits": {"scheduler": "dpmsolver++", "timestep_spacing": "linspace", "dct.num_inference_steps": 5,
-                   "generate.num_inference_steps": 5},
-    },
-}
-
-# Named seed sets. Settings are chosen by looking at numbers from `tune` seeds; every number reported comes from
-# `report` seeds. A set fixes the base seeds of token training and validation (dct.seed, mcti.seed) and of the images
-# (generate.seed); every noise seed is hashed from (purpose, base seed, class, index), so two sets share no noise.
-SEED_SETS: dict[str, dict[str, int]] = {
-    "tune": {"dct.seed": 0, "mcti.seed": 0, "generate.seed": 0},
-    "report": {"dct.seed": 1, "mcti.seed": 1, "generate.seed": 1},
-}
-
-# Defaults that follow from the method (applied like the dataset's). TI/MC-TI tokens stand for the whole class, as in
-# MC-TI's "A photo of a S*" (their class names may be unknown); a DCT token stands beside the class name. The label
-# form stays available: --set 'generate.prompt=A photo of {token} {label}'.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ti": {"generate.prompt": "A photo of a {token}"},
-    "mcti": {"generate.prompt": "A photo of a {token}"},
-}
-
-# Defaults that follow from the dataset (applied under the preset, the file and the overrides): what a user of that
-# dataset expects without writing a config. Hub ids cannot be loaded offline; their loading path is
-# tested with local stand-ins.
-_BIRD_GUIDE = {"dct.init_token": "bird", "mcti.init_token": "bird"}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "model": "digits", "guide": "digits-guide", "dct.height": 32, "dct.width": 32, "generate.height": 32,
-        "generate.width": 32, "dct.num_inference_steps": 10, "generate.num_inference_steps": 10,
-        "generate.batch_size": 50, "dct.max_steps": 60, "dct.lr": 3e-3, "dct.batch_size": 8,
-        # RESULTS.md "Making the tokens help": train on the generation prompt only (the paper's second
-        # prompt is off this world's caption distribution and made the loss oscillate), classify every step's
-        # predicted clean image, keep the token that validates best on held-out seeds
-        "dct.prompts": ["A photo of {token} {label}"], "dct.x0_weight": 1.0, "dct.select": "val",
-        "shards.samples_per_shard": 100, "run.cpus_per_worker": 1,  # tiny models: 1 thread per actor, 1 actor per CPU
-        "mcti.steps": 200, "mcti.extra_steps": 100,  # RESULTS.md "MC-TI": 200 TI steps suffice at 32 px
-        "mcti.flip_p": 0.0,  # digits are not mirror-symmetric
-    },
-    "cub": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-cub",
-            "guide_trained_on": "CUB-200-2011 full train split (5,994 images): few-shot results are not leak-free",
-            **_BIRD_GUIDE},
-    "inat": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "vesteinn/vit-mae-inat21",
-             "guide_trained_on": "iNaturalist 2021 train split"},  # plants, fungi, insects too: init "a"
-    "imagenet": {"preset": "paper", "model": "CompVis/stable-diffusion-v1-4", "guide": "google/vit-large-patch16-224",
-                 "guide_trained_on": "ImageNet-21k pre-training, ImageNet-1k train split fine-tuning"},
-}
 
 VALID = {
     "method": ("dct", "ti", "mcti"),

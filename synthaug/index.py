@@ -42,7 +42,7 @@ from .layout import (
     token_path,
     token_string,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, _sha256_of, conform, index_schema, optional_columns
+from .shards import FORMAT_VERSION, ShardError, ShardStats, conform, index_schema, optional_columns, sha256_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -495,7 +495,7 @@ def verify(out: str | os.PathLike, *, check_sha256: bool = True) -> list[str]:
         counts[sid] = len(rows)
         if len(rows) != st.num_samples:
             problems.append(f"{parquet}: {len(rows)} rows, stats say {st.num_samples}; {hint}.")
-        if _sha256_of(paths.parquet) != st.parquet_sha256:
+        if sha256_of(paths.parquet) != st.parquet_sha256:
             problems.append(f"{parquet}: its sha256 differs from the one in its stats (changed after the shard was "
                             f"written); {hint}.")
         if check_sha256:

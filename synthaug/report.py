@@ -184,8 +184,8 @@ def _step_number(v: Any) -> int | None:
         return None
 
 
-def _svg_curve(history: list[dict], best_step: Any, stop_reason: str | None, width: int = 380,
-               height: int = 150) -> str:
+def svg_curve(history: list[dict], best_step: Any, stop_reason: str | None, width: int = 380,
+              height: int = 150) -> str:
     """Inline SVG of a token's training: loss (left scale), batch accuracy and class probability (0-1, right)."""
     if not history:
         return '<p class="muted">no training history recorded for this token</p>'
@@ -470,7 +470,7 @@ def write_report(
             grid.append("</table>")
             body.append(f'<section id="c{ci:03d}"><h3>{ci} {esc(crow["name"])}</h3>'
                         f'<p class="muted">{"; ".join(meta)}</p><div class="class"><div>{"".join(grid)}</div>'
-                        f"<div>{_svg_curve(info['history'], info.get('best_step'), info.get('stop_reason'))}</div>"
+                        f"<div>{svg_curve(info['history'], info.get('best_step'), info.get('stop_reason'))}</div>"
                         "</div></section>")
             if grids and png_rows:
                 tile = 96 if max(cells[next(iter(cells))].image.size) <= SMALL else min(thumb, 192)

@@ -733,9 +733,9 @@ def check_shard(out: str | os.PathLike, shard_id: int, method: str) -> str | Non
         changed_later = paths.tar.stat().st_mtime_ns > paths.stats.stat().st_mtime_ns
     except OSError:
         return "its stats file is missing"
-    if changed_later and _sha256_of(paths.tar) != str(st.tar_sha256):
+    if changed_later and sha256_of(paths.tar) != str(st.tar_sha256):
         return "its tar was changed after the shard was written (its sha256 differs from the stats)"
-    sha = _sha256_of(paths.parquet)
+    sha = sha256_of(paths.parquet)
     if sha is None:
         return "its parquet file is missing"
     if sha != expected_sha:
@@ -743,7 +743,7 @@ def check_shard(out: str | os.PathLike, shard_id: int, method: str) -> str | Non
     return None
 
 
-def _sha256_of(path: Path) -> str | None:
+def sha256_of(path: Path) -> str | None:
     """sha256 of a file's bytes, read in 1 MiB blocks; None when it cannot be read."""
     sha = hashlib.sha256()
     try:

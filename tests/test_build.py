@@ -354,10 +354,10 @@ def test_a_token_file_whose_header_claims_a_huge_size_is_one_line(tmp_path, refe
     assert "\n" not in str(info.value)
     state = inspect(out)  # a damaged token file is reported, not a traceback
     assert state.classes[1]["steps"] is None and state.classes[0]["steps"] == 2
-    from synthaug.tokens.io import _token_file_metadata
+    from synthaug.tokens.io import token_metadata_or_empty
 
-    assert _token_file_metadata(bad) == {}
-    assert _token_file_metadata(out / "tokens" / "000.safetensors")["steps"] == "2"
+    assert token_metadata_or_empty(bad) == {}
+    assert token_metadata_or_empty(out / "tokens" / "000.safetensors")["steps"] == "2"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -533,12 +533,12 @@ def test_sample_selection_is_the_same_in_learn_generate_and_build(tmp_path, worl
 
 def test_report_curve_takes_a_best_step_that_is_not_a_number():
     """A token file's metadata is read, not trusted: a best_step such as 'soon' draws no marker instead of failing."""
-    from synthaug.report import _svg_curve
+    from synthaug.report import svg_curve
 
     history = [{"step": 0, "loss": 1.0, "accuracy": 0.5}, {"step": 1, "loss": 0.5, "accuracy": 1.0}]
-    assert "kept" in _svg_curve(history, "1", "all_correct")
+    assert "kept" in svg_curve(history, "1", "all_correct")
     for bad in ("soon", "1.5", None, "", [1]):
-        svg = _svg_curve(history, bad, "all_correct")
+        svg = svg_curve(history, bad, "all_correct")
         assert svg.startswith("<svg") and "kept" not in svg
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from synthaug import classifier as clf_mod
 from synthaug.classifier.base import Classifier, MeanPoolViT, eval_transform
-from synthaug.classifier.from_timm import _torch_hub_cached
+from synthaug.classifier.from_timm import torch_hub_cached
 from synthaug.classifier.load import load_classifier
 from synthaug.errors import UserError
 
@@ -356,7 +356,7 @@ def test_torchvision_default_weights_from_the_torch_hub_cache(empty_caches):
     weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small().eval()
-    cached = _torch_hub_cached(weights.url)
+    cached = torch_hub_cached(weights.url)
     cached.parent.mkdir(parents=True)
     torch.save(model.state_dict(), cached)
     clf = load_classifier("torchvision:mobilenet_v3_small", device="cpu")

@@ -129,7 +129,7 @@ def test_logging_shows_synthaugs_lines_and_dependencies_only_when_verbose(verbos
 
 def test_each_config_flag_sets_the_key_its_table_names():
     """One table maps flags to config keys: every key it names exists, and each subcommand's flags land there."""
-    from synthaug.cli import CONFIG_FLAGS, config_overrides, build_parser
+    from synthaug.cli import CONFIG_FLAGS, build_parser, config_overrides
     from synthaug.config import BuildConfig, flatten, to_dict
 
     keys = set(flatten(to_dict(BuildConfig())))

@@ -122,7 +122,7 @@ def test_regularizer_gradient_reaches_the_token(world, few_shot):
     assert not torch.equal(vecs[0], init.cpu())
 
     # and directly: the gradient of L_reg w.r.t. the spliced token is finite and non-zero
-    from synthaug.tokens.clip import _text_features
+    from synthaug.tokens.clip import text_features
     from synthaug.tokens.text import splice_tokens, tokenize
 
     vec = torch.nn.Parameter(init.detach().clone())
@@ -131,7 +131,7 @@ def test_regularizer_gradient_reaches_the_token(world, few_shot):
     tid = tok.convert_tokens_to_ids(token_name(1))
     enc = tokenize(tok, [CLASSIFY_TEMPLATE.format(token=token_name(1))], torch.device("cpu"))
     with splice_tokens(pipe.text_encoder, {tid: vec}):
-        g = _text_features(clip, pipe.text_encoder, tok, enc)
+        g = text_features(clip, pipe.text_encoder, tok, enc)
     feats = class_features(clip, few_shot)
     logits = 10.0 * g @ torch.stack([feats[k][0] for k in range(3)]).T
     torch.nn.functional.cross_entropy(logits, torch.tensor([1])).backward()

@@ -81,7 +81,7 @@ def cnn_top1(cfg: dict, real: tuple[np.ndarray, np.ndarray], syn: tuple[np.ndarr
     import torch
     from torch import nn
 
-    from synthaug.evaluate.downstream import _create_model, _default_arch
+    from synthaug.evaluate.downstream import build_model, default_arch
 
     def tensor(a):
         t = torch.from_numpy(a).float()[:, None].expand(-1, 3, -1, -1)
@@ -92,8 +92,8 @@ def cnn_top1(cfg: dict, real: tuple[np.ndarray, np.ndarray], syn: tuple[np.ndarr
         return t.contiguous()
 
     torch.manual_seed(seed)
-    arch, kwargs = _default_arch(32)
-    model = _create_model(arch, 10, kwargs, None)
+    arch, kwargs = default_arch(32)
+    model = build_model(arch, 10, kwargs, None)
     xr, yr = tensor(real[0]), torch.from_numpy(real[1])
     xs, ys = (tensor(syn[0]), torch.from_numpy(syn[1])) if syn is not None else (xr[:0], yr[:0])
     g = torch.Generator().manual_seed(seed)

@@ -63,7 +63,7 @@ from ..layout import (
     trust_path,
 )
 from ..shards import check_shard
-from ..tokens.io import _int_or_none, _token_file_metadata, save_tokens, token_updates
+from ..tokens.io import int_or_none, save_tokens, token_metadata_or_empty, token_updates
 from .cluster import resolve_executor
 from .executors import Tracker, run_local, run_ray
 from .plan import methods_of, plan, plan_file
@@ -318,14 +318,14 @@ def finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
     for j in jobs:
         path = token_path(out, j.class_index)
         tokens.update(load_class_token(path, j.token, out))
-        meta = _token_file_metadata(path)
+        meta = token_metadata_or_empty(path)
         images: Counter[str] = Counter()
         for t in j.shards:
             images[t.method] += t.size
         classes.append({
             "index": j.class_index, "name": j.name, "token": j.token, "token_file": f"{TOKENS_DIR}/{path.name}",
-            "method": config.method, "steps": _int_or_none(meta.get("steps")), "updates": token_updates(meta),
-            "stop_reason": meta.get("stop_reason") or None, "best_step": _int_or_none(meta.get("best_step")),
+            "method": config.method, "steps": int_or_none(meta.get("steps")), "updates": token_updates(meta),
+            "stop_reason": meta.get("stop_reason") or None, "best_step": int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })
         trust = trust_path(out, j.class_index)

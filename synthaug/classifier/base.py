@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 
 # PIL resample codes (what HF preprocessor_config.json stores) -> timm interpolation names.
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
 # timm interpolation names -> F.interpolate modes. PIL's lanczos/hamming/box have no torch kernel: the closest
@@ -113,7 +113,7 @@ def eval_transform(images: Tensor, data_config: dict[str, Any]) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # The Classifier
 # --------------------------------------------------------------------------------------------------------------------
-def _last_linear(module: nn.Module) -> nn.Linear | None:
+def last_linear(module: nn.Module) -> nn.Linear | None:
     last = None
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -121,7 +121,7 @@ def _last_linear(module: nn.Module) -> nn.Linear | None:
     return last
 
 
-class _HFLogits(nn.Module):
+class HFLogits(nn.Module):
     """A transformers image classifier as ``pixel_values -> logits`` (a tensor, not a ModelOutput)."""
 
     def __init__(self, model: nn.Module):
@@ -205,15 +205,15 @@ class Classifier(nn.Module):
     ):
         super().__init__()
         if _is_transformers_model(model):
-            model = _HFLogits(model)  # logits live in `.logits` of a ModelOutput
+            model = HFLogits(model)  # logits live in `.logits` of a ModelOutput
         self.model = model
         self.kind = kind or ("timm" if hasattr(model, "forward_head") and hasattr(model, "pretrained_cfg") else
-                             "transformers" if isinstance(model, _HFLogits) else
+                             "transformers" if isinstance(model, HFLogits) else
                              "vit-mae" if isinstance(model, MeanPoolViT) else "custom")
         if data_config is None:
             if not hasattr(model, "pretrained_cfg"):
                 raise ValueError("`data_config` is required for a model without a timm `pretrained_cfg`.")
-            data_config = _timm_data_config(model)
+            data_config = timm_data_config(model)
         self.data_config = {
             "input_size": tuple(int(v) for v in data_config["input_size"]),
             "interpolation": str(data_config.get("interpolation", "bilinear")),
@@ -224,7 +224,7 @@ class Classifier(nn.Module):
         }
         model.requires_grad_(False)
         self.eval()
-        own = list(model_labels) if model_labels is not None else _model_labels(model)
+        own = list(model_labels) if model_labels is not None else labels_of_model(model)
         self.labels = _resolve_labels(labels, own, self._num_outputs(), source)
         self.source = source
         self.trained_on = trained_on or "unknown"
@@ -245,7 +245,7 @@ class Classifier(nn.Module):
         config = getattr(self.model, "config", None)
         if config is not None and getattr(config, "num_labels", None):
             return int(config.num_labels)
-        head = _last_linear(self.model)
+        head = last_linear(self.model)
         if head is not None:
             return head.out_features
         c, h, w = self.data_config["input_size"]
@@ -293,7 +293,7 @@ class Classifier(nn.Module):
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
         if isinstance(self.model, MeanPoolViT):
             return self.model.forward_features(x).float()
-        head = _last_linear(self.model)
+        head = last_linear(self.model)
         if head is None:
             raise NotImplementedError(f"{type(self.model).__name__} has no linear head to read features from.")
         captured: list[Tensor] = []
@@ -352,9 +352,9 @@ def _to_tensor(image: Any) -> Tensor:
     return pil_to_tensor(image.convert("RGB")).float() / 255.0
 
 
-def _model_labels(model: nn.Module) -> list[str] | None:
+def labels_of_model(model: nn.Module) -> list[str] | None:
     """Class names the model declares: timm ``label_names`` (+ descriptions), HF ``id2label``; None if it has none."""
-    inner = model.model if isinstance(model, _HFLogits) else model
+    inner = model.model if isinstance(model, HFLogits) else model
     cfg = getattr(inner, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("label_names"):
         names = cfg["label_names"]
@@ -389,7 +389,7 @@ def _resolve_labels(labels: Sequence[str] | None, own: list[str] | None, num: in
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class _Loaded:
+class LoadedClassifier:
     """What a loader resolved: the module to wrap, its eval preprocessing, its class names, what it was trained on."""
 
     model: nn.Module
@@ -402,7 +402,7 @@ class _Loaded:
 # --------------------------------------------------------------------------------------------------------------------
 # timm
 # --------------------------------------------------------------------------------------------------------------------
-def _timm_data_config(model: nn.Module) -> dict[str, Any]:
+def timm_data_config(model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_model_data_config
 
     return resolve_model_data_config(model)

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import _last_linear, _Loaded
-from .from_timm import _timm_data_config, _timm_labels
-from .from_torchvision import _torchvision_data_config
-from .hub import _first_line
+from .base import LoadedClassifier, last_linear
+from .from_timm import timm_data_config, timm_labels
+from .from_torchvision import torchvision_data_config
+from .hub import first_line
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def _read_state_dict(source: str, path: Path) -> dict[str, Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- unpickling refusals, truncated or foreign files: all the user's to fix
         raise UserError(
-            f"`classifier` {source!r}: checkpoint {str(path)!r} could not be read ({_first_line(e)}): save a plain "
+            f"`classifier` {source!r}: checkpoint {str(path)!r} could not be read ({first_line(e)}): save a plain "
             f"state dict (torch.save(model.state_dict(), path) or safetensors)."
         ) from None
     if isinstance(sd, dict) and not all(isinstance(v, Tensor) for v in sd.values()):
@@ -60,7 +60,7 @@ def _head_classes(model: nn.Module, sd: dict[str, Tensor], head_name: str | None
     return None
 
 
-def _load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> _Loaded:
+def load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> LoadedClassifier:
     path = Path(ckpt).expanduser()
     labels = None
     if library == "timm":
@@ -77,8 +77,8 @@ def _load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> _Loaded
         num = _head_classes(model, sd, head if isinstance(head, str) else None)
         if num is not None and num != model.num_classes:
             model.reset_classifier(num)
-        data_config = _timm_data_config(model)
-        labels = _timm_labels(model)
+        data_config = timm_data_config(model)
+        labels = timm_labels(model)
     else:
         import torchvision
 
@@ -89,10 +89,10 @@ def _load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> _Loaded
         sd = _read_state_dict(source, path)
         model = torchvision.models.get_model(arch, weights=None)
         num = _head_classes(model, sd, None)
-        if num is not None and num != _last_linear(model).out_features:
+        if num is not None and num != last_linear(model).out_features:
             model = torchvision.models.get_model(arch, weights=None, num_classes=num)
         weights = torchvision.models.get_model_weights(arch).DEFAULT
-        data_config = _torchvision_data_config(weights)
+        data_config = torchvision_data_config(weights)
         labels = list(weights.meta.get("categories") or []) or None
     try:
         model.load_state_dict(sd)
@@ -102,5 +102,5 @@ def _load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> _Loaded
             f"`classifier` {source!r}: checkpoint {str(path)!r} does not fit architecture {arch!r} ({detail}): "
             f"name the architecture it was trained with."
         ) from None
-    return _Loaded(model, data_config, f"unknown: checkpoint {path} (pass trained_on= to record what it saw)",
-                   library, labels)
+    return LoadedClassifier(model, data_config, f"unknown: checkpoint {path} (pass trained_on= to record what it saw)",
+                            library, labels)

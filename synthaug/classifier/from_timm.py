@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import _Loaded, _model_labels, _timm_data_config
-from .hub import _check_hub_id, _first_line, _hub_file, _not_cached, _read_json
+from .base import LoadedClassifier, labels_of_model, timm_data_config
+from .hub import check_hub_id, first_line, hub_file, not_cached, read_json
 
 
-def _timm_labels(model: nn.Module) -> list[str] | None:
+def timm_labels(model: nn.Module) -> list[str] | None:
     """A timm model's class names; ImageNet heads get their descriptions ("tench, Tinca tinca") from timm."""
-    own = _model_labels(model)
+    own = labels_of_model(model)
     if own is not None:
         return own
     from timm.data import ImageNetInfo, infer_imagenet_subset
@@ -29,10 +29,10 @@ def _timm_labels(model: nn.Module) -> list[str] | None:
     return [descriptions.get(n, n) for n in info.label_names()]
 
 
-def _load_timm_dir(source: str, path: Path) -> _Loaded:
+def load_timm_dir(source: str, path: Path) -> LoadedClassifier:
     import timm
 
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     arch = config.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch):
         raise UserError(
@@ -43,11 +43,11 @@ def _load_timm_dir(source: str, path: Path) -> _Loaded:
         model = timm.create_model("local-dir:" + str(path.resolve()), pretrained=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(
-            f"`classifier` {source!r}: the timm directory {str(path)!r} could not be loaded ({_first_line(e)}): "
+            f"`classifier` {source!r}: the timm directory {str(path)!r} could not be loaded ({first_line(e)}): "
             f"it needs config.json and model.safetensors (or pytorch_model.bin) as timm.models.save_for_hf writes."
         ) from None
     note = config.get("trained_on") or f"unknown: the timm directory {path} declares no 'trained_on'"
-    return _Loaded(model, _timm_data_config(model), str(note), "timm", _timm_labels(model))
+    return LoadedClassifier(model, timm_data_config(model), str(note), "timm", timm_labels(model))
 
 
 def _timm_cached_weights(cfg: dict[str, Any]) -> Path | None:
@@ -64,19 +64,19 @@ def _timm_cached_weights(cfg: dict[str, Any]) -> Path | None:
                 return Path(hit)
         return None
     if cfg.get("url"):
-        path = _torch_hub_cached(cfg["url"])
+        path = torch_hub_cached(cfg["url"])
         return path if path.is_file() else None
     return Path(cfg["file"]) if cfg.get("file") and Path(cfg["file"]).is_file() else None
 
 
-def _torch_hub_cached(url: str) -> Path:
+def torch_hub_cached(url: str) -> Path:
     """Where `torch.hub.load_state_dict_from_url` keeps `url` (what timm and torchvision download into)."""
     from urllib.parse import urlparse
 
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def _load_timm_pretrained(source: str, name: str, local_files_only: bool) -> _Loaded:
+def load_timm_pretrained(source: str, name: str, local_files_only: bool) -> LoadedClassifier:
     """A timm registry name with pretrained weights, or ``hf-hub:ORG/NAME``.
 
     Offline, timm is pointed at the files already on disk (a cached hub snapshot loads as ``local-dir:``, registry
@@ -87,14 +87,14 @@ def _load_timm_pretrained(source: str, name: str, local_files_only: bool) -> _Lo
     create_name, kwargs = name, {}
     if name.startswith("hf-hub:"):
         repo = name.removeprefix("hf-hub:")
-        _check_hub_id(source, repo)
-        config_file = _hub_file(source, repo, "config.json", local_files_only)  # absent offline -> clear UserError
-        config = _read_json(Path(config_file))  # type: ignore[arg-type]
+        check_hub_id(source, repo)
+        config_file = hub_file(source, repo, "config.json", local_files_only)  # absent offline -> clear UserError
+        config = read_json(Path(config_file))  # type: ignore[arg-type]
         note = config.get("trained_on") or f"unknown: see the model card of {repo}"
         if local_files_only:
-            if not any(_hub_file(source, repo, n, True, required=False)
+            if not any(hub_file(source, repo, n, True, required=False)
                        for n in ("model.safetensors", "pytorch_model.bin")):
-                raise _not_cached(source, f"the weights of {repo}")
+                raise not_cached(source, f"the weights of {repo}")
             create_name = "local-dir:" + str(Path(config_file).parent)  # type: ignore[arg-type]
     else:
         if not timm.is_model(name):
@@ -113,13 +113,13 @@ def _load_timm_pretrained(source: str, name: str, local_files_only: bool) -> _Lo
         if local_files_only:
             cached = _timm_cached_weights(cfg)
             if cached is None:
-                raise _not_cached(source, f"the timm weights {cfg.get('hf_hub_id') or cfg.get('url') or name!r}")
+                raise not_cached(source, f"the timm weights {cfg.get('hf_hub_id') or cfg.get('url') or name!r}")
             kwargs = {"pretrained_cfg_overlay": {"file": str(cached)}}
     try:
         model = timm.create_model(create_name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(
-            f"`classifier` {source!r} could not be loaded ({_first_line(e)}): download it first, or pass a local "
+            f"`classifier` {source!r} could not be loaded ({first_line(e)}): download it first, or pass a local "
             f"directory."
         ) from None
-    return _Loaded(model, _timm_data_config(model), str(note), "timm", _timm_labels(model))
+    return LoadedClassifier(model, timm_data_config(model), str(note), "timm", timm_labels(model))

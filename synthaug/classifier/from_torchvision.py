@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .base import _Loaded
-from .from_timm import _torch_hub_cached
-from .hub import _first_line, _not_cached
+from .base import LoadedClassifier
+from .from_timm import torch_hub_cached
+from .hub import first_line, not_cached
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # torchvision
 # --------------------------------------------------------------------------------------------------------------------
-def _torchvision_data_config(weights: Any) -> dict[str, Any]:
+def torchvision_data_config(weights: Any) -> dict[str, Any]:
     """torchvision's ``ImageClassification`` preset (resize shorter side, center crop, normalize) as a data config."""
     t = weights.transforms()
     crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
@@ -22,7 +22,7 @@ def _torchvision_data_config(weights: Any) -> dict[str, Any]:
             "std": tuple(t.std), "crop_pct": int(crop) / int(resize), "crop_mode": "center"}
 
 
-def _load_torchvision(source: str, name: str, local_files_only: bool) -> _Loaded:
+def load_torchvision(source: str, name: str, local_files_only: bool) -> LoadedClassifier:
     import torchvision
 
     arch, _, tag = name.partition(".")
@@ -37,15 +37,16 @@ def _load_torchvision(source: str, name: str, local_files_only: bool) -> _Loaded
         raise UserError(
             f"`classifier` {source!r}: {arch} has no weights {tag!r}: use one of {', '.join(w.name for w in enum)}."
         ) from None
-    cached = _torch_hub_cached(weights.url)
+    cached = torch_hub_cached(weights.url)
     if local_files_only and not cached.is_file():
-        raise _not_cached(source, f"the torchvision weights {weights} ({cached})")
+        raise not_cached(source, f"the torchvision weights {weights} ({cached})")
     try:
         model = torchvision.models.get_model(arch, weights=weights)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise UserError(
-            f"`classifier` {source!r} could not be loaded ({_first_line(e)}): download the weights first, or pass "
+            f"`classifier` {source!r} could not be loaded ({first_line(e)}): download the weights first, or pass "
             f"'torchvision:{arch}@CHECKPOINT'."
         ) from None
-    return _Loaded(model, _torchvision_data_config(weights), f"torchvision weights {weights} (the dataset is in the "
-                   f"name)", "torchvision", list(weights.meta["categories"]))
+    return LoadedClassifier(model, torchvision_data_config(weights),
+                            f"torchvision weights {weights} (the dataset is in the name)", "torchvision",
+                            list(weights.meta["categories"]))

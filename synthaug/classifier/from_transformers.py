@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .base import _PIL_RESAMPLE, MeanPoolViT, _HFLogits, _Loaded, _model_labels
-from .hub import _first_line, _hub_config, _hub_file, _known, _read_json, custom_code
+from .base import PIL_RESAMPLE, HFLogits, LoadedClassifier, MeanPoolViT, labels_of_model
+from .hub import custom_code, first_line, hub_config, hub_file, known_model, read_json
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -16,7 +16,7 @@ from .hub import _first_line, _hub_config, _hub_file, _known, _read_json, custom
 def _hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
     """An HF image processor config -> the equivalent timm data config (same resize, crop and normalization)."""
     resample = pp.get("resample", 2)
-    interpolation = _PIL_RESAMPLE.get(resample, resample if isinstance(resample, str) else "bilinear")
+    interpolation = PIL_RESAMPLE.get(resample, resample if isinstance(resample, str) else "bilinear")
     if pp.get("do_normalize", True):
         mean, std = tuple(pp.get("image_mean") or ()), tuple(pp.get("image_std") or ())
         if len(mean) != 3 or len(std) != 3:
@@ -48,22 +48,22 @@ def _hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _load_transformers(
+def load_transformers(
     source: str, name: str, local_files_only: bool, pooling: str | None, origin: str = ""
-) -> _Loaded:
+) -> LoadedClassifier:
     """A transformers image classifier (hub id or local ``save_pretrained`` directory); ``pooling="mean"``: MAE ViT.
 
     `origin`: the hub id a local directory was saved from (its config's ``_name_or_path``), for the trained_on note.
     """
     local = Path(name).is_dir()
     if local:
-        config = _read_json(Path(name) / "config.json")
+        config = read_json(Path(name) / "config.json")
         pp_file: str | None = str(Path(name) / "preprocessor_config.json")
         if not Path(pp_file).is_file():
             pp_file = None
     else:
-        config = _hub_config(source, name, local_files_only)  # absent offline -> one clear message, before transformers
-        pp_file = _hub_file(source, name, "preprocessor_config.json", local_files_only, required=False)
+        config = hub_config(source, name, local_files_only)  # absent offline -> one clear message, before transformers
+        pp_file = hub_file(source, name, "preprocessor_config.json", local_files_only, required=False)
     code = custom_code(config)
     if code:
         raise UserError(
@@ -76,7 +76,7 @@ def _load_transformers(
             f"`classifier` {source!r} has no preprocessor_config.json, so its resize and mean/std are unknown: save "
             f"the image processor beside the model (processor.save_pretrained(dir))."
         )
-    data_config = _hf_data_config(source, _read_json(Path(pp_file)))
+    data_config = _hf_data_config(source, read_json(Path(pp_file)))
 
     from transformers import AutoModelForImageClassification, ViTForImageClassification
 
@@ -87,16 +87,16 @@ def _load_transformers(
                                     trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(
-            f"`classifier` {source!r} could not be loaded as a transformers image classifier ({_first_line(e)}): "
+            f"`classifier` {source!r} could not be loaded as a transformers image classifier ({first_line(e)}): "
             f"pass a directory written by save_pretrained, or the hub id of an image-classification model."
         ) from None
     hub_id = repo if not local else (origin or name)
-    note = _known(hub_id).get("trained_on") or f"unknown: see the model card of {hub_id}"
+    note = known_model(hub_id).get("trained_on") or f"unknown: see the model card of {hub_id}"
     if pooling == "mean":
         if model.config.model_type != "vit":
             raise UserError(
                 f"`classifier` {source!r}: mean pooling ('vit-mae:') needs an HF ViT checkpoint, but its model_type "
                 f"is {model.config.model_type!r}: drop the 'vit-mae:' prefix."
             )
-        return _Loaded(MeanPoolViT(model), data_config, str(note), "vit-mae", _model_labels(model))
-    return _Loaded(_HFLogits(model), data_config, str(note), "transformers", _model_labels(model))
+        return LoadedClassifier(MeanPoolViT(model), data_config, str(note), "vit-mae", labels_of_model(model))
+    return LoadedClassifier(HFLogits(model), data_config, str(note), "transformers", labels_of_model(model))

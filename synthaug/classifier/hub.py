@@ -29,32 +29,32 @@ KNOWN_MODELS: dict[str, dict[str, str | None]] = {
 }
 
 
-def _known(hub_id: str) -> dict[str, str | None]:
+def known_model(hub_id: str) -> dict[str, str | None]:
     """KNOWN_MODELS entry of a hub id (``@revision`` ignored), or of a path that ends in one; else {}."""
     hub_id = hub_id.split("@")[0].rstrip("/")
     return next((v for k, v in KNOWN_MODELS.items() if hub_id == k or hub_id.endswith("/" + k)), {})
 
 
-def _check_hub_id(source: str, hub_id: str) -> None:
+def check_hub_id(source: str, hub_id: str) -> None:
     if hub_id.startswith((".", "/", "~")) or hub_id.split("@")[0].count("/") != 1:
         raise UserError(
             f"`classifier` {source!r} is neither an existing directory nor a hub id 'ORG/NAME': check the path."
         )
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
-def _not_cached(source: str, what: str) -> UserError:
+def not_cached(source: str, what: str) -> UserError:
     return UserError(
         f"`classifier` {source!r}: {what} is not on this machine and the hub is offline (HF_HUB_OFFLINE=1 or "
         f"local_files_only): download it first on a machine with network, or pass a local directory."
     )
 
 
-def _hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, required: bool = True) -> str | None:
+def hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, required: bool = True) -> str | None:
     """A file of a hub repo (``repo@revision`` allowed), from the cache when offline; None if optional and absent."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -65,20 +65,20 @@ def _hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, 
     except LocalEntryNotFoundError:  # offline and not cached (a subclass of EntryNotFoundError: caught first)
         if not required:
             return None
-        raise _not_cached(source, f"{repo}/{filename}") from None
+        raise not_cached(source, f"{repo}/{filename}") from None
     except EntryNotFoundError:
         if not required:
             return None
         raise UserError(f"`classifier` {source!r}: the hub repo {repo!r} has no {filename}.") from None
     except OSError as e:  # repository not found, gated, network down
         raise UserError(
-            f"`classifier` {source!r} could not be fetched ({_first_line(e)}): check the id, log in for gated "
+            f"`classifier` {source!r} could not be fetched ({first_line(e)}): check the id, log in for gated "
             f"models, or pass a local directory."
         ) from None
 
 
-def _hub_config(source: str, repo_id: str, local_files_only: bool) -> dict[str, Any]:
-    return _read_json(Path(_hub_file(source, repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
+def hub_config(source: str, repo_id: str, local_files_only: bool) -> dict[str, Any]:
+    return read_json(Path(hub_file(source, repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
 
 
 def custom_code(config: Any) -> str | None:
@@ -93,8 +93,8 @@ def custom_code(config: Any) -> str | None:
     return str(auto_map)[:80]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"`classifier`: {path} is unreadable ({_first_line(e)}): re-save the model.") from None
+        raise UserError(f"`classifier`: {path} is unreadable ({first_line(e)}): re-save the model.") from None

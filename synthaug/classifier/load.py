@@ -10,12 +10,12 @@ import torch
 
 from ..errors import UserError
 from ..models import offline, resolve_device, resolve_dtype
-from .base import Classifier, _Loaded
-from .from_checkpoint import _load_checkpoint
-from .from_timm import _load_timm_dir, _load_timm_pretrained
-from .from_torchvision import _load_torchvision
-from .from_transformers import _load_transformers
-from .hub import _check_hub_id, _hub_config, _known, _read_json
+from .base import Classifier, LoadedClassifier
+from .from_checkpoint import load_checkpoint
+from .from_timm import load_timm_dir, load_timm_pretrained
+from .from_torchvision import load_torchvision
+from .from_transformers import load_transformers
+from .hub import check_hub_id, hub_config, known_model, read_json
 from .source import HELP, ClassifierSource, declared_multi_label, parse_source
 
 
@@ -82,7 +82,7 @@ def load_classifier(
                       kind=loaded.kind, model_labels=loaded.labels, multi_label=declared_multi_label(src) or None)
 
 
-def _resolve(src: ClassifierSource, local_files_only: bool) -> _Loaded:
+def _resolve(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
     """The loader for a parsed source (the rules are `parse_source`'s, documented in `load_classifier`)."""
     source = src.text
     if src.kind == "embedded":
@@ -91,23 +91,24 @@ def _resolve(src: ClassifierSource, local_files_only: bool) -> _Loaded:
                 f"`classifier` {source!r} is an embedded model but its weights are missing at {src.path}: reinstall "
                 f"synthaug, or rebuild them with `python scripts/train_digits_world.py`."
             )
-        return _load_timm_dir(source, src.path)
+        return load_timm_dir(source, src.path)
     if src.kind == "checkpoint":
-        return _load_checkpoint(source, src.family, src.arch, src.target)
+        return load_checkpoint(source, src.family, src.arch, src.target)
     if src.kind == "timm":
-        return _load_timm_pretrained(source, src.target, local_files_only)
+        return load_timm_pretrained(source, src.target, local_files_only)
     if src.kind == "torchvision":
-        return _load_torchvision(source, src.target, local_files_only)
+        return load_torchvision(source, src.target, local_files_only)
     if src.kind == "hf-hub":
-        return _load_timm_pretrained(source, "hf-hub:" + src.target, local_files_only)
+        return load_timm_pretrained(source, "hf-hub:" + src.target, local_files_only)
     if src.kind == "dir":
         return _load_dir(source, src.path)
     if src.kind in ("transformers", "vit-mae"):
         pooling = "mean" if src.kind == "vit-mae" else None
         if src.path is not None:
-            return _load_transformers(source, str(src.path), True, pooling)
-        _check_hub_id(source, src.target)
-        return _load_transformers(source, src.target, local_files_only, pooling or _known(src.target).get("pooling"))
+            return load_transformers(source, str(src.path), True, pooling)
+        check_hub_id(source, src.target)
+        return load_transformers(source, src.target, local_files_only,
+                                 pooling or known_model(src.target).get("pooling"))
     if src.kind == "file":
         raise UserError(
             f"`classifier` {source!r} is a checkpoint file without an architecture: pass 'ARCH@{source}' "
@@ -117,19 +118,19 @@ def _resolve(src: ClassifierSource, local_files_only: bool) -> _Loaded:
     import timm
 
     if "/" not in source and timm.is_model(source):
-        return _load_timm_pretrained(source, source, local_files_only)
+        return load_timm_pretrained(source, source, local_files_only)
     if src.hub_id is not None:
-        if _known(source).get("pooling") == "mean":
-            return _load_transformers(source, source, local_files_only, "mean")
-        if "architecture" in _hub_config(source, source, local_files_only):
-            return _load_timm_pretrained(source, "hf-hub:" + source, local_files_only)
-        return _load_transformers(source, source, local_files_only, None)
+        if known_model(source).get("pooling") == "mean":
+            return load_transformers(source, source, local_files_only, "mean")
+        if "architecture" in hub_config(source, source, local_files_only):
+            return load_timm_pretrained(source, "hf-hub:" + source, local_files_only)
+        return load_transformers(source, source, local_files_only, None)
     if source.startswith((".", "/", "~")) or os.sep in source:
         raise UserError(f"`classifier` {source!r} does not exist: pass an existing directory, or {HELP}.")
     raise UserError(f"`classifier` {source!r} is not a known classifier: pass {HELP}.")
 
 
-def _load_dir(source: str, path: Path) -> _Loaded:
+def _load_dir(source: str, path: Path) -> LoadedClassifier:
     """A local directory: timm hub format or transformers ``save_pretrained`` format, told apart by config.json."""
     if not path.is_dir():
         raise UserError(f"`classifier` {source!r}: directory {str(path)!r} does not exist.")
@@ -139,15 +140,15 @@ def _load_dir(source: str, path: Path) -> _Loaded:
             f"`classifier` {source!r} is a directory without config.json: pass a timm directory "
             f"(timm.models.save_for_hf) or a transformers one (save_pretrained)."
         )
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if "architecture" in config:
-        return _load_timm_dir(source, path)
+        return load_timm_dir(source, path)
     if "model_type" in config:
         origin = str(config.get("_name_or_path") or "")  # a snapshot of a known hub model keeps its id here
-        pooling = _known(origin).get("pooling")
+        pooling = known_model(origin).get("pooling")
         if "CustomViTForImageClassification" in (config.get("architectures") or []):
             pooling = "mean"  # saved from the reference code's mean-pooling class
-        return _load_transformers(source, str(path), True, pooling, origin=origin)
+        return load_transformers(source, str(path), True, pooling, origin=origin)
     raise UserError(
         f"`classifier` {source!r}: {config_file} has neither 'architecture' (timm) nor 'model_type' (transformers)."
     )

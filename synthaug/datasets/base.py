@@ -17,7 +17,7 @@ from ..errors import UserError
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
-def _not_found(root: Any, expected: str, fix: str = "") -> UserError:
+def not_found(root: Any, expected: str, fix: str = "") -> UserError:
     msg = f"Dataset not found or corrupted at {root}: expected {expected}."
     return UserError(f"{msg} {fix}".strip())
 
@@ -29,7 +29,7 @@ def pil_loader(path: str | os.PathLike) -> Image.Image:
         return img.convert("RGB")
 
 
-class _ImageList(VisionDataset):
+class ImageList(VisionDataset):
     """A list of ``(path, target)`` samples with named classes; the shared body of the file-backed datasets."""
 
     split: str
@@ -57,13 +57,13 @@ class _ImageList(VisionDataset):
         try:
             return self.loader(path), target
         except FileNotFoundError:
-            raise _not_found(self.root, f"image file {path}", "Re-extract the dataset.") from None
+            raise not_found(self.root, f"image file {path}", "Re-extract the dataset.") from None
 
     def extra_repr(self) -> str:
         return f"Split: {self.split}\nClasses: {len(self.classes)}"
 
 
-def _check_split(split: str, valid: Sequence[str], what: str) -> str:
+def check_split_of(split: str, valid: Sequence[str], what: str) -> str:
     if split not in valid:
         raise UserError(f"`split` for {what} must be one of {', '.join(valid)} but is {split!r}.")
     return split

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .base import _not_found
+from .base import not_found
 from .cub import CUB200
 from .digits import DIGITS_SPLITS, Digits
 from .folder import ImageFolder
@@ -109,7 +109,7 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     if root is None:
         raise UserError(f"`root` is required for dataset {name!r}: pass the folder that holds it (--root PATH).")
     if not Path(root).expanduser().exists():
-        raise _not_found(root, "an existing folder", "Check the --root path.")
+        raise not_found(root, "an existing folder", "Check the --root path.")
     if key in TORCHVISION_SETS:
         return torchvision_dataset(key, root, split, transform, **kw)
     if key == "imagefolder" and split == "train" and not (Path(root) / "train").is_dir():

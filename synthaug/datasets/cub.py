@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..names import clean_class_name
-from .base import _check_split, _ImageList, _not_found, pil_loader
+from .base import ImageList, check_split_of, not_found, pil_loader
 
 # --------------------------------------------------------------------------------------------------------------------
 # CUB-200-2011
@@ -73,7 +73,7 @@ CUB_TO_INAT_NAME = {
 }
 
 
-class CUB200(_ImageList):
+class CUB200(ImageList):
     """Caltech-UCSD Birds-200-2011 from its own layout (``images.txt``, ``classes.txt``, ``image_class_labels.txt``,
     ``train_test_split.txt``, ``images/``).
 
@@ -102,29 +102,29 @@ class CUB200(_ImageList):
         if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
             root = root / "CUB_200_2011"
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = _check_split(split, ("train", "test", "all"), "CUB200")
+        self.split = check_split_of(split, ("train", "test", "all"), "CUB200")
         self.loader = loader or pil_loader
         for name in self.FILES:
             if not (root / name).is_file():
-                raise _not_found(root, name, "Point `root` at the extracted CUB_200_2011 folder.")
+                raise not_found(root, name, "Point `root` at the extracted CUB_200_2011 folder.")
         if not (root / "images").is_dir():
-            raise _not_found(root, "the images/ folder", "Point `root` at the extracted CUB_200_2011 folder.")
+            raise not_found(root, "the images/ folder", "Point `root` at the extracted CUB_200_2011 folder.")
         paths = self._table(root, "images.txt")
         class_rows = self._table(root, "classes.txt")
         labels = self._table(root, "image_class_labels.txt")
         is_train = self._table(root, "train_test_split.txt")
         self.folder_names = [class_rows[i] for i in sorted(class_rows)]
         if sorted(class_rows) != list(range(1, len(class_rows) + 1)):
-            raise _not_found(root, "classes.txt to number classes 1..N without gaps")
+            raise not_found(root, "classes.txt to number classes 1..N without gaps")
         samples, ids = [], []
         for image_id in sorted(paths):
             if image_id not in labels or image_id not in is_train:
                 missing = "image_class_labels.txt" if image_id not in labels else "train_test_split.txt"
-                raise _not_found(root, f"{missing} to list image id {image_id} (it is in images.txt)")
+                raise not_found(root, f"{missing} to list image id {image_id} (it is in images.txt)")
             label, flag = labels[image_id], is_train[image_id]
             if not label.isdigit() or not 1 <= int(label) <= len(class_rows) or flag not in ("0", "1"):
-                raise _not_found(root, f"image id {image_id} to have a class in 1..{len(class_rows)} and a split "
-                                       f"flag 0/1, got {label!r} and {flag!r}")
+                raise not_found(root, f"image id {image_id} to have a class in 1..{len(class_rows)} and a split "
+                                      f"flag 0/1, got {label!r} and {flag!r}")
             if self.split == "all" or (flag == "1") == (self.split == "train"):
                 samples.append((str(root / "images" / paths[image_id]), int(label) - 1))
                 ids.append(image_id)
@@ -140,8 +140,8 @@ class CUB200(_ImageList):
                 continue
             parts = line.split(maxsplit=1)
             if len(parts) != 2 or not parts[0].isdigit():
-                raise _not_found(root, f"{name} line {n} to read '<id> <value>' but it is {line!r}")
+                raise not_found(root, f"{name} line {n} to read '<id> <value>' but it is {line!r}")
             out[int(parts[0])] = parts[1].strip()
         if not out:
-            raise _not_found(root, f"{name} to list entries, but it is empty")
+            raise not_found(root, f"{name} to list entries, but it is empty")
         return out

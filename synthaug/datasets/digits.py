@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import _ImageList
+from .base import ImageList
 
 # --------------------------------------------------------------------------------------------------------------------
 # The embedded digits world (scripts/train_digits_world.py trains its models)
@@ -56,7 +56,7 @@ def digits_arrays(split: str, size: int = DIGITS_SIZE) -> tuple[np.ndarray, np.n
     return imgs, target[idx].astype(np.int64)
 
 
-class Digits(_ImageList):
+class Digits(ImageList):
     """scikit-learn's real handwritten digits (their file ships in synthaug; no download) as 32x32 RGB images.
 
     Args:

@@ -10,10 +10,10 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from ..errors import UserError
 from ..names import clean_class_name
-from .base import IMG_EXTENSIONS, _ImageList, _not_found, pil_loader
+from .base import IMG_EXTENSIONS, ImageList, not_found, pil_loader
 
 
-class ImageFolder(_ImageList):
+class ImageFolder(ImageList):
     """Any ``class_name/image`` tree (torchvision's ImageFolder layout), with cleaned class names.
 
     Args:
@@ -33,15 +33,15 @@ class ImageFolder(_ImageList):
         self.loader = loader or pil_loader
         folder = root if split is None else root / split
         if not folder.is_dir():
-            raise _not_found(root, f"{folder}/<class>/<image>",
-                             "Pass split=None to read the root itself." if split is not None else "")
+            raise not_found(root, f"{folder}/<class>/<image>",
+                            "Pass split=None to read the root itself." if split is not None else "")
         try:
             self.folder_names, class_to_idx = find_classes(str(folder))
         except FileNotFoundError:
-            raise _not_found(root, f"one sub-folder per class in {folder}") from None
+            raise not_found(root, f"one sub-folder per class in {folder}") from None
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
         if not samples:
-            raise _not_found(root, f"image files ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/")
+            raise not_found(root, f"image files ({', '.join(IMG_EXTENSIONS)}) under {folder}/<class>/")
         names = [clean_class_name(n) for n in self.folder_names]
         unnamed = [f for f, n in zip(self.folder_names, names) if not n]
         if unnamed:  # a prompt needs a class name: refused here, before any class of the build is made

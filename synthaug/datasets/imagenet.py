@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from .base import IMG_EXTENSIONS, _check_split, _ImageList, _not_found, pil_loader
+from .base import IMG_EXTENSIONS, ImageList, check_split_of, not_found, pil_loader
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def imagenet_class_names(names_file: str | os.PathLike | None = None) -> dict[st
     return out
 
 
-class ImageNet(_ImageList):
+class ImageNet(ImageList):
     """ImageNet-1k as ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG`` with readable class names.
 
     Class order is the sorted WordNet ids (timm's and torchvision's order). Names come from `names_file`, else
@@ -58,24 +58,24 @@ class ImageNet(_ImageList):
                  loader: Callable | None = None) -> None:
         root = Path(root).expanduser()
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = _check_split(split, ("train", "val"), "ImageNet")
+        self.split = check_split_of(split, ("train", "val"), "ImageNet")
         self.loader = loader or pil_loader
         folder = root / split
         if not folder.is_dir():
-            raise _not_found(root, f"the folder {split}/ with one sub-folder per class (n01440764/ …)")
+            raise not_found(root, f"the folder {split}/ with one sub-folder per class (n01440764/ …)")
         wnids = sorted(d.name for d in os.scandir(folder) if d.is_dir())
         if not wnids:
             flat = any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(folder))
-            raise _not_found(root, f"{split}/ to hold one folder per class",
-                             "The val images are flat: sort them into class folders (the usual valprep.sh)."
+            raise not_found(root, f"{split}/ to hold one folder per class",
+                            "The val images are flat: sort them into class folders (the usual valprep.sh)."
                              if flat else "")
         if names_file is None and (root / "LOC_synset_mapping.txt").is_file():
             names_file = root / "LOC_synset_mapping.txt"
         names = imagenet_class_names(names_file)
         unknown = [w for w in wnids if w not in names]
         if unknown:
-            raise _not_found(root, f"class folders named by WordNet id, found {unknown[0]!r}",
-                             "Pass `names_file` mapping folder names to class names, or use ImageFolder.")
+            raise not_found(root, f"class folders named by WordNet id, found {unknown[0]!r}",
+                            "Pass `names_file` mapping folder names to class names, or use ImageFolder.")
         self.wnids = wnids
         samples = []
         for target, w in enumerate(wnids):

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..names import clean_class_name, normalize_name
-from .base import IMG_EXTENSIONS, _check_split, _ImageList, _not_found, pil_loader
+from .base import IMG_EXTENSIONS, ImageList, check_split_of, not_found, pil_loader
 from .cub import CUB_FOLDER_NAMES, CUB_TO_INAT_NAME
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def per_supercategory_sample(supercategories: Sequence[str], n: int, seed: int =
     return sorted(i for v in picked.values() for i in v)
 
 
-class INat2021(_ImageList):
+class INat2021(ImageList):
     """iNaturalist 2021 in torchvision's layout: ``root/2021_train_mini/<00000_Animalia_…_Genus_species>/*.jpg``
     and ``root/2021_valid/…`` (iNat's own ``train_mini/`` and ``val/`` folder names work too).
 
@@ -118,29 +118,29 @@ class INat2021(_ImageList):
                  loader: Callable | None = None) -> None:
         root = Path(root).expanduser()
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = _check_split(split, tuple(INAT_VERSIONS), "INat2021")
+        self.split = check_split_of(split, tuple(INAT_VERSIONS), "INat2021")
         if names not in ("auto", "common", "scientific"):
             raise UserError(f"`names` must be one of auto, common, scientific but is {names!r}.")
         self.loader = loader or pil_loader
         version = INAT_VERSIONS[split]
         folder = root / version if (root / version).is_dir() else root / _INAT_ALT_DIRS[version]
         if not folder.is_dir():
-            raise _not_found(root, f"the folder {version}/ (torchvision's layout) or {_INAT_ALT_DIRS[version]}/",
-                             "Extract iNat's archive there, or pass the folder that contains it.")
+            raise not_found(root, f"the folder {version}/ (torchvision's layout) or {_INAT_ALT_DIRS[version]}/",
+                            "Extract iNat's archive there, or pass the folder that contains it.")
         dirs = sorted(d.name for d in os.scandir(folder) if d.is_dir())
         if not dirs:
-            raise _not_found(root, f"one folder per species in {folder}")
+            raise not_found(root, f"one folder per species in {folder}")
         taxa = []
         for i, d in enumerate(dirs):
             pieces = d.split("_")
             if len(pieces) != 8 or not pieces[0].isdigit():
-                raise _not_found(root, f"species folders named like 00000_Animalia_…_Genus_species, found {d!r}")
+                raise not_found(root, f"species folders named like 00000_Animalia_…_Genus_species, found {d!r}")
             taxa.append(pieces)
         meta = self._categories(root)
         common = [meta.get(d, {}).get("common_name") for d in dirs]
         if names == "common" and not all(common):
-            raise _not_found(root, "iNat's annotation file with common names (categories.json, train_mini.json or "
-                                   "val.json)", "Add it, or pass names='scientific'.")
+            raise not_found(root, "iNat's annotation file with common names (categories.json, train_mini.json or "
+                                  "val.json)", "Add it, or pass names='scientific'.")
         use_common = names == "common" or (names == "auto" and all(common))
         scientific = [f"{p[6]} {p[7]}" for p in taxa]
         supercats = [meta.get(d, {}).get("supercategory") or inat_supercategory(p[1], p[2], p[3])
@@ -170,7 +170,7 @@ class INat2021(_ImageList):
                 try:
                     data = json.loads(p.read_text())
                 except ValueError as e:
-                    raise _not_found(root, f"{name} to be valid JSON ({e})") from None
+                    raise not_found(root, f"{name} to be valid JSON ({e})") from None
                 cats = data["categories"] if isinstance(data, dict) else data
                 return {c.get("image_dir_name") or f"{c['id']:05d}": c for c in cats}
         return {}
@@ -183,8 +183,8 @@ class INat2021(_ImageList):
             return per_supercategory_sample(supercats, size, seed)
         if subset == "inat179":
             if not all(common):
-                raise _not_found(root, "iNat's annotation file (categories.json, train_mini.json or val.json)",
-                                 "The 'inat179' subset matches CUB's names against iNat's common names.")
+                raise not_found(root, "iNat's annotation file (categories.json, train_mini.json or val.json)",
+                                "The 'inat179' subset matches CUB's names against iNat's common names.")
             by_name = {normalize_name(c): i for i, c in enumerate(common)}
             chosen, cub_index = [], []
             for k, folder in enumerate(CUB_FOLDER_NAMES):

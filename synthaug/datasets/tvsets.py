@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..names import clean_class_name
-from .base import _check_split, _not_found
+from .base import check_split_of, not_found
 
 # --------------------------------------------------------------------------------------------------------------------
 # torchvision's fine-grained sets
@@ -52,7 +52,7 @@ def torchvision_dataset(name: str, root: str | os.PathLike, split: str = "train"
     cls_name, splits = TORCHVISION_SETS[key]
     if split == "train" and "train" not in splits:
         split = "trainval"
-    _check_split(split, splits, cls_name)
+    check_split_of(split, splits, cls_name)
     cls = getattr(tvd, cls_name)
     args: dict[str, Any] = dict(transform=transform, target_transform=target_transform, download=download, **kw)
     if key != "eurosat":
@@ -60,8 +60,8 @@ def torchvision_dataset(name: str, root: str | os.PathLike, split: str = "train"
     try:
         ds = cls(str(Path(root).expanduser()), **args)
     except RuntimeError as e:
-        raise _not_found(root, f"torchvision's {cls_name} files ({str(e).splitlines()[0]})",
-                         "Pass download=True once (needs network) or point `root` at the folder that holds them.")\
+        raise not_found(root, f"torchvision's {cls_name} files ({str(e).splitlines()[0]})",
+                        "Pass download=True once (needs network) or point `root` at the folder that holds them.")\
             from None
     raw = list(getattr(ds, "classes", None) or [])
     if key == "eurosat":  # "AnnualCrop" -> "Annual Crop"

@@ -28,7 +28,7 @@ from ..layout import EVAL_DIR
 from ..mix import MODES, TARGETS, SynthAugDataset
 from ..models import resolve_device
 from ..names import normalize_name
-from .judge import _write_csv
+from .judge import write_csv
 from .names import map_build_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,8 @@ def _pretrained_file(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any]
     return file
 
 
-def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], weights: str | None,
-                  image_size: int | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], weights: str | None,
+                image_size: int | None = None) -> nn.Module:
     """timm model with a fresh `num_classes` head, from the local checkpoint `weights` or from scratch; for
     ``arch="linear"`` one linear layer over the RGB pixels at `image_size` (multinomial logistic regression)."""
     import timm
@@ -199,7 +199,7 @@ def _create_model(arch: str, num_classes: int, arch_kwargs: Mapping[str, Any], w
         raise
 
 
-def _default_arch(image_size: int) -> tuple[str, dict[str, Any]]:
+def default_arch(image_size: int) -> tuple[str, dict[str, Any]]:
     """A CNN sized for the images: small widths for digit-sized images (seconds per cell on a CPU)."""
     if image_size <= 64:
         return "resnet10t", {"channels": (16, 32, 64, 128), "stem_width": 8}
@@ -477,7 +477,7 @@ def train_downstream(
     image_size = cfg.image_size or view.image_size[0]
     arch, arch_kwargs = cfg.arch, dict(cfg.arch_kwargs or {})
     if arch is None:
-        arch, default_kwargs = _default_arch(image_size)
+        arch, default_kwargs = default_arch(image_size)
         arch_kwargs = {**default_kwargs, **arch_kwargs}
     dev = resolve_device(cfg.device)
     n_syn = cfg.synthetic_per_class
@@ -535,8 +535,8 @@ def train_downstream(
                               cells=cells)
     result.files = {"result": str(out_dir / "downstream.json"), "csv": str(out_dir / "downstream.csv"),
                     "cells": str(cell_dir)}
-    _write_csv(out_dir / "downstream.csv", [dataclasses.asdict(r) for r in rows],
-               [f.name for f in dataclasses.fields(DownstreamRow)])
+    write_csv(out_dir / "downstream.csv", [dataclasses.asdict(r) for r in rows],
+              [f.name for f in dataclasses.fields(DownstreamRow)])
     write_text(out_dir / "downstream.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
 
@@ -572,7 +572,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     batch_size, steps, epochs, mode = pr.batch_size, pr.steps, pr.epochs, pr.mode
     # 1. Model first, under the seed: the init depends only on (arch, seed), not on the method.
     torch.manual_seed(seed)
-    model = _create_model(pr.arch, num_classes, pr.arch_kwargs, weights, pr.image_size)
+    model = build_model(pr.arch, num_classes, pr.arch_kwargs, weights, pr.image_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
     train_tf, test_tf = _transforms(pr.image_size, mean, std, hflip=pr.hflip)

@@ -24,8 +24,8 @@ from ..errors import UserError
 from ..index import BuildView, open_build
 from ..layout import EVAL_DIR
 from ..models import resolve_device
-from .images import _model_device_dtype, _resize_center_crop, _to_tensor, iter_image_batches
-from .judge import _write_csv
+from .images import image_to_tensor, iter_image_batches, model_device_dtype, resize_center_crop
+from .judge import write_csv
 
 # torch-fidelity's Inception-v3 FID weights (the TF graph of the original FID code, converted to PyTorch).
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -143,7 +143,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def classifier_extractor(classifier: nn.Module, name: str | None = None) -> FeatureExtractor:
     """A classifier's penultimate features (`Classifier.features`) as an FID feature space (paper Table 5)."""
-    dev, dtype = _model_device_dtype(classifier)
+    dev, dtype = model_device_dtype(classifier)
     classifier.eval()
     fn = classifier.features if hasattr(classifier, "features") else classifier
     return FeatureExtractor(fn, name or str(getattr(classifier, "source", type(classifier).__name__)), dev, dtype,
@@ -290,7 +290,8 @@ def compute_fid(
     # One file per feature space: Inception's is fid.json, a classifier's fid_{its name}.json.
     stem = "fid" if extractor.name == "inception" else "fid_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", extractor.name)
     result.files = {"result": str(out_dir / f"{stem}.json"), "csv": str(out_dir / f"{stem}.csv")}
-    _write_csv(out_dir / f"{stem}.csv", [dataclasses.asdict(r) for r in rows], [f.name for f in dataclasses.fields(FIDRow)])
+    write_csv(out_dir / f"{stem}.csv", [dataclasses.asdict(r) for r in rows],
+              [f.name for f in dataclasses.fields(FIDRow)])
     write_text(out_dir / f"{stem}.json", json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
@@ -330,7 +331,7 @@ def _real_batches(dataset, indices: Sequence[int], size: tuple[int, int], batch_
         if not hasattr(img, "convert"):
             raise UserError(f"The real dataset returns {type(img).__name__}, not PIL images: build it with "
                             "transform=None.")
-        batch.append(_to_tensor(_resize_center_crop(img.convert("RGB"), size)))
+        batch.append(image_to_tensor(resize_center_crop(img.convert("RGB"), size)))
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []

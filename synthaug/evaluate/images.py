@@ -30,7 +30,7 @@ class ImageReader:
         self._reader.close()
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float [3, H, W] in [0, 1] (the classifier contract)."""
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
@@ -53,8 +53,8 @@ def iter_image_batches(
         for row in tqdm(rows, desc=desc, disable=not progress, leave=False):
             img = read(row)
             if size is not None:
-                img = _resize_center_crop(img, size)
-            t = _to_tensor(img)
+                img = resize_center_crop(img, size)
+            t = image_to_tensor(img)
             if batch and (t.shape != batch[0].shape or len(batch) == batch_size):
                 yield batch_rows, torch.stack(batch)
                 batch_rows, batch = [], []
@@ -66,7 +66,7 @@ def iter_image_batches(
         read.close()
 
 
-def _resize_center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize the shorter side to fit (height, width), then center-crop: what torchvision's Resize+CenterCrop do."""
     from PIL import Image
 
@@ -80,7 +80,7 @@ def _resize_center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img.crop((left, top, left + w, top + h))
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         if p.is_floating_point():
             return p.device, p.dtype

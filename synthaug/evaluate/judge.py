@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..index import method_sort_key, open_build
 from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
-from .images import _model_device_dtype, iter_image_batches
+from .images import iter_image_batches, model_device_dtype
 from .names import ClassMap, map_build_classes, resolve_class_map
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def evaluate_judge(
 
     # 3. Score the images.
     rows = [r for r in view.rows(methods) if int(r["class_index"]) in mapping.build_to_judge]
-    dev, dtype = _model_device_dtype(judge)
+    dev, dtype = model_device_dtype(judge)
     cols = torch.tensor(shared_cols, device=dev)
     scored: list[dict] = []
     with torch.inference_mode():
@@ -317,12 +317,12 @@ def _write_judge_files(result: JudgeResult, scored: list[dict], out_dir: Path) -
     with atomic_write(images, "wb") as f:
         pq.write_table(table, f)
     per_class = out_dir / "judge_per_class.csv"
-    _write_csv(per_class, [dataclasses.asdict(c) for c in result.per_class],
-               [f.name for f in dataclasses.fields(ClassAccuracy)])
+    write_csv(per_class, [dataclasses.asdict(c) for c in result.per_class],
+              [f.name for f in dataclasses.fields(ClassAccuracy)])
     return {"result": str(out_dir / "judge.json"), "per_class": str(per_class), "images": str(images)}
 
 
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

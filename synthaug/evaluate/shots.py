@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from ..config import MCTIConfig
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..tokens.clip import class_features, image_features, text_prototypes
-from ..tokens.mcti import _replace, learn_mcti_token
+from ..tokens.mcti import learn_mcti_token
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -114,7 +115,7 @@ def evaluate_shots(
                              "n_test": len(order), "seconds": time.perf_counter() - t0})
             if not learn:
                 continue
-            cfg = _replace(config, seed=seed)
+            cfg = dataclasses.replace(config, seed=seed)
             method = "mcti" if "mcti" in learn else "ti"
             tokens: dict[str, dict[str, torch.Tensor]] = {m: {} for m in learn}
             t0 = time.perf_counter()

@@ -323,8 +323,8 @@ def class_features(clip: CLIPModel, images_by_class: dict[int, Sequence[Any]]) -
     return {k: image_features(clip, imgs) for k, imgs in sorted(images_by_class.items())}
 
 
-def _text_features(clip: CLIPModel, text_encoder: torch.nn.Module, tokenizer: CLIPTokenizer,
-                   enc: dict[str, torch.Tensor]) -> torch.Tensor:
+def text_features(clip: CLIPModel, text_encoder: torch.nn.Module, tokenizer: CLIPTokenizer,
+                  enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """``g = τ_φ(P)``: the pooled text feature through CLIP's text projection, L2-normalised, fp32."""
     hidden = encode(text_encoder, enc)
     pooled = pool_eos(hidden, enc["input_ids"], tokenizer.eos_token_id)
@@ -381,7 +381,7 @@ def text_prototypes(
     enc = tokenize(tok, [template.format(token=spell_token(t, len(v))) for t, v in vectors.items()],
                    emb.weight.device)
     with splice_tokens(text_encoder, rows):
-        return _text_features(clip, text_encoder, tok, enc).cpu()
+        return text_features(clip, text_encoder, tok, enc).cpu()
 
 
 def classify(

@@ -82,9 +82,9 @@ def token_updates(meta: dict) -> int | None:
     updates, those; None when the file does not say (a DCT token file written before ``updates`` was recorded, whose
     ``steps`` count measurements: one more than its updates when the last measurement stopped training)."""
     if meta.get("updates") not in (None, ""):
-        return _int_or_none(meta.get("updates"))
+        return int_or_none(meta.get("updates"))
     if meta.get("method") in ("ti", "mcti"):
-        return _int_or_none(meta.get("steps"))
+        return int_or_none(meta.get("steps"))
     return None
 
 
@@ -231,14 +231,14 @@ def _write(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: 
     write_bytes(path, struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
-def _int_or_none(v: Any) -> int | None:
+def int_or_none(v: Any) -> int | None:
     try:
         return int(v)
     except (TypeError, ValueError):
         return None
 
 
-def _token_file_metadata(path: str | os.PathLike) -> dict[str, str]:
+def token_metadata_or_empty(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, or {} for a file that is missing or not valid safetensors.
 
     Read by safetensors itself (numpy framework: no torch tensors are made), which refuses headers that claim more

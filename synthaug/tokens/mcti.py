@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..config import MCTIConfig
 from ..errors import UserError
-from .clip import CLASSIFY_TEMPLATE, _text_features, check_paired, class_features
+from .clip import CLASSIFY_TEMPLATE, check_paired, class_features, text_features
 from .io import save_tokens
 from .text import (
     encode,
@@ -198,120 +198,45 @@ def learn_mcti_token(
     ...  # doctest: +SKIP
     >>> res.save("tokens/000.safetensors")  # doctest: +SKIP
     """
-    from diffusers import DDPMScheduler
-
-    # 1. Check inputs (before any work).
+    # 1. Decide every option and check every input before any model work; a tokenizer that knows the token (a copy:
+    #    the pipeline's stays as it was)
     config = config or MCTIConfig()
     flip_p = config.flip_p if flip_p is None else flip_p
-    if method not in METHODS:
-        raise UserError(f"`method` must be one of {', '.join(METHODS)} but is {method!r}.")
-    if class_index not in images_by_class or len(images_by_class[class_index]) == 0:
-        raise UserError(f"`class_index` {class_index} has no few-shot images in `images_by_class` (classes "
-                        f"{sorted(images_by_class)[:10]}...): pass at least one image for it.")
-    _check_config(config, method)
+    classes = _check_inputs(pipe, clip, images_by_class, class_index, config, method, features)
     ti_steps = config.steps
     joint_steps = config.extra_steps if method == "mcti" else 0
-    if ti_steps + joint_steps == 0:
-        raise UserError(f"`mcti.steps` ({config.steps}) + `mcti.extra_steps` ({config.extra_steps}) is 0 for method "
-                        f"{method!r}: nothing would be learned; set `mcti.steps` > 0.")
-    # The K classes of the regularizer: those of `features` when given (a distributed job then needs only its own
-    # class's images), else those of `images_by_class`.
-    classes = sorted(features) if features is not None else sorted(images_by_class)
-    if method == "mcti":
-        if clip is None:
-            raise UserError("`clip` is None but method 'mcti' needs the CLIP image tower: pass `load_clip(...)`.")
-        if len(classes) < 2:
-            raise UserError(f"method 'mcti' needs at least 2 classes in `images_by_class` (or `features`) but got "
-                            f"{len(classes)}: the regularizer (Eq. 3-4) discriminates between classes; use method "
-                            f"'ti' for one.")
-        if class_index not in classes:
-            raise UserError(f"`features` has no entry for `class_index` {class_index}: compute class_features over "
-                            f"every class, this one included.")
-        check_paired(clip, pipe.text_encoder)
     token = token or token_name(class_index)
     n = config.num_vectors
     spelled = spell_token(token, n)  # S_k, or its n vectors as diffusers spells a multi-vector token
-    tokenizer = tokenizer_with(pipe.tokenizer, vector_names(token, n))  # a copy: the pipeline's stays as it was
-    text_encoder, unet = pipe.text_encoder, pipe.unet
-    device = unet.device
-    resolution = resolution or int(unet.config.sample_size) * int(pipe.vae_scale_factor)
+    tokenizer = tokenizer_with(pipe.tokenizer, vector_names(token, n))
+    init_id = single_token_id(tokenizer, config.init_token, "mcti.init_token")
+    if method == "mcti":
+        _check_features(features if features is not None else images_by_class, classes)
+    device = pipe.unet.device
+    resolution = resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
     # 2. The token: a standalone fp32 parameter ([dim], or [n, dim]), each vector initialised from `init_token`'s
-    #    embedding.
-    init_id = single_token_id(tokenizer, config.init_token, "mcti.init_token")
-    init = token_embedding(text_encoder).weight[init_id].detach().float().clone()
+    #    embedding. AdamW with torch's default weight decay (0.01), as the TI implementations MC-TI builds on use it.
+    init = token_embedding(pipe.text_encoder).weight[init_id].detach().float().clone()
     init = init if n == 1 else init.repeat(n, 1)
-    tids = tokenizer.convert_tokens_to_ids(vector_names(token, n))
     vec = torch.nn.Parameter(init.to(device))
-    # AdamW with torch's default weight decay (0.01), as the TI implementations MC-TI builds on use it.
     optimizer = torch.optim.AdamW([vec], lr=config.lr)
-    # fp16 weights need loss scaling for the token's gradient to survive; bf16 and fp32 do not.
-    use_scaler = device.type == "cuda" and torch.float16 in (unet.dtype, text_encoder.dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = _loss_scaler(pipe)
+    rows = _TokenRows(pipe.text_encoder, tokenizer.convert_tokens_to_ids(vector_names(token, n)), vec)
 
-    # 3. Precompute what does not change: VAE posteriors of this class's images (and mirrors), image features.
+    # 3. Precompute what does not change: VAE posteriors of this class's images (and mirrors), image features. Each
+    #    loss draws from its own stream: the regularizer's draws never shift the L_mse draws, so that MC-TI with β=0
+    #    is TI, update for update.
     own = list(images_by_class[class_index])
-    pix = _pixels(own, resolution)
-    mean, std = _latent_stats(pipe, pix)
-    if flip_p > 0:
-        mean_f, std_f = _latent_stats(pipe, pix.flip(-1))
-    vae_cfg = pipe.vae.config
-    scaling, shift = float(vae_cfg.scaling_factor), float(getattr(vae_cfg, "shift_factor", None) or 0.0)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_train_t = int(noise_scheduler.config.num_train_timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
+    l_mse = _MseLoss(pipe, tokenizer, rows, own, resolution, flip_p, templates, spelled, config.batch_size,
+                     _generator(config.seed, class_index, 0))
+    l_reg = None
     if method == "mcti":
         feats = features if features is not None else class_features(clip, images_by_class)
-        empty = [k for k in classes if len(feats[k]) == 0]
-        if empty:
-            raise UserError(f"`features` of classes {empty[:10]} are empty: every class needs at least one image.")
-        feats = {k: feats[k].to(device, torch.float32) for k in classes}
-        target = torch.tensor([classes.index(class_index)], device=device)
-        reg_enc = tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=spelled)], device)
+        l_reg = _RegLoss(clip, tokenizer, rows, feats, classes, class_index, spelled, config.scale,
+                         _generator(config.seed, class_index, 1))
 
-    # Separate random streams: the regularizer's draws never shift the L_mse draws, so that MC-TI with β=0 is TI,
-    # update for update.
-    gen = _generator(config.seed, class_index, 0)
-    gen_reg = _generator(config.seed, class_index, 1)
-    queue: list[int] = []
-
-    def batch_indices(n: int) -> list[int]:
-        # Epochs over the few shots in a seeded order, like a shuffling DataLoader over a repeated dataset.
-        while len(queue) < n:
-            queue.extend(torch.randperm(len(own), generator=gen).tolist())
-        return [queue.pop(0) for _ in range(n)]
-
-    def l_mse() -> torch.Tensor:
-        # Eq. 1: ||ε - ε_θ(z_t, t, τ_φ(P))||², VAE latents of random shots, random templates and timesteps.
-        idx = batch_indices(config.batch_size)
-        prompts = [templates[int(i)].format(token=spelled)
-                   for i in torch.randint(len(templates), (len(idx),), generator=gen)]
-        flips = (torch.rand(len(idx), generator=gen) < flip_p).tolist() if flip_p > 0 else [False] * len(idx)
-        mu = torch.stack([(mean_f if f else mean)[i] for i, f in zip(idx, flips)])
-        sd = torch.stack([(std_f if f else std)[i] for i, f in zip(idx, flips)])
-        eps_z = torch.randn(mu.shape, generator=gen).to(device)
-        latents = (mu + sd * eps_z - shift) * scaling
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, num_train_t, (len(idx),), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
-            cond = encode(text_encoder, tokenize(tokenizer, prompts, device))
-        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
-        target_ = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-        return F.mse_loss(pred.float(), target_.float())
-
-    def l_reg() -> torch.Tensor:
-        # Eq. 3-4: one random few-shot feature per class as temporary prototypes f_j; g_k from "a photo of a S_k";
-        # cross-entropy of softmax_j(s·cos(g_k, f_j)) to class k. (Eq. 3 prints s outside exp, where it cancels;
-        # the intended logits are s·cos, CLIP's logit scale.)
-        protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=gen_reg).item()]
-                              for k in classes])
-        with splice_tokens(text_encoder, dict(zip(tids, vec.view(n, -1)))):
-            g = _text_features(clip, text_encoder, tokenizer, reg_enc)
-        logits = config.scale * g @ protos.T
-        return F.cross_entropy(logits, target)
-
-    # 4. Train: TI warm-up, then the joint loss (Eq. 5).
+    # 4. Train: TI warm-up, then the joint loss (Eq. 5)
     history: list[dict[str, Any]] = []
     warmup = init.cpu().clone().view(n, -1) if ti_steps == 0 and method == "mcti" else None
     total = ti_steps + joint_steps
@@ -320,20 +245,7 @@ def learn_mcti_token(
     for step in range(total):
         phase = "ti" if step < ti_steps else "mcti"
         optimizer.zero_grad(set_to_none=True)
-        if phase == "ti":
-            loss_mse = l_mse()
-            loss_reg = None
-            loss = loss_mse
-        else:
-            loss_mse = l_mse() if config.alpha != 0 else None
-            if config.beta != 0:
-                loss_reg = l_reg()
-            else:  # logged, but kept out of the graph so that β=0 reproduces TI bit for bit
-                with torch.no_grad():
-                    loss_reg = l_reg()
-            loss = config.alpha * loss_mse if loss_mse is not None else 0.0
-            if config.beta != 0:
-                loss = loss + config.beta * loss_reg
+        loss_mse, loss_reg, loss = _losses(phase, config, l_mse, l_reg)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -352,7 +264,7 @@ def learn_mcti_token(
         raise RuntimeError(f"token {token} became non-finite during {method} training (lr {config.lr}); "
                            f"lower `mcti.lr` or use fp32/bf16 weights.")
 
-    # 5. The result (the pipeline is untouched: `add_tokens` puts the token in for generation).
+    # 5. The result (the pipeline is untouched: `add_tokens` puts the token in for generation)
     embedding = vec.detach().float().cpu().clone().view(n, -1)
     last = history[-1] if history else {}
     metadata = {
@@ -368,6 +280,160 @@ def learn_mcti_token(
     return MCTIResult(token=token, class_index=class_index, label=label, method=method, embedding=embedding,
                       warmup_embedding=warmup if method == "mcti" else None, steps=total, history=history,
                       seconds=seconds, metadata={k: "" if v is None else str(v) for k, v in metadata.items()})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two losses and one update's loss
+# --------------------------------------------------------------------------------------------------------------------
+class _TokenRows:
+    """The token's vectors spliced into the text encoder's embedding output while text is encoded."""
+
+    def __init__(self, text_encoder: torch.nn.Module, ids: list[int], vec: torch.nn.Parameter) -> None:
+        self.text_encoder, self.ids, self.vec = text_encoder, ids, vec
+
+    def spliced(self):
+        return splice_tokens(self.text_encoder, dict(zip(self.ids, self.vec.view(len(self.ids), -1))))
+
+
+class _MseLoss:
+    """Eq. 1: ``||ε - ε_θ(z_t, t, τ_φ(P))||²`` on VAE latents of random shots, random templates and timesteps.
+
+    The VAE posteriors of the class's images (and of their mirrors when flips are on) are computed once: sampling
+    ``mean + std·ε`` per step equals re-encoding.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, tokenizer, rows: _TokenRows, images: list[Any], resolution: int,
+                 flip_p: float, templates: Sequence[str], spelled: str, batch_size: int,
+                 generator: torch.Generator) -> None:
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.tokenizer, self.rows, self.templates, self.spelled = pipe, tokenizer, rows, templates, spelled
+        self.flip_p, self.batch_size, self.gen, self.shots = flip_p, batch_size, generator, len(images)
+        self.device = pipe.unet.device
+        pix = _pixels(images, resolution)
+        self.mean, self.std = _latent_stats(pipe, pix)
+        if flip_p > 0:
+            self.mean_f, self.std_f = _latent_stats(pipe, pix.flip(-1))
+        vae_cfg = pipe.vae.config
+        self.scaling = float(vae_cfg.scaling_factor)
+        self.shift = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_train_t = int(self.scheduler.config.num_train_timesteps)
+        self.queue: list[int] = []
+
+    def batch_indices(self, n: int) -> list[int]:
+        """Epochs over the few shots in a seeded order, like a shuffling DataLoader over a repeated dataset."""
+        while len(self.queue) < n:
+            self.queue.extend(torch.randperm(self.shots, generator=self.gen).tolist())
+        return [self.queue.pop(0) for _ in range(n)]
+
+    def __call__(self) -> torch.Tensor:
+        gen, device, unet, scheduler = self.gen, self.device, self.pipe.unet, self.scheduler
+        idx = self.batch_indices(self.batch_size)
+        prompts = [self.templates[int(i)].format(token=self.spelled)
+                   for i in torch.randint(len(self.templates), (len(idx),), generator=gen)]
+        flips = (torch.rand(len(idx), generator=gen) < self.flip_p).tolist() if self.flip_p > 0 else [False] * len(idx)
+        mu = torch.stack([(self.mean_f if f else self.mean)[i] for i, f in zip(idx, flips)])
+        sd = torch.stack([(self.std_f if f else self.std)[i] for i, f in zip(idx, flips)])
+        eps_z = torch.randn(mu.shape, generator=gen).to(device)
+        latents = (mu + sd * eps_z - self.shift) * self.scaling
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, self.num_train_t, (len(idx),), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        with self.rows.spliced():
+            cond = encode(self.rows.text_encoder, tokenize(self.tokenizer, prompts, device))
+        pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        return F.mse_loss(pred.float(), target.float())
+
+
+class _RegLoss:
+    """Eq. 3-4: one random few-shot feature per class as temporary prototypes ``f_j``; ``g_k`` from "a photo of a
+    S_k"; the cross-entropy of ``softmax_j(s·cos(g_k, f_j))`` to class k. (Eq. 3 prints s outside exp, where it
+    cancels; the intended logits are ``s·cos``, CLIP's logit scale.)"""
+
+    def __init__(self, clip: CLIPModel, tokenizer, rows: _TokenRows, features: dict[int, torch.Tensor],
+                 classes: list[int], class_index: int, spelled: str, scale: float, generator: torch.Generator) -> None:
+        device = rows.vec.device
+        self.clip, self.tokenizer, self.rows, self.classes, self.scale, self.gen = (clip, tokenizer, rows, classes,
+                                                                                   scale, generator)
+        self.feats = {k: features[k].to(device, torch.float32) for k in classes}
+        self.target = torch.tensor([classes.index(class_index)], device=device)
+        self.enc = tokenize(tokenizer, [CLASSIFY_TEMPLATE.format(token=spelled)], device)
+
+    def __call__(self) -> torch.Tensor:
+        feats = self.feats
+        protos = torch.stack([feats[k][torch.randint(len(feats[k]), (1,), generator=self.gen).item()]
+                              for k in self.classes])
+        with self.rows.spliced():
+            g = text_features(self.clip, self.rows.text_encoder, self.tokenizer, self.enc)
+        return F.cross_entropy(self.scale * g @ protos.T, self.target)
+
+
+def _losses(phase: str, config: MCTIConfig, l_mse: _MseLoss, l_reg: _RegLoss | None
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One update's ``(L_mse, L_reg, loss)``: ``L_mse`` in the TI phase, ``α·L_mse + β·L_reg`` (Eq. 5) in the joint
+    one; a loss whose weight is 0 is not computed (``L_mse``) or kept out of the graph (``L_reg``, still logged), so
+    that β=0 reproduces TI bit for bit."""
+    if phase == "ti":
+        loss_mse = l_mse()
+        return loss_mse, None, loss_mse
+    loss_mse = l_mse() if config.alpha != 0 else None
+    if config.beta != 0:
+        loss_reg = l_reg()
+    else:
+        with torch.no_grad():
+            loss_reg = l_reg()
+    loss = config.alpha * loss_mse if loss_mse is not None else 0.0
+    if config.beta != 0:
+        loss = loss + config.beta * loss_reg
+    return loss_mse, loss_reg, loss
+
+
+def _loss_scaler(pipe: StableDiffusionPipeline) -> torch.amp.GradScaler:
+    # fp16 weights need loss scaling for the token's gradient to survive; bf16 and fp32 do not.
+    device = pipe.unet.device
+    use_scaler = device.type == "cuda" and torch.float16 in (pipe.unet.dtype, pipe.text_encoder.dtype)
+    return torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------------------------
+def _check_inputs(pipe: StableDiffusionPipeline, clip: CLIPModel | None, images_by_class: dict[int, Sequence[Any]],
+                  class_index: int, config: MCTIConfig, method: str,
+                  features: dict[int, torch.Tensor] | None) -> list[int]:
+    """Every check that needs no model work; returns the K classes of the regularizer: those of `features` when
+    given (a distributed job then needs only its own class's images), else those of `images_by_class`."""
+    if method not in METHODS:
+        raise UserError(f"`method` must be one of {', '.join(METHODS)} but is {method!r}.")
+    if class_index not in images_by_class or len(images_by_class[class_index]) == 0:
+        raise UserError(f"`class_index` {class_index} has no few-shot images in `images_by_class` (classes "
+                        f"{sorted(images_by_class)[:10]}...): pass at least one image for it.")
+    _check_config(config, method)
+    if config.steps + (config.extra_steps if method == "mcti" else 0) == 0:
+        raise UserError(f"`mcti.steps` ({config.steps}) + `mcti.extra_steps` ({config.extra_steps}) is 0 for method "
+                        f"{method!r}: nothing would be learned; set `mcti.steps` > 0.")
+    classes = sorted(features) if features is not None else sorted(images_by_class)
+    if method == "mcti":
+        if clip is None:
+            raise UserError("`clip` is None but method 'mcti' needs the CLIP image tower: pass `load_clip(...)`.")
+        if len(classes) < 2:
+            raise UserError(f"method 'mcti' needs at least 2 classes in `images_by_class` (or `features`) but got "
+                            f"{len(classes)}: the regularizer (Eq. 3-4) discriminates between classes; use method "
+                            f"'ti' for one.")
+        if class_index not in classes:
+            raise UserError(f"`features` has no entry for `class_index` {class_index}: compute class_features over "
+                            f"every class, this one included.")
+        check_paired(clip, pipe.text_encoder)
+    return classes
+
+
+def _check_features(features_or_images: dict[int, Sequence[Any]], classes: list[int]) -> None:
+    """Every class of the regularizer needs at least one feature (one image when features are computed here)."""
+    empty = [k for k in classes if len(features_or_images[k]) == 0]
+    if empty:
+        raise UserError(f"`features` of classes {empty[:10]} are empty: every class needs at least one image.")
 
 
 def _check_config(config: MCTIConfig, method: str) -> None:
@@ -396,9 +462,3 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
-
-
-def _replace(config: MCTIConfig, **changes: Any) -> MCTIConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
