@@ -334,6 +334,8 @@ class BuildConfig:
     device: str = "auto"
     dtype: str = "auto"
     channels_last: bool | None = None
+    dct: DCTConfig = field(default_factory=DCTConfig)
+    mcti: MCTIConfig = field(default_factory=MCTIConfig)
     guide: str = "digits-guide"
     guide_trained_on: str | None = None
     guide_target: str | None = None
@@ -342,8 +344,6 @@ class BuildConfig:
     baseline: bool = False
     seeds: str | None = None
     out: str = "out/digits"
-    dct: DCTConfig = field(default_factory=DCTConfig)
-    mcti: MCTIConfig = field(default_factory=MCTIConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     run: RunConfig = field(default_factory=RunConfig)
