@@ -275,7 +275,7 @@ def token_result(plan: TokenPlan, keeper: Keeper, history: list[dict], started: 
         "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "checkpointing": run.checkpointing,
         "config": {k: v for k, v in dataclasses.asdict(config).items()  # single-vector tokens' files keep their bytes
-                   if k not in TRUST_KEYS and (k != "num_vectors" or config.num_vectors != 1)},
+                   if k not in UNRECORDED_KEYS and (k != "num_vectors" or config.num_vectors != 1)},
     }
     if not run.target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
         metadata["target"] = str(run.target)
@@ -835,9 +835,11 @@ def resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget,
     return target, index, label if label is not None else ""
 
 
-# DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned: not recorded
-# in the token file, whose bytes do not depend on them.
+# DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned, and of the
+# speed alone (classes learned in one denoising batch, `synthaug.tokens.dct_batch`): not recorded in the token file,
+# whose bytes do not depend on them.
 TRUST_KEYS = ("trust", "trust_shots", "trust_images")
+UNRECORDED_KEYS = (*TRUST_KEYS, "classes_per_batch")
 
 
 def train_seeds(config: DCTConfig, class_index: int, step: int) -> list[int]:
