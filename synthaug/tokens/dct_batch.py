@@ -290,20 +290,19 @@ def _iteration(active: list[_Learner], callback) -> list[tuple[_Learner, TokenRe
     """One training iteration of every class in `active` (`learn_dct_token`'s step 4, the classes' seeds in one
     batch). Returns the classes that finished, with their result or error, in batch order."""
     config, pipe = active[0].run.config, active[0].run.pipe
+    chunks = chunk_bounds(config.batch_size, config.micro_batch)
     passes = []
     for learner in active:
         learner.optimizer.zero_grad(set_to_none=True)
         if config.lr_schedule != "constant":
             learner.optimizer.param_groups[0]["lr"] = scheduled_lr(config, learner.step)
         text = encode_with(learner.run, learner.v_c, learner.prompt_inputs)  # [len(prompts), L, D]
-        chunks = chunk_bounds(config.batch_size, config.micro_batch)
         leaf = text.detach().requires_grad_() if config.x0_weight > 0 or len(chunks) > 1 else None
         draws = augment_draws((config.batch_size, pipe.vae.config.out_channels, config.height, config.width),
                               config.augment, learner.augment_generator) if config.augment > 0 else None
         passes.append(_Pass(learner, text, leaf, draws, train_seeds(config, learner.run.class_index, learner.step)))
 
     # Per micro-batch (the whole batch unless dct.micro_batch is set), every class's share of it in one chain
-    chunks = chunk_bounds(config.batch_size, config.micro_batch)
     for lo, hi in chunks:
         live = [p for p in passes if p.error is None]
         if not live:
