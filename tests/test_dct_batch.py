@@ -206,3 +206,21 @@ def test_auto_classes_per_batch_fits_free_cuda_memory(monkeypatch, tiny_pipe):
     assert len(probed) == 2
     assert classes_per_batch_for(tiny_pipe, Guide(), cfg(classes_per_batch=None), job) == 1  # CPU: no probe
     assert len(probed) == 2
+
+
+def test_the_memory_probe_trains_one_class_then_two(monkeypatch, tiny_pipe):
+    # the allocator's readings faked (no CUDA here): the probe's two runs, alone and side by side, really train
+    peaks, widths = iter([6 * 2**30, 9 * 2**30]), []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(peaks))
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[0]))
+    try:
+        config = cfg(num_inference_steps=4, select="val", val_batch_size=3, x0_weight=0.5)
+        assert dct_batch.probe_token_memory(tiny_pipe, Guide(), config, DCTJob(3, "three")) == (3 * 2**30, 2 * 2**30)
+    finally:
+        hook.remove()
+    # 2 updates of a chain cut to grad_steps + 1 = 2 UNet calls, with a validation of 3 seeds before each update
+    train, val = [2 * 2] * 2, [3 * 2] * 2
+    assert widths == [*train, *val, *train, *val] + [2 * w for w in train] + val + val + [2 * w for w in train] + val + val

@@ -180,11 +180,11 @@ def probe_token_memory(pipe: StableDiffusionPipeline, classifier: torch.nn.Modul
                        job: DCTJob) -> tuple[int, int]:
     """Bytes one class's training iteration needs beyond the weights, and the part that does not grow with the
     classes, on CUDA: two updates of `job`'s class, alone and twice side by side, with the config's batch, size,
-    gradient steps and levers over a chain shortened to the gradient-carrying steps (the steps without a graph hold no
-    memory afterwards). The difference of the allocator's peaks is the per-class cost. Returns ``(per_class,
-    fixed)``."""
+    gradient steps and levers (with ``select="val"`` a validation before the first update, while the graph is held)
+    over a chain shortened to the gradient-carrying steps (the steps without a graph hold no memory afterwards). The
+    difference of the allocator's peaks is the per-class cost. Returns ``(per_class, fixed)``."""
     device = pipe._execution_device
-    probe = replace(config, max_steps=2, extend_steps=0, select="last", patience=0, patience_metric="loss",
+    probe = replace(config, max_steps=2, extend_steps=0, val_every=1, patience=0, patience_metric="loss",
                     stop_all_correct=False, num_inference_steps=min(config.num_inference_steps, config.grad_steps + 1))
     peaks = []
     for n in (1, 2):
