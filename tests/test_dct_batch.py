@@ -118,7 +118,8 @@ def test_a_failing_class_does_not_disturb_the_others(tiny_pipe):
     single = alone(tiny_pipe, blind, [jobs[0], jobs[3]], config)
     results = list(learn_dct_tokens(tiny_pipe, blind, jobs, config, classes_per_batch=2))
     by_class = {job.class_index: result for job, result in results}
-    assert [job.class_index for job, _ in results] == [12, 4, 5, 3]  # 12 fails in its first iteration, then 4 as it joins
+    # 12 fails in its first iteration, then 4 as it takes 12's place
+    assert [job.class_index for job, _ in results] == [12, 4, 5, 3]
     assert isinstance(by_class[12], UserError) and "`class_index` 12 is out of range" in str(by_class[12])
     assert isinstance(by_class[4], UserError) and "already a word of the tokenizer's vocabulary" in str(by_class[4])
     for c in (3, 5):
@@ -223,4 +224,5 @@ def test_the_memory_probe_trains_one_class_then_two(monkeypatch, tiny_pipe):
         hook.remove()
     # 2 updates of a chain cut to grad_steps + 1 = 2 UNet calls, with a validation of 3 seeds before each update
     train, val = [2 * 2] * 2, [3 * 2] * 2
-    assert widths == [*train, *val, *train, *val] + [2 * w for w in train] + val + val + [2 * w for w in train] + val + val
+    side_by_side = [2 * w for w in train] + val + val
+    assert widths == [*train, *val, *train, *val, *side_by_side, *side_by_side]
