@@ -179,23 +179,13 @@ def learn_dct_token(
             target_prob, correct = guide_scores(run, torch.cat(logit_parts))
 
             # 4.5 Record the measurement of v_c *before* this iteration's update
-            entry = {"step": step, "loss": loss_value,
-                     "accuracy": correct.float().mean().item(),
-                     "x0_loss": sum(x0_values) if x0_values else None,
-                     "target_prob": target_prob.mean().item(), "grad_norm": None,
-                     "lr": optimizer.param_groups[0]["lr"], "updated": False,
-                     "nonfinite": not math.isfinite(loss_value)}
+            entry = history_entry(step, loss_value, correct, target_prob, x0_values, optimizer.param_groups[0]["lr"])
             history.append(entry)
 
             # 4.6 Keep the best v_c so far (config.select) and stop by the paper's three rules (appendix D)
-            if keeper.measured(step, loss_value, entry["accuracy"], v_c):
-                val, calls = validate_token(run, v_c.detach(), val_inputs)
-                entry["val_accuracy"], entry["val_prob"] = val
-                unet_evals += calls
-                keeper.validated(step, val, v_c)
-            if callback is not None:
-                callback(entry, v_c.detach().to("cpu", torch.float32).clone())
-            if keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)):
+            stop, calls = keep_or_stop(run, keeper, entry, v_c, val_inputs, callback)
+            unet_evals += calls
+            if stop:
                 bar_update(bar, entry)
                 break
 
@@ -377,6 +367,28 @@ class Keeper:
         if stop != "all_correct" and self.config.select == "last":
             self._keep(v_c, step)
         return stop
+
+
+def history_entry(step: int, loss_value: float, correct: torch.Tensor, target_prob: torch.Tensor,
+                  x0_values: list[float], lr: float) -> dict:
+    """Step 4.5 of `learn_dct_token`: the history entry of iteration `step`'s measurement, before its update."""
+    return {"step": step, "loss": loss_value, "accuracy": correct.float().mean().item(),
+            "x0_loss": sum(x0_values) if x0_values else None, "target_prob": target_prob.mean().item(),
+            "grad_norm": None, "lr": lr, "updated": False, "nonfinite": not math.isfinite(loss_value)}
+
+
+def keep_or_stop(run: TokenRun, keeper: Keeper, entry: dict, v_c: torch.Tensor, val_inputs: dict | None,
+                 callback: Callable[[dict, torch.Tensor], None] | None) -> tuple[bool, int]:
+    """Step 4.6 of `learn_dct_token`: give the keeper the measurement in `entry` (validating ``v_c`` when due, into
+    `entry`), call `callback`, decide. Returns (stop now, the validation's UNet calls)."""
+    step, calls = entry["step"], 0
+    if keeper.measured(step, entry["loss"], entry["accuracy"], v_c):
+        val, calls = validate_token(run, v_c.detach(), val_inputs)
+        entry["val_accuracy"], entry["val_prob"] = val
+        keeper.validated(step, val, v_c)
+    if callback is not None:
+        callback(entry, v_c.detach().to("cpu", torch.float32).clone())
+    return keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)) is not None, calls
 
 
 def scheduled_lr(config: DCTConfig, step: int) -> float:

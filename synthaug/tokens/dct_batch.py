@@ -45,7 +45,9 @@ from .dct import (
     frozen,
     guide_loss,
     guide_scores,
+    history_entry,
     initial_latents,
+    keep_or_stop,
     learn_dct_token,
     plan_token,
     progress_bar,
@@ -54,7 +56,6 @@ from .dct import (
     token_result,
     train_seeds,
     update_token,
-    validate_token,
     warn_if_last_step_is_noisy,
     x0_images,
     x0_step_weight,
@@ -353,26 +354,16 @@ def _iteration(active: list[_Learner], callback) -> list[tuple[_Learner, TokenRe
 def _measure(p: _Pass, callback) -> bool:
     """`learn_dct_token`'s steps 4.5-4.6 for one class: record the measurement, keep, validate, stop. True: stop."""
     learner, run = p.learner, p.learner.run
-    step, v_c = learner.step, learner.v_c
     target_prob, correct = guide_scores(run, torch.cat(p.logits))
-    entry = {"step": step, "loss": p.loss_value,
-             "accuracy": correct.float().mean().item(),
-             "x0_loss": sum(p.x0_values) if p.x0_values else None,
-             "target_prob": target_prob.mean().item(), "grad_norm": None,
-             "lr": learner.optimizer.param_groups[0]["lr"], "updated": False,
-             "nonfinite": not math.isfinite(p.loss_value)}
+    entry = history_entry(learner.step, p.loss_value, correct, target_prob, p.x0_values,
+                          learner.optimizer.param_groups[0]["lr"])
     learner.history.append(entry)
-    if learner.keeper.measured(step, p.loss_value, entry["accuracy"], v_c):
-        val, calls = validate_token(run, v_c.detach(), learner.val_inputs)
-        entry["val_accuracy"], entry["val_prob"] = val
-        learner.unet_evals += calls
-        learner.keeper.validated(step, val, v_c)
-    if callback is not None:
-        callback(learner.job, entry, v_c.detach().to("cpu", torch.float32).clone())
-    if learner.keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)):  # always by the last step (rule 3)
+    report = None if callback is None else (lambda e, v: callback(learner.job, e, v))
+    stop, calls = keep_or_stop(run, learner.keeper, entry, learner.v_c, learner.val_inputs, report)
+    learner.unet_evals += calls
+    if stop:  # always by the last step (rule 3)
         bar_update(learner.bar, entry)
-        return True
-    return False
+    return stop
 
 
 def _forward(live: list[_Pass], lo: int, hi: int, warn: bool,
