@@ -477,7 +477,7 @@ def test_x0_loss_with_every_step_carrying_gradient_is_the_plain_update(tiny_pipe
 def test_x0_from_alphas_is_ddims_prediction(prediction_type):
     from diffusers import DDIMScheduler
 
-    from synthaug.tokens.dct import _x0_from_alphas
+    from synthaug.tokens.x0 import x0_from_alphas
 
     ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
@@ -485,7 +485,7 @@ def test_x0_from_alphas_is_ddims_prediction(prediction_type):
     sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in ddim.timesteps[[0, 5, -1]]:
         want = ddim.step(output, t, sample).pred_original_sample
-        assert torch.allclose(_x0_from_alphas(ddim, output, t, sample), want, atol=1e-5)
+        assert torch.allclose(x0_from_alphas(ddim, output, t, sample), want, atol=1e-5)
 
 
 def test_x0_loss_works_with_pndm(own_pipe):

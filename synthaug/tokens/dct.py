@@ -18,7 +18,6 @@ clamped straight-through (a hard clamp zeroes the gradient of saturated pixels).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -37,6 +36,7 @@ from ..errors import UserError
 from ..target import CLASS, GuideTarget, check_label_free, parse_guide_target
 from .augment import augment_draws, augment_views, clamp01
 from .text import encode, render_prompt, spell_token, splice_tokens, token_name, tokenize, tokenizer_with, vector_names
+from .x0 import predicted_x0, scheduler_predicts_x0, x0_from_alphas_works
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -510,45 +510,10 @@ def x0_step_weight(run: TokenRun, share: float = 1.0) -> float:
 
 def x0_images(run: TokenRun, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
               step_kwargs: dict) -> torch.Tensor:
-    """One step's predicted clean image x̂_0, decoded and clamped, for the guide's x0 loss.
-
-    x̂_0 is the scheduler's ``pred_original_sample``, from a copy of the scheduler (multistep schedulers keep model
-    outputs as state: the real one must only ever see detached tensors) and copies of its generators, so the sampling
-    chain is untouched. Schedulers that return none (PNDM, DPM-Solver) get it from ᾱ_t (`_x0_from_alphas`).
-    """
-    out = copy.deepcopy(run.pipe.scheduler).step(noise_pred, t, latents, **_fork_generators(step_kwargs))
-    x0 = getattr(out, "pred_original_sample", None)
-    if x0 is None:
-        x0 = _x0_from_alphas(run.pipe.scheduler, noise_pred, t, latents)
+    """One step's predicted clean image x̂_0 (`synthaug.tokens.x0.predicted_x0`), decoded and clamped, for the guide's
+    x0 loss."""
+    x0 = predicted_x0(run.pipe.scheduler, noise_pred, t, latents, step_kwargs)
     return clamp01(decode_images(run, x0), run.config.straight_through_clamp)
-
-
-def _x0_from_alphas(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """x̂_0 of a DDPM-parameterised step, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, from the model's output at (x_t, t):
-    ε-prediction (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t); v-prediction sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂; sample: x̂_0."""
-    alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
-    if kind == "v_prediction":
-        return alpha ** 0.5 * sample - (1 - alpha) ** 0.5 * model_output
-    return model_output
-
-
-def _x0_from_alphas_works(scheduler) -> bool:
-    """Whether `_x0_from_alphas` applies: discrete ᾱ_t and a model input that is x_t itself (not sigma-scaled)."""
-    return (getattr(scheduler, "alphas_cumprod", None) is not None
-            and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0
-            and getattr(scheduler.config, "prediction_type", "epsilon") in ("epsilon", "v_prediction", "sample"))
-
-
-def _scheduler_predicts_x0(scheduler, num_inference_steps: int) -> bool:
-    """Whether the scheduler's step returns ``pred_original_sample``: one step of a copy on a dummy latent."""
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_inference_steps, device="cpu")
-    t = probe.timesteps[0]
-    z = torch.zeros(1, 4, 8, 8)
-    return getattr(probe.step(z, t, probe.scale_model_input(z, t)), "pred_original_sample", None) is not None
 
 
 def loss_scaler(pipe) -> torch.amp.GradScaler:
@@ -707,8 +672,8 @@ def check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConf
                 f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
                 f"{tokenizer.model_max_length} tokens and the class token {token!r} was cut off: shorten the prompt "
                 f"or the label.")
-    if (config.x0_weight > 0 and not _x0_from_alphas_works(pipe.scheduler)
-            and not _scheduler_predicts_x0(pipe.scheduler, config.num_inference_steps)):
+    if (config.x0_weight > 0 and not x0_from_alphas_works(pipe.scheduler)
+            and not scheduler_predicts_x0(pipe.scheduler, config.num_inference_steps)):
         raise UserError(
             f"`dct.x0_weight` {config.x0_weight} needs the predicted clean image of every step, and "
             f"{type(pipe.scheduler).__name__} neither returns one nor has a DDPM noise schedule to compute it from: "
@@ -737,20 +702,6 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
     if checkpoint:
         return torch.utils.checkpoint.checkpoint(run, model_input, hidden, use_reentrant=False)
     return run(model_input, hidden)
-
-
-def _fork_generators(kwargs: dict) -> dict:
-    """`kwargs` with its ``generator`` (one or a list) replaced by copies in the same state: a side computation (the
-    x0 loss's scheduler step) then draws no random numbers from the real sampling chain's generators."""
-    def fork(g: torch.Generator) -> torch.Generator:
-        clone = torch.Generator(device=g.device)
-        clone.set_state(g.get_state())
-        return clone
-
-    g = kwargs.get("generator")
-    if g is None:
-        return kwargs
-    return {**kwargs, "generator": [fork(x) for x in g] if isinstance(g, list) else fork(g)}
 
 
 def decode_images(run: TokenRun, latents: torch.Tensor) -> torch.Tensor:
