@@ -243,19 +243,21 @@ class _Pass:
 def _learn(pipe, classifier, jobs: Iterator[DCTJob], config: DCTConfig, wanted: int | str | None, *,
            progress: bool = False, callback=None, checkpointing: bool | None = None,
            val_prompt: str | None = None) -> Iterator[tuple[DCTJob, TokenResult | UserError]]:
+    """`learn_dct_tokens` once its arguments are checked: the generator it returns."""
     first = next(jobs, None)
     if first is None:
         return
     size = classes_per_batch_for(pipe, classifier, config, first, wanted)
     if size == 1:  # today's path, one class after another
         for job in itertools.chain([first], jobs):
+            report = None if callback is None else (lambda entry, v, job=job: callback(job, entry, v))
             try:
-                report = None if callback is None else (lambda entry, v, job=job: callback(job, entry, v))
-                yield job, learn_dct_token(pipe, classifier, job.class_index, job.label, config, token=job.token,
-                                           progress=progress, callback=report, checkpointing=checkpointing,
-                                           val_prompt=val_prompt, target=job.target)
+                result = learn_dct_token(pipe, classifier, job.class_index, job.label, config, token=job.token,
+                                         progress=progress, callback=report, checkpointing=checkpointing,
+                                         val_prompt=val_prompt, target=job.target)
             except UserError as e:
-                yield job, e
+                result = e
+            yield job, result
         return
 
     pending = itertools.chain([first], jobs)
