@@ -22,7 +22,7 @@ _EXPORTS = {
     # classifier
     "load_classifier": "classifier", "Classifier": "classifier",
     # tokens
-    "learn_dct_token": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
+    "learn_dct_token": "tokens", "learn_dct_tokens": "tokens", "DCTJob": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
     "load_tokens": "tokens", "add_tokens": "tokens", "token_name": "tokens", "token_metadata": "tokens",
     "learn_tokens": "commands",
     "learn_mcti_token": "tokens", "classify": "tokens", "export_tokens": "commands",

@@ -147,6 +147,10 @@ class DCTConfig:
     trust_shots: int = 5
     trust_images: int = 8
     num_vectors: int = 1
+    # Classes whose tokens learn together, their seeds in one denoising batch (synthaug.tokens.dct_batch): speed only,
+    # each token equals the one learned alone up to float rounding. null or "auto": on CUDA as many as fit in free
+    # memory (measured once per learn_dct_tokens call, see dct_batch.classes_per_batch_for), elsewhere 1.
+    classes_per_batch: int | None = 1
 
     @property
     def learning_rate(self) -> float:
@@ -366,6 +370,7 @@ VALID = {
 # --------------------------------------------------------------------------------------------------------------------
 # Keys where "auto" means null: the value is chosen when the work runs. Key -> what the key accepts.
 AUTO_KEYS = {"generate.batch_size": "an integer > 0, or auto (null) to fit the GPU's free memory",
+             "dct.classes_per_batch": "an integer > 0, or auto (null) to fit the GPU's free memory",
              "generate.compile": "true, false, or auto (null; on with CUDA, off elsewhere)",
              "channels_last": "true, false, or auto (null; on with CUDA, off elsewhere)"}
 
@@ -589,7 +594,8 @@ def get(cfg: Any, dotted: str) -> Any:
 
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
-            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_shots", "dct.trust_images", "generate.batch_size", "generate.num_inference_steps",
+            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_shots", "dct.trust_images",
+            "dct.classes_per_batch", "generate.batch_size", "generate.num_inference_steps",
             "generate.shots", "dct.num_vectors", "mcti.num_vectors",
             "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
@@ -677,7 +683,8 @@ def validate(cfg: BuildConfig) -> None:
             default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
                        "dct.micro_batch": " (or null for the whole batch)",
                        "run.max_in_flight": " (or null for one per worker)",
-                       "generate.batch_size": " (or auto to fit the GPU's free memory)"}.get(key, "")
+                       "generate.batch_size": " (or auto to fit the GPU's free memory)",
+                       "dct.classes_per_batch": " (or auto to fit the GPU's free memory)"}.get(key, "")
             raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
@@ -808,7 +815,8 @@ def diff(a: BuildConfig | dict, b: BuildConfig | dict, *, ignore: tuple[str, ...
 
 def resolve_auto(cfg: BuildConfig, *, cuda: bool) -> BuildConfig:
     """`cfg` with the switches whose None means "on with CUDA, off elsewhere" (``generate.compile``,
-    ``channels_last``) set to what they are on a machine with (`cuda` True) or without CUDA.
+    ``channels_last``) set to what they are on a machine with (`cuda` True) or without CUDA, and without CUDA
+    ``dct.classes_per_batch`` auto set to the 1 it is there.
 
     A resume compares what the work would do: a folder written before a switch became ``auto`` (its config.yaml
     says ``compile: false``) resumes on a CPU machine, where auto is off, as it was made.
@@ -816,7 +824,8 @@ def resolve_auto(cfg: BuildConfig, *, cuda: bool) -> BuildConfig:
     on = cuda and cfg.device != "cpu"
     generate = cfg.generate if cfg.generate.compile is not None else replace(cfg.generate, compile=on)
     channels_last = on if cfg.channels_last is None else cfg.channels_last
-    return replace(cfg, generate=generate, channels_last=channels_last)
+    dct = cfg.dct if on or cfg.dct.classes_per_batch is not None else replace(cfg.dct, classes_per_batch=1)
+    return replace(cfg, generate=generate, channels_last=channels_last, dct=dct)
 
 
 def dump_yaml(cfg: BuildConfig) -> str:

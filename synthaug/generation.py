@@ -397,14 +397,14 @@ def batch_size_for(pipe: StableDiffusionPipeline, config: GenerateConfig) -> int
     if device.type != "cuda":
         return CPU_BATCH_SIZE
     per_image, fixed = probe_memory(pipe, config)
-    free = _free_cuda_memory(device)
+    free = free_cuda_memory(device)
     n = auto_batch_size(free, per_image, fixed)
     logger.info("generate.batch_size auto: %d (%.1f GiB free on %s, %.2f GiB per image + %.2f GiB fixed at %dx%d)",
                 n, free / 2**30, device, per_image / 2**30, fixed / 2**30, config.height, config.width)
     return n
 
 
-def _free_cuda_memory(device: torch.device) -> int:
+def free_cuda_memory(device: torch.device) -> int:
     import torch
 
     free, _ = torch.cuda.mem_get_info(device)

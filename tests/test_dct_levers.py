@@ -95,7 +95,7 @@ def test_the_progress_bar_follows_an_extension_past_max_steps(tiny_pipe, monkeyp
     from synthaug.tokens import dct
 
     bars = []
-    monkeypatch.setattr(dct, "_progress_bar", lambda enabled, total, label: bars.append(
+    monkeypatch.setattr(dct, "progress_bar", lambda enabled, total, label: bars.append(
         tqdm(total=total, file=io.StringIO())) or bars[-1])
     args = {"max_steps": 3, "select": "val", "val_every": 1, "val_batch_size": 3, "extend_steps": 4,
             "extend_window": 2}

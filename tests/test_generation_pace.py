@@ -106,12 +106,12 @@ def test_batch_size_for_reads_free_cuda_memory(monkeypatch, caplog):
     probed = []
     monkeypatch.setattr(generation, "probe_memory", lambda pipe, cfg: probed.append((cfg.height, cfg.width))
                         or (int(1.5 * gib), int(0.5 * gib)))
-    monkeypatch.setattr(generation, "_free_cuda_memory", lambda device: 20 * gib)
+    monkeypatch.setattr(generation, "free_cuda_memory", lambda device: 20 * gib)
     with caplog.at_level(logging.INFO, logger="synthaug.generation"):
         assert batch_size_for(cuda_pipe, GenerateConfig(batch_size=None, height=512, width=512)) == 11  # (18-.5)/1.5
     assert probed == [(512, 512)]
     assert "generate.batch_size auto: 11 (20.0 GiB free on cuda:0, 1.50 GiB per image + 0.50 GiB fixed" in caplog.text
-    monkeypatch.setattr(generation, "_free_cuda_memory", lambda device: 80 * gib)
+    monkeypatch.setattr(generation, "free_cuda_memory", lambda device: 80 * gib)
     assert batch_size_for(cuda_pipe, GenerateConfig(batch_size=None)) == 47
     assert batch_size_for(cuda_pipe, GenerateConfig(batch_size=6)) == 6  # a number is taken as it is, no probe
     assert len(probed) == 2

@@ -20,7 +20,8 @@ from synthaug.errors import UserError
 from synthaug.generation import generate
 from synthaug.models import set_scheduler
 from synthaug.testing import tiny_pipeline
-from synthaug.tokens.dct import _augment, _clamp01, _seed, learn_dct_token
+from synthaug.tokens.augment import augment, clamp01
+from synthaug.tokens.dct import dct_seed, learn_dct_token
 from synthaug.tokens.io import add_tokens, load_tokens, save_token, save_tokens, token_metadata
 from synthaug.tokens.text import embedding_sha256, token_name
 
@@ -237,7 +238,7 @@ def test_training_forward_equals_stock_pipeline(tiny_pipe):
 
     pipe = tiny_pipeline(seed=0)
     add_tokens(pipe, {"<synthaug-003>": init_row(pipe, "bird")})
-    generators = [torch.Generator().manual_seed(_seed("train", config.seed, 3, b)) for b in range(2)]
+    generators = [torch.Generator().manual_seed(dct_seed("train", config.seed, 3, b)) for b in range(2)]
     prompts = [p.format(token="<synthaug-003>", label="three") for p in config.prompts]  # element b: prompt b % 2
     images = pipe(prompts, num_inference_steps=4, guidance_scale=config.guidance_scale, height=SIZE, width=SIZE,
                   generator=generators, output_type="pt").images
@@ -416,20 +417,20 @@ def test_nonfinite_loss_is_never_selected(tiny_pipe):
 
 def test_straight_through_clamp_keeps_gradient():
     x = torch.tensor([-0.5, 0.25, 1.5], requires_grad=True)
-    y = _clamp01(x, True)
+    y = clamp01(x, True)
     assert y.tolist() == [0.0, 0.25, 1.0]  # forward value is exactly the clamp
     y.sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 1.0]
     x.grad = None
-    _clamp01(x, False).sum().backward()
+    clamp01(x, False).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 0.0]  # a hard clamp kills saturated pixels' gradient
 
 
 def test_augment_views():
     images = torch.rand(2, 3, SIZE, SIZE, requires_grad=True)
-    views = _augment(images, 3, torch.Generator().manual_seed(0))
+    views = augment(images, 3, torch.Generator().manual_seed(0))
     assert views.shape == (6, 3, SIZE, SIZE) and views.min() >= 0 and views.max() <= 1
-    again = _augment(images, 3, torch.Generator().manual_seed(0))
+    again = augment(images, 3, torch.Generator().manual_seed(0))
     assert torch.equal(views, again)
     assert not torch.equal(views[0], views[1])  # copies differ
     views.sum().backward()
@@ -476,7 +477,7 @@ def test_x0_loss_with_every_step_carrying_gradient_is_the_plain_update(tiny_pipe
 def test_x0_from_alphas_is_ddims_prediction(prediction_type):
     from diffusers import DDIMScheduler
 
-    from synthaug.tokens.dct import _x0_from_alphas
+    from synthaug.tokens.x0 import x0_from_alphas
 
     ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
@@ -484,7 +485,7 @@ def test_x0_from_alphas_is_ddims_prediction(prediction_type):
     sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in ddim.timesteps[[0, 5, -1]]:
         want = ddim.step(output, t, sample).pred_original_sample
-        assert torch.allclose(_x0_from_alphas(ddim, output, t, sample), want, atol=1e-5)
+        assert torch.allclose(x0_from_alphas(ddim, output, t, sample), want, atol=1e-5)
 
 
 def test_x0_loss_works_with_pndm(own_pipe):
@@ -537,7 +538,7 @@ def test_fp16_scales_the_loss_so_the_gradient_does_not_underflow(monkeypatch):
     scaled, entry = first_gradient(monkeypatch, pipe, Faint(), cfg(max_steps=2, grad_clip=0.0))
     assert entry["loss_scale"] == 65536.0 and entry["updated"]
     assert torch.dot(scaled, fp32) / (scaled.norm() * fp32.norm()) > 0.95  # (F.cosine_similarity clamps at 1e-8)
-    monkeypatch.setattr(dct, "_loss_scaler", lambda pipe: torch.amp.GradScaler("cpu", enabled=False))
+    monkeypatch.setattr(dct, "loss_scaler", lambda pipe: torch.amp.GradScaler("cpu", enabled=False))
     unscaled, _ = first_gradient(monkeypatch, pipe, Faint(), cfg(max_steps=2, grad_clip=0.0))
     assert unscaled.norm() < 0.5 * fp32.norm()
 

@@ -18,7 +18,6 @@ clamped straight-through (a hard clamp zeroes the gradient of saturated pixels).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import logging
@@ -26,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,9 @@ import torch.utils.checkpoint
 from ..config import DCTConfig, check_dct_levers
 from ..errors import UserError
 from ..target import CLASS, GuideTarget, check_label_free, parse_guide_target
+from .augment import augment_draws, augment_views, clamp01
 from .text import encode, render_prompt, spell_token, splice_tokens, token_name, tokenize, tokenizer_with, vector_names
+from .x0 import predicted_x0, scheduler_predicts_x0, x0_from_alphas_works
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -43,15 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STOP_REASONS = ("all_correct", "patience", "max_steps")
-
-
-# Expectation over transformations (config.augment > 0). An earlier digits world measured ±1 px shifts on 8 px
-# digits (1/8 of the side) and Gaussian noise sigma 0.1 as the best single lever with the one-step gradient; the
-# shift scales with size.
-AUGMENT_SHIFT = 0.125
-
-
-AUGMENT_NOISE = 0.1
 
 
 @dataclass
@@ -140,54 +132,32 @@ def learn_dct_token(
     ...                        val_prompt="A photo of {token}", target="attribute:closed_loop=1")
     """
     started = time.perf_counter()
-    target, class_index, label = _resolve_target(classifier, target, class_index, label)
-
     # 1. Check every input before any model work; a tokenizer that knows S_c (a copy: the pipeline's stays as it was)
-    token = token if token is not None else token_name(class_index) if target.is_class else target.token
-    val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
-    tokenizer = _check_inputs(pipe, classifier, class_index, label, config, token, val_prompt, target)
-    spelled = spell_token(token, config.num_vectors)  # "S_c" or, multi-vector, "S_c S_c_1 ..." (diffusers' spelling)
-    run = _Run(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(spelled.split()),
-               pipe._execution_device, pipe.text_encoder.dtype,  # the pipeline's latents are in the prompts' dtype
-               config.checkpointing if checkpointing is None else checkpointing, _loss_scaler(pipe), target=target)
+    plan = plan_token(pipe, classifier, class_index, label, config, token=token, checkpointing=checkpointing,
+                      val_prompt=val_prompt, target=target)
+    run, label, class_index = plan.run, plan.label, plan.run.class_index
 
-    with _frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), _block_checkpointing(run), torch.enable_grad():
-        # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3);
-        #    [dim], or [num_vectors, dim] with every vector so initialised
-        init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
-        init = pipe.text_encoder.get_input_embeddings().weight[init_id].detach().to(run.device, torch.float32)
-        v_c = torch.nn.Parameter(init.clone() if config.num_vectors == 1 else init.repeat(config.num_vectors, 1))
-        optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
-
-        # 3. Prompts, padded to model_max_length as at inference: batch element b gets prompts[b % len(prompts)], so
-        #    every update's loss is measured on the same prompt mix (and losses compare across updates). Validation
-        #    uses the generation prompt. The unconditional embedding does not depend on v_c: once, without a graph.
-        prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, spelled) for p in config.prompts], run.device)
-        val_inputs = (tokenize(tokenizer, [render_prompt(val_prompt, label, spelled)], run.device)
-                      if config.select == "val" else None)
-        if run.do_cfg:
-            with torch.no_grad():
-                run.uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], run.device)).to(run.dtype)
-        augment_generator = torch.Generator(device="cpu").manual_seed(_seed("augment", config.seed, class_index, 0))
+    with frozen(pipe.unet, pipe.vae, pipe.text_encoder, classifier), block_checkpointing(run), torch.enable_grad():
+        # 2-3. v_c, its optimizer, the tokenized prompts (`start_token`)
+        v_c, optimizer, prompt_inputs, val_inputs, augment_generator = start_token(plan)
 
         # 4. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
-        keeper, history, unet_evals = _Keeper(config, v_c), [], 0
-        bar = _progress_bar(progress, config.max_steps, label)
+        keeper, history, unet_evals = Keeper(config, v_c), [], 0
+        bar = progress_bar(progress, config.max_steps, label)
         for step in range(config.max_steps + config.extend_steps):
             optimizer.zero_grad(set_to_none=True)
             if config.lr_schedule != "constant":
-                optimizer.param_groups[0]["lr"] = _scheduled_lr(config, step)
+                optimizer.param_groups[0]["lr"] = scheduled_lr(config, step)
 
             # 4.1 C = τ(P) with v_c at S_c's positions, the only tensor that carries gradient. With the x0 loss or
             #     micro-batches the denoising sees a detached leaf copy: every partial loss goes into the leaf at once
             #     (one graph in memory at a time), and the leaf's gradient goes through the text encoder once, in 4.7.
-            text = _encode(run, v_c, prompt_inputs)  # [len(prompts), L, D]
-            seeds = [_seed("train", config.seed, class_index, b + (0 if config.fixed_seeds else step * config.batch_size))
-                     for b in range(config.batch_size)]
-            chunks = _chunks(len(seeds), config.micro_batch)
+            text = encode_with(run, v_c, prompt_inputs)  # [len(prompts), L, D]
+            seeds = train_seeds(config, class_index, step)
+            chunks = chunk_bounds(len(seeds), config.micro_batch)
             leaf = text.detach().requires_grad_() if config.x0_weight > 0 or len(chunks) > 1 else None
-            draws = _augment_draws((len(seeds), pipe.vae.config.out_channels, config.height, config.width),
-                                   config.augment, augment_generator) if config.augment > 0 else None
+            draws = augment_draws((len(seeds), pipe.vae.config.out_channels, config.height, config.width),
+                                  config.augment, augment_generator) if config.augment > 0 else None
 
             # 4.2-4.4 Per micro-batch (the whole batch unless dct.micro_batch is set): z_T on fixed seeds -> z_0 with
             #     CFG and gradient skipping -> x = D(z_0) -> min_{v_c} CE(C(ψ_C(x(p))), 1_c)                Eq. (4)
@@ -206,38 +176,87 @@ def learn_dct_token(
                 elif math.isfinite(loss_value):
                     run.scaler.scale(part).backward()
                 del part, part_logits
-            target_prob, correct = _scores(run, torch.cat(logit_parts))
+            target_prob, correct = guide_scores(run, torch.cat(logit_parts))
 
             # 4.5 Record the measurement of v_c *before* this iteration's update
-            entry = {"step": step, "loss": loss_value,
-                     "accuracy": correct.float().mean().item(),
-                     "x0_loss": sum(x0_values) if x0_values else None,
-                     "target_prob": target_prob.mean().item(), "grad_norm": None,
-                     "lr": optimizer.param_groups[0]["lr"], "updated": False,
-                     "nonfinite": not math.isfinite(loss_value)}
+            entry = history_entry(step, loss_value, correct, target_prob, x0_values, optimizer.param_groups[0]["lr"])
             history.append(entry)
 
             # 4.6 Keep the best v_c so far (config.select) and stop by the paper's three rules (appendix D)
-            if keeper.measured(step, loss_value, entry["accuracy"], v_c):
-                val, calls = _validate(run, v_c.detach(), val_inputs)
-                entry["val_accuracy"], entry["val_prob"] = val
-                unet_evals += calls
-                keeper.validated(step, val, v_c)
-            if callback is not None:
-                callback(entry, v_c.detach().to("cpu", torch.float32).clone())
-            if keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)):
-                _bar_update(bar, entry)
+            stop, calls = keep_or_stop(run, keeper, entry, v_c, val_inputs, callback)
+            unet_evals += calls
+            if stop:
+                bar_update(bar, entry)
                 break
 
             # 4.7 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
-                entry.update(_update(run, optimizer, v_c, loss, text, leaf))
+                entry.update(update_token(run, optimizer, v_c, loss, text, leaf))
             del loss, text, leaf  # free the graph
-            _bar_update(bar, entry)
+            bar_update(bar, entry)
         if bar is not None:
             bar.close()
 
     # 5. Result: the kept embedding on the CPU in fp32, and what produced it
+    return token_result(plan, keeper, history, started, unet_evals)
+
+
+@dataclass
+class TokenPlan:
+    """One token's checked inputs (`plan_token`): its run, token and label, and the tokenizer that knows the token."""
+
+    run: TokenRun
+    token: str
+    label: str
+    tokenizer: Any
+    spelled: str  # the token as prompts spell it: "S_c", or multi-vector "S_c S_c_1 ..." (diffusers' spelling)
+    val_prompt: str
+
+
+def plan_token(pipe: StableDiffusionPipeline, classifier: torch.nn.Module, class_index: int | None, label: str | None,
+               config: DCTConfig, *, token: str | None, checkpointing: bool | None, val_prompt: str | None,
+               target: str | GuideTarget | None) -> TokenPlan:
+    """Step 1 of `learn_dct_token` (same arguments): every input checked before any model work. Raises `UserError`."""
+    target, class_index, label = resolve_target(classifier, target, class_index, label)
+    token = token if token is not None else token_name(class_index) if target.is_class else target.token
+    val_prompt = val_prompt if val_prompt is not None else config.prompts[0] if config.prompts else ""
+    tokenizer = check_inputs(pipe, classifier, class_index, label, config, token, val_prompt, target)
+    spelled = spell_token(token, config.num_vectors)
+    run = TokenRun(pipe, classifier, config, class_index, tokenizer.convert_tokens_to_ids(spelled.split()),
+                   pipe._execution_device, pipe.text_encoder.dtype,  # the pipeline's latents are in the prompts' dtype
+                   config.checkpointing if checkpointing is None else checkpointing, loss_scaler(pipe), target=target)
+    return TokenPlan(run, token, label, tokenizer, spelled, val_prompt)
+
+
+def start_token(plan: TokenPlan) -> tuple[torch.nn.Parameter, torch.optim.Adam, dict, dict | None, torch.Generator]:
+    """Steps 2-3 of `learn_dct_token`, with the models frozen: ``(v_c, its Adam, the training prompts' inputs, the
+    validation prompt's (select="val"), the augmentation generator)``; sets ``plan.run.uncond`` (CFG)."""
+    run, tokenizer, spelled, label = plan.run, plan.tokenizer, plan.spelled, plan.label
+    pipe, config = run.pipe, run.config
+    # 2. v_c: a standalone fp32 parameter, initialised from the embedding of `init_token` ("bird" / "a", §3);
+    #    [dim], or [num_vectors, dim] with every vector so initialised
+    init_id = tokenizer.encode(config.init_token, add_special_tokens=False)[0]
+    init = pipe.text_encoder.get_input_embeddings().weight[init_id].detach().to(run.device, torch.float32)
+    v_c = torch.nn.Parameter(init.clone() if config.num_vectors == 1 else init.repeat(config.num_vectors, 1))
+    optimizer = torch.optim.Adam([v_c], lr=config.learning_rate)
+
+    # 3. Prompts, padded to model_max_length as at inference: batch element b gets prompts[b % len(prompts)], so
+    #    every update's loss is measured on the same prompt mix (and losses compare across updates). Validation
+    #    uses the generation prompt. The unconditional embedding does not depend on v_c: once, without a graph.
+    prompt_inputs = tokenize(tokenizer, [render_prompt(p, label, spelled) for p in config.prompts], run.device)
+    val_inputs = (tokenize(tokenizer, [render_prompt(plan.val_prompt, label, spelled)], run.device)
+                  if config.select == "val" else None)
+    if run.do_cfg:
+        with torch.no_grad():
+            run.uncond = encode(pipe.text_encoder, tokenize(tokenizer, [""], run.device)).to(run.dtype)
+    augment_generator = torch.Generator(device="cpu").manual_seed(dct_seed("augment", config.seed, run.class_index, 0))
+    return v_c, optimizer, prompt_inputs, val_inputs, augment_generator
+
+
+def token_result(plan: TokenPlan, keeper: Keeper, history: list[dict], started: float, unet_evals: int) -> TokenResult:
+    """Step 5 of `learn_dct_token`: the `TokenResult` of a finished training (`started`: its `time.perf_counter`)."""
+    run = plan.run
+    pipe, classifier, config = run.pipe, run.classifier, run.config
     metadata = {
         "model_id": str(getattr(pipe, "synthaug_model_id", None) or pipe.config.get("_name_or_path", "") or "unknown"),
         "guide": str(getattr(classifier, "source", type(classifier).__name__)),
@@ -246,12 +265,12 @@ def learn_dct_token(
         "unet_dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "checkpointing": run.checkpointing,
         "config": {k: v for k, v in dataclasses.asdict(config).items()  # single-vector tokens' files keep their bytes
-                   if k not in TRUST_KEYS and (k != "num_vectors" or config.num_vectors != 1)},
+                   if k not in UNRECORDED_KEYS and (k != "num_vectors" or config.num_vectors != 1)},
     }
-    if not target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
-        metadata["target"] = str(target)
+    if not run.target.is_class:  # class tokens' metadata (and so their files' bytes) stay as they were
+        metadata["target"] = str(run.target)
     return TokenResult(
-        token=token, class_index=class_index, label=label,
+        token=plan.token, class_index=run.class_index, label=plan.label,
         embedding=keeper.kept.detach().to("cpu", torch.float32).reshape(config.num_vectors, -1).clone(),
         steps=len(history), stop_reason=keeper.stop_reason, best_step=keeper.kept_step, history=history,
         seconds=time.perf_counter() - started, unet_evals=unet_evals, metadata=metadata,
@@ -263,7 +282,7 @@ def learn_dct_token(
 # The levers, one helper each
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
-class _Run:
+class TokenRun:
     """What every step of one token's training shares: the models, the config, the target, where tensors live."""
 
     pipe: StableDiffusionPipeline
@@ -283,7 +302,7 @@ class _Run:
         return self.config.guidance_scale > 1.0  # diffusers' convention: guidance_scale 1 means no CFG
 
 
-class _Keeper:
+class Keeper:
     """Which measured ``v_c`` to keep (``config.select``) and when to stop (the paper's three rules, appendix D).
 
     Rule 1: the whole batch is classified right (with ``select="val"``: the held-out seeds too, since a few training
@@ -350,20 +369,42 @@ class _Keeper:
         return stop
 
 
-def _scheduled_lr(config: DCTConfig, step: int) -> float:
+def history_entry(step: int, loss_value: float, correct: torch.Tensor, target_prob: torch.Tensor,
+                  x0_values: list[float], lr: float) -> dict:
+    """Step 4.5 of `learn_dct_token`: the history entry of iteration `step`'s measurement, before its update."""
+    return {"step": step, "loss": loss_value, "accuracy": correct.float().mean().item(),
+            "x0_loss": sum(x0_values) if x0_values else None, "target_prob": target_prob.mean().item(),
+            "grad_norm": None, "lr": lr, "updated": False, "nonfinite": not math.isfinite(loss_value)}
+
+
+def keep_or_stop(run: TokenRun, keeper: Keeper, entry: dict, v_c: torch.Tensor, val_inputs: dict | None,
+                 callback: Callable[[dict, torch.Tensor], None] | None) -> tuple[bool, int]:
+    """Step 4.6 of `learn_dct_token`: give the keeper the measurement in `entry` (validating ``v_c`` when due, into
+    `entry`), call `callback`, decide. Returns (stop now, the validation's UNet calls)."""
+    step, calls = entry["step"], 0
+    if keeper.measured(step, entry["loss"], entry["accuracy"], v_c):
+        val, calls = validate_token(run, v_c.detach(), val_inputs)
+        entry["val_accuracy"], entry["val_prob"] = val
+        keeper.validated(step, val, v_c)
+    if callback is not None:
+        callback(entry, v_c.detach().to("cpu", torch.float32).clone())
+    return keeper.stop(step, v_c, entry.get("val_accuracy", 1.0)) is not None, calls
+
+
+def scheduled_lr(config: DCTConfig, step: int) -> float:
     """``lr_schedule="cosine"``: the learning rate of update `step`, from ``lr`` at update 0 down half a cosine to
     ``lr_floor x lr`` at update ``max_steps - 1``, and that floor for any update after it."""
     progress = min(step / max(config.max_steps - 1, 1), 1.0)
     return config.learning_rate * (config.lr_floor + (1 - config.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _encode(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def encode_with(run: TokenRun, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """C = τ(P): the prompt's hidden states ``[1, L, D]`` with `v` at S_c's positions, in the pipeline's dtype."""
     with splice_tokens(run.pipe.text_encoder, dict(zip(run.token_ids, v.reshape(len(run.token_ids), -1)))):
         return encode(run.pipe.text_encoder, inputs).to(run.dtype)
 
 
-def _initial_latents(run: _Run, seeds: list[int]) -> tuple[torch.Tensor, dict]:
+def initial_latents(run: TokenRun, seeds: list[int]) -> tuple[torch.Tensor, dict]:
     """z_T of every seed (a CPU generator each, so every device draws the same noise) and the scheduler's step
     kwargs; sets the scheduler's timesteps first (``init_noise_sigma`` depends on them: Euler, LMS)."""
     pipe, c = run.pipe, run.config
@@ -374,7 +415,7 @@ def _initial_latents(run: _Run, seeds: list[int]) -> tuple[torch.Tensor, dict]:
     return latents, pipe.prepare_extra_step_kwargs(generators, 0.0)
 
 
-def _timestep_cond(run: _Run, batch: int) -> torch.Tensor | None:
+def _timestep_cond(run: TokenRun, batch: int) -> torch.Tensor | None:
     """Guidance-distilled UNets (LCM) take w as an input; None for every other UNet."""
     dim = run.pipe.unet.config.time_cond_proj_dim
     if dim is None:
@@ -383,7 +424,7 @@ def _timestep_cond(run: _Run, batch: int) -> torch.Tensor | None:
     return run.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=run.device, dtype=run.dtype)
 
 
-def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: dict, *, grad_steps: int,
+def denoise(run: TokenRun, latents: torch.Tensor, text: torch.Tensor, step_kwargs: dict, *, grad_steps: int,
              x0_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
              ) -> tuple[torch.Tensor, int]:
     """z_T -> z_0 over the scheduler's timesteps, with classifier-free guidance (Eq. 3) when ``guidance_scale > 1``.
@@ -416,7 +457,7 @@ def _denoise(run: _Run, latents: torch.Tensor, text: torch.Tensor, step_kwargs: 
     return latents, len(timesteps)
 
 
-def _forward(run: _Run, text: torch.Tensor, seeds: list[int], lo: int, hi: int,
+def _forward(run: TokenRun, text: torch.Tensor, seeds: list[int], lo: int, hi: int,
              draws: tuple[list[list[int]], torch.Tensor] | None, x0_values: list[float], warn: bool = False,
              ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Steps 4.2-4.4 for the micro-batch ``seeds[lo:hi]``: its share ``(hi - lo) / len(seeds)`` of the batch's loss
@@ -424,38 +465,36 @@ def _forward(run: _Run, text: torch.Tensor, seeds: list[int], lo: int, hi: int,
     c, pipe = run.config, run.pipe
     share = (hi - lo) / len(seeds)
     # z_T ~ N(0, I) on fixed seeds: the same batch every update (fresh noise diverged)
-    latents, step_kwargs = _initial_latents(run, seeds[lo:hi])
+    latents, step_kwargs = initial_latents(run, seeds[lo:hi])
     if warn and c.x0_weight == 0:
-        _warn_if_last_step_is_noisy(pipe.scheduler, pipe.scheduler.timesteps)
+        warn_if_last_step_is_noisy(pipe.scheduler, pipe.scheduler.timesteps)
     # z_T -> z_0 with CFG (Eq. 3). Gradient skipping (§3, Fig. 3): only the last `grad_steps` UNet calls carry
     # gradient. With the x0 loss, every earlier step also classifies its predicted clean image.
     x0_hook = _x0_hook(run, step_kwargs, x0_values, share) if c.x0_weight > 0 else None
     if text.shape[0] > 1:  # element b: prompt b % len(prompts); slices, whose graph the x0 steps can each reuse
         text = torch.cat([text[b % len(text) : b % len(text) + 1] for b in range(lo, hi)])
-    latents, calls = _denoise(run, latents, text, step_kwargs, grad_steps=c.grad_steps, x0_hook=x0_hook)
-    images = _clamp01(_decode_images(run, latents), c.straight_through_clamp)
+    latents, calls = denoise(run, latents, text, step_kwargs, grad_steps=c.grad_steps, x0_hook=x0_hook)
+    images = clamp01(decode_images(run, latents), c.straight_through_clamp)
     sliced = None if draws is None else (draws[0][lo * c.augment : hi * c.augment],
                                          draws[1][lo * c.augment : hi * c.augment])
-    loss, logits = _dct_loss(run, images, sliced)
+    loss, logits = dct_loss(run, images, sliced)
     return (loss if share == 1.0 else loss * share), logits, calls
 
 
-def _chunks(n: int, size: int | None) -> list[tuple[int, int]]:
+def chunk_bounds(n: int, size: int | None) -> list[tuple[int, int]]:
     """``[(lo, hi), ...]`` covering ``range(n)`` in slices of `size` (None: one slice)."""
     size = n if size is None else size
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _x0_hook(run: _Run, step_kwargs: dict, values: list[float], share: float = 1.0) -> Callable:
+def _x0_hook(run: TokenRun, step_kwargs: dict, values: list[float], share: float = 1.0) -> Callable:
     """The x0 loss of the steps before the gradient-carrying ones: ``x0_weight`` x their mean cross-entropy, each
     step's loss back-propagated as soon as it is computed (into the leaf text embedding only: nothing before the step
     carries a graph); its value appended to `values`. `share`: the micro-batch's fraction of the batch."""
-    timesteps = len(run.pipe.scheduler.timesteps)
-    weight = run.config.x0_weight / max(timesteps - min(run.config.grad_steps, timesteps), 1)  # mean over the steps
-    weight = weight * share
+    weight = x0_step_weight(run, share)
 
     def hook(noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> None:
-        loss = weight * _x0_loss(run, noise_pred, t, latents, step_kwargs)
+        loss = weight * guide_loss(run, classify(run.classifier, x0_images(run, noise_pred, t, latents, step_kwargs)))
         values.append(loss.item())
         if math.isfinite(values[-1]):
             run.scaler.scale(loss).backward()
@@ -463,51 +502,21 @@ def _x0_hook(run: _Run, step_kwargs: dict, values: list[float], share: float = 1
     return hook
 
 
-def _x0_loss(run: _Run, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
-             step_kwargs: dict) -> torch.Tensor:
-    """CE of the guide on one step's predicted clean image x̂_0.
-
-    x̂_0 is the scheduler's ``pred_original_sample``, from a copy of the scheduler (multistep schedulers keep model
-    outputs as state: the real one must only ever see detached tensors) and copies of its generators, so the sampling
-    chain is untouched. Schedulers that return none (PNDM, DPM-Solver) get it from ᾱ_t (`_x0_from_alphas`).
-    """
-    out = copy.deepcopy(run.pipe.scheduler).step(noise_pred, t, latents, **_fork_generators(step_kwargs))
-    x0 = getattr(out, "pred_original_sample", None)
-    if x0 is None:
-        x0 = _x0_from_alphas(run.pipe.scheduler, noise_pred, t, latents)
-    logits = _classify(run.classifier, _clamp01(_decode_images(run, x0), run.config.straight_through_clamp))
-    return _loss(run, logits)
+def x0_step_weight(run: TokenRun, share: float = 1.0) -> float:
+    """The weight of one step's x0 loss: ``x0_weight`` over the steps that have one (their mean), x `share`."""
+    timesteps = len(run.pipe.scheduler.timesteps)
+    return run.config.x0_weight / max(timesteps - min(run.config.grad_steps, timesteps), 1) * share
 
 
-def _x0_from_alphas(scheduler, model_output: torch.Tensor, t: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """x̂_0 of a DDPM-parameterised step, x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε, from the model's output at (x_t, t):
-    ε-prediction (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t); v-prediction sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v̂; sample: x̂_0."""
-    alpha = scheduler.alphas_cumprod[int(t)].to(device=sample.device, dtype=sample.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (sample - (1 - alpha) ** 0.5 * model_output) / alpha ** 0.5
-    if kind == "v_prediction":
-        return alpha ** 0.5 * sample - (1 - alpha) ** 0.5 * model_output
-    return model_output
+def x0_images(run: TokenRun, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+              step_kwargs: dict) -> torch.Tensor:
+    """One step's predicted clean image x̂_0 (`synthaug.tokens.x0.predicted_x0`), decoded and clamped, for the guide's
+    x0 loss."""
+    x0 = predicted_x0(run.pipe.scheduler, noise_pred, t, latents, step_kwargs)
+    return clamp01(decode_images(run, x0), run.config.straight_through_clamp)
 
 
-def _x0_from_alphas_works(scheduler) -> bool:
-    """Whether `_x0_from_alphas` applies: discrete ᾱ_t and a model input that is x_t itself (not sigma-scaled)."""
-    return (getattr(scheduler, "alphas_cumprod", None) is not None
-            and float(getattr(scheduler, "init_noise_sigma", 1.0)) == 1.0
-            and getattr(scheduler.config, "prediction_type", "epsilon") in ("epsilon", "v_prediction", "sample"))
-
-
-def _scheduler_predicts_x0(scheduler, num_inference_steps: int) -> bool:
-    """Whether the scheduler's step returns ``pred_original_sample``: one step of a copy on a dummy latent."""
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(num_inference_steps, device="cpu")
-    t = probe.timesteps[0]
-    z = torch.zeros(1, 4, 8, 8)
-    return getattr(probe.step(z, t, probe.scale_model_input(z, t)), "pred_original_sample", None) is not None
-
-
-def _loss_scaler(pipe) -> torch.amp.GradScaler:
+def loss_scaler(pipe) -> torch.amp.GradScaler:
     """A `torch.amp.GradScaler` when the UNet or VAE is fp16 (the per-pixel cross-entropy's gradients underflow fp16
     through them without it); disabled (every call a no-op) otherwise, bf16 included (fp32's exponent range)."""
     fp16 = torch.float16 in (pipe.unet.dtype, pipe.vae.dtype)
@@ -515,42 +524,48 @@ def _loss_scaler(pipe) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device if device in ("cuda", "cpu") else "cuda", enabled=fp16)
 
 
-def _dct_loss(run: _Run, images: torch.Tensor,
-              augment_draws: tuple[list[list[int]], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def dct_loss(run: TokenRun, images: torch.Tensor,
+             draws: tuple[list[list[int]], torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (4): the guide's cross-entropy to the class (ψ_C, its own resize/normalise, lives in its forward); with
-    EOT, the mean over the shifted, noised copies of every image (`augment_draws`). Returns (loss, logits of the
-    plain images)."""
-    logits = _classify(run.classifier, images)
+    EOT, the mean over the shifted, noised copies of every image (`draws`, from `augment_draws`). Returns (loss,
+    logits of the plain images)."""
+    logits = check_class_range(run, classify(run.classifier, images))
+    if draws is not None:
+        aug_logits = classify(run.classifier, augment_views(images, draws))
+        return guide_loss(run, aug_logits), logits
+    return guide_loss(run, logits), logits
+
+
+def check_class_range(run: TokenRun, logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, once checked to have an output for ``run.class_index``. Raises `UserError`."""
     if logits.shape[-1] <= run.class_index:
         raise UserError(
             f"`class_index` {run.class_index} is out of range for the guide classifier, which has "
             f"{logits.shape[-1]} classes: pass an index below {logits.shape[-1]}."
         )
-    if augment_draws is not None:
-        aug_logits = _classify(run.classifier, _augment_views(images, augment_draws))
-        return _loss(run, aug_logits), logits
-    return _loss(run, logits), logits
+    return logits
 
 
-def _validate(run: _Run, v: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[tuple[float, float], int]:
+def validate_token(run: TokenRun, v: torch.Tensor,
+                   inputs: dict[str, torch.Tensor]) -> tuple[tuple[float, float], int]:
     """Guide accuracy and mean class probability of `v` on the held-out validation seeds: the training forward
     (same CFG, scheduler, size) without gradient. Returns ((accuracy, probability), UNet calls)."""
     c = run.config
-    seeds = [_seed("val", c.seed, run.class_index, b) for b in range(c.val_batch_size)]
+    seeds = [dct_seed("val", c.seed, run.class_index, b) for b in range(c.val_batch_size)]
     parts, calls = [], 0
     with torch.no_grad():
-        text = _encode(run, v, inputs)
-        for lo, hi in _chunks(len(seeds), c.micro_batch):
-            latents, step_kwargs = _initial_latents(run, seeds[lo:hi])
-            latents, n = _denoise(run, latents, text, step_kwargs, grad_steps=0)
-            parts.append(_classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)))
+        text = encode_with(run, v, inputs)
+        for lo, hi in chunk_bounds(len(seeds), c.micro_batch):
+            latents, step_kwargs = initial_latents(run, seeds[lo:hi])
+            latents, n = denoise(run, latents, text, step_kwargs, grad_steps=0)
+            parts.append(classify(run.classifier, _decode(run.pipe, latents).clamp(0, 1)))
             calls += n
-        prob, correct = _scores(run, torch.cat(parts))
+        prob, correct = guide_scores(run, torch.cat(parts))
     return (float(correct.float().mean()), float(prob.mean())), calls
 
 
-def _update(run: _Run, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None,
-            text: torch.Tensor, leaf: torch.Tensor | None) -> dict:
+def update_token(run: TokenRun, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss: torch.Tensor | None,
+                 text: torch.Tensor, leaf: torch.Tensor | None) -> dict:
     """Backward (`loss` None: the micro-batches did theirs), unscale (fp16), clip the *unscaled* gradient, step unless
     it is not finite (fp16: the loss scale then shrinks, as GradScaler does). Returns the history fields
     ``grad_norm``, ``loss_scale`` (fp16 only) and ``updated`` or ``nonfinite``."""
@@ -572,7 +587,7 @@ def _update(run: _Run, optimizer: torch.optim.Optimizer, v_c: torch.Tensor, loss
     return {"grad_norm": grad_norm, **fields}
 
 
-def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str, val_prompt: str,
+def check_inputs(pipe, classifier, class_index: int, label: str, config: DCTConfig, token: str, val_prompt: str,
                   target: GuideTarget = CLASS):
     """Every user-facing rule `learn_dct_token` can check before running a model. Raises `UserError`.
 
@@ -657,8 +672,8 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
                 f"`dct.prompts` entry {render_prompt(p, label, token)!r} is longer than the tokenizer's "
                 f"{tokenizer.model_max_length} tokens and the class token {token!r} was cut off: shorten the prompt "
                 f"or the label.")
-    if (config.x0_weight > 0 and not _x0_from_alphas_works(pipe.scheduler)
-            and not _scheduler_predicts_x0(pipe.scheduler, config.num_inference_steps)):
+    if (config.x0_weight > 0 and not x0_from_alphas_works(pipe.scheduler)
+            and not scheduler_predicts_x0(pipe.scheduler, config.num_inference_steps)):
         raise UserError(
             f"`dct.x0_weight` {config.x0_weight} needs the predicted clean image of every step, and "
             f"{type(pipe.scheduler).__name__} neither returns one nor has a DDPM noise schedule to compute it from: "
@@ -666,7 +681,7 @@ def _check_inputs(pipe, classifier, class_index: int, label: str, config: DCTCon
     return tokenizer
 
 
-def _warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
+def warn_if_last_step_is_noisy(scheduler, timesteps: torch.Tensor) -> None:
     # Measured on an earlier digits world without the x0 loss: with "trailing" spacing the last gradient-carrying step
     # sat at t=99 and the loss diverged; at t~1 it did not. Without the x0 loss the gradient only sees the final
     # step(s), so they must be nearly clean. (With it, every step's predicted image is classified: 5 DPM-Solver++
@@ -689,21 +704,7 @@ def _unet(unet, model_input, t, hidden, timestep_cond, checkpoint: bool) -> torc
     return run(model_input, hidden)
 
 
-def _fork_generators(kwargs: dict) -> dict:
-    """`kwargs` with its ``generator`` (one or a list) replaced by copies in the same state: a side computation (the
-    x0 loss's scheduler step) then draws no random numbers from the real sampling chain's generators."""
-    def fork(g: torch.Generator) -> torch.Generator:
-        clone = torch.Generator(device=g.device)
-        clone.set_state(g.get_state())
-        return clone
-
-    g = kwargs.get("generator")
-    if g is None:
-        return kwargs
-    return {**kwargs, "generator": [fork(x) for x in g] if isinstance(g, list) else fork(g)}
-
-
-def _decode_images(run: _Run, latents: torch.Tensor) -> torch.Tensor:
+def decode_images(run: TokenRun, latents: torch.Tensor) -> torch.Tensor:
     """`_decode` with gradient. With checkpointing, one image at a time, each under its own checkpoint: the decoder's
     activations exist for one image at a time, in the forward and when recomputed in the backward."""
     if not (run.checkpointing and torch.is_grad_enabled()):
@@ -713,7 +714,7 @@ def _decode_images(run: _Run, latents: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _block_checkpointing(run: _Run) -> Iterator[None]:
+def block_checkpointing(run: TokenRun) -> Iterator[None]:
     """With ``run.checkpointing``: diffusers' own per-block gradient checkpointing in the UNet and the VAE for the
     duration (inside the per-call checkpoints, a recomputed call holds one block's activations at a time); every
     module's setting is restored afterwards."""
@@ -743,41 +744,7 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return pipe.vae.decode(vae_in, return_dict=False)[0].float() / 2 + 0.5
 
 
-def _clamp01(x: torch.Tensor, straight_through: bool) -> torch.Tensor:
-    """Clamp to [0, 1]. Straight-through: the forward value is exactly the clamp, the gradient is the identity."""
-    if not straight_through:
-        return x.clamp(0, 1)
-    return x.clamp(0, 1).detach() + (x - x.detach())
-
-
-def _augment(images: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
-    """`copies` differentiable random views of every image: a shift of up to ±AUGMENT_SHIFT of the side (the border
-    pixels, i.e. the background, fill the gap) plus Gaussian noise of std AUGMENT_NOISE. ``[B*copies, C, H, W]``,
-    the copies of image b adjacent. Randomness from the CPU `generator`, so it is the same on every device."""
-    return _augment_views(images, _augment_draws(images.shape, copies, generator))
-
-
-def _augment_draws(shape: torch.Size | tuple[int, ...], copies: int,
-                   generator: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
-    """The random part of `_augment` for a batch of `shape` ``[B, C, H, W]``: (shifts, noise), drawn once per batch
-    so that micro-batches (slices of both) see exactly the draws of the whole batch."""
-    b, c, h, w = shape
-    s = max(1, round(AUGMENT_SHIFT * min(h, w)))
-    shifts = torch.randint(-s, s + 1, (b * copies, 2), generator=generator).tolist()
-    return shifts, torch.randn((b * copies, c, h, w), generator=generator)
-
-
-def _augment_views(images: torch.Tensor, draws: tuple[list[list[int]], torch.Tensor]) -> torch.Tensor:
-    shifts, noise = draws
-    b, _, h, w = images.shape
-    copies = len(shifts) // b
-    s = max(1, round(AUGMENT_SHIFT * min(h, w)))
-    padded = F.pad(images, (s, s, s, s), mode="replicate")
-    views = [padded[k // copies, :, s + dy : s + dy + h, s + dx : s + dx + w] for k, (dy, dx) in enumerate(shifts)]
-    return _clamp01(torch.stack(views) + AUGMENT_NOISE * noise.to(images), True)
-
-
-def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """fp32 logits of fp32 images in [0, 1], run on the classifier's own device and dtype."""
     param = next(iter(classifier.parameters()), None)
     if param is not None:
@@ -790,7 +757,7 @@ def _targets(logits: torch.Tensor, class_index: int) -> torch.Tensor:
     return torch.full((logits.shape[0],), class_index, dtype=torch.long, device=logits.device)
 
 
-def _loss(run: _Run, logits: torch.Tensor) -> torch.Tensor:
+def guide_loss(run: TokenRun, logits: torch.Tensor) -> torch.Tensor:
     """The objective on the guide's logits: cross-entropy to the class (Eq. 4); for an attribute target, the binary
     cross-entropy of the attribute's output (``run.class_index``) towards the wanted value."""
     if run.target.is_class:
@@ -799,7 +766,7 @@ def _loss(run: _Run, logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(column, torch.full_like(column, float(run.target.value)))
 
 
-def _scores(run: _Run, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def guide_scores(run: TokenRun, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image: (probability of the target, correct). Class: the softmax probability of the class and argmax ==
     class. Attribute: the sigmoid probability of the wanted value (``1 - p`` for ``=0``) and that probability > 0.5."""
     if run.target.is_class:
@@ -810,7 +777,7 @@ def _scores(run: _Run, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return p, p > 0.5
 
 
-def _resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget, int | None, str | None]:
+def resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget, int | None, str | None]:
     """(target, the guide output it steers, label): a class target passes `class_index` and `label` through; an
     attribute target looks its output up by name in ``classifier.labels`` (a multi-label guide's) and has no label
     unless one is given. Raises `UserError`."""
@@ -831,19 +798,27 @@ def _resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget
     return target, index, label if label is not None else ""
 
 
-# DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned: not recorded
-# in the token file, whose bytes do not depend on them.
+# DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned, and of the
+# speed alone (classes learned in one denoising batch, `synthaug.tokens.dct_batch`): not recorded in the token file,
+# whose bytes do not depend on them.
 TRUST_KEYS = ("trust", "trust_shots", "trust_images")
+UNRECORDED_KEYS = (*TRUST_KEYS, "classes_per_batch")
 
 
-def _seed(kind: str, seed: int, class_index: int, index: int) -> int:
+def train_seeds(config: DCTConfig, class_index: int, step: int) -> list[int]:
+    """The seeds of training iteration `step`: the same ones every iteration with ``fixed_seeds``."""
+    first = 0 if config.fixed_seeds else step * config.batch_size
+    return [dct_seed("train", config.seed, class_index, first + b) for b in range(config.batch_size)]
+
+
+def dct_seed(kind: str, seed: int, class_index: int, index: int) -> int:
     """Training seeds, from (config.seed, class): hashed like `generate.image_seed` but in their own namespace."""
     digest = hashlib.sha256(f"synthaug-dct-{kind}:{int(seed)}:{int(class_index)}:{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
 @contextlib.contextmanager
-def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
     """eval() and requires_grad_(False) for the duration; every module's flags are restored afterwards."""
     saved = [(m, m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
     try:
@@ -857,7 +832,7 @@ def _frozen(*modules: torch.nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def _progress_bar(enabled: bool, total: int, label: str):
+def progress_bar(enabled: bool, total: int, label: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -865,7 +840,7 @@ def _progress_bar(enabled: bool, total: int, label: str):
     return tqdm(total=total, desc=f"DCT {label}", unit="step")
 
 
-def _bar_update(bar, entry: dict) -> None:
+def bar_update(bar, entry: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
         if bar.total is not None and bar.n >= bar.total:  # past max_steps: `extend_steps` is extending the run
