@@ -112,6 +112,12 @@ class DCTConfig:
             vectors, spelled in prompts as diffusers' multi-vector textual inversion spells them
             ("<tok> <tok>_1 ... <tok>_{n-1}", written as one [n, dim] tensor that stock ``load_textual_inversion``
             expands).
+        classes_per_batch: Classes whose tokens learn together, their seeds in one denoising batch
+            (`synthaug.tokens.learn_dct_tokens`, continuous batching: a class that stops is replaced by the next):
+            speed only, each token equals the one learned alone up to float rounding, with the same stop and kept
+            step. 1 learns one class at a time (today's bytes); null or "auto": on CUDA as many as fit in free
+            memory (measured once per worker), elsewhere 1. A build's worker learns the tokens of the jobs it is
+            handed together (the local executor: every class; a Ray actor: two batches' worth beside its job).
     """
 
     max_steps: int = 200
@@ -147,9 +153,6 @@ class DCTConfig:
     trust_shots: int = 5
     trust_images: int = 8
     num_vectors: int = 1
-    # Classes whose tokens learn together, their seeds in one denoising batch (synthaug.tokens.dct_batch): speed only,
-    # each token equals the one learned alone up to float rounding. null or "auto": on CUDA as many as fit in free
-    # memory (measured once per learn_dct_tokens call, see dct_batch.classes_per_batch_for), elsewhere 1.
     classes_per_batch: int | None = 1
 
     @property

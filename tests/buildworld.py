@@ -121,3 +121,27 @@ def save_clip(root: Path) -> Path:
         )
         CLIPModel(cfg).save_pretrained(path)
     return path
+
+
+def assert_same_within_float_rounding(out: Path, reference: Path, token_rtol: float = 1e-4) -> None:
+    """Builds whose tokens were learned by another route (several classes per batch): every token within `token_rtol`
+    of its largest component, every image within 2/255 per value, the same files. Same-machine bytes are not
+    promised there: a larger batch rounds differently."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from synthaug.index import load_index
+    from synthaug.shards import read_sample
+    from synthaug.tokens.io import load_tokens
+
+    assert sorted(snapshot(out)) == sorted(snapshot(reference))
+    for path in sorted((reference / "tokens").glob("[0-9][0-9][0-9].safetensors")):
+        (name, ref), = load_tokens(path).items()
+        got = load_tokens(out / "tokens" / path.name)[name]
+        assert (got - ref).abs().max() <= token_rtol * ref.abs().max(), path.name
+    for row in load_index(reference).to_pylist():
+        a, b = (np.asarray(Image.open(io.BytesIO(read_sample(root / row["shard_path"], row["offset"], row["size"]))),
+                           dtype=np.int16) for root in (reference, out))
+        assert np.abs(a - b).max() <= 2, row["key"]

@@ -548,3 +548,22 @@ def test_inspect_and_export_refuse_a_config_yaml_that_is_not_a_mapping(tmp_path,
     for call in (lambda: inspect(out), lambda: export_tokens(out, dest=tmp_path / "dest")):
         with pytest.raises(UserError, match=r"is not a synthaug build \(its config.yaml holds list, not the config mapping"):
             call()
+
+
+def test_classes_learned_together_give_the_tokens_learned_alone_and_resume(tmp_path, world, reference, caplog):
+    """dct.classes_per_batch 2 on 3 classes (the third joins when one stops): the tokens and images of the
+    one-at-a-time build up to float rounding; a build that lost a token and a shard resumes, learning what is missing
+    together again."""
+    import logging
+
+    out = tmp_path / "build"
+    with caplog.at_level(logging.INFO, logger="synthaug.builder.worker"):
+        result = build(bw.config(out, *world, **{"dct.classes_per_batch": 2}), progress=False)
+    assert result.ok and result.tokens_new == 3
+    assert "3 class tokens learned 2 per batch" in caplog.text
+    bw.assert_same_within_float_rounding(out, reference)
+    (out / "tokens" / "001.safetensors").unlink()
+    (out / "meta" / "dct-00001_stats.json").unlink()
+    result = build(bw.config(out, *world, **{"dct.classes_per_batch": 2}), progress=False)
+    assert result.ok and result.resumed and result.tokens_new == 1
+    bw.assert_same_within_float_rounding(out, reference)

@@ -187,3 +187,12 @@ time.sleep(600)
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def test_ray_actors_learn_classes_together(tmp_path, world, reference, cluster):
+    """dct.classes_per_batch on Ray: an actor learns the tokens of the jobs it is handed beside its own in shared
+    batches, no class twice; tokens and images equal the one-at-a-time build's up to float rounding."""
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world, **{**RAY, "dct.classes_per_batch": 2}), progress=False)
+    assert result.ok and result.tokens_new == 3
+    bw.assert_same_within_float_rounding(out, reference)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import BuildConfig, RunConfig, to_dict
 from ..errors import WRITE_ERRNOS, UserError
-from ..layout import ClassJob, resume_command, shard_done
+from ..layout import ClassJob, resume_command, shard_done, token_path
 from .cluster import ray_session
 from .worker import ClassWorker, QueueReport, WorkerHooks
 
@@ -126,6 +126,22 @@ def retryable(error: BaseException) -> bool:
     return not (isinstance(error, OSError) and error.errno in WRITE_ERRNOS)
 
 
+def batches_tokens(config: BuildConfig) -> bool:
+    """Whether a worker may learn several classes' tokens in one denoising batch (``dct.classes_per_batch``)."""
+    return config.method == "dct" and config.dct.classes_per_batch != 1
+
+
+def companions_wanted(config: BuildConfig) -> int:
+    """How many other jobs' tokens the Ray executor hands an actor with each job: enough for two full batches, so
+    that a class that stops early is replaced (continuous batching); ``auto`` is sized on the actor's GPU."""
+    per_batch = config.dct.classes_per_batch
+    return 2 * per_batch - 1 if isinstance(per_batch, int) else 2 * AUTO_COMPANIONS_BATCH - 1
+
+
+# The batch `companions_wanted` assumes for ``dct.classes_per_batch: auto`` (the actor resolves the real one).
+AUTO_COMPANIONS_BATCH = 8
+
+
 def run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: list, tracker: Tracker) -> None:
     """Run the jobs one after the other in this process, with the same worker and retry rules as on Ray.
 
@@ -136,11 +152,14 @@ def run_local(config: BuildConfig, out: Path, jobs: list[ClassJob], classes: lis
     worker = ClassWorker(to_dict(config), str(out), classes, [j.class_index for j in jobs], report=tracker.event,
                          threads=threads, hooks=hooks, in_ray=False)
     tracker.workers = 1
+    together = batches_tokens(config)
     try:
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            # dct.classes_per_batch: the first job learns every later job's token too, many classes per batch
+            companions = jobs[i + 1:] if together else []
             for attempt in itertools.count():
                 try:
-                    tracker.succeeded(worker.run(job, attempt))
+                    tracker.succeeded(worker.run(job, attempt, companions))
                     break
                 except Exception as e:
                     if not retryable(e):
@@ -263,6 +282,10 @@ class RayExecutor:
         self.submissions: Counter[int] = Counter()
         self.inflight: dict[Any, tuple[ClassJob, int, _Slot, int]] = {}  # ref -> (job, slot index, slot, attempt)
         self.pings: dict[Any, int] = {}
+        self.out = out
+        self.together, self.companions_wanted = batches_tokens(config), companions_wanted(config)
+        self.claims: dict[Any, list[int]] = {}  # job ref -> classes whose tokens that call learns besides its own
+        self.claimed: set[int] = set()
         self.slots: list[_Slot] = []
         self.no_worker_since: float | None = time.monotonic()
         self.last_start_error = ""
@@ -315,15 +338,36 @@ class RayExecutor:
             ready = [i for i, s in enumerate(self.slots) if s.ready and len(s.refs) < self.per_actor]
             if not ready:
                 return
+            # a job whose token another actor is learning waits for that call to end: by then its token is on disk
+            # (or its own job learns it), and no two actors learn one class
+            job = next((j for j in self.pending if j.class_index not in self.claimed), None)
+            if job is None:
+                return
             i = min(ready, key=lambda i: len(self.slots[i].refs))
-            job = self.pending.popleft()
+            self.pending.remove(job)
             attempt = self.submissions[job.class_index]
             self.submissions[job.class_index] += 1
-            ref = self.slots[i].handle.run.remote(job, attempt)
+            companions = self.companions(job)
+            ref = self.slots[i].handle.run.remote(job, attempt, companions)
+            self.claims[ref] = [j.class_index for j in companions]
+            self.claimed.update(self.claims[ref])
             if not self.slots[i].refs:
                 self.slots[i].head_since = now
             self.slots[i].refs.append(ref)
             self.inflight[ref] = (job, i, self.slots[i], attempt)
+
+    def companions(self, job: ClassJob) -> list[ClassJob]:
+        """``dct.classes_per_batch``: pending jobs whose tokens `job`'s actor learns in the same batches (none
+        that another actor is learning, none whose token is on disk)."""
+        if not self.together:
+            return []
+        free = [j for j in self.pending if j.class_index not in self.claimed and j is not job
+                and not token_path(self.out, j.class_index).is_file()]
+        return free[:self.companions_wanted]
+
+    def release(self, ref: Any) -> None:
+        """The call `ref` ended: the tokens it was to learn are on disk, or their own jobs learn them."""
+        self.claimed.difference_update(self.claims.pop(ref, ()))
 
     def drain(self) -> None:
         """Feed the progress events the workers queued to the tracker."""
@@ -356,6 +400,7 @@ class RayExecutor:
         from ray.exceptions import RayActorError, RayError, RayTaskError
 
         job, i, slot, attempt = self.inflight.pop(ref)
+        self.release(ref)
         if slot.refs and slot.refs[0] == ref:
             slot.refs.popleft()
             slot.head_since = now  # the next job runs from now on
@@ -389,9 +434,12 @@ class RayExecutor:
             if not slot.refs or slot.handle is None:
                 continue
             job = self.inflight[slot.refs[0]][0]
-            quiet = now - max(slot.head_since, self.tracker.last_event.get(job.class_index, 0.0))
+            heard = [self.tracker.last_event.get(c, 0.0) for c in (job.class_index, *self.claims.get(slot.refs[0], ()))]
+            quiet = now - max(slot.head_since, *heard)  # a class learned alongside counts as the job's progress
             if quiet > timeout:
-                self.inflight.pop(slot.refs.popleft())
+                ref = slot.refs.popleft()
+                self.inflight.pop(ref)
+                self.release(ref)
                 error = f"no progress for {quiet:.0f}s (run.job_timeout_s={timeout:g}): worker {i} was stopped"
                 self.retire(i, f"class {job.class_index} made no progress for {quiet:.0f}s")
                 if self.tracker.failed(job, error):
@@ -430,6 +478,7 @@ class RayExecutor:
             job, _, _, attempt = self.inflight[ref]
             if (job.class_index, attempt) not in self.tracker.started:
                 del self.inflight[ref]
+                self.release(ref)
                 self.pending.appendleft(job)
         failures = slot.start_failures + 1 if start_failed else 0
         if failures > self.run_config.max_retries or self.spawned >= self.max_spawned:

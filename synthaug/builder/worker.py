@@ -27,6 +27,7 @@ from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, load_clip
 from ..tokens.dct import learn_dct_token
+from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
 from ..tokens.io import add_tokens, load_tokens, save_token
 from ..tokens.mcti import learn_mcti_token
 from ..tokens.trust import TrustVerdict, check_token_trust
@@ -217,8 +218,13 @@ class ClassWorker:
                                  self.selected or range(len(self.classes)))
 
     # -- one class job ----------------------------------------------------------------------------------------------
-    def run(self, job: ClassJob, attempt: int = 0) -> dict[str, Any]:
+    def run(self, job: ClassJob, attempt: int = 0, companions: Sequence[ClassJob] = ()) -> dict[str, Any]:
         """Learn or load the class token, then write every unfinished shard of the class.
+
+        `companions`: class jobs whose tokens may be learned in the same denoising batches as this job's
+        (``dct.classes_per_batch``): their token files are written as each class finishes, and their own jobs then
+        find them (their shards are not written here). Ignored unless the method is DCT and more than one class
+        fits a batch, and on a retry (`attempt` > 0).
 
         Returns:
             ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid",
@@ -233,7 +239,10 @@ class ClassWorker:
         self._report({"kind": "start", "class_index": c, "attempt": attempt})
         self._hook("on_job_start", job, attempt)
         models = self._load()
+        # a retry learns its own token alone: whatever failed the batch must not fail it again
+        batched = self._learn_tokens_together([job, *companions], models) if companions and not attempt else {}
         learned, token_seconds = self._ensure_token(job, models)
+        learned, token_seconds = learned or c in batched, token_seconds + batched.get(c, 0.0)
         verdict = self._ensure_trust(job, models)
         plain = verdict is not None and not verdict.trusted and self.config.dct.trust == "fallback"
         if plain:
@@ -330,6 +339,46 @@ class ClassWorker:
             logger.info("generate.compile: UNet compiled for batch sizes %s in %.1f s", sizes, seconds)
             self._report({"kind": "compile", "class_index": class_index, "seconds": seconds})
         self._generate = gen
+        return seconds
+
+    def _learn_tokens_together(self, jobs: Sequence[ClassJob], models: dict[str, Any]) -> dict[int, float]:
+        """``dct.classes_per_batch``: learn the missing tokens of `jobs` several classes per denoising batch
+        (`learn_dct_tokens`, continuous batching) and save each as its class finishes. Returns the seconds each
+        learned class took, its share of the wall time. Out of memory at this batch leaves the rest to their own
+        jobs, which learn them one at a time; any other error fails this job (whose retry learns its token alone).
+        """
+        import torch
+
+        cfg = self.config
+        todo = [j for j in jobs if not token_path(self.out, j.class_index).is_file()]
+        if cfg.method != "dct" or len(todo) < 2:
+            return {}
+        pipe, guide = models["pipe"], models["guide"]
+        if "classes_per_batch" not in models:
+            models["classes_per_batch"] = classes_per_batch_for(pipe, guide, cfg.dct, DCTJob(
+                todo[0].class_index, todo[0].name, token=todo[0].token))
+        if models["classes_per_batch"] < 2:
+            return {}
+        by_index = {j.class_index: j for j in todo}
+        seconds: dict[int, float] = {}
+        started = time.perf_counter()
+        try:
+            for dct_job, result in learn_dct_tokens(
+                    pipe, guide, (DCTJob(j.class_index, j.name, token=j.token) for j in todo), cfg.dct,
+                    classes_per_batch=models["classes_per_batch"], val_prompt=cfg.generate.prompt):
+                if isinstance(result, UserError):
+                    raise result
+                job = by_index[dct_job.class_index]
+                self._hook("on_token_learned", job)
+                save_token(result, token_path(self.out, job.class_index))
+                seconds[job.class_index] = result.seconds
+                self._report({"kind": "token", "class_index": job.class_index, "steps": result.steps,
+                              "stop_reason": result.stop_reason, "seconds": result.seconds})
+        except torch.OutOfMemoryError as e:  # the classes left go one by one (any other error fails the job)
+            logger.warning("learning %d class tokens together stopped after %d (%s: %s); the rest are learned one "
+                           "at a time", len(todo), len(seconds), type(e).__name__, str(e).splitlines()[0][:200])
+        logger.info("%d class tokens learned %d per batch in %.1fs", len(seconds), models["classes_per_batch"],
+                    time.perf_counter() - started)
         return seconds
 
     def _ensure_token(self, job: ClassJob, models: dict[str, Any]) -> tuple[bool, float]:
