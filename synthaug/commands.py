@@ -23,6 +23,7 @@ from .errors import UserError, write_errors
 from .generation import generate, real_start_images
 from .index import verify as verify_shards
 from .layout import (
+    ALL_TOKENS_FILE,
     CLASSES_FILE,
     FAILURES_FILE,
     FINAL_FILES,
@@ -278,7 +279,7 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
                                  val_prompt=config.generate.prompt)
         save_token(result, path)
         results.append(result)
-    save_tokens(results, out / "tokens.safetensors", {"model_id": config.model})
+    save_tokens(results, out / ALL_TOKENS_FILE, {"model_id": config.model})
     return results
 
 
@@ -425,7 +426,7 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
     loaded: dict = {}
     if tokens is not None:
         p = Path(tokens)
-        loaded = load_tokens(p / "tokens.safetensors" if p.is_dir() else p)
+        loaded = load_tokens(p / ALL_TOKENS_FILE if p.is_dir() else p)
         missing = [c for c in selected if token_name(c) not in loaded]
         if missing:
             raise UserError(f"`--tokens` {tokens!r} has no token for class {missing[0]} ({names[missing[0]]!r}): "
