@@ -133,7 +133,8 @@ def batches_tokens(config: BuildConfig) -> bool:
 
 def companions_wanted(config: BuildConfig) -> int:
     """How many other jobs' tokens the Ray executor hands an actor with each job: enough for two full batches, so
-    that a class that stops early is replaced (continuous batching); ``auto`` is sized on the actor's GPU."""
+    that a class that stops early is replaced (continuous batching). For ``auto``, `AUTO_COMPANIONS_BATCH` until an
+    actor reports the batch it resolved on its GPU (`RayExecutor.finished` then raises it)."""
     per_batch = config.dct.classes_per_batch
     return 2 * per_batch - 1 if isinstance(per_batch, int) else 2 * AUTO_COMPANIONS_BATCH - 1
 
@@ -407,7 +408,11 @@ class RayExecutor:
         elif ref in slot.refs:
             slot.refs.remove(ref)
         try:
-            self.tracker.succeeded(self.ray.get(ref))
+            result = self.ray.get(ref)
+            self.tracker.succeeded(result)
+            per_batch = result.get("classes_per_batch") or 0
+            if self.together and per_batch > 1:  # `auto` as an actor resolved it: hand out two batches' worth
+                self.companions_wanted = max(self.companions_wanted, 2 * per_batch - 1)
             return
         except RayTaskError as e:
             if not retryable(e.cause):

@@ -228,7 +228,9 @@ class ClassWorker:
 
         Returns:
             ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid",
-            "batch_size", "compile_seconds", "generate_seconds", "write_seconds", "write_wait_seconds"}``:
+            "batch_size", "compile_seconds", "generate_seconds", "write_seconds", "write_wait_seconds",
+            "classes_per_batch"}`` (`classes_per_batch`: the classes per token batch this worker resolved, None
+            before it learned tokens together):
             `compile_seconds` is the UNet's compile time (``generate.compile``; in the worker's first job with shards
             to write, 0 otherwise), `generate_seconds` the wall time of generating and writing the shards (without
             the compile), `write_seconds` the time spent encoding and writing images, `write_wait_seconds` the part
@@ -250,6 +252,7 @@ class ClassWorker:
                            "%s", job.class_index, job.name, verdict.describe())
         stats = self._write_shards(job, models, plain=plain)
         return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds, **stats,
+                "classes_per_batch": models.get("classes_per_batch"),
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
     def _ensure_trust(self, job: ClassJob, models: dict[str, Any]) -> TrustVerdict | None:
