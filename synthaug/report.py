@@ -345,6 +345,82 @@ def _check_writable(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------------------------------
+def _header_html(view: BuildView, methods: list[str], results: dict) -> list[str]:
+    """The report's title, what the build is, and the evaluations' tables (or how to make them)."""
+    esc = html.escape
+    cfg = view.config
+    counts = {m: sum(1 for r in view.rows([m])) for m in methods}
+    judge = results.get("judge")
+    body = [f"<h1>synthaug report: {esc(view.root.resolve().name)}</h1>",
+            f'<p class="muted">build {esc(str(view.root))}; model {esc(str(cfg.get("model", "?")))}; guide '
+            f'{esc(str(cfg.get("guide", "?")))}; {len(view.classes)} classes; images: '
+            + esc(", ".join(f"{m} {n}" for m, n in counts.items())) + "</p>"]
+    if judge is not None and judge.self_scored:
+        body.append(f'<p class="warn">The judge ({esc(judge.judge)}) is the guide: it scores images optimised to '
+                    "please it, so the judge accuracies below are flattered.</p>")
+    body.append("<h2>Results</h2>")
+    labels = {"judge": "Table 1 - judge accuracy", "downstream": "Table 2 - downstream training",
+              "fid": "Table 3 - FID/KID (Inception-v3 features)"}
+    if results:
+        for kind, result in results.items():
+            label = labels.get(kind) or f"Table 3/5 - FID/KID ({getattr(result, 'features', kind)} features)"
+            body.append(f"<h3>{esc(label)}</h3>")
+            body += [_html_table(t.title, t.headers, t.rows) for t in result_tables(result, per_class=False)]
+    else:
+        body.append('<p class="muted">No evaluation yet: run <code>synthaug evaluate</code>, <code>synthaug '
+                    "train</code> or <code>synthaug fid</code> on this build.</p>")
+    return body
+
+
+def _class_html(view: BuildView, ci: int, crow: dict, rows: list[dict], methods: list[str], per_class: int,
+                verdicts: dict, read: ImageReader, per_class_top1: dict, thumb: int) -> tuple[str, list, dict]:
+    """One class's section: its methods' images side by side on the same seeds with the judge's verdicts, the
+    token's numbers and training curve. Returns the section, the grid's rows (for the PNG) and the cells shown."""
+    esc = html.escape
+    info = _token_info(view.root, crow)
+    seeds, cells = _select_cells(view, rows, methods, per_class, verdicts, read)
+    shown_methods = [m for m in methods if any((m, s) in cells for s in seeds)]
+    acc = ", ".join(f"{m} {100 * per_class_top1[(ci, m)]:.0f}%" for m in shown_methods
+                    if (ci, m) in per_class_top1)
+    meta = [f"token {esc(str(info.get('token') or '-'))}"]
+    if info.get("updates") is not None:
+        meta.append(f"{esc(str(info['updates']))} updates")
+    if info.get("stop_reason"):
+        meta.append(f"stop: {esc(str(info['stop_reason']))}")
+    if acc:
+        meta.append(f"judge top-1: {esc(acc)}")
+    if crow.get("trust"):  # dct.trust: the per-class verdict from the user's own real images
+        t = crow["trust"]
+        meta.append(esc(TrustVerdict(**{k: v for k, v in t.items() if k != "fallback"}).describe()
+                        + ("; generated with the plain prompt" if t.get("fallback") else "")))
+    # Columns are seeds (the same noise for every method); headed by the sample index, the seed on hover
+    index_of = {c.seed: c.index for c in cells.values()}
+    grid = ['<table class="grid"><tr><th></th>' + "".join(
+        f'<th title="seed {s}">#{index_of[s]}</th>' for s in seeds) + "</tr>"]
+    png_rows = []
+    for m in shown_methods:
+        tds, tiles = [], []
+        for s in seeds:
+            cell = cells.get((m, s))
+            if cell is None:
+                tds.append("<td></td>")
+                continue
+            uri, width = _thumbnail(cell.image, thumb)
+            caption, colour = _verdict_text(cell.verdict)
+            tds.append(f'<td><span class="img" style="border-color:{colour}"><img src="{uri}" '
+                       f'width="{width}" alt="{esc(cell.key)}" title="{esc(cell.key)}"></span>'
+                       f'<div class="cap" style="color:{colour}">{esc(caption)}</div></td>')
+            tiles.append((cell.image, colour if cell.verdict.correct is not None else None))
+        grid.append(f"<tr><th>{esc(m)}</th>{''.join(tds)}</tr>")
+        png_rows.append((m, tiles))
+    grid.append("</table>")
+    section = (f'<section id="c{ci:03d}"><h3>{ci} {esc(crow["name"])}</h3>'
+               f'<p class="muted">{"; ".join(meta)}</p><div class="class"><div>{"".join(grid)}</div>'
+               f"<div>{svg_curve(info['history'], info.get('best_step'), info.get('stop_reason'))}</div>"
+               "</div></section>")
+    return section, png_rows, cells
+
+
 def write_report(
     build: str | os.PathLike,
     *,
@@ -376,6 +452,7 @@ def write_report(
     """
     from tqdm.auto import tqdm
 
+    # 0. Inputs checked; the build, its evaluations and the judge's verdicts read.
     if per_class <= 0:
         raise UserError(f"`per_class` must be > 0 but is {per_class}.")
     view = open_build(build)
@@ -400,29 +477,10 @@ def write_report(
     per_class_top1 = {(c.class_index, c.method): c.top1 for c in judge.per_class} if judge else {}
 
     # 1. Header and result tables.
-    esc = html.escape
-    cfg = view.config
-    counts = {m: sum(1 for r in view.rows([m])) for m in methods}
-    body = [f"<h1>synthaug report: {esc(view.root.resolve().name)}</h1>",
-            f'<p class="muted">build {esc(str(view.root))}; model {esc(str(cfg.get("model", "?")))}; guide '
-            f'{esc(str(cfg.get("guide", "?")))}; {len(view.classes)} classes; images: '
-            + esc(", ".join(f"{m} {n}" for m, n in counts.items())) + "</p>"]
-    if judge is not None and judge.self_scored:
-        body.append(f'<p class="warn">The judge ({esc(judge.judge)}) is the guide: it scores images optimised to '
-                    "please it, so the judge accuracies below are flattered.</p>")
-    body.append("<h2>Results</h2>")
-    labels = {"judge": "Table 1 - judge accuracy", "downstream": "Table 2 - downstream training",
-              "fid": "Table 3 - FID/KID (Inception-v3 features)"}
-    if results:
-        for kind, result in results.items():
-            label = labels.get(kind) or f"Table 3/5 - FID/KID ({getattr(result, 'features', kind)} features)"
-            body.append(f"<h3>{esc(label)}</h3>")
-            body += [_html_table(t.title, t.headers, t.rows) for t in result_tables(result, per_class=False)]
-    else:
-        body.append('<p class="muted">No evaluation yet: run <code>synthaug evaluate</code>, <code>synthaug '
-                    "train</code> or <code>synthaug fid</code> on this build.</p>")
+    body = _header_html(view, methods, results)
 
-    # 2. Per class: images side by side on the same seeds, verdicts, training curve.
+    # 2. Per class: images side by side on the same seeds, verdicts, training curve; its PNG grid.
+    esc = html.escape
     body.append("<h2>Classes</h2><nav>" + "".join(
         f'<a href="#c{ci:03d}">{ci} {esc(class_rows[ci]["name"])}</a>' for ci in shown) + "</nav>")
     read = ImageReader(view)
@@ -431,47 +489,9 @@ def write_report(
     try:
         for ci in tqdm(shown, desc="report", disable=not progress, leave=False):
             crow = class_rows[ci]
-            info = _token_info(view.root, crow)
-            seeds, cells = _select_cells(view, rows_by_class.get(ci, []), methods, per_class, verdicts, read)
-            shown_methods = [m for m in methods if any((m, s) in cells for s in seeds)]
-            acc = ", ".join(f"{m} {100 * per_class_top1[(ci, m)]:.0f}%" for m in shown_methods
-                            if (ci, m) in per_class_top1)
-            meta = [f"token {esc(str(info.get('token') or '-'))}"]
-            if info.get("updates") is not None:
-                meta.append(f"{esc(str(info['updates']))} updates")
-            if info.get("stop_reason"):
-                meta.append(f"stop: {esc(str(info['stop_reason']))}")
-            if acc:
-                meta.append(f"judge top-1: {esc(acc)}")
-            if crow.get("trust"):  # dct.trust: the per-class verdict from the user's own real images
-                t = crow["trust"]
-                meta.append(esc(TrustVerdict(**{k: v for k, v in t.items() if k != "fallback"}).describe()
-                                + ("; generated with the plain prompt" if t.get("fallback") else "")))
-            # Columns are seeds (the same noise for every method); headed by the sample index, the seed on hover
-            index_of = {c.seed: c.index for c in cells.values()}
-            grid = ['<table class="grid"><tr><th></th>' + "".join(
-                f'<th title="seed {s}">#{index_of[s]}</th>' for s in seeds) + "</tr>"]
-            png_rows = []
-            for m in shown_methods:
-                tds, tiles = [], []
-                for s in seeds:
-                    cell = cells.get((m, s))
-                    if cell is None:
-                        tds.append("<td></td>")
-                        continue
-                    uri, width = _thumbnail(cell.image, thumb)
-                    caption, colour = _verdict_text(cell.verdict)
-                    tds.append(f'<td><span class="img" style="border-color:{colour}"><img src="{uri}" '
-                               f'width="{width}" alt="{esc(cell.key)}" title="{esc(cell.key)}"></span>'
-                               f'<div class="cap" style="color:{colour}">{esc(caption)}</div></td>')
-                    tiles.append((cell.image, colour if cell.verdict.correct is not None else None))
-                grid.append(f"<tr><th>{esc(m)}</th>{''.join(tds)}</tr>")
-                png_rows.append((m, tiles))
-            grid.append("</table>")
-            body.append(f'<section id="c{ci:03d}"><h3>{ci} {esc(crow["name"])}</h3>'
-                        f'<p class="muted">{"; ".join(meta)}</p><div class="class"><div>{"".join(grid)}</div>'
-                        f"<div>{svg_curve(info['history'], info.get('best_step'), info.get('stop_reason'))}</div>"
-                        "</div></section>")
+            section, png_rows, cells = _class_html(view, ci, crow, rows_by_class.get(ci, []), methods, per_class,
+                                                   verdicts, read, per_class_top1, thumb)
+            body.append(section)
             if grids and png_rows:
                 tile = 96 if max(cells[next(iter(cells))].image.size) <= SMALL else min(thumb, 192)
                 _save_png(_grid_png(png_rows, f"{ci} {crow['name']} (same seeds per column)", tile),
@@ -480,6 +500,7 @@ def write_report(
                     overview += [(f"{crow['name'][:10]} {m}", tiles) for m, tiles in png_rows]
     finally:
         read.close()
+    # 3. The overview grid, then the page.
     if grids and overview:
         _save_png(_grid_png(overview, f"{view.root.resolve().name}: {' vs '.join(methods)} on identical seeds "
                                       "(green/red: judge right/wrong)", 64), grid_dir / "overview.png")
