@@ -105,8 +105,9 @@ class DCTConfig:
         trust: A per-class check of the learned token against the user's own real images
             (`synthaug.tokens.trust`): "off", "warn" (log a distrusted class) or "fallback" (generate a distrusted
             class with the plain prompt instead). Not part of the token: its file never records it.
-        trust_shots: Real images per class of the build's dataset split that the trust check reads (drawn with
-            `seed`).
+        trust_shots: Real images per class of the build's dataset split that the trust check reads: the user's own,
+            ``few_shot_indices(targets, trust_shots, generate.shots_seed)``, the images ``SynthAugDataset(shots=k,
+            seed=shots_seed)`` mixes in (the check images' noise comes from `seed`).
         trust_images: Images the trust check makes with the token, and as many with the plain prompt.
         num_vectors: Embedding vectors of the class token: 1 is the paper's single embedding; n > 1 learns n
             vectors, spelled in prompts as diffusers' multi-vector textual inversion spells them
@@ -233,7 +234,8 @@ class GenerateConfig:
             int(strength·T) steps; 1.0 = pure noise).
         shots: With ``init: real``: real images per class to start from, ``few_shot_indices(targets, shots,
             shots_seed)``: the k images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
-        shots_seed: With ``init: real``: the seed that picks those `shots` images.
+        shots_seed: The seed that picks the user's k real images per class: the `shots` images real starts begin
+            from, and the ``dct.trust_shots`` images the trust check reads.
     """
 
     prompt: str = "A photo of {token} {label}"

@@ -64,8 +64,9 @@ def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
     return diff(resolve_auto(old, cuda=cuda), resolve_auto(new, cuda=cuda), ignore=RESUMABLE_KEYS)
 
 
-# Config keys that decide only the images, not the tokens: they may change while no shard is finished yet.
-SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline")
+# Config keys that decide only the images, not the tokens: they may change while no shard is finished yet
+# (`dct.trust` picks which prompt a class's images use; its verdict does not depend on it).
+SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust")
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     """What to do with the output folder. Writes nothing but a probe file it removes again.

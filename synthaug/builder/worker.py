@@ -267,7 +267,7 @@ class ClassWorker:
         if "real_by_class" not in models:
             dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
             by_class: dict[int, list[Any]] = {}
-            for i in few_shot_indices(dataset.targets, cfg.dct.trust_shots, cfg.dct.seed, allow_fewer=True):
+            for i in few_shot_indices(dataset.targets, cfg.dct.trust_shots, cfg.generate.shots_seed, allow_fewer=True):
                 by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
             models["real_by_class"] = by_class
         verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
