@@ -101,10 +101,14 @@ def run_rows(args, command: str) -> int:
         raise UserError(f"`--learners` {', '.join(bad)} unknown: use {', '.join(LEARNERS)}.")
     out = Path(args.out or "out/table2")
     pretrained = {"true": True, "false": False}.get(str(args.pretrained).lower(), args.pretrained)
+    # real images alone: a row wherever some k > 0 (at k = 0 there is nothing to train on)
+    real_row = [("real", rows[0][1], None, {})] if any(args.shots) else []
+    if not real_row and "real" in against:
+        raise UserError("`--against real` needs some --shots above 0: at k = 0 there are no real images alone.")
     markdown = [f"### Table 2, extended: {', '.join(names)} ({', '.join(learners)})", "", f"`{command}`", ""]
     for learner in learners:
         tables = {}
-        for name, build, method, overrides in [("real", rows[0][1], None, {})] + rows:
+        for name, build, method, overrides in real_row + rows:
             view = open_build(build)
             real = args.real or view.config.get("dataset")
             root = args.root if args.root is not None else (view.config.get("root") if not args.real else None)

@@ -107,6 +107,11 @@ def test_reproduce_table2_rows_learners_and_paired_comparisons(digits_build, tmp
     assert "'epochs_x=3' is not KEY=VALUE with KEY a DownstreamConfig setting" in capsys.readouterr().err
     assert _pipeline("reproduce_table2").main([*argv[:-3], "--against", "nope", "-q"]) == 2
     assert "`--against` nope is not a row" in capsys.readouterr().err
+    # k = 0: synthetic images alone, no real-only row
+    k0 = ["--shots", "0", *argv[2:argv.index("--out")], "--out", str(tmp_path / "t2x-k0"), "--row", f"sd={b}:sd",
+          "--row", f"dct={b}:dct", "--learners", "linear", "--linear-size", "8", "--against", "sd", "-q"]
+    assert _pipeline("reproduce_table2").main(k0) == 0
+    assert "| k | sd | dct | dct - sd |\n|---|---|---|---|\n| 0 |" in (tmp_path / "t2x-k0" / "table2.md").read_text()
 
 
 def test_reproduce_table4_toy(tmp_path, capsys):
