@@ -229,9 +229,10 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         if failures:
             write_text(out / FAILURES_FILE, json.dumps({"resume": resume_command(out), "failed": failures},
                                                        indent=1) + "\n")
+        images = images_on_disk(out, jobs)
         result = BuildResult(
-            out=out, classes=len(jobs), classes_done=len(done), images=images_on_disk(out, jobs),
-            images_new=images_on_disk(out, jobs) - images_before, tokens_new=tokens_on_disk(out, jobs) - tokens_before,
+            out=out, classes=len(jobs), classes_done=len(done), images=images, images_new=images - images_before,
+            tokens_new=tokens_on_disk(out, jobs) - tokens_before,
             seconds=time.perf_counter() - started, executor=executor, workers=tracker.workers, failures=failures,
             resumed=checked.mode == "resume", resume_command=resume_command(out),
             ray_seconds=tracker.ray_seconds, first_worker_seconds=tracker.first_worker_seconds,

@@ -362,9 +362,9 @@ class RayExecutor:
         that another actor is learning, none whose token is on disk)."""
         if not self.together:
             return []
-        free = [j for j in self.pending if j.class_index not in self.claimed and j is not job
-                and not token_path(self.out, j.class_index).is_file()]
-        return free[:self.companions_wanted]
+        free = (j for j in self.pending if j.class_index not in self.claimed and j is not job
+                and not token_path(self.out, j.class_index).is_file())
+        return list(itertools.islice(free, self.companions_wanted))  # stats only as many files as it takes
 
     def release(self, ref: Any) -> None:
         """The call `ref` ended: the tokens it was to learn are on disk, or their own jobs learn them."""

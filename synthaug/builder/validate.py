@@ -102,7 +102,8 @@ def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
 
 def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
     old, why_not = read_build_config(out)
-    if old is None and read_plan(out) is not None:  # a build (its plan proves it) whose config.yaml was damaged
+    has_plan = read_plan(out) is not None
+    if old is None and has_plan:  # a build (its plan proves it) whose config.yaml was damaged
         if overwrite:
             return "overwrite"
         raise UserError(f"`out` {str(out)!r} holds a synthaug build whose {CONFIG_FILE} is damaged ({why_not}): "
@@ -112,7 +113,6 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
         raise UserError(f"`out` {str(out)!r} holds a {CONFIG_FILE} but is not a synthaug build ({why_not}); "
                         f"{'--overwrite discards synthaug builds only, so ' if overwrite else ''}nothing there was "
                         f"touched: choose another --out.")
-    has_plan = read_plan(out) is not None
     if overwrite:
         if not has_plan:
             raise UserError(f"`out` {str(out)!r} has a synthaug {CONFIG_FILE} but no readable {PLAN_FILE}, so it is "
