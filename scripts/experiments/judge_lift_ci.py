@@ -6,6 +6,7 @@ difference in judge top-1; its interval is a paired bootstrap that resamples see
 "Errors fixed" is the lift over the plain prompt's error rate. Prints one line per class group (RESULTS.md).
 
     python scripts/experiments/judge_lift_ci.py out/digits-report --groups "ambiguous=1,3,4,7,8,9"
+    python scripts/experiments/judge_lift_ci.py out/digits-report-n2 --baseline-build out/digits-report
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ import numpy as np
 import pyarrow.parquet as pq
 
 
-def paired(build: Path, method: str, baseline: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per class: (baseline top-1, method top-1) as 0/1 arrays over the seeds both have, in seed order."""
-    rows = pq.read_table(build / "eval" / "judge_images.parquet",
-                         columns=["method", "class_index", "seed", "top1"]).to_pylist()
+def paired(build: Path, method: str, baseline: str,
+           baseline_build: Path | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per class: (baseline top-1, method top-1) as 0/1 arrays over the seeds both have, in seed order.
+
+    `baseline_build`: take the baseline's verdicts from this build instead (a build without ``--baseline`` whose
+    seeds another build's plain images share, e.g. tokens learned again with other settings).
+    """
+    columns = ["method", "class_index", "seed", "top1"]
+    rows = [r for r in pq.read_table(build / "eval" / "judge_images.parquet", columns=columns).to_pylist()
+            if baseline_build is None or r["method"] == method]
+    if baseline_build is not None:
+        rows += [r for r in pq.read_table(baseline_build / "eval" / "judge_images.parquet", columns=columns).to_pylist()
+                 if r["method"] == baseline]
     by: dict[tuple[str, int], dict[int, float]] = {}
     for r in rows:
         by.setdefault((r["method"], r["class_index"]), {})[r["seed"]] = float(r["top1"])
@@ -63,10 +73,12 @@ def main() -> int:
     parser.add_argument("--baseline", default="sd")
     parser.add_argument("--groups", action="append", default=[], metavar="NAME=C,C,...",
                         help="named class groups besides 'all', e.g. ambiguous=1,3,4,7,8,9")
+    parser.add_argument("--baseline-build", type=Path, help="take the baseline images' verdicts from this build "
+                        "(same seeds), for a build made without --baseline")
     parser.add_argument("--draws", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    pairs = paired(args.build, args.method, args.baseline)
+    pairs = paired(args.build, args.method, args.baseline, args.baseline_build)
     groups = {"all": sorted(pairs)}
     for g in args.groups:
         name, _, classes = g.partition("=")
