@@ -177,7 +177,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_judge, format_table
 
     result = evaluate_judge(args.out_dir, judge=args.judge, device=args.device or "auto", batch_size=args.batch_size,
-                            class_map=args.class_map, restrict_to_shared=args.restrict_to_shared)
+                            class_map=args.class_map, restrict_to_shared=args.restrict_to_shared,
+                            progress=not args.quiet)
     print(format_table(result, per_class=args.per_class))
     return 0
 
@@ -201,7 +202,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
     result = compute_fid(args.out_dir, real=args.real, root=args.root, split=args.split, features=args.features,
                          inception_weights=args.inception_weights, max_images=args.max_images,
-                         device=args.device or "auto")
+                         device=args.device or "auto", progress=not args.quiet)
     print(format_table(result))
     return 0
 
@@ -256,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("learn", help="learn DCT tokens for a few classes (no images)")
     _config_options(p, "--guide-target")
     p.add_argument("--tokens-out", required=True, help="directory for the token files")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("generate", help="generate PNGs for a few classes with learned tokens (and the plain prompt)")
     _config_options(p, "-n", "--baseline")
     p.add_argument("--tokens", help="token file or directory written by `synthaug learn` (omit: plain prompt only)")
     p.add_argument("--dest", required=True, help="folder for the PNGs and metadata.jsonl")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="counts per class and method, config, failures of a build")
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restrict-to-shared", action="store_true", help="judge over the labels both sets share (iNat179)")
     p.add_argument("--per-class", action="store_true", help="print the per-class table too")
     p.add_argument("--device")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="few-shot training with k real + N synthetic per class (paper Table 2)")
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="build class -> real class when names differ: inat179, inat179:ROOT, or a "
                                        "JSON file {build name: real name}")
     p.add_argument("--device")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("fid", help="FID/KID of generated vs real images (paper Tables 3/5)")
@@ -326,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local Inception-v3 FID weights file (no download happens)")
     p.add_argument("--max-images", type=int, help="cap images per method")
     p.add_argument("--device")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("report", help="write OUT/report/index.html with galleries and tables")

@@ -20,6 +20,15 @@ def test_help_lists_every_subcommand_without_heavy_imports():
         assert cmd in text
 
 
+@pytest.mark.parametrize("cmd", ["build", "learn", "generate", "evaluate", "train", "fid"])
+def test_every_command_with_progress_bars_takes_quiet(cmd):
+    required = {"learn": ["--tokens-out", "t"], "generate": ["--dest", "d"], "evaluate": ["out", "--judge", "j"],
+                "train": ["out", "--real", "digits"], "fid": ["out", "--real", "digits"]}.get(cmd, [])
+    parser = build_parser()
+    assert parser.parse_args([cmd, *required, "-q"]).quiet is True
+    assert parser.parse_args([cmd, *required]).quiet is False
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
