@@ -22,25 +22,24 @@ def paired(build: Path, method: str, baseline: str,
            baseline_build: Path | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per class: (baseline top-1, method top-1) as 0/1 arrays over the seeds both have, in seed order.
 
-    `baseline_build`: take the baseline's verdicts from this build instead (a build without ``--baseline`` whose
-    seeds another build's plain images share, e.g. tokens learned again with other settings).
+    `baseline_build`: take the baseline's verdicts from this build instead (same seeds): for a build made without
+    ``--baseline``, or to pair two builds' tokens (``--baseline dct``: tokens learned again with other settings).
     """
-    columns = ["method", "class_index", "seed", "top1"]
-    rows = [r for r in pq.read_table(build / "eval" / "judge_images.parquet", columns=columns).to_pylist()
-            if baseline_build is None or r["method"] == method]
-    if baseline_build is not None:
-        rows += [r for r in pq.read_table(baseline_build / "eval" / "judge_images.parquet", columns=columns).to_pylist()
-                 if r["method"] == baseline]
-    by: dict[tuple[str, int], dict[int, float]] = {}
-    for r in rows:
-        by.setdefault((r["method"], r["class_index"]), {})[r["seed"]] = float(r["top1"])
+    def verdicts(folder: Path, which: str) -> dict[int, dict[int, float]]:
+        rows = pq.read_table(folder / "eval" / "judge_images.parquet",
+                             columns=["method", "class_index", "seed", "top1"]).to_pylist()
+        by: dict[int, dict[int, float]] = {}
+        for r in rows:
+            if r["method"] == which:
+                by.setdefault(r["class_index"], {})[r["seed"]] = float(r["top1"])
+        return by
+
+    ours, theirs = verdicts(build, method), verdicts(baseline_build or build, baseline)
     out = {}
-    for (m, c), verdicts in sorted(by.items()):
-        if m != method or (baseline, c) not in by:
-            continue
-        base = by[(baseline, c)]
-        seeds = sorted(set(verdicts) & set(base))
-        out[c] = (np.array([base[s] for s in seeds]), np.array([verdicts[s] for s in seeds]))
+    for c in sorted(set(ours) & set(theirs)):
+        seeds = sorted(set(ours[c]) & set(theirs[c]))
+        if seeds:
+            out[c] = (np.array([theirs[c][s] for s in seeds]), np.array([ours[c][s] for s in seeds]))
     if not out:
         raise SystemExit(f"{build}: no {method!r} images paired with {baseline!r} ones; run `synthaug evaluate` first.")
     return out
