@@ -76,6 +76,49 @@ def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_p
     assert build(cfg, progress=False).ok and bw.snapshot(out) == before
 
 
+def test_a_kept_verdict_is_reused_only_with_the_settings_it_was_checked_with(tmp_path, world, monkeypatch):
+    import shutil
+
+    from synthaug.builder import worker
+
+    first = tmp_path / "first"
+    trust = {"dct.trust": "warn", "dct.trust_shots": 2, "dct.trust_images": 2}
+    assert build(bw.config(first, *world, **trust), progress=False).ok
+    kept = {p.name: p.read_bytes() for p in (first / "tokens").glob("*_trust.json")}
+    assert len(kept) == 3 and all(TrustVerdict.from_json(v).settings_sha256 for v in kept.values())
+
+    checks = []
+    real_check = worker.check_token_trust
+
+    def counted(*args, **kwargs):
+        checks.append(kwargs["class_index"])
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "check_token_trust", counted)
+
+    def tokens_without_images(name):  # a build whose config may still change: its tokens (and verdicts), no image
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("config.yaml", "plan.json"):
+            shutil.copy2(first / f, folder / f)
+        shutil.copytree(first / "tokens", folder / "tokens")
+        return folder
+
+    same = tokens_without_images("same")
+    assert build(bw.config(same, *world, **trust), progress=False).ok
+    assert checks == [] and {p.name: p.read_bytes() for p in (same / "tokens").glob("*_trust.json")} == kept
+    # other real images for the check (generate.shots_seed): every verdict is checked again, and says so
+    other = tokens_without_images("other")
+    assert build(bw.config(other, *world, **trust, **{"generate.shots_seed": 1}), progress=False).ok
+    assert sorted(checks) == [0, 1, 2]
+    again = {p.name: TrustVerdict.from_json(p.read_text()) for p in (other / "tokens").glob("*_trust.json")}
+    assert all(v.settings_sha256 != TrustVerdict.from_json(kept[n]).settings_sha256 for n, v in again.items())
+    # a verdict file without the field (an older build) reads, and is checked again
+    old = json.loads(kept["000_trust.json"])
+    del old["settings_sha256"]
+    assert TrustVerdict.from_json(json.dumps(old)).settings_sha256 == ""
+
+
 def test_trust_setting_is_checked():
     from synthaug.config import BuildConfig, DCTConfig, validate
 

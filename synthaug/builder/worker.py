@@ -30,7 +30,7 @@ from ..tokens.dct import learn_dct_token
 from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
 from ..tokens.io import add_tokens, load_tokens, save_token
 from ..tokens.mcti import learn_mcti_token
-from ..tokens.trust import TrustVerdict, check_token_trust
+from ..tokens.trust import TrustVerdict, check_token_trust, trust_settings_sha256
 from .plan import ClassJob, ShardTask
 
 logger = logging.getLogger(__name__)
@@ -257,13 +257,21 @@ class ClassWorker:
 
     def _ensure_trust(self, job: ClassJob, models: dict[str, Any]) -> TrustVerdict | None:
         """``dct.trust``: the class token's trust verdict, checked once and kept in ``tokens/NNN_trust.json`` (None
-        when the check is off)."""
+        when the check is off). A kept verdict checked with other settings (``generate.*``, the real images it read)
+        is checked again: a build whose config changed before any image was made keeps its tokens, not its verdicts."""
         cfg = self.config
         if cfg.method != "dct" or cfg.dct.trust == "off":
             return None
         path = trust_path(self.out, job.class_index)
+        settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.dct.trust_shots,
+                                         shots_seed=cfg.generate.shots_seed, images=cfg.dct.trust_images,
+                                         seed=cfg.dct.seed)
         if path.is_file():
-            return TrustVerdict.from_json(path.read_text())
+            kept = TrustVerdict.from_json(path.read_text())
+            if kept.settings_sha256 == settings:
+                return kept
+            logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
+                        job.class_index, job.name)
         if "real_by_class" not in models:
             dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
             by_class: dict[int, list[Any]] = {}
@@ -273,6 +281,7 @@ class ClassWorker:
         verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
                                     token=job.token, real_images=models["real_by_class"], config=cfg.generate,
                                     images=cfg.dct.trust_images, seed=cfg.dct.seed)
+        verdict = replace(verdict, settings_sha256=settings)
         write_text(path, verdict.to_json() + "\n")
         (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
                                                               job.name, verdict.describe())

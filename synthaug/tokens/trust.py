@@ -43,13 +43,16 @@ class TrustVerdict:
     real_images: int  # k: the class's real images the check used
     images: int  # check images per prompt
     reason: str  # why not trusted ("" when trusted)
+    settings_sha256: str = ""  # what the check ran with (a build's `trust_settings_sha256`); "" when not recorded
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrustVerdict:
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def describe(self) -> str:
         """One line: the verdict and its numbers."""
@@ -57,6 +60,15 @@ class TrustVerdict:
         return (f"{verdict}: guide {100 * self.guide_real_accuracy:.0f}% on {self.real_images} real images; "
                 f"token images on the class {100 * self.token_on_class:.0f}% vs plain "
                 f"{100 * self.plain_on_class:.0f}% of {self.images}")
+
+
+def trust_settings_sha256(*, generate: Any, shots: int, shots_seed: int, images: int, seed: int) -> str:
+    """A fingerprint of everything a build's trust check depends on besides the token and the guide: the
+    `GenerateConfig` it generates with, which real images it reads (`shots` per class drawn with `shots_seed`), how
+    many check images and their base seed. A kept verdict is reused only while this is unchanged."""
+    settings = {"generate": dataclasses.asdict(generate), "shots": int(shots), "shots_seed": int(shots_seed),
+                "images": int(images), "seed": int(seed)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def trust_seed(seed: int, class_index: int) -> int:
@@ -132,4 +144,5 @@ def check_token_trust(
                         reason="; ".join(reasons))
 
 
-__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "trust_seed"]
+__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "trust_seed",
+           "trust_settings_sha256"]
