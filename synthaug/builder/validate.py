@@ -65,8 +65,9 @@ def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
 
 
 # Config keys that decide only the images, not the tokens: they may change while no shard is finished yet
-# (`dct.trust` picks which prompt a class's images use; its verdict does not depend on it).
-SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust")
+# (`dct.trust` picks which prompt a class's images use; the trust check's own settings decide its verdict, which a
+# worker checks again when they differ from the ones it was checked with).
+SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_shots", "dct.trust_images")
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     """What to do with the output folder. Writes nothing but a probe file it removes again.
