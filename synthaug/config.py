@@ -109,6 +109,11 @@ class DCTConfig:
             ``few_shot_indices(targets, trust_shots, generate.shots_seed)``, the images ``SynthAugDataset(shots=k,
             seed=shots_seed)`` mixes in (the check images' noise comes from `seed`).
         trust_images: Images the trust check makes with the token, and as many with the plain prompt.
+        trust_features: The feature space in which the trust check asks whether the token's images land nearer the
+            class's real images than the plain prompt's do: "guide" (the guide's penultimate features) or "clip"
+            (the image tower of the CLIP `mcti.clip_model` names; null: the model's own, as MC-TI picks it). The
+            guide's space can be fooled the way the guide is — a token that satisfies a weak guide lands "on the
+            class" there; CLIP's image tower is not what steered the token.
         num_vectors: Embedding vectors of the class token: 1 is the paper's single embedding; n > 1 learns n
             vectors, spelled in prompts as diffusers' multi-vector textual inversion spells them
             ("<tok> <tok>_1 ... <tok>_{n-1}", written as one [n, dim] tensor that stock ``load_textual_inversion``
@@ -153,6 +158,7 @@ class DCTConfig:
     trust: str = "off"
     trust_shots: int = 5
     trust_images: int = 8
+    trust_features: str = "guide"
     num_vectors: int = 1
     classes_per_batch: int | None = 1
 
@@ -366,6 +372,7 @@ VALID = {
     "dct.patience_metric": ("loss", "val"),
     "dct.lr_schedule": ("constant", "cosine"),
     "dct.trust": ("off", "warn", "fallback"),
+    "dct.trust_features": ("guide", "clip"),
     "generate.init": ("noise", "real"),
 }
 

@@ -1,5 +1,6 @@
 """dct.trust: the per-class check of a token against the user's own real images, and what a build does with it."""
 
+import dataclasses
 import json
 
 import buildworld as bw
@@ -40,6 +41,55 @@ def test_verdict_follows_the_guide_on_real_images_and_where_the_token_images_lan
     assert not bad.trusted and bad.guide_real_accuracy == 0.0
     assert "the guide recognises 0% of the class's real images" in bad.reason
     assert bad.describe().startswith("NOT trusted (the guide recognises 0%")
+
+
+def test_the_check_asks_in_the_feature_space_it_is_given(pipe):
+    gen = GenerateConfig(num_inference_steps=2, height=16, width=16, batch_size=4)
+    real = {c: [color_image(c, size=16, green=g) for g in (0, 40, 80)] for c in range(6)}
+    kw = {"class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4, "real_images": real}
+    guide = ColorJudge()
+    seen = []
+
+    def space(pixels):
+        seen.append(len(pixels))
+        return guide.features(pixels)
+
+    in_guide = check_token_trust(pipe, guide, **kw)
+    elsewhere = check_token_trust(pipe, guide, features=space, features_name="clip", **kw)
+    assert seen == [3] * 6 + [4, 4]  # every class's real images, then the token's and the plain prompt's images
+    assert elsewhere.features == "clip" and in_guide.features == "guide"
+    assert dataclasses.replace(elsewhere, features="guide") == in_guide
+    assert "(clip features)" in elsewhere.describe()
+
+
+def test_build_checks_in_clips_feature_space_when_asked(tmp_path, world, monkeypatch):
+    from synthaug.builder import worker
+    from synthaug.tokens.clip import DIGITS_CLIP
+
+    loaded = []
+    real_load = worker.load_clip
+
+    def counted(*args, **kwargs):
+        loaded.append(args[0] if args else kwargs.get("clip_model"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "load_clip", counted)
+    out = tmp_path / "clip"
+    cfg = bw.config(out, *world, **{"dct.trust": "warn", "dct.trust_shots": 2, "dct.trust_images": 2,
+                                    "dct.trust_features": "clip", "mcti.clip_model": str(DIGITS_CLIP)})
+    assert build(cfg, progress=False).ok
+    assert loaded == [str(DIGITS_CLIP)]  # once per worker, its image tower shared by every class's check
+    verdicts = [TrustVerdict.from_json(p.read_text()) for p in sorted((out / "tokens").glob("*_trust.json"))]
+    assert len(verdicts) == 3 and {v.features for v in verdicts} == {"clip"}
+    classes = json.loads((out / "classes.json").read_text())
+    assert {c["trust"]["features"] for c in classes} == {"clip"}
+    # a CLIP folder that is not there is one line before any work
+    from synthaug.builder.validate import check_build
+
+    missing = bw.config(tmp_path / "missing", *world, **{"dct.trust": "warn", "dct.trust_features": "clip",
+                                                          "mcti.clip_model": str(tmp_path / "no-clip")})
+    with pytest.raises(UserError, match=r"`mcti.clip_model` .*no-clip' does not exist"):
+        check_build(missing, False)
 
 
 def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_path, world):
@@ -124,6 +174,8 @@ def test_trust_setting_is_checked():
 
     with pytest.raises(UserError, match="`dct.trust` must be one of off, warn, fallback but is 'maybe'"):
         validate(BuildConfig(dct=DCTConfig(trust="maybe")))
+    with pytest.raises(UserError, match="`dct.trust_features` must be one of guide, clip but is 'pixels'"):
+        validate(BuildConfig(dct=DCTConfig(trust_features="pixels")))
     with pytest.raises(UserError, match="`dct.trust_shots` must be > 0 but is 0"):
         validate(BuildConfig(dct=DCTConfig(trust_shots=0)))
     with pytest.raises(UserError, match="`dct.trust` 'warn' checks DCT tokens, but `method` is 'mcti'"):

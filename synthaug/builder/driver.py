@@ -192,7 +192,9 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
     with unwritable, build_lock(out):
         # 1. Config and plan on disk before any work
         if checked.mode == "replace":
-            logger.info("%s: no token or shard was made with its old config; replacing %s", out, CONFIG_FILE)
+            kept_tokens = tokens_on_disk(out, jobs)
+            logger.info("%s: nothing its config change invalidates was made (%s); replacing %s", out,
+                        f"{kept_tokens} tokens kept" if kept_tokens else "no token", CONFIG_FILE)
         kept = begin_build(out, config, plan_file(config, checked.class_names, jobs), checked.mode)
         if kept:
             logger.warning("--overwrite kept what synthaug build did not write in %s: %s%s", out, ", ".join(kept[:8]),

@@ -67,7 +67,8 @@ def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
 # Config keys that decide only the images, not the tokens: they may change while no shard is finished yet
 # (`dct.trust` picks which prompt a class's images use; the trust check's own settings decide its verdict, which a
 # worker checks again when they differ from the ones it was checked with).
-SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_shots", "dct.trust_images")
+SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_shots", "dct.trust_images",
+                   "dct.trust_features")
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     """What to do with the output folder. Writes nothing but a probe file it removes again.
@@ -280,11 +281,13 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
         if config.method == "mcti" and len(class_names) < 2:
             raise UserError("`method` 'mcti' needs at least 2 classes (its regularizer discriminates between them): "
                             "use method 'ti'.")
-        if config.method == "mcti" and config.mcti.clip_model is not None:
-            p = Path(config.mcti.clip_model).expanduser()
-            if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
-                raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
-                                f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
         if config.method == "mcti":
             check_clip_pairing(config.model, config.mcti.clip_model)
+    # 8. A CLIP that is read (MC-TI, or the trust check in CLIP's feature space) exists
+    uses_clip = config.method == "mcti" or (config.dct.trust != "off" and config.dct.trust_features == "clip")
+    if uses_clip and config.mcti.clip_model is not None:
+        p = Path(config.mcti.clip_model).expanduser()
+        if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
+            raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
+                            f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
     return CheckedBuild(out, mode, class_names, selected, class_aliases(dataset))

@@ -25,7 +25,7 @@ from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, ge
 from ..layout import resume_command, shard_done, token_path, trust_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
-from ..tokens.clip import class_features, load_clip
+from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
 from ..tokens.dct import learn_dct_token
 from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
 from ..tokens.io import add_tokens, load_tokens, save_token
@@ -263,9 +263,11 @@ class ClassWorker:
         if cfg.method != "dct" or cfg.dct.trust == "off":
             return None
         path = trust_path(self.out, job.class_index)
+        clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
+        space = "guide" if cfg.dct.trust_features == "guide" else f"clip:{clip_source or 'digits'}"
         settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.dct.trust_shots,
                                          shots_seed=cfg.generate.shots_seed, images=cfg.dct.trust_images,
-                                         seed=cfg.dct.seed)
+                                         seed=cfg.dct.seed, features=space)
         if path.is_file():
             kept = TrustVerdict.from_json(path.read_text())
             if kept.settings_sha256 == settings:
@@ -278,9 +280,19 @@ class ClassWorker:
             for i in few_shot_indices(dataset.targets, cfg.dct.trust_shots, cfg.generate.shots_seed, allow_fewer=True):
                 by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
             models["real_by_class"] = by_class
+        features = None
+        if cfg.dct.trust_features == "clip":  # only its image tower is read: no pairing with the text encoder needed
+            if "trust_clip" not in models:
+                models["trust_clip"] = load_clip(clip_source, device=models["pipe"].device)
+            clip = models["trust_clip"]
+
+            def features(pixels):
+                return image_features(clip, pixels)
+
         verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
                                     token=job.token, real_images=models["real_by_class"], config=cfg.generate,
-                                    images=cfg.dct.trust_images, seed=cfg.dct.seed)
+                                    images=cfg.dct.trust_images, seed=cfg.dct.seed, features=features,
+                                    features_name=cfg.dct.trust_features)
         verdict = replace(verdict, settings_sha256=settings)
         write_text(path, verdict.to_json() + "\n")
         (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,

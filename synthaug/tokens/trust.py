@@ -6,9 +6,11 @@ images of every class, two questions can be asked:
 
 1. Does the guide recognise the class's real images? (its top-1 on them)
 2. Do the token's images land nearer the class's real images than the plain prompt's images on the same seeds do?
-   In the guide's feature space (the head's input), each image goes to the class whose real images' mean feature is
-   nearest (cosine); the check counts how many of the token's images go to their own class, and the same for the
-   plain prompt's.
+   In a feature space — the guide's (the head's input) or CLIP's image tower (`dct.trust_features`) — each image goes
+   to the class whose real images' mean feature is nearest (cosine); the check counts how many of the token's images
+   go to their own class, and the same for the plain prompt's. The guide's space can be fooled as the guide is: a
+   token that satisfies a weak guide lands "on the class" there while an independent judge disagrees; CLIP's image
+   tower did not steer the token.
 
 The token is trusted when the guide gets at least half of the class's real images right and the token's images land
 on the class at least as often as the plain prompt's. `dct.trust` decides what a build does with a distrusted token:
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ class TrustVerdict:
     real_images: int  # k: the class's real images the check used
     images: int  # check images per prompt
     reason: str  # why not trusted ("" when trusted)
+    features: str = "guide"  # the feature space of question 2: "guide" or "clip"
     settings_sha256: str = ""  # what the check ran with (a build's `trust_settings_sha256`); "" when not recorded
 
     def to_json(self) -> str:
@@ -59,15 +62,17 @@ class TrustVerdict:
         verdict = "trusted" if self.trusted else f"NOT trusted ({self.reason})"
         return (f"{verdict}: guide {100 * self.guide_real_accuracy:.0f}% on {self.real_images} real images; "
                 f"token images on the class {100 * self.token_on_class:.0f}% vs plain "
-                f"{100 * self.plain_on_class:.0f}% of {self.images}")
+                f"{100 * self.plain_on_class:.0f}% of {self.images} ({self.features} features)")
 
 
-def trust_settings_sha256(*, generate: Any, shots: int, shots_seed: int, images: int, seed: int) -> str:
+def trust_settings_sha256(*, generate: Any, shots: int, shots_seed: int, images: int, seed: int,
+                          features: str = "guide") -> str:
     """A fingerprint of everything a build's trust check depends on besides the token and the guide: the
     `GenerateConfig` it generates with, which real images it reads (`shots` per class drawn with `shots_seed`), how
-    many check images and their base seed. A kept verdict is reused only while this is unchanged."""
+    many check images and their base seed, and the feature space (``"guide"``, or ``"clip:<model>"``). A kept verdict
+    is reused only while this is unchanged."""
     settings = {"generate": dataclasses.asdict(generate), "shots": int(shots), "shots_seed": int(shots_seed),
-                "images": int(images), "seed": int(seed)}
+                "images": int(images), "seed": int(seed), "features": str(features)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -94,6 +99,8 @@ def check_token_trust(
     config: Any,
     images: int = 8,
     seed: int = 0,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    features_name: str = "guide",
 ) -> TrustVerdict:
     """Check one class token against the k real images of every class (see the module docstring).
 
@@ -106,6 +113,9 @@ def check_token_trust(
         config: the `GenerateConfig` the build generates with (prompt, steps, guidance, size).
         images: check images per prompt (token and plain, on the same seeds).
         seed: base seed (the build's `dct.seed`); the check images' seeds are hashed from it and the class.
+        features: the feature space of question 2, images ``[N, 3, H, W]`` in [0, 1] -> ``[N, D]``; None: the
+            guide's (``guide.features``). E.g. CLIP's image tower: ``lambda x: image_features(clip, x)``.
+        features_name: what the verdict records as its feature space.
 
     >>> verdict = check_token_trust(pipe, guide, class_index=3, label="three", token="<synthaug-003>",
     ...                             real_images=by_class, config=GenerateConfig())  # doctest: +SKIP
@@ -120,16 +130,18 @@ def check_token_trust(
     classes = sorted(real_images)
     own = _pixels(real_images[class_index]).to(device, dtype)
     accuracy = float((guide(own).argmax(-1) == class_index).float().mean())
-    centroids = torch.stack([torch.nn.functional.normalize(guide.features(_pixels(real_images[c]).to(device, dtype)),
-                                                           dim=-1).mean(0) for c in classes])
+    embed = guide.features if features is None else features
+
+    def feats_of(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(embed(pixels.to(device, dtype)).float(), dim=-1)
+
+    centroids = torch.stack([feats_of(_pixels(real_images[c])).mean(0) for c in classes])
     centroids = torch.nn.functional.normalize(centroids, dim=-1)
     gen = dataclasses.replace(config, seed=trust_seed(seed, class_index))
 
     def on_class(tok: str | None) -> float:
         made = generate(pipe, class_index=class_index, label=label, token=tok, indices=range(images), config=gen)
-        feats = torch.nn.functional.normalize(guide.features(_pixels([m.image for m in made]).to(device, dtype)),
-                                              dim=-1)
-        nearest = (feats @ centroids.T).argmax(-1)
+        nearest = (feats_of(_pixels([m.image for m in made])) @ centroids.T).argmax(-1)
         return float((nearest == classes.index(class_index)).float().mean())
 
     token_share, plain_share = on_class(token), on_class(None)
@@ -141,7 +153,7 @@ def check_token_trust(
                        f"({100 * token_share:.0f}% vs {100 * plain_share:.0f}%)")
     return TrustVerdict(trusted=not reasons, guide_real_accuracy=accuracy, token_on_class=token_share,
                         plain_on_class=plain_share, real_images=len(real_images[class_index]), images=images,
-                        reason="; ".join(reasons))
+                        reason="; ".join(reasons), features=features_name)
 
 
 __all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "trust_seed",
