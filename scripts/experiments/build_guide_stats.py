@@ -3,9 +3,11 @@
 Per method and class: the guide's top-1 on the generated images (from the stored ``guide_top5``: the guide scoring its
 own images, to set beside the judge's numbers from `synthaug evaluate`); how many images a guide-confidence filter
 keeps and, when `synthaug evaluate` has run, how many of those the judge calls right (``judge_prob`` >= 0.5); and per
-token the updates run, the stop rule and the kept update (token metadata).
+token the updates run, the stop rule and the kept update (token metadata). With ``--keep N``: per method and class,
+how many images (in sample-index order) it took for the filter to keep N, and the UNet calls the tokens cost.
 
     python scripts/build_guide_stats.py out/digits-i8 --min-confidence 0.9
+    python scripts/experiments/build_guide_stats.py out/digits-report200 --keep 100
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("build", type=Path)
     p.add_argument("--min-confidence", type=float, default=0.9)
+    p.add_argument("--keep", type=int, help="also: images generated until the filter kept this many per class")
     args = p.parse_args(argv)
 
     rows = pq.read_table(args.build / "index.parquet").to_pylist()
@@ -52,6 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         kr = sum(v for (mm, _), v in kept_right.items() if mm == m)
         print(f"{m}: guide top-1 {100 * g / n:.1f}% of {n}; kept at >= {args.min_confidence}: {k} "
               f"({100 * kr / max(k, 1):.1f}% right by the judge)")
+    if args.keep:
+        for m in methods:
+            needed = []
+            for c in classes:
+                mine = sorted((r for r in rows if r["method"] == m and r["class_index"] == c), key=lambda r: r["index"])
+                passed = [i for i, r in enumerate(mine, 1)
+                          if r["guide_prob"] is not None and r["guide_prob"] >= args.min_confidence]
+                needed.append(str(passed[args.keep - 1]) if len(passed) >= args.keep
+                              else f"{len(passed)} kept of {len(mine)}")
+            print(f"{m}: images generated to keep {args.keep} per class: {', '.join(needed)}")
+        evals = [int(token_metadata(t).get("unet_evals", 0)) for t in sorted((args.build / "tokens").glob("[0-9]*.safetensors"))]
+        print(f"tokens: {len(evals)} files, {sum(evals)} UNet calls to learn them (unet_evals)")
 
 
 if __name__ == "__main__":
