@@ -263,8 +263,10 @@ class ClassWorker:
         if cfg.method != "dct" or cfg.dct.trust == "off":
             return None
         path = trust_path(self.out, job.class_index)
-        clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
-        space = "guide" if cfg.dct.trust_features == "guide" else f"clip:{clip_source or 'digits'}"
+        space, clip_source = "guide", None
+        if cfg.dct.trust_features == "clip":  # default_clip_model may read the model's config: only when asked
+            clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
+            space = f"clip:{clip_source or 'digits'}"
         settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.dct.trust_shots,
                                          shots_seed=cfg.generate.shots_seed, images=cfg.dct.trust_images,
                                          seed=cfg.dct.seed, features=space)
