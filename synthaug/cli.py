@@ -224,6 +224,22 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_guide(args: argparse.Namespace) -> int:
+    from .classifier.fit import default_backbone, fit_dataset_guide
+    from .datasets.catalog import get_dataset
+
+    if args.shots < 1:  # before the dataset or any model loads
+        raise UserError(f"`--shots` must be >= 1 (real images per class the guide is fitted on) but is {args.shots}.")
+    dataset = get_dataset(args.dataset, args.root, split=args.split)
+    backbone = args.backbone or default_backbone(args.dataset)
+    _, record = fit_dataset_guide(dataset, args.out, shots=args.shots, shots_seed=args.shots_seed, backbone=backbone,
+                                  head=args.head, dataset_name=args.dataset, split=args.split, device=args.device,
+                                  overwrite=args.overwrite)
+    print(record.summary())
+    print(f"wrote {args.out} (use it with --guide {args.out})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config_docs import explain
 
@@ -342,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--device")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("fit-guide", help="fit a few-shot guide on a frozen backbone from k real images per class",
+                       description="Fit a linear (or cosine-prototype) head on a frozen backbone's features of "
+                       "--shots real images per class (the images SynthAugDataset(shots=k, seed=shots_seed) mixes "
+                       "in), choosing features and strength by leave-one-out on the shots; the folder it writes is "
+                       "a guide for `synthaug build --guide DIR`.")
+    p.add_argument("--dataset", required=True, help="the real dataset (digits, cub, imagefolder, ...)")
+    p.add_argument("--root", help="dataset folder (not needed for digits)")
+    p.add_argument("--split", default="train", help="the split the shots are drawn from (default: train)")
+    p.add_argument("--shots", type=int, required=True, help="real images per class")
+    p.add_argument("--shots-seed", type=int, default=0, help="the seed that draws them (default 0)")
+    p.add_argument("--out", required=True, help="the guide folder to write")
+    p.add_argument("--backbone", help="'digits', a CLIP / DINOv2 / transformers hub id or folder, or a timm name "
+                   "(default: the embedded CLIP for digits, else openai/clip-vit-large-patch14)")
+    p.add_argument("--head", choices=("linear", "prototype"), default="linear", help="default: linear")
+    p.add_argument("--device", default="cpu", help="where the backbone runs (cpu, cuda, cuda:1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a guide fitted at --out before")
+    p.set_defaults(func=cmd_fit_guide)
 
     p = sub.add_parser("config", help="explain a config key: its documentation, type, default (and a build's value)")
     p.add_argument("--explain", required=True, metavar="KEY", help="a config key (dct.lr) or a section (dct)")

@@ -13,7 +13,7 @@ from .hub import custom_code, first_line, hub_config, hub_file, known_model, rea
 # --------------------------------------------------------------------------------------------------------------------
 # transformers
 # --------------------------------------------------------------------------------------------------------------------
-def _hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
+def hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
     """An HF image processor config -> the equivalent timm data config (same resize, crop and normalization)."""
     resample = pp.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(resample, resample if isinstance(resample, str) else "bilinear")
@@ -76,7 +76,7 @@ def load_transformers(
             f"`classifier` {source!r} has no preprocessor_config.json, so its resize and mean/std are unknown: save "
             f"the image processor beside the model (processor.save_pretrained(dir))."
         )
-    data_config = _hf_data_config(source, read_json(Path(pp_file)))
+    data_config = hf_data_config(source, read_json(Path(pp_file)))
 
     from transformers import AutoModelForImageClassification, ViTForImageClassification
 

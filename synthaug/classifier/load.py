@@ -16,6 +16,7 @@ from .from_timm import load_timm_dir, load_timm_pretrained
 from .from_torchvision import load_torchvision
 from .from_transformers import load_transformers
 from .hub import check_hub_id, hub_config, known_model, read_json
+from .probe import is_probe_config, load_probe
 from .source import HELP, ClassifierSource, declared_multi_label, parse_source
 
 
@@ -46,7 +47,8 @@ def load_classifier(
        ``torch.load(weights_only=True)``; a ``state_dict``/``model`` entry and ``module.`` prefixes are unwrapped. The
        class count is read from the checkpoint's head; preprocessing is the architecture's default pretrained config
        (timm) or its default weights' transforms (torchvision).
-    4. An existing local directory: ``config.json`` with ``"architecture"`` -> timm (``local-dir:``); with
+    4. An existing local directory: a few-shot guide folder written by ``synthaug fit-guide``
+       (`synthaug.classifier.probe`); ``config.json`` with ``"architecture"`` -> timm (``local-dir:``); with
        ``"model_type"`` -> transformers (+ ``preprocessor_config.json``). A known MAE id in its ``_name_or_path``, or
        the reference code's ``CustomViTForImageClassification`` in ``architectures``, selects mean pooling. A file
        without ``ARCH@`` is refused with that syntax in the message.
@@ -141,6 +143,8 @@ def _load_dir(source: str, path: Path) -> LoadedClassifier:
             f"(timm.models.save_for_hf) or a transformers one (save_pretrained)."
         )
     config = read_json(config_file)
+    if is_probe_config(config):
+        return load_probe(source, path)
     if "architecture" in config:
         return load_timm_dir(source, path)
     if "model_type" in config:
