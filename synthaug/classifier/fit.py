@@ -288,12 +288,12 @@ def fit_guide(
     k = int(counts[0])
     if out is not None:
         out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not (overwrite and (out / GUIDE_RECORD).is_file()):
-                raise UserError(f"`out` {str(out)!r} exists and is not empty: pass an empty or new folder, or "
-                                f"--overwrite to replace a guide fitted there before." if not overwrite else
-                                f"`out` {str(out)!r} is not a guide folder (no {GUIDE_RECORD}): synthaug replaces "
-                                f"only what it wrote; pass a new folder.")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (
+                overwrite and (out / GUIDE_RECORD).is_file()):
+            raise UserError(f"`out` {str(out)!r} exists and is not empty: pass an empty or new folder, or "
+                            f"--overwrite to replace a guide fitted there before." if not overwrite else
+                            f"`out` {str(out)!r} is not a guide folder (no {GUIDE_RECORD}): synthaug replaces only "
+                            f"what it wrote; pass a new folder.")
     if features is not None and features not in ("pooled", "projected", "patch_mean"):
         raise UserError(f"`features` must be pooled, projected or patch_mean but is {features!r}.")
     dev = torch.device(device)
