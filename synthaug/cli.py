@@ -46,7 +46,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "--scheduler": ("scheduler", {"help": "ddim | pndm | euler | euler_a | dpmsolver++ | lms (default: the model's "
                                           "own)"}),
     "--guide": ("guide", {"help": "classifier that steers DCT tokens: timm name, hf-hub:id, torchvision:name, dir, "
-                                  "..."}),
+                                  "..., or 'fit' (build: a few-shot guide fitted on the --shots images)"}),
     "--method": ("method", {"choices": ["dct", "ti", "mcti"], "help": "how class tokens are learned (default dct)"}),
     "--device": ("device", {"help": "auto | cpu | cuda | cuda:N"}),
     "--out": ("out", {"help": "output directory (default out/digits)"}),
@@ -54,7 +54,9 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
     "-n": ("per_class", {"type": int, "help": "images per class"}),
     "--baseline": ("baseline", {"action": "store_const", "const": True,
                                 "help": "also generate plain-prompt images with the same seeds"}),
-    "--shots": ("mcti.shots", {"type": int, "help": "real images per class for --method ti|mcti"}),
+    "--shots": ("shots", {"type": int, "help": "the user's k real images per class (TI/MC-TI learn from them, "
+                                                "--guide fit fits on them, the trust check and real starts read them)"}),
+    "--shots-seed": ("shots_seed", {"type": int, "help": "the seed that draws the --shots images"}),
     "--executor": ("run.executor", {"choices": ["auto", "ray", "local"], "help": "ray (one actor per GPU), local "
                                     "(in this process), or auto (the default: Ray when installed)"}),
     "--ray-address": ("run.ray_address", {"help": "attach to a Ray cluster ('auto' or an address); default starts "
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn one token per class, generate --per-class images per class (and with "
                        "--baseline the plain-prompt images on the same seeds), write WebDataset shards and the "
                        "parquet index. Re-running on an existing --out resumes.")
-    _config_options(p, "--per-class", "--baseline", "--shots", "--executor", "--ray-address", "--num-workers")
+    _config_options(p, "--per-class", "--baseline", "--shots", "--shots-seed", "--executor", "--ray-address", "--num-workers")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)

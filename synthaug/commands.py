@@ -27,14 +27,17 @@ from .layout import (
     CLASSES_FILE,
     FAILURES_FILE,
     FINAL_FILES,
+    GUIDE_RECORD_FILE,
     PLAN_FILE,
     TOKENS_DIR,
     ClassJob,
     class_token_files,
     done_shards,
+    fitted_guide_dir,
     legacy_build_error,
     read_config,
     read_plan,
+    read_shots,
     resume_command,
     sample_key,
     shard_done,
@@ -83,6 +86,9 @@ class InspectResult:
         failures: the entries of ``failures.json`` (empty when there is none).
         problems: `synthaug.index.verify` lines (only with ``verify=True``; empty when all is well).
         verified: whether `problems` was computed.
+        shots: ``shots.json``: the user's k real images per class the build read (None in older builds).
+        guide_fit: ``guide/guide.json`` of a ``guide: fit`` build: how its guide was fitted, its leave-one-out
+            accuracy per class (None otherwise).
     """
 
     out: Path
@@ -98,6 +104,8 @@ class InspectResult:
     failures: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     verified: bool = False
+    shots: dict[str, Any] | None = None
+    guide_fit: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -122,6 +130,21 @@ class InspectResult:
                 + " ".join(f"{c['images'].get(m, 0):>6}" for m in methods)
                 + f"  {'' if c.get('steps') is None else c['steps']:>5}  {c.get('stop_reason') or ''}"
             )
+        if self.shots:
+            lines.append(f"the user's real images: {self.shots.get('shots')} per class of "
+                         f"{self.shots.get('dataset')}/{self.shots.get('split')} (shots_seed "
+                         f"{self.shots.get('shots_seed')}; {len(self.shots.get('indices') or [])} images, "
+                         f"shots.json)")
+        fit = self.guide_fit
+        if fit:
+            loo = fit.get("loo_accuracy")
+            lines.append(f"fitted guide (guide/): {fit.get('head')} head on {fit.get('backbone')} "
+                         f"({fit.get('features')} features), leave-one-out "
+                         + ("n/a (one shot per class)" if loo is None else f"{100 * loo:.1f}%"))
+            per = fit.get("loo_per_class") or {}
+            worst = sorted(per.items(), key=lambda kv: kv[1])[:5]
+            if worst:
+                lines.append("  worst classes by leave-one-out: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in worst))
         checked = [c for c in self.classes if c.get("trust")]
         if checked:
             lines.append(f"trust check (dct.trust={cfg.get('dct', {}).get('trust')}):")
@@ -228,10 +251,23 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         stray = sorted(set(done_shards(out).items()) - planned)
         problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
                      for s in stray]
+    guide_fit = None
+    record = fitted_guide_dir(out) / GUIDE_RECORD_FILE
+    if config.get("guide") == "fit" and record.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            guide_fit = json.loads(record.read_text())
     return InspectResult(out=out, config=config, classes=classes, counts=counts, images=images,
                          images_expected=images_expected, shards_done=shards_done, shards_expected=shards_expected,
                          tokens_done=tokens_done, complete=complete, failures=failures, problems=problems,
-                         verified=verify)
+                         verified=verify, shots=read_shots(out), guide_fit=guide_fit)
+
+
+def _own_guide(config) -> str:
+    """The guide of `learn` / `generate`, which have no build folder for ``guide: fit`` to fit into."""
+    if config.guide == "fit":
+        raise UserError("`guide` 'fit' fits a guide into a build folder, and this command makes none: fit one with "
+                        "`synthaug fit-guide --dataset D --shots K --out DIR` and pass --guide DIR.")
+    return config.guide
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -266,7 +302,7 @@ def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> li
     out = Path(out)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
                           timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
-    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    guide = load_classifier(_own_guide(config), device=pipe.device, trained_on=config.guide_trained_on)
     check_label_agreement(class_aliases(dataset), labels=guide.labels, count=guide.num_classes, what="guide",
                           source=config.guide, dataset=config.dataset)
     results = []
@@ -301,7 +337,7 @@ def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: boo
     """`learn_tokens` for an attribute target: the guide's labels, kind and the prompts are checked before any model
     loads (where the guide's config file is on this machine), then the one token is learned, or loaded if its file
     exists."""
-    labels, _ = declared_labels(config.guide)
+    labels, _ = declared_labels(_own_guide(config))
     multi_label = declared_multi_label(config.guide)
     if labels is not None and multi_label is not None:
         target.output_index(labels, multi_label=multi_label, source=config.guide)
@@ -311,7 +347,7 @@ def _learn_attribute_token(config, target: GuideTarget, out: Path, progress: boo
         return _saved_token(path)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
                           timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
-    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    guide = load_classifier(_own_guide(config), device=pipe.device, trained_on=config.guide_trained_on)
     result = learn_dct_token(pipe, guide, config=config.dct, progress=progress, val_prompt=config.generate.prompt,
                              target=target)
     save_token(result, path)
@@ -433,9 +469,9 @@ def generate_to_folder(config, *, tokens: str | None, dest: str, progress: bool 
                             f"learn it with `synthaug learn --classes {missing[0]}` or select other --classes.")
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
                           timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
-    guide = load_classifier(config.guide, device=pipe.device, trained_on=config.guide_trained_on)
+    guide = load_classifier(_own_guide(config), device=pipe.device, trained_on=config.guide_trained_on)
     add_tokens(pipe, loaded)
-    starts = real_start_images(dataset, config.generate, selected) if config.generate.init == "real" else {}
+    starts = real_start_images(dataset, config.shots, config.shots_seed, selected) if config.generate.init == "real" else {}
     dest = Path(dest)
     rows = []
     for c in selected:

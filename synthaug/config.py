@@ -15,8 +15,9 @@ import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
+from .config_values import coerce, short
 from .errors import UserError
 from .presets import DATASET_DEFAULTS, METHOD_DEFAULTS, PAPER_PROMPTS, PRESET_VARIANTS, PRESETS, SEED_SETS
 from .target import parse_guide_target
@@ -105,9 +106,6 @@ class DCTConfig:
         trust: A per-class check of the learned token against the user's own real images
             (`synthaug.tokens.trust`): "off", "warn" (log a distrusted class) or "fallback" (generate a distrusted
             class with the plain prompt instead). Not part of the token: its file never records it.
-        trust_shots: Real images per class of the build's dataset split that the trust check reads: the user's own,
-            ``few_shot_indices(targets, trust_shots, generate.shots_seed)``, the images ``SynthAugDataset(shots=k,
-            seed=shots_seed)`` mixes in (the check images' noise comes from `seed`).
         trust_images: Images the trust check makes with the token, and as many with the plain prompt.
         trust_features: The feature space in which the trust check asks whether the token's images land nearer the
             class's real images than the plain prompt's do: "guide" (the guide's penultimate features) or "clip"
@@ -156,7 +154,6 @@ class DCTConfig:
     micro_batch: int | None = None
     checkpointing: bool = False
     trust: str = "off"
-    trust_shots: int = 5
     trust_images: int = 8
     trust_features: str = "guide"
     num_vectors: int = 1
@@ -172,7 +169,6 @@ class MCTIConfig:
     """Textual inversion and Multi-Class TI (MC-TI §3.2): the ``mcti`` section, used by ``method: ti`` and ``mcti``.
 
     Attributes:
-        shots: Real images per class the tokens are learned from.
         steps: Textual-inversion updates (the TI paper's schedule): all of TI, MC-TI's warm-up.
         extra_steps: MC-TI's joint-loss updates after the warm-up (``method: mcti`` only).
         lr: AdamW's learning rate for the token (the paper: 5e-4).
@@ -190,7 +186,6 @@ class MCTIConfig:
         num_vectors: Embedding vectors of each class token, as `dct.num_vectors` (the TI paper's multi-vector S*).
     """
 
-    shots: int = 5
     steps: int = 3000
     extra_steps: int = 100
     lr: float = 5e-4
@@ -232,16 +227,12 @@ class GenerateConfig:
             image draws one by its seed and its index row records which (``prompt_index``). Empty: every image uses
             `prompt`. Tokens are still learned on `dct.prompts`, as the paper does.
         init: Where an image starts: "noise" (text-to-image) or "real" (SDEdit / DA-Fusion: one of the class's
-            `shots` real images, drawn per image by its seed, noised to `strength` and denoised with the class token
+            build's `shots` real images, drawn per image by its seed, noised to `strength` and denoised with the class token
             in the prompt by diffusers' StableDiffusionImg2ImgPipeline on the loaded modules). The row records the
             real image's index in the dataset split (``init_index``) and the strength.
         strength: With ``init: real``: one value, or [low, high]: each image draws a strength among those the
             scheduler can take, i/T for whole i in [low·T, high·T] with T = `num_inference_steps` (img2img denoises
             int(strength·T) steps; 1.0 = pure noise).
-        shots: With ``init: real``: real images per class to start from, ``few_shot_indices(targets, shots,
-            shots_seed)``: the k images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
-        shots_seed: The seed that picks the user's k real images per class: the `shots` images real starts begin
-            from, and the ``dct.trust_shots`` images the trust check reads.
     """
 
     prompt: str = "A photo of {token} {label}"
@@ -256,8 +247,6 @@ class GenerateConfig:
     prompts: tuple[str, ...] = ()
     init: str = "noise"
     strength: tuple[float, ...] = (0.75,)
-    shots: int = 5
-    shots_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -301,6 +290,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class GuideFitConfig:
+    """The few-shot guide ``guide: fit`` fits (`synthaug.classifier.fit`): the ``guide_fit`` section.
+
+    Attributes:
+        backbone: The frozen backbone whose features the head reads: a CLIP, DINOv2 or other transformers vision
+            model (hub id or folder), a timm name, or "digits"; null: the CLIP `mcti.clip_model` names (null there:
+            the one paired with the model; the digits world's own on digits).
+        head: "linear" (L2-regularised logistic regression; features and strength chosen by leave-one-out on the
+            shots) or "prototype" (cosine class means).
+    """
+
+    backbone: str | None = None
+    head: str = "linear"
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """Everything `synthaug build` needs. YAML keys equal these field names; sections are mappings.
 
@@ -321,12 +326,21 @@ class BuildConfig:
         channels_last: UNet and VAE weights in channels-last (NHWC) memory, for generation and token learning
             (NCHW tensors cost transposes around cuDNN's convolutions). null or "auto": on with CUDA, off elsewhere.
             Values change by float rounding only.
-        guide: The classifier that steers DCT tokens (a `synthaug.classifier.load_classifier` source).
+        guide: The classifier that steers DCT tokens (a `synthaug.classifier.load_classifier` source), or "fit": a
+            few-shot guide fitted on the build's `shots` real images per class (`guide_fit`), written to the build's
+            ``guide/`` folder once and reused on every resume.
+        guide_fit: How ``guide: fit`` fits its guide (`GuideFitConfig`).
         guide_trained_on: A note of what the guide saw; null: what the classifier source declares.
         guide_target: What the guide is steered towards (`synthaug.target`): null: the class (a token per selected
             class, the paper's main method); "attribute:NAME[=0|1]": one output of a multi-label guide
             (``synthaug learn`` only: one token).
         method: How tokens are learned: "dct", "ti" or "mcti".
+        shots: The user's k real images per class: ``few_shot_indices(targets, shots, shots_seed)`` of the build's
+            dataset split, the images ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in. Every stage that reads
+            real images reads these: TI / MC-TI learn from them, ``guide: fit`` fits on them, the trust check
+            (`dct.trust`) and real starts (``generate.init: real``) read them. ``build.json`` records which they
+            are.
+        shots_seed: The seed that picks them.
         per_class: Images generated per class (and per method).
         baseline: Also generate plain-prompt ("sd") images on the same seeds.
         seeds: A named seed set, "tune" or "report", that fixes `dct.seed`, `mcti.seed` and `generate.seed`; null:
@@ -354,7 +368,10 @@ class BuildConfig:
     guide: str = "digits-guide"
     guide_trained_on: str | None = None
     guide_target: str | None = None
+    guide_fit: GuideFitConfig = field(default_factory=GuideFitConfig)
     method: str = "dct"
+    shots: int = 5
+    shots_seed: int = 0
     per_class: int = 100
     baseline: bool = False
     seeds: str | None = None
@@ -373,6 +390,7 @@ VALID = {
     "dct.lr_schedule": ("constant", "cosine"),
     "dct.trust": ("off", "warn", "fallback"),
     "dct.trust_features": ("guide", "clip"),
+    "guide_fit.head": ("linear", "prototype"),
     "generate.init": ("noise", "real"),
 }
 
@@ -380,67 +398,9 @@ VALID = {
 # --------------------------------------------------------------------------------------------------------------------
 # Building a config from mappings and overrides
 # --------------------------------------------------------------------------------------------------------------------
-# Keys where "auto" means null: the value is chosen when the work runs. Key -> what the key accepts.
-AUTO_KEYS = {"generate.batch_size": "an integer > 0, or auto (null) to fit the GPU's free memory",
-             "dct.classes_per_batch": "an integer > 0, or auto (null) to fit the GPU's free memory",
-             "generate.compile": "true, false, or auto (null; on with CUDA, off elsewhere)",
-             "channels_last": "true, false, or auto (null; on with CUDA, off elsewhere)"}
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise a UserError naming the key."""
-    if key in AUTO_KEYS and value is not None:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return None
-        try:
-            return _coerce(value, get_args(tp)[0], key + " ")  # a key outside AUTO_KEYS: no recursion
-        except UserError:
-            raise UserError(f"`{key}` must be {AUTO_KEYS[key]} but is {_short(value)}.") from None
-    origin, args = get_origin(tp), get_args(tp)
-    if value is None:
-        if type(None) in args or tp is Any:
-            return None
-        raise UserError(f"`{key}` may not be null: give a value of type {getattr(tp, '__name__', tp)}.")
-    if args and type(None) in args:  # Optional[X]
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is tuple:
-        if isinstance(value, str) or (args[0] in (int, float) and isinstance(value, (int, float))
-                                      and not isinstance(value, bool)):
-            value = [value]  # one value for a list of one: `generate.strength: 0.6`
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"`{key}` must be a list but is {_short(value)}.")
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if isinstance(value, (list, tuple, dict, set)):
-        kind = "a mapping" if isinstance(value, dict) else "a list"
-        raise UserError(f"`{key}` must be a single value, not {kind}: {_short(value)}.")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise UserError(f"`{key}` must be true or false but is {_short(value)}.")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise UserError(f"`{key}` must be a number but is {value!r}.")
-        try:
-            out = tp(value)
-        except (TypeError, ValueError, OverflowError):
-            raise UserError(f"`{key}` must be {'an integer' if tp is int else 'a number'} but is {_short(value)}."
-                            ) from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise UserError(f"`{key}` must be an integer but is {value!r}.")
-        if tp is float and not math.isfinite(out):
-            raise UserError(f"`{key}` must be a finite number but is {out!r}.")
-        return out
-    if tp is str:
-        return str(value)
-    return value
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+# Keys that became one top-level key: refused in one line naming it.
+MOVED_KEYS = {"mcti.shots": "shots", "generate.shots": "shots", "generate.shots_seed": "shots_seed",
+              "dct.trust_shots": "shots"}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -450,6 +410,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if bad:
         raise UserError(f"Config key {prefix}{bad[0]!r} is not a string: config keys are field names such as "
                         f"{prefix}{min(names)}. Fix or remove it.")
+    moved = [prefix + k for k in data if prefix + k in MOVED_KEYS]
+    if moved:
+        raise UserError(f"`{moved[0]}` is now the top-level `{MOVED_KEYS[moved[0]]}` (one setting for the user's k "
+                        f"real images, read by every stage): use `{MOVED_KEYS[moved[0]]}: ...` in YAML, or --set "
+                        f"{MOVED_KEYS[moved[0]]}=... / --{MOVED_KEYS[moved[0]].replace('_', '-')}.")
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section `{prefix[:-1]}`" if prefix else "the config"
@@ -465,7 +430,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 raise UserError(f"`{prefix}{name}` must be a mapping of its fields but is {value!r}.")
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = coerce(value, tp, prefix + name)
     return cls(**kwargs)
 
 
@@ -606,10 +571,10 @@ def get(cfg: Any, dotted: str) -> Any:
 
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
-            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_shots", "dct.trust_images",
+            "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_images",
             "dct.classes_per_batch", "generate.batch_size", "generate.num_inference_steps",
-            "generate.shots", "dct.num_vectors", "mcti.num_vectors",
-            "shards.samples_per_shard", "mcti.shots", "mcti.batch_size", "mcti.lr", "mcti.scale",
+            "shots", "dct.num_vectors", "mcti.num_vectors",
+            "shards.samples_per_shard", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
 # Seeds are hashed into int64 noise seeds and stored in int64 columns.
@@ -772,6 +737,9 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.guide_target is not None and not parse_guide_target(cfg.guide_target).is_class and cfg.method != "dct":
         raise UserError(f"`guide_target` {cfg.guide_target!r} steers a DCT guide, but `method` is {cfg.method!r}: "
                         f"use method dct, or drop guide_target.")
+    if cfg.guide == "fit" and cfg.method != "dct":
+        raise UserError(f"`guide` 'fit' fits a few-shot guide that steers DCT tokens, but `method` is {cfg.method!r} "
+                        f"(it learns from the real images directly): use method dct, or drop --guide fit.")
     check_scheduler(cfg.scheduler, cfg.timestep_spacing)
     if cfg.classes is not None and not re.fullmatch(r"[^,]+(,[^,]+)*", cfg.classes):
         raise UserError(f"`classes` must be like '0-9,17' or 'name1,name2' but is {cfg.classes!r}.")
@@ -780,16 +748,16 @@ def validate(cfg: BuildConfig) -> None:
 def _check_types(obj: Any, prefix: str) -> None:
     """Every field holds its declared type: what `_coerce` gives back unchanged, with the same type."""
     if not is_dataclass(obj):
-        raise UserError(f"`{prefix[:-1] or 'config'}` must be a section of the config but is {_short(obj)}.")
+        raise UserError(f"`{prefix[:-1] or 'config'}` must be a section of the config but is {short(obj)}.")
     hints = get_type_hints(type(obj))
     for f in fields(obj):
         value, tp, key = getattr(obj, f.name), hints[f.name], prefix + f.name
         if is_dataclass(tp):
             _check_types(value, key + ".")
             continue
-        coerced = _coerce(value, tp, key)
+        coerced = coerce(value, tp, key)
         if type(coerced) is not type(value) or coerced != value:
-            raise UserError(f"`{key}` must be of type {getattr(tp, '__name__', tp)} but is {_short(value)}.")
+            raise UserError(f"`{key}` must be of type {getattr(tp, '__name__', tp)} but is {short(value)}.")
 
 
 # --------------------------------------------------------------------------------------------------------------------

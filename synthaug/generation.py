@@ -248,15 +248,15 @@ def scheduler_config_json(scheduler: Any) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"), default=list)
 
 
-def real_start_images(dataset: Any, config: GenerateConfig, classes: Sequence[int]) -> dict[int, dict[int, Any]]:
+def real_start_images(dataset: Any, shots: int, shots_seed: int, classes: Sequence[int]) -> dict[int, dict[int, Any]]:
     """``generate.init: real``: the start images of each of `classes`, ``{class: {index in the split: image}}``.
 
-    They are the class's ``config.shots`` images drawn with ``config.shots_seed`` (`few_shot_indices`, all of a
-    class that has fewer): the k real images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
+    They are the class's `shots` images drawn with `shots_seed` (`few_shot_indices`, all of a class that has fewer):
+    the build's ``shots``, the k real images per class that ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in.
     """
     wanted = set(classes)
     images: dict[int, dict[int, Any]] = {}
-    for i in few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True):
+    for i in few_shot_indices(dataset.targets, shots, shots_seed, allow_fewer=True):
         target = int(dataset.targets[i])
         if target in wanted:
             images.setdefault(target, {})[i] = dataset[i][0]

@@ -253,7 +253,19 @@ DERIVED_DIRS = (EVAL_DIR, REPORT_DIR, EXPORT_DIR)
 # --------------------------------------------------------------------------------------------------------------------
 # What a build wrote, by name: the only files `build --overwrite` deletes
 # --------------------------------------------------------------------------------------------------------------------
-TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILURES_FILE, WIDS_INDEX_FILE)
+# Which real images were the user's k per class (the build's `shots` / `shots_seed`): indices and sample paths.
+SHOTS_FILE = "shots.json"
+
+
+# ``guide: fit``: the few-shot guide fitted on those images, written once into the build folder and reused on resume.
+GUIDE_DIR = "guide"
+
+
+# The fitted guide's own record of its fit; a ``guide/`` folder without it is not synthaug's.
+GUIDE_RECORD_FILE = "guide.json"
+
+
+TOP_FILES = (CONFIG_FILE, PLAN_FILE, CLASSES_FILE, INFO_FILE, INDEX_FILE, FAILURES_FILE, WIDS_INDEX_FILE, SHOTS_FILE)
 
 
 _TOKEN_FILE_RE = re.compile(r"\d{3,}\.safetensors")
@@ -548,6 +560,11 @@ def clear_build(out: str | os.PathLike) -> list[str]:
     last = (out / PLAN_FILE, out / CONFIG_FILE)
     for p in [p for p in build_files(out) if p not in last] + [p for p in last if p.is_file()]:
         p.unlink(missing_ok=True)
+    guide = fitted_guide_dir(out)
+    if guide.is_dir() and not guide.is_symlink() and (guide / GUIDE_RECORD_FILE).is_file():
+        import shutil
+
+        shutil.rmtree(guide)  # a guide ``guide: fit`` wrote (its record says so): the new config fits its own
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
                   if p.name not in (LOCK_FILE, TOKENS_DIR, SHARDS_DIR, META_DIR, OVERWRITE_MARKER))
     for d in (TOKENS_DIR, SHARDS_DIR, META_DIR):
@@ -598,3 +615,42 @@ def forget_build(out: str | os.PathLike) -> None:
     if not work_done(out):
         for name in (CONFIG_FILE, PLAN_FILE):
             (Path(out) / name).unlink(missing_ok=True)
+
+
+def fitted_guide_dir(out: str | os.PathLike) -> Path:
+    """Where ``guide: fit`` writes the build's few-shot guide (``out/guide``)."""
+    return Path(out) / GUIDE_DIR
+
+
+def guide_source(config: BuildConfig, out: str | os.PathLike | None = None) -> str:
+    """The classifier source a build's guide loads from: its ``guide``, or for ``guide: fit`` the build's fitted
+    guide folder."""
+    if config.guide != "fit":
+        return config.guide
+    return str(fitted_guide_dir(config.out if out is None else out))
+
+
+def fitted_guide_id(out: str | os.PathLike) -> str:
+    """A fitted guide's name in token files and the index: ``fit:`` and the first 16 hex digits of the sha256 of its
+    head and config (the backbone is named in its config.json), the same wherever the build folder lies."""
+    import hashlib
+
+    guide = fitted_guide_dir(out)
+    digest = hashlib.sha256()
+    for name in ("config.json", "head.safetensors"):
+        digest.update((guide / name).read_bytes())
+    return f"fit:{digest.hexdigest()[:16]}"
+
+
+def write_shots(out: str | os.PathLike, record: dict[str, Any]) -> None:
+    """``shots.json``: the user's k real images per class that every stage of the build read (atomically)."""
+    write_text(Path(out) / SHOTS_FILE, json.dumps(record, indent=1, allow_nan=False) + "\n")
+
+
+def read_shots(out: str | os.PathLike) -> dict[str, Any] | None:
+    """A build's ``shots.json``, or None when absent or unreadable (builds made before it was written)."""
+    try:
+        data = json.loads((Path(out) / SHOTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -73,8 +73,8 @@ CASES = [
     ("missing-guide", lambda c, t, w: replace(c, guide=str(t / "no-guide")), r"`guide` .*no-guide.* does not exist"),
     ("guide-dir-without-config", lambda c, t, w: replace(c, guide=str(t)),
      r"`guide` .* is a directory without config.json"),
-    ("too-many-shots", lambda c, t, w: _sub(replace(c, method="ti"), "mcti", shots=500),
-     r"`mcti.shots` is 500 but class 0 \('zero'\) has \d+ images in split 'train'"),
+    ("too-many-shots", lambda c, t, w: replace(c, method="ti", shots=500),
+     r"`shots` is 500 but class 0 \('zero'\) has \d+ images in split 'train'"),
     ("zero-workers", lambda c, t, w: _sub(c, "run", num_workers=0), r"`run.num_workers` must be > 0"),
     ("unknown-method", lambda c, t, w: replace(c, method="lora"), r"`method` must be one of dct, ti, mcti"),
     # a CLIP whose text tower is not the model's text encoder: refused from the configs alone (this one has no weights)
@@ -265,7 +265,8 @@ def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
     more = _sub(replace(old, per_class=6), "shards", quality=80)
     assert check_build(more, False).mode == "replace"
     assert check_build(_sub(old, "dct", trust="fallback"), False).mode == "replace"  # the tokens stay valid
-    assert check_build(_sub(old, "dct", trust="fallback", trust_shots=3, trust_images=4), False).mode == "replace"
+    assert check_build(replace(_sub(old, "dct", trust="fallback", trust_images=4), shots=3, shots_seed=2),
+                       False).mode == "replace"  # the user's k images decide only the verdict and real starts
     (out / "meta").mkdir()
     (out / "meta" / "dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):

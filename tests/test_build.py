@@ -470,7 +470,7 @@ def test_ti_and_mcti_builds(tmp_path, world, method, steps):
     clip = bw.save_clip(world[0].parent)
     out = tmp_path / "build"
     result = build(bw.config(out, *world, method=method, classes="0-1", per_class=2, baseline=False,
-                             **{"mcti.shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2,
+                             **{"shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2,
                                 "mcti.clip_model": str(clip)}), progress=False)
     assert result.ok and result.tokens_new == 2 and result.images == 4
     classes = json.loads((out / "classes.json").read_text())

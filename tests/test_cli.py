@@ -146,7 +146,7 @@ def test_each_config_flag_sets_the_key_its_table_names():
     args = build_parser().parse_args(["build", "--per-class", "7", "--baseline", "--shots", "3", "--executor", "local",
                                       "--ray-address", "auto", "--num-workers", "2", "--dataset", "digits",
                                       "--set", "dct.lr=0.1"])
-    assert config_overrides(args) == {"per_class": 7, "baseline": True, "mcti.shots": 3, "run.executor": "local",
+    assert config_overrides(args) == {"per_class": 7, "baseline": True, "shots": 3, "run.executor": "local",
                                 "run.ray_address": "auto", "run.num_workers": 2, "dataset": "digits", "dct.lr": 0.1}
     assert config_overrides(build_parser().parse_args(["build"])) == {}  # a flag left out changes nothing
     assert config_overrides(build_parser().parse_args(["generate", "--dest", "d", "-n", "4"])) == {"per_class": 4}

@@ -186,3 +186,82 @@ def test_the_digits_backbone_gives_every_feature_kind():
     feats = backbone.all_features(torch.rand(2, 3, 32, 32))
     assert {k: v.shape[-1] for k, v in feats.items()} == {"pooled": 64, "projected": 32, "patch_mean": 64}
     assert data_config["input_size"] == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `guide: fit` in a build, and the one notion of the user's k real images
+# --------------------------------------------------------------------------------------------------------------------
+def _fit_build(out, world, **extra):
+    import buildworld as bw
+
+    model, _ = world
+    return bw.config(out, model, "fit", **{"guide_fit.backbone": "digits", "shots": 2, "baseline": False,
+                                           "per_class": 2, **extra})
+
+
+def test_a_build_fits_its_guide_on_its_own_shots_once_and_resumes_without_refitting(tmp_path, world, monkeypatch):
+    import buildworld as bw
+
+    from synthaug.builder import build
+    from synthaug.classifier import fit as fit_module
+    from synthaug.commands import inspect
+
+    out = tmp_path / "b"
+    assert build(_fit_build(out, world), progress=False).ok
+    record = FitRecord.read(out / "guide")
+    shots = json.loads((out / "shots.json").read_text())
+    digits = Digits(split="train")
+    assert record.indices == shots["indices"] == few_shot_indices(digits.targets, 2, 0)  # one notion of "the k"
+    assert record.labels == digits.classes  # every class, in the dataset's order: logit c is class c
+    assert load_classifier(str(out / "guide")).num_classes == 10
+    assert "leave-one-out" in inspect(out).summary()
+    first = bw.snapshot(out)
+    # a resume (one shard lost) never refits: its tokens were steered by the guide on disk
+    next((out / "meta").glob("*_stats.json")).unlink()
+    monkeypatch.setattr(fit_module, "fit_guide", lambda *a, **k: pytest.fail("refitted on resume"))
+    assert build(_fit_build(out, world), progress=False).ok
+    assert bw.snapshot(out) == first
+
+
+def test_the_same_build_with_a_fitted_guide_gives_the_same_bytes(tmp_path, world):
+    import buildworld as bw
+
+    from synthaug.builder import build
+
+    for name in ("a", "b"):
+        assert build(_fit_build(tmp_path / name, world, classes="0"), progress=False).ok
+    assert bw.snapshot(tmp_path / "a") == bw.snapshot(tmp_path / "b")
+
+
+def test_other_shots_refit_only_with_overwrite(tmp_path, world):
+    from synthaug.builder import build
+
+    out = tmp_path / "b"
+    assert build(_fit_build(out, world, classes="0"), progress=False).ok
+    with pytest.raises(UserError, match=r"different config \(shots: 2 -> 3\).*--overwrite"):
+        build(_fit_build(out, world, classes="0", shots=3), progress=False)
+    assert build(_fit_build(out, world, classes="0", shots=3), overwrite=True, progress=False).ok
+    assert FitRecord.read(out / "guide").shots == 3
+
+
+def test_fit_needs_dct_and_enough_shots_and_an_existing_backbone(tmp_path, world):
+    from synthaug.builder import build
+
+    with pytest.raises(UserError, match=r"`guide` 'fit' fits a few-shot guide that steers DCT tokens, but `method` "
+                                        r"is 'ti'"):
+        build(_fit_build(tmp_path / "a", world, method="ti"), progress=False)
+    with pytest.raises(UserError, match=r"`shots` is 900 but class 0 \('zero'\) has \d+ images in split 'train' "
+                                        r"\(`guide` 'fit' fits on 900 of every class\)"):
+        build(_fit_build(tmp_path / "b", world, shots=900), progress=False)
+    with pytest.raises(UserError, match=r"`guide_fit.backbone` '/no/such' does not exist"):
+        build(_fit_build(tmp_path / "c", world, **{"guide_fit.backbone": "/no/such"}), progress=False)
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abc")
+
+
+@pytest.mark.parametrize("old, new", [("mcti.shots", "shots"), ("generate.shots", "shots"),
+                                      ("generate.shots_seed", "shots_seed"), ("dct.trust_shots", "shots")])
+def test_the_old_shots_keys_name_the_new_one(old, new):
+    from synthaug.config import load_config
+
+    with pytest.raises(UserError, match=rf"`{old}` is now the top-level `{new}`.*--set {new}="):
+        load_config(overrides={old: 3})

@@ -69,7 +69,7 @@ REAL = {"generate.init": "real"}
     ({**REAL, "generate.strength": 1.5}, r"`generate.strength` must be one value in \(0, 1\]"),
     ({**REAL, "generate.strength": 0.05, "generate.num_inference_steps": 10}, r"leaves no denoising step"),
     ({**REAL, "generate.strength": [0.61, 0.68], "generate.num_inference_steps": 10}, r"leaves no denoising step"),
-    ({"generate.shots": 0}, r"`generate.shots` must be > 0"),
+    ({"shots": 0}, r"`shots` must be > 0"),
     ({"generate.prompts": ["A photo of {label}"]}, r"`generate.prompts` entry 'A photo of \{label\}' has no \{token\}"),
     ({"generate.prompts": ["A photo of {token}"], "baseline": True}, r"`baseline` needs a class name in every"),
     ({"dct.num_vectors": 0}, r"`dct.num_vectors` must be > 0"),
@@ -177,7 +177,7 @@ def test_ti_learns_n_vectors():
 # ---- builds: determinism and resume for each lever -----------------------------------------------------------------
 LEVERS = {
     "prompts": {"generate.prompts": list(TEMPLATES)},
-    "init-real": {"generate.init": "real", "generate.strength": [0.5, 1.0], "generate.shots": 2},
+    "init-real": {"generate.init": "real", "generate.strength": [0.5, 1.0], "shots": 2},
     "num-vectors": {"dct.num_vectors": 2},
 }
 

@@ -52,9 +52,9 @@ CASES: dict[str, tuple[str, dict]] = {
     # the tiny random world: DCT with the baseline (every shard method), 3 classes, 2 images per shard
     "tiny-dct": ("tiny", {}),
     "tiny-ti": ("tiny", {"method": "ti", "classes": "0-1", "per_class": 2, "baseline": False,
-                         "mcti.shots": 2, "mcti.steps": 2, "mcti.extra_steps": 0, "mcti.batch_size": 2}),
+                         "shots": 2, "mcti.steps": 2, "mcti.extra_steps": 0, "mcti.batch_size": 2}),
     "tiny-mcti": ("tiny", {"method": "mcti", "classes": "0-1", "per_class": 2, "baseline": False,
-                           "mcti.shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2}),
+                           "shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2}),
     # the embedded digits world with its own defaults (x0 loss, validation selection), fewer updates
     "digits-dct": ("digits", {"classes": "6-7", "per_class": 4, "baseline": True, "dct.max_steps": 3,
                               "dct.val_every": 2, "dct.val_batch_size": 4, "run.executor": "local",

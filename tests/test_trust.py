@@ -75,7 +75,7 @@ def test_build_checks_in_clips_feature_space_when_asked(tmp_path, world, monkeyp
 
     monkeypatch.setattr(worker, "load_clip", counted)
     out = tmp_path / "clip"
-    cfg = bw.config(out, *world, **{"dct.trust": "warn", "dct.trust_shots": 2, "dct.trust_images": 2,
+    cfg = bw.config(out, *world, **{"dct.trust": "warn", "shots": 2, "dct.trust_images": 2,
                                     "dct.trust_features": "clip", "mcti.clip_model": str(DIGITS_CLIP)})
     assert build(cfg, progress=False).ok
     assert loaded == [str(DIGITS_CLIP)]  # once per worker, its image tower shared by every class's check
@@ -94,7 +94,7 @@ def test_build_checks_in_clips_feature_space_when_asked(tmp_path, world, monkeyp
 
 def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_path, world):
     out = tmp_path / "build"
-    cfg = bw.config(out, *world, **{"dct.trust": "fallback", "dct.trust_shots": 2, "dct.trust_images": 2})
+    cfg = bw.config(out, *world, **{"dct.trust": "fallback", "shots": 2, "dct.trust_images": 2})
     result = build(cfg, progress=False)
     assert result.ok
     classes = json.loads((out / "classes.json").read_text())
@@ -132,7 +132,7 @@ def test_a_kept_verdict_is_reused_only_with_the_settings_it_was_checked_with(tmp
     from synthaug.builder import worker
 
     first = tmp_path / "first"
-    trust = {"dct.trust": "warn", "dct.trust_shots": 2, "dct.trust_images": 2}
+    trust = {"dct.trust": "warn", "shots": 2, "dct.trust_images": 2}
     assert build(bw.config(first, *world, **trust), progress=False).ok
     kept = {p.name: p.read_bytes() for p in (first / "tokens").glob("*_trust.json")}
     assert len(kept) == 3 and all(TrustVerdict.from_json(v).settings_sha256 for v in kept.values())
@@ -157,9 +157,9 @@ def test_a_kept_verdict_is_reused_only_with_the_settings_it_was_checked_with(tmp
     same = tokens_without_images("same")
     assert build(bw.config(same, *world, **trust), progress=False).ok
     assert checks == [] and {p.name: p.read_bytes() for p in (same / "tokens").glob("*_trust.json")} == kept
-    # other real images for the check (generate.shots_seed): every verdict is checked again, and says so
+    # other real images for the check (shots_seed): every verdict is checked again, and says so
     other = tokens_without_images("other")
-    assert build(bw.config(other, *world, **trust, **{"generate.shots_seed": 1}), progress=False).ok
+    assert build(bw.config(other, *world, **trust, shots_seed=1), progress=False).ok
     assert sorted(checks) == [0, 1, 2]
     again = {p.name: TrustVerdict.from_json(p.read_text()) for p in (other / "tokens").glob("*_trust.json")}
     assert all(v.settings_sha256 != TrustVerdict.from_json(kept[n]).settings_sha256 for n, v in again.items())
@@ -176,8 +176,8 @@ def test_trust_setting_is_checked():
         validate(BuildConfig(dct=DCTConfig(trust="maybe")))
     with pytest.raises(UserError, match="`dct.trust_features` must be one of guide, clip but is 'pixels'"):
         validate(BuildConfig(dct=DCTConfig(trust_features="pixels")))
-    with pytest.raises(UserError, match="`dct.trust_shots` must be > 0 but is 0"):
-        validate(BuildConfig(dct=DCTConfig(trust_shots=0)))
+    with pytest.raises(UserError, match="`shots` must be > 0 but is 0"):
+        validate(BuildConfig(shots=0))
     with pytest.raises(UserError, match="`dct.trust` 'warn' checks DCT tokens, but `method` is 'mcti'"):
         validate(BuildConfig(method="mcti", dct=DCTConfig(trust="warn")))
 

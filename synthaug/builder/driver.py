@@ -41,6 +41,7 @@ from ..layout import (
     CONFIG_FILE,
     FAILURES_FILE,
     FINAL_FILES,
+    GUIDE_RECORD_FILE,
     INDEX_FILE,
     OVERWRITE_MARKER,
     TOKENS_DIR,
@@ -49,6 +50,7 @@ from ..layout import (
     ShardTask,
     begin_build,
     build_lock,
+    fitted_guide_dir,
     forget_build,
     images_on_disk,
     job_done,
@@ -61,6 +63,7 @@ from ..layout import (
     token_path,
     tokens_on_disk,
     trust_path,
+    write_shots,
 )
 from ..shards import check_shard
 from ..tokens.io import int_or_none, save_tokens, token_metadata_or_empty, token_updates
@@ -150,6 +153,48 @@ class BuildFailed(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------------------------------------
+def prepare_shots(config: BuildConfig, out: Path) -> None:
+    """Write ``shots.json`` (which real images are the user's k per class: every stage that reads real images reads
+    these) and, for ``guide: fit``, fit the guide on them into ``out/guide`` unless a guide fitted there with the
+    same settings exists (a resume never refits: its tokens were steered by that guide)."""
+    from ..classifier.fit import FitRecord, default_backbone, fit_dataset_guide, shots_provenance
+    from ..datasets.catalog import get_dataset
+    from ..datasets.fewshot import few_shot_indices
+
+    dataset = get_dataset(config.dataset, config.root, config.split)
+    indices = few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True)
+    write_shots(out, {"shots": config.shots, "shots_seed": config.shots_seed, "dataset": config.dataset,
+                      "split": config.split, "indices": indices, "paths": shots_provenance(dataset, indices)})
+    if config.guide != "fit":
+        return
+    guide = fitted_guide_dir(out)
+    backbone = config.guide_fit.backbone or config.mcti.clip_model
+    if backbone is None and "digits" not in (config.dataset, config.model):
+        from ..tokens.clip import default_clip_model
+
+        backbone = default_clip_model(config.model)  # the CLIP whose text tower is the model's text encoder
+    backbone = default_backbone(config.dataset, backbone)
+    wanted = {"shots": config.shots, "shots_seed": config.shots_seed, "backbone": backbone,
+              "head": config.guide_fit.head, "dataset": config.dataset, "split": config.split}
+    if (guide / GUIDE_RECORD_FILE).is_file():
+        try:
+            kept = FitRecord.read(guide)
+        except UserError:
+            kept = None  # damaged: fitted again below
+        if kept is not None and all(getattr(kept, k) == v for k, v in wanted.items()):
+            logger.info("%s: reusing the guide fitted on %d images per class (leave-one-out %s)", out, kept.shots,
+                        "n/a" if kept.loo_accuracy is None else f"{100 * kept.loo_accuracy:.1f}%")
+            return
+    import torch
+
+    _, record = fit_dataset_guide(dataset, guide, shots=config.shots, shots_seed=config.shots_seed,
+                                  backbone=backbone, head=config.guide_fit.head, dataset_name=config.dataset,
+                                  split=config.split, device="cuda" if torch.cuda.is_available() else "cpu",
+                                  overwrite=True)
+    logger.info("%s: fitted the guide on %d images per class: %s", out, record.shots,
+                record.summary().splitlines()[1])
+
+
 def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True) -> BuildResult:
     """Build (or resume) a synthetic training set: tokens, images, shards, index (ARCHITECTURE.md).
 
@@ -199,12 +244,14 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         if kept:
             logger.warning("--overwrite kept what synthaug build did not write in %s: %s%s", out, ", ".join(kept[:8]),
                            ", ..." if len(kept) > 8 else "")
-        # 2. What is left to do: damaged shards are redone too
+        # 2. The user's k real images on record, and the guide fitted on them (`guide: fit`, once per build)
+        prepare_shots(config, out)
+        # 3. What is left to do: damaged shards are redone too
         todo = unfinished_jobs(out, jobs)
         tokens_before, images_before = tokens_on_disk(out, jobs), images_on_disk(out, jobs)
         logger.info("%s %s: %d classes, %d to do", "resuming" if checked.mode == "resume" else "building", out,
                     len(jobs), len(todo))
-        # 3. Run
+        # 4. Run
         tracker = Tracker(progress, todo, jobs, out, config.run.max_retries)
         executor = resolve_executor(config.run) if todo else "none"
         try:
@@ -219,7 +266,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             raise
         finally:
             tracker.close()
-        # 4. Finish: merge when all is done, else record the failures
+        # 5. Finish: merge when all is done, else record the failures
         done = [j for j in jobs if job_done(out, j)]
         failures = tracker.failures
         if len(done) == len(jobs):

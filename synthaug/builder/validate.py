@@ -67,8 +67,12 @@ def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
 # Config keys that decide only the images, not the tokens: they may change while no shard is finished yet
 # (`dct.trust` picks which prompt a class's images use; the trust check's own settings decide its verdict, which a
 # worker checks again when they differ from the ones it was checked with).
-SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_shots", "dct.trust_images",
+SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_images",
                    "dct.trust_features")
+
+# The user's k real images: for DCT with a given guide they decide only the images (real starts) and the trust
+# verdict; TI / MC-TI learn their tokens from them, and ``guide: fit`` fits the guide that steers them.
+SHOTS_KEYS = ("shots", "shots_seed")
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
     """What to do with the output folder. Writes nothing but a probe file it removes again.
@@ -135,8 +139,9 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
         return "resume"
     if has_plan and not work_done(out):
         return "replace"  # nothing was made with the old config: the corrected command simply starts
+    shard_only = SHARD_ONLY_KEYS + (SHOTS_KEYS if config.method == "dct" and config.guide != "fit" else ())
     if has_plan and not done_shard_ids(out) and all(
-            any(k == s or k.startswith(s + ".") for s in SHARD_ONLY_KEYS) for k in changed):
+            any(k == s or k.startswith(s + ".") for s in shard_only) for k in changed):
         return "replace"  # the tokens stay valid: only how many images, and how they are made and stored, changed
     shown = "; ".join(f"{k}: {_short(get(old, k))} -> {_short(get(config, k))}" for k in changed[:6])
     more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -233,6 +238,25 @@ def _check_guide(source: str) -> None:
                         f"(timm.models.save_for_hf) or a transformers one (save_pretrained).")
 
 
+def _check_shots(config: BuildConfig, dataset: Any, class_names: list[str], need: Any, who: str) -> None:
+    """Every class in `need` has the build's `shots` real images in its split."""
+    counts = Counter(int(t) for t in dataset.targets)
+    short = [c for c in need if counts.get(c, 0) < config.shots]
+    if short:
+        c = short[0]
+        raise UserError(f"`shots` is {config.shots} but class {c} ({class_names[c]!r}) has {counts.get(c, 0)} images "
+                        f"in split {config.split!r} ({who} {config.shots} of every class): lower --shots or pick "
+                        f"another split.")
+
+
+def _check_backbone(backbone: str | None) -> None:
+    """A fitted guide's backbone given as a path exists (hub ids and timm names are checked when they load)."""
+    if backbone is not None and backbone.startswith((".", "/", "~")) and not Path(backbone).expanduser().is_dir():
+        raise UserError(f"`guide_fit.backbone` {backbone!r} does not exist: pass a backbone folder "
+                        f"(save_pretrained or timm's hub format), a hub id, a timm name, or null for the CLIP paired "
+                        f"with the model.")
+
+
 def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
     """Check every input of a build whose config passed `synthaug.config.validate`. Raises `UserError`; loads no
     model, starts no Ray, writes nothing but a probe file it removes again."""
@@ -264,20 +288,20 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
     if mode == "resume" and work_done(out):
         _check_dataset_unchanged(out, config, class_names)
     selected = select_classes(dataset, config.classes)
-    # 6. The guide exists, and its labels are the dataset's classes: DCT steers class c towards logit c
-    _check_guide(config.guide)
-    n_guide = guide_num_classes(config.guide)
-    check_label_agreement(class_aliases(dataset), labels=declared_labels(config.guide)[0] if n_guide else None,
-                          count=n_guide, what="guide", source=config.guide, dataset=config.dataset)
+    # 6. The guide exists, and its labels are the dataset's classes: DCT steers class c towards logit c (a fitted
+    # guide is fitted on every class of the dataset, in its order, from `shots` images of each)
+    if config.guide == "fit":
+        _check_shots(config, dataset, class_names, range(len(class_names)), "`guide` 'fit' fits on")
+        _check_backbone(config.guide_fit.backbone)
+    else:
+        _check_guide(config.guide)
+        n_guide = guide_num_classes(config.guide)
+        check_label_agreement(class_aliases(dataset), labels=declared_labels(config.guide)[0] if n_guide else None,
+                              count=n_guide, what="guide", source=config.guide, dataset=config.dataset)
     # 7. What the method needs
     if config.method in ("ti", "mcti"):
-        counts = Counter(int(t) for t in dataset.targets)
         need = range(len(class_names)) if config.method == "mcti" else selected
-        short = [c for c in need if counts.get(c, 0) < config.mcti.shots]
-        if short:
-            c = short[0]
-            raise UserError(f"`mcti.shots` is {config.mcti.shots} but class {c} ({class_names[c]!r}) has "
-                            f"{counts.get(c, 0)} images in split {config.split!r}: lower --shots or pick another split.")
+        _check_shots(config, dataset, class_names, need, f"method {config.method!r} learns from")
         if config.method == "mcti" and len(class_names) < 2:
             raise UserError("`method` 'mcti' needs at least 2 classes (its regularizer discriminates between them): "
                             "use method 'ti'.")

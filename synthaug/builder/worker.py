@@ -22,7 +22,7 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
-from ..layout import resume_command, shard_done, token_path, trust_path
+from ..layout import fitted_guide_id, guide_source, resume_command, shard_done, token_path, trust_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
@@ -183,7 +183,9 @@ class ClassWorker:
             torch.set_num_threads(self.threads)
         pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
                               timestep_spacing=cfg.timestep_spacing, channels_last=cfg.channels_last)
-        guide = load_classifier(cfg.guide, device=pipe.device, trained_on=cfg.guide_trained_on)
+        guide = load_classifier(guide_source(cfg, self.out), device=pipe.device, trained_on=cfg.guide_trained_on)
+        if cfg.guide == "fit":  # token files name the fitted guide by its content, not by the folder it sits in
+            guide.source = fitted_guide_id(self.out)
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}
@@ -200,7 +202,7 @@ class ClassWorker:
         dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
         wanted = None if cfg.method == "mcti" else set(self.selected)
         images: dict[int, list[Any]] = {}
-        for i in few_shot_indices(dataset.targets, cfg.mcti.shots, cfg.mcti.seed, allow_fewer=True):
+        for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
             target = int(dataset.targets[i])
             if wanted is None or target in wanted:
                 images.setdefault(target, []).append(dataset[i][0])
@@ -214,7 +216,7 @@ class ClassWorker:
     def _init_images(self) -> dict[int, dict[int, Any]]:
         """generate.init "real": each selected class's real start images, by their index in the split."""
         cfg = self.config
-        return real_start_images(get_dataset(cfg.dataset, cfg.root, cfg.split), cfg.generate,
+        return real_start_images(get_dataset(cfg.dataset, cfg.root, cfg.split), cfg.shots, cfg.shots_seed,
                                  self.selected or range(len(self.classes)))
 
     # -- one class job ----------------------------------------------------------------------------------------------
@@ -267,8 +269,8 @@ class ClassWorker:
         if cfg.dct.trust_features == "clip":  # default_clip_model may read the model's config: only when asked
             clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
             space = f"clip:{clip_source or 'digits'}"
-        settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.dct.trust_shots,
-                                         shots_seed=cfg.generate.shots_seed, images=cfg.dct.trust_images,
+        settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.shots,
+                                         shots_seed=cfg.shots_seed, images=cfg.dct.trust_images,
                                          seed=cfg.dct.seed, features=space)
         if path.is_file():
             kept = TrustVerdict.from_json(path.read_text())
@@ -279,7 +281,7 @@ class ClassWorker:
         if "real_by_class" not in models:
             dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
             by_class: dict[int, list[Any]] = {}
-            for i in few_shot_indices(dataset.targets, cfg.dct.trust_shots, cfg.generate.shots_seed, allow_fewer=True):
+            for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
                 by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
             models["real_by_class"] = by_class
         features = None

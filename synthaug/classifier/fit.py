@@ -63,7 +63,6 @@ class FitRecord:
             name; candidates: every setting tried, with its leave-one-out accuracy and log-loss.
         train_accuracy: the fitted head on its own shots.
         labels: the class names, index-aligned with the outputs.
-        seconds: the fit's wall time.
     """
 
     backbone: str
@@ -83,7 +82,6 @@ class FitRecord:
     candidates: list[dict[str, Any]]
     train_accuracy: float
     labels: list[str]
-    seconds: float = 0.0
     format_version: int = 1
     why_no_loo: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -359,13 +357,12 @@ def fit_guide(
         shots_seed=int(info.get("shots_seed", 0)), dataset=str(info.get("dataset", "")),
         split=str(info.get("split", "")), indices=[int(i) for i in info.get("indices", [])],
         paths=[str(p) for p in info.get("paths", [])], augment=augment, loo_accuracy=loo_acc,
-        loo_per_class=loo_per_class, candidates=candidates, train_accuracy=train_acc, labels=labels,
-        seconds=round(time.perf_counter() - started, 3), why_no_loo=why)
+        loo_per_class=loo_per_class, candidates=candidates, train_accuracy=train_acc, labels=labels, why_no_loo=why)
     if out is not None:
         _write_guide(out, model, data_config, record, backbone, note)
-    log.info("fitted a %s probe on %s (%s features, %s %g) from %d shots per class: leave-one-out %s",
+    log.info("fitted a %s probe on %s (%s features, %s %g) from %d shots per class in %.1f s: leave-one-out %s",
              head, backbone, kind, "strength" if head == "linear" else "scale", strength, k,
-             "n/a (one shot per class)" if loo_acc is None else f"{100 * loo_acc:.1f}%")
+             time.perf_counter() - started, "n/a (one shot per class)" if loo_acc is None else f"{100 * loo_acc:.1f}%")
     return guide, record
 
 

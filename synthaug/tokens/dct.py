@@ -801,7 +801,7 @@ def resolve_target(classifier, target, class_index, label) -> tuple[GuideTarget,
 # DCTConfig fields of the trust check (synthaug.tokens.trust), which runs after the token is learned, and of the
 # speed alone (classes learned in one denoising batch, `synthaug.tokens.dct_batch`): not recorded in the token file,
 # whose bytes do not depend on them.
-TRUST_KEYS = ("trust", "trust_shots", "trust_images")
+TRUST_KEYS = ("trust", "trust_images")
 UNRECORDED_KEYS = (*TRUST_KEYS, "classes_per_batch")
 
 
