@@ -33,6 +33,7 @@ from .layout import (
     ClassJob,
     class_token_files,
     done_shards,
+    fits_guide,
     fitted_guide_dir,
     legacy_build_error,
     read_config,
@@ -264,7 +265,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
 
 def _own_guide(config) -> str:
     """The guide of `learn` / `generate`, which have no build folder for ``guide: fit`` to fit into."""
-    if config.guide == "fit":
+    if fits_guide(config):
         raise UserError("`guide` 'fit' fits a guide into a build folder, and this command makes none: fit one with "
                         "`synthaug fit-guide --dataset D --shots K --out DIR` and pass --guide DIR.")
     return config.guide

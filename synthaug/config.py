@@ -737,7 +737,7 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.guide_target is not None and not parse_guide_target(cfg.guide_target).is_class and cfg.method != "dct":
         raise UserError(f"`guide_target` {cfg.guide_target!r} steers a DCT guide, but `method` is {cfg.method!r}: "
                         f"use method dct, or drop guide_target.")
-    if cfg.guide == "fit" and cfg.method != "dct":
+    if "fit" in [s.strip() for s in cfg.guide.split(",")] and cfg.method != "dct":
         raise UserError(f"`guide` 'fit' fits a few-shot guide that steers DCT tokens, but `method` is {cfg.method!r} "
                         f"(it learns from the real images directly): use method dct, or drop --guide fit.")
     check_scheduler(cfg.scheduler, cfg.timestep_spacing)

@@ -622,12 +622,25 @@ def fitted_guide_dir(out: str | os.PathLike) -> Path:
     return Path(out) / GUIDE_DIR
 
 
-def guide_source(config: BuildConfig, out: str | os.PathLike | None = None) -> str:
-    """The classifier source a build's guide loads from: its ``guide``, or for ``guide: fit`` the build's fitted
-    guide folder."""
-    if config.guide != "fit":
+def guide_members(guide: str) -> list[str]:
+    """The guides of a ``guide`` value: ``"A,B"`` is an ensemble of two (a local path holding a comma is one)."""
+    if "," not in guide or Path(guide).expanduser().exists():
+        return [guide.strip()]
+    return [s.strip() for s in guide.split(",") if s.strip()]
+
+
+def fits_guide(config: BuildConfig) -> bool:
+    """Whether the build fits a few-shot guide (``guide: fit``, alone or in an ensemble)."""
+    return "fit" in guide_members(config.guide)
+
+
+def guide_source(config: BuildConfig, out: str | os.PathLike | None = None, *, fit: str | None = None) -> str:
+    """The classifier source a build's guide loads from: its ``guide``, with ``fit`` replaced by the build's fitted
+    guide folder (or by `fit`, e.g. the fitted guide's `fitted_guide_id` for the name token files record)."""
+    if not fits_guide(config):
         return config.guide
-    return str(fitted_guide_dir(config.out if out is None else out))
+    folder = fit if fit is not None else str(fitted_guide_dir(config.out if out is None else out))
+    return ",".join(folder if s == "fit" else s for s in guide_members(config.guide))
 
 
 def fitted_guide_id(out: str | os.PathLike) -> str:

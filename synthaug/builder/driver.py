@@ -50,6 +50,7 @@ from ..layout import (
     ShardTask,
     begin_build,
     build_lock,
+    fits_guide,
     fitted_guide_dir,
     forget_build,
     images_on_disk,
@@ -165,7 +166,7 @@ def prepare_shots(config: BuildConfig, out: Path) -> None:
     indices = few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True)
     write_shots(out, {"shots": config.shots, "shots_seed": config.shots_seed, "dataset": config.dataset,
                       "split": config.split, "indices": indices, "paths": shots_provenance(dataset, indices)})
-    if config.guide != "fit":
+    if not fits_guide(config):
         return
     guide = fitted_guide_dir(out)
     backbone = config.guide_fit.backbone or config.mcti.clip_model

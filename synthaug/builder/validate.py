@@ -27,6 +27,8 @@ from ..layout import (
     OVERWRITE_MARKER,
     PLAN_FILE,
     done_shard_ids,
+    fits_guide,
+    guide_members,
     legacy_build_error,
     linked_build_dirs,
     read_build_config,
@@ -139,7 +141,7 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
         return "resume"
     if has_plan and not work_done(out):
         return "replace"  # nothing was made with the old config: the corrected command simply starts
-    shard_only = SHARD_ONLY_KEYS + (SHOTS_KEYS if config.method == "dct" and config.guide != "fit" else ())
+    shard_only = SHARD_ONLY_KEYS + (SHOTS_KEYS if config.method == "dct" and not fits_guide(config) else ())
     if has_plan and not done_shard_ids(out) and all(
             any(k == s or k.startswith(s + ".") for s in shard_only) for k in changed):
         return "replace"  # the tokens stay valid: only how many images, and how they are made and stored, changed
@@ -290,14 +292,15 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
     selected = select_classes(dataset, config.classes)
     # 6. The guide exists, and its labels are the dataset's classes: DCT steers class c towards logit c (a fitted
     # guide is fitted on every class of the dataset, in its order, from `shots` images of each)
-    if config.guide == "fit":
-        _check_shots(config, dataset, class_names, range(len(class_names)), "`guide` 'fit' fits on")
-        _check_backbone(config.guide_fit.backbone)
-    else:
-        _check_guide(config.guide)
-        n_guide = guide_num_classes(config.guide)
-        check_label_agreement(class_aliases(dataset), labels=declared_labels(config.guide)[0] if n_guide else None,
-                              count=n_guide, what="guide", source=config.guide, dataset=config.dataset)
+    for member in guide_members(config.guide):  # each guide of an ensemble ("A,B")
+        if member == "fit":
+            _check_shots(config, dataset, class_names, range(len(class_names)), "`guide` 'fit' fits on")
+            _check_backbone(config.guide_fit.backbone)
+            continue
+        _check_guide(member)
+        n_guide = guide_num_classes(member)
+        check_label_agreement(class_aliases(dataset), labels=declared_labels(member)[0] if n_guide else None,
+                              count=n_guide, what="guide", source=member, dataset=config.dataset)
     # 7. What the method needs
     if config.method in ("ti", "mcti"):
         need = range(len(class_names)) if config.method == "mcti" else selected

@@ -22,7 +22,7 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
-from ..layout import fitted_guide_id, guide_source, resume_command, shard_done, token_path, trust_path
+from ..layout import fits_guide, fitted_guide_id, guide_source, resume_command, shard_done, token_path, trust_path
 from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
@@ -184,8 +184,8 @@ class ClassWorker:
         pipe = load_diffusion(cfg.model, device=self.device, dtype=cfg.dtype, scheduler=cfg.scheduler,
                               timestep_spacing=cfg.timestep_spacing, channels_last=cfg.channels_last)
         guide = load_classifier(guide_source(cfg, self.out), device=pipe.device, trained_on=cfg.guide_trained_on)
-        if cfg.guide == "fit":  # token files name the fitted guide by its content, not by the folder it sits in
-            guide.source = fitted_guide_id(self.out)
+        if fits_guide(cfg):  # token files name a fitted guide by its content, not by the folder it sits in
+            guide.source = guide_source(cfg, fit=fitted_guide_id(self.out))
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}

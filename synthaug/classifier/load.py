@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..layout import guide_members
 from ..models import offline, resolve_device, resolve_dtype
 from .base import Classifier, LoadedClassifier
 from .from_checkpoint import load_checkpoint
@@ -56,6 +57,9 @@ def load_classifier(
     6. A hub id ``"ORG/NAME"``: the known MAE guides (``vesteinn/vit-mae-cub``, ``vesteinn/vit-mae-inat21``) use mean
        pooling; otherwise the repo's ``config.json`` decides: ``"architecture"`` -> timm, else transformers.
 
+    Several sources joined by commas, ``"A,B"``, load as one `GuideEnsemble` (each by these rules; a local path that
+    holds a comma is one source).
+
     Args:
         source: see above.
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:1"``...
@@ -73,6 +77,12 @@ def load_classifier(
     >>> guide.labels[:3]
     ['zero', 'one', 'two']
     """
+    members = guide_members(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else [source]
+    if len(members) > 1:  # "A,B": an ensemble, each guide loaded by these rules
+        from .ensemble import GuideEnsemble
+
+        return GuideEnsemble([load_classifier(m, device=device, dtype=dtype, labels=labels, trained_on=trained_on,
+                                              local_files_only=local_files_only) for m in members])
     src = parse_source(source)  # refuses an empty or non-string source
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
