@@ -56,6 +56,8 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                 "help": "also generate plain-prompt images with the same seeds"}),
     "--shots": ("shots", {"type": int, "help": "the user's k real images per class (TI/MC-TI learn from them, "
                                                 "--guide fit fits on them, the trust check and real starts read them)"}),
+    "--keep-confidence": ("generate.keep_confidence", {"type": float, "help": "keep only images the guide gives at "
+                                                       "least this probability, generating more seeds as needed"}),
     "--shots-seed": ("shots_seed", {"type": int, "help": "the seed that draws the --shots images"}),
     "--executor": ("run.executor", {"choices": ["auto", "ray", "local"], "help": "ray (one actor per GPU), local "
                                     "(in this process), or auto (the default: Ray when installed)"}),
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn one token per class, generate --per-class images per class (and with "
                        "--baseline the plain-prompt images on the same seeds), write WebDataset shards and the "
                        "parquet index. Re-running on an existing --out resumes.")
-    _config_options(p, "--per-class", "--baseline", "--shots", "--shots-seed", "--executor", "--ray-address", "--num-workers")
+    _config_options(p, "--per-class", "--baseline", "--shots", "--shots-seed", "--keep-confidence", "--executor",
+                    "--ray-address", "--num-workers")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)

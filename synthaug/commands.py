@@ -21,6 +21,7 @@ from .datasets.catalog import get_dataset
 from .datasets.select import select_classes
 from .errors import UserError, write_errors
 from .generation import generate, real_start_images
+from .index import load_index
 from .index import verify as verify_shards
 from .layout import (
     ALL_TOKENS_FILE,
@@ -88,6 +89,8 @@ class InspectResult:
         problems: `synthaug.index.verify` lines (only with ``verify=True``; empty when all is well).
         verified: whether `problems` was computed.
         shots: ``shots.json``: the user's k real images per class the build read (None in older builds).
+        attempts: with ``generate.keep_confidence``: ``{method: (images kept, seeds tried)}`` over the finished
+            shards (a class's seeds tried: its last kept image's seed index + 1), per class in `classes` too.
         guide_fit: ``guide/guide.json`` of a ``guide: fit`` build: how its guide was fitted, its leave-one-out
             accuracy per class (None otherwise).
     """
@@ -107,6 +110,7 @@ class InspectResult:
     verified: bool = False
     shots: dict[str, Any] | None = None
     guide_fit: dict[str, Any] | None = None
+    attempts: dict[str, tuple[int, int]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -146,6 +150,11 @@ class InspectResult:
             worst = sorted(per.items(), key=lambda kv: kv[1])[:5]
             if worst:
                 lines.append("  worst classes by leave-one-out: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in worst))
+        if self.attempts:
+            threshold = (self.config.get("generate") or {}).get("keep_confidence")
+            lines.append(f"generate.keep_confidence {threshold}: generations per kept image "
+                         + ", ".join(f"{m} {tried / max(kept, 1):.2f} ({kept} of {tried})"
+                                     for m, (kept, tried) in sorted(self.attempts.items())))
         checked = [c for c in self.classes if c.get("trust")]
         if checked:
             lines.append(f"trust check (dct.trust={cfg.get('dct', {}).get('trust')}):")
@@ -252,6 +261,9 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
         stray = sorted(set(done_shards(out).items()) - planned)
         problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
                      for s in stray]
+    attempts = None
+    if (config.get("generate") or {}).get("keep_confidence") is not None and shards_done:
+        attempts = _attempts(out, classes)
     guide_fit = None
     record = fitted_guide_dir(out) / GUIDE_RECORD_FILE
     if config.get("guide") == "fit" and record.is_file():
@@ -260,7 +272,25 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     return InspectResult(out=out, config=config, classes=classes, counts=counts, images=images,
                          images_expected=images_expected, shards_done=shards_done, shards_expected=shards_expected,
                          tokens_done=tokens_done, complete=complete, failures=failures, problems=problems,
-                         verified=verify, shots=read_shots(out), guide_fit=guide_fit)
+                         verified=verify, shots=read_shots(out), guide_fit=guide_fit, attempts=attempts)
+
+
+def _attempts(out: Path, classes: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """``generate.keep_confidence``: images kept and seeds tried per method (and per class, into `classes`), from
+    the finished shards' rows (a row's ``index`` is its seed index)."""
+    rows = load_index(out).select(["class_index", "method", "index"]).to_pylist()
+    per: dict[tuple[int, str], list[int]] = {}
+    for r in rows:
+        per.setdefault((int(r["class_index"]), r["method"]), []).append(int(r["index"]))
+    by_class = {c["index"]: c for c in classes}
+    total: dict[str, tuple[int, int]] = {}
+    for (c, m), idx in sorted(per.items()):
+        kept, tried = len(idx), max(idx) + 1
+        if c in by_class:
+            by_class[c].setdefault("attempts", {})[m] = (kept, tried)
+        k, t = total.get(m, (0, 0))
+        total[m] = (k + kept, t + tried)
+    return total
 
 
 def _own_guide(config) -> str:

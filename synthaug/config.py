@@ -230,6 +230,12 @@ class GenerateConfig:
             build's `shots` real images, drawn per image by its seed, noised to `strength` and denoised with the class token
             in the prompt by diffusers' StableDiffusionImg2ImgPipeline on the loaded modules). The row records the
             real image's index in the dataset split (``init_index``) and the strength.
+        keep_confidence: Keep only images the guide gives at least this probability of their class: the build
+            walks a class's seeds in order, generating in batches on a fixed grid of seed indices, and keeps the
+            first `per_class` that pass (a row's ``index`` is its seed index, so gaps show what was dropped);
+            deterministic and resumable like every build. null: keep every image.
+        max_attempts: With `keep_confidence`: the most seeds tried per class and method (null: 10 x `per_class`);
+            past it, the class's remaining images are kept whatever their probability, with a warning.
         strength: With ``init: real``: one value, or [low, high]: each image draws a strength among those the
             scheduler can take, i/T for whole i in [low·T, high·T] with T = `num_inference_steps` (img2img denoises
             int(strength·T) steps; 1.0 = pure noise).
@@ -247,6 +253,8 @@ class GenerateConfig:
     prompts: tuple[str, ...] = ()
     init: str = "noise"
     strength: tuple[float, ...] = (0.75,)
+    keep_confidence: float | None = None
+    max_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -572,7 +580,7 @@ def get(cfg: Any, dotted: str) -> Any:
 # Numbers where zero means nothing to do (every other number may be 0); None, where allowed, means "the default".
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
             "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_images",
-            "dct.classes_per_batch", "generate.batch_size", "generate.num_inference_steps",
+            "dct.classes_per_batch", "generate.batch_size", "generate.num_inference_steps", "generate.max_attempts",
             "shots", "dct.num_vectors", "mcti.num_vectors",
             "shards.samples_per_shard", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
@@ -613,6 +621,9 @@ def check_generate_levers(gen: GenerateConfig) -> None:
         if not isinstance(p, str) or "{token}" not in p:
             raise UserError(f"`generate.prompts` entry {p!r} has no {{token}} placeholder: add one where the class "
                             f"token goes, e.g. 'A sketch of {{token}} {{label}}'.")
+    if gen.keep_confidence is not None and not 0.0 <= gen.keep_confidence < 1.0:
+        raise UserError(f"`generate.keep_confidence` must be in [0, 1) (a guide probability; null keeps every image) "
+                        f"but is {gen.keep_confidence!r}.")
     if gen.init not in VALID["generate.init"]:
         raise UserError(f"`generate.init` must be one of {', '.join(VALID['generate.init'])} but is {gen.init!r}.")
     if gen.init != "real":

@@ -8,8 +8,9 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,7 +23,16 @@ from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import few_shot_indices
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
-from ..layout import fits_guide, fitted_guide_id, guide_source, resume_command, shard_done, token_path, trust_path
+from ..layout import (
+    fits_guide,
+    fitted_guide_id,
+    guide_source,
+    resume_command,
+    shard_done,
+    shard_paths,
+    token_path,
+    trust_path,
+)
 from ..models import load_diffusion
 from ..shards import ShardWriter
 from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
@@ -336,16 +346,18 @@ class ClassWorker:
         encoders = min(4, os.cpu_count() or 1) if pipe.device.type == "cuda" else 1
         with ShardWriter(self.out, image_format=shards.image_format, quality=shards.quality,
                          background=self.overlap_writes, encode_threads=encoders) as writer, use_unet(pipe, self._unet):
+            next_seed: dict[str, int] = {}  # keep_confidence: the seed index each method's next shard starts at
             for task in pending:
                 writer.begin(task.shard_id)
                 token = None if task.method == "sd" or plain else job.token
-                # batches start at the shard's first index, exactly as `generate` would split the whole range itself
-                for lo in range(task.start, task.stop, gen.batch_size):
-                    hi = min(lo + gen.batch_size, task.stop)
-                    writer.put(generate(pipe, class_index=c, label=job.name, token=token, indices=range(lo, hi),
-                                        config=gen, method=task.method, classifier=models["guide"],
-                                        init_images=models.get("init_images", {}).get(c)))
-                    self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": hi - task.start})
+                make = partial(generate, pipe, class_index=c, label=job.name, token=token, config=gen,
+                               method=task.method, classifier=models["guide"],
+                               init_images=models.get("init_images", {}).get(c))
+                batches = (self._all_images(task, make, gen.batch_size) if gen.keep_confidence is None else
+                           self._kept_images(job, task, make, gen, next_seed))
+                for images, done in batches:
+                    writer.put(images)
+                    self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": done})
                     on_disk(writer.finished())
                 on_disk(writer.drain())  # the previous shard: its hook runs before this one can complete
                 writer.end()
@@ -353,6 +365,50 @@ class ClassWorker:
         stats.update(batch_size=gen.batch_size, generate_seconds=time.perf_counter() - t0,
                      write_seconds=writer.write_seconds, write_wait_seconds=writer.wait_seconds)
         return stats
+
+    @staticmethod
+    def _all_images(task: ShardTask, make: Callable, batch_size: int) -> Iterator[tuple[list, int]]:
+        """Every image of the shard, batch by batch; batches start at the shard's first index, exactly as
+        `generate` would split the whole range itself."""
+        for lo in range(task.start, task.stop, batch_size):
+            hi = min(lo + batch_size, task.stop)
+            yield make(indices=range(lo, hi)), hi - task.start
+
+    def _kept_images(self, job: ClassJob, task: ShardTask, make: Callable, gen: Any,
+                     next_seed: dict[str, int]) -> Iterator[tuple[list, int]]:
+        """``generate.keep_confidence``: the shard's images, the first ones from its start seed on whose guide
+        probability passes the threshold (past ``generate.max_attempts`` seeds, any). Batches lie on a fixed grid
+        of seed indices, so a resumed shard generates exactly the batches an uninterrupted build did (the images
+        before its start seed are made again and dropped)."""
+        threshold, size = gen.keep_confidence, gen.batch_size
+        limit = gen.max_attempts or 10 * self.config.per_class
+        first = next_seed.get(task.method)
+        if first is None:
+            first = 0 if task.chunk == 0 else self._seed_after(job, task)
+        kept, below, lo = 0, 0, first - first % size
+        while kept < task.size:
+            images = [im for im in make(indices=range(lo, lo + size)) if im.index >= first
+                      and (im.index >= limit or (im.guide_prob is not None and im.guide_prob >= threshold))]
+            images = images[: task.size - kept]
+            below += sum(im.index >= limit and (im.guide_prob is None or im.guide_prob < threshold) for im in images)
+            if images:
+                kept += len(images)
+                next_seed[task.method] = images[-1].index + 1
+                yield images, kept
+            lo += size
+        if below:
+            logger.warning("class %d (%s, %s): %d image(s) of shard %d kept below generate.keep_confidence %g after "
+                           "%d seeds (generate.max_attempts)", job.class_index, job.name, task.method, below,
+                           task.shard_id, threshold, limit)
+
+    def _seed_after(self, job: ClassJob, task: ShardTask) -> int:
+        """The seed index after the last image of the previous shard of the same method (finished on disk)."""
+        import pyarrow.parquet as pq
+
+        before = next(t for t in job.shards if t.method == task.method and t.chunk == task.chunk - 1)
+        column = pq.read_table(shard_paths(self.out, before.shard_id, before.method).parquet,
+                               columns=["index"]).column("index")
+        return int(max(column.to_pylist())) + 1
 
     def _prepare_generation(self, pipe: Any, pending: Sequence[ShardTask], class_index: int) -> float:
         """Once per worker: resolve ``generate.batch_size`` (auto: from free memory on CUDA) and, with
