@@ -676,9 +676,10 @@ class BuildView:
         return sizes.most_common(1)[0][0] if sizes else (512, 512)
 
     def select_methods(self, methods: Sequence[str] | None) -> list[str]:
-        """`methods` checked against the build's (None -> all of them, baseline order)."""
+        """`methods` checked against the build's (None -> all of them, baseline order). ``"dct+sd"`` names one
+        synthetic set of both methods' images (a cap of N per class takes them in turn)."""
         present = self.methods
-        unknown = [m for m in methods or () if m not in present]
+        unknown = [m for m in methods or () if not all(part in present for part in m.split("+"))]
         if unknown:
             raise UserError(f"`methods` {', '.join(unknown)} not in the build at {self.root}: it has "
                             f"{', '.join(present)}.")

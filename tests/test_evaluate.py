@@ -569,3 +569,16 @@ def test_a_build_of_selected_classes_is_judged_by_class_index(tmp_path):
     (build / "classes.json").write_text(json.dumps([r for r in rows if r["index"] in (4, 8)]))
     result = evaluate_judge(build, ColorJudge(), progress=False, write_back=False)
     assert [(m.method, m.images, m.top1) for m in result.methods] == [("sd", 4, 1.0), ("dct", 4, 1.0)]
+
+
+def test_a_cell_of_two_methods_together_takes_each_in_turn(downstream_world, tmp_path):
+    from synthaug.evaluate.downstream import train_downstream
+
+    build, train, test = downstream_world
+    kw = {"test": test, "include_real": False, "shots": [2], "seeds": 1, "steps": 1, "batch_size": 8,
+          "progress": False, "arch": "linear", "synthetic_per_class": 2}
+    cell = train_downstream(build, train, methods=["dct+sd"], out=tmp_path / "o", **kw).cells[0]
+    alone = train_downstream(build, train, methods=["dct"], out=tmp_path / "p", **kw).cells[0]
+    assert cell.method == "dct+sd" and cell.train_synthetic == alone.train_synthetic  # the same count, both methods
+    with pytest.raises(UserError, match=r"`methods` dct\+ti not in the build"):
+        train_downstream(build, train, methods=["dct+ti"], out=tmp_path / "q", **kw)

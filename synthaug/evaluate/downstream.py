@@ -230,7 +230,8 @@ class DownstreamConfig:
     Attributes:
         train_split, test_split: splits of a named real dataset; None: ``train`` and the dataset's test split
             (``test``, or ``val`` for iNat 2021 and ImageNet, which have no test split).
-        methods: build methods to train with (default: all in the index).
+        methods: build methods to train with (default: all in the index); "dct+sd": one cell of both methods' images
+            together (`synthetic_per_class` of them per class, the lowest sample index first, the methods in turn).
         include_real: also train on real images alone (method "real"; k = 0 is skipped for it).
         shots: real images per class, k.
         seeds: a number of seeds (0..n-1) or a list; each seed fixes the real subset, init and data order.
@@ -586,7 +587,7 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
     if k == 0 or real_only:
         mode = "concat"
     train_set = dataset_cls(view.root, real=real_train, shots=k, transform=train_tf,
-                            methods=[] if real_only else [method],
+                            methods=[] if real_only else method.split("+"),
                             synthetic_per_class=0 if real_only else pr.synthetic_per_class, seed=seed, mode=mode,
                             p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real,
                             shots_seed=pr.shots_seed, targets=pr.targets, temperature=pr.temperature)
