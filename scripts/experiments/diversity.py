@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     judge = load_classifier(args.judge, device="cpu")
     clip = load_clip(None)
     real = Digits(split=args.real_split)
-    to_t = lambda im: torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255  # noqa: E731
+    to_t = lambda im: torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
     real_x = torch.stack([to_t(real[i][0]) for i in range(len(real))])
     real_y = torch.tensor(real.targets)
 
