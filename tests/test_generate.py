@@ -213,3 +213,20 @@ def test_keep_confidence_must_be_a_probability():
 
     with pytest.raises(UserError, match=r"`generate.keep_confidence` must be in \[0, 1\)"):
         validate(BuildConfig(generate=GenerateConfig(keep_confidence=1.0)))
+
+
+def test_keep_confidence_keeps_the_images_a_filtered_training_row_takes_from_an_unfiltered_build(tmp_path, world):
+    from synthaug.builder import build
+    from synthaug.index import load_index
+
+    assert build(_kept_build(tmp_path / "all", world, **{"generate.keep_confidence": None, "per_class": 8}),
+                 progress=False).ok
+    assert build(_kept_build(tmp_path / "kept", world, per_class=2), progress=False).ok
+    everything = load_index(tmp_path / "all").to_pylist()
+    for c in (0, 1):
+        for m in ("dct", "sd"):
+            passing = sorted((r["index"], r["sha256"]) for r in everything if r["class_index"] == c
+                             and r["method"] == m and r["guide_prob"] >= 0.1)[:2]
+            kept = sorted((r["index"], r["sha256"]) for r in load_index(tmp_path / "kept").to_pylist()
+                          if r["class_index"] == c and r["method"] == m)
+            assert kept == passing
