@@ -59,7 +59,7 @@ from .tokens.io import (
     token_updates,
 )
 from .tokens.text import token_name
-from .tokens.trust import TrustVerdict
+from .tokens.trust import TrustVerdict, read_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -185,6 +185,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     counts: dict[str, dict[int, int]] = {}
     classes = []
     shards_done = tokens_done = images = images_expected = shards_expected = 0
+    damaged: list[str] = []  # files a resume redoes, named by `verify`
     for j in jobs:
         per: Counter[str] = Counter()
         done_here = 0
@@ -209,10 +210,15 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
                         "stop_reason": meta.get("stop_reason") or None})
         trust = trust_path(out, j.class_index)
         if trust.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                verdict = json.loads(trust.read_text())
-                classes[-1]["trust"] = {**verdict, "fallback": (config.get("dct") or {}).get("trust") == "fallback"
-                                        and not verdict.get("trusted")}
+            try:
+                verdict = read_verdict(trust)
+            except ValueError as e:  # the resume checks the class's token again
+                damaged.append(f"{TOKENS_DIR}/{trust.name}: damaged ({e}); resume with {resume_command(out)} to "
+                               f"check the class's token again.")
+            else:
+                classes[-1]["trust"] = {**json.loads(verdict.to_json()),
+                                        "fallback": (config.get("dct") or {}).get("trust") == "fallback"
+                                        and not verdict.trusted}
     failures: list[dict[str, Any]] = []
     if (out / FAILURES_FILE).is_file():
         with contextlib.suppress(OSError, ValueError):
@@ -223,7 +229,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     problems: list[str] = []
     if verify:
 
-        problems = verify_shards(out)
+        problems = verify_shards(out) + damaged
         planned = {(t.shard_id, t.method) for j in jobs for t in j.shards}
         stray = sorted(set(done_shards(out).items()) - planned)
         problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
