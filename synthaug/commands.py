@@ -25,11 +25,13 @@ from .index import verify as verify_shards
 from .layout import (
     ALL_TOKENS_FILE,
     CLASSES_FILE,
+    EXPORT_DIR,
     FAILURES_FILE,
     FINAL_FILES,
     PLAN_FILE,
     TOKENS_DIR,
     ClassJob,
+    check_export_dest,
     class_token_files,
     done_shards,
     legacy_build_error,
@@ -44,6 +46,7 @@ from .layout import (
     trust_path,
 )
 from .models import load_diffusion
+from .reshard import RESHARD_FILE, default_dest, verify_export
 from .shards import OPTIONAL_COLUMNS, encode_image
 from .target import GuideTarget, check_label_free, parse_guide_target
 from .tokens.clip import classify, load_clip
@@ -230,6 +233,8 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     if verify:
 
         problems = verify_shards(out) + damaged
+        if (default_dest(out) / RESHARD_FILE).is_file():  # the export of its images, where `export` puts it
+            problems += verify_export(default_dest(out))
         planned = {(t.shard_id, t.method) for j in jobs for t in j.shards}
         stray = sorted(set(done_shards(out).items()) - planned)
         problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
@@ -535,7 +540,8 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     if not present:
         raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
                         f"build first (`{resume_command(out)}`).")
-    dest = Path(dest) if dest is not None else out / "export" / format
+    default = out / EXPORT_DIR / format
+    dest = check_export_dest(out, dest if dest is not None else default, str(default))
     # Every token is read and checked before anything is written: a damaged later class leaves no partial export.
     embeddings = {j.class_index: _class_token(token_path(out, j.class_index), j) for j in present}
     with write_errors(f"`dest` {str(dest)!r}", "pass --dest a folder you can write to (and with free space)"):

@@ -332,6 +332,29 @@ def test_export_writes_nothing_outside_dest_whatever_the_token_files_say(tmp_pat
         export_tokens(out, dest=dest)
 
 
+def test_export_dest_is_a_folder_outside_the_builds_tokens_shards_and_meta(tmp_path, reference):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"`dest` '.*a-file' is a file, not a folder: pass --dest a new or empty"):
+        export_tokens(reference, dest=tmp_path / "a-file")
+    for inside in ("tokens", "shards", "meta"):
+        with pytest.raises(UserError, match=rf"`dest` .* is inside the build's {inside}/, which holds only what"):
+            export_tokens(reference, format="diffusers", dest=reference / inside)
+    assert sorted(p.name for p in (reference / "tokens").iterdir()) == [
+        "000.safetensors", "001.safetensors", "002.safetensors", "tokens.safetensors"]
+
+
+def test_inspect_verify_checks_the_export_of_the_images_against_its_plan(tmp_path, reference):
+    from synthaug.reshard import default_dest, reshard
+
+    out = _copy(reference, tmp_path / "build")
+    reshard(out, samples_per_shard=4)
+    assert inspect(out, verify=True).problems == []
+    tar = default_dest(out) / "train-00001.tar"
+    tar.write_bytes(tar.read_bytes()[:100])
+    assert [p for p in inspect(out, verify=True).problems if "train-00001.tar has 100 bytes" in p
+            and "run `synthaug export" in p]
+
+
 def test_export_refuses_a_multi_token_file_in_one_line(tmp_path, reference):
     import torch
 
