@@ -120,8 +120,9 @@ class DCTConfig:
             expands).
         classes_per_batch: Classes whose tokens learn together, their seeds in one denoising batch
             (`synthaug.tokens.learn_dct_tokens`, continuous batching: a class that stops is replaced by the next):
-            speed only, each token equals the one learned alone up to float rounding, with the same stop and kept
-            step. 1 learns one class at a time (today's bytes); null or "auto": on CUDA as many as fit in free
+            each token equals the one learned alone up to the float rounding of the larger batch, which updates carry
+            forward (a near tie of two steps' losses can move the kept step by one; the token file records the
+            classes it was batched with, ``batched_with``). 1 learns one class at a time (today's bytes); null or "auto": on CUDA as many as fit in free
             memory (measured once per worker), elsewhere 1. A build's worker learns the tokens of the jobs it is
             handed together (the local executor: every class; a Ray actor: two batches' worth beside its job).
     """

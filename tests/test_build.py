@@ -590,3 +590,34 @@ def test_classes_learned_together_give_the_tokens_learned_alone_and_resume(tmp_p
     result = build(bw.config(out, *world, **{"dct.classes_per_batch": 2}), progress=False)
     assert result.ok and result.resumed and result.tokens_new == 1
     bw.assert_same_within_float_rounding(out, reference)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chaos: a finished build with a seeded random share of its files deleted
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_build_with_a_random_share_of_its_files_deleted_resumes_to_the_same_bytes_redoing_exactly_those(
+        tmp_path, world, reference, seed):
+    import random
+
+    from synthaug.layout import read_plan, shard_paths, token_path
+
+    out = _copy(reference, tmp_path / "build")
+    jobs = list(read_plan(out).jobs)
+    files = []  # (what it belongs to, path): every shard's tar, parquet and stats file, every class token
+    for j in jobs:
+        files.append((("token", j.class_index), token_path(out, j.class_index)))
+        for t in j.shards:
+            paths = shard_paths(out, t.shard_id, t.method)
+            files += [(("shard", t.shard_id, t.method, t.size), p) for p in (paths.tar, paths.parquet, paths.stats)]
+    rng = random.Random(seed)
+    gone = rng.sample(files, max(1, round(rng.uniform(0.1, 0.9) * len(files))))
+    for _, path in gone:
+        path.unlink()
+    redone_shards = {what for what, _ in gone if what[0] == "shard"}
+    redone_tokens = {what for what, _ in gone if what[0] == "token"}
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.resumed
+    assert result.images_new == sum(size for _, _, _, size in redone_shards)  # exactly what was deleted, no more
+    assert result.tokens_new == len(redone_tokens)
+    assert bw.snapshot(out) == bw.snapshot(reference)
