@@ -144,3 +144,24 @@ def test_export_verify_on_the_command_line(out, tmp_path, capsys):
     assert "train-00002.tar is missing: run `synthaug export" in capsys.readouterr().out
     assert main(["export", str(out), "--verify"]) == 2
     assert "`--verify` checks an export of the images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_export_with_a_random_share_of_its_files_deleted_or_truncated_resumes_to_the_same_bytes(out, tmp_path, seed):
+    import random
+
+    dest = tmp_path / "mixed"
+    reshard(out, dest, samples_per_shard=3, seed=5)
+    before = {p.name: p.read_bytes() for p in dest.iterdir() if p.name != ".lock"}
+    rng = random.Random(seed)
+    files = sorted(n for n in before if n != "reshard.json")  # the tars, _info.json and shards.wids.json
+    hit = rng.sample(files, max(1, round(rng.uniform(0.1, 0.9) * len(files))))
+    for name in hit:
+        if rng.random() < 0.5:
+            (dest / name).unlink()
+        else:  # a truncated copy, as a full disk or a copy that was stopped leaves it
+            (dest / name).write_bytes(before[name][: rng.randrange(len(before[name]))])
+    (dest / f".tmp-{files[0]}.{rng.randrange(10**7, 10**8)}").write_bytes(b"a kill -9 mid-write")
+    again = reshard(out, dest, samples_per_shard=3, seed=5)
+    assert again.shards_written == sum(n.endswith(".tar") for n in hit)  # exactly the damaged ones
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.name != ".lock"} == before
