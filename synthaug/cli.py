@@ -160,9 +160,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.verify and args.format != "webdataset":
+        raise UserError(f"`--verify` checks an export of the images, but `--format` is {args.format!r}: add "
+                        "--format webdataset.")
     if args.format == "webdataset":
-        from .reshard import reshard
+        from .reshard import default_dest, reshard, verify_export
 
+        if args.verify:
+            problems = verify_export(args.dest if args.dest is not None else default_dest(args.out_dir))
+            print("\n".join(problems) if problems else "export verified: every tar matches its plan")
+            return 1 if problems else 0
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
         result = reshard(args.out_dir, args.dest, samples_per_shard=args.samples_per_shard, seed=args.seed,
                          methods=methods)
@@ -301,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000, help="webdataset: samples per tar")
     p.add_argument("--seed", type=int, default=0, help="webdataset: the shuffle's seed")
     p.add_argument("--methods", help="webdataset: methods to include, e.g. dct,sd (default: the build's own)")
+    p.add_argument("--verify", action="store_true",
+                   help="webdataset: check the export's tars against its plan (sizes, sha256, the build's index)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="judge accuracy of the generated images (paper Table 1)")

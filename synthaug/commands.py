@@ -26,12 +26,14 @@ from .index import verify as verify_shards
 from .layout import (
     ALL_TOKENS_FILE,
     CLASSES_FILE,
+    EXPORT_DIR,
     FAILURES_FILE,
     FINAL_FILES,
     GUIDE_RECORD_FILE,
     PLAN_FILE,
     TOKENS_DIR,
     ClassJob,
+    check_export_dest,
     class_token_files,
     done_shards,
     fits_guide,
@@ -49,6 +51,7 @@ from .layout import (
     trust_path,
 )
 from .models import load_diffusion
+from .reshard import RESHARD_FILE, default_dest, verify_export
 from .shards import OPTIONAL_COLUMNS, encode_image
 from .target import GuideTarget, check_label_free, parse_guide_target
 from .tokens.clip import classify, load_clip
@@ -64,7 +67,7 @@ from .tokens.io import (
     token_updates,
 )
 from .tokens.text import token_name
-from .tokens.trust import TrustVerdict
+from .tokens.trust import TrustVerdict, read_verdict
 
 if TYPE_CHECKING:
     import torch
@@ -218,6 +221,7 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     counts: dict[str, dict[int, int]] = {}
     classes = []
     shards_done = tokens_done = images = images_expected = shards_expected = 0
+    damaged: list[str] = []  # files a resume redoes, named by `verify`
     for j in jobs:
         per: Counter[str] = Counter()
         done_here = 0
@@ -242,10 +246,15 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
                         "stop_reason": meta.get("stop_reason") or None})
         trust = trust_path(out, j.class_index)
         if trust.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                verdict = json.loads(trust.read_text())
-                classes[-1]["trust"] = {**verdict, "fallback": (config.get("dct") or {}).get("trust") == "fallback"
-                                        and not verdict.get("trusted")}
+            try:
+                verdict = read_verdict(trust)
+            except ValueError as e:  # the resume checks the class's token again
+                damaged.append(f"{TOKENS_DIR}/{trust.name}: damaged ({e}); resume with {resume_command(out)} to "
+                               f"check the class's token again.")
+            else:
+                classes[-1]["trust"] = {**json.loads(verdict.to_json()),
+                                        "fallback": (config.get("dct") or {}).get("trust") == "fallback"
+                                        and not verdict.trusted}
     failures: list[dict[str, Any]] = []
     if (out / FAILURES_FILE).is_file():
         with contextlib.suppress(OSError, ValueError):
@@ -256,7 +265,9 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
     problems: list[str] = []
     if verify:
 
-        problems = verify_shards(out)
+        problems = verify_shards(out) + damaged
+        if (default_dest(out) / RESHARD_FILE).is_file():  # the export of its images, where `export` puts it
+            problems += verify_export(default_dest(out))
         planned = {(t.shard_id, t.method) for j in jobs for t in j.shards}
         stray = sorted(set(done_shards(out).items()) - planned)
         problems += [f"{shard_name(*s)}: not in this build's plan (left from another config?); delete its files."
@@ -596,7 +607,8 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     if not present:
         raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
                         f"build first (`{resume_command(out)}`).")
-    dest = Path(dest) if dest is not None else out / "export" / format
+    default = out / EXPORT_DIR / format
+    dest = check_export_dest(out, dest if dest is not None else default, str(default))
     # Every token is read and checked before anything is written: a damaged later class leaves no partial export.
     embeddings = {j.class_index: _class_token(token_path(out, j.class_index), j) for j in present}
     with write_errors(f"`dest` {str(dest)!r}", "pass --dest a folder you can write to (and with free space)"):

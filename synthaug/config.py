@@ -118,8 +118,9 @@ class DCTConfig:
             expands).
         classes_per_batch: Classes whose tokens learn together, their seeds in one denoising batch
             (`synthaug.tokens.learn_dct_tokens`, continuous batching: a class that stops is replaced by the next):
-            speed only, each token equals the one learned alone up to float rounding, with the same stop and kept
-            step. 1 learns one class at a time (today's bytes); null or "auto": on CUDA as many as fit in free
+            each token equals the one learned alone up to the float rounding of the larger batch, which updates carry
+            forward (a near tie of two steps' losses can move the kept step by one; the token file records the
+            classes it was batched with, ``batched_with``). 1 learns one class at a time (today's bytes); null or "auto": on CUDA as many as fit in free
             memory (measured once per worker), elsewhere 1. A build's worker learns the tokens of the jobs it is
             handed together (the local executor: every class; a Ray actor: two batches' worth beside its job).
     """
@@ -463,6 +464,9 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if "=" not in pair:
             raise UserError(f"`--set` expects key=value but got {pair!r}: e.g. `--set dct.lr=0.001`.")
         key, raw = pair.split("=", 1)
+        if not key.strip() or any(not part.strip() for part in key.split(".")):
+            raise UserError(f"`--set` {pair!r} has an empty key{' part' if key.strip() else ''}: name the setting "
+                            f"before the '=', e.g. `--set dct.lr=0.001`.")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -593,6 +597,22 @@ SEED_LIMIT = 2**63
 MAX_PER_CLASS = 10_000_000
 MAX_SHARDS_PER_CLASS = 100_000
 
+# Upper bounds of counts where a larger value can only be a mistake (a typo runs for hours before failing), with what
+# each counts: well above any real run (a batch of 4,096 seeds at 512 px is ~100 GiB of activations).
+MAX_COUNTS = {
+    **dict.fromkeys(("dct.batch_size", "dct.val_batch_size", "dct.micro_batch", "dct.classes_per_batch",
+                     "dct.trust_images", "generate.batch_size", "mcti.batch_size"), (4_096, "a batch")),
+    **dict.fromkeys(("dct.max_steps", "dct.extend_steps", "dct.extend_window", "dct.val_every", "dct.patience",
+                     "mcti.steps", "mcti.extra_steps"), (10_000_000, "updates")),
+    **dict.fromkeys(("dct.num_inference_steps", "generate.num_inference_steps"), (10_000, "denoising steps")),
+    **dict.fromkeys(("dct.height", "dct.width", "generate.height", "generate.width"), (16_384, "pixels")),
+    "shots": (1_000_000, "images per class"), "generate.max_attempts": (10 * MAX_PER_CLASS, "seeds per class"),
+    "dct.augment": (4_096, "augmented views per image"),
+    "shards.samples_per_shard": (MAX_PER_CLASS, "images per shard"),
+    "run.num_workers": (100_000, "workers"), "run.max_in_flight": (1_000_000, "jobs"),
+    "run.max_retries": (1_000, "retries"), "run.cpus_per_worker": (4_096, "CPUs"),
+}
+
 # Strings that name something and so cannot be empty.
 NON_EMPTY = ("dataset", "split", "model", "device", "dtype", "guide", "out", "dct.init_token", "mcti.init_token",
              "generate.prompt")
@@ -677,6 +697,11 @@ def validate(cfg: BuildConfig) -> None:
     for key, value in flatten(to_dict(cfg)).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise UserError(f"`{key}` must be >= 0 but is {value!r}.")
+    for key, (limit, what) in MAX_COUNTS.items():
+        v = get(cfg, key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+            raise UserError(f"`{key}` must be <= {limit:,} ({what}) but is {v:,}: a value that large can only be a "
+                            f"mistake; pass e.g. {key}={get(type(cfg)(), key) or 1}.")
     if cfg.per_class > MAX_PER_CLASS:
         raise UserError(f"`per_class` must be <= {MAX_PER_CLASS:,} (images per class) but is {cfg.per_class:,}: "
                         f"pass the number of images each class should get, e.g. --per-class 1000.")

@@ -245,6 +245,26 @@ REPORT_DIR = "report"
 EXPORT_DIR = "export"
 
 
+def check_export_dest(out: str | os.PathLike, dest: str | os.PathLike, default: str) -> Path:
+    """`dest` of an export of the build in `out`, checked before any work: not a file, and outside the build's own
+    ``shards/``, ``tokens/`` and ``meta/`` (whose readers take every file there as the build's). `default` names the
+    usual folder in the fix. Raises `UserError`."""
+    dest, out = Path(dest).expanduser(), Path(out)
+    fix = f"pass --dest a new or empty folder, e.g. {default}"
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"`dest` {str(dest)!r} is a file, not a folder: {fix}.")
+    for above in [dest, *dest.parents]:  # a file where a parent folder must go: mkdir would say FileExistsError
+        if above.exists() and not above.is_dir():
+            raise UserError(f"`dest` {str(dest)!r}: {str(above)!r} is a file, not a folder: {fix}.")
+    where = dest.resolve()
+    for name in (SHARDS_DIR, TOKENS_DIR, META_DIR):
+        own = (out / name).resolve()
+        if where == own or own in where.parents:
+            raise UserError(f"`dest` {str(dest)!r} is inside the build's {name}/, which holds only what the build "
+                            f"writes: {fix}.")
+    return dest
+
+
 # Folders of what other subcommands derive from a build (evaluate, report, export): never emptied by a build, since
 # a user may keep files of their own there too.
 DERIVED_DIRS = (EVAL_DIR, REPORT_DIR, EXPORT_DIR)

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.context
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -171,9 +172,10 @@ class SynthAugDataset(VisionDataset):
             raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
         if targets not in TARGETS:
             raise UserError(f"`targets` must be one of {', '.join(TARGETS)} but is {targets!r}.")
-        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
-            raise UserError(f"`temperature` must be a finite number > 0 but is {temperature!r}: 1 keeps the guide's "
-                            "probabilities.")
+        if isinstance(temperature, (bool, np.bool_)) or not (isinstance(temperature, numbers.Real)
+                                                             and np.isfinite(temperature) and temperature > 0):
+            raise UserError(f"`temperature` must be a finite number > 0 (not a bool) but is {temperature!r}: 1 keeps "
+                            "the guide's probabilities.")
         if methods is not None:
             methods = [methods] if isinstance(methods, str) else list(methods)
             bad = [m for m in methods if m not in KNOWN_METHODS]
@@ -320,8 +322,13 @@ class SynthAugDataset(VisionDataset):
             rest = max(0.0, 1.0 - float(soft[j].sum()))
             if (~stored).any():
                 soft[j, ~stored] = rest / int((~stored).sum())
-        soft = np.clip(soft, 1e-12, None) ** (1.0 / self.temperature)
-        return (soft / soft.sum(axis=1, keepdims=True)).astype(np.float32)
+        # p ** (1/T) renormalised is the softmax of log(p) / T: taken in log space, shifted so that each row's
+        # largest entry is exactly 0, it neither underflows to all zeros (NaN after renormalising) for a small T nor
+        # overflows for a large one
+        logp = np.log(np.clip(soft, 1e-12, None))
+        with np.errstate(over="ignore"):  # -inf for a class far below the top at a tiny T: exp makes it 0
+            tempered = np.exp((logp - logp.max(axis=1, keepdims=True)) / self.temperature)
+        return (tempered / tempered.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def target_vector(self, src: Source) -> Any:
         """The soft target of an item's `Source`: the synthetic row's guide label, or one-hot for a real image."""

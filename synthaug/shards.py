@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -308,7 +308,13 @@ class ShardStats:
         sign, a sha256 that is not one, or file names other than the shard's own (they are copied into
         ``_info.json``, so they must not be able to name another path)."""
         data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or (missing := [f.name for f in fields(cls) if f.name not in data
+                                                      and f.default is MISSING]):
+            raise ValueError("damaged: " + (f"fields {', '.join(missing)} missing" if isinstance(data, dict) else
+                                            f"not a JSON object but {type(data).__name__}"))
         st = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if bad := [n for n in ("image_format", "first_key", "last_key") if not isinstance(getattr(st, n), str)]:
+            raise ValueError(f"{bad[0]} must be a string but is {str(getattr(st, bad[0]))[:80]!r}")
         if not _count(st.shard) or not _count(st.num_samples) or not st.num_samples or not _count(st.tar_bytes):
             raise ValueError(f"shard, num_samples and tar_bytes must be integers >= 0 (num_samples > 0) but are "
                              f"{st.shard!r}, {st.num_samples!r} and {st.tar_bytes!r}")

@@ -332,6 +332,29 @@ def test_export_writes_nothing_outside_dest_whatever_the_token_files_say(tmp_pat
         export_tokens(out, dest=dest)
 
 
+def test_export_dest_is_a_folder_outside_the_builds_tokens_shards_and_meta(tmp_path, reference):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"`dest` '.*a-file' is a file, not a folder: pass --dest a new or empty"):
+        export_tokens(reference, dest=tmp_path / "a-file")
+    for inside in ("tokens", "shards", "meta"):
+        with pytest.raises(UserError, match=rf"`dest` .* is inside the build's {inside}/, which holds only what"):
+            export_tokens(reference, format="diffusers", dest=reference / inside)
+    assert sorted(p.name for p in (reference / "tokens").iterdir()) == [
+        "000.safetensors", "001.safetensors", "002.safetensors", "tokens.safetensors"]
+
+
+def test_inspect_verify_checks_the_export_of_the_images_against_its_plan(tmp_path, reference):
+    from synthaug.reshard import default_dest, reshard
+
+    out = _copy(reference, tmp_path / "build")
+    reshard(out, samples_per_shard=4)
+    assert inspect(out, verify=True).problems == []
+    tar = default_dest(out) / "train-00001.tar"
+    tar.write_bytes(tar.read_bytes()[:100])
+    assert [p for p in inspect(out, verify=True).problems if "train-00001.tar has 100 bytes" in p
+            and "run `synthaug export" in p]
+
+
 def test_export_refuses_a_multi_token_file_in_one_line(tmp_path, reference):
     import torch
 
@@ -567,3 +590,34 @@ def test_classes_learned_together_give_the_tokens_learned_alone_and_resume(tmp_p
     result = build(bw.config(out, *world, **{"dct.classes_per_batch": 2}), progress=False)
     assert result.ok and result.resumed and result.tokens_new == 1
     bw.assert_same_within_float_rounding(out, reference)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Chaos: a finished build with a seeded random share of its files deleted
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_build_with_a_random_share_of_its_files_deleted_resumes_to_the_same_bytes_redoing_exactly_those(
+        tmp_path, world, reference, seed):
+    import random
+
+    from synthaug.layout import read_plan, shard_paths, token_path
+
+    out = _copy(reference, tmp_path / "build")
+    jobs = list(read_plan(out).jobs)
+    files = []  # (what it belongs to, path): every shard's tar, parquet and stats file, every class token
+    for j in jobs:
+        files.append((("token", j.class_index), token_path(out, j.class_index)))
+        for t in j.shards:
+            paths = shard_paths(out, t.shard_id, t.method)
+            files += [(("shard", t.shard_id, t.method, t.size), p) for p in (paths.tar, paths.parquet, paths.stats)]
+    rng = random.Random(seed)
+    gone = rng.sample(files, max(1, round(rng.uniform(0.1, 0.9) * len(files))))
+    for _, path in gone:
+        path.unlink()
+    redone_shards = {what for what, _ in gone if what[0] == "shard"}
+    redone_tokens = {what for what, _ in gone if what[0] == "token"}
+    result = build(bw.config(out, *world), progress=False)
+    assert result.ok and result.resumed
+    assert result.images_new == sum(size for _, _, _, size in redone_shards)  # exactly what was deleted, no more
+    assert result.tokens_new == len(redone_tokens)
+    assert bw.snapshot(out) == bw.snapshot(reference)

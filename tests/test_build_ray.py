@@ -60,6 +60,20 @@ def test_an_actor_that_dies_mid_job_is_retried(tmp_path, world, reference, clust
     assert bw.snapshot(out) == bw.snapshot(reference)
 
 
+def test_a_build_whose_worker_calls_die_at_a_seeded_ten_percent_ends_with_the_same_bytes(tmp_path, world, reference,
+                                                                                         cluster, monkeypatch):
+    """Chaos: a seeded 10% of the workers' hook calls end their process with `os._exit` — here (seed 6) class 0's
+    actor dies with its token learned but not saved, and again after writing shard 1; the retries end the same."""
+    monkeypatch.setenv("SYNTHAUG_TEST_CHAOS", "6:0.1")
+    out = tmp_path / "build"
+    result = build(bw.config(out, *world, **RAY, **{"run.max_retries": 4}), progress=False)
+    assert result.ok
+    died = sorted(p.name for p in out.glob(".test-chaos-*"))
+    assert died == [".test-chaos-shard-00001", ".test-chaos-token-c000"]
+    assert all(int((out / name).read_text()) != __import__("os").getpid() for name in died)  # worker processes
+    assert bw.snapshot(out) == bw.snapshot(reference)
+
+
 def test_a_job_without_progress_is_stopped_and_retried_on_another_worker(tmp_path, world, reference, cluster,
                                                                          monkeypatch, caplog):
     """Class 1's job hangs after its first shard (once): after run.job_timeout_s its worker is stopped, a new one

@@ -254,3 +254,26 @@ def test_a_baseline_needs_a_class_name_in_the_prompt():
 
     with pytest.raises(UserError, match=r"^`baseline` needs a class name in `generate.prompt` 'A photo of a \{token\}'"):
         load_config(overrides={"method": "mcti", "baseline": True})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("dct.batch_size", 99999999999999999999, (r"`dct.batch_size` must be <= 4,096 \(a batch\) but is "
+                                             r"99,999,999,999,999,999,999: a value that large can only be a mistake")),
+    ("dct.max_steps", 10**9, r"`dct.max_steps` must be <= 10,000,000 \(updates\) but is 1,000,000,000"),
+    ("generate.batch_size", 10**6, r"`generate.batch_size` must be <= 4,096"),
+    ("generate.num_inference_steps", 10**5, r"`generate.num_inference_steps` must be <= 10,000 \(denoising steps\)"),
+    ("shots", 10**7, r"`shots` must be <= 1,000,000 \(images per class\)"),
+])
+def test_counts_too_large_to_be_meant_are_refused_naming_the_limit(key, value, match):
+    with pytest.raises(UserError, match=match):
+        load_config(overrides={key: value})
+    load_config(overrides={key: 8})  # an ordinary value passes
+
+
+@pytest.mark.parametrize("pair, match", [("=1", r"`--set` '=1' has an empty key: name the setting"),
+                                         (" =1", "has an empty key:"),
+                                         ("dct.=1", r"`--set` 'dct.=1' has an empty key part"),
+                                         (".lr=1", "has an empty key part")])
+def test_an_empty_set_key_is_named(pair, match):
+    with pytest.raises(UserError, match=match):
+        parse_overrides([pair])

@@ -41,7 +41,7 @@ def assert_same(batched, single):
         single.steps, single.best_step, single.stop_reason, single.updates, single.unet_evals)
     scale = single.embedding.abs().max()
     assert (batched.embedding - single.embedding).abs().max() <= EMBED_RTOL * scale
-    assert batched.metadata == single.metadata
+    assert {k: v for k, v in batched.metadata.items() if k != "batched_with"} == single.metadata
     for b, s in zip(batched.history, single.history, strict=True):
         assert b.keys() == s.keys()
         for key, value in s.items():
@@ -91,6 +91,23 @@ def test_batched_tokens_equal_tokens_learned_alone_and_come_back_as_each_class_f
     calls = config.num_inference_steps
     assert rows == [n * config.batch_size * 2 for n in active_counts(steps, 2) for _ in range(calls)]
     assert rows[: 4 * calls] == [8] * (4 * calls)
+
+
+def test_a_class_that_joins_a_running_batch_sees_its_solo_inputs_and_records_the_batch(tiny_pipe, tmp_path):
+    guide, config = Guide(), cfg(**STOPPING, lr_schedule="cosine", select="val", val_every=1)
+    jobs = [DCTJob(c, f"class {c}") for c in (1, 3, 5)]
+    single = alone(tiny_pipe, guide, jobs, config)
+    joined = []
+    results = dict(learn_dct_tokens(tiny_pipe, guide, jobs, config, classes_per_batch=2,
+                                    callback=lambda job, entry, v: joined.append((job.class_index, entry["step"]))))
+    # class 5 joins at class 3's third iteration: its step 0 (schedule, Adam state, seeds, validation) is its own
+    assert joined.index((5, 0)) > joined.index((3, 1))
+    for job, result in results.items():
+        assert_same(result, single[job.class_index])
+    assert {j.class_index: r.metadata["batched_with"] for j, r in results.items()} == {
+        1: ["<synthaug-003>"], 3: ["<synthaug-001>", "<synthaug-005>"], 5: ["<synthaug-003>"]}
+    save_token(results[jobs[2]], tmp_path / "005.safetensors")
+    assert token_metadata(tmp_path / "005.safetensors")["batched_with"] == '["<synthaug-003>"]'
 
 
 def test_batched_tokens_with_the_levers_on(tiny_pipe):

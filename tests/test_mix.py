@@ -1,5 +1,7 @@
 """SynthAugDataset: counts and class balance of every mixing mode, filters, class alignment, DataLoader workers."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -260,5 +262,19 @@ def test_soft_targets_refused_without_recorded_probabilities(out, soft_out, tmp_
         SynthAugDataset(old, targets="soft")
     with pytest.raises(UserError, match=r"`targets` must be one of hard, soft but is 'probs'"):
         SynthAugDataset(soft_out, targets="probs")
-    with pytest.raises(UserError, match=r"`temperature` must be a finite number > 0 but is 0"):
-        SynthAugDataset(soft_out, targets="soft", temperature=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(UserError, match=rf"`temperature` must be a finite number > 0 \(not a bool\) but is "
+                                            rf"{re.escape(repr(bad))}"):
+            SynthAugDataset(soft_out, targets="soft", temperature=bad)
+
+
+def test_soft_targets_at_extreme_temperatures_stay_distributions(soft_out):
+    stored = np.array([0.6, 0.3] + [0.1 / 8] * 8)
+    for t in (1e-5, 1e-4, 1e-300, 5e-324):  # p ** (1/T) underflows every class to 0 here: NaN once renormalised
+        y = SynthAugDataset(soft_out, targets="soft", temperature=t)._soft
+        assert np.isfinite(y).all() and y[0].tolist() == np.eye(10)[0].tolist()
+        assert np.allclose(y.sum(1), 1.0)
+    flat = SynthAugDataset(soft_out, targets="soft", temperature=1e300)._soft
+    assert flat[0].tolist() == pytest.approx([0.1] * 10)
+    mid = SynthAugDataset(soft_out, targets="soft", temperature=np.float32(0.5))[0][1]
+    assert mid.tolist() == pytest.approx((stored ** 2 / (stored ** 2).sum()).tolist(), abs=1e-6)

@@ -299,3 +299,26 @@ def test_a_format_1_build_is_refused_by_the_readers_in_one_line(tmp_path):
                                         r"reads: rebuild it with `synthaug build --config .* --overwrite`"):
         load_index(tmp_path)
     assert verify(tmp_path)[0].startswith("`out` ")
+
+
+def test_a_stats_file_with_wrong_fields_is_named_as_damaged_with_what_to_run(tmp_path):
+    import json
+
+    from synthaug.layout import shard_paths
+    from synthaug.shards import ShardStats, check_shard
+
+    build(tmp_path)
+    stats = shard_paths(tmp_path, 1, "dct").stats
+    good = json.loads(stats.read_text())
+    for data, match in [({"foo": 1}, r"damaged: fields shard, method, .* missing"),
+                        ([1, 2], "damaged: not a JSON object"),
+                        ({**good, "first_key": 3}, "first_key must be a string but is '3'")]:
+        stats.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=match):
+            ShardStats.load(stats)
+    stats.write_text(json.dumps({"foo": 1}))
+    assert check_shard(tmp_path, 1, "dct") is not None
+    problems = verify(tmp_path)
+    assert any(p.startswith("meta/") and "stats file unreadable (damaged: fields shard" in p and "delete" in p
+               and "rerun `synthaug build --config" in p for p in problems), problems
+    assert not any("__init__" in p for p in problems)

@@ -186,3 +186,56 @@ def pq_rows(out):
     import pyarrow.parquet as pq
 
     return pq.read_table(out / "index.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("not json", "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"trusted": "false"}', r"field 'trusted' must be a bool but is 'false'"),
+])
+def test_a_verdict_file_is_read_field_by_field_with_types(text, match):
+    with pytest.raises(ValueError, match=match):
+        TrustVerdict.from_json(text)
+    good = json.loads(TrustVerdict(True, 1.0, 0.5, 0.5, 2, 2, "").to_json())
+    for field, bad in [("trusted", 1), ("token_on_class", "0.5"), ("token_on_class", float("nan")),
+                       ("images", 2.5), ("images", True), ("reason", None)]:
+        with pytest.raises(ValueError, match=f"field '{field}' must be"):
+            TrustVerdict.from_dict({**good, field: bad})
+    del good["plain_on_class"]
+    with pytest.raises(ValueError, match="field 'plain_on_class' is missing"):
+        TrustVerdict.from_dict(good)
+
+
+def test_a_damaged_verdict_is_checked_again_on_resume_never_blocks_it(tmp_path, world):
+    from synthaug.layout import read_plan, shard_paths, trust_path
+
+    out = tmp_path / "build"
+    cfg = bw.config(out, *world, **{"dct.trust": "fallback", "shots": 2, "dct.trust_images": 2})
+    assert build(cfg, progress=False).ok
+    before = bw.snapshot(out)
+    task = read_plan(out).jobs[1].shards[0]
+    # a verdict that is not JSON, with a shard of its class to redo; a string where the bool belongs, nothing to redo
+    trust_path(out, 1).write_text("not json\n")
+    shard_paths(out, task.shard_id, task.method).stats.unlink()
+    bad = json.loads(trust_path(out, 2).read_text())
+    trust_path(out, 2).write_text(json.dumps({**bad, "trusted": "false"}))
+    problems = inspect(out, verify=True).problems
+    assert any(p.startswith("tokens/001_trust.json: damaged (not JSON") and "synthaug build --config" in p
+               for p in problems)
+    assert any(p.startswith("tokens/002_trust.json: damaged (field 'trusted' must be a bool") for p in problems)
+    result = build(cfg, progress=False)
+    assert result.ok and result.images_new == task.size
+    assert bw.snapshot(out) == before  # the verdicts checked again are the seeded same
+    assert inspect(out, verify=True).problems == []
+
+
+def test_finalize_names_a_verdict_damaged_under_it(tmp_path, world):
+    from synthaug.builder.driver import finalize
+    from synthaug.layout import read_plan, trust_path
+
+    out = tmp_path / "build"
+    cfg = bw.config(out, *world, **{"dct.trust": "warn", "shots": 2, "dct.trust_images": 2})
+    assert build(cfg, progress=False).ok
+    trust_path(out, 0).write_text('{"trusted": "false"}')
+    with pytest.raises(UserError, match=r"000_trust.json is damaged \(field .* resume with synthaug build --config"):
+        finalize(out, cfg, list(read_plan(out).jobs))

@@ -1,7 +1,7 @@
 """How close a build's images stay to the class's few real images (RESULTS.md "Generation levers on tune seeds").
 
-For every image: the mean absolute grey-level difference (0-255) to the nearest of its class's `generate.shots` real
-images (drawn with `generate.shots_seed`, the images `generate.init: real` starts from), at the build's size. A
+For every image: the mean absolute grey-level difference (0-255) to the nearest of its class's `shots` real
+images (drawn with `shots_seed`, the images `generate.init: real` starts from), at the build's size. A
 real-anchored build whose images sit at ~0 from a real image made near-copies of the few shots; a text-to-image
 build's distance is the scale to compare with. Prints one line per (build, method): mean distance and the share of
 images within 10 grey levels of a real image.

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("build", type=Path, help="a finished DCT build")
-    p.add_argument("--shots", type=int, default=5, help="real images per class the check reads (dct.trust_shots)")
-    p.add_argument("--shots-seed", type=int, default=0, help="the seed that picks them (generate.shots_seed)")
+    p.add_argument("--shots", type=int, default=5, help="real images per class the check reads (the build's shots)")
+    p.add_argument("--shots-seed", type=int, default=0, help="the seed that picks them (shots_seed)")
     p.add_argument("--runs", nargs="+", default=["8:0", "8:1", "8:2"], metavar="IMAGES:SEED",
                    help="check images per prompt and the check's base seed (dct.trust_images, dct.seed)")
     p.add_argument("--threads", type=int, default=1)

@@ -68,6 +68,7 @@ from ..layout import (
 )
 from ..shards import check_shard
 from ..tokens.io import int_or_none, save_tokens, token_metadata_or_empty, token_updates
+from ..tokens.trust import read_verdict
 from .cluster import resolve_executor
 from .executors import Tracker, run_local, run_ray
 from .plan import methods_of, plan, plan_file
@@ -248,7 +249,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         # 2. The user's k real images on record, and the guide fitted on them (`guide: fit`, once per build)
         prepare_shots(config, out)
         # 3. What is left to do: damaged shards are redone too
-        todo = unfinished_jobs(out, jobs)
+        todo = unfinished_jobs(out, jobs, config)
         tokens_before, images_before = tokens_on_disk(out, jobs), images_on_disk(out, jobs)
         logger.info("%s %s: %d classes, %d to do", "resuming" if checked.mode == "resume" else "building", out,
                     len(jobs), len(todo))
@@ -268,7 +269,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         finally:
             tracker.close()
         # 5. Finish: merge when all is done, else record the failures
-        done = [j for j in jobs if job_done(out, j)]
+        done = [j for j in jobs if job_done(out, j) and _verdict_problem(out, j, config) is None]
         failures = tracker.failures
         if len(done) == len(jobs):
             finalize(out, config, jobs)
@@ -298,14 +299,21 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 # --------------------------------------------------------------------------------------------------------------------
 # The build's steps
 # --------------------------------------------------------------------------------------------------------------------
-def unfinished_jobs(out: Path, jobs: list[ClassJob]) -> list[ClassJob]:
+def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig | None = None) -> list[ClassJob]:
     """The jobs left to do. A damaged shard (its files do not match its stats) loses its done-marker first, so that
-    its job writes it again; with work left, the files of a finished build go, so none claims a completeness the
-    folder does not have."""
+    its job writes it again; with ``dct.trust`` on (`config`), a job whose trust verdict is missing or damaged is left
+    to do too (its worker checks the token again; the verdict is seeded, so it is the same). With work left, the files
+    of a finished build go, so none claims a completeness the folder does not have."""
     for task, problem in _damaged_shards(out, jobs):
         logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
         shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
-    todo = [j for j in jobs if not job_done(out, j)]
+    todo = []
+    for j in jobs:
+        verdict = _verdict_problem(out, j, config) if config is not None and job_done(out, j) else None
+        if verdict is not None:
+            logger.warning("%s: %s: the class's trust check is run again", trust_path(out, j.class_index), verdict)
+        if verdict is not None or not job_done(out, j):
+            todo.append(j)
     if todo:
         for name in FINAL_FILES:
             (out / name).unlink(missing_ok=True)
@@ -316,6 +324,21 @@ def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, st
     """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
     return [(t, problem) for j in jobs for t in j.shards
             if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
+
+
+def _verdict_problem(out: Path, job: ClassJob, config: BuildConfig) -> str | None:
+    """What is wrong with the job's trust verdict file (``dct.trust`` on): missing, or damaged (`read_verdict`);
+    None when it reads, or when the build checks no trust."""
+    if config.method != "dct" or config.dct.trust == "off":
+        return None
+    path = trust_path(out, job.class_index)
+    if not path.is_file():
+        return "missing"
+    try:
+        read_verdict(path)
+    except ValueError as e:
+        return f"damaged ({e})"
+    return None
 
 
 def finished_build(config: BuildConfig) -> BuildResult | None:
@@ -334,7 +357,7 @@ def finished_build(config: BuildConfig) -> BuildResult | None:
     jobs = list(planned.jobs)
     if not all(job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
         return None
-    if _damaged_shards(out, jobs):
+    if _damaged_shards(out, jobs) or any(_verdict_problem(out, j, config) for j in jobs):
         return None  # the full path redoes them
     newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
     if (out / INDEX_FILE).stat().st_mtime < newest:
@@ -381,8 +404,13 @@ def finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
         })
         trust = trust_path(out, j.class_index)
         if trust.is_file():  # dct.trust: the verdict and its numbers; "fallback" when the class got the plain prompt
-            verdict = json.loads(trust.read_text())
-            classes[-1]["trust"] = {**verdict, "fallback": config.dct.trust == "fallback" and not verdict["trusted"]}
+            try:
+                verdict = read_verdict(trust)
+            except ValueError as e:  # `unfinished_jobs` redoes a damaged one: this one was damaged since
+                raise UserError(f"{trust} is damaged ({e}): resume with {resume_command(out)} to check the "
+                                f"class's token again.") from None
+            classes[-1]["trust"] = {**json.loads(verdict.to_json()),
+                                    "fallback": config.dct.trust == "fallback" and not verdict.trusted}
     save_tokens(tokens, out / TOKENS_DIR / ALL_TOKENS_FILE,
                 metadata={"model_id": config.model, "method": config.method, "guide": config.guide})
     merge_index(out, classes, train_methods=[config.method])

@@ -40,7 +40,7 @@ from ..tokens.dct import learn_dct_token
 from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
 from ..tokens.io import add_tokens, load_tokens, save_token
 from ..tokens.mcti import learn_mcti_token
-from ..tokens.trust import TrustVerdict, check_token_trust, trust_settings_sha256
+from ..tokens.trust import TrustVerdict, check_token_trust, read_verdict, trust_settings_sha256
 from .plan import ClassJob, ShardTask
 
 logger = logging.getLogger(__name__)
@@ -283,11 +283,16 @@ class ClassWorker:
                                          shots_seed=cfg.shots_seed, images=cfg.dct.trust_images,
                                          seed=cfg.dct.seed, features=space)
         if path.is_file():
-            kept = TrustVerdict.from_json(path.read_text())
-            if kept.settings_sha256 == settings:
-                return kept
-            logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
-                        job.class_index, job.name)
+            try:
+                kept = read_verdict(path)
+            except ValueError as e:  # damage is redone, never retried as it is
+                logger.warning("class %d (%s): its trust verdict %s is damaged (%s); checking again",
+                               job.class_index, job.name, path, e)
+            else:
+                if kept.settings_sha256 == settings:
+                    return kept
+                logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
+                            job.class_index, job.name)
         if "real_by_class" not in models:
             dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
             by_class: dict[int, list[Any]] = {}

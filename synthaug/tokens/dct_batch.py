@@ -7,7 +7,13 @@ clipping, Adam state, learning-rate schedule, keeper, stopping rules, validation
 classes are summed before one backward, and since no class's loss depends on another's embedding, each embedding
 gets exactly its own class's gradient. A class that stops leaves the batch at once and the next class takes its
 place (continuous batching), so the batch stays full while classes are left. Each class's `TokenResult` is what
-`learn_dct_token` makes with the same seeds, up to the float rounding of the larger batch.
+`learn_dct_token` makes with the same seeds — the same seeds, prompts, Adam state, learning rate, keeper and
+validation, whenever the class joins — up to the float rounding of the larger batch: the UNet's and the VAE's kernels
+round differently at another batch size (on CPU in fp32 about 1e-6 of a call's output), and gradient steps carry that
+rounding forward, so it grows with the updates; where two steps' losses nearly tie, the keeper may keep a neighbouring
+step. On the digits world (``--preset fast``, classes 0-3 at 3 per batch, class 3 joining as 0 and 2 stop) it stayed
+at most 1e-4 of the largest component with the same stop and kept step on one CPU; on another a class kept the step
+before. The metadata of a token that shared UNet calls records with which classes (``batched_with``: their tokens).
 """
 
 from __future__ import annotations
@@ -103,8 +109,10 @@ def learn_dct_tokens(
     Every job's token is learned as ``learn_dct_token(pipe, classifier, job.class_index, job.label, config,
     token=job.token, target=job.target, checkpointing=checkpointing, val_prompt=val_prompt)`` learns it, with the same
     seeds, updates, stopping step and kept step; the embedding and the history's numbers equal that call's up to the
-    float rounding of a larger batch (measured on CPU in fp32: at most 1e-5 of the embedding's largest component,
-    most classes bit-identical). With `classes_per_batch` 1 the jobs go through `learn_dct_token` one after another.
+    float rounding of a larger batch (see the module docstring: it grows with the updates, and a near tie of two
+    steps' losses can move the kept step by one). A result whose class shared UNet calls records the other classes'
+    tokens in ``metadata["batched_with"]``. With `classes_per_batch` 1 the jobs go through `learn_dct_token` one after
+    another.
 
     The batch holds up to `classes_per_batch` classes at once; when one stops (its own stopping rules), the next job
     takes its place before the next denoising chain (continuous batching), so every UNet call carries
@@ -218,6 +226,7 @@ class _Learner:
     step: int = 0
     unet_evals: int = 0
     history: list[dict] = field(default_factory=list)
+    batched_with: set[str] = field(default_factory=set)  # the tokens of the classes that shared its UNet calls
 
     @property
     def run(self) -> TokenRun:
@@ -304,6 +313,8 @@ def _iteration(active: list[_Learner], callback) -> list[tuple[_Learner, TokenRe
         draws = augment_draws((config.batch_size, pipe.vae.config.out_channels, config.height, config.width),
                               config.augment, learner.augment_generator) if config.augment > 0 else None
         passes.append(_Pass(learner, text, leaf, draws, train_seeds(config, learner.run.class_index, learner.step)))
+    for learner in active:  # the batch's composition, recorded in each token (its rounding depends on it)
+        learner.batched_with.update(other.plan.token for other in active if other is not learner)
 
     # Per micro-batch (the whole batch unless dct.micro_batch is set), every class's share of it in one chain
     for lo, hi in chunks:
@@ -333,8 +344,10 @@ def _iteration(active: list[_Learner], callback) -> list[tuple[_Learner, TokenRe
         if p.error is not None:
             finished.append((learner, p.error))
         elif _measure(p, callback):
-            finished.append((learner, token_result(learner.plan, learner.keeper, learner.history, learner.started,
-                                                   learner.unet_evals)))
+            result = token_result(learner.plan, learner.keeper, learner.history, learner.started, learner.unet_evals)
+            if learner.batched_with:
+                result.metadata["batched_with"] = sorted(learner.batched_with)
+            finished.append((learner, result))
         else:
             going_on.append(p)
 

@@ -111,6 +111,8 @@ def save_token(result: TokenResult, path: str | os.PathLike) -> None:
     }
     if result.metadata.get("target"):  # attribute tokens: "attribute:NAME=V" (class tokens' files are as before)
         meta["target"] = str(result.metadata["target"])
+    if result.metadata.get("batched_with"):  # dct.classes_per_batch: the classes it shared UNet calls with
+        meta["batched_with"] = json.dumps(list(result.metadata["batched_with"]))
     _write({result.token: result.embedding}, path, meta)
 
 

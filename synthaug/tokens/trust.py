@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +55,31 @@ class TrustVerdict:
 
     @classmethod
     def from_json(cls, text: str) -> TrustVerdict:
-        data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The verdict a `to_json` wrote, checked field by field.
+
+        Raises:
+            ValueError: the text is not such a verdict (not JSON, a field missing, or of the wrong type: the string
+                ``"false"`` where ``trusted`` must be a bool is damage, not a verdict), naming the field.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not JSON ({e})") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrustVerdict:
+        """`from_json` of parsed JSON (extra keys, such as ``classes.json``'s ``fallback``, are ignored)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")  # noqa: TRY004 (damage, one kind)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING:
+                    raise ValueError(f"field {f.name!r} is missing")
+                continue
+            values[f.name] = _checked_field(f.name, data[f.name])
+        return cls(**values)
 
     def describe(self) -> str:
         """One line: the verdict and its numbers."""
@@ -63,6 +87,42 @@ class TrustVerdict:
         return (f"{verdict}: guide {100 * self.guide_real_accuracy:.0f}% on {self.real_images} real images; "
                 f"token images on the class {100 * self.token_on_class:.0f}% vs plain "
                 f"{100 * self.plain_on_class:.0f}% of {self.images} ({self.features} features)")
+
+
+_BOOL_FIELDS = frozenset({"trusted"})
+_SHARE_FIELDS = frozenset({"guide_real_accuracy", "token_on_class", "plain_on_class"})  # floats in [0, 1]
+_COUNT_FIELDS = frozenset({"real_images", "images"})
+
+
+def _checked_field(name: str, value: Any) -> Any:
+    """One field of a verdict file, its type checked (bool is an int in Python: it is refused as a number)."""
+    if name in _BOOL_FIELDS:
+        ok = isinstance(value, bool)
+    elif name in _SHARE_FIELDS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+        value = float(value) if ok else value
+    elif name in _COUNT_FIELDS:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = ("a bool" if name in _BOOL_FIELDS else "a number in [0, 1]" if name in _SHARE_FIELDS
+                else "a count >= 0" if name in _COUNT_FIELDS else "a string")
+        raise ValueError(f"field {name!r} must be {kind} but is {value!r}")
+    return value
+
+
+def read_verdict(path: str | os.PathLike) -> TrustVerdict:
+    """A ``tokens/NNN_trust.json`` file's verdict.
+
+    Raises:
+        ValueError: the file cannot be read or is not a verdict (`TrustVerdict.from_json`), naming what is wrong.
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable: {e}") from None
+    return TrustVerdict.from_json(text)
 
 
 def trust_settings_sha256(*, generate: Any, shots: int, shots_seed: int, images: int, seed: int,
@@ -156,5 +216,5 @@ def check_token_trust(
                         reason="; ".join(reasons), features=features_name)
 
 
-__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "trust_seed",
+__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "read_verdict", "trust_seed",
            "trust_settings_sha256"]
