@@ -413,6 +413,30 @@ def merge_index(
                        info=out / INFO_FILE, classes=classes_path, wids=out / WIDS_INDEX_FILE)
 
 
+def train_methods(out: str | os.PathLike) -> list[str] | None:
+    """The build's own method(s): those of ``_info.json``'s ``train`` split (what timm's ``split="train"``, wids and
+    `synthaug export` read), else ``config.yaml``'s `method` (a build still running); None when neither says (a
+    folder of shards written by hand), which readers take as every method. The plain-prompt baseline of
+    ``--baseline`` is never among them: it is there to be measured against, not trained on.
+
+    >>> train_methods("out/digits")  # doctest: +SKIP
+    ['dct']
+    """
+    out = Path(out)
+    try:
+        train = json.loads((out / INFO_FILE).read_text())["splits"]["train"]["filenames"]
+        methods = [parsed[1] for f in train if (parsed := parse_shard_name(Path(str(f)).stem))]
+        if len(methods) == len(train):
+            return sorted(set(methods))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        method = read_config(out, missing_ok=True).get("method")
+    except UserError:  # not a build's config.yaml: nothing to say which method is the build's own
+        method = None
+    return [method] if isinstance(method, str) else None
+
+
 def load_index(out: str | os.PathLike) -> pa.Table:
     """All rows of a build: ``index.parquet``, or (while a build is still running) the finished shards' rows.
 
