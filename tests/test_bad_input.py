@@ -267,7 +267,7 @@ def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
     assert check_build(_sub(old, "dct", trust="fallback"), False).mode == "replace"  # the tokens stay valid
     assert check_build(_sub(old, "dct", trust="fallback", trust_shots=3, trust_images=4), False).mode == "replace"
     (out / "meta").mkdir()
-    (out / "meta" / "dct-00000_stats.json").write_text("{}")
+    (out / "meta" / "_dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
         check_build(more, False)
     assert check_build(old, False).mode == "resume"

@@ -156,3 +156,24 @@ def test_bad_input(pipe, kwargs, match):
     args.update(kwargs)
     with pytest.raises(UserError, match=match):
         generate(pipe, **args)
+
+
+def test_scheduler_config_is_strict_json_that_rebuilds_the_scheduler():
+    """DPM-Solver's default ``lambda_min_clipped`` is -inf, which diffusers writes as ``-Infinity`` (not JSON)."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from synthaug.generation import scheduler_config_json
+
+    def refuse(name):
+        raise ValueError(name)
+
+    text = scheduler_config_json(DPMSolverMultistepScheduler())
+    again = DPMSolverMultistepScheduler.from_config(json.loads(text, parse_constant=refuse))
+    assert again.config.lambda_min_clipped == float("-inf")  # left out: from_config gives the default back
+    settings = {k: v for k, v in dict(DPMSolverMultistepScheduler().config).items() if not k.startswith("_")}
+    assert {k: again.config[k] for k in settings} == settings
+    odd = json.loads(scheduler_config_json(DPMSolverMultistepScheduler(lambda_min_clipped=float("inf"))),
+                     parse_constant=refuse)
+    assert odd["lambda_min_clipped"] == "Infinity" and float(odd["lambda_min_clipped"]) == float("inf")

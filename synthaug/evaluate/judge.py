@@ -25,6 +25,7 @@ from ..classifier.load import load_classifier
 from ..classifier.source import same_source
 from ..errors import UserError
 from ..index import method_sort_key, open_build
+from ..jsonfmt import dumps
 from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
 from .images import iter_image_batches, model_device_dtype
@@ -247,7 +248,7 @@ def evaluate_judge(
             log.warning("judge_prob not written back into the index: %s", e)
     elif write_back:
         log.warning("%s has no index.parquet yet (build still running): judge_prob not written back", view.root)
-    write_text(out_dir / "judge.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text(out_dir / "judge.json", dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
