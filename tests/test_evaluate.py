@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -206,6 +207,42 @@ def test_inception_without_weights_names_the_fix(tmp_path, monkeypatch, judge_bu
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match="(Inception-v3 FID weights not found|needs torch-fidelity).*features='judge'"):
         compute_fid(judge_build, ImageList(_noise_images(4, 0), [2, 3, 4, 5]), features="inception")
+
+
+class _Untouchable(torch.utils.data.Dataset):
+    """A real set whose first read fails the test: what must be refused is refused before any work."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise AssertionError("an image was read before the missing extra was refused")
+
+
+@pytest.mark.parametrize("missing", ["torchmetrics", "torch_fidelity"])
+def test_fid_without_the_eval_extra_is_one_line_before_any_work(judge_build, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
+    features = "inception" if missing == "torch_fidelity" else ColorJudge()
+    with pytest.raises(UserError, match=rf"needs {missing}, which is not installed .*: pip install \"synthaug\[eval\]\""):
+        compute_fid(judge_build, _Untouchable(), features=features, progress=False)
+
+
+def test_the_cli_says_a_missing_extra_in_one_line_with_exit_2(judge_build, monkeypatch, capsys):
+    from synthaug.cli import main
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    assert main(["fid", str(judge_build), "--real", "digits", "--features", "judge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "synthaug[eval]"' in err
+
+
+def test_paired_statistics_without_scipy_name_the_extra(monkeypatch):
+    from synthaug.evaluate.paired import t_interval
+
+    assert t_interval([1.0, 2.0, 3.0])[0] == 2.0
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(UserError, match=r"t-intervals .* needs scipy, which is not installed .*synthaug\[eval\]"):
+        t_interval([1.0, 2.0, 3.0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
