@@ -120,6 +120,36 @@ def test_self_scoring_warns_and_is_recorded(tmp_path):
     assert format_table(result).startswith("WARNING: the judge is the guide")
 
 
+def test_the_guide_as_judge_is_refused_before_it_loads_unless_allowed(tmp_path, capsys, recwarn):
+    from synthaug.cli import main
+
+    build = make_build(tmp_path / "b", [{"method": "dct", "class_index": 3, "index": 0, "image": color_image(3)}],
+                       guide="digits-guide")
+    with pytest.raises(UserError, match=r"`judge` 'digits-guide' is the build's guide, .*: pass an independent judge "
+                                        r".*, or --allow-guide-judge to score with the guide anyway"):
+        evaluate_judge(build, "digits-guide", allow_guide_judge=False)
+    assert main(["evaluate", str(build), "--judge", "digits-guide"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allow-guide-judge" in err and not (build / "eval").exists()
+    judge = ColorJudge(source="digits-guide")
+    with pytest.warns(SelfScoringWarning) as seen:  # allowed: scored, said once
+        assert evaluate_judge(build, judge, progress=False, allow_guide_judge=True).self_scored
+    assert len([w for w in seen if issubclass(w.category, SelfScoringWarning)]) == 1
+
+
+def test_the_sign_test_is_scipys_binomtest_and_its_fallback_agrees(monkeypatch):
+    from scipy.stats import binomtest
+
+    from synthaug.evaluate import judge as judge_module
+
+    cases = [(f, b) for f in range(0, 30, 3) for b in range(0, 30, 4)] + [(400, 380), (0, 0)]
+    with_scipy = [judge_module._sign_test(f, b) for f, b in cases]
+    assert with_scipy[:-1] == [binomtest(min(f, b), f + b, 0.5).pvalue if f + b else 1.0 for f, b in cases[:-1]]
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # the base install: no [eval] extra
+    without = [judge_module._sign_test(f, b) for f, b in cases]
+    assert without == pytest.approx(with_scipy, rel=1e-9, abs=1e-15) and without[-1] == 1.0
+
+
 def test_judge_with_other_labels_maps_by_clean_name(judge_build):
     # Judge outputs 0-4 are the build's zero..four under other spellings; 5-9 are classes the build lacks.
     labels = ["000.Zero", "One", "two", "THREE", "four_"] + ["cat", "dog", "owl", "emu", "yak"]

@@ -133,6 +133,7 @@ def evaluate_judge(
     judge_trained_on: str | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_guide_judge: bool = True,
 ) -> JudgeResult:
     """Score every generated image with a judge classifier (paper Table 1).
 
@@ -159,6 +160,8 @@ def evaluate_judge(
         judge_trained_on: note of what data the judge saw (default: what the classifier declares).
         out: where result files go (default ``BUILD/eval``).
         progress: show a progress bar.
+        allow_guide_judge: False refuses a judge that is the build's guide (a `UserError` before it loads: what
+            ``synthaug evaluate`` does unless ``--allow-guide-judge``); True scores with it, warning once.
 
     >>> result = evaluate_judge("out/digits", "digits-judge")
     >>> print(format_table(result))
@@ -168,23 +171,22 @@ def evaluate_judge(
     view = open_build(build)
     methods = view.select_methods(methods)
 
-    # 1. The judge, and whether it is the guide.
-    if isinstance(judge, str):
-
-        judge_source = judge
-        judge = load_classifier(judge, device=resolve_device(device))
-    else:
-        judge_source = str(getattr(judge, "source", type(judge).__name__))
-    judge.eval()
-    trained_on = judge_trained_on or getattr(judge, "trained_on", None)
+    # 1. Whether the judge is the guide (decided from its source, before it loads), then the judge.
+    judge_source = judge if isinstance(judge, str) else str(getattr(judge, "source", type(judge).__name__))
     guide = view.config.get("guide")
     self_scored = same_source(judge_source, guide)
-    if self_scored:
-        msg = (f"The judge {judge_source!r} is the guide that steered the tokens: the images were optimised to please "
-               "it, so its accuracy is flattered. Use an independent judge (e.g. digits-judge for digits).")
-        log.warning("!" * 20 + " SELF-SCORING " + "!" * 20)
-        log.warning(msg)
-        warnings.warn(msg, SelfScoringWarning, stacklevel=2)
+    if self_scored and not allow_guide_judge:
+        raise UserError(f"`judge` {judge_source!r} is the build's guide, the classifier that steered the tokens: its "
+                        f"accuracy on images optimised to please it is flattered: pass an independent judge (e.g. "
+                        f"digits-judge for digits), or --allow-guide-judge to score with the guide anyway.")
+    if self_scored:  # one warning (printed once on stderr); the result records self_scored
+        warnings.warn(f"SELF-SCORING: the judge {judge_source!r} is the guide that steered the tokens: the images "
+                      "were optimised to please it, so its accuracy is flattered. Use an independent judge (e.g. "
+                      "digits-judge for digits).", SelfScoringWarning, stacklevel=2)
+    if isinstance(judge, str):
+        judge = load_classifier(judge, device=resolve_device(device))
+    judge.eval()
+    trained_on = judge_trained_on or getattr(judge, "trained_on", None)
 
     # 2. Which judge output scores each build class.
     labels = list(getattr(judge, "labels", None) or [])
