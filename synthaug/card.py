@@ -1,4 +1,4 @@
-"""The dataset card of a build: ``out/README.md``, the file Hugging Face ``datasets`` reads a local folder's layout from.
+"""The dataset card of a build: ``out/README.md``, which Hugging Face ``datasets`` reads a local folder's layout from.
 
 Consumes what `synthaug.index.merge_index` knows of a finished build (its methods, the class names, the image
 format) and produces the card's text: YAML front matter with ``configs`` (one split per method, over

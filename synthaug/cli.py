@@ -115,7 +115,8 @@ def _check_root(cfg) -> None:
     if dataset_key(cfg.dataset) == "digits":
         return
     if cfg.root is None:
-        raise UserError(f"`root` is required for dataset {cfg.dataset!r}: pass the folder that holds it (--root PATH).")
+        raise UserError(f"`root` is required for dataset {cfg.dataset!r}: pass the folder that holds it "
+                        f"(--root PATH).")
     if not Path(cfg.root).expanduser().exists():
         raise UserError(f"`root` {cfg.root!r} does not exist: pass the folder that holds dataset {cfg.dataset!r} "
                         f"(--root PATH).")

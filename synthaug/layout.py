@@ -372,32 +372,35 @@ def work_done(out: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def build_lock(out: str | os.PathLike, fix: str = "wait for it to finish, or choose another --out"):
-    """The build folder's exclusive lock (``.lock``): held by a build for its whole run and by anything that rewrites
-    a build's files (an evaluation writing its verdicts into the index). The OS releases it when the process dies,
-    even by SIGKILL. Raises `UserError` (ending with `fix`) when another process holds it.
+    """The build folder's exclusive lock (``.lock``, a `filelock.FileLock`: ``flock`` on POSIX, ``msvcrt`` on
+    Windows): held by a build for its whole run and by anything that rewrites a build's files (an evaluation writing
+    its verdicts into the index). The OS releases it when the process dies, even by SIGKILL. Raises `UserError`
+    (ending with `fix`) when another process holds it.
+
+    Never through a link: a ``.lock`` that is a symbolic link (dangling or not) or a folder is refused before the
+    lock is taken, so taking it can neither create nor truncate a file outside `out` (older filelock releases open
+    the path without ``O_NOFOLLOW``).
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; two writers in the same folder are the user's call
-        yield
-        return
+    import filelock
+
     path = Path(out) / LOCK_FILE
+    fix_lock = f"remove {path} and run again"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened (a folder or a symbolic link "
+                        f"there is not a lock file): {fix_lock}.")
+    lock = filelock.FileLock(str(path), timeout=0, mode=0o666)
     try:
-        # O_NOFOLLOW: a .lock that is a symbolic link (dangling or not) must not make a file outside `out`
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"`out` {str(out)!r} is in use by another synthaug process right now (a build, or an "
+                        f"evaluation writing its index): {fix}.") from None
     except OSError as e:
-        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened ({e.strerror or e}; a folder or a "
-                        f"symbolic link there is not a lock file): remove {path} and run again.") from None
-    f = os.fdopen(fd, "a+")
+        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened ({e.strerror or e}; a folder or "
+                        f"a symbolic link there is not a lock file): {fix_lock}.") from None
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"`out` {str(out)!r} is in use by another synthaug process right now (a build, or an "
-                            f"evaluation writing its index): {fix}.") from None
         yield
     finally:
-        f.close()
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -414,24 +414,26 @@ def test_a_resume_keeps_a_users_tmp_files(tmp_path, world, reference):
     leftovers = [out / ".tmp-plan.json.k2j4h1x_", out / "shards" / ".tmp-dct-00003.tar.a1b2c3d4"]
     for p in mine + leftovers:
         p.write_bytes(b"x")
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     assert build(bw.config(out, *world), progress=False).ok
     assert all(p.exists() for p in mine) and not any(p.exists() for p in leftovers)
 
 
-@pytest.mark.parametrize("kind", ["dangling-link", "directory"])
+@pytest.mark.parametrize("kind", ["dangling-link", "link-to-a-file", "directory"])
 def test_a_lock_that_is_not_a_file_is_one_line(tmp_path, world, kind):
     out = tmp_path / "out"
     out.mkdir()
     target = tmp_path / "outside-lock"
-    if kind == "dangling-link":
-        (out / ".lock").symlink_to(target)
-    else:
+    if kind == "link-to-a-file":
+        target.write_text("a user's file")
+    if kind == "directory":
         (out / ".lock").mkdir()
+    else:
+        (out / ".lock").symlink_to(target)
     with pytest.raises(UserError, match=r"`out` .*: its lock file .*\.lock cannot be opened .*: remove .*\.lock and "
                                         r"run again"):
         build(_small(out, world), progress=False)
-    assert not target.exists()
+    assert (target.read_text() == "a user's file") if kind == "link-to-a-file" else not target.exists()
 
 
 def test_generate_never_overwrites_an_earlier_runs_metadata(tmp_path, world):

@@ -251,7 +251,8 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
                           f"resume with: {resume_command(out)}" if mode == "resume" else "run the same command again")
     # 4. Device, dtype, model
     device = resolve_device(config.device)
-    if resolve_executor(config.run, say=False) == "local" or not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+    if resolve_executor(config.run, say=False) == "local" or not (config.run.ray_address
+                                                                   or os.environ.get("RAY_ADDRESS")):
         # (on a Ray cluster the driver is not part of, the GPUs are the cluster's: the Ray executor checks them)
         check_device(device, config.device, local=config.run.executor == "local")
     resolve_dtype(config.dtype, device)
