@@ -27,7 +27,12 @@ EPILOG = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line, like every other user error: ``synthaug build: error: ...``, exit 2."""
+    """argparse with its errors on one line, like every other user error: ``synthaug build: error: ...``, exit 2;
+    no abbreviated flags (``--per-clas 3`` is an error, not ``--per-class 3``), the subcommands' parsers too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
@@ -49,7 +54,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                   "..., or 'fit' (build: a few-shot guide fitted on the --shots images)"}),
     "--method": ("method", {"choices": ["dct", "ti", "mcti"], "help": "how class tokens are learned (default dct)"}),
     "--device": ("device", {"help": "auto | cpu | cuda | cuda:N"}),
-    "--out": ("out", {"help": "output directory (default out/digits)"}),
+    "--out": ("out", {"help": "output directory (default out/DATASET)"}),
     "--per-class": ("per_class", {"type": int, "help": "images per class (default 100)"}),
     "-n": ("per_class", {"type": int, "help": "images per class"}),
     "--baseline": ("baseline", {"action": "store_const", "const": True,
@@ -107,13 +112,28 @@ def _load_config(args: argparse.Namespace, extra: dict | None = None):
     return load_config(args.config, config_overrides(args, extra), preset=args.preset)
 
 
+def _check_root(cfg) -> None:
+    """The dataset root a build reads, checked before the builder (torch, diffusers) is imported."""
+    from .dataset_names import dataset_key
+
+    if dataset_key(cfg.dataset) == "digits":
+        return
+    if cfg.root is None:
+        raise UserError(f"`root` is required for dataset {cfg.dataset!r}: pass the folder that holds it "
+                        f"(--root PATH).")
+    if not Path(cfg.root).expanduser().exists():
+        raise UserError(f"`root` {cfg.root!r} does not exist: pass the folder that holds dataset {cfg.dataset!r} "
+                        f"(--root PATH).")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)  # names, values and paths first: a typo costs no torch import
+    _check_root(cfg)
     from .builder import BuildFailed, build
 
-    cfg = _load_config(args)
     try:
         result = build(cfg, overwrite=args.overwrite, progress=not args.quiet)
     except BuildFailed as e:  # some class jobs failed every retry: summary + the command that resumes, exit 1
@@ -189,7 +209,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_judge(args.out_dir, judge=args.judge, device=args.device or "auto", batch_size=args.batch_size,
                             class_map=args.class_map, restrict_to_shared=args.restrict_to_shared,
-                            progress=not args.quiet)
+                            progress=not args.quiet, allow_guide_judge=args.allow_guide_judge)
     print(format_table(result, per_class=args.per_class))
     return 0
 
@@ -279,20 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p, "--per-class", "--baseline", "--shots", "--shots-seed", "--keep-confidence", "--executor",
                     "--ray-address", "--num-workers")
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("learn", help="learn DCT tokens for a few classes (no images)")
     _config_options(p, "--guide-target")
     p.add_argument("--tokens-out", required=True, help="directory for the token files")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("generate", help="generate PNGs for a few classes with learned tokens (and the plain prompt)")
     _config_options(p, "-n", "--baseline")
     p.add_argument("--tokens", help="token file or directory written by `synthaug learn` (omit: plain prompt only)")
     p.add_argument("--dest", required=True, help="folder for the PNGs and metadata.jsonl")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="counts per class and method, config, failures of a build")
@@ -319,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="JSON file {build class name: judge label} when the label sets differ")
     p.add_argument("--restrict-to-shared", action="store_true", help="judge over the labels both sets share (iNat179)")
     p.add_argument("--per-class", action="store_true", help="print the per-class table too")
+    p.add_argument("--allow-guide-judge", action="store_true",
+                   help="score with the build's own guide (refused otherwise: its accuracy is flattered)")
     p.add_argument("--device")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="few-shot training with k real + N synthetic per class (paper Table 2)")
@@ -346,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", help="build class -> real class when names differ: inat179, inat179:ROOT, or a "
                                        "JSON file {build name: real name}")
     p.add_argument("--device")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("fid", help="FID/KID of generated vs real images (paper Tables 3/5)")
@@ -358,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local Inception-v3 FID weights file (no download happens)")
     p.add_argument("--max-images", type=int, help="cap images per method")
     p.add_argument("--device")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("report", help="write OUT/report/index.html with galleries and tables")
@@ -395,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", required=True, metavar="KEY", help="a config key (dct.lr) or a section (dct)")
     p.add_argument("--build", metavar="DIR", help="also print the value the build in DIR used")
     p.set_defaults(func=cmd_config)
+
+    for p in sub.choices.values():  # every command takes -v and -q, before or after its name
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
 

@@ -10,14 +10,17 @@ dataclass documents its fields in its ``Attributes:`` section, which ``synthaug 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .config_values import coerce, short
+from .dataset_names import check_dataset_name
 from .errors import UserError
 from .presets import DATASET_DEFAULTS, METHOD_DEFAULTS, PAPER_PROMPTS, PRESET_VARIANTS, PRESETS, SEED_SETS
 from .target import parse_guide_target
@@ -354,7 +357,7 @@ class BuildConfig:
         baseline: Also generate plain-prompt ("sd") images on the same seeds.
         seeds: A named seed set, "tune" or "report", that fixes `dct.seed`, `mcti.seed` and `generate.seed`; null:
             the seeds as set.
-        out: The build folder.
+        out: The build folder (`load_config`'s default: ``out/DATASET``).
         dct: DCT token learning (`DCTConfig`).
         mcti: TI / MC-TI token learning (`MCTIConfig`).
         generate: Image generation (`GenerateConfig`).
@@ -412,6 +415,15 @@ MOVED_KEYS = {"mcti.shots": "shots", "generate.shots": "shots", "generate.shots_
               "dct.trust_shots": "shots"}
 
 
+def closest_keys(key: str, keys: Iterable[str]) -> list[str]:
+    """The (up to 3) keys nearest to a misspelt `key`: what ``--set`` and ``config --explain`` suggest.
+
+    >>> closest_keys("lrr", ["lr", "max_steps", "batch_size"])
+    ['lr']
+    """
+    return difflib.get_close_matches(str(key), sorted(keys), n=3, cutoff=0.5)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
@@ -427,8 +439,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"section `{prefix[:-1]}`" if prefix else "the config"
+        near = closest_keys(unknown[0], names)
+        hint = f"did you mean {', '.join(prefix + k for k in near)}? " if near else ""
         raise UserError(
-            f"Unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}: valid keys are "
+            f"Unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}: {hint}valid keys are "
             f"{', '.join(sorted(names))}. Fix the spelling or remove them."
         )
     kwargs = {}
@@ -550,6 +564,8 @@ def load_config(
     _merge(data, file_data)
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
+    if "out" not in data and isinstance(dataset, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", dataset):
+        data["out"] = f"out/{dataset}"  # a cub build does not land in out/digits
     cfg = _build(BuildConfig, data)
     validate(cfg)
     return cfg
@@ -681,6 +697,7 @@ def validate(cfg: BuildConfig) -> None:
     selection, model and guide paths, dtype, a CUDA device) is `synthaug.builder.validate`'s.
     """
     _check_types(cfg, "")
+    check_dataset_name(cfg.dataset)  # a misspelt name is refused here, before the CLI imports torch
     for key, valid in VALID.items():
         v = get(cfg, key)
         if v not in valid:

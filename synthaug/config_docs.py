@@ -9,7 +9,6 @@ source: a field is documented where its class is defined, and nowhere else). `ex
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import os
@@ -18,7 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .config import BuildConfig
+from .config import BuildConfig, closest_keys
 from .errors import UserError
 from .presets import DATASET_DEFAULTS, METHOD_DEFAULTS, PRESETS
 
@@ -73,7 +72,7 @@ def explain(key: str, build: str | os.PathLike | None = None) -> str:
     """
     keys = config_keys()
     if key not in keys:
-        close = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.5) or sorted(SECTIONS)
+        close = closest_keys(key, keys) or sorted(SECTIONS)
         raise UserError(f"Unknown config key {key!r}: the closest valid keys are {', '.join(close)} "
                         f"(`synthaug config --explain SECTION` lists a section's keys).")
     recorded = _build_config(build) if build is not None else None

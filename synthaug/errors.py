@@ -34,3 +34,20 @@ def write_errors(what: str, fix: str) -> Iterator[None]:
             raise
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"{what}: {e.strerror or e}{where}: {fix}.") from None
+
+
+def require(module: str, what: str, extra: str = "eval", alternative: str = ""):
+    """Import the optional dependency `module` for `what`, or raise a one-line `UserError` naming the extra that
+    installs it (and `alternative`, a way that needs no install). Called before any work, so a missing extra is a
+    line, not a traceback a minute into a run.
+
+    >>> require("json", "a test").__name__
+    'json'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{what} needs {module.split('.')[0]}, which is not installed ({e}): "
+                        f"pip install \"synthaug[{extra}]\"{', or ' + alternative if alternative else ''}.") from None

@@ -235,17 +235,38 @@ def generate(
 
 
 def scheduler_config_json(scheduler: Any) -> str:
-    """Every setting of a diffusers scheduler as sorted JSON, without diffusers' bookkeeping keys (``_class_name``,
-    ``_diffusers_version``): ``type(scheduler).from_config(json.loads(text))`` builds the same scheduler.
+    """Every setting of a diffusers scheduler as sorted, strict JSON, without diffusers' bookkeeping keys
+    (``_class_name``, ``_diffusers_version``): ``type(scheduler).from_config(json.loads(text))`` builds the same
+    scheduler.
 
-    >>> from diffusers import DDIMScheduler
+    JSON has no infinity, and diffusers' own ``scheduler_config.json`` writes ``-Infinity`` (DPM-Solver's
+    ``lambda_min_clipped``), which JavaScript, polars and jq do not read. A non-finite setting equal to the
+    scheduler's default is left out, so ``from_config`` gives it back; any other is written as the string
+    ``"Infinity"``, ``"-Infinity"`` or ``"NaN"`` (``float(value)`` reads it).
+
+    >>> from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     >>> '"timestep_spacing":"leading"' in scheduler_config_json(DDIMScheduler())
     True
+    >>> "lambda_min_clipped" in scheduler_config_json(DPMSolverMultistepScheduler())
+    False
     """
-    import json
+    import inspect
+    import math
 
-    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
-    return json.dumps(config, sort_keys=True, separators=(",", ":"), default=list)
+    from .jsonfmt import dumps
+
+    defaults = {k: p.default for k, p in inspect.signature(type(scheduler).__init__).parameters.items()}
+    config = {}
+    for k, v in dict(scheduler.config).items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            d = defaults.get(k)
+            if isinstance(d, float) and (d == v or (math.isnan(d) and math.isnan(v))):
+                continue
+            v = "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+        config[k] = v
+    return dumps(config, sort_keys=True, separators=(",", ":"), default=list)
 
 
 def real_start_images(dataset: Any, shots: int, shots_seed: int, classes: Sequence[int]) -> dict[int, dict[int, Any]]:

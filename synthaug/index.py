@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_write, write_text
+from .card import class_names, dataset_card
 from .errors import UserError
+from .jsonfmt import dumps
 from .layout import (
     ALL_TOKENS_FILE,
+    CARD_FILE,
     CLASSES_FILE,
     INDEX_FILE,
     INFO_FILE,
@@ -32,9 +35,11 @@ from .layout import (
     TOKENS_DIR,
     WIDS_INDEX_FILE,
     done_shards,
+    is_build_card,
     legacy_build_error,
     parse_shard_name,
     read_config,
+    read_plan,
     rebuild_hint,
     resume_command,
     shard_name,
@@ -332,6 +337,12 @@ def merge_index(
     `INDEX_ROW_GROUP` rows, so memory stays at one row group however large the build (shards whose key ranges
     overlap, which a build never writes, are sorted in memory instead). The bytes depend on the rows only.
 
+    Why by hand and not ``pyarrow.dataset(...).sort_by("key")`` or duckdb's ``COPY ... ORDER BY``: pyarrow's sort
+    materialises every row (a 200-class, 1000-per-class build with its baseline is 400k rows of prompts and scheduler
+    configs, held twice while sorted), and duckdb is not a dependency; a build's shards already cover disjoint,
+    ascending key ranges, so ordering them by first key and concatenating is the whole sort. The in-memory case
+    above is ``Table.sort_by``, pyarrow's own.
+
     ``_info.json`` follows timm's WebDataset reader (``timm/data/readers/reader_wds.py``)::
 
         {"name": "synthaug", "version": 1, "num_classes": K,
@@ -377,7 +388,7 @@ def merge_index(
     classes_path = None
     if classes is not None:
         classes_path = out / CLASSES_FILE
-        write_text(classes_path, json.dumps(sorted(classes, key=lambda c: int(c["index"])), indent=1,
+        write_text(classes_path, dumps(sorted(classes, key=lambda c: int(c["index"])), indent=1,
                                             ensure_ascii=False) + "\n")
 
     # 3. _info.json (timm WebDataset format)
@@ -402,15 +413,64 @@ def merge_index(
     # Targets are dataset class indices, so a build of a class subset ("5,7") still needs num_classes > 7.
     num_classes = max([len(classes or []), top_class] + [int(c["index"]) + 1 for c in classes or []])
     info = {"name": "synthaug", "version": FORMAT_VERSION, "num_classes": num_classes, "splits": splits}
-    write_text(out / INFO_FILE, json.dumps(info, indent=1) + "\n")
+    write_text(out / INFO_FILE, dumps(info, indent=1) + "\n")
 
     # 4. shards.wids.json: the train split for wids (webdataset's random-access reader); urls relative to `out`
     wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "synthaug-train",
             "shardlist": [{"url": s.tar, "nsamples": s.num_samples} for s in train]}
-    write_text(out / WIDS_INDEX_FILE, json.dumps(wids, indent=1) + "\n")
+    write_text(out / WIDS_INDEX_FILE, dumps(wids, indent=1) + "\n")
+
+    # 5. README.md: the dataset card Hugging Face `datasets` reads (one split per method, `cls` with class names)
+    _write_card(out, stats, classes, num_classes, [m for m in splits if m != "train"], train)
     return MergeResult(num_samples=num_samples, num_shards=len(stats),
                        splits={k: v["num_samples"] for k, v in splits.items()}, index=out / INDEX_FILE,
                        info=out / INFO_FILE, classes=classes_path, wids=out / WIDS_INDEX_FILE)
+
+
+def _write_card(out: Path, stats: list[ShardStats], classes: list[dict[str, Any]] | None, num_classes: int,
+                methods: list[str], train: list[ShardStats]) -> None:
+    """``README.md`` (`synthaug.card`), unless a file of that name is not a card a build wrote (a user's own stays)."""
+    card = out / CARD_FILE
+    if (card.exists() or card.is_symlink()) and not is_build_card(card):
+        logger.warning("%s is not synthaug's dataset card: left as it is (Hugging Face `datasets` reads the build "
+                       "through it; move it away and rerun the build to have the card)", card)
+        return
+    plan = read_plan(out)
+    names = dict(enumerate(plan.class_names or ())) if plan is not None else {}
+    names.update({int(c["index"]): str(c["name"]) for c in classes or []})
+    own = sorted({m for s in train for m in s.methods})
+    try:
+        dataset = read_config(out, missing_ok=True).get("dataset")
+    except UserError:
+        dataset = None
+    formats = sorted({s.image_format for s in stats})
+    title = f"synthaug build of {dataset}" if isinstance(dataset, str) else "synthaug build"
+    write_text(card, dataset_card(methods=sorted(methods, key=lambda m: (m not in own, m)), image_formats=formats,
+                                  names=class_names(num_classes, names), train=own, name=title))
+
+
+def train_methods(out: str | os.PathLike) -> list[str] | None:
+    """The build's own method(s): those of ``_info.json``'s ``train`` split (what timm's ``split="train"``, wids and
+    `synthaug export` read), else ``config.yaml``'s `method` (a build still running); None when neither says (a
+    folder of shards written by hand), which readers take as every method. The plain-prompt baseline of
+    ``--baseline`` is never among them: it is there to be measured against, not trained on.
+
+    >>> train_methods("out/digits")  # doctest: +SKIP
+    ['dct']
+    """
+    out = Path(out)
+    try:
+        train = json.loads((out / INFO_FILE).read_text())["splits"]["train"]["filenames"]
+        methods = [parsed[1] for f in train if (parsed := parse_shard_name(Path(str(f)).stem))]
+        if len(methods) == len(train):
+            return sorted(set(methods))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        method = read_config(out, missing_ok=True).get("method")
+    except UserError:  # not a build's config.yaml: nothing to say which method is the build's own
+        method = None
+    return [method] if isinstance(method, str) else None
 
 
 def load_index(out: str | os.PathLike) -> pa.Table:

@@ -7,7 +7,9 @@ parses one of its files itself. A build folder::
 
     out/config.yaml  plan.json  tokens/<class>.safetensors  tokens/tokens.safetensors
     out/shards/dct-00003.tar  (tars only: the folder that stock WebDataset readers are pointed at)
-    out/meta/dct-00003.parquet  dct-00003_stats.json (written last: "shard done")
+    out/meta/dct-00003.parquet  _dct-00003_stats.json (written last: "shard done"; the leading "_" makes
+        whole-folder parquet readers, which skip "_" and "." names, read the parquet files alone)
+    out/README.md  (the dataset card: Hugging Face ``datasets.load_dataset(out)`` gives one split per method)
     out/index.parquet  classes.json  _info.json  shards.wids.json  [failures.json]  [eval/]  [report/]
 
 A shard's name carries its split, the method that made its images (``dct-00003``): Hugging Face ``datasets``, timm
@@ -30,6 +32,7 @@ from typing import Any
 from .atomic import TMP_PREFIX, write_text
 from .config import BuildConfig, dump_yaml, from_dict
 from .errors import UserError
+from .jsonfmt import dumps
 
 CONFIG_FILE = "config.yaml"
 
@@ -97,8 +100,19 @@ WIDS_INDEX_FILE = "shards.wids.json"
 
 # Version of the build folder's format, recorded in ``_info.json`` (`version`) and every stats file
 # (`format_version`). 1: ``shards/00003.tar`` with the parquet and stats files beside it; 2: split-named tars alone
-# in ``shards/``, ``meta/`` for the rest (a format-1 folder is told apart by its file names: `legacy_build_error`).
-BUILD_FORMAT = 2
+# in ``shards/``, ``meta/`` for the rest; 3: the stats files named ``meta/_dct-00003_stats.json`` (a name that
+# pyarrow, pandas, Spark and duckdb skip when they read ``meta/`` as one parquet dataset), a strict-JSON sidecar
+# with the soft labels, and the dataset card. Older folders are told apart by their file names (`legacy_build_error`).
+BUILD_FORMAT = 3
+
+
+# What a stats file's name adds to its shard's name: ``_`` before, ``_stats.json`` after.
+STATS_PREFIX, STATS_SUFFIX = "_", "_stats.json"
+
+
+# The dataset card at the build's root: YAML front matter (`configs`, `dataset_info`) that Hugging Face ``datasets``
+# reads, so ``load_dataset(out)`` gives one split per method and ``cls`` as a ``ClassLabel`` with the class names.
+CARD_FILE = "README.md"
 
 
 INDEX_FILE = "index.parquet"
@@ -122,7 +136,7 @@ def rebuild_hint(out: str | os.PathLike, shard_id: int, method: str) -> str:
     The planner redoes every shard whose stats file is absent, so deleting the stats file and resuming is enough.
 
     >>> rebuild_hint("out/cub", 3, "dct")
-    'delete out/cub/meta/dct-00003_stats.json and rerun `synthaug build --config out/cub/config.yaml`'
+    'delete out/cub/meta/_dct-00003_stats.json and rerun `synthaug build --config out/cub/config.yaml`'
     """
     out = Path(out)
     return f"delete {shard_paths(out, shard_id, method).stats} and rerun `synthaug build --config {out / 'config.yaml'}`"
@@ -176,7 +190,8 @@ class ShardPaths:
 
 
 def shard_paths(out: str | os.PathLike, shard_id: int, method: str) -> ShardPaths:
-    """``out/shards/{method}-{id:05d}.tar``, ``out/meta/{method}-{id:05d}.parquet`` and ``..._stats.json``.
+    """``out/shards/{method}-{id:05d}.tar``, ``out/meta/{method}-{id:05d}.parquet`` and
+    ``out/meta/_{method}-{id:05d}_stats.json``.
 
     >>> shard_paths("out", 3, "dct").tar.as_posix()
     'out/shards/dct-00003.tar'
@@ -184,7 +199,8 @@ def shard_paths(out: str | os.PathLike, shard_id: int, method: str) -> ShardPath
     name = shard_name(shard_id, method)
     out = Path(out)
     meta = out / META_DIR
-    return ShardPaths(out / SHARDS_DIR / f"{name}.tar", meta / f"{name}.parquet", meta / f"{name}_stats.json")
+    return ShardPaths(out / SHARDS_DIR / f"{name}.tar", meta / f"{name}.parquet",
+                      meta / f"{STATS_PREFIX}{name}{STATS_SUFFIX}")
 
 
 def shard_done(out: str | os.PathLike, shard_id: int, method: str) -> bool:
@@ -203,7 +219,9 @@ def done_shards(out: str | os.PathLike) -> dict[int, str]:
         return {}
     found = {}
     for p in d.iterdir():
-        if p.name.endswith("_stats.json") and (parsed := parse_shard_name(p.name[: -len("_stats.json")])):
+        n = p.name
+        if n.startswith(STATS_PREFIX) and n.endswith(STATS_SUFFIX) and \
+                (parsed := parse_shard_name(n[len(STATS_PREFIX): -len(STATS_SUFFIX)])):
             found[parsed[0]] = parsed[1]
     return dict(sorted(found.items()))
 
@@ -225,15 +243,23 @@ def shard_tars(out: str | os.PathLike) -> dict[int, Path]:
 _LEGACY_SHARD_RE = re.compile(r"\d{5,}(\.tar|\.parquet|_stats\.json)")
 
 
+# Format 2's done-marker: ``meta/dct-00003_stats.json``, without format 3's leading "_".
+_FORMAT2_STATS_RE = re.compile(r"[a-z0-9][a-z0-9_]*-\d{5,}_stats\.json")
+
+
 def legacy_build_error(out: str | os.PathLike) -> UserError | None:
-    """The refusal for a build folder in format 1 (``shards/00003.tar``), or None when `out` is not one."""
-    d = Path(out) / SHARDS_DIR
-    if not d.is_dir() or not any(_LEGACY_SHARD_RE.fullmatch(p.name) for p in d.iterdir()):
+    """The refusal for a build folder in format 1 (``shards/00003.tar``) or 2 (``meta/dct-00003_stats.json``), or
+    None when `out` is not one."""
+    shards, meta = Path(out) / SHARDS_DIR, Path(out) / META_DIR
+    if shards.is_dir() and any(_LEGACY_SHARD_RE.fullmatch(p.name) for p in shards.iterdir()):
+        old = "1 (shards/00000.tar, with its parquet and stats files beside it)"
+    elif meta.is_dir() and any(_FORMAT2_STATS_RE.fullmatch(p.name) for p in meta.iterdir()):
+        old = "2 (meta/dct-00000_stats.json, a name that whole-folder parquet readers do not skip)"
+    else:
         return None
-    return UserError(f"`out` {str(out)!r} holds a build in synthaug's format 1 (shards/00000.tar, with its parquet "
-                     f"and stats files beside it), which this version neither resumes nor reads: rebuild it with "
-                     f"`synthaug build --config {Path(out) / CONFIG_FILE} --overwrite`, or read it with synthaug "
-                     f"0.1.0.")
+    return UserError(f"`out` {str(out)!r} holds a build in synthaug's format {old}, which this version neither "
+                     f"resumes nor reads: rebuild it with `synthaug build --config {Path(out) / CONFIG_FILE} "
+                     f"--overwrite`, or read it with the synthaug that made it.")
 
 
 EVAL_DIR = "eval"
@@ -297,24 +323,25 @@ _TRUST_FILE_RE = re.compile(r"\d{3,}_trust\.json")
 _SHARD_FILE_RE = re.compile(r"[a-z0-9_]+-\d{5,}\.tar")
 
 
-_META_FILE_RE = re.compile(r"[a-z0-9_]+-\d{5,}(\.parquet|_stats\.json)")
+_META_FILE_RE = re.compile(r"_?[a-z0-9_]+-\d{5,}(\.parquet|_stats\.json)")  # format 2's stats names too
 
 
 def build_files(out: str | os.PathLike) -> list[Path]:
     """Every file in `out` whose name says a build wrote it; nothing else (a user's own files keep their place).
 
     Top level: ``config.yaml``, ``plan.json``, ``classes.json``, ``_info.json``, ``shards.wids.json``,
-    ``index.parquet``, ``failures.json``; ``tokens/``: ``NNN.safetensors``, ``NNN_trust.json``,
-    ``tokens.safetensors``; ``shards/``:
-    ``METHOD-NNNNN.tar`` (format 1's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json`` too); ``meta/``:
-    ``METHOD-NNNNN.parquet``, ``METHOD-NNNNN_stats.json``; in each, the leftovers of atomic writes of those names
-    (``.tmp-NAME.XXXXXXXX``, see `build_tmp_name`): a user's own ``.tmp-notes`` is not one. Folders are never listed,
+    ``index.parquet``, ``failures.json``, ``README.md`` when it is the dataset card a build wrote (`is_build_card`:
+    a user's own README stays); ``tokens/``: ``NNN.safetensors``, ``NNN_trust.json``, ``tokens.safetensors``;
+    ``shards/``: ``METHOD-NNNNN.tar`` (format 1's ``NNNNN.tar``, ``NNNNN.parquet``, ``NNNNN_stats.json`` too);
+    ``meta/``: ``METHOD-NNNNN.parquet``, ``_METHOD-NNNNN_stats.json`` (format 2's ``METHOD-NNNNN_stats.json`` too);
+    in each, the leftovers of atomic writes of those names (``.tmp-NAME.XXXXXXXX``, see `build_tmp_name`): a user's
+    own ``.tmp-notes`` is not one. Folders are never listed,
     and a ``tokens/``, ``shards/`` or ``meta/`` that is a symbolic link is not entered (its files are not in `out`).
     The lock file is not a build output. Files only: a directory with a build file's name is not one.
     """
     out = Path(out)
     found = []
-    for folder, wanted in ((out, lambda n: n in TOP_FILES),
+    for folder, wanted in ((out, lambda n: n in TOP_FILES or n == CARD_FILE),
                            (out / TOKENS_DIR, lambda n: n == ALL_TOKENS_FILE or bool(_TOKEN_FILE_RE.fullmatch(n) or
                                                                              _TRUST_FILE_RE.fullmatch(n))),
                            (out / SHARDS_DIR,
@@ -324,9 +351,26 @@ def build_files(out: str | os.PathLike) -> list[Path]:
             continue
         for p in sorted(folder.iterdir()):
             tmp = build_tmp_name(p.name)
-            if (wanted(p.name) or (tmp is not None and wanted(tmp))) and (p.is_file() or p.is_symlink()):
+            if (wanted(p.name) or (tmp is not None and wanted(tmp))) and (p.is_file() or p.is_symlink()) and \
+                    (CARD_FILE not in (p.name, tmp) or folder != out or is_build_card(p)):
                 found.append(p)
     return found
+
+
+# The line that marks a dataset card as the one a build writes (and rewrites, and `--overwrite` deletes).
+CARD_MARKER = "<!-- synthaug build card: written by `synthaug build`, rewritten when the build finishes -->"
+
+
+def is_build_card(path: str | os.PathLike) -> bool:
+    """True when `path` is a file holding `CARD_MARKER` in its first 64 KiB (never through a symbolic link)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return CARD_MARKER.encode() in f.read(65536)
+    except OSError:
+        return False
 
 
 _TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"(.+)\.[A-Za-z0-9_]{8}")
@@ -360,32 +404,35 @@ def work_done(out: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def build_lock(out: str | os.PathLike, fix: str = "wait for it to finish, or choose another --out"):
-    """The build folder's exclusive lock (``.lock``): held by a build for its whole run and by anything that rewrites
-    a build's files (an evaluation writing its verdicts into the index). The OS releases it when the process dies,
-    even by SIGKILL. Raises `UserError` (ending with `fix`) when another process holds it.
+    """The build folder's exclusive lock (``.lock``, a `filelock.FileLock`: ``flock`` on POSIX, ``msvcrt`` on
+    Windows): held by a build for its whole run and by anything that rewrites a build's files (an evaluation writing
+    its verdicts into the index). The OS releases it when the process dies, even by SIGKILL. Raises `UserError`
+    (ending with `fix`) when another process holds it.
+
+    Never through a link: a ``.lock`` that is a symbolic link (dangling or not) or a folder is refused before the
+    lock is taken, so taking it can neither create nor truncate a file outside `out` (older filelock releases open
+    the path without ``O_NOFOLLOW``).
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; two writers in the same folder are the user's call
-        yield
-        return
+    import filelock
+
     path = Path(out) / LOCK_FILE
+    fix_lock = f"remove {path} and run again"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened (a folder or a symbolic link "
+                        f"there is not a lock file): {fix_lock}.")
+    lock = filelock.FileLock(str(path), timeout=0, mode=0o666)
     try:
-        # O_NOFOLLOW: a .lock that is a symbolic link (dangling or not) must not make a file outside `out`
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        lock.acquire()
+    except filelock.Timeout:
+        raise UserError(f"`out` {str(out)!r} is in use by another synthaug process right now (a build, or an "
+                        f"evaluation writing its index): {fix}.") from None
     except OSError as e:
-        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened ({e.strerror or e}; a folder or a "
-                        f"symbolic link there is not a lock file): remove {path} and run again.") from None
-    f = os.fdopen(fd, "a+")
+        raise UserError(f"`out` {str(out)!r}: its lock file {path} cannot be opened ({e.strerror or e}; a folder or "
+                        f"a symbolic link there is not a lock file): {fix_lock}.") from None
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"`out` {str(out)!r} is in use by another synthaug process right now (a build, or an "
-                            f"evaluation writing its index): {fix}.") from None
         yield
     finally:
-        f.close()
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -502,7 +549,7 @@ def write_plan(out: str | os.PathLike, plan: Plan) -> None:
         "jobs": [{"class_index": j.class_index, "name": j.name, "token": j.token,
                   "shards": [asdict(t) for t in j.shards]} for j in plan.jobs],
     }
-    text = json.dumps(data, indent=1) + "\n"
+    text = dumps(data, indent=1) + "\n"
     path = Path(out) / PLAN_FILE
     if not path.is_file() or path.read_text() != text:
         write_text(path, text)

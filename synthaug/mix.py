@@ -24,7 +24,7 @@ from torchvision.datasets import VisionDataset
 
 from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
-from .index import load_index
+from .index import load_index, train_methods
 from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, resume_command, shard_name
 from .names import normalize_name
 from .shards import ShardReader
@@ -117,7 +117,10 @@ class SynthAugDataset(VisionDataset):
         mode: ``"concat"``, ``"replace"`` or ``"ratio"``.
         p: ``"replace"``: probability that a real item serves a synthetic image; ``"ratio"``: the synthetic fraction
             of each epoch (in [0, 1)).
-        methods: keep only these generation methods (``dct``, ``sd``, ``ti``, ``mcti``); None = all in the build.
+        methods: keep only these generation methods (``dct``, ``sd``, ``ti``, ``mcti``). None (the default): the
+            build's own method only (its ``train`` split, `synthaug.index.train_methods`: the plain-prompt ``sd``
+            images of ``--baseline`` are there to compare against, not to train on); ``"all"``: every method in the
+            build; ``["sd"]`` or ``["dct", "sd"]`` ask for the baseline images by name.
         min_confidence: keep only synthetic images whose guide probability is at least this (images without one
             are dropped).
         check_classes: refuse real and synthetic class lists whose names disagree at the same index.
@@ -176,13 +179,13 @@ class SynthAugDataset(VisionDataset):
                                                              and np.isfinite(temperature) and temperature > 0):
             raise UserError(f"`temperature` must be a finite number > 0 (not a bool) but is {temperature!r}: 1 keeps "
                             "the guide's probabilities.")
-        if methods is not None:
+        if methods is not None and not (isinstance(methods, str) and methods == "all"):
             methods = [methods] if isinstance(methods, str) else list(methods)
             bad = [m for m in methods if m not in KNOWN_METHODS]
             if bad:
-                raise UserError(f"`methods` must be among {', '.join(KNOWN_METHODS)} but contains {bad!r}.")
+                raise UserError(f"`methods` must be among {', '.join(KNOWN_METHODS)} (or \"all\") but contains "
+                                f"{bad!r}.")
         self.mode, self.p, self.seed, self.shots = mode, float(p), int(seed), shots
-        self.methods = methods
         self.min_confidence = min_confidence
         self.synthetic_per_class = synthetic_per_class
         self.check_sha256 = check_sha256
@@ -194,6 +197,11 @@ class SynthAugDataset(VisionDataset):
 
         # 2. Synthetic rows: filter by method and confidence, then cap per class.
         table = load_index(root)
+        if methods is None:
+            methods = train_methods(root)
+        if methods == "all":
+            methods = None
+        self.methods = methods  # the methods kept; None: every method of the build
         columns = ["key", "class_index", "class_name", "method", "index", "guide_prob", "shard", "offset", "size",
                    "sha256", "image_format"] + (["guide_soft_classes", "guide_soft_probs"] if targets == "soft" else [])
         rows = table.select(columns).to_pydict()

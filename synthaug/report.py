@@ -306,21 +306,27 @@ def _font(size: int):
 
 
 def _grid_png(rows: list[tuple[str, list[tuple[Image.Image, str | None]]]], title: str, tile: int) -> Image.Image:
-    """Rows of labelled tiles (colour = verdict border) under a title line."""
+    """Rows of labelled tiles (colour = verdict border) under a title line: the tiles laid out by
+    `torchvision.utils.make_grid` (one grid row per labelled row, short rows padded with white), the labels and the
+    title drawn beside and above it with PIL."""
+    import torch
     from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import make_grid
 
     label_w, gap, title_h = 90, 4, 24
     cols = max((len(tiles) for _, tiles in rows), default=1)
-    width = label_w + cols * (tile + gap) + gap
-    height = title_h + len(rows) * (tile + gap) + gap
-    canvas = Image.new("RGB", (width, height), "white")
+    blank = torch.full((3, tile, tile), 255, dtype=torch.uint8)
+    tensors = []
+    for _, tiles in rows:
+        tensors += [pil_to_tensor(_tile(img, tile, colour)) for img, colour in tiles] + [blank] * (cols - len(tiles))
+    grid = make_grid(torch.stack(tensors), nrow=cols, padding=gap, pad_value=255)  # tile j at gap + j * (tile + gap)
+    canvas = Image.new("RGB", (label_w + grid.shape[2], title_h + grid.shape[1]), "white")
+    canvas.paste(to_pil_image(grid), (label_w - gap, title_h - gap))
     draw = ImageDraw.Draw(canvas)
     draw.text((gap, 4), title, fill="black", font=_font(14))
-    for i, (label, tiles) in enumerate(rows):
-        y = title_h + i * (tile + gap)
-        draw.text((gap, y + tile // 2 - 6), label, fill="black", font=_font(12))
-        for j, (img, colour) in enumerate(tiles):
-            canvas.paste(_tile(img, tile, colour), (label_w + j * (tile + gap), y))
+    for i, (label, _) in enumerate(rows):
+        draw.text((gap, title_h + i * (tile + gap) + tile // 2 - 6), label, fill="black", font=_font(12))
     return canvas
 
 

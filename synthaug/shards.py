@@ -6,7 +6,7 @@ and produces, per shard id chosen by the build planner::
     shards/dct-00003.tar         WebDataset: "dct-c017-s00042.png" (or .jpg/.webp), ".cls", ".json", ".txt" per
                                  sample (the tar's name carries its split: the method that made its images)
     meta/dct-00003.parquet       one row per sample: metadata + the image's byte `offset`/`size` in the tar + `sha256`
-    meta/dct-00003_stats.json    written LAST; its presence is what "shard done" means
+    meta/_dct-00003_stats.json   written LAST: "shard done" ("_": whole-folder parquet readers of meta/ skip it)
 
 What is here: the writer (`write_shard`, and `ShardWriter`, which encodes and writes batch by batch on a background
 thread), the check a resume runs on a finished shard (`check_shard`), and random access (`read_sample` reads one
@@ -36,8 +36,11 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .atomic import atomic_write, write_text
 from .errors import UserError
+from .jsonfmt import dumps
 from .layout import (
     BUILD_FORMAT,
     META_DIR,
@@ -65,8 +68,6 @@ TAR_MTIME = 946_684_800  # 2000-01-01T00:00:00Z
 
 
 TAR_USER = TAR_GROUP = "synthaug"  # uid/gid stay 0 (tarfile's default)
-
-
 TAR_MODE = 0o444
 
 
@@ -240,17 +241,21 @@ def _describe(sample: Any, position: int, image_format: str) -> dict[str, Any]:
 
 def sample_members(row: dict[str, Any], data: bytes) -> dict[str, Any]:
     """The tar members of one sample (a `webdataset.TarWriter` dict): the image bytes, ``.cls``, ``.json`` (the row's
-    fields that `write_shard` describes, but `JSON_LEFT_OUT`) and ``.txt`` (the prompt). Index rows give the same
-    members back, so `synthaug.reshard` writes samples exactly as a build does."""
+    fields that `write_shard` describes, but `JSON_LEFT_OUT`, with the soft label: strict JSON, each probability in
+    float32's shortest form) and ``.txt`` (the prompt). Index rows give the same members back, so `synthaug.reshard`
+    writes samples exactly as a build does."""
     # Every method's samples carry the same JSON types, or readers that infer a schema from one shard (Hugging Face
     # `datasets` reads the last split's first examples) fail on the others: the token's hash, null for the plain
     # prompt, stays in the index; the judge's verdict comes later.
     meta = {k: row[k] for k in ROW_FIELDS if k not in JSON_LEFT_OUT}
+    probs = row.get("guide_soft_probs")  # float32 in the index: its shortest decimal, not float64's 0.1000000015
+    meta.update(guide_soft_classes=row.get("guide_soft_classes"),
+                guide_soft_probs=probs and [float(str(np.float32(p))) for p in probs])
     return {
         "__key__": row["key"],
         row["image_format"]: data,
         "cls": str(row["class_index"]).encode("ascii"),
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(),
+        "json": dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(),
         "txt": row["prompt"].encode(),
     }
 
@@ -281,7 +286,7 @@ def encode_image(image: Image.Image, image_format: str = "png", quality: int = 9
 
 @dataclass(frozen=True)
 class ShardStats:
-    """Contents of ``meta/{method}-{id:05d}_stats.json``: what the shard holds and the checksums of its files."""
+    """Contents of ``meta/_{method}-{id:05d}_stats.json``: what the shard holds and the checksums of its files."""
 
     shard: int
     method: str  # the split in the shard's name: every sample of a shard is made with one method
@@ -300,7 +305,7 @@ class ShardStats:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        return dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ShardStats:
@@ -384,7 +389,7 @@ def write_shard(
         quality: JPEG/WebP quality 1-100 (recorded in the stats; unused for PNG).
 
     Returns:
-        The `ShardStats` written to ``meta/{method}-{id:05d}_stats.json``.
+        The `ShardStats` written to ``meta/_{method}-{id:05d}_stats.json``.
 
     >>> stats = write_shard("out", 0, images)  # doctest: +SKIP
     >>> stats.num_samples, shard_done("out", 0, "dct")  # doctest: +SKIP

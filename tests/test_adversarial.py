@@ -104,7 +104,7 @@ def test_an_interrupted_overwrite_is_finished_by_the_same_command(tmp_path, worl
     result = build(_small(out, world), overwrite=True, progress=False)
     assert result.ok and result.images == 2 and not (out / ".overwriting").exists()
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["dct-00000.tar"]
-    assert sorted(p.name for p in (out / "meta").iterdir()) == ["dct-00000.parquet", "dct-00000_stats.json"]
+    assert sorted(p.name for p in (out / "meta").iterdir()) == ["_dct-00000_stats.json", "dct-00000.parquet"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_the_cli_says_an_unreachable_ray_address_on_one_line(tmp_path, world, ca
 
 def test_an_unreachable_ray_address_on_resume_names_the_resume_command(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     with pytest.raises(UserError, match=r"nothing accepts connections there .* resume with: synthaug build --config "):
         build(bw.config(out, *world, **{"run.executor": "ray", "run.ray_address": "127.0.0.1:1"}), progress=False)
 
@@ -271,7 +271,7 @@ def test_a_damaged_stats_file_is_redone_and_never_copied(tmp_path, world, refere
     import json
 
     out = _copy(reference, tmp_path / "build")
-    stats = out / "meta" / "dct-00003_stats.json"
+    stats = out / "meta" / "_dct-00003_stats.json"
     data = json.loads(stats.read_text())
     data[field] = value
     stats.write_text(json.dumps(data))
@@ -299,7 +299,7 @@ def test_a_token_file_holding_another_class_token_is_refused(tmp_path, world, re
 def test_a_damaged_token_file_says_delete_it_and_run_again(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     (out / "tokens" / "002.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    (out / "meta" / "dct-00005_stats.json").unlink()  # class 2 has work left: its worker loads the token
+    (out / "meta" / "_dct-00005_stats.json").unlink()  # class 2 has work left: its worker loads the token
     with pytest.raises(UserError, match=r"Token file .*002.safetensors.* is not a valid safetensors file .*: "
                                         r"delete .*002.safetensors and rerun `synthaug build --config"):
         build(bw.config(out, *world), progress=False)
@@ -328,7 +328,7 @@ def test_a_full_disk_is_one_line_and_the_resume_is_identical(tmp_path, world, re
     from synthaug.builder.driver import BuildFailed
 
     out = _copy(reference, tmp_path / "build")
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     resume = r"resume with: synthaug build --config "
     with monkeypatch.context() as m:
         _full_disk(m, *suffixes)
@@ -414,24 +414,26 @@ def test_a_resume_keeps_a_users_tmp_files(tmp_path, world, reference):
     leftovers = [out / ".tmp-plan.json.k2j4h1x_", out / "shards" / ".tmp-dct-00003.tar.a1b2c3d4"]
     for p in mine + leftovers:
         p.write_bytes(b"x")
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     assert build(bw.config(out, *world), progress=False).ok
     assert all(p.exists() for p in mine) and not any(p.exists() for p in leftovers)
 
 
-@pytest.mark.parametrize("kind", ["dangling-link", "directory"])
+@pytest.mark.parametrize("kind", ["dangling-link", "link-to-a-file", "directory"])
 def test_a_lock_that_is_not_a_file_is_one_line(tmp_path, world, kind):
     out = tmp_path / "out"
     out.mkdir()
     target = tmp_path / "outside-lock"
-    if kind == "dangling-link":
-        (out / ".lock").symlink_to(target)
-    else:
+    if kind == "link-to-a-file":
+        target.write_text("a user's file")
+    if kind == "directory":
         (out / ".lock").mkdir()
+    else:
+        (out / ".lock").symlink_to(target)
     with pytest.raises(UserError, match=r"`out` .*: its lock file .*\.lock cannot be opened .*: remove .*\.lock and "
                                         r"run again"):
         build(_small(out, world), progress=False)
-    assert not target.exists()
+    assert (target.read_text() == "a user's file") if kind == "link-to-a-file" else not target.exists()
 
 
 def test_generate_never_overwrites_an_earlier_runs_metadata(tmp_path, world):
@@ -525,7 +527,7 @@ def test_inspect_prints_no_terminal_escape_codes(tmp_path, reference):
 def test_another_cpus_per_worker_is_refused_on_a_cpu_resume(tmp_path, world, reference):
     """On CPU the thread count changes float results: a resume must not mix images of two thread counts."""
     out = _copy(reference, tmp_path / "build")
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     with pytest.raises(UserError, match=r"`run.cpus_per_worker` 1 -> 2: on CPU it is each worker's torch thread "
                                         r"count.*resume with --set run.cpus_per_worker=1, or pass --overwrite"):
         build(bw.config(out, *world, **{"run.cpus_per_worker": 2}), progress=False)

@@ -190,6 +190,18 @@ def test_executor_auto_takes_ray_only_where_it_is_installed(monkeypatch, caplog)
     assert resolve_executor(RunConfig(ray_address="auto")) == "ray"  # a cluster needs Ray: `import_ray` says so
 
 
+def test_ray_not_installed_is_said_once_per_build(tmp_path, world, monkeypatch, caplog):
+    import logging
+
+    from synthaug.builder.driver import build
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    cfg = bw.config(tmp_path / "out", *world, classes="0", per_class=2, baseline=False, **{"run.executor": "auto"})
+    with caplog.at_level(logging.INFO, logger="synthaug"):
+        assert build(cfg, progress=False).executor == "local"
+    assert caplog.text.count("Ray is not installed") == 1
+
+
 def test_cli_prints_the_error_on_one_line_and_exits_2(tmp_path, world):
     cfg_file = bw.write_config(tmp_path / "config.yaml", tmp_path / "out", *world)
     done = subprocess.run([sys.executable, "-m", "synthaug.cli", "build", "--config", str(cfg_file), "--classes",
@@ -268,7 +280,7 @@ def test_a_build_that_made_nothing_takes_a_corrected_config(tmp_path, world):
     assert check_build(replace(_sub(old, "dct", trust="fallback", trust_images=4), shots=3, shots_seed=2),
                        False).mode == "replace"  # the user's k images decide only the verdict and real starts
     (out / "meta").mkdir()
-    (out / "meta" / "dct-00000_stats.json").write_text("{}")
+    (out / "meta" / "_dct-00000_stats.json").write_text("{}")
     with pytest.raises(UserError, match=r"different config \(per_class: 4 -> 6; shards.quality: 95 -> 80\)"):
         check_build(more, False)
     assert check_build(old, False).mode == "resume"

@@ -82,8 +82,8 @@ def test_build_writes_the_documented_layout(reference):
         "000.safetensors", "001.safetensors", "002.safetensors", "tokens.safetensors"]
     stats = sorted(p.name for p in (out / "meta").glob("*_stats.json"))
     # dct shards of classes 0-2 are 0..5 (2 chunks each); sd shards start after all 10 classes: 20..25
-    assert stats == [f"dct-{i:05d}_stats.json" for i in range(6)] + [f"sd-{i:05d}_stats.json" for i in range(20, 26)]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [p.replace("_stats.json", ".tar") for p in stats]
+    assert stats == [f"_dct-{i:05d}_stats.json" for i in range(6)] + [f"_sd-{i:05d}_stats.json" for i in range(20, 26)]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [p[1:].replace("_stats.json", ".tar") for p in stats]
     rows = pq.read_table(out / "index.parquet").to_pylist()
     assert len(rows) == 24
     assert rows[0]["key"] == "dct-c000-s00000" and rows[-1]["key"] == "sd-c002-s00003"
@@ -140,7 +140,7 @@ def test_resuming_a_finished_build_does_nothing_quickly(reference, world):
 def test_resume_redoes_exactly_the_missing_work(tmp_path, world, reference):
     out = _copy(reference, tmp_path / "build")
     (out / "tokens" / "002.safetensors").unlink()
-    (out / "meta" / "dct-00003_stats.json").unlink()  # shard 3 = dct class 1 chunk 1: "not done"
+    (out / "meta" / "_dct-00003_stats.json").unlink()  # shard 3 = dct class 1 chunk 1: "not done"
     (out / "shards" / "dct-00003.tar").write_bytes(b"garbage from a killed run")
     (out / "index.parquet").unlink()
     result = build(bw.config(out, *world), progress=False)
@@ -159,7 +159,7 @@ def test_a_folder_built_before_the_auto_switches_resumes_where_auto_means_the_sa
     saved["generate"]["compile"] = False
     saved.pop("channels_last", None)
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    (out / "meta" / "dct-00003_stats.json").unlink()
+    (out / "meta" / "_dct-00003_stats.json").unlink()
     result = build(bw.config(out, *world), progress=False)
     assert result.ok and result.resumed and result.images_new == 2
     with pytest.raises(UserError, match=r"generate\.compile"):
@@ -193,7 +193,7 @@ def test_overwrite_deletes_only_what_the_build_wrote(tmp_path, world, reference)
     assert sorted(p.name for p in (out / "tokens").iterdir()) == ["000.safetensors", "favourite.safetensors",
                                                                    "tokens.safetensors"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["README", "dct-00000.tar", "dct-00003.tar.bak"]
-    assert sorted(p.name for p in (out / "meta").iterdir()) == ["dct-00000.parquet", "dct-00000_stats.json"]
+    assert sorted(p.name for p in (out / "meta").iterdir()) == ["_dct-00000_stats.json", "dct-00000.parquet"]
 
 
 def test_a_build_that_made_nothing_reruns_with_corrected_values(tmp_path, world):
@@ -586,7 +586,7 @@ def test_classes_learned_together_give_the_tokens_learned_alone_and_resume(tmp_p
     assert "3 class tokens learned 2 per batch" in caplog.text
     bw.assert_same_within_float_rounding(out, reference)
     (out / "tokens" / "001.safetensors").unlink()
-    (out / "meta" / "dct-00001_stats.json").unlink()
+    (out / "meta" / "_dct-00001_stats.json").unlink()
     result = build(bw.config(out, *world, **{"dct.classes_per_batch": 2}), progress=False)
     assert result.ok and result.resumed and result.tokens_new == 1
     bw.assert_same_within_float_rounding(out, reference)

@@ -20,20 +20,48 @@ def test_help_lists_every_subcommand_without_heavy_imports():
         assert cmd in text
 
 
-@pytest.mark.parametrize("cmd", ["build", "learn", "generate", "evaluate", "train", "fid"])
-def test_every_command_with_progress_bars_takes_quiet(cmd):
-    required = {"learn": ["--tokens-out", "t"], "generate": ["--dest", "d"], "evaluate": ["out", "--judge", "j"],
-                "train": ["out", "--real", "digits"], "fid": ["out", "--real", "digits"]}.get(cmd, [])
+REQUIRED = {"learn": ["--tokens-out", "t"], "generate": ["--dest", "d"], "evaluate": ["out", "--judge", "j"],
+            "train": ["out", "--real", "digits"], "fid": ["out", "--real", "digits"], "inspect": ["out"],
+            "export": ["out"], "report": ["out"], "classify": ["out"], "config": ["--explain", "dct.lr"]}
+
+
+@pytest.mark.parametrize("cmd", [*SUBCOMMANDS, "config"])
+def test_every_command_takes_quiet_and_verbose_after_its_name(cmd):
+    required = REQUIRED.get(cmd, [])
     parser = build_parser()
     assert parser.parse_args([cmd, *required, "-q"]).quiet is True
     assert parser.parse_args([cmd, *required]).quiet is False
+    assert parser.parse_args([cmd, *required, "-v"]).verbose is True
+    assert parser.parse_args(["-v", cmd, *required]).verbose is True  # before the name, as before
+    assert parser.parse_args([cmd, *required]).verbose is False
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    assert main(["build", "--per-clas", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unrecognized arguments: --per-clas 3" in err
+    assert main(["--verb", "report", "out"]) == 2
+
+
+def test_a_misspelt_dataset_fails_in_one_line_without_importing_torch(tmp_path):
+    code = ("import sys; from synthaug.cli import main; rc = main(['build', '--dataset', 'nope']); "
+            "print(rc, sorted(m for m in ('torch', 'torchvision', 'diffusers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "2 []"
+    assert done.stderr.strip() == ("synthaug build: error: `dataset` must be one of digits, cub, inat, imagenet, "
+                                   "imagefolder, inat179, inat50, flowers102, oxfordiiitpet, fgvcaircraft, food101, "
+                                   "dtd, eurosat, stanfordcars but is 'nope': fix the name.")
+    code = code.replace("'nope'", f"'cub', '--root', {str(tmp_path / 'missing')!r}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "2 []" and "`root` " in done.stderr and "does not exist" in done.stderr
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["build", "--set", "per_class=0", "--executor", "local"], "`per_class` must be > 0 but is 0"),
-        (["build", "--set", "dct.lrr=1"], r"Unknown config key\(s\) dct.lrr"),
+        (["build", "--set", "dct.lrr=1"], r"Unknown config key\(s\) dct.lrr in section `dct`: did you mean dct.lr"),
+        (["build", "--dataset", "cbu"], r"`dataset` must be one of .* but is 'cbu': did you mean 'cub'\?"),
         (["classify", "/nonexistent/build"], r"is not a synthaug build \(no config.yaml\)"),
         (["report", "/nonexistent/build"], "nonexistent"),
         (["build", "--set", "dataset=[a]"], "`dataset` must be a single value, not a list: ['a']"),

@@ -277,3 +277,19 @@ def test_counts_too_large_to_be_meant_are_refused_naming_the_limit(key, value, m
 def test_an_empty_set_key_is_named(pair, match):
     with pytest.raises(UserError, match=match):
         parse_overrides([pair])
+
+
+def test_the_default_out_names_the_dataset(tmp_path):
+    assert load_config().out == "out/digits"
+    assert load_config(overrides={"dataset": "cub", "root": str(tmp_path)}).out == "out/cub"
+    assert load_config(overrides={"dataset": "cub", "out": "mine"}).out == "mine"  # given: kept
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: flowers102\nout: elsewhere\n")
+    assert load_config(cfg).out == "elsewhere"
+
+
+def test_a_misspelt_key_or_dataset_gets_a_did_you_mean():
+    with pytest.raises(UserError, match=r"Unknown config key\(s\) dct.lrr in section `dct`: did you mean dct.lr"):
+        load_config(overrides={"dct.lrr": 1})
+    with pytest.raises(UserError, match=r"`dataset` must be one of .* but is 'flower102': did you mean 'flowers102'\?"):
+        load_config(overrides={"dataset": "flower102"})

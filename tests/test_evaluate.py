@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -119,6 +120,36 @@ def test_self_scoring_warns_and_is_recorded(tmp_path):
     assert format_table(result).startswith("WARNING: the judge is the guide")
 
 
+def test_the_guide_as_judge_is_refused_before_it_loads_unless_allowed(tmp_path, capsys, recwarn):
+    from synthaug.cli import main
+
+    build = make_build(tmp_path / "b", [{"method": "dct", "class_index": 3, "index": 0, "image": color_image(3)}],
+                       guide="digits-guide")
+    with pytest.raises(UserError, match=r"`judge` 'digits-guide' is the build's guide, .*: pass an independent judge "
+                                        r".*, or --allow-guide-judge to score with the guide anyway"):
+        evaluate_judge(build, "digits-guide", allow_guide_judge=False)
+    assert main(["evaluate", str(build), "--judge", "digits-guide"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allow-guide-judge" in err and not (build / "eval").exists()
+    judge = ColorJudge(source="digits-guide")
+    with pytest.warns(SelfScoringWarning) as seen:  # allowed: scored, said once
+        assert evaluate_judge(build, judge, progress=False, allow_guide_judge=True).self_scored
+    assert len([w for w in seen if issubclass(w.category, SelfScoringWarning)]) == 1
+
+
+def test_the_sign_test_is_scipys_binomtest_and_its_fallback_agrees(monkeypatch):
+    from scipy.stats import binomtest
+
+    from synthaug.evaluate import judge as judge_module
+
+    cases = [(f, b) for f in range(0, 30, 3) for b in range(0, 30, 4)] + [(400, 380), (0, 0)]
+    with_scipy = [judge_module._sign_test(f, b) for f, b in cases]
+    assert with_scipy[:-1] == [binomtest(min(f, b), f + b, 0.5).pvalue if f + b else 1.0 for f, b in cases[:-1]]
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # the base install: no [eval] extra
+    without = [judge_module._sign_test(f, b) for f, b in cases]
+    assert without == pytest.approx(with_scipy, rel=1e-9, abs=1e-15) and without[-1] == 1.0
+
+
 def test_judge_with_other_labels_maps_by_clean_name(judge_build):
     # Judge outputs 0-4 are the build's zero..four under other spellings; 5-9 are classes the build lacks.
     labels = ["000.Zero", "One", "two", "THREE", "four_"] + ["cat", "dog", "owl", "emu", "yak"]
@@ -206,6 +237,42 @@ def test_inception_without_weights_names_the_fix(tmp_path, monkeypatch, judge_bu
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(UserError, match="(Inception-v3 FID weights not found|needs torch-fidelity).*features='judge'"):
         compute_fid(judge_build, ImageList(_noise_images(4, 0), [2, 3, 4, 5]), features="inception")
+
+
+class _Untouchable(torch.utils.data.Dataset):
+    """A real set whose first read fails the test: what must be refused is refused before any work."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise AssertionError("an image was read before the missing extra was refused")
+
+
+@pytest.mark.parametrize("missing", ["torchmetrics", "torch_fidelity"])
+def test_fid_without_the_eval_extra_is_one_line_before_any_work(judge_build, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
+    features = "inception" if missing == "torch_fidelity" else ColorJudge()
+    with pytest.raises(UserError, match=rf"needs {missing}, which is not installed .*: pip install \"synthaug\[eval\]\""):
+        compute_fid(judge_build, _Untouchable(), features=features, progress=False)
+
+
+def test_the_cli_says_a_missing_extra_in_one_line_with_exit_2(judge_build, monkeypatch, capsys):
+    from synthaug.cli import main
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    assert main(["fid", str(judge_build), "--real", "digits", "--features", "judge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "synthaug[eval]"' in err
+
+
+def test_paired_statistics_without_scipy_name_the_extra(monkeypatch):
+    from synthaug.evaluate.paired import t_interval
+
+    assert t_interval([1.0, 2.0, 3.0])[0] == 2.0
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    with pytest.raises(UserError, match=r"t-intervals .* needs scipy, which is not installed .*synthaug\[eval\]"):
+        t_interval([1.0, 2.0, 3.0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

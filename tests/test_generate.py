@@ -230,3 +230,24 @@ def test_keep_confidence_keeps_the_images_a_filtered_training_row_takes_from_an_
             kept = sorted((r["index"], r["sha256"]) for r in load_index(tmp_path / "kept").to_pylist()
                           if r["class_index"] == c and r["method"] == m)
             assert kept == passing
+
+
+def test_scheduler_config_is_strict_json_that_rebuilds_the_scheduler():
+    """DPM-Solver's default ``lambda_min_clipped`` is -inf, which diffusers writes as ``-Infinity`` (not JSON)."""
+    import json
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    from synthaug.generation import scheduler_config_json
+
+    def refuse(name):
+        raise ValueError(name)
+
+    text = scheduler_config_json(DPMSolverMultistepScheduler())
+    again = DPMSolverMultistepScheduler.from_config(json.loads(text, parse_constant=refuse))
+    assert again.config.lambda_min_clipped == float("-inf")  # left out: from_config gives the default back
+    settings = {k: v for k, v in dict(DPMSolverMultistepScheduler().config).items() if not k.startswith("_")}
+    assert {k: again.config[k] for k in settings} == settings
+    odd = json.loads(scheduler_config_json(DPMSolverMultistepScheduler(lambda_min_clipped=float("inf"))),
+                     parse_constant=refuse)
+    assert odd["lambda_min_clipped"] == "Infinity" and float(odd["lambda_min_clipped"]) == float("inf")

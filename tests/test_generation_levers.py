@@ -202,7 +202,7 @@ def test_a_lever_build_is_deterministic_and_resumes_to_the_same_bytes(lever, tmp
     shutil.copytree(first, second)
     (second / "tokens" / "000.safetensors").unlink()
     for shard in ("dct-00001", "sd-00021"):  # dct class 0 chunk 1; sd class 0 chunk 1
-        (second / "meta" / f"{shard}_stats.json").unlink()
+        (second / "meta" / f"_{shard}_stats.json").unlink()
         (second / "shards" / f"{shard}.tar").unlink()
     (second / "index.parquet").unlink()
     build(bw.config(second, *world, **extra), progress=False)

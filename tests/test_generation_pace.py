@@ -316,4 +316,4 @@ def test_shard_writer_drops_the_open_shard_when_the_caller_fails(tmp_path):
         writer.put(images[2:])
         raise KeyError("generation failed")
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["dct-00000.tar"]
-    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["dct-00000.parquet", "dct-00000_stats.json"]
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["_dct-00000_stats.json", "dct-00000.parquet"]

@@ -84,3 +84,25 @@ def test_judge_verdicts_survive_a_rebuilt_index_for_unchanged_images_only(tmp_pa
     want = {k: (None if k.startswith("dct-c001") else v)
             for k, v in zip(index.column("key").to_pylist(), verdicts.to_pylist())}
     assert got == want
+
+
+def test_the_dataset_card_is_written_rewritten_and_deleted_by_name_a_users_readme_never(tmp_path, caplog):
+    from synthaug.layout import build_files, clear_build
+
+    _write_build(tmp_path, {0: [_sample(0, 0)], 1: [_sample(0, 0, "sd")]})
+    merge_index(tmp_path, classes=[{"index": 0, "name": "zero"}], train_methods=["dct"])
+    card = (tmp_path / "README.md").read_text()
+    assert "path: shards/dct-*.tar" in card and "path: shards/sd-*.tar" in card and "'0': zero" in card
+    assert card.index("split: dct") < card.index("split: sd")  # the build's own method first
+    assert tmp_path / "README.md" in build_files(tmp_path)
+    merge_index(tmp_path, classes=[{"index": 0, "name": "nought"}], train_methods=["dct"])
+    assert "'0': nought" in (tmp_path / "README.md").read_text()  # a finished build rewrites its card
+
+    mine = tmp_path / "mine"
+    _write_build(mine, {0: [_sample(0, 0)]})
+    (mine / "README.md").write_text("# my notes\n")
+    merge_index(mine, classes=[{"index": 0, "name": "zero"}])
+    assert (mine / "README.md").read_text() == "# my notes\n" and "is not synthaug's dataset card" in caplog.text
+    assert mine / "README.md" not in build_files(mine)
+    (mine / "plan.json").write_text("{}")
+    assert "README.md" in clear_build(mine) and (mine / "README.md").is_file()

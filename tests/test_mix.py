@@ -65,6 +65,23 @@ def test_synthetic_only(out):
     assert "Synthetic: 24 images in 3 classes (methods: dct, sd)" in repr(ds)
 
 
+def test_default_methods_are_the_builds_own_the_baseline_only_when_asked(reference, tmp_path):
+    """A --baseline build: the plain-prompt images are there to measure against, never mixed in by default."""
+    ds = SynthAugDataset(reference)
+    assert len(ds) == 12 and set(ds.synthetic["method"]) == {"dct"} and ds.methods == ["dct"]
+    assert not any(k.startswith("sd-") for k in ds.synthetic["key"])
+    assert set(SynthAugDataset(reference, methods=["sd"]).synthetic["method"]) == {"sd"}
+    everything = SynthAugDataset(reference, methods="all")
+    assert len(everything) == 24 and set(everything.synthetic["method"]) == {"dct", "sd"} and everything.methods is None
+    # a build still running (no _info.json yet): its config.yaml names the method
+    import shutil
+
+    running = tmp_path / "running"
+    shutil.copytree(reference, running)
+    (running / "_info.json").unlink()
+    assert set(SynthAugDataset(running).synthetic["method"]) == {"dct"}
+
+
 def test_filters_and_cap(out):
     dct = SynthAugDataset(out, methods=["dct"])
     assert len(dct) == 18 and set(dct.synthetic["method"]) == {"dct"}
@@ -74,7 +91,7 @@ def test_filters_and_cap(out):
     assert np.bincount(capped.targets).tolist() == [2, 2, 2]
     assert capped.synthetic["index"] == [0, 0, 0, 1, 1, 1][:2] + [0, 1, 0, 1]  # lowest indices first
     assert capped.synthetic["method"][:2] == ["dct", "sd"]  # class 0: index 0 of both methods
-    with pytest.raises(UserError, match=r"`methods` must be among dct, sd, ti, mcti but contains \['dtc'\]"):
+    with pytest.raises(UserError, match=r"`methods` must be among dct, sd, ti, mcti \(or \"all\"\) but contains \['dtc'\]"):
         SynthAugDataset(out, methods=["dtc"])
     with pytest.raises(UserError, match="No synthetic images in .* match methods=\\['mcti'\\]"):
         SynthAugDataset(out, methods=["mcti"])

@@ -81,3 +81,61 @@ def test_timm_reads_each_split(out):
 
     assert len(create_dataset("wds/synthaug", root=str(out), split="train")) == 7  # the build's own method
     assert [t for _, t in create_dataset("wds/synthaug", root=str(out), split="sd")] == [1] * 4
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A real tiny build (`reference`: DCT + the --baseline plain prompt, 3 classes, 4 images each)
+# --------------------------------------------------------------------------------------------------------------------
+def test_whole_folder_parquet_readers_read_meta(reference):
+    """pyarrow and pandas read ``meta/`` as one dataset: the stats files are named so they skip them."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(reference / "meta")
+    assert table.num_rows == 24 and sorted(table.column("key").to_pylist()) == sorted(
+        pq.read_table(reference / "index.parquet").column("key").to_pylist())
+    pd = pytest.importorskip("pandas")
+    assert len(pd.read_parquet(reference / "meta")) == 24
+
+
+def _strict(text):
+    """json.loads that refuses NaN and the infinities, as JavaScript's JSON.parse does."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_of_a_build_is_strict_and_the_sidecar_carries_the_soft_label(reference):
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    for path in sorted(reference.rglob("*.json")):
+        _strict(path.read_text())
+    rows = {r["key"]: r for r in pq.read_table(reference / "index.parquet").to_pylist()}
+    for r in rows.values():
+        _strict(r["scheduler_config"])
+    seen = 0
+    for tar in sorted((reference / "shards").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json"):
+                    meta = _strict(tf.extractfile(m).read())
+                    row = rows[meta["key"]]
+                    assert meta["guide_soft_classes"] == row["guide_soft_classes"] is not None
+                    assert meta["guide_soft_probs"] == pytest.approx(row["guide_soft_probs"], rel=1e-6)
+                    seen += 1
+    assert seen == 24
+
+
+def test_huggingface_load_dataset_on_the_build_folder_gives_splits_and_class_names(reference):
+    datasets = pytest.importorskip("datasets", reason="Hugging Face `datasets` is not installed")
+
+    ds = datasets.load_dataset(str(reference))
+    assert {k: v.num_rows for k, v in ds.items()} == {"dct": 12, "sd": 12}
+    cls = ds["dct"].features["cls"]
+    assert isinstance(cls, datasets.ClassLabel) and cls.names == ["zero", "one", "two"]  # _info.json's num_classes
+    first = ds["sd"][0]
+    assert first["__key__"] == "sd-c000-s00000" and cls.int2str(first["cls"]) == "zero"
+    assert first["png"].size == (32, 32) and first["json"]["method"] == "sd"
+    assert len(first["json"]["guide_soft_probs"]) == len(first["json"]["guide_soft_classes"]) > 0

@@ -71,6 +71,11 @@ def test_report_png_grids(report_build):
     assert grid.height > 2 * 96 and grid.width > 4 * 96  # 2 method rows x 4 seeds of 96 px tiles
     pixels = np.asarray(grid).reshape(-1, 3)
     assert ((pixels == (26, 127, 55)).all(1)).any() and ((pixels == (207, 34, 46)).all(1)).any()  # green + red
+    # the layout (torchvision's make_grid): a 90 px label column, a 24 px title, tiles 96 px apart by 4 px of white
+    assert grid.size == (90 + 4 * 100 + 4, 24 + 2 * 100 + 4)
+    a = np.asarray(grid)
+    assert (a[24 + 100 + 48, 90 + 3 * 100 + 48] == (40, 120, 0)).all()  # row 2 (dct), seed 3 of class 2
+    assert (a[24 + 96: 24 + 100, 90:] == 255).all()  # the white gap between the two rows
 
 
 def test_report_bad_input(report_build):

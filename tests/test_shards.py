@@ -51,7 +51,7 @@ def test_write_shard_exact_files_members_and_rows(tmp_path):
     stats = write_shard(tmp_path, 3, [make_sample(0, i) for i in range(3)])
     # the tar alone in shards/ (what directory readers open), named by its split; the rest in meta/
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["dct-00003.tar"]
-    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["dct-00003.parquet", "dct-00003_stats.json"]
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == ["_dct-00003_stats.json", "dct-00003.parquet"]
     assert shard_done(tmp_path, 3, "dct") and not shard_done(tmp_path, 2, "dct") and not shard_done(tmp_path, 3, "sd")
     with tarfile.open(tmp_path / "shards" / "dct-00003.tar") as tf:
         members = tf.getmembers()
@@ -78,7 +78,7 @@ def test_write_shard_exact_files_members_and_rows(tmp_path):
     data = read_sample(tmp_path / rows[1]["shard_path"], rows[1]["offset"], rows[1]["size"])
     assert data == png and hashlib.sha256(data).hexdigest() == rows[1]["sha256"]
 
-    on_disk = json.loads((tmp_path / "meta" / "dct-00003_stats.json").read_text())
+    on_disk = json.loads((tmp_path / "meta" / "_dct-00003_stats.json").read_text())
     assert on_disk["num_samples"] == stats.num_samples == 3 and on_disk["method"] == "dct"
     assert on_disk["classes"] == {"0": 3} and on_disk["methods"] == {"dct": 3}
     assert on_disk["quality"] is None and on_disk["image_format"] == "png"
@@ -95,7 +95,7 @@ def test_a_shard_holds_one_method(tmp_path):
 def test_rebuild_gives_identical_bytes(tmp_path):
     build(tmp_path / "a")
     build(tmp_path / "b")
-    names = ["shards/dct-00000.tar", "meta/dct-00000.parquet", "meta/dct-00000_stats.json", "shards/sd-00002.tar",
+    names = ["shards/dct-00000.tar", "meta/dct-00000.parquet", "meta/_dct-00000_stats.json", "shards/sd-00002.tar",
              "index.parquet", "_info.json", "shards.wids.json", "classes.json"]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -117,13 +117,13 @@ def test_failed_write_leaves_nothing_and_stats_only_last(tmp_path):
     # the old stats file went first, so the half-rewritten shard is not "done"; no temp files remain
     assert not shard_done(tmp_path, 0, "dct")
     assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".tmp-")]
-    assert not (tmp_path / "meta" / "dct-00000_stats.json").exists()
+    assert not (tmp_path / "meta" / "_dct-00000_stats.json").exists()
 
 
 @pytest.mark.parametrize("fmt,quality", [("jpg", 80), ("webp", 70)])
 def test_lossy_formats_record_quality(tmp_path, fmt, quality):
     build(tmp_path, baseline=False, image_format=fmt, quality=quality)
-    stats = json.loads((tmp_path / "meta" / "dct-00000_stats.json").read_text())
+    stats = json.loads((tmp_path / "meta" / "_dct-00000_stats.json").read_text())
     assert stats["image_format"] == fmt and stats["quality"] == quality
     with tarfile.open(tmp_path / "shards" / "dct-00000.tar") as tf:
         assert f"dct-c000-s00000.{fmt}" in tf.getnames()
@@ -223,20 +223,20 @@ def test_truncated_and_corrupt_shards_are_named_with_the_rebuild_command(tmp_pat
     assert len(problems) == 1 and "shards/dct-00001.tar: 1 image(s) fail their sha256 (first: dct-c001-s00000)" \
         in problems[0]
     assert rebuild_hint(tmp_path, 1, "dct") in problems[0]
-    with pytest.raises(ShardError, match="dct-00001.tar is corrupt.*delete .*meta/dct-00001_stats.json and rerun "
+    with pytest.raises(ShardError, match="dct-00001.tar is corrupt.*delete .*meta/_dct-00001_stats.json and rerun "
                                          "`synthaug build"):
         ShardReader(tmp_path).read(1, rows[0]["offset"], rows[0]["size"], sha256=rows[0]["sha256"])
 
     # truncate it: a one-seek read past the end says so, naming the shard and the command
     tar.write_bytes(bytes(data[: last["offset"] + 10]))
-    with pytest.raises(ShardError, match=r"Shard .*dct-00001\.tar is truncated .*: delete .*meta/dct-00001_stats\.json "
+    with pytest.raises(ShardError, match=r"Shard .*dct-00001\.tar is truncated .*: delete .*meta/_dct-00001_stats\.json "
                                          r"and rerun `synthaug build --config .*config\.yaml`"):
         read_sample(tar, last["offset"], last["size"])
     assert any("shards/dct-00001.tar:" in p and "truncated" in p for p in verify(tmp_path, check_sha256=False))
 
     # a missing shard, and an unfinished one (tar without stats)
     tar.unlink()
-    (tmp_path / "meta" / "sd-00002_stats.json").unlink()
+    (tmp_path / "meta" / "_sd-00002_stats.json").unlink()
     problems = verify(tmp_path)
     assert any(p.startswith("shards/dct-00001.tar: missing") for p in problems)
     assert any(p.startswith("sd-00002: unfinished") for p in problems)
@@ -322,3 +322,15 @@ def test_a_stats_file_with_wrong_fields_is_named_as_damaged_with_what_to_run(tmp
     assert any(p.startswith("meta/") and "stats file unreadable (damaged: fields shard" in p and "delete" in p
                and "rerun `synthaug build --config" in p for p in problems), problems
     assert not any("__init__" in p for p in problems)
+
+
+def test_a_format_2_build_is_refused_in_one_line_and_its_files_are_build_files(tmp_path):
+    from synthaug.layout import build_files
+
+    build(tmp_path)
+    (tmp_path / "meta" / "_dct-00000_stats.json").rename(tmp_path / "meta" / "dct-00000_stats.json")  # format 2's name
+    with pytest.raises(UserError, match=r"holds a build in synthaug's format 2 \(meta/dct-00000_stats.json, .*\), which "
+                                        r"this version neither resumes nor reads: rebuild it with `synthaug build "
+                                        r"--config .*config.yaml --overwrite`"):
+        load_index(tmp_path)
+    assert tmp_path / "meta" / "dct-00000_stats.json" in build_files(tmp_path)  # --overwrite clears it by name

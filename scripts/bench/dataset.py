@@ -118,7 +118,7 @@ def main() -> None:
         png_bytes = sum(p.stat().st_size for p in folder.rglob("*.png"))
         tar_bytes = sum(p.stat().st_size for p in (out / "shards").glob("*.tar"))
 
-        ours = SynthAugDataset(out)
+        ours = SynthAugDataset(out, methods="all")  # every image written, as the ImageFolder holds
         theirs = torchvision.datasets.ImageFolder(str(folder))
         assert len(ours) == len(theirs) == args.images
         order = np.random.default_rng(1).permutation(args.images)

@@ -32,9 +32,10 @@ def import_ray() -> Any:
     return ray
 
 
-def resolve_executor(run: RunConfig) -> str:
+def resolve_executor(run: RunConfig, *, say: bool = True) -> str:
     """``"ray"`` or ``"local"``: `run.executor`, with ``"auto"`` resolved to Ray when it is installed (or a cluster
-    address is given, which only Ray can use) and to this process otherwise, said in one log line."""
+    address is given, which only Ray can use) and to this process otherwise, said in one log line unless `say` is
+    False (the checks ask too; the driver says it, once per build)."""
     if run.executor != "auto":
         return run.executor
     if run.ray_address:
@@ -45,8 +46,9 @@ def resolve_executor(run: RunConfig) -> str:
         return "ray"
     except ImportError:
         pass
-    logger.info("run.executor auto: Ray is not installed, so the build runs in this process (`%s` for actors, one "
-                "per GPU)", INSTALL_RAY)
+    if say:
+        logger.info("run.executor auto: Ray is not installed, so the build runs in this process (`%s` for actors, one "
+                    "per GPU)", INSTALL_RAY)
     return "local"
 
 

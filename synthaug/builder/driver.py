@@ -35,6 +35,7 @@ from ..config import BuildConfig, validate
 from ..datasets.select import select_classes
 from ..errors import UserError, write_errors
 from ..index import merge_index
+from ..jsonfmt import dumps
 from ..layout import (
     ALL_TOKENS_FILE,
     CLASSES_FILE,
@@ -278,7 +279,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
             failures = [{"class_index": j.class_index, "name": j.name, "attempts": 0,
                          "error": "job reported success but its files are missing"} for j in jobs if j not in done]
         if failures:
-            write_text(out / FAILURES_FILE, json.dumps({"resume": resume_command(out), "failed": failures},
+            write_text(out / FAILURES_FILE, dumps({"resume": resume_command(out), "failed": failures},
                                                        indent=1) + "\n")
         images = images_on_disk(out, jobs)
         result = BuildResult(

@@ -267,7 +267,7 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
         raise UserError(f"`guide_target` {config.guide_target!r} learns one attribute token, but a build learns a "
                         f"token per class: run `synthaug learn --guide-target {config.guide_target}`, or drop it.")
     # 2. The executor exists (`auto` takes Ray only where it is installed)
-    if resolve_executor(config.run) == "ray":
+    if resolve_executor(config.run, say=False) == "ray":
         import_ray()
     # 3. The output folder: new, resumable, or refused
     out = Path(config.out).expanduser()
@@ -277,7 +277,8 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
                           f"resume with: {resume_command(out)}" if mode == "resume" else "run the same command again")
     # 4. Device, dtype, model
     device = resolve_device(config.device)
-    if resolve_executor(config.run) == "local" or not (config.run.ray_address or os.environ.get("RAY_ADDRESS")):
+    if resolve_executor(config.run, say=False) == "local" or not (config.run.ray_address
+                                                                   or os.environ.get("RAY_ADDRESS")):
         # (on a Ray cluster the driver is not part of, the GPUs are the cluster's: the Ray executor checks them)
         check_device(device, config.device, local=config.run.executor == "local")
     resolve_dtype(config.dtype, device)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..dataset_names import ALIASES, DATASET_NAMES, SUBSETS, TORCHVISION_SETS, check_dataset_name, dataset_key
 from ..errors import UserError
 from .base import not_found
 from .cub import CUB200
@@ -14,7 +15,7 @@ from .digits import DIGITS_SPLITS, Digits
 from .folder import ImageFolder
 from .imagenet import ImageNet
 from .inat import INAT_VERSIONS, INat2021
-from .tvsets import TORCHVISION_SETS, torchvision_dataset
+from .tvsets import torchvision_dataset
 
 # --------------------------------------------------------------------------------------------------------------------
 # Names -> datasets
@@ -27,24 +28,9 @@ DATASETS: dict[str, Callable[..., Any]] = {
     "imagefolder": ImageFolder,
 }
 
-
-ALIASES = {"cub200": "cub", "inat2021": "inat", "inat21": "inat", "flowers": "flowers102", "pets": "oxfordiiitpet",
-           "aircraft": "fgvcaircraft", "food": "food101", "cars": "stanfordcars", "folder": "imagefolder"}
-
-
-# Named subsets: a dataset name plus the keyword arguments that select the subset (the paper's iNat rows).
-SUBSETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "inat179": ("inat", {"subset": "inat179"}),
-    "inat50": ("inat", {"subset": "inat50"}),
-}
-
-
-DATASET_NAMES = (*DATASETS, *SUBSETS, *TORCHVISION_SETS)
-
-
-def _key(name: str) -> str:
-    key = str(name).lower().replace("-", "").replace("_", "")
-    return ALIASES.get(key, key)
+# The names (`DATASET_NAMES`, `ALIASES`, `SUBSETS`) live in `synthaug.dataset_names`, readable without torch.
+__all__ = ["ALIASES", "DATASETS", "DATASET_NAMES", "SUBSETS", "check_split", "dataset_splits", "default_test_split",
+           "get_dataset"]
 
 
 def dataset_splits(name: str) -> tuple[str, ...] | None:
@@ -53,7 +39,7 @@ def dataset_splits(name: str) -> tuple[str, ...] | None:
     >>> dataset_splits("inat")
     ('train', 'train_full', 'val')
     """
-    key = _key(name)
+    key = dataset_key(name)
     key = SUBSETS[key][0] if key in SUBSETS else key
     if key in TORCHVISION_SETS:
         splits = TORCHVISION_SETS[key][1]
@@ -97,12 +83,12 @@ def get_dataset(name: str, root: str | os.PathLike | None = None, split: str = "
     >>> len(ds.classes)
     10
     """
-    key = _key(name)
+    key = dataset_key(name)
     if key in SUBSETS:
         key, subset_kw = SUBSETS[key]
         kw = {**subset_kw, **kw}
     if key not in DATASETS and key not in TORCHVISION_SETS:
-        raise UserError(f"`dataset` must be one of {', '.join(DATASET_NAMES)} but is {name!r}: fix the name.")
+        check_dataset_name(name)
     check_split(name, split)
     if key == "digits":
         return Digits(root, split=split, transform=transform, **kw)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dataset_names import TORCHVISION_SETS
 from ..errors import UserError
 from ..names import clean_class_name
 from .base import check_split_of, not_found
@@ -17,16 +18,7 @@ from .base import check_split_of, not_found
 # --------------------------------------------------------------------------------------------------------------------
 # torchvision's fine-grained sets
 # --------------------------------------------------------------------------------------------------------------------
-# name -> (torchvision class, valid splits). "train" maps to "trainval" for sets whose training split has that name.
-TORCHVISION_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "flowers102": ("Flowers102", ("train", "val", "test")),
-    "oxfordiiitpet": ("OxfordIIITPet", ("trainval", "test")),
-    "fgvcaircraft": ("FGVCAircraft", ("train", "val", "trainval", "test")),
-    "food101": ("Food101", ("train", "test")),
-    "dtd": ("DTD", ("train", "val", "test")),
-    "eurosat": ("EuroSAT", ("train", "test")),
-    "stanfordcars": ("StanfordCars", ("train", "test")),
-}
+# name -> (torchvision class, valid splits): `synthaug.dataset_names.TORCHVISION_SETS`, readable without torch.
 
 
 EUROSAT_TEST_FRACTION = 0.2  # torchvision's EuroSAT has no split: a seeded per-class 80/20 split is made here

@@ -24,6 +24,7 @@ from ..atomic import write_text
 from ..datasets.catalog import check_split, default_test_split, get_dataset
 from ..errors import UserError
 from ..index import BuildView, method_sort_key, open_build
+from ..jsonfmt import dumps
 from ..layout import EVAL_DIR
 from ..mix import MODES, TARGETS, SynthAugDataset
 from ..models import resolve_device
@@ -527,7 +528,7 @@ def train_downstream(
         cell = _train_cell(view, real_train, real_test, method, k, seed, protocol=protocol, weights=weights,
                            num_classes=num_classes, class_to_real=class_to_real, device=dev,
                            num_workers=cfg.num_workers, progress=progress)
-        write_text(path, json.dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
+        write_text(path, dumps(dataclasses.asdict(cell), indent=2, default=str) + "\n")
         cells.append(cell)
 
     # 3. Mean ± std over seeds.
@@ -538,7 +539,7 @@ def train_downstream(
                     "cells": str(cell_dir)}
     write_csv(out_dir / "downstream.csv", [dataclasses.asdict(r) for r in rows],
               [f.name for f in dataclasses.fields(DownstreamRow)])
-    write_text(out_dir / "downstream.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_text(out_dir / "downstream.json", dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
 
 

@@ -20,8 +20,9 @@ from ..atomic import write_text
 from ..classifier.load import load_classifier
 from ..datasets.catalog import check_split, get_dataset
 from ..datasets.fewshot import stratified_indices, targets_of
-from ..errors import UserError
+from ..errors import UserError, require
 from ..index import BuildView, open_build
+from ..jsonfmt import dumps
 from ..layout import EVAL_DIR
 from ..models import resolve_device
 from .images import image_to_tensor, iter_image_batches, model_device_dtype, resize_center_crop
@@ -88,14 +89,9 @@ def inception_extractor(weights: str | os.PathLike | None = None, device: str | 
 
     >>> extractor = inception_extractor("weights-inception-2015-12-05-6726825d.pth")
     """
-    try:
-        import torch_fidelity  # noqa: F401
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError:
-        raise UserError(
-            "`features='inception'` needs torch-fidelity: `pip install torch-fidelity` (or synthaug[eval]), or use "
-            "`features='judge'` / a classifier source for classifier features."
-        ) from None
+    require("torch_fidelity", "`features='inception'` (the FID Inception-v3 of torch-fidelity)",
+            alternative="use `features='judge'` / a classifier source for classifier features")
+    NoTrainInceptionV3 = require("torchmetrics.image.fid", "`features='inception'`").NoTrainInceptionV3
     candidates = [Path(weights)] if weights is not None else []
     candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     path = next((p for p in candidates if p.is_file()), None)
@@ -254,6 +250,7 @@ def compute_fid(
     >>> result = compute_fid("out/digits", "digits", features="judge")
     >>> print(format_table(result))
     """
+    require("torchmetrics", "FID and KID (`synthaug fid`, `compute_fid`)")  # before any image is read
     view = open_build(build)
     methods = view.select_methods(methods)
     if max_images is not None and max_images < 2:
@@ -292,7 +289,7 @@ def compute_fid(
     result.files = {"result": str(out_dir / f"{stem}.json"), "csv": str(out_dir / f"{stem}.csv")}
     write_csv(out_dir / f"{stem}.csv", [dataclasses.asdict(r) for r in rows],
               [f.name for f in dataclasses.fields(FIDRow)])
-    write_text(out_dir / f"{stem}.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text(out_dir / f"{stem}.json", dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

@@ -25,6 +25,7 @@ from ..classifier.load import load_classifier
 from ..classifier.source import same_source
 from ..errors import UserError
 from ..index import method_sort_key, open_build
+from ..jsonfmt import dumps
 from ..layout import EVAL_DIR, INDEX_FILE, build_lock
 from ..models import resolve_device
 from .images import iter_image_batches, model_device_dtype
@@ -106,16 +107,25 @@ class JudgeResult:
 
 
 def _sign_test(fixed: int, broken: int) -> float:
-    """Exact two-sided binomial test of fixed vs broken under p = 1/2 (McNemar's exact test), in log space."""
+    """Exact two-sided binomial test of fixed vs broken under p = 1/2 (McNemar's exact test):
+    ``scipy.stats.binomtest``.
+
+    Without scipy the same exact sum is taken in log space: Table 1 (`synthaug evaluate`) runs on the base install,
+    and scipy comes only with the ``[eval]`` extra, so a missing scipy must not cost the table its p-values. The two
+    agree to float rounding (tests/test_evaluate.py).
+    """
     n = fixed + broken
     if n == 0:
         return 1.0
     k = min(fixed, broken)
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(k + 1)]
-    m = max(log_terms)
-    tail = math.exp(m) * sum(math.exp(t - m) for t in log_terms)
-    return min(1.0, 2.0 * tail)
+    try:
+        from scipy.stats import binomtest
+    except ImportError:
+        log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+                     for i in range(k + 1)]
+        m = max(log_terms)
+        return min(1.0, 2.0 * math.exp(m) * sum(math.exp(t - m) for t in log_terms))
+    return float(binomtest(k, n, 0.5, alternative="two-sided").pvalue)
 
 
 def evaluate_judge(
@@ -132,6 +142,7 @@ def evaluate_judge(
     judge_trained_on: str | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_guide_judge: bool = True,
 ) -> JudgeResult:
     """Score every generated image with a judge classifier (paper Table 1).
 
@@ -158,6 +169,8 @@ def evaluate_judge(
         judge_trained_on: note of what data the judge saw (default: what the classifier declares).
         out: where result files go (default ``BUILD/eval``).
         progress: show a progress bar.
+        allow_guide_judge: False refuses a judge that is the build's guide (a `UserError` before it loads: what
+            ``synthaug evaluate`` does unless ``--allow-guide-judge``); True scores with it, warning once.
 
     >>> result = evaluate_judge("out/digits", "digits-judge")
     >>> print(format_table(result))
@@ -167,23 +180,22 @@ def evaluate_judge(
     view = open_build(build)
     methods = view.select_methods(methods)
 
-    # 1. The judge, and whether it is the guide.
-    if isinstance(judge, str):
-
-        judge_source = judge
-        judge = load_classifier(judge, device=resolve_device(device))
-    else:
-        judge_source = str(getattr(judge, "source", type(judge).__name__))
-    judge.eval()
-    trained_on = judge_trained_on or getattr(judge, "trained_on", None)
+    # 1. Whether the judge is the guide (decided from its source, before it loads), then the judge.
+    judge_source = judge if isinstance(judge, str) else str(getattr(judge, "source", type(judge).__name__))
     guide = view.config.get("guide")
     self_scored = same_source(judge_source, guide)
-    if self_scored:
-        msg = (f"The judge {judge_source!r} is the guide that steered the tokens: the images were optimised to please "
-               "it, so its accuracy is flattered. Use an independent judge (e.g. digits-judge for digits).")
-        log.warning("!" * 20 + " SELF-SCORING " + "!" * 20)
-        log.warning(msg)
-        warnings.warn(msg, SelfScoringWarning, stacklevel=2)
+    if self_scored and not allow_guide_judge:
+        raise UserError(f"`judge` {judge_source!r} is the build's guide, the classifier that steered the tokens: its "
+                        f"accuracy on images optimised to please it is flattered: pass an independent judge (e.g. "
+                        f"digits-judge for digits), or --allow-guide-judge to score with the guide anyway.")
+    if self_scored:  # one warning (printed once on stderr); the result records self_scored
+        warnings.warn(f"SELF-SCORING: the judge {judge_source!r} is the guide that steered the tokens: the images "
+                      "were optimised to please it, so its accuracy is flattered. Use an independent judge (e.g. "
+                      "digits-judge for digits).", SelfScoringWarning, stacklevel=2)
+    if isinstance(judge, str):
+        judge = load_classifier(judge, device=resolve_device(device))
+    judge.eval()
+    trained_on = judge_trained_on or getattr(judge, "trained_on", None)
 
     # 2. Which judge output scores each build class.
     labels = list(getattr(judge, "labels", None) or [])
@@ -247,7 +259,7 @@ def evaluate_judge(
             log.warning("judge_prob not written back into the index: %s", e)
     elif write_back:
         log.warning("%s has no index.parquet yet (build still running): judge_prob not written back", view.root)
-    write_text(out_dir / "judge.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text(out_dir / "judge.json", dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, require
 from .downstream import REAL_ONLY
 
 
@@ -82,7 +82,7 @@ def load_row_cells(folders: Iterable[str | os.PathLike], method: str | None = No
 
 def t_interval(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (nan for one value)."""
-    from scipy import stats
+    stats = require("scipy.stats", "95% t-intervals and paired t-tests (`synthaug.evaluate.paired`)")
 
     n = len(values)
     mean = sum(values) / n
@@ -95,7 +95,7 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
 def paired_diff(a: Mapping[int, RowCell], b: Mapping[int, RowCell], *, row: str, against: str, shots: int
                 ) -> PairedDiff | None:
     """`a` - `b` over their shared seeds (None with fewer than 2); refused when a seed's real images differ."""
-    from scipy import stats
+    stats = require("scipy.stats", "95% t-intervals and paired t-tests (`synthaug.evaluate.paired`)")
 
     seeds = sorted(set(a) & set(b))
     for s in seeds:

@@ -12,6 +12,7 @@ import torch
 
 from ..atomic import write_bytes
 from ..errors import UserError
+from ..jsonfmt import dumps
 from .dct import TokenResult
 from .text import token_name, vector_ids, vector_names
 
@@ -106,7 +107,7 @@ def save_token(result: TokenResult, path: str | os.PathLike) -> None:
         "guide_trained_on": str(result.metadata.get("guide_trained_on", "unknown")),
         "scheduler": str(result.metadata.get("scheduler", "")),
         "config": json.dumps(result.metadata.get("config", {}), sort_keys=True),
-        "history": json.dumps(result.history),
+        "history": dumps(result.history),
         "tokens": json.dumps([result.token]),
     }
     if result.metadata.get("target"):  # attribute tokens: "attribute:NAME=V" (class tokens' files are as before)
@@ -148,7 +149,7 @@ def save_tokens(
         raise UserError("`results` is empty: there are no tokens to save.")
     meta["tokens"] = json.dumps(list(tensors))
     for k, v in (metadata or {}).items():
-        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        meta[str(k)] = v if isinstance(v, str) else dumps(v, sort_keys=True, default=str)
     _write(tensors, path, meta)
 
 
