@@ -25,7 +25,7 @@ from torchvision.datasets import VisionDataset
 from .datasets.fewshot import few_shot_indices, targets_of
 from .errors import UserError
 from .index import load_index, train_methods
-from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, resume_command, shard_name
+from .layout import CLASSES_FILE, KNOWN_METHODS, SHARDS_DIR, read_config, resume_command, shard_name
 from .names import normalize_name
 from .shards import ShardReader
 
@@ -105,13 +105,15 @@ class SynthAugDataset(VisionDataset):
         real: a real dataset with `classes` and `targets` (from `synthaug.datasets`, torchvision, or a Subset of
             one), given *without* a transform — `transform` here applies to real and synthetic images alike.
             None: synthetic images only.
-        shots: real images per class, drawn with `seed` (`synthaug.datasets.few_shot_indices`); None = all of them,
-            0 = none (the classes of `real` still define the labels).
+        shots: real images per class, drawn with `shots_seed` (else `seed`; `synthaug.datasets.few_shot_indices`).
+            ``"build"`` (the default): the build's own ``shots``, drawn with its ``shots_seed`` — the user's k real
+            images every stage of the build read (MC-TI, a fitted guide, the trust check, real starts); None = all of
+            them; 0 = none (the classes of `real` still define the labels).
         transform: applied to every PIL image (RGB).
         target_transform: applied to every int target.
         seed: seeds the few-shot draw and the per-epoch draws.
         shots_seed: seeds the few-shot draw instead of `seed`: several seeds of training on the same k real images
-            (e.g. the ones a few-shot guide was trained on).
+            (e.g. the ones a few-shot guide was trained on); with ``shots="build"``: the build's own by default.
         synthetic_per_class: keep at most this many synthetic images per class (lowest sample index first, so a cap
             of 50 on a 100-per-class build equals a 50-per-class build).
         mode: ``"concat"``, ``"replace"`` or ``"ratio"``.
@@ -146,7 +148,7 @@ class SynthAugDataset(VisionDataset):
         root: str | Path,
         real: Any | None = None,
         *,
-        shots: int | None = None,
+        shots: int | str | None = "build",
         transform: Callable | None = None,
         target_transform: Callable | None = None,
         seed: int = 0,
@@ -257,7 +259,16 @@ class SynthAugDataset(VisionDataset):
             self.classes = [syn_names.get(i, f"class {i}") for i in range(n)]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-        # 4. Real items: all of them, or `shots` per class.
+        # 4. Real items: all of them, or `shots` per class (the build's own k by default).
+        if shots == "build" and real is not None:
+            built = read_config(root, what="root", missing_ok=True)  # a folder of shards alone: no k recorded
+            shots = built.get("shots")
+            if shots_seed is None:
+                shots_seed = built.get("shots_seed")
+        elif isinstance(shots, str) and shots != "build":
+            raise UserError(f"`shots` must be an integer >= 0, None (all real images) or 'build' (the build's own k) "
+                            f"but is {shots!r}.")
+        self.shots = shots if real is not None else None
         if real is None:
             self._real_index = np.zeros(0, dtype=np.int64)
             self._real_targets = np.zeros(0, dtype=np.int64)

@@ -295,3 +295,18 @@ def test_soft_targets_at_extreme_temperatures_stay_distributions(soft_out):
     assert flat[0].tolist() == pytest.approx([0.1] * 10)
     mid = SynthAugDataset(soft_out, targets="soft", temperature=np.float32(0.5))[0][1]
     assert mid.tolist() == pytest.approx((stored ** 2 / (stored ** 2).sum()).tolist(), abs=1e-6)
+
+
+def test_the_default_real_images_are_the_builds_own_k(reference):
+    from synthaug.datasets import Digits
+    from synthaug.datasets.fewshot import few_shot_indices
+    from synthaug.layout import read_config
+
+    real = Digits(split="train")
+    built = read_config(reference)
+    ds = SynthAugDataset(reference, real=real)
+    assert ds._real_index.tolist() == few_shot_indices(real.targets, built["shots"], built["shots_seed"])
+    assert len(SynthAugDataset(reference, real=real, shots=None)._real_index) == len(real)  # None: all of them
+    assert len(SynthAugDataset(reference, real=real, shots=2)._real_index) == 20
+    with pytest.raises(UserError, match=r"`shots` must be an integer >= 0, None .* or 'build'"):
+        SynthAugDataset(reference, real=real, shots="five")
