@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     panel_w, h, left, top, bottom = 120 + 90 * len(tables), 300, 46, 30, 40
     img = Image.new("RGB", (panel_w * len(learners), h + 26), "white")
     d = ImageDraw.Draw(img)
-    y_of = lambda v: top + (100 - v) / (100 - args.lo) * (h - top - bottom)  # noqa: E731
+    y_of = lambda v: top + (100 - v) / (100 - args.lo) * (h - top - bottom)
     for li, learner in enumerate(learners):
         x0 = li * panel_w + left
         d.text((x0, 8), f"learner: {learner}", fill="black", font=font)
