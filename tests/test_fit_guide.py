@@ -46,6 +46,7 @@ def test_a_fitted_guide_classifies_held_out_digits_and_records_its_shots(fitted,
     assert saved["indices"] == few_shot_indices(digits.targets, 3, 0)  # the user's own images, as SynthAugDataset
     assert saved["paths"][0].startswith("digits/train/") and saved["shots"] == 3 and saved["shots_seed"] == 0
     assert set(saved["loo_per_class"]) == set(digits.classes) and 0 < saved["loo_accuracy"] <= 1
+    assert 0 < saved["selected_loo_accuracy"] <= 1 and saved["why_no_loo"] is None  # nested, and the chosen one's
     assert {c["features"] for c in saved["candidates"]} == {"pooled", "projected", "patch_mean"}
     assert FitRecord.read(out) == record
 
@@ -84,8 +85,10 @@ def test_the_folder_runs_with_transformers_alone_as_its_docstring_says(fitted):
 def test_the_same_shots_give_the_same_bytes(tmp_path, digits):
     idx = few_shot_indices(digits.targets, 2, seed=1)
     images, targets = [digits[i][0] for i in idx], [digits.targets[i] for i in idx]
-    fit_guide(images, targets, digits.classes, tmp_path / "a")
+    _, record = fit_guide(images, targets, digits.classes, tmp_path / "a")
     fit_guide(images, targets, digits.classes, tmp_path / "b")
+    # two shots per class: the held-out estimate exists, with the default setting (one shot left to choose on)
+    assert record.loo_accuracy is not None and "default setting" in record.why_no_loo
     assert (tmp_path / "a" / "head.safetensors").read_bytes() == (tmp_path / "b" / "head.safetensors").read_bytes()
 
 

@@ -59,8 +59,10 @@ class FitRecord:
         shots: real images per class; shots_seed: the seed that drew them; dataset, split: where from;
             indices: their dataset indices (ascending), paths: their sample paths or ids where the dataset has them.
         augment: shifted copies per shot the head was fitted on (besides the shot itself).
-        loo_accuracy: leave-one-out accuracy over all shots (None with one shot per class); loo_per_class: per class
-            name; candidates: every setting tried, with its leave-one-out accuracy and log-loss.
+        loo_accuracy: leave-one-out accuracy of the whole fit over all shots, nested (each held-out shot's features
+            and strength chosen on the other shots alone; None with one shot per class); loo_per_class: the same per
+            class name; selected_loo_accuracy: the chosen setting's own leave-one-out accuracy (the best of all
+            candidates, so optimistic); candidates: every setting tried, with its leave-one-out accuracy and log-loss.
         train_accuracy: the fitted head on its own shots.
         labels: the class names, index-aligned with the outputs.
     """
@@ -84,6 +86,7 @@ class FitRecord:
     labels: list[str]
     format_version: int = 1
     why_no_loo: str | None = None
+    selected_loo_accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -196,20 +199,36 @@ def _fit(head: str, x: Tensor, y: Tensor, num_classes: int, strength: float) -> 
     return (fit_logistic if head == "linear" else fit_prototype)(x, y, num_classes, strength)
 
 
-def _leave_one_out(head: str, feats: Tensor, y: Tensor, source: Tensor, fold: Tensor, num_classes: int,
-                   strength: float) -> tuple[Tensor, Tensor]:
-    """Held-out probabilities ``[n_shots, C]`` of every shot, fold by fold (a fold = one shot of every class, with
-    its augmented copies), and the held-out shots' order (their indices)."""
-    n_shots = int(source.max()) + 1
-    probs = torch.zeros(n_shots, num_classes, dtype=torch.float64)
-    is_original = torch.ones(len(source), dtype=torch.bool)
-    is_original[1:] = source[1:] != source[:-1]
-    for j in sorted(set(fold.tolist())):
-        held = fold[source] == j
-        w, b = _fit(head, feats[~held], y[~held], num_classes, strength)
-        rows = held & is_original
-        probs[source[rows]] = (feats[rows] @ w.T + b).softmax(-1)
-    return probs, torch.arange(n_shots)
+def _cv_probs(head: str, feats: Tensor, y: Tensor, src: Tensor, rank: Tensor, num_classes: int, strength: float,
+              use: Tensor) -> Tensor:
+    """Held-out probabilities ``[n_shots, C]`` of the shots in `use` (rows of the others stay 0), fold by fold: fold
+    j holds out the j-th shot of every class with its augmented copies, and a head fitted on the other used shots
+    predicts it."""
+    probs = torch.zeros(len(rank), num_classes, dtype=torch.float64)
+    is_original = torch.ones(len(src), dtype=torch.bool)
+    is_original[1:] = src[1:] != src[:-1]
+    for j in sorted(set(rank[use].tolist())):
+        held = use & (rank == j)
+        train = use[src] & ~held[src]
+        w, b = _fit(head, feats[train], y[train], num_classes, strength)
+        rows = held[src] & is_original
+        probs[src[rows]] = (feats[rows] @ w.T + b).softmax(-1)
+    return probs
+
+
+def _choose(head: str, feats: dict[str, Tensor], y: Tensor, y_shots: Tensor, src: Tensor, rank: Tensor,
+            num_classes: int, kinds: Sequence[str], grid: Sequence[float], use: Tensor) -> list[dict[str, Any]]:
+    """Every candidate setting scored by leave-one-out on the shots in `use`, the chosen one first: the most
+    accurate, then the best calibrated (log-loss), then the stronger regularisation (smaller logit scale)."""
+    out = []
+    for kind in kinds:
+        for strength in grid:
+            probs = _cv_probs(head, feats[kind], y, src, rank, num_classes, strength, use)
+            acc, nll = _score(probs[use], y_shots[use])
+            out.append({"features": kind, "strength": strength, "loo_accuracy": acc, "loo_nll": nll, "_probs": probs})
+    out.sort(key=lambda c: (round(c["loo_accuracy"], 9), -round(c["loo_nll"], 9),
+                            c["strength"] if head == "linear" else -c["strength"]), reverse=True)
+    return out
 
 
 def _score(probs: Tensor, targets: Tensor) -> tuple[float, float]:
@@ -313,28 +332,36 @@ def fit_guide(
         idx = (y_shots == c).nonzero().flatten()
         rank[idx] = torch.arange(len(idx))
 
-    # 3. Leave-one-out over the candidate settings
+    # 3. Leave-one-out over the candidate settings; the estimate a user reads is the whole procedure's (nested:
+    #    each held-out fold's setting chosen on the other folds alone), since the chosen setting's own score is the
+    #    best of many on few images and so optimistic
     grid = STRENGTHS if head == "linear" else SCALES
+    default = (features or "pooled", float(grid[len(grid) // 2 - 1]) if head == "linear" else float(SCALES[1]))
     candidates: list[dict[str, Any]] = []
-    why = None
+    why = selected_acc = None
+    every = torch.ones(len(y_shots), dtype=torch.bool)
+    is_original = torch.ones(len(src), dtype=torch.bool)
+    is_original[1:] = src[1:] != src[:-1]  # a shot's first row is the shot itself, its shifted copies follow
     if k >= 2:
-        for kind in kinds:
-            for strength in grid:
-                probs, _ = _leave_one_out(head, feats[kind], y, src, rank, len(labels), strength)
-                acc, nll = _score(probs, y_shots)
-                candidates.append({"features": kind, "strength": strength, "loo_accuracy": acc, "loo_nll": nll,
-                                   "_probs": probs})
-        # most accurate, then best calibrated, then the stronger regularisation (smaller logit scale)
-        best = max(candidates, key=lambda c: (round(c["loo_accuracy"], 9), -round(c["loo_nll"], 9),
-                                              c["strength"] if head == "linear" else -c["strength"]))
-        pred = best["_probs"].argmax(-1)
-        loo_acc = float(best["loo_accuracy"])
+        candidates = _choose(head, feats, y, y_shots, src, rank, len(labels), kinds, grid, every)
+        kind, strength = candidates[0]["features"], float(candidates[0]["strength"])
+        selected_acc = float(candidates[0]["loo_accuracy"])
+        nested = torch.zeros(len(y_shots), len(labels), dtype=torch.float64)
+        for j in range(k):
+            inner = rank != j
+            pick = (_choose(head, feats, y, y_shots, src, rank, len(labels), kinds, grid, inner)[0] if k >= 3
+                    else {"features": default[0], "strength": default[1]})  # one shot left per class: no choice
+            train, rows = inner[src], ~inner[src] & is_original
+            w, b = _fit(head, feats[pick["features"]][train], y[train], len(labels), float(pick["strength"]))
+            nested[src[rows]] = (feats[pick["features"]][rows] @ w.T + b).softmax(-1)
+        pred = nested.argmax(-1)
+        loo_acc = float((pred == y_shots).double().mean())
         loo_per_class = {labels[c]: float((pred[y_shots == c] == c).double().mean()) for c in range(len(labels))}
-        kind, strength = best["features"], float(best["strength"])
+        if k == 2:
+            why = "two shots per class: the held-out estimate uses the default setting (one shot left to choose on)"
     else:
         why = "one shot per class: nothing can be held out without removing a class"
-        kind = features or "pooled"
-        strength = float(grid[len(grid) // 2 - 1]) if head == "linear" else float(SCALES[1])
+        kind, strength = default
         loo_acc, loo_per_class = None, None
     for c in candidates:
         c.pop("_probs")
@@ -342,8 +369,6 @@ def fit_guide(
     # 4. The head on every shot, and the guide
     w, b = _fit(head, feats[kind], y, len(labels), strength)
     train_pred = (feats[kind] @ w.T + b).argmax(-1)
-    is_original = torch.ones(len(src), dtype=torch.bool)
-    is_original[1:] = src[1:] != src[:-1]
     train_acc = float((train_pred[is_original] == y_shots).double().mean())
     model = ProbeModel(Backbone(bb.model, bb.family, kind), w.float(), b.float(), labels).to(dev)
     info = dict(shots_info or {})
@@ -357,7 +382,8 @@ def fit_guide(
         shots_seed=int(info.get("shots_seed", 0)), dataset=str(info.get("dataset", "")),
         split=str(info.get("split", "")), indices=[int(i) for i in info.get("indices", [])],
         paths=[str(p) for p in info.get("paths", [])], augment=augment, loo_accuracy=loo_acc,
-        loo_per_class=loo_per_class, candidates=candidates, train_accuracy=train_acc, labels=labels, why_no_loo=why)
+        loo_per_class=loo_per_class, candidates=candidates, train_accuracy=train_acc, labels=labels, why_no_loo=why,
+        selected_loo_accuracy=selected_acc)
     if out is not None:
         _write_guide(out, model, data_config, record, backbone, note)
     log.info("fitted a %s probe on %s (%s features, %s %g) from %d shots per class in %.1f s: leave-one-out %s",
