@@ -9,6 +9,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "synthaug"
 
 
@@ -125,3 +127,23 @@ def test_the_checks_before_a_build_import_no_worker_model_or_ray():
         imported = {t.partition(".")[0] if not t.startswith("synthaug") else t
                     for t, _ in _imports(name, mods[name], mods)}
         assert not imported & (heavy | {"ray"}) - allowed, name
+
+
+def test_the_package_root_exports_the_library_api_only():
+    import synthaug
+
+    mods = _modules()
+    # every name resolves in the module it is exported from, without importing it (torch stays unloaded)
+    for name, module in {**synthaug._EXPORTS, **synthaug._ELSEWHERE}.items():
+        tree = ast.parse(mods[f"synthaug.{module}"].read_text())
+        defined = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert name in defined, f"synthaug.{name} is not defined in synthaug.{module}"
+    # the command line's helpers and the testing world are not the library's: their modules are where they live
+    assert not {"cli", "commands", "testing"} & set(synthaug._EXPORTS.values())
+    assert set(synthaug._ELSEWHERE) == {"configure_logging", "learn_tokens", "export_tokens", "generate_to_folder",
+                                        "tiny_pipeline"}
+    with pytest.raises(AttributeError, match=r"'tiny_pipeline': it is not part of the library API, import it from "
+                                             r"synthaug\.testing"):
+        synthaug.tiny_pipeline  # noqa: B018
