@@ -23,8 +23,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from synthaug import configure_logging
 from synthaug.builder.driver import BuildFailed, build
+from synthaug.cli import configure_logging
 from synthaug.config import load_config, parse_overrides
 from synthaug.errors import UserError
 

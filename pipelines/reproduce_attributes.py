@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from synthaug import configure_logging
 from synthaug.atomic import write_text
 from synthaug.classifier import load_classifier
 from synthaug.classifier.source import config_file
+from synthaug.cli import configure_logging
 from synthaug.commands import learn_tokens
 from synthaug.config import load_config, parse_overrides, replace, to_dict
 from synthaug.errors import UserError

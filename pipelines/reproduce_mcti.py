@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from synthaug import configure_logging
 from synthaug.atomic import write_text
+from synthaug.cli import configure_logging
 from synthaug.config import MCTIConfig
 from synthaug.errors import UserError
 

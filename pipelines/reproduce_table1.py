@@ -21,8 +21,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from synthaug import configure_logging
 from synthaug.atomic import write_text
+from synthaug.cli import configure_logging
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import SelfScoringWarning, evaluate_judge
 from synthaug.evaluate.tables import format_table

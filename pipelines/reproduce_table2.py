@@ -38,8 +38,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from synthaug import configure_logging
 from synthaug.atomic import write_text
+from synthaug.cli import configure_logging
 from synthaug.errors import UserError
 from synthaug.evaluate.downstream import DownstreamConfig, train_downstream
 from synthaug.evaluate.tables import format_table

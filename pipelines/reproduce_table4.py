@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from synthaug import build, configure_logging, load_config
+from synthaug import build, load_config
 from synthaug.atomic import write_text
+from synthaug.cli import configure_logging
 from synthaug.config import parse_overrides
 from synthaug.errors import UserError
 from synthaug.evaluate.judge import evaluate_judge

@@ -1,6 +1,8 @@
 """synthaug: class-accurate synthetic training sets from text-to-image diffusion models.
 
-The public API, one entry point per stage (see ARCHITECTURE.md). Imports are lazy so that ``import synthaug`` and
+The public API, one entry point per stage (see ARCHITECTURE.md): the library only. What the command line runs
+(`synthaug.cli.configure_logging`, `synthaug.commands.learn_tokens` and the other subcommands) and the testing world
+(`synthaug.testing.tiny_pipeline`) are imported from their modules. Imports are lazy so that ``import synthaug`` and
 ``synthaug --help`` stay instant; torch/diffusers/transformers load on first use of a name that needs them.
 
 >>> from synthaug import load_diffusion, load_classifier, learn_dct_token, save_tokens, generate
@@ -18,17 +20,15 @@ _EXPORTS = {
     "load_config": "config",
     "UserError": "errors",
     # models
-    "load_diffusion": "models", "clip_tokenizer": "models", "tiny_pipeline": "testing",
+    "load_diffusion": "models", "clip_tokenizer": "models",
     # classifier
     "load_classifier": "classifier", "Classifier": "classifier",
     # tokens
     "learn_dct_token": "tokens", "learn_dct_tokens": "tokens", "DCTJob": "tokens", "TokenResult": "tokens", "save_token": "tokens", "save_tokens": "tokens",
     "load_tokens": "tokens", "add_tokens": "tokens", "token_name": "tokens", "token_metadata": "tokens",
-    "learn_tokens": "commands",
-    "learn_mcti_token": "tokens", "classify": "tokens", "export_tokens": "commands",
+    "learn_mcti_token": "tokens", "classify": "tokens",
     # generate
     "generate": "generation", "GeneratedImage": "generation", "image_seed": "generation",
-    "generate_to_folder": "commands",
     # shards
     "write_shard": "shards", "merge_index": "index", "read_sample": "shards", "verify": "index",
     "load_index": "index", "ShardReader": "shards", "ShardError": "shards", "open_build": "index",
@@ -42,9 +42,11 @@ _EXPORTS = {
     "evaluate_judge": "evaluate", "train_downstream": "evaluate", "compute_fid": "evaluate",
     "format_table": "evaluate", "load_result": "evaluate",
     "write_report": "report",
-    # command line
-    "configure_logging": "cli",
 }
+
+# Command-line helpers and the testing world: importable from their modules, not the library's API.
+_ELSEWHERE = {"configure_logging": "cli", "learn_tokens": "commands", "export_tokens": "commands",
+              "generate_to_folder": "commands", "tiny_pipeline": "testing"}
 
 __all__ = [*sorted(_EXPORTS), "__version__"]  # noqa: PLE0604 (strings: the keys of _EXPORTS)
 
@@ -53,6 +55,9 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
         return getattr(module, name)
+    if name in _ELSEWHERE:
+        raise AttributeError(f"module 'synthaug' has no attribute {name!r}: it is not part of the library API, "
+                             f"import it from synthaug.{_ELSEWHERE[name]}")
     raise AttributeError(f"module 'synthaug' has no attribute {name!r}")
 
 

@@ -15,6 +15,25 @@ class UserError(ValueError):
     """Bad input from the user (argument, config key, dataset root, model path). Printed on one line by the CLI."""
 
 
+class SourceError(UserError):
+    """What is wrong with a model source, worded without naming it: the caller that knows the argument and the source
+    (`load_classifier`, `load_backbone`) puts "`classifier` 'SOURCE': " in front, once."""
+
+
+def first_line(e: BaseException, *, typed: bool = False) -> str:
+    """The first line of an exception's message (at most 200 characters), for a one-line `UserError` that quotes it;
+    the exception's type when the message is empty, and in front of it (``Type: line``) with `typed`.
+
+    >>> first_line(OSError("disk full\\nmore"), typed=True)
+    'OSError: disk full'
+    """
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:200]
+    return f"{type(e).__name__}: {line}" if typed else line
+
+
 # What the machine, not the code, refuses to a write: a full disk or quota, a read-only folder or file system.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 

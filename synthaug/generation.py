@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import GenerateConfig, check_generate_levers, strength_steps
 from .datasets.fewshot import few_shot_indices
+from .device import auto_batch_size, free_cuda_memory
 from .errors import UserError
 from .tokens.text import embedding_sha256, render_prompt, vector_ids
 
@@ -355,27 +356,6 @@ def _score(classifier: torch.nn.Module, images: list, class_index: int, top_k: i
 CPU_BATCH_SIZE = 8  # `generate.batch_size: null` off CUDA: the batch no longer matters for speed there
 
 
-AUTO_MEMORY_FRACTION = 0.9  # of the free memory: the rest is headroom for the guide, fragmentation, other processes
-
-
-AUTO_MAX_BATCH = 64  # past this a GPU is long saturated; larger batches only delay the first shard
-
-
-def auto_batch_size(free_bytes: float, per_image_bytes: float, fixed_bytes: float = 0.0, *,
-                    fraction: float = AUTO_MEMORY_FRACTION, max_batch: int = AUTO_MAX_BATCH) -> int:
-    """The largest batch whose generation memory fits in `fraction` of `free_bytes` (1 at least, `max_batch` at most).
-
-    A batch of ``n`` images needs ``fixed_bytes + n * per_image_bytes`` beyond the loaded weights (`probe_memory`).
-
-    >>> auto_batch_size(free_bytes=40e9, per_image_bytes=2e9, fixed_bytes=1e9)
-    17
-    """
-    if not per_image_bytes > 0:
-        raise ValueError(f"per_image_bytes must be > 0 but is {per_image_bytes!r}")
-    n = int((free_bytes * fraction - fixed_bytes) // per_image_bytes)
-    return max(1, min(max_batch, n))
-
-
 def probe_memory(pipe: StableDiffusionPipeline, config: GenerateConfig) -> tuple[int, int]:
     """Bytes one generated image needs beyond the weights, and the part that does not grow with the batch, on CUDA.
 
@@ -423,13 +403,6 @@ def batch_size_for(pipe: StableDiffusionPipeline, config: GenerateConfig) -> int
     logger.info("generate.batch_size auto: %d (%.1f GiB free on %s, %.2f GiB per image + %.2f GiB fixed at %dx%d)",
                 n, free / 2**30, device, per_image / 2**30, fixed / 2**30, config.height, config.width)
     return n
-
-
-def free_cuda_memory(device: torch.device) -> int:
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _unet_inputs(pipe: StableDiffusionPipeline, config: GenerateConfig, n: int):

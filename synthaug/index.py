@@ -34,6 +34,7 @@ from .layout import (
     SHARDS_DIR,
     TOKENS_DIR,
     WIDS_INDEX_FILE,
+    ShardStats,
     done_shards,
     is_build_card,
     legacy_build_error,
@@ -42,12 +43,13 @@ from .layout import (
     read_plan,
     rebuild_hint,
     resume_command,
+    sha256_of,
     shard_name,
     shard_paths,
     token_path,
     token_string,
 )
-from .shards import FORMAT_VERSION, ShardError, ShardStats, conform, index_schema, optional_columns, sha256_of
+from .shards import FORMAT_VERSION, ShardError, conform, index_schema, optional_columns
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -9,10 +9,11 @@ and produces, per shard id chosen by the build planner::
     meta/_dct-00003_stats.json   written LAST: "shard done" ("_": whole-folder parquet readers of meta/ skip it)
 
 What is here: the writer (`write_shard`, and `ShardWriter`, which encodes and writes batch by batch on a background
-thread), the check a resume runs on a finished shard (`check_shard`), and random access (`read_sample` reads one
+thread), and random access (`read_sample` reads one
 image with one positioned read; `ShardReader`, `decode_image`). The build-wide files are `synthaug.index`'s:
 `merge_index` writes ``index.parquet``, ``classes.json``, ``_info.json`` and ``shards.wids.json`` from these shards,
-and `synthaug.index.verify` checks every byte against the recorded sha256.
+and `synthaug.index.verify` checks every byte against the recorded sha256. What a stats file records (`ShardStats`)
+and whether a finished shard still matches it (`check_shard`) are `synthaug.layout`'s, the owner of "done".
 
 Every file is written atomically (synthaug.atomic) and tar members carry a fixed mtime/uid/gid/mode, so the same
 images give byte-identical shards.
@@ -23,16 +24,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
-import re
 import tarfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +44,7 @@ from .layout import (
     META_DIR,
     SHARDS_DIR,
     ShardPaths,
+    ShardStats,
     parse_shard_name,
     rebuild_hint,
     sample_key,
@@ -282,66 +281,6 @@ def encode_image(image: Image.Image, image_format: str = "png", quality: int = 9
     else:
         image.save(buf, format="WEBP", quality=quality, method=4, lossless=False)
     return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class ShardStats:
-    """Contents of ``meta/_{method}-{id:05d}_stats.json``: what the shard holds and the checksums of its files."""
-
-    shard: int
-    method: str  # the split in the shard's name: every sample of a shard is made with one method
-    num_samples: int
-    tar: str  # relative to the build directory, as in _info.json
-    tar_bytes: int
-    tar_sha256: str
-    parquet: str
-    parquet_sha256: str
-    image_format: str
-    quality: int | None  # None for PNG (lossless); the JPEG/WebP quality otherwise
-    classes: dict[str, int]  # class_index (as a JSON key) -> samples
-    methods: dict[str, int]
-    first_key: str
-    last_key: str
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        return dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ShardStats:
-        """Read and check a stats file. Raises ValueError for one no shard writer wrote: a field of the wrong type or
-        sign, a sha256 that is not one, or file names other than the shard's own (they are copied into
-        ``_info.json``, so they must not be able to name another path)."""
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or (missing := [f.name for f in fields(cls) if f.name not in data
-                                                      and f.default is MISSING]):
-            raise ValueError("damaged: " + (f"fields {', '.join(missing)} missing" if isinstance(data, dict) else
-                                            f"not a JSON object but {type(data).__name__}"))
-        st = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        if bad := [n for n in ("image_format", "first_key", "last_key") if not isinstance(getattr(st, n), str)]:
-            raise ValueError(f"{bad[0]} must be a string but is {str(getattr(st, bad[0]))[:80]!r}")
-        if not _count(st.shard) or not _count(st.num_samples) or not st.num_samples or not _count(st.tar_bytes):
-            raise ValueError(f"shard, num_samples and tar_bytes must be integers >= 0 (num_samples > 0) but are "
-                             f"{st.shard!r}, {st.num_samples!r} and {st.tar_bytes!r}")
-        if not isinstance(st.method, str) or not re.fullmatch(r"[a-z0-9_]+", st.method):
-            raise ValueError(f"method must be a method name but is {str(st.method)[:80]!r}")
-        own = shard_paths(".", st.shard, st.method)
-        if (Path(path).name != own.stats.name) or st.tar != f"{SHARDS_DIR}/{own.tar.name}" or \
-                st.parquet != f"{META_DIR}/{own.parquet.name}":
-            raise ValueError(f"it names shard {st.shard!r}, tar {str(st.tar)[:80]!r} and parquet "
-                             f"{str(st.parquet)[:80]!r}, not the shard's own files")
-        for name in ("tar_sha256", "parquet_sha256"):
-            if not isinstance(getattr(st, name), str) or not re.fullmatch(r"[0-9a-f]{64}", getattr(st, name)):
-                raise ValueError(f"{name} is not a sha256 hex digest: {str(getattr(st, name))[:80]!r}")
-        for name in ("classes", "methods"):
-            counts = getattr(st, name)
-            if not isinstance(counts, dict) or not all(isinstance(k, str) and _count(v) for k, v in counts.items()):
-                raise ValueError(f"{name} must map names to counts >= 0 but is {str(counts)[:80]}")
-        return st
-
-
-def _count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class _HashingWriter:
@@ -718,52 +657,6 @@ class ShardWriter:
         if self._current is not None:
             self._current.abort(error or RuntimeError("the shard writer was closed with a shard open"))
             self._current = None
-
-
-def check_shard(out: str | os.PathLike, shard_id: int, method: str) -> str | None:
-    """Why a shard marked done cannot be trusted, or None when it can: the cheap check a resumed build makes.
-
-    Compares the tar's size and the parquet file's sha256 with what ``_stats.json`` recorded when the shard was
-    written (the parquet is small). The tar is read only when it was modified after its stats file (which is written
-    last): then its sha256 must match too, so a member changed in place (a label, say) is caught without hashing
-    every tar on every resume. `verify` checks every tar and every image's bytes.
-    """
-    paths = shard_paths(out, shard_id, method)
-    try:
-        st = ShardStats.load(paths.stats)
-        expected_bytes, expected_sha = int(st.tar_bytes), str(st.parquet_sha256)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        return f"its stats file is unreadable ({type(e).__name__})"
-    try:
-        size = paths.tar.stat().st_size
-    except OSError:
-        return "its tar is missing"
-    if size != expected_bytes:
-        return f"its tar has {size} bytes, the stats say {expected_bytes}"
-    try:
-        changed_later = paths.tar.stat().st_mtime_ns > paths.stats.stat().st_mtime_ns
-    except OSError:
-        return "its stats file is missing"
-    if changed_later and sha256_of(paths.tar) != str(st.tar_sha256):
-        return "its tar was changed after the shard was written (its sha256 differs from the stats)"
-    sha = sha256_of(paths.parquet)
-    if sha is None:
-        return "its parquet file is missing"
-    if sha != expected_sha:
-        return "its parquet file differs from the one recorded in the stats"
-    return None
-
-
-def sha256_of(path: Path) -> str | None:
-    """sha256 of a file's bytes, read in 1 MiB blocks; None when it cannot be read."""
-    sha = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                sha.update(block)
-    except OSError:
-        return None
-    return sha.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_classifier_wraps_an_in_process_timm_model():
 
 def test_embedded_digits_missing_names_the_trainer_script(tmp_path, monkeypatch):
     monkeypatch.setitem(clf_mod.EMBEDDED_CLASSIFIERS, "digits-guide", tmp_path / "absent")
-    with pytest.raises(UserError, match=r"`classifier` 'digits-guide' .*`python scripts/train_digits_world\.py"):
+    with pytest.raises(UserError, match=r"`classifier` 'digits-guide': .*`python scripts/train_digits_world\.py"):
         load_classifier("digits-guide", device="cpu")
 
 
@@ -417,8 +417,8 @@ def test_checkpoint_errors(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("source", "message"), [
     ("", r"`classifier` must be a timm name"),
-    ("not_a_model_xyz", r"`classifier` 'not_a_model_xyz' is not a known classifier: pass a timm name"),
-    ("./no/such/dir", r"`classifier` './no/such/dir' does not exist"),
+    ("not_a_model_xyz", r"`classifier` 'not_a_model_xyz': not a known classifier: pass a timm name"),
+    ("./no/such/dir", r"`classifier` './no/such/dir': no such directory: pass an existing directory"),
     ("resnet18.no_such_tag", r"timm has no pretrained weights 'resnet18\.no_such_tag'"),
     ("torchvision:no_such_net", r"'no_such_net' is not a torchvision model"),
     ("torchvision:resnet18.NO_SUCH", r"resnet18 has no weights 'NO_SUCH': use one of IMAGENET1K_V1"),
@@ -431,7 +431,7 @@ def test_bad_sources_name_the_argument_value_and_fix(source, message, empty_cach
 
 
 def test_directory_without_config_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"is a directory without config\.json: pass a timm directory"):
+    with pytest.raises(UserError, match=r"`classifier` '.*': the directory has no config\.json: pass a timm directory"):
         load_classifier(str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"has neither 'architecture' \(timm\) nor 'model_type'"):
@@ -459,3 +459,22 @@ def test_source_parsing_labels_and_agreement(timm_dir, caplog):
     assert "only its class count" in caplog.text
     with pytest.raises(UserError, match="predicts 4 classes but dataset 'd' has 3"):
         check_label_agreement(LABELS, labels=None, count=4, what="guide", source="g", dataset="d")
+
+
+def test_every_kind_of_source_has_one_loader_and_its_error_gets_the_source_once(monkeypatch):
+    from synthaug.classifier import load as load_mod
+    from synthaug.classifier.source import parse_source
+    from synthaug.errors import SourceError
+
+    kinds = {parse_source(s).kind for s in ("digits-guide", "timm:resnet18", "hf-hub:org/name", "org/name",
+                                            "transformers:org/name", "vit-mae:org/name", "torchvision:resnet18",
+                                            "resnet18@ckpt.pth", "resnet18")}
+    assert kinds <= set(load_mod.LOADERS)
+
+    def refuses(src, local_files_only):
+        raise SourceError("timm has no pretrained weights 'resnet18.nope'.")
+
+    monkeypatch.setitem(load_mod.LOADERS, "timm", refuses)
+    with pytest.raises(UserError, match=r"^`classifier` 'timm:resnet18\.nope': timm has no pretrained weights "
+                                        r"'resnet18\.nope'\.$"):
+        load_classifier("timm:resnet18.nope", device="cpu")

@@ -153,7 +153,7 @@ def test_logging_shows_synthaugs_lines_and_dependencies_only_when_verbose(verbos
     import subprocess
     import sys
 
-    code = ("import logging; from synthaug import configure_logging; "
+    code = ("import logging; from synthaug.cli import configure_logging; "
             f"configure_logging(verbose={verbose}); "
             "logging.getLogger('timm.models._builder').info('Loading pretrained weights'); "
             "logging.getLogger('timm').warning('a real warning'); "

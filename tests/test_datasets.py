@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthaug.datasets.catalog import DATASET_NAMES, get_dataset
+from synthaug.datasets.catalog import DATASET_NAMES, DATASETS, check_split, dataset_splits, get_dataset
 from synthaug.datasets.cub import CUB200
 from synthaug.datasets.digits import Digits
 from synthaug.datasets.fewshot import few_shot, few_shot_indices
@@ -236,3 +236,14 @@ def test_digits_unchanged():
     img, target = Digits(split="test")[0]
     assert img.size == (32, 32) and img.mode == "RGB" and Digits.classes[9] == "nine"
     assert target == Digits(split="test").targets[0]
+
+
+def test_each_dataset_declares_its_splits_once_and_the_catalog_reads_them(monkeypatch):
+    assert {k: cls.SPLITS for k, cls in DATASETS.items()} == {
+        "digits": ("train", "judge", "test"), "cub": ("train", "test", "all"), "inat": ("train", "train_full", "val"),
+        "imagenet": ("train", "val"), "imagefolder": None}
+    assert dataset_splits("inat50") == INat2021.SPLITS  # a subset has its dataset's splits
+    monkeypatch.setattr(CUB200, "SPLITS", ("train", "holdout"))  # the class is the one place: the catalog follows
+    assert dataset_splits("cub") == ("train", "holdout")
+    with pytest.raises(UserError, match=r"`split` must be one of train, holdout for dataset 'cub' but is 'test'"):
+        check_split("cub", "test")

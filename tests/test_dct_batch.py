@@ -13,7 +13,6 @@ import pytest
 import torch
 from test_tokens import Guide, cfg
 
-from synthaug import generation
 from synthaug.config import DCTConfig, diff, from_dict, load_config, resolve_auto, to_dict
 from synthaug.errors import UserError
 from synthaug.tokens import dct_batch
@@ -214,11 +213,11 @@ def test_auto_classes_per_batch_fits_free_cuda_memory(monkeypatch, tiny_pipe):
     job, probed = DCTJob(3, "three"), []
     monkeypatch.setattr(dct_batch, "probe_token_memory", lambda pipe, guide, config, job: probed.append(job)
                         or (2 * gib, gib))
-    monkeypatch.setattr(generation, "free_cuda_memory", lambda device: 40 * gib)
+    monkeypatch.setattr(dct_batch, "free_cuda_memory", lambda device: 40 * gib)
     cuda_pipe = types.SimpleNamespace(_execution_device=torch.device("cuda:0"))
     assert classes_per_batch_for(cuda_pipe, Guide(), cfg(classes_per_batch=None), job) == 17  # (36 - 1) // 2
     assert probed == [job]
-    monkeypatch.setattr(generation, "free_cuda_memory", lambda device: 400 * gib)
+    monkeypatch.setattr(dct_batch, "free_cuda_memory", lambda device: 400 * gib)
     assert classes_per_batch_for(cuda_pipe, Guide(), cfg(), job, "auto") == dct_batch.AUTO_MAX_CLASSES
     assert classes_per_batch_for(cuda_pipe, Guide(), cfg(classes_per_batch=None), job, 3) == 3  # no probe
     assert len(probed) == 2

@@ -268,3 +268,13 @@ def test_the_old_shots_keys_name_the_new_one(old, new):
 
     with pytest.raises(UserError, match=rf"`{old}` is now the top-level `{new}`.*--set {new}="):
         load_config(overrides={old: 3})
+
+
+def test_a_backbone_loaders_error_names_the_backbone_once(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"^`backbone` '.*': its config\.json has neither 'architecture' \(timm\) nor "
+                                        r"'model_type' \(transformers\)\.$"):
+        load_backbone(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"^`backbone` '.*': .*config\.json is unreadable"):
+        load_backbone(tmp_path)

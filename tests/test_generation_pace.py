@@ -19,7 +19,7 @@ from synthaug.builder.plan import ClassJob, ShardTask
 from synthaug.builder.worker import ClassWorker
 from synthaug.config import GenerateConfig, load_config, to_dict
 from synthaug.errors import UserError
-from synthaug.generation import auto_batch_size, batch_size_for, batch_sizes, compile_unet, generate, use_unet
+from synthaug.generation import batch_size_for, batch_sizes, compile_unet, generate, use_unet
 from synthaug.layout import shard_paths
 from synthaug.shards import ShardWriter, write_shard
 from synthaug.tokens.io import save_tokens
@@ -89,17 +89,6 @@ def test_loaded_pipeline_generates_through_scaled_dot_product_attention(world, m
 # --------------------------------------------------------------------------------------------------------------------
 # Batch size from free memory
 # --------------------------------------------------------------------------------------------------------------------
-def test_auto_batch_size_arithmetic():
-    gib = 2**30
-    # 0.9 x 40 GiB = 36 GiB; minus 1 GiB fixed = 35 GiB; at 2 GiB per image: 17 images
-    assert auto_batch_size(40 * gib, 2 * gib, 1 * gib) == 17
-    assert auto_batch_size(40 * gib, 2 * gib, 1 * gib, fraction=1.0) == 19
-    assert auto_batch_size(1 * gib, 2 * gib) == 1  # never below one image: a too-small GPU fails loudly in the pipe
-    assert auto_batch_size(1000 * gib, 0.01 * gib) == generation.AUTO_MAX_BATCH
-    with pytest.raises(ValueError, match="per_image_bytes must be > 0"):
-        auto_batch_size(gib, 0)
-
-
 def test_batch_size_for_reads_free_cuda_memory(monkeypatch, caplog):
     gib = 2**30
     cuda_pipe = types.SimpleNamespace(device=torch.device("cuda:0"))

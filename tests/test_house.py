@@ -1,4 +1,5 @@
-"""The package's shape, as ARCHITECTURE.md states it: no import cycle, no module over 900 lines, no private name
+"""The package's shape, as ARCHITECTURE.md states it: no import cycle (between modules, through package
+`__init__` files and function-local imports too, nor between packages), no module over 900 lines, no private name
 imported from another module, the build folder's files parsed by `synthaug.layout` alone, and the checks a build runs
 before any work free of the worker stack."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "synthaug"
 
@@ -35,23 +38,65 @@ def _imports(name: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, st
     return found
 
 
-def test_no_import_cycle_between_modules():
-    mods = _modules()
-    graph = {m: {t for t, _ in _imports(m, p, mods) if t in mods and not (m.startswith(t + ".") or t.startswith(
-        m + "."))} for m, p in mods.items() if p.name != "__init__.py"}
+def _graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules importing it runs: every import, function-local ones included, and the packages above
+    an imported module (Python runs ``a/__init__.py`` before ``a.b``), but not the importer's own packages, which
+    are already running when it is."""
+    graph: dict[str, set[str]] = {}
+    for m, p in mods.items():
+        for t, _ in _imports(m, p, mods):
+            parts = t.split(".")
+            graph.setdefault(m, set()).update(
+                up for i in range(2, len(parts) + 1) if (up := ".".join(parts[:i])) in mods
+                and up != m and not m.startswith(up + "."))
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as a path back to its start, or None."""
     state: dict[str, int] = {}
 
-    def visit(m: str, trail: list[str]) -> None:
+    def visit(m: str, trail: list[str]) -> list[str] | None:
         state[m] = 1
-        for t in graph.get(m, ()):
-            assert state.get(t) != 1, f"import cycle: {' -> '.join([*trail[trail.index(t):], t])}"
-            if t not in state:
-                visit(t, [*trail, t])
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                return [*trail[trail.index(t):], t]
+            if t not in state and (found := visit(t, [*trail, t])):
+                return found
         state[m] = 2
+        return None
 
-    for m in graph:
-        if m not in state:
-            visit(m, [m])
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m, [m]))), None)
+
+
+def _package(module: str) -> str:
+    """The top-level part of synthaug a module belongs to: ``synthaug.tokens.dct`` -> ``synthaug.tokens``."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_cycle_between_modules():
+    cycle = _cycle(_graph(_modules()))
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_no_import_loop_between_packages():
+    packages: dict[str, set[str]] = {}
+    for m, targets in _graph(_modules()).items():
+        packages.setdefault(_package(m), set()).update(_package(t) for t in targets if _package(t) != _package(m))
+    loop = _cycle(packages)
+    assert loop is None, f"package import loop: {' -> '.join(loop)}"
+
+
+def test_a_loop_through_a_package_init_is_a_cycle(tmp_path):
+    # a -> b.c runs b/__init__ first, which imports b.d, which imports a: the loop the packages' graph must see
+    (tmp_path / "b").mkdir()
+    files = {"a.py": "from .b.c import x\n", "b/__init__.py": "from .d import y\n", "b/c.py": "x = 1\n",
+             "b/d.py": "def y():\n    from ..a import x\n"}
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+    mods = {"synthaug.a": tmp_path / "a.py", "synthaug.b": tmp_path / "b/__init__.py",
+            "synthaug.b.c": tmp_path / "b/c.py", "synthaug.b.d": tmp_path / "b/d.py"}
+    assert _cycle(_graph(mods)) == ["synthaug.a", "synthaug.b", "synthaug.b.d", "synthaug.a"]
 
 
 def test_no_module_over_900_lines():
@@ -82,3 +127,23 @@ def test_the_checks_before_a_build_import_no_worker_model_or_ray():
         imported = {t.partition(".")[0] if not t.startswith("synthaug") else t
                     for t, _ in _imports(name, mods[name], mods)}
         assert not imported & (heavy | {"ray"}) - allowed, name
+
+
+def test_the_package_root_exports_the_library_api_only():
+    import synthaug
+
+    mods = _modules()
+    # every name resolves in the module it is exported from, without importing it (torch stays unloaded)
+    for name, module in {**synthaug._EXPORTS, **synthaug._ELSEWHERE}.items():
+        tree = ast.parse(mods[f"synthaug.{module}"].read_text())
+        defined = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert name in defined, f"synthaug.{name} is not defined in synthaug.{module}"
+    # the command line's helpers and the testing world are not the library's: their modules are where they live
+    assert not {"cli", "commands", "testing"} & set(synthaug._EXPORTS.values())
+    assert set(synthaug._ELSEWHERE) == {"configure_logging", "learn_tokens", "export_tokens", "generate_to_folder",
+                                        "tiny_pipeline"}
+    with pytest.raises(AttributeError, match=r"'tiny_pipeline': it is not part of the library API, import it from "
+                                             r"synthaug\.testing"):
+        synthaug.tiny_pipeline  # noqa: B018

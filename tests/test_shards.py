@@ -258,7 +258,7 @@ def test_shard_reader_reopens_after_pickle(tmp_path):
 
 
 def test_check_shard_finds_a_truncated_tar_and_a_changed_parquet(tmp_path):
-    from synthaug.shards import check_shard
+    from synthaug.layout import check_shard
 
     build(tmp_path, baseline=False)
     assert check_shard(tmp_path, 0, "dct") is None and check_shard(tmp_path, 1, "dct") is None
@@ -273,6 +273,21 @@ def test_check_shard_finds_a_truncated_tar_and_a_changed_parquet(tmp_path):
     assert check_shard(tmp_path, 1, "dct").startswith("its stats file is unreadable")
     tar.unlink()
     assert check_shard(tmp_path, 0, "dct") == "its tar is missing"
+
+
+def test_layout_names_the_damaged_shards_of_the_planned_jobs_and_skips_the_unfinished(tmp_path):
+    from synthaug.layout import ClassJob, ShardTask, damaged_shards
+
+    build(tmp_path, baseline=False)
+    tasks = [ShardTask(shard_id=i, method="dct", class_index=i, chunk=0, start=0, stop=n) for i, n in ((0, 3), (1, 4))]
+    not_written = ShardTask(shard_id=5, method="dct", class_index=1, chunk=1, start=4, stop=8)  # no stats: not done
+    jobs = [ClassJob(0, "bird 0", "<synthaug-000>", (tasks[0],)),
+            ClassJob(1, "bird 1", "<synthaug-001>", (tasks[1], not_written))]
+    assert damaged_shards(tmp_path, jobs) == []
+    tar = shard_paths(tmp_path, 1, "dct").tar
+    tar.write_bytes(tar.read_bytes()[:-512])
+    size = tar.stat().st_size
+    assert damaged_shards(tmp_path, jobs) == [(tasks[1], f"its tar has {size} bytes, the stats say {size + 512}")]
 
 
 def test_the_judge_rewrites_the_index_under_the_build_lock(tmp_path):
@@ -304,8 +319,7 @@ def test_a_format_1_build_is_refused_by_the_readers_in_one_line(tmp_path):
 def test_a_stats_file_with_wrong_fields_is_named_as_damaged_with_what_to_run(tmp_path):
     import json
 
-    from synthaug.layout import shard_paths
-    from synthaug.shards import ShardStats, check_shard
+    from synthaug.layout import ShardStats, check_shard, shard_paths
 
     build(tmp_path)
     stats = shard_paths(tmp_path, 1, "dct").stats

@@ -12,6 +12,7 @@ from synthaug.builder.driver import build
 from synthaug.commands import inspect
 from synthaug.config import GenerateConfig
 from synthaug.errors import UserError
+from synthaug.generation import generate
 from synthaug.testing import tiny_pipeline
 from synthaug.tokens.io import add_tokens
 from synthaug.tokens.trust import TrustVerdict, check_token_trust
@@ -29,7 +30,7 @@ def pipe():
 def test_verdict_follows_the_guide_on_real_images_and_where_the_token_images_land(pipe):
     gen = GenerateConfig(num_inference_steps=2, height=16, width=16, batch_size=4)
     real = {c: [color_image(c, size=16, green=g) for g in (0, 40, 80)] for c in range(6)}
-    kw = {"class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4}
+    kw = {"generate": generate, "class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4}
     ok = check_token_trust(pipe, ColorJudge(), real_images=real, **kw)
     assert ok.guide_real_accuracy == 1.0 and ok.real_images == 3 and ok.images == 4
     assert ok.trusted == (ok.token_on_class >= ok.plain_on_class)
@@ -46,7 +47,7 @@ def test_verdict_follows_the_guide_on_real_images_and_where_the_token_images_lan
 def test_the_check_asks_in_the_feature_space_it_is_given(pipe):
     gen = GenerateConfig(num_inference_steps=2, height=16, width=16, batch_size=4)
     real = {c: [color_image(c, size=16, green=g) for g in (0, 40, 80)] for c in range(6)}
-    kw = {"class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4, "real_images": real}
+    kw = {"generate": generate, "class_index": 3, "label": "three", "token": TOKEN, "config": gen, "images": 4, "real_images": real}
     guide = ColorJudge()
     seen = []
 

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from synthaug.config import load_config
     from synthaug.datasets.catalog import get_dataset
     from synthaug.datasets.fewshot import few_shot_indices
+    from synthaug.generation import generate
     from synthaug.models import load_diffusion
     from synthaug.tokens.clip import default_clip_model, image_features, load_clip
     from synthaug.tokens.io import add_tokens, load_tokens
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in classes:
                 v = check_token_trust(pipe, guide, class_index=c["index"], label=c["name"], token=c["token"],
                                       real_images=real, config=cfg.generate, images=images, seed=seed,
-                                      features=features, features_name=name)
+                                      features=features, features_name=name, generate=generate)
                 cells.append(f"{c['name']}:{'ok' if v.trusted else 'NO'}"
                              f"({round(v.token_on_class * images)}/{round(v.plain_on_class * images)})")
             print(f"images={images} seed={seed} {name}: {' '.join(cells)}", flush=True)

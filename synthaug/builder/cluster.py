@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def ray_session(address: str | None, resume: str = "run the same command again")
         except Exception as e:  # noqa: BLE001 (Ray raises ConnectionError, ValueError or a bare Exception here)
             with contextlib.suppress(Exception):
                 ray.shutdown()
-            raise UserError(f"`run.ray_address` {address!r}: Ray could not attach ({first_line(e)}): start the "
-                            f"cluster (`ray start --head`) or fix the address, then {resume}.") from None
+            raise UserError(f"`run.ray_address` {address!r}: Ray could not attach ({first_line(e, typed=True)}): "
+                            f"start the cluster (`ray start --head`) or fix the address, then {resume}.") from None
         try:
             yield ray
         finally:
@@ -169,8 +169,8 @@ def ray_session(address: str | None, resume: str = "run the same command again")
         try:
             init_local_ray(ray)
         except Exception as e:  # noqa: BLE001 (Ray raises a bare Exception when its processes do not come up)
-            raise UserError(f"`run.executor` 'ray': a local Ray could not start ({first_line(e)}): check free memory "
-                            f"and /dev/shm, or pass --executor local; then {resume}.") from None
+            raise UserError(f"`run.executor` 'ray': a local Ray could not start ({first_line(e, typed=True)}): check "
+                            f"free memory and /dev/shm, or pass --executor local; then {resume}.") from None
         yield ray
     finally:
         with contextlib.suppress(Exception):
@@ -178,7 +178,3 @@ def ray_session(address: str | None, resume: str = "run the same command again")
         reaper.close()
 
 
-def first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` of an exception, for one-line errors."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

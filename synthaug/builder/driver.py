@@ -48,9 +48,9 @@ from ..layout import (
     TOKENS_DIR,
     ClassJob,
     Plan,
-    ShardTask,
     begin_build,
     build_lock,
+    damaged_shards,
     fits_guide,
     fitted_guide_dir,
     forget_build,
@@ -59,7 +59,6 @@ from ..layout import (
     read_build_config,
     read_plan,
     resume_command,
-    shard_done,
     shard_name,
     shard_paths,
     token_path,
@@ -67,7 +66,6 @@ from ..layout import (
     trust_path,
     write_shots,
 )
-from ..shards import check_shard
 from ..tokens.io import int_or_none, save_tokens, token_metadata_or_empty, token_updates
 from ..tokens.trust import read_verdict
 from .cluster import resolve_executor
@@ -305,7 +303,7 @@ def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig | None 
     its job writes it again; with ``dct.trust`` on (`config`), a job whose trust verdict is missing or damaged is left
     to do too (its worker checks the token again; the verdict is seeded, so it is the same). With work left, the files
     of a finished build go, so none claims a completeness the folder does not have."""
-    for task, problem in _damaged_shards(out, jobs):
+    for task, problem in damaged_shards(out, jobs):
         logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
         shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
     todo = []
@@ -319,12 +317,6 @@ def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig | None 
         for name in FINAL_FILES:
             (out / name).unlink(missing_ok=True)
     return todo
-
-
-def _damaged_shards(out: Path, jobs: list[ClassJob]) -> list[tuple[ShardTask, str]]:
-    """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
-    return [(t, problem) for j in jobs for t in j.shards
-            if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
 
 
 def _verdict_problem(out: Path, job: ClassJob, config: BuildConfig) -> str | None:
@@ -358,7 +350,7 @@ def finished_build(config: BuildConfig) -> BuildResult | None:
     jobs = list(planned.jobs)
     if not all(job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
         return None
-    if _damaged_shards(out, jobs) or any(_verdict_problem(out, j, config) for j in jobs):
+    if damaged_shards(out, jobs) or any(_verdict_problem(out, j, config) for j in jobs):
         return None  # the full path redoes them
     newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
     if (out / INDEX_FILE).stat().st_mtime < newest:

@@ -311,7 +311,7 @@ class ClassWorker:
         verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
                                     token=job.token, real_images=models["real_by_class"], config=cfg.generate,
                                     images=cfg.dct.trust_images, seed=cfg.dct.seed, features=features,
-                                    features_name=cfg.dct.trust_features)
+                                    features_name=cfg.dct.trust_features, generate=generate)
         verdict = replace(verdict, settings_sha256=settings)
         write_text(path, verdict.to_json() + "\n")
         (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,

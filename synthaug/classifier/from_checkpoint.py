@@ -8,19 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import SourceError, first_line
 from .base import LoadedClassifier, last_linear
 from .from_timm import timm_data_config, timm_labels
 from .from_torchvision import torchvision_data_config
-from .hub import first_line
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Checkpoint files (ARCH@PATH)
 # --------------------------------------------------------------------------------------------------------------------
-def _read_state_dict(source: str, path: Path) -> dict[str, Tensor]:
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise UserError(f"`classifier` {source!r}: checkpoint file {str(path)!r} does not exist.")
+        raise SourceError(f"checkpoint file {str(path)!r} does not exist.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -29,8 +28,8 @@ def _read_state_dict(source: str, path: Path) -> dict[str, Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- unpickling refusals, truncated or foreign files: all the user's to fix
-        raise UserError(
-            f"`classifier` {source!r}: checkpoint {str(path)!r} could not be read ({first_line(e)}): save a plain "
+        raise SourceError(
+            f"checkpoint {str(path)!r} could not be read ({first_line(e)}): save a plain "
             f"state dict (torch.save(model.state_dict(), path) or safetensors)."
         ) from None
     if isinstance(sd, dict) and not all(isinstance(v, Tensor) for v in sd.values()):
@@ -39,10 +38,7 @@ def _read_state_dict(source: str, path: Path) -> dict[str, Tensor]:
                 sd = sd[key]
                 break
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise UserError(
-            f"`classifier` {source!r}: checkpoint {str(path)!r} holds no state dict of tensors: save "
-            f"model.state_dict()."
-        )
+        raise SourceError(f"checkpoint {str(path)!r} holds no state dict of tensors: save model.state_dict().")
     for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel / torch.compile wrappers
         if all(k.startswith(prefix) for k in sd):
             sd = {k.removeprefix(prefix): v for k, v in sd.items()}
@@ -60,18 +56,18 @@ def _head_classes(model: nn.Module, sd: dict[str, Tensor], head_name: str | None
     return None
 
 
-def load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> LoadedClassifier:
+def load_checkpoint(library: str, arch: str, ckpt: str) -> LoadedClassifier:
     path = Path(ckpt).expanduser()
     labels = None
     if library == "timm":
         import timm
 
         if not timm.is_model(arch):
-            raise UserError(
-                f"`classifier` {source!r}: {arch!r} is not a timm architecture: see timm.list_models(), or write "
+            raise SourceError(
+                f"{arch!r} is not a timm architecture: see timm.list_models(), or write "
                 f"'torchvision:{arch}@{ckpt}' for a torchvision one."
             )
-        sd = _read_state_dict(source, path)
+        sd = _read_state_dict(path)
         model = timm.create_model(arch, pretrained=False)
         head = model.pretrained_cfg.get("classifier")
         num = _head_classes(model, sd, head if isinstance(head, str) else None)
@@ -83,10 +79,8 @@ def load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> LoadedCl
         import torchvision
 
         if arch not in torchvision.models.list_models():
-            raise UserError(
-                f"`classifier` {source!r}: {arch!r} is not a torchvision model: see torchvision.models.list_models()."
-            )
-        sd = _read_state_dict(source, path)
+            raise SourceError(f"{arch!r} is not a torchvision model: see torchvision.models.list_models().")
+        sd = _read_state_dict(path)
         model = torchvision.models.get_model(arch, weights=None)
         num = _head_classes(model, sd, None)
         if num is not None and num != last_linear(model).out_features:
@@ -98,8 +92,8 @@ def load_checkpoint(source: str, library: str, arch: str, ckpt: str) -> LoadedCl
         model.load_state_dict(sd)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise UserError(
-            f"`classifier` {source!r}: checkpoint {str(path)!r} does not fit architecture {arch!r} ({detail}): "
+        raise SourceError(
+            f"checkpoint {str(path)!r} does not fit architecture {arch!r} ({detail}): "
             f"name the architecture it was trained with."
         ) from None
     return LoadedClassifier(model, data_config, f"unknown: checkpoint {path} (pass trained_on= to record what it saw)",

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SourceError, first_line
 from .base import LoadedClassifier, labels_of_model, timm_data_config
-from .hub import check_hub_id, first_line, hub_file, not_cached, read_json
+from .hub import check_hub_id, hub_file, not_cached, read_json
 
 
 def timm_labels(model: nn.Module) -> list[str] | None:
@@ -29,21 +29,21 @@ def timm_labels(model: nn.Module) -> list[str] | None:
     return [descriptions.get(n, n) for n in info.label_names()]
 
 
-def load_timm_dir(source: str, path: Path) -> LoadedClassifier:
+def load_timm_dir(path: Path) -> LoadedClassifier:
     import timm
 
     config = read_json(path / "config.json")
     arch = config.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch):
-        raise UserError(
-            f"`classifier` {source!r}: config.json names architecture {arch!r}, which this timm ({timm.__version__}) "
+        raise SourceError(
+            f"config.json names architecture {arch!r}, which this timm ({timm.__version__}) "
             f"does not know: upgrade timm or re-export the model."
         )
     try:
         model = timm.create_model("local-dir:" + str(path.resolve()), pretrained=True)
     except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(
-            f"`classifier` {source!r}: the timm directory {str(path)!r} could not be loaded ({first_line(e)}): "
+        raise SourceError(
+            f"the timm directory {str(path)!r} could not be loaded ({first_line(e)}): "
             f"it needs config.json and model.safetensors (or pytorch_model.bin) as timm.models.save_for_hf writes."
         ) from None
     note = config.get("trained_on") or f"unknown: the timm directory {path} declares no 'trained_on'"
@@ -76,7 +76,7 @@ def torch_hub_cached(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
-def load_timm_pretrained(source: str, name: str, local_files_only: bool) -> LoadedClassifier:
+def load_timm_pretrained(name: str, local_files_only: bool) -> LoadedClassifier:
     """A timm registry name with pretrained weights, or ``hf-hub:ORG/NAME``.
 
     Offline, timm is pointed at the files already on disk (a cached hub snapshot loads as ``local-dir:``, registry
@@ -87,25 +87,25 @@ def load_timm_pretrained(source: str, name: str, local_files_only: bool) -> Load
     create_name, kwargs = name, {}
     if name.startswith("hf-hub:"):
         repo = name.removeprefix("hf-hub:")
-        check_hub_id(source, repo)
-        config_file = hub_file(source, repo, "config.json", local_files_only)  # absent offline -> clear UserError
+        check_hub_id(repo)
+        config_file = hub_file(repo, "config.json", local_files_only)  # absent offline -> clear UserError
         config = read_json(Path(config_file))  # type: ignore[arg-type]
         note = config.get("trained_on") or f"unknown: see the model card of {repo}"
         if local_files_only:
-            if not any(hub_file(source, repo, n, True, required=False)
+            if not any(hub_file(repo, n, True, required=False)
                        for n in ("model.safetensors", "pytorch_model.bin")):
-                raise not_cached(source, f"the weights of {repo}")
+                raise not_cached(f"the weights of {repo}")
             create_name = "local-dir:" + str(Path(config_file).parent)  # type: ignore[arg-type]
     else:
         if not timm.is_model(name):
-            raise UserError(f"`classifier` {source!r} is not a timm model: see `timm.list_models()`.")
+            raise SourceError("not a timm model: see `timm.list_models()`.")
         try:
             cfg = timm.models.get_pretrained_cfg(name)
         except RuntimeError:  # an invalid tag
             cfg = None
         if cfg is None:
-            raise UserError(
-                f"`classifier` {source!r}: timm has no pretrained weights {name!r}: pick one listed by "
+            raise SourceError(
+                f"timm has no pretrained weights {name!r}: pick one listed by "
                 f"`timm.list_pretrained('{name.split('.')[0]}*')`, or pass 'ARCH@CHECKPOINT' with your own weights."
             )
         cfg = cfg.to_dict()
@@ -113,13 +113,11 @@ def load_timm_pretrained(source: str, name: str, local_files_only: bool) -> Load
         if local_files_only:
             cached = _timm_cached_weights(cfg)
             if cached is None:
-                raise not_cached(source, f"the timm weights {cfg.get('hf_hub_id') or cfg.get('url') or name!r}")
+                raise not_cached(f"the timm weights {cfg.get('hf_hub_id') or cfg.get('url') or name!r}")
             kwargs = {"pretrained_cfg_overlay": {"file": str(cached)}}
     try:
         model = timm.create_model(create_name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(
-            f"`classifier` {source!r} could not be loaded ({first_line(e)}): download it first, or pass a local "
-            f"directory."
-        ) from None
+        raise SourceError(f"could not be loaded ({first_line(e)}): download it first, or pass a local directory."
+                          ) from None
     return LoadedClassifier(model, timm_data_config(model), str(note), "timm", timm_labels(model))

@@ -5,22 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import SourceError, first_line
 from .base import PIL_RESAMPLE, HFLogits, LoadedClassifier, MeanPoolViT, labels_of_model
-from .hub import custom_code, first_line, hub_config, hub_file, known_model, read_json
+from .hub import custom_code, hub_config, hub_file, known_model, read_json
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # transformers
 # --------------------------------------------------------------------------------------------------------------------
-def hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
+def hf_data_config(pp: dict[str, Any]) -> dict[str, Any]:
     """An HF image processor config -> the equivalent timm data config (same resize, crop and normalization)."""
     resample = pp.get("resample", 2)
     interpolation = PIL_RESAMPLE.get(resample, resample if isinstance(resample, str) else "bilinear")
     if pp.get("do_normalize", True):
         mean, std = tuple(pp.get("image_mean") or ()), tuple(pp.get("image_std") or ())
         if len(mean) != 3 or len(std) != 3:
-            raise UserError(f"`classifier` {source!r}: its preprocessor_config.json has no 3-channel image_mean/std.")
+            raise SourceError("its preprocessor_config.json has no 3-channel image_mean/std.")
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     size = pp.get("size", {"height": 224, "width": 224})
@@ -42,15 +42,13 @@ def hf_data_config(source: str, pp: dict[str, Any]) -> dict[str, Any]:
         h = int(size["height"])
         ch, cw = (int(crop["height"]), int(crop["width"])) if crop else (h, int(size["width"]))
         return {**base, "input_size": (3, ch, cw), "crop_pct": ch / h, "crop_mode": "squash"}
-    raise UserError(
-        f"`classifier` {source!r}: preprocessor size {size} is not supported (shortest_edge or height/width): "
+    raise SourceError(
+        f"preprocessor size {size} is not supported (shortest_edge or height/width): "
         f"pass a model whose processor resizes to a fixed size."
     )
 
 
-def load_transformers(
-    source: str, name: str, local_files_only: bool, pooling: str | None, origin: str = ""
-) -> LoadedClassifier:
+def load_transformers(name: str, local_files_only: bool, pooling: str | None, origin: str = "") -> LoadedClassifier:
     """A transformers image classifier (hub id or local ``save_pretrained`` directory); ``pooling="mean"``: MAE ViT.
 
     `origin`: the hub id a local directory was saved from (its config's ``_name_or_path``), for the trained_on note.
@@ -62,21 +60,19 @@ def load_transformers(
         if not Path(pp_file).is_file():
             pp_file = None
     else:
-        config = hub_config(source, name, local_files_only)  # absent offline -> one clear message, before transformers
-        pp_file = hub_file(source, name, "preprocessor_config.json", local_files_only, required=False)
+        config = hub_config(name, local_files_only)  # absent offline -> one clear message, before transformers
+        pp_file = hub_file(name, "preprocessor_config.json", local_files_only, required=False)
     code = custom_code(config)
     if code:
-        raise UserError(
-            f"`classifier` {source!r}: its config.json has `auto_map` ({code}), i.e. Python code shipped with the "
+        raise SourceError(
+            f"its config.json has `auto_map` ({code}), i.e. Python code shipped with the "
             f"model, and synthaug never runs a model's own code: pass a model of a built-in transformers or timm "
             f"architecture."
         )
     if pp_file is None:
-        raise UserError(
-            f"`classifier` {source!r} has no preprocessor_config.json, so its resize and mean/std are unknown: save "
-            f"the image processor beside the model (processor.save_pretrained(dir))."
-        )
-    data_config = hf_data_config(source, read_json(Path(pp_file)))
+        raise SourceError("it has no preprocessor_config.json, so its resize and mean/std are unknown: save the "
+                          "image processor beside the model (processor.save_pretrained(dir)).")
+    data_config = hf_data_config(read_json(Path(pp_file)))
 
     from transformers import AutoModelForImageClassification, ViTForImageClassification
 
@@ -86,16 +82,16 @@ def load_transformers(
         model = cls.from_pretrained(repo, revision=revision or None, local_files_only=local_files_only,
                                     trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(
-            f"`classifier` {source!r} could not be loaded as a transformers image classifier ({first_line(e)}): "
+        raise SourceError(
+            f"could not be loaded as a transformers image classifier ({first_line(e)}): "
             f"pass a directory written by save_pretrained, or the hub id of an image-classification model."
         ) from None
     hub_id = repo if not local else (origin or name)
     note = known_model(hub_id).get("trained_on") or f"unknown: see the model card of {hub_id}"
     if pooling == "mean":
         if model.config.model_type != "vit":
-            raise UserError(
-                f"`classifier` {source!r}: mean pooling ('vit-mae:') needs an HF ViT checkpoint, but its model_type "
+            raise SourceError(
+                f"mean pooling ('vit-mae:') needs an HF ViT checkpoint, but its model_type "
                 f"is {model.config.model_type!r}: drop the 'vit-mae:' prefix."
             )
         return LoadedClassifier(MeanPoolViT(model), data_config, str(note), "vit-mae", labels_of_model(model))

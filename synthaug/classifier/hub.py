@@ -1,4 +1,6 @@
-"""Hugging Face Hub lookups for classifiers: known model ids, cached files, offline errors."""
+"""Hugging Face Hub lookups for classifiers: known model ids, cached files, offline errors.
+
+Errors are `SourceError`s: the caller that knows which argument named the model adds it."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import SourceError, first_line
 
 # Hub models whose loading needs more than the stock class, and what each was trained on.
 # "mean": an MAE ViT whose head sits on mean-pooled patch tokens, LayerNorm applied *after* pooling (the reference
@@ -35,26 +37,19 @@ def known_model(hub_id: str) -> dict[str, str | None]:
     return next((v for k, v in KNOWN_MODELS.items() if hub_id == k or hub_id.endswith("/" + k)), {})
 
 
-def check_hub_id(source: str, hub_id: str) -> None:
+def check_hub_id(hub_id: str) -> None:
     if hub_id.startswith((".", "/", "~")) or hub_id.split("@")[0].count("/") != 1:
-        raise UserError(
-            f"`classifier` {source!r} is neither an existing directory nor a hub id 'ORG/NAME': check the path."
-        )
+        raise SourceError("neither an existing directory nor a hub id 'ORG/NAME': check the path.")
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
-def not_cached(source: str, what: str) -> UserError:
-    return UserError(
-        f"`classifier` {source!r}: {what} is not on this machine and the hub is offline (HF_HUB_OFFLINE=1 or "
+def not_cached(what: str) -> SourceError:
+    return SourceError(
+        f"{what} is not on this machine and the hub is offline (HF_HUB_OFFLINE=1 or "
         f"local_files_only): download it first on a machine with network, or pass a local directory."
     )
 
 
-def hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, required: bool = True) -> str | None:
+def hub_file(repo_id: str, filename: str, local_files_only: bool, required: bool = True) -> str | None:
     """A file of a hub repo (``repo@revision`` allowed), from the cache when offline; None if optional and absent."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -65,20 +60,18 @@ def hub_file(source: str, repo_id: str, filename: str, local_files_only: bool, r
     except LocalEntryNotFoundError:  # offline and not cached (a subclass of EntryNotFoundError: caught first)
         if not required:
             return None
-        raise not_cached(source, f"{repo}/{filename}") from None
+        raise not_cached(f"{repo}/{filename}") from None
     except EntryNotFoundError:
         if not required:
             return None
-        raise UserError(f"`classifier` {source!r}: the hub repo {repo!r} has no {filename}.") from None
+        raise SourceError(f"the hub repo {repo!r} has no {filename}.") from None
     except OSError as e:  # repository not found, gated, network down
-        raise UserError(
-            f"`classifier` {source!r} could not be fetched ({first_line(e)}): check the id, log in for gated "
-            f"models, or pass a local directory."
-        ) from None
+        raise SourceError(f"could not be fetched ({first_line(e)}): check the id, log in for gated models, or pass a "
+                          f"local directory.") from None
 
 
-def hub_config(source: str, repo_id: str, local_files_only: bool) -> dict[str, Any]:
-    return read_json(Path(hub_file(source, repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
+def hub_config(repo_id: str, local_files_only: bool) -> dict[str, Any]:
+    return read_json(Path(hub_file(repo_id, "config.json", local_files_only)))  # type: ignore[arg-type]
 
 
 def custom_code(config: Any) -> str | None:
@@ -97,4 +90,4 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"`classifier`: {path} is unreadable ({first_line(e)}): re-save the model.") from None
+        raise SourceError(f"{path} is unreadable ({first_line(e)}): re-save the model.") from None

@@ -1,14 +1,18 @@
-"""`load_classifier`: resolve a classifier source string to the loader that builds it."""
+"""`load_classifier`: resolve a classifier source string to the loader that builds it.
+
+`parse_source` names the source's kind; `LOADERS` maps each kind to its loader. Loaders and the hub helpers raise a
+`SourceError` that says what is wrong without naming the source; `load_classifier` adds "`classifier` SOURCE:" once.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import SourceError, UserError
 from ..layout import guide_members
 from ..models import offline, resolve_device, resolve_dtype
 from .base import Classifier, LoadedClassifier
@@ -88,81 +92,86 @@ def load_classifier(
     torch_dtype = resolve_dtype(dtype, dev)
     if local_files_only is None:
         local_files_only = offline()
-    loaded = _resolve(src, local_files_only)
+    try:
+        loaded = LOADERS[src.kind](src, local_files_only)
+    except SourceError as e:  # the loaders say what is wrong; the argument and the source are named here, once
+        raise UserError(f"`classifier` {src.text!r}: {e}") from None
     loaded.model.to(device=dev, dtype=torch_dtype)
     return Classifier(loaded.model, labels, loaded.data_config, source=src.text, trained_on=trained_on or loaded.trained_on,
                       kind=loaded.kind, model_labels=loaded.labels, multi_label=declared_multi_label(src) or None)
 
 
-def _resolve(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
-    """The loader for a parsed source (the rules are `parse_source`'s, documented in `load_classifier`)."""
-    source = src.text
-    if src.kind == "embedded":
-        if not (src.path / "config.json").is_file():
-            raise UserError(
-                f"`classifier` {source!r} is an embedded model but its weights are missing at {src.path}: reinstall "
-                f"synthaug, or rebuild them with `python scripts/train_digits_world.py`."
-            )
-        return load_timm_dir(source, src.path)
-    if src.kind == "checkpoint":
-        return load_checkpoint(source, src.family, src.arch, src.target)
-    if src.kind == "timm":
-        return load_timm_pretrained(source, src.target, local_files_only)
-    if src.kind == "torchvision":
-        return load_torchvision(source, src.target, local_files_only)
-    if src.kind == "hf-hub":
-        return load_timm_pretrained(source, "hf-hub:" + src.target, local_files_only)
-    if src.kind == "dir":
-        return _load_dir(source, src.path)
-    if src.kind in ("transformers", "vit-mae"):
-        pooling = "mean" if src.kind == "vit-mae" else None
-        if src.path is not None:
-            return load_transformers(source, str(src.path), True, pooling)
-        check_hub_id(source, src.target)
-        return load_transformers(source, src.target, local_files_only,
-                                 pooling or known_model(src.target).get("pooling"))
-    if src.kind == "file":
-        raise UserError(
-            f"`classifier` {source!r} is a checkpoint file without an architecture: pass 'ARCH@{source}' "
-            f"(a timm architecture, e.g. 'resnet18@{source}') or 'torchvision:ARCH@{source}'."
-        )
-    # a bare name: the timm registry, else a hub id
+def _embedded(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
+    if not (src.path / "config.json").is_file():
+        raise SourceError(f"an embedded model whose weights are missing at {src.path}: reinstall synthaug, or rebuild "
+                          f"them with `python scripts/train_digits_world.py`.")
+    return load_timm_dir(src.path)
+
+
+def _transformers(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
+    pooling = "mean" if src.kind == "vit-mae" else None
+    if src.path is not None:
+        return load_transformers(str(src.path), True, pooling)
+    check_hub_id(src.target)
+    return load_transformers(src.target, local_files_only, pooling or known_model(src.target).get("pooling"))
+
+
+def _file(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
+    raise SourceError(f"a checkpoint file without an architecture: pass 'ARCH@{src.text}' (a timm architecture, "
+                      f"e.g. 'resnet18@{src.text}') or 'torchvision:ARCH@{src.text}'.")
+
+
+def _name(src: ClassifierSource, local_files_only: bool) -> LoadedClassifier:
+    """A bare name: the timm registry, else a hub id (its config.json decides timm or transformers)."""
     import timm
 
-    if "/" not in source and timm.is_model(source):
-        return load_timm_pretrained(source, source, local_files_only)
+    name = src.text
+    if "/" not in name and timm.is_model(name):
+        return load_timm_pretrained(name, local_files_only)
     if src.hub_id is not None:
-        if known_model(source).get("pooling") == "mean":
-            return load_transformers(source, source, local_files_only, "mean")
-        if "architecture" in hub_config(source, source, local_files_only):
-            return load_timm_pretrained(source, "hf-hub:" + source, local_files_only)
-        return load_transformers(source, source, local_files_only, None)
-    if source.startswith((".", "/", "~")) or os.sep in source:
-        raise UserError(f"`classifier` {source!r} does not exist: pass an existing directory, or {HELP}.")
-    raise UserError(f"`classifier` {source!r} is not a known classifier: pass {HELP}.")
+        if known_model(name).get("pooling") == "mean":
+            return load_transformers(name, local_files_only, "mean")
+        if "architecture" in hub_config(name, local_files_only):
+            return load_timm_pretrained("hf-hub:" + name, local_files_only)
+        return load_transformers(name, local_files_only, None)
+    if name.startswith((".", "/", "~")) or os.sep in name:
+        raise SourceError(f"no such directory: pass an existing directory, or {HELP}.")
+    raise SourceError(f"not a known classifier: pass {HELP}.")
 
 
-def _load_dir(source: str, path: Path) -> LoadedClassifier:
-    """A local directory: timm hub format or transformers ``save_pretrained`` format, told apart by config.json."""
+# A source's kind (`parse_source`) -> its loader; a new kind of source is one loader and one row here.
+LOADERS: dict[str, Callable[[ClassifierSource, bool], LoadedClassifier]] = {
+    "embedded": _embedded,
+    "checkpoint": lambda src, lfo: load_checkpoint(src.family, src.arch, src.target),
+    "timm": lambda src, lfo: load_timm_pretrained(src.target, lfo),
+    "torchvision": lambda src, lfo: load_torchvision(src.target, lfo),
+    "hf-hub": lambda src, lfo: load_timm_pretrained("hf-hub:" + src.target, lfo),
+    "dir": lambda src, lfo: _load_dir(src.path),
+    "transformers": _transformers,
+    "vit-mae": _transformers,
+    "file": _file,
+    "name": _name,
+}
+
+
+def _load_dir(path: Path) -> LoadedClassifier:
+    """A local directory: a probe folder, timm hub format or transformers ``save_pretrained`` format, told apart by
+    config.json."""
     if not path.is_dir():
-        raise UserError(f"`classifier` {source!r}: directory {str(path)!r} does not exist.")
+        raise SourceError(f"directory {str(path)!r} does not exist.")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise UserError(
-            f"`classifier` {source!r} is a directory without config.json: pass a timm directory "
-            f"(timm.models.save_for_hf) or a transformers one (save_pretrained)."
-        )
+        raise SourceError("the directory has no config.json: pass a timm directory (timm.models.save_for_hf) or a "
+                          "transformers one (save_pretrained).")
     config = read_json(config_file)
     if is_probe_config(config):
-        return load_probe(source, path)
+        return load_probe(path)
     if "architecture" in config:
-        return load_timm_dir(source, path)
+        return load_timm_dir(path)
     if "model_type" in config:
         origin = str(config.get("_name_or_path") or "")  # a snapshot of a known hub model keeps its id here
         pooling = known_model(origin).get("pooling")
         if "CustomViTForImageClassification" in (config.get("architectures") or []):
             pooling = "mean"  # saved from the reference code's mean-pooling class
-        return load_transformers(source, str(path), True, pooling, origin=origin)
-    raise UserError(
-        f"`classifier` {source!r}: {config_file} has neither 'architecture' (timm) nor 'model_type' (transformers)."
-    )
+        return load_transformers(str(path), True, pooling, origin=origin)
+    raise SourceError(f"{config_file} has neither 'architecture' (timm) nor 'model_type' (transformers).")

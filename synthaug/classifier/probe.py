@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import SourceError, UserError, first_line
 from ..models import ASSETS
 from .base import LoadedClassifier
-from .hub import custom_code, first_line, hub_config, hub_file, read_json
+from .hub import custom_code, hub_config, hub_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,10 @@ def _family_of_config(config: dict[str, Any]) -> str:
         return "clip"
     if "model_type" in config:
         return "transformers"
-    raise UserError("a backbone's config.json has neither 'architecture' (timm) nor 'model_type' (transformers)")
+    raise SourceError("its config.json has neither 'architecture' (timm) nor 'model_type' (transformers).")
 
 
-def _load_hf_backbone(source: str, name: str, family: str, local_files_only: bool) -> tuple[nn.Module, dict]:
+def _load_hf_backbone(name: str, family: str, local_files_only: bool) -> tuple[nn.Module, dict]:
     """A transformers vision backbone and its timm-style data config (from its preprocessor_config.json)."""
     from transformers import AutoModel, CLIPVisionModelWithProjection
 
@@ -183,18 +183,18 @@ def _load_hf_backbone(source: str, name: str, family: str, local_files_only: boo
 
     local = Path(name).is_dir()
     pp = (str(Path(name) / "preprocessor_config.json") if (Path(name) / "preprocessor_config.json").is_file()
-          else None) if local else hub_file(source, name, "preprocessor_config.json", local_files_only, required=False)
+          else None) if local else hub_file(name, "preprocessor_config.json", local_files_only, required=False)
     if pp is None:
-        raise UserError(f"`backbone` {source!r} has no preprocessor_config.json, so its resize and mean/std are "
-                        f"unknown: save the image processor beside the model (processor.save_pretrained(dir)).")
+        raise SourceError("it has no preprocessor_config.json, so its resize and mean/std are unknown: save the "
+                          "image processor beside the model (processor.save_pretrained(dir)).")
     cls = CLIPVisionModelWithProjection if family == "clip" else AutoModel
     try:
         with _quiet_transformers():
             model = cls.from_pretrained(name, local_files_only=local_files_only or local, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"`backbone` {source!r} could not be loaded ({first_line(e)}): pass a directory written by "
-                        f"save_pretrained, a cached hub id, or a timm name.") from None
-    return model, hf_data_config(source, read_json(Path(pp)))
+        raise SourceError(f"could not be loaded ({first_line(e)}): pass a directory written by save_pretrained, a "
+                          f"cached hub id, or a timm name.") from None
+    return model, hf_data_config(read_json(Path(pp)))
 
 
 def load_backbone(source: str | os.PathLike, *, local_files_only: bool = True) -> tuple[Backbone, dict[str, Any]]:
@@ -211,14 +211,21 @@ def load_backbone(source: str | os.PathLike, *, local_files_only: bool = True) -
     >>> sorted(backbone.all_features(torch.rand(1, 3, 32, 32)))
     ['patch_mean', 'pooled', 'projected']
     """
-    from .from_timm import load_timm_dir, load_timm_pretrained
-
     text = os.fspath(source).strip() if isinstance(source, (str, os.PathLike)) else ""
     if not text:
         raise UserError(f"`backbone` must be 'digits', a local directory, a timm name or a hub id, but is "
                         f"{source!r}.")
     if text == "digits":
         text = str(DIGITS_CLIP)
+    try:
+        return _load_backbone(text, local_files_only)
+    except SourceError as e:  # the loaders say what is wrong; the argument and the source are named here, once
+        raise UserError(f"`backbone` {text!r}: {e}") from None
+
+
+def _load_backbone(text: str, local_files_only: bool) -> tuple[Backbone, dict[str, Any]]:
+    from .from_timm import load_timm_dir, load_timm_pretrained
+
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -229,14 +236,11 @@ def load_backbone(source: str | os.PathLike, *, local_files_only: bool = True) -
         if code:
             raise UserError(f"`backbone` {text!r}: its config.json has `auto_map` ({code}), i.e. Python code shipped "
                             f"with the model, and synthaug never runs a model's own code.")
-        try:
-            family = _family_of_config(config)
-        except UserError as e:
-            raise UserError(f"`backbone` {text!r}: {e}.") from None
+        family = _family_of_config(config)
         if family == "timm":
-            loaded = load_timm_dir(text, path)
+            loaded = load_timm_dir(path)
             return Backbone(loaded.model, "timm"), loaded.data_config
-        model, data_config = _load_hf_backbone(text, str(path), family, True)
+        model, data_config = _load_hf_backbone(str(path), family, True)
         return Backbone(model, family), data_config
     if text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1:
         raise UserError(f"`backbone` {text!r} does not exist: pass an existing directory, 'digits', a timm name or "
@@ -248,14 +252,14 @@ def load_backbone(source: str | os.PathLike, *, local_files_only: bool = True) -
         if not timm.is_model(name):
             raise UserError(f"`backbone` {text!r} is not a timm model, a hub id or a local directory: pass one of "
                             f"those, or 'digits' for the embedded world's CLIP.")
-        loaded = load_timm_pretrained(text, name, local_files_only)
+        loaded = load_timm_pretrained(name, local_files_only)
         return Backbone(loaded.model, "timm"), loaded.data_config
-    config = hub_config(text, text, local_files_only)  # absent offline: one line naming the download command
+    config = hub_config(text, local_files_only)  # absent offline: one line naming the download command
     family = "timm" if "architecture" in config else _family_of_config(config)
     if family == "timm":
-        loaded = load_timm_pretrained(text, "hf-hub:" + text, local_files_only)
+        loaded = load_timm_pretrained("hf-hub:" + text, local_files_only)
         return Backbone(loaded.model, "timm"), loaded.data_config
-    model, data_config = _load_hf_backbone(text, text, family, local_files_only)
+    model, data_config = _load_hf_backbone(text, family, local_files_only)
     return Backbone(model, family), data_config
 
 
@@ -280,26 +284,26 @@ def is_probe_config(config: dict[str, Any]) -> bool:
     return isinstance(config, dict) and config.get("synthaug_guide") == PROBE_FORMAT
 
 
-def load_probe(source: str, path: Path) -> LoadedClassifier:
+def load_probe(path: Path) -> LoadedClassifier:
     """The loader of a probe folder (``config.json`` with ``"synthaug_guide": "probe"``)."""
     from safetensors.torch import load_file
 
     config = read_json(path / "config.json")
     version = config.get("format_version")
     if version != PROBE_VERSION:
-        raise UserError(f"`classifier` {source!r} is a probe folder of format {version!r}, but this synthaug reads "
-                        f"format {PROBE_VERSION}: fit it again with `synthaug fit-guide`.")
+        raise SourceError(f"a probe folder of format {version!r}, but this synthaug reads format {PROBE_VERSION}: "
+                          f"fit it again with `synthaug fit-guide`.")
     bb = config.get("backbone") or {}
     head_file = path / "head.safetensors"
     bb_dir = path / str(bb.get("path", "backbone"))
     if not head_file.is_file() or not bb_dir.is_dir():
-        raise UserError(f"`classifier` {source!r} is a damaged probe folder: it needs head.safetensors and "
-                        f"{bb.get('path', 'backbone')}/: fit it again with `synthaug fit-guide --overwrite`.")
+        raise SourceError(f"a damaged probe folder: it needs head.safetensors and {bb.get('path', 'backbone')}/: fit "
+                          f"it again with `synthaug fit-guide --overwrite`.")
     backbone, data_config = load_backbone(bb_dir, local_files_only=True)
     try:
         backbone = Backbone(backbone.model, backbone.family, str(config.get("features", "pooled")))
     except ValueError as e:
-        raise UserError(f"`classifier` {source!r}: {e}") from None
+        raise SourceError(str(e)) from None
     head = load_file(str(head_file))
     labels = config.get("label_names")
     model = ProbeModel(backbone, head["weight"], head["bias"], labels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 from torchvision.datasets import VisionDataset
@@ -33,6 +33,7 @@ class ImageList(VisionDataset):
     """A list of ``(path, target)`` samples with named classes; the shared body of the file-backed datasets."""
 
     split: str
+    SPLITS: ClassVar[tuple[str, ...] | None] = None  # the splits a dataset has, declared once; None: any sub-folder
 
     def _set_samples(self, classes: list[str], samples: list[tuple[str, int]]) -> None:
         self.classes = classes

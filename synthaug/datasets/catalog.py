@@ -9,18 +9,18 @@ from typing import Any
 
 from ..dataset_names import ALIASES, DATASET_NAMES, SUBSETS, TORCHVISION_SETS, check_dataset_name, dataset_key
 from ..errors import UserError
-from .base import not_found
+from .base import ImageList, not_found
 from .cub import CUB200
-from .digits import DIGITS_SPLITS, Digits
+from .digits import Digits
 from .folder import ImageFolder
 from .imagenet import ImageNet
-from .inat import INAT_VERSIONS, INat2021
+from .inat import INat2021
 from .tvsets import torchvision_dataset
 
 # --------------------------------------------------------------------------------------------------------------------
 # Names -> datasets
 # --------------------------------------------------------------------------------------------------------------------
-DATASETS: dict[str, Callable[..., Any]] = {
+DATASETS: dict[str, type[ImageList]] = {
     "digits": Digits,
     "cub": CUB200,
     "inat": INat2021,
@@ -34,7 +34,7 @@ __all__ = ["ALIASES", "DATASETS", "DATASET_NAMES", "SUBSETS", "check_split", "da
 
 
 def dataset_splits(name: str) -> tuple[str, ...] | None:
-    """The splits dataset `name` has (None: any sub-folder, for ``imagefolder``).
+    """The splits dataset `name` has (its class's `SPLITS`; None: any sub-folder, for ``imagefolder``).
 
     >>> dataset_splits("inat")
     ('train', 'train_full', 'val')
@@ -44,8 +44,7 @@ def dataset_splits(name: str) -> tuple[str, ...] | None:
     if key in TORCHVISION_SETS:
         splits = TORCHVISION_SETS[key][1]
         return ("train", *splits) if "train" not in splits else splits  # "train" reads "trainval" there
-    return {"digits": tuple(DIGITS_SPLITS), "cub": ("train", "test", "all"), "inat": tuple(INAT_VERSIONS),
-            "imagenet": ("train", "val")}.get(key)
+    return DATASETS[key].SPLITS if key in DATASETS else None  # each dataset class declares its own
 
 
 def default_test_split(name: str) -> str:

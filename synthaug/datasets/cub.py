@@ -94,6 +94,7 @@ class CUB200(ImageList):
     'Black footed Albatross'
     """
 
+    SPLITS = ("train", "test", "all")
     FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
@@ -102,7 +103,7 @@ class CUB200(ImageList):
         if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
             root = root / "CUB_200_2011"
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = check_split_of(split, ("train", "test", "all"), "CUB200")
+        self.split = check_split_of(split, self.SPLITS, "CUB200")
         self.loader = loader or pil_loader
         for name in self.FILES:
             if not (root / name).is_file():

@@ -71,6 +71,7 @@ class Digits(ImageList):
     """
 
     classes: ClassVar[list[str]] = list(DIGIT_NAMES)
+    SPLITS = tuple(DIGITS_SPLITS)
 
     def __init__(self, root: str | None = None, split: str = "train", transform: Callable | None = None,
                  target_transform: Callable | None = None) -> None:

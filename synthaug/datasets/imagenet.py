@@ -53,12 +53,14 @@ class ImageNet(ImageList):
     'tench'
     """
 
+    SPLITS = ("train", "val")
+
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                  target_transform: Callable | None = None, *, names_file: str | os.PathLike | None = None,
                  loader: Callable | None = None) -> None:
         root = Path(root).expanduser()
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = check_split_of(split, ("train", "val"), "ImageNet")
+        self.split = check_split_of(split, self.SPLITS, "ImageNet")
         self.loader = loader or pil_loader
         folder = root / split
         if not folder.is_dir():

@@ -112,13 +112,15 @@ class INat2021(ImageList):
     >>> ds = INat2021("data/inat", split="val", subset="inat50", subset_seed=0)  # doctest: +SKIP
     """
 
+    SPLITS = tuple(INAT_VERSIONS)
+
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                  target_transform: Callable | None = None, *, subset: str | Sequence[str] | None = None,
                  subset_seed: int = 0, subset_size: int = 50, names: str = "auto",
                  loader: Callable | None = None) -> None:
         root = Path(root).expanduser()
         super().__init__(str(root), transform=transform, target_transform=target_transform)
-        self.split = check_split_of(split, tuple(INAT_VERSIONS), "INat2021")
+        self.split = check_split_of(split, self.SPLITS, "INat2021")
         if names not in ("auto", "common", "scientific"):
             raise UserError(f"`names` must be one of auto, common, scientific but is {names!r}.")
         self.loader = loader or pil_loader

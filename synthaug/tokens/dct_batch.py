@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import generation  # the module: it imports this package in turn
 from ..config import DCTConfig
+from ..device import auto_batch_size, free_cuda_memory
 from ..errors import UserError
 from ..target import GuideTarget
 from .augment import augment_draws, clamp01
@@ -169,7 +169,7 @@ def classes_per_batch_for(pipe: StableDiffusionPipeline, classifier: torch.nn.Mo
                           job: DCTJob, wanted: int | str | None = None) -> int:
     """The classes per batch `learn_dct_tokens` uses: `wanted` (None: ``config.classes_per_batch``) if a number;
     for auto, on CUDA the most whose training iteration fits in free memory (`probe_token_memory` with `job`'s class,
-    `generation.auto_batch_size`, at most `AUTO_MAX_CLASSES`), and 1 elsewhere."""
+    `synthaug.device.auto_batch_size`, at most `AUTO_MAX_CLASSES`), and 1 elsewhere."""
     wanted = config.classes_per_batch if wanted is None else wanted
     if isinstance(wanted, int):
         return wanted
@@ -177,8 +177,8 @@ def classes_per_batch_for(pipe: StableDiffusionPipeline, classifier: torch.nn.Mo
     if device.type != "cuda":
         return 1
     per_class, fixed = probe_token_memory(pipe, classifier, config, job)
-    free = generation.free_cuda_memory(device)
-    n = generation.auto_batch_size(free, per_class, fixed, max_batch=AUTO_MAX_CLASSES)
+    free = free_cuda_memory(device)
+    n = auto_batch_size(free, per_class, fixed, max_batch=AUTO_MAX_CLASSES)
     logger.info("dct.classes_per_batch auto: %d (%.1f GiB free on %s, %.2f GiB per class + %.2f GiB fixed at batch "
                 "%d, %dx%d)", n, free / 2**30, device, per_class / 2**30, fixed / 2**30, config.batch_size,
                 config.height, config.width)

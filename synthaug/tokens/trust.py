@@ -152,6 +152,7 @@ def check_token_trust(
     pipe: Any,
     guide: Any,
     *,
+    generate: Callable[..., Sequence[Any]],
     class_index: int,
     label: str,
     token: str,
@@ -167,6 +168,8 @@ def check_token_trust(
     Args:
         pipe: the pipeline, with `token` already added.
         guide: the `Classifier` that steered the token (its `features` are the feature space).
+        generate: makes the check images as the build does, ``generate(pipe, class_index=, label=, token=, indices=,
+            config=)`` -> items with an ``.image`` (`synthaug.generation.generate`, which sits above this package).
         class_index, label: the class.
         token: the class token.
         real_images: class index -> its k real PIL images (every class: the neighbours are needed too).
@@ -177,11 +180,10 @@ def check_token_trust(
             guide's (``guide.features``). E.g. CLIP's image tower: ``lambda x: image_features(clip, x)``.
         features_name: what the verdict records as its feature space.
 
-    >>> verdict = check_token_trust(pipe, guide, class_index=3, label="three", token="<synthaug-003>",
-    ...                             real_images=by_class, config=GenerateConfig())  # doctest: +SKIP
+    >>> from synthaug.generation import generate
+    >>> verdict = check_token_trust(pipe, guide, generate=generate, class_index=3, label="three",
+    ...                             token="<synthaug-003>", real_images=by_class, config=GenerateConfig())  # doctest: +SKIP
     """
-    from ..generation import generate
-
     if class_index not in real_images or not real_images[class_index]:
         raise ValueError(f"no real images of class {class_index} for the trust check")
     param = next(iter(guide.parameters()), None)
