@@ -79,7 +79,7 @@ def heatmap(matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
     n_r, n_c = len(rows), len(cols)
     cell = max(4, min(24, 640 // max(n_r, n_c, 1)))
     labelled = max(n_r, n_c) <= 40
-    margin = 110 if labelled else 20
+    margin = min(110, 16 + 7 * max(map(len, [*rows, *cols]), default=0)) if labelled else 20  # the longest label
     img = Image.new("RGB", (margin + cell * n_c + 12, 28 + margin + cell * n_r + 12), "white")
     d = ImageDraw.Draw(img)
     d.text((8, 6), title, fill=_INK, font=font)

@@ -100,7 +100,7 @@ def summary_html(view: BuildView, methods: list[str], judge: Any) -> str:
     charts = []
     for what, values in (("judge top-1", judged), ("guide probability", guided)):
         if values:
-            rows = [(f"{c} {names.get(c, '?')}", [values.get((c, m)) for m in methods]) for c in order[:SUMMARY_ROWS]]
+            rows = [(f"{c}: {names.get(c, '?')}", [values.get((c, m)) for m in methods]) for c in order[:SUMMARY_ROWS]]
             charts.append(_chart(report_charts.bar_chart(rows, methods, f"{what} per class"), f"{what} per class"))
     parts.append('<div class="class">' + "".join(f"<div>{c}</div>" for c in charts) + "</div>")
     headers = ["class"] + [f"{m} judge" for m in methods if judged] + [f"{m} guide" for m in methods if guided]
