@@ -382,6 +382,10 @@ def legacy_build_error(out: str | os.PathLike) -> UserError | None:
 EVAL_DIR = "eval"
 
 
+# What `evaluate_judge` writes under eval/ besides its result: one row per image (class, top-1 prediction, probability).
+JUDGE_IMAGES_FILE = "judge_images.parquet"
+
+
 REPORT_DIR = "report"
 
 

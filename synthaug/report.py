@@ -4,6 +4,9 @@ Consumes a build directory (ARCHITECTURE.md, "The build folder") and whatever `s
 ``report/index.html`` (images embedded as data URIs, inline CSS and SVG, no scripts, no network) and
 ``report/grids/*.png``:
 
+- at the top, the build at a glance (`synthaug.report_sections`, charts drawn by `synthaug.report_charts`): per-class
+  judge and guide scores of plain prompt against method (worst first), the judge's confusion matrix, guide / judge
+  probability histograms, provenance, a fitted guide's leave-one-out accuracy, generations per kept image;
 - the result tables (Table 1 judge accuracy, Table 2 downstream training, Table 3 FID/KID) when present;
 - per class: the plain-prompt and token images of the same seeds side by side, each with the judge's verdict (and
   the guide's probability), and the token's training curve (loss, batch accuracy, class probability per step, the
@@ -33,7 +36,15 @@ from .errors import UserError, write_errors
 from .evaluate.images import ImageReader
 from .evaluate.tables import load_result, result_tables
 from .index import BuildView, method_sort_key, open_build
-from .layout import EVAL_DIR, REPORT_DIR, token_path
+from .layout import EVAL_DIR, JUDGE_IMAGES_FILE, REPORT_DIR, token_path
+from .report_sections import (
+    attempts_html,
+    confusion_html,
+    fitted_guide_html,
+    histograms_html,
+    provenance_html,
+    summary_html,
+)
 from .tokens.io import token_metadata, token_updates
 from .tokens.trust import TrustVerdict
 
@@ -86,7 +97,7 @@ def _load_results(root: Path) -> dict[str, Any]:
 
 def _judge_verdicts(root: Path) -> dict[str, tuple[str, bool]]:
     """key -> (judge's predicted label, top-1 correct), from the last `evaluate_judge`."""
-    path = root / EVAL_DIR / "judge_images.parquet"
+    path = root / EVAL_DIR / JUDGE_IMAGES_FILE
     if not path.is_file():
         return {}
     import pyarrow.parquet as pq
@@ -482,8 +493,13 @@ def write_report(
     judge = results.get("judge")
     per_class_top1 = {(c.class_index, c.method): c.top1 for c in judge.per_class} if judge else {}
 
-    # 1. Header and result tables.
-    body = _header_html(view, methods, results)
+    # 1. Header, the build at a glance (summary, confusion, probabilities, provenance, fitted guide, attempts),
+    #    then the result tables (Table 1, Table 2, FID when eval/ holds them).
+    header = _header_html(view, methods, results)
+    glance = [summary_html(view, methods, judge), confusion_html(view, methods), histograms_html(view, methods),
+              provenance_html(view), fitted_guide_html(view), attempts_html(view, methods)]
+    body = header[:2 + (judge is not None and judge.self_scored)] + [g for g in glance if g] \
+        + header[2 + (judge is not None and judge.self_scored):]
 
     # 2. Per class: images side by side on the same seeds, verdicts, training curve; its PNG grid.
     esc = html.escape

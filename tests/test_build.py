@@ -458,6 +458,36 @@ def test_guide_labels_in_another_order_are_refused_once_loaded(tmp_path, world, 
     assert not (out / "config.yaml").exists() and not list(out.rglob("*.safetensors"))
 
 
+def test_build_and_learn_show_token_learning_steps_and_quiet_shows_none(tmp_path, world, monkeypatch, capsys):
+    """While a token learns, the worker reports every iteration as a "step" event and the class bar shows its step,
+    loss, accuracy and stop state; ``-q`` (progress off) draws none of it, and the log keeps one line per class."""
+    from synthaug.builder.executors import Tracker
+    from synthaug.commands import learn_tokens
+
+    events = []
+    event = Tracker.event
+    monkeypatch.setattr(Tracker, "event", lambda self, ev: events.append(ev) or event(self, ev))
+    cfg = bw.config(tmp_path / "build", *world, per_class=2, baseline=False, **{"dct.patience": 3})
+    assert build(cfg, progress=True).ok
+    steps = [(e["class_index"], e["step"], e["total"]) for e in events if e["kind"] == "step"]
+    assert steps == [(c, s, 2) for c in range(3) for s in range(2)]
+    assert all(e["state"].startswith(("patience", "stopped")) for e in events if e["kind"] == "step")
+    err = capsys.readouterr().err
+    assert "class 0 step 1/2: loss " in err and "acc " in err and "patience 0/3" in err
+
+    monkeypatch.undo()
+    quiet = Tracker(False, [], [], tmp_path / "build", 0)
+    for ev in events:
+        quiet.event(ev)
+    quiet.close()
+    learn_tokens(bw.config(tmp_path / "b2", *world, classes="0", per_class=1, baseline=False),
+                 out=tmp_path / "tokens", progress=False)
+    assert capsys.readouterr().err == ""
+    learn_tokens(bw.config(tmp_path / "b2", *world, classes="1", per_class=1, baseline=False),
+                 out=tmp_path / "tokens", progress=True)
+    assert "DCT one" in capsys.readouterr().err
+
+
 def test_learn_refuses_a_guide_whose_labels_are_in_another_order(tmp_path, world):
     from synthaug.commands import learn_tokens
 

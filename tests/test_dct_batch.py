@@ -242,3 +242,21 @@ def test_the_memory_probe_trains_one_class_then_two(monkeypatch, tiny_pipe):
     train, val = [2 * 2] * 2, [3 * 2] * 2
     side_by_side = [2 * w for w in train] + val + val
     assert widths == [*train, *val, *train, *val, *side_by_side, *side_by_side]
+
+
+def test_batched_progress_reports_each_class_steps_with_its_own_stop_state(tiny_pipe):
+    """A callable `progress` gets every class's iterations, each with its class index and its own stop rules'
+    state, the same as the class learned alone reports."""
+    guide, config = Guide(), cfg(**STOPPING)
+    jobs = [DCTJob(c, f"class {c}") for c in (1, 3, 5)]
+    alone_infos = {c: [] for c in (1, 3, 5)}
+    for job in jobs:
+        learn_dct_token(tiny_pipe, guide, job.class_index, job.label, config, progress=alone_infos[job.class_index].append)
+    infos = []
+    results = dict(learn_dct_tokens(tiny_pipe, guide, jobs, config, classes_per_batch=2, progress=infos.append))
+    for job in jobs:
+        mine = [i for i in infos if i["class_index"] == job.class_index]
+        assert [i["step"] for i in mine] == list(range(results[job].steps))
+        assert [i["state"] for i in mine] == [i["state"] for i in alone_infos[job.class_index]]
+        assert mine[-1]["state"] == f"stopped: {results[job].stop_reason}"
+

@@ -63,6 +63,72 @@ def test_report_content_is_self_contained(report_build):
     assert "sd -&gt; dct" in page and "60.0 ± 2.0" in page
 
 
+def _chart_sizes(section: str) -> list[tuple[int, int]]:
+    """The sizes of the charts (PNG data URIs) embedded in one section of the page."""
+    import base64
+    import io
+
+    return [Image.open(io.BytesIO(base64.b64decode(uri))).size
+            for uri in re.findall(r'<img class="chart" src="data:image/png;base64,([^"]+)"', section)]
+
+
+def _section(page: str, anchor: str) -> str:
+    start = page.index(f'<h2 id="{anchor}">')
+    end = page.find("<h2", start + 1)
+    return page[start:end if end > 0 else None]
+
+
+def test_report_top_shows_the_build_at_a_glance(report_build):
+    """Summary (per class, plain vs method, by judge and guide, worst first), the judge's confusion matrix,
+    probability histograms and provenance come before the result tables and the classes; Table 2 stays."""
+    page = write_report(report_build, progress=False).read_text()
+    anchors = ["summary", "confusion", "probabilities", "provenance"]
+    positions = [page.index(f'<h2 id="{a}">') for a in anchors]
+    assert positions == sorted(positions) and positions[-1] < page.index("<h2>Results</h2>") < page.index(
+        "<h2>Classes</h2>")
+    summary = _section(page, "summary")
+    assert len(_chart_sizes(summary)) == 2  # judge top-1 and guide probability per class
+    # every class: sd is right on 2 of its 4 seeds (50%), dct on all; the guide said 0.5 and 0.9
+    assert summary.count("<td>50%</td>") == 6 and summary.count("<td>100%</td>") == 3
+    assert summary.count("<td>90%</td>") == 3
+    confusion = _section(page, "confusion")
+    assert len(_chart_sizes(confusion)) == 2 and "two → six (2)" in confusion  # sd's wrong seeds, by the judge
+    assert len(_chart_sizes(_section(page, "probabilities"))) == 2  # guide_prob and judge_prob
+    provenance = _section(page, "provenance")
+    assert "synthaug build --config" in provenance and "<td>dataset</td><td>digits</td>" in provenance
+    assert "pyarrow " in provenance and "Table 2 - downstream training" in page
+    assert 'id="fitted-guide"' not in page and 'id="attempts"' not in page  # nothing of the kind in this build
+
+
+def test_report_shows_a_fitted_guide_and_generations_per_kept_image(tmp_path):
+    """``guide: fit``: the guide's leave-one-out accuracy per class; ``generate.keep_confidence``: seeds tried per
+    kept image (a row's index is its seed index: kept 0, 2, 5 of class 2 is 6 tried for 3 kept)."""
+    import yaml
+    from fakebuild import make_build
+
+    from synthaug.layout import GUIDE_RECORD_FILE, fitted_guide_dir
+
+    samples = [{"method": "dct", "class_index": 2, "index": i, "image": color_image(2, size=16), "guide_prob": 0.8}
+               for i in (0, 2, 5)]
+    samples += [{"method": "dct", "class_index": 3, "index": i, "image": color_image(3, size=16)} for i in (0, 1)]
+    build = make_build(tmp_path / "build", samples)
+    config = yaml.safe_load((build / "config.yaml").read_text())
+    (build / "config.yaml").write_text(yaml.safe_dump({**config, "guide": "fit", "generate": {"keep_confidence": 0.5}}))
+    fitted_guide_dir(build).mkdir()
+    (fitted_guide_dir(build) / GUIDE_RECORD_FILE).write_text(json.dumps({
+        "backbone": "tiny-clip", "family": "clip", "head": "linear", "features": "pooled", "strength": 1.0,
+        "shots": 2, "shots_seed": 7, "dataset": "digits", "split": "train", "loo_accuracy": 0.75,
+        "loo_per_class": {"two": 1.0, "three": 0.5}, "train_accuracy": 1.0}))
+    page = write_report(build, progress=False).read_text()
+    fitted = _section(page, "fitted-guide")
+    assert "leave-one-out accuracy 75.0%" in fitted and "2 shots per class (seed 7" in fitted
+    assert fitted.index("<td>three</td><td>50%</td>") < fitted.index("<td>two</td><td>100%</td>")  # worst first
+    attempts = _section(page, "attempts")
+    assert "2.00 (3 kept of 6)" in attempts and "1.00 (2 kept of 2)" in attempts and "dct 1.60" in attempts
+    assert attempts.index("2 two") < attempts.index("3 three")  # the most costly class first
+    assert "<td>guide</td><td>fit</td>" in _section(page, "provenance")
+
+
 def test_report_png_grids(report_build):
     write_report(report_build, progress=False)
     grids = report_build / "report" / "grids"
@@ -96,7 +162,7 @@ def test_report_renders_in_headless_chromium(report_build, tmp_path):
     path = write_report(report_build, progress=False)
     shot = tmp_path / "shot.png"
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400", f"--screenshot={shot}",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,4000", f"--screenshot={shot}",
            path.resolve().as_uri()]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
     assert shot.is_file(), proc.stderr[-2000:]
@@ -110,3 +176,6 @@ def test_report_renders_in_headless_chromium(report_build, tmp_path):
         return int((np.abs(img.astype(int) - colour).sum(-1) < 30).sum())
 
     assert near((26, 127, 55)) > 100 and near((207, 34, 46)) > 100
+    # the top's charts were painted too: the summary's and histograms' method colours (sd grey, dct blue) and the
+    # confusion matrix's darkest shade (dct's diagonal)
+    assert near((140, 149, 159)) > 500 and near((9, 105, 218)) > 500 and near((0, 85, 255)) > 200

@@ -620,6 +620,24 @@ def test_progress_bar_and_callback(tiny_pipe, capsys):
     assert "DCT three" in capsys.readouterr().err
 
 
+def test_progress_reports_every_step_with_loss_accuracy_and_the_stop_rules_state(tiny_pipe, capsys):
+    """A callable `progress` gets one dict per iteration (the build's step events); the bar's postfix shows the same:
+    loss, batch accuracy, the patience count and the kept step, then the rule that stopped."""
+    infos = []
+    config = cfg(max_steps=4, patience=1, patience_min_accuracy=0.0)
+    result = learn_dct_token(tiny_pipe, Guide(), 3, "three", config, progress=infos.append)
+    assert [i["step"] for i in infos] == list(range(result.steps))
+    assert {(i["class_index"], i["label"], i["total"]) for i in infos} == {(3, "three", 4)}
+    assert all(isinstance(i["loss"], float) and 0.0 <= i["accuracy"] <= 1.0 for i in infos)
+    assert infos[0]["state"] == "patience 0/1, kept step 0"
+    assert infos[-1]["state"] == f"stopped: {result.stop_reason}"
+    assert capsys.readouterr().err == ""  # a callable replaces the bar
+
+    learn_dct_token(tiny_pipe, Guide(), 3, "three", config, progress=True)
+    err = capsys.readouterr().err
+    assert "loss " in err and "acc " in err and f"stopped: {result.stop_reason}" in err
+
+
 @pytest.mark.parametrize(
     ("kwargs", "config", "match"),
     [

@@ -28,6 +28,7 @@ from typing import Any
 from ..config import BuildConfig, RunConfig, to_dict
 from ..errors import WRITE_ERRNOS, UserError
 from ..layout import ClassJob, resume_command, shard_done, token_path
+from ..tokens.progress import step_postfix
 from .cluster import ray_session
 from .worker import ClassWorker, QueueReport, WorkerHooks
 
@@ -56,6 +57,7 @@ class Tracker:
         self.images = tqdm(total=images_total, initial=images_done, desc="images ", unit="img", disable=not enabled,
                            position=1, dynamic_ncols=True)
         self.shard_progress: dict[int, int] = {}
+        self.learning: dict[int, dict[str, Any]] = {}  # class index -> its token's newest "step" event
         self.started: set[tuple[int, int]] = set()
         self.max_retries = max_retries
         self.attempts: Counter[int] = Counter()
@@ -81,7 +83,13 @@ class Tracker:
             if done > prev:  # a retried shard counts from zero again: the bar only moves past what it showed
                 self.images.update(done - prev)
                 self.shard_progress[ev["shard"]] = done
+        elif kind == "step":  # one token-learning iteration: shown on the class bar, never logged
+            self.learning[ev["class_index"]] = ev
+            others = len(self.learning) - 1
+            self.classes.set_postfix_str(f"class {ev['class_index']} step {ev['step'] + 1}/{ev['total']}: "
+                                         f"{step_postfix(ev)}" + (f" (+{others} learning)" if others else ""))
         elif kind == "token":
+            self.learning.pop(ev["class_index"], None)
             self.classes.set_postfix_str(f"class {ev['class_index']}: {ev.get('steps')} steps "
                                          f"({ev.get('stop_reason') or 'done'})")
 

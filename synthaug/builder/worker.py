@@ -454,7 +454,8 @@ class ClassWorker:
         try:
             for dct_job, result in learn_dct_tokens(
                     pipe, guide, (DCTJob(j.class_index, j.name, token=j.token) for j in todo), cfg.dct,
-                    classes_per_batch=models["classes_per_batch"], val_prompt=cfg.generate.prompt):
+                    classes_per_batch=models["classes_per_batch"], val_prompt=cfg.generate.prompt,
+                    progress=self._step):
                 if isinstance(result, UserError):
                     raise result
                 job = by_index[dct_job.class_index]
@@ -483,7 +484,7 @@ class ClassWorker:
             if cfg.method == "dct":
 
                 result = learn_dct_token(pipe, models["guide"], job.class_index, job.name, cfg.dct, token=job.token,
-                                         val_prompt=cfg.generate.prompt)
+                                         val_prompt=cfg.generate.prompt, progress=self._step)
             else:
 
                 result = learn_mcti_token(pipe, models["clip"], models["images_by_class"], job.class_index, cfg.mcti,
@@ -500,6 +501,10 @@ class ClassWorker:
                           "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
         add_tokens(pipe, load_class_token(path, job.token, self.out))
         return learned, seconds
+
+    def _step(self, info: dict[str, Any]) -> None:
+        """A token-learning iteration (`synthaug.tokens.progress.StepProgress`'s dict) as a ``"step"`` event."""
+        self._report({"kind": "step", **info})
 
     def _hook(self, point: str, *args: Any) -> None:
         if self.hooks is None:

@@ -26,7 +26,7 @@ from ..classifier.source import same_source
 from ..errors import UserError
 from ..index import method_sort_key, open_build
 from ..jsonfmt import dumps
-from ..layout import EVAL_DIR, INDEX_FILE, build_lock
+from ..layout import EVAL_DIR, INDEX_FILE, JUDGE_IMAGES_FILE, build_lock
 from ..models import resolve_device
 from .images import iter_image_batches, model_device_dtype
 from .names import ClassMap, map_build_classes, resolve_class_map
@@ -319,7 +319,7 @@ def _write_judge_files(result: JudgeResult, scored: list[dict], out_dir: Path) -
     import pyarrow.parquet as pq
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = out_dir / "judge_images.parquet"
+    images = out_dir / JUDGE_IMAGES_FILE
     table = pa.Table.from_pylist(scored, schema=pa.schema([
         ("key", pa.string()), ("method", pa.string()), ("class_index", pa.int64()), ("class_name", pa.string()),
         ("seed", pa.int64()), ("judge_pred", pa.string()), ("judge_prob", pa.float64()), ("top1", pa.bool_()),

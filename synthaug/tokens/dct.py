@@ -35,6 +35,7 @@ from ..config import DCTConfig, check_dct_levers
 from ..errors import UserError
 from ..target import CLASS, GuideTarget, check_label_free, parse_guide_target
 from .augment import augment_draws, augment_views, clamp01
+from .progress import bar_update, progress_bar
 from .text import encode, render_prompt, spell_token, splice_tokens, token_name, tokenize, tokenizer_with, vector_names
 from .x0 import predicted_x0, scheduler_predicts_x0, x0_from_alphas_works
 
@@ -85,7 +86,7 @@ def learn_dct_token(
     config: DCTConfig = DCTConfig(),  # noqa: B008 (frozen, so a shared default is safe)
     *,
     token: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[dict], None] = False,
     callback: Callable[[dict, torch.Tensor], None] | None = None,
     checkpointing: bool | None = None,
     val_prompt: str | None = None,
@@ -108,7 +109,9 @@ def learn_dct_token(
             ``grad_steps`` counts UNet calls at the end of the scheduler's own timesteps (2nd-order schedulers make
             two calls per step).
         token: the token string; default `token_name(class_index)`.
-        progress: show a tqdm bar over training iterations.
+        progress: True: a tqdm bar over training iterations, its postfix the loss, the batch accuracy and the stop
+            rules' state (`Keeper.state`); a callable: called instead after every iteration with `StepProgress`'s
+            dict (class index, label, step, total, loss, accuracy, val_accuracy, state).
         callback: called after each iteration's measurement as ``callback(history_entry, v_c)`` (``v_c`` a detached
             fp32 CPU copy of the embedding that was measured: ``[dim]``, or ``[num_vectors, dim]``), before the update.
         checkpointing: overrides ``config.checkpointing`` (None: the config's): recompute activations during
@@ -143,7 +146,7 @@ def learn_dct_token(
 
         # 4. Training loop: one iteration = generate a batch, classify it, maybe stop, else update v_c
         keeper, history, unet_evals = Keeper(config, v_c), [], 0
-        bar = progress_bar(progress, config.max_steps, label)
+        bar = progress_bar(progress, config.max_steps, label, class_index)
         for step in range(config.max_steps + config.extend_steps):
             optimizer.zero_grad(set_to_none=True)
             if config.lr_schedule != "constant":
@@ -186,14 +189,14 @@ def learn_dct_token(
             stop, calls = keep_or_stop(run, keeper, entry, v_c, val_inputs, callback)
             unet_evals += calls
             if stop:
-                bar_update(bar, entry)
+                bar_update(bar, entry, keeper)
                 break
 
             # 4.7 Update v_c: backward, clip the *unscaled* gradient after backward, skip non-finite updates
             if math.isfinite(loss_value):
                 entry.update(update_token(run, optimizer, v_c, loss, text, leaf))
             del loss, text, leaf  # free the graph
-            bar_update(bar, entry)
+            bar_update(bar, entry, keeper)
         if bar is not None:
             bar.close()
 
@@ -321,6 +324,7 @@ class Keeper:
         self.best_loss, self.since_best = math.inf, 0
         self.best_val: tuple[float, float] | None = None
         self.batch_correct = self.out_of_patience = self.last_step = self.at_cap = self.validated_now = False
+        self.step, self.stopped = 0, None  # the latest measured iteration, the rule that stopped after it (or None)
 
     def _keep(self, v_c: torch.Tensor, step: int) -> None:
         self.kept, self.kept_step = v_c.detach().clone(), step
@@ -328,6 +332,7 @@ class Keeper:
     def measured(self, step: int, loss: float, accuracy: float, v_c: torch.Tensor) -> bool:
         """Take iteration `step`'s loss and batch accuracy; True when ``v_c`` is to be validated now."""
         c = self.config
+        self.step, self.stopped = step, None
         if math.isfinite(loss) and loss < self.best_loss:
             self.best_loss, self.since_best = loss, 0
             if c.select == "min_loss":
@@ -363,10 +368,26 @@ class Keeper:
             stop = "max_steps"  # no update after the last measurement: it could never be measured or kept
         else:
             return None
-        self.stop_reason = stop
+        self.stop_reason = self.stopped = stop
         if stop != "all_correct" and self.config.select == "last":
             self._keep(v_c, step)
         return stop
+
+    def state(self) -> str:
+        """The stop rules' state after the latest iteration, for progress displays: the rule that stopped it, else how
+        near the patience rule is (``patience 3/20``), the best validation so far and the step of the kept token."""
+        c = self.config
+        if self.stopped is not None:
+            return f"stopped: {self.stopped}"
+        parts = []
+        if c.patience > 0:
+            waited = self.since_best if c.patience_metric == "loss" else self.step - self.kept_step
+            parts.append(f"patience {waited}/{c.patience}")
+        if self.best_val is not None:
+            parts.append(f"best val {self.best_val[0]:.2f}")
+        if c.select != "last":
+            parts.append(f"kept step {self.kept_step}")
+        return ", ".join(parts)
 
 
 def history_entry(step: int, loss_value: float, correct: torch.Tensor, target_prob: torch.Tensor,
@@ -830,19 +851,3 @@ def frozen(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(training)
             for p, flag in flags:
                 p.requires_grad_(flag)
-
-
-def progress_bar(enabled: bool, total: int, label: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"DCT {label}", unit="step")
-
-
-def bar_update(bar, entry: dict) -> None:
-    if bar is not None:
-        bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{entry['accuracy']:.2f}")
-        if bar.total is not None and bar.n >= bar.total:  # past max_steps: `extend_steps` is extending the run
-            bar.total = bar.n + 1
-        bar.update(1)

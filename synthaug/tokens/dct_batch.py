@@ -39,7 +39,6 @@ from .dct import (
     TokenPlan,
     TokenResult,
     TokenRun,
-    bar_update,
     block_checkpointing,
     check_class_range,
     chunk_bounds,
@@ -56,7 +55,6 @@ from .dct import (
     keep_or_stop,
     learn_dct_token,
     plan_token,
-    progress_bar,
     scheduled_lr,
     start_token,
     token_result,
@@ -66,6 +64,7 @@ from .dct import (
     x0_images,
     x0_step_weight,
 )
+from .progress import bar_update, progress_bar
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -99,7 +98,7 @@ def learn_dct_tokens(
     config: DCTConfig = DCTConfig(),  # noqa: B008 (frozen, so a shared default is safe)
     *,
     classes_per_batch: int | str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[dict], None] = False,
     callback: Callable[[DCTJob, dict, torch.Tensor], None] | None = None,
     checkpointing: bool | None = None,
     val_prompt: str | None = None,
@@ -128,7 +127,8 @@ def learn_dct_tokens(
         config: every knob (`synthaug.config.DCTConfig`), shared by all jobs.
         classes_per_batch: classes per denoising batch: an integer >= 1, or ``"auto"`` (on CUDA as many as fit in
             free memory, measured once by `classes_per_batch_for`; 1 elsewhere). None: ``config.classes_per_batch``.
-        progress: a tqdm bar per class over its training iterations.
+        progress: True: a tqdm bar per class over its training iterations (see `learn_dct_token`); a callable: called
+            instead after every class's iteration with its `StepProgress` dict (its ``class_index`` the job's).
         callback: called after each class's iteration's measurement as ``callback(job, history_entry, v_c)``
             (``v_c`` a detached fp32 CPU copy of the measured embedding), before its update.
         checkpointing: overrides ``config.checkpointing`` for every job (None: the config's).
@@ -288,7 +288,8 @@ def _learn(pipe, classifier, jobs: Iterator[DCTJob], config: DCTConfig, wanted: 
                 v_c, optimizer, prompt_inputs, val_inputs, augment_generator = start_token(plan)
                 active.append(_Learner(job, plan, v_c, optimizer, prompt_inputs, val_inputs, augment_generator,
                                        Keeper(config, v_c), time.perf_counter(),
-                                       progress_bar(progress, config.max_steps, plan.label)))
+                                       progress_bar(progress, config.max_steps, plan.label,
+                                                    plan.run.class_index)))
             if not active:
                 return
             for learner, result in _iteration(active, callback):
@@ -361,7 +362,7 @@ def _iteration(active: list[_Learner], callback) -> list[tuple[_Learner, TokenRe
         learner, entry = p.learner, p.learner.history[-1]
         if math.isfinite(p.loss_value):
             entry.update(update_token(learner.run, learner.optimizer, learner.v_c, None, p.text, p.leaf))
-        bar_update(learner.bar, entry)
+        bar_update(learner.bar, entry, learner.keeper)
         learner.step += 1
     return finished
 
@@ -377,7 +378,7 @@ def _measure(p: _Pass, callback) -> bool:
     stop, calls = keep_or_stop(run, learner.keeper, entry, learner.v_c, learner.val_inputs, report)
     learner.unet_evals += calls
     if stop:  # always by the last step (rule 3)
-        bar_update(learner.bar, entry)
+        bar_update(learner.bar, entry, learner.keeper)
     return stop
 
 
