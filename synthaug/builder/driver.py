@@ -158,16 +158,16 @@ def prepare_shots(config: BuildConfig, out: Path) -> None:
     """Write ``shots.json`` (which real images are the user's k per class: every stage that reads real images reads
     these) and, for ``guide: fit``, fit the guide on them into ``out/guide`` unless a guide fitted there with the
     same settings exists (a resume never refits: its tokens were steered by that guide)."""
-    from ..classifier.fit import FitRecord, default_backbone, fit_dataset_guide, shots_provenance
     from ..datasets.catalog import get_dataset
-    from ..datasets.fewshot import few_shot_indices
+    from ..datasets.fewshot import few_shot_indices, sample_paths
 
     dataset = get_dataset(config.dataset, config.root, config.split)
     indices = few_shot_indices(dataset.targets, config.shots, config.shots_seed, allow_fewer=True)
     write_shots(out, {"shots": config.shots, "shots_seed": config.shots_seed, "dataset": config.dataset,
-                      "split": config.split, "indices": indices, "paths": shots_provenance(dataset, indices)})
+                      "split": config.split, "indices": indices, "paths": sample_paths(dataset, indices)})
     if not fits_guide(config):
         return
+    from ..classifier.fit import FitRecord, default_backbone, fit_dataset_guide  # torch: only when fitting
     guide = fitted_guide_dir(out)
     backbone = config.guide_fit.backbone or config.mcti.clip_model
     if backbone is None and "digits" not in (config.dataset, config.model):

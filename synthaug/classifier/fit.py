@@ -437,14 +437,6 @@ def default_backbone(dataset: str, clip_model: str | None = None) -> str:
     return "digits" if dataset == "digits" else "openai/clip-vit-large-patch14"
 
 
-def shots_provenance(dataset: Any, indices: Sequence[int]) -> list[str]:
-    """The sample paths (or ids) of the chosen shots, where the dataset lists them (torchvision's `samples`)."""
-    samples = getattr(dataset, "samples", None)
-    if samples is None:
-        return []
-    return [str(samples[i][0] if isinstance(samples[i], (tuple, list)) else samples[i]) for i in indices]
-
-
 def fit_dataset_guide(
     dataset: Any,
     out: str | os.PathLike | None,
@@ -470,7 +462,7 @@ def fit_dataset_guide(
     >>> from synthaug.datasets import Digits
     >>> guide, record = fit_dataset_guide(Digits(split="train"), "guides/k3", shots=3)  # doctest: +SKIP
     """
-    from ..datasets.fewshot import few_shot_indices
+    from ..datasets.fewshot import few_shot_indices, sample_paths
 
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise UserError(f"`shots` must be an integer >= 1 (real images per class the guide is fitted on) but is "
@@ -491,4 +483,4 @@ def fit_dataset_guide(
     return fit_guide(images, [position[targets[i]] for i in chosen], [names[c] for c in keep], out,
                      backbone=backbone, head=head, device=device, overwrite=overwrite,
                      shots_info={"shots_seed": shots_seed, "dataset": dataset_name, "split": split,
-                                 "indices": chosen, "paths": shots_provenance(dataset, chosen)})
+                                 "indices": chosen, "paths": sample_paths(dataset, chosen)})

@@ -43,6 +43,18 @@ def few_shot_indices(targets: Sequence[int], shots: int, seed: int = 0, *, allow
     return sorted(chosen)
 
 
+def sample_paths(dataset: Any, indices: Sequence[int]) -> list[str]:
+    """The sample paths (or ids) of `indices`, where the dataset lists them (torchvision's ``samples``); [] else.
+
+    >>> sample_paths(Digits(split="train"), [0, 5])  # doctest: +SKIP
+    ['digits/train/0000', 'digits/train/0005']
+    """
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return []
+    return [str(samples[i][0] if isinstance(samples[i], (tuple, list)) else samples[i]) for i in indices]
+
+
 class FewShot(VisionDataset):
     """`shots` real images per class of `dataset`, seeded (see `few_shot_indices`), with the same attributes.
 
