@@ -88,19 +88,14 @@ def test_extend_steps_only_while_the_validation_score_rises(tiny_pipe):
 
 
 def test_the_progress_bar_follows_an_extension_past_max_steps(tiny_pipe, monkeypatch):
-    import io
-
-    from tqdm import tqdm
-
     from synthaug.tokens import dct
 
-    bars = []
-    monkeypatch.setattr(dct, "progress_bar", lambda enabled, total, label: bars.append(
-        tqdm(total=total, file=io.StringIO())) or bars[-1])
+    bars, real = [], dct.progress_bar
+    monkeypatch.setattr(dct, "progress_bar", lambda *args: bars.append(real(*args)) or bars[-1])
     args = {"max_steps": 3, "select": "val", "val_every": 1, "val_batch_size": 3, "extend_steps": 4,
             "extend_window": 2}
     learn_dct_token(tiny_pipe, ValRising(), 3, "three", cfg(**args), progress=True)
-    assert (bars[0].n, bars[0].total) == (7, 7)  # not 7 of 3
+    assert (bars[0].bar.n, bars[0].bar.total) == (7, 7)  # not 7 of 3
 
 
 @pytest.mark.parametrize(
