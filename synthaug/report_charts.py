@@ -128,6 +128,8 @@ def histograms(values: Sequence[Sequence[float]], methods: Sequence[str], title:
             if share <= 0:
                 continue
             x = left + b * plot_w / bins + i * width
-            d.rectangle([round(x), top + plot_h - round(plot_h * share / peak), round(x + width) - 1,
-                         top + plot_h - 1], fill=PALETTE[i % len(PALETTE)])
+            # a share too small for a whole pixel still shows as one (PIL refuses a rectangle of negative height)
+            height = max(1, round(plot_h * share / peak))
+            d.rectangle([round(x), top + plot_h - height, max(round(x), round(x + width) - 1), top + plot_h - 1],
+                        fill=PALETTE[i % len(PALETTE)])
     return img

@@ -179,3 +179,12 @@ def test_report_renders_in_headless_chromium(report_build, tmp_path):
     # the top's charts were painted too: the summary's and histograms' method colours (sd grey, dct blue) and the
     # confusion matrix's darkest shade (dct's diagonal)
     assert near((140, 149, 159)) > 500 and near((9, 105, 218)) > 500 and near((0, 85, 255)) > 200
+
+
+def test_a_histogram_bin_too_small_for_a_pixel_still_draws():
+    from synthaug.report_charts import histograms
+
+    # one value of 2,000 in its own bin: a share far below one pixel of the plot (the README demo's guide_prob)
+    values = [[0.99] * 1999 + [0.05], [0.5] * 10]
+    img = histograms(values, ["dct", "sd"], "guide_prob", bins=20)
+    assert img.size[0] > 0 and img.getbbox() is not None
