@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..atomic import write_text
 from ..errors import UserError
+from ..layout import GUIDE_RECORD_FILE
 from .base import Classifier, eval_transform
 from .probe import DIGITS_CLIP, FAMILY_FEATURES, Backbone, ProbeModel, load_backbone, write_probe
 
@@ -43,9 +44,6 @@ HEADS = ("linear", "prototype")
 # Candidate regularisation strengths (linear head) and logit scales (prototype head), chosen from by leave-one-out.
 STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1)
 SCALES = (10.0, 20.0, 50.0, 100.0)
-
-
-GUIDE_RECORD = "guide.json"
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ class FitRecord:
     @classmethod
     def read(cls, directory: str | os.PathLike) -> FitRecord:
         """A guide folder's record; one line naming the file when it is missing or damaged."""
-        path = Path(directory) / GUIDE_RECORD
+        path = Path(directory) / GUIDE_RECORD_FILE
         try:
             data = json.loads(path.read_text())
             return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
@@ -306,10 +304,10 @@ def fit_guide(
     if out is not None:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (
-                overwrite and (out / GUIDE_RECORD).is_file()):
+                overwrite and (out / GUIDE_RECORD_FILE).is_file()):
             raise UserError(f"`out` {str(out)!r} exists and is not empty: pass an empty or new folder, or "
                             f"--overwrite to replace a guide fitted there before." if not overwrite else
-                            f"`out` {str(out)!r} is not a guide folder (no {GUIDE_RECORD}): synthaug replaces only "
+                            f"`out` {str(out)!r} is not a guide folder (no {GUIDE_RECORD_FILE}): synthaug replaces only "
                             f"what it wrote; pass a new folder.")
     if features is not None and features not in ("pooled", "projected", "patch_mean"):
         raise UserError(f"`features` must be pooled, projected or patch_mean but is {features!r}.")
@@ -402,7 +400,7 @@ def _write_guide(out: Path, model: ProbeModel, data_config: dict[str, Any], reco
     tmp.mkdir()
     source_dir = _source_dir(backbone)
     write_probe(tmp, model, data_config, source=backbone, source_dir=source_dir, trained_on=note)
-    write_text(tmp / GUIDE_RECORD, record.to_json())
+    write_text(tmp / GUIDE_RECORD_FILE, record.to_json())
     old = None
     if out.exists():  # checked by fit_guide: an empty folder or a guide folder with --overwrite
         old = out.parent / f".old-{out.name}.{os.getpid()}"
