@@ -264,8 +264,8 @@ def cmd_fit_guide(args: argparse.Namespace) -> int:
     dataset = get_dataset(args.dataset, args.root, split=args.split)
     backbone = args.backbone or default_backbone(args.dataset)
     _, record = fit_dataset_guide(dataset, args.out, shots=args.shots, shots_seed=args.shots_seed, backbone=backbone,
-                                  head=args.head, dataset_name=args.dataset, split=args.split, device=args.device,
-                                  overwrite=args.overwrite)
+                                  head=args.head, strength=args.strength, dataset_name=args.dataset,
+                                  split=args.split, device=args.device, overwrite=args.overwrite)
     print(record.summary())
     print(f"wrote {args.out} (use it with --guide {args.out})")
     return 0
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="'digits', a CLIP / DINOv2 / transformers hub id or folder, or a timm name "
                    "(default: the embedded CLIP for digits, else openai/clip-vit-large-patch14)")
     p.add_argument("--head", choices=("linear", "prototype"), default="linear", help="default: linear")
+    p.add_argument("--strength", type=float, help="fix the L2 strength (linear) or logit scale (prototype) instead "
+                   "of leave-one-out's choice; a stronger penalty can resist a steered token better")
     p.add_argument("--device", default="cpu", help="where the backbone runs (cpu, cuda, cuda:1)")
     p.add_argument("--overwrite", action="store_true", help="replace a guide fitted at --out before")
     p.set_defaults(func=cmd_fit_guide)

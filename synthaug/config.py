@@ -311,10 +311,13 @@ class GuideFitConfig:
             the one paired with the model; the digits world's own on digits).
         head: "linear" (L2-regularised logistic regression; features and strength chosen by leave-one-out on the
             shots) or "prototype" (cosine class means).
+        strength: The linear head's L2 strength (the prototype head's logit scale), fixed; null: chosen by
+            leave-one-out on the shots, which picks for accuracy alone (the weakest penalty, mostly).
     """
 
     backbone: str | None = None
     head: str = "linear"
+    strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -601,7 +604,7 @@ def get(cfg: Any, dotted: str) -> Any:
 POSITIVE = ("per_class", "dct.max_steps", "dct.batch_size", "dct.num_inference_steps", "dct.val_batch_size",
             "dct.val_every", "dct.extend_window", "dct.lr", "dct.micro_batch", "dct.trust_images",
             "dct.classes_per_batch", "generate.batch_size", "generate.num_inference_steps", "generate.max_attempts",
-            "shots", "dct.num_vectors", "mcti.num_vectors",
+            "shots", "dct.num_vectors", "mcti.num_vectors", "guide_fit.strength",
             "shards.samples_per_shard", "mcti.batch_size", "mcti.lr", "mcti.scale",
             "run.cpus_per_worker", "run.num_workers", "run.max_in_flight")
 
@@ -708,6 +711,7 @@ def validate(cfg: BuildConfig) -> None:
             default = {"dct.lr": " (or null for 0.00025 x batch_size)", "run.num_workers": " (or null for one per GPU)",
                        "dct.micro_batch": " (or null for the whole batch)",
                        "run.max_in_flight": " (or null for one per worker)",
+                       "guide_fit.strength": " (or null: chosen by leave-one-out on the shots)",
                        "generate.batch_size": " (or auto to fit the GPU's free memory)",
                        "dct.classes_per_batch": " (or auto to fit the GPU's free memory)"}.get(key, "")
             raise UserError(f"`{key}` must be > 0{default} but is {v!r}.")

@@ -108,6 +108,18 @@ def test_a_prototype_head_is_cosine_class_means(digits):
     torch.testing.assert_close(norms, torch.full_like(norms, record.strength))
 
 
+def test_a_fixed_strength_replaces_leave_one_outs_choice_and_shrinks_the_weights(digits):
+    idx = few_shot_indices(digits.targets, 3, seed=0)
+    images, targets = [digits[i][0] for i in idx], [digits.targets[i] for i in idx]
+    weak, weak_rec = fit_guide(images, targets, digits.classes, features="pooled", strength=1e-4, augment=0)
+    strong, strong_rec = fit_guide(images, targets, digits.classes, features="pooled", strength=1e-1, augment=0)
+    assert weak_rec.strength == 1e-4 and strong_rec.strength == 1e-1
+    assert {c["strength"] for c in strong_rec.candidates} == {1e-1}  # nothing else was tried
+    assert strong.model.head.weight.norm() < 0.5 * weak.model.head.weight.norm()  # the penalty is the one given
+    x = torch.stack([torch.from_numpy(np.array(digits[i][0])).permute(2, 0, 1).float() / 255 for i in range(40)])
+    assert F.softmax(strong(x), -1).amax(-1).mean() < F.softmax(weak(x), -1).amax(-1).mean()  # less sure
+
+
 def test_a_class_selection_fits_only_those_classes(digits):
     guide, record = fit_dataset_guide(digits, None, shots=2, classes=[7, 1])
     assert guide.labels == ["seven", "one"] and record.labels == ["seven", "one"]
@@ -144,6 +156,7 @@ def test_a_timm_backbone_and_a_transformers_vit_backbone(tmp_path, digits):
     ({"shots": 2, "backbone": "not_a_timm_model_name"}, r"`backbone` 'not_a_timm_model_name' is not a timm model"),
     ({"shots": 2, "backbone": "org/not-cached"}, r"org/not-cached"),
     ({"shots": 2, "head": "svm"}, r"`head` must be one of linear, prototype but is 'svm'"),
+    ({"shots": 2, "strength": 0.0}, r"`strength` must be a finite number > 0 .* but is 0.0"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, digits, kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -245,6 +258,9 @@ def test_other_shots_refit_only_with_overwrite(tmp_path, world):
         build(_fit_build(out, world, classes="0", shots=3), progress=False)
     assert build(_fit_build(out, world, classes="0", shots=3), overwrite=True, progress=False).ok
     assert FitRecord.read(out / "guide").shots == 3
+    fixed = _fit_build(out, world, classes="0", shots=3, **{"guide_fit.strength": 0.01})
+    assert build(fixed, overwrite=True, progress=False).ok  # a fixed penalty is a different guide: refitted
+    assert FitRecord.read(out / "guide").strength == 0.01
 
 
 def test_fit_needs_dct_and_enough_shots_and_an_existing_backbone(tmp_path, world):
@@ -256,6 +272,8 @@ def test_fit_needs_dct_and_enough_shots_and_an_existing_backbone(tmp_path, world
     with pytest.raises(UserError, match=r"`shots` is 900 but class 0 \('zero'\) has \d+ images in split 'train' "
                                         r"\(`guide` 'fit' fits on 900 of every class\)"):
         build(_fit_build(tmp_path / "b", world, shots=900), progress=False)
+    with pytest.raises(UserError, match=r"`guide_fit.strength` must be > 0 \(or null: chosen by leave-one-out"):
+        build(_fit_build(tmp_path / "c", world, **{"guide_fit.strength": -1.0}), progress=False)
     with pytest.raises(UserError, match=r"`guide_fit.backbone` '/no/such' does not exist"):
         build(_fit_build(tmp_path / "c", world, **{"guide_fit.backbone": "/no/such"}), progress=False)
     assert not any((tmp_path / n).exists() and any((tmp_path / n).iterdir()) for n in "abc")

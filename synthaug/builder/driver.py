@@ -177,6 +177,8 @@ def prepare_shots(config: BuildConfig, out: Path) -> None:
     backbone = default_backbone(config.dataset, backbone)
     wanted = {"shots": config.shots, "shots_seed": config.shots_seed, "backbone": backbone,
               "head": config.guide_fit.head, "dataset": config.dataset, "split": config.split}
+    if config.guide_fit.strength is not None:
+        wanted["strength"] = float(config.guide_fit.strength)
     if (guide / GUIDE_RECORD_FILE).is_file():
         try:
             kept = FitRecord.read(guide)
@@ -189,7 +191,8 @@ def prepare_shots(config: BuildConfig, out: Path) -> None:
     import torch
 
     _, record = fit_dataset_guide(dataset, guide, shots=config.shots, shots_seed=config.shots_seed,
-                                  backbone=backbone, head=config.guide_fit.head, dataset_name=config.dataset,
+                                  backbone=backbone, head=config.guide_fit.head,
+                                  strength=config.guide_fit.strength, dataset_name=config.dataset,
                                   split=config.split, device="cuda" if torch.cuda.is_available() else "cpu",
                                   overwrite=True)
     logger.info("%s: fitted the guide on %d images per class: %s", out, record.shots,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -247,6 +248,7 @@ def fit_guide(
     backbone: str = "digits",
     head: str = "linear",
     features: str | None = None,
+    strength: float | None = None,
     augment: int = 8,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -265,6 +267,9 @@ def fit_guide(
         backbone: `probe.load_backbone`'s source (``"digits"``: the embedded world's CLIP image tower).
         head: ``"linear"`` (L2-regularised logistic regression) or ``"prototype"`` (cosine class means).
         features: fix the feature kind; None: chosen by leave-one-out among the backbone's kinds.
+        strength: fix the L2 strength (linear head) or logit scale (prototype head); None: chosen by leave-one-out
+            among `STRENGTHS` / `SCALES`. Leave-one-out picks for accuracy on the shots alone, which favours the
+            weakest penalty (the sharpest decision surface); a stronger one can be what a steered token fools less.
         augment: shifted copies of each shot to fit on (0: none).
         seed: seeds the augmentation.
         device: where the backbone runs.
@@ -309,6 +314,10 @@ def fit_guide(
                             f"--overwrite to replace a guide fitted there before." if not overwrite else
                             f"`out` {str(out)!r} is not a guide folder (no {GUIDE_RECORD_FILE}): synthaug replaces only "
                             f"what it wrote; pass a new folder.")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                 or not math.isfinite(strength) or strength <= 0):
+        raise UserError(f"`strength` must be a finite number > 0 (the L2 strength of a linear head, the logit scale "
+                        f"of a prototype head) or None (chosen by leave-one-out) but is {strength!r}.")
     if features is not None and features not in ("pooled", "projected", "patch_mean"):
         raise UserError(f"`features` must be pooled, projected or patch_mean but is {features!r}.")
     dev = torch.device(device)
@@ -333,8 +342,9 @@ def fit_guide(
     # 3. Leave-one-out over the candidate settings; the estimate a user reads is the whole procedure's (nested:
     #    each held-out fold's setting chosen on the other folds alone), since the chosen setting's own score is the
     #    best of many on few images and so optimistic
-    grid = STRENGTHS if head == "linear" else SCALES
-    default = (features or "pooled", float(grid[len(grid) // 2 - 1]) if head == "linear" else float(SCALES[1]))
+    grid = (float(strength),) if strength is not None else STRENGTHS if head == "linear" else SCALES
+    default = (features or "pooled", float(strength) if strength is not None
+               else float(grid[len(grid) // 2 - 1]) if head == "linear" else float(SCALES[1]))
     candidates: list[dict[str, Any]] = []
     why = selected_acc = None
     every = torch.ones(len(y_shots), dtype=torch.bool)
@@ -443,6 +453,7 @@ def fit_dataset_guide(
     shots_seed: int = 0,
     backbone: str = "digits",
     head: str = "linear",
+    strength: float | None = None,
     dataset_name: str = "",
     split: str = "",
     classes: Sequence[int] | None = None,
@@ -479,6 +490,6 @@ def fit_dataset_guide(
                             f"{split or 'train'!r}: use shots <= its count.")
     images = [dataset[i][0] for i in chosen]
     return fit_guide(images, [position[targets[i]] for i in chosen], [names[c] for c in keep], out,
-                     backbone=backbone, head=head, device=device, overwrite=overwrite,
+                     backbone=backbone, head=head, strength=strength, device=device, overwrite=overwrite,
                      shots_info={"shots_seed": shots_seed, "dataset": dataset_name, "split": split,
                                  "indices": chosen, "paths": sample_paths(dataset, chosen)})
