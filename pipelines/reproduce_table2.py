@@ -21,6 +21,10 @@ so a row for any generation lever is a build made with it, and a row for a train
         --row dct=out/digits-report:dct --row dct+soft=out/digits-report:dct,targets=soft \
         --row dct+init=out/digits-init:dct --learners cnn,linear --against sd,sd+conf
 
+A value is YAML, so a row may hold a flow mapping: ``--row "hard-dct=out/b:sd,class_methods={four: dct, nine: dct}"``
+(token images for two classes, plain ones for the rest), ``--row best100=out/b:sd,rank=confidence`` (the 100 images
+per class the guide is surest of).
+
 Real images alone are a row of their own (``real``, from the first row's build). Every row trains with the same
 seeds, the same k real images per seed and `--synthetic-per-class` images; each learner (``cnn``: the default timm
 CNN; ``linear``: logistic regression on the pixels, ``arch=linear``) gets its own folder ``OUT/LEARNER/ROW``, and the
@@ -59,6 +63,18 @@ TABLE_KEYS = ("shots", "seeds", "methods", "include_real", "device", "num_worker
 LEARNERS = {"cnn": {}, "linear": {"arch": "linear"}}
 
 
+def _split_settings(text: str) -> list[str]:
+    """Split at the commas outside YAML brackets, so a value may be a flow list or mapping (``{nine: dct}``)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_row(text: str) -> tuple[str, str, str | None, dict]:
     """``NAME=BUILD[:METHOD][,KEY=VALUE...]`` -> (name, build, method, DownstreamConfig overrides)."""
     import dataclasses
@@ -69,7 +85,7 @@ def parse_row(text: str) -> tuple[str, str, str | None, dict]:
     if not sep or not name.strip() or not rest.strip():
         raise UserError(f"`--row` {text!r} must look like NAME=BUILD[:METHOD][,KEY=VALUE...], e.g. "
                         "sd+conf=out/digits-report:sd,min_confidence=0.9.")
-    where, *settings = rest.split(",")
+    where, *settings = _split_settings(rest)
     build, _, method = where.rpartition(":") if ":" in where else (where, "", "")
     fields = {f.name for f in dataclasses.fields(DownstreamConfig)} - set(TABLE_KEYS)
     overrides = {}

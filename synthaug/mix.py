@@ -35,6 +35,8 @@ MODES = ("concat", "replace", "ratio")
 
 TARGETS = ("hard", "soft")  # what an item's target is: the class index, or a probability vector over the classes
 
+RANKS = ("index", "confidence")  # which synthetic images of a class a per-class cap keeps first
+
 
 class Source(NamedTuple):
     """Where item `i` comes from in the current epoch."""
@@ -125,6 +127,12 @@ class SynthAugDataset(VisionDataset):
             build; ``["sd"]`` or ``["dct", "sd"]`` ask for the baseline images by name.
         min_confidence: keep only synthetic images whose guide probability is at least this (images without one
             are dropped).
+        class_methods: per-class methods that replace `methods` for the classes named (build class names or
+            indices), e.g. ``{"four": ["dct"], "nine": ["dct"]}`` with ``methods=["sd"]``: token images only for the
+            classes whose plain prompts fail, plain-prompt images for the rest.
+        rank: which synthetic images of a class `synthetic_per_class` keeps: ``"index"`` (the lowest sample indices,
+            the default) or ``"confidence"`` (the ones the guide is surest of — a per-class share instead of one
+            probability threshold for every class; images without a guide probability come last).
         check_classes: refuse real and synthetic class lists whose names disagree at the same index.
         check_sha256: verify each synthetic image's bytes against the index on every read.
         class_map: build class index -> real target, when the build's classes are not the real dataset's (a CUB
@@ -163,6 +171,8 @@ class SynthAugDataset(VisionDataset):
         shots_seed: int | None = None,
         targets: str = "hard",
         temperature: float = 1.0,
+        class_methods: Mapping[str | int, str | Iterable[str]] | None = None,
+        rank: str = "index",
     ) -> None:
         super().__init__(str(root), transform=transform, target_transform=target_transform)
         # 1. Check the arguments before touching any data.
@@ -177,6 +187,17 @@ class SynthAugDataset(VisionDataset):
             raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {min_confidence!r}.")
         if targets not in TARGETS:
             raise UserError(f"`targets` must be one of {', '.join(TARGETS)} but is {targets!r}.")
+        if rank not in RANKS:
+            raise UserError(f"`rank` must be one of {', '.join(RANKS)} but is {rank!r}.")
+        if class_methods is not None and not isinstance(class_methods, Mapping):
+            raise UserError(f"`class_methods` must be a mapping of class name (or index) to methods, e.g. "
+                            f"{{'nine': ['dct']}}, but is {class_methods!r}.")
+        class_methods = {c: [m] if isinstance(m, str) else list(m) for c, m in (class_methods or {}).items()}
+        for c, ms in class_methods.items():
+            bad = [m for m in ms if m not in KNOWN_METHODS]
+            if bad or not ms:
+                raise UserError(f"`class_methods` {c!r}: methods must be a non-empty list among "
+                                f"{', '.join(KNOWN_METHODS)} but are {ms!r}.")
         if isinstance(temperature, (bool, np.bool_)) or not (isinstance(temperature, numbers.Real)
                                                              and np.isfinite(temperature) and temperature > 0):
             raise UserError(f"`temperature` must be a finite number > 0 (not a bool) but is {temperature!r}: 1 keeps "
@@ -188,6 +209,7 @@ class SynthAugDataset(VisionDataset):
                 raise UserError(f"`methods` must be among {', '.join(KNOWN_METHODS)} (or \"all\") but contains "
                                 f"{bad!r}.")
         self.mode, self.p, self.seed, self.shots = mode, float(p), int(seed), shots
+        self.rank = rank
         self.min_confidence = min_confidence
         self.synthetic_per_class = synthetic_per_class
         self.check_sha256 = check_sha256
@@ -209,16 +231,32 @@ class SynthAugDataset(VisionDataset):
         rows = table.select(columns).to_pydict()
         available = sorted(set(rows["method"]))
         keep = np.ones(table.num_rows, dtype=bool)
+        method_col = np.asarray(rows["method"], dtype=object)
         if methods is not None:
-            keep &= np.isin(np.asarray(rows["method"], dtype=object), methods)
+            keep &= np.isin(method_col, methods)
+        if class_methods:
+            per_class = self._class_methods(class_methods, rows)
+            missing = sorted({m for ms in per_class.values() for m in ms} - set(available))
+            if missing:
+                raise UserError(f"`class_methods` asks for methods {missing!r} but the build has {available}: name "
+                                f"methods the build made (a plain-prompt `sd` needs a --baseline build).")
+            cls_col = np.asarray(rows["class_index"], dtype=np.int64)
+            for c, ms in per_class.items():
+                here = cls_col == c
+                keep[here] = np.isin(method_col[here], ms)
         if min_confidence is not None:
             gp = np.array([np.nan if v is None else v for v in rows["guide_prob"]], dtype=np.float64)
             keep &= np.nan_to_num(gp, nan=-1.0) >= min_confidence
         sel = np.flatnonzero(keep)
         cls_all = np.asarray(rows["class_index"], dtype=np.int64)
         idx_all = np.asarray(rows["index"], dtype=np.int64)
-        # lowest sample index first, then method: a cap keeps the first images of every method in turn
-        order = sorted(sel.tolist(), key=lambda r: (cls_all[r], idx_all[r], rows["method"][r]))
+        # lowest sample index first, then method: a cap keeps the first images of every method in turn (or the
+        # guide's surest first, with rank="confidence")
+        if rank == "confidence":
+            conf = np.array([-np.inf if v is None or v != v else v for v in rows["guide_prob"]], dtype=np.float64)
+            order = sorted(sel.tolist(), key=lambda r: (cls_all[r], -conf[r], idx_all[r], rows["method"][r]))
+        else:
+            order = sorted(sel.tolist(), key=lambda r: (cls_all[r], idx_all[r], rows["method"][r]))
         if synthetic_per_class is not None:
             taken: dict[int, int] = {}
             capped = []
@@ -295,6 +333,23 @@ class SynthAugDataset(VisionDataset):
         self._reader = ShardReader(root)
 
     # ----------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _class_methods(class_methods: dict[Any, list[str]], rows: dict[str, list]) -> dict[int, list[str]]:
+        """`class_methods` keyed by build class index; a name or index the build does not have is refused."""
+        by_name = {normalize_name(n): int(c) for c, n in zip(rows["class_index"], rows["class_name"])}
+        indices = set(by_name.values())
+        out = {}
+        for c, ms in class_methods.items():
+            if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+                found = int(c) if int(c) in indices else None
+            else:
+                found = by_name.get(normalize_name(str(c)))
+            if found is None:
+                raise UserError(f"`class_methods` names class {c!r}, which the build has no images of: use a build "
+                                f"class name or index (e.g. {next(iter(by_name), 'zero')!r}).")
+            out[found] = ms
+        return out
+
     def _synthetic_class_names(self, root: Path, table: Any) -> dict[int, str]:
         """index -> name: classes.json when present (every class of the build), else the names in the index."""
         path = root / CLASSES_FILE
@@ -477,4 +532,4 @@ class SynthAugDataset(VisionDataset):
         ] + ([f"Targets: soft (temperature {self.temperature:g})"] if self.target_kind == "soft" else []))
 
 
-__all__ = ["MODES", "TARGETS", "Source", "SynthAugDataset"]
+__all__ = ["MODES", "RANKS", "TARGETS", "Source", "SynthAugDataset"]

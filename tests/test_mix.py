@@ -97,6 +97,29 @@ def test_filters_and_cap(out):
         SynthAugDataset(out, methods=["mcti"])
 
 
+def test_per_class_methods_and_a_cap_that_keeps_the_guides_surest(out):
+    # class 0 ("zero") from the plain prompt, the others from the token: "token images only where plain ones fail"
+    mixed = SynthAugDataset(out, methods=["dct"], class_methods={"zero": ["sd"]})
+    assert np.bincount(mixed.targets).tolist() == [6, 6, 6]
+    assert {m for m, c in zip(mixed.synthetic["method"], mixed.synthetic["class_index"]) if c == 0} == {"sd"}
+    assert {m for m, c in zip(mixed.synthetic["method"], mixed.synthetic["class_index"]) if c > 0} == {"dct"}
+    assert SynthAugDataset(out, methods=["dct"], class_methods={0: "sd"}).synthetic == mixed.synthetic  # by index
+    surest = SynthAugDataset(out, methods=["dct"], synthetic_per_class=2, rank="confidence")
+    assert surest.synthetic["index"] == [5, 4] * 3  # guide_prob 0.6 and 0.5 of every class, surest first
+    assert SynthAugDataset(out, methods=["dct"], synthetic_per_class=2).synthetic["index"] == [0, 1] * 3
+    unsure = SynthAugDataset(out, methods="all", synthetic_per_class=7, rank="confidence")  # sd has no guide_prob
+    zero = [m for m, c in zip(unsure.synthetic["method"], unsure.synthetic["class_index"]) if c == 0]
+    assert zero == ["dct"] * 6 + ["sd"]  # images without a probability come last
+    with pytest.raises(UserError, match=r"`rank` must be one of index, confidence but is 'best'"):
+        SynthAugDataset(out, rank="best")
+    with pytest.raises(UserError, match=r"`class_methods` names class 'eleven', which the build has no images of"):
+        SynthAugDataset(out, class_methods={"eleven": ["dct"]})
+    with pytest.raises(UserError, match=r"`class_methods` 'zero': methods must be a non-empty list among"):
+        SynthAugDataset(out, class_methods={"zero": ["plain"]})
+    with pytest.raises(UserError, match=r"`class_methods` asks for methods \['mcti'\] but the build has"):
+        SynthAugDataset(out, class_methods={"zero": ["mcti"]})
+
+
 def test_concat_counts_and_balance(out, real):
     ds = SynthAugDataset(out, real=real, shots=2, methods=["dct"], seed=0)
     assert len(ds) == 20 + 18

@@ -103,6 +103,17 @@ def test_reproduce_table2_rows_learners_and_paired_comparisons(digits_build, tmp
     assert linear_cell["protocol"]["image_size"] == 8
     # resumed: the same table, nothing retrained
     assert _pipeline("reproduce_table2").main(argv) == 0 and (out / "table2.md").read_text() == md
+    # a row's value may be a YAML flow mapping: per-class methods (commas inside braces do not split the row)
+    names = json.loads((digits_build / "classes.json").read_text())
+    first, second = names[0]["name"], names[1]["name"]
+    per_class = [*argv[:argv.index("--row")], "--row", f"pc={b}:sd,class_methods={{{first}: dct, {second}: dct}}",
+                 "--row", f"best={b}:sd,rank=confidence", "--learners", "linear", "--linear-size", "8", "-q"]
+    per_class[per_class.index("--out") + 1] = str(tmp_path / "t2x-pc")
+    assert _pipeline("reproduce_table2").main(per_class) == 0
+    pc = json.loads(next((tmp_path / "t2x-pc" / "linear" / "pc").glob("downstream/cells/*.json")).read_text())
+    assert pc["protocol"]["class_methods"] == {first: ["dct"], second: ["dct"]}
+    best = json.loads(next((tmp_path / "t2x-pc" / "linear" / "best").glob("downstream/cells/*.json")).read_text())
+    assert best["protocol"]["rank"] == "confidence" and "rank" not in sd2["protocol"]
     assert _pipeline("reproduce_table2").main([*argv[:-1], "--row", f"bad={b}:dct,epochs_x=3", "-q"]) == 2
     assert "'epochs_x=3' is not KEY=VALUE with KEY a DownstreamConfig setting" in capsys.readouterr().err
     assert _pipeline("reproduce_table2").main([*argv[:-3], "--against", "nope", "-q"]) == 2

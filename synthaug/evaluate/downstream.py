@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..index import BuildView, method_sort_key, open_build
 from ..jsonfmt import dumps
 from ..layout import EVAL_DIR
-from ..mix import MODES, TARGETS, SynthAugDataset
+from ..mix import MODES, RANKS, TARGETS, SynthAugDataset
 from ..models import resolve_device
 from ..names import normalize_name
 from .judge import write_csv
@@ -245,6 +245,10 @@ class DownstreamConfig:
             ``"replace"`` (each real item serves a synthetic image of its class with probability `p`). Cells without
             real images (k = 0) train on synthetic images alone in every mode.
         min_confidence: keep only synthetic images whose stored guide probability is at least this.
+        class_methods: per-class methods replacing a cell's method for the classes named (`SynthAugDataset`'s
+            ``class_methods``: ``{"nine": ["dct"]}`` in an ``sd`` cell: token images for "nine" alone).
+        rank: which images `synthetic_per_class` keeps per class: ``"index"`` (the first) or ``"confidence"`` (the
+            guide's surest; `SynthAugDataset`'s ``rank``).
         targets: ``"hard"`` (class indices, cross-entropy) or ``"soft"``: synthetic images train towards the guide's
             recorded probabilities and real ones towards their one-hot label (soft cross-entropy; `SynthAugDataset`'s
             ``targets="soft"``).
@@ -280,6 +284,8 @@ class DownstreamConfig:
     mode: str = "concat"
     p: float = 0.5
     min_confidence: float | None = None
+    class_methods: Mapping[str, Sequence[str]] | None = None
+    rank: str = "index"
     targets: str = "hard"
     temperature: float = 1.0
     class_map: Any = None
@@ -321,6 +327,11 @@ class DownstreamConfig:
             raise UserError(f"`min_confidence` must be in [0, 1] (or None) but is {self.min_confidence!r}.")
         if self.targets not in TARGETS:
             raise UserError(f"`targets` must be one of {', '.join(TARGETS)} but is {self.targets!r}.")
+        if self.rank not in RANKS:
+            raise UserError(f"`rank` must be one of {', '.join(RANKS)} but is {self.rank!r}.")
+        if self.class_methods is not None and not isinstance(self.class_methods, Mapping):
+            raise UserError(f"`class_methods` must be a mapping of class name to methods, e.g. {{nine: [dct]}}, but "
+                            f"is {self.class_methods!r}.")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise UserError(f"`temperature` must be a finite number > 0 but is {self.temperature!r}: 1 keeps the "
                             "guide's probabilities.")
@@ -356,6 +367,8 @@ class _Protocol:
     shots_seed: int | None = None  # the k real images drawn with this seed in every cell; None: the cell's seed
     targets: str = "hard"  # "soft": the guide's recorded probabilities as the synthetic images' targets
     temperature: float = 1.0
+    class_methods: dict[str, list[str]] | None = None  # per-class methods replacing the cell's
+    rank: str = "index"  # "confidence": a per-class cap keeps the guide's surest images
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON a cell stores. Settings at their long-standing defaults (concat mixing, no filter, the same
@@ -363,9 +376,11 @@ class _Protocol:
         d = dataclasses.asdict(self)
         if self.mode == "concat":
             del d["mode"], d["p"]
-        for key in ("min_confidence", "class_map", "shots_seed"):
+        for key in ("min_confidence", "class_map", "shots_seed", "class_methods"):
             if d[key] is None:
                 del d[key]
+        if self.rank == "index":
+            del d["rank"]
         if self.targets == "hard":
             del d["targets"], d["temperature"]
         return json.loads(json.dumps(d, default=str))
@@ -500,6 +515,9 @@ def train_downstream(
         test_size=len(real_test),
         class_map=None if class_to_real is None else {names[b]: r for b, r in sorted(class_to_real.items())},
         shots_seed=cfg.shots_seed, targets=cfg.targets, temperature=float(cfg.temperature),
+        class_methods=None if not cfg.class_methods else {str(c): [m] if isinstance(m, str) else list(m)
+                                                          for c, m in sorted(cfg.class_methods.items(), key=str)},
+        rank=cfg.rank,
     )
     stored_protocol = protocol.as_dict()
     out_dir = Path(out) if out is not None else view.root / EVAL_DIR
@@ -591,7 +609,8 @@ def _train_cell(view: BuildView, real_train, real_test, method: str, k: int, see
                             methods=[] if real_only else method.split("+"),
                             synthetic_per_class=0 if real_only else pr.synthetic_per_class, seed=seed, mode=mode,
                             p=pr.p, min_confidence=None if real_only else pr.min_confidence, class_map=class_to_real,
-                            shots_seed=pr.shots_seed, targets=pr.targets, temperature=pr.temperature)
+                            shots_seed=pr.shots_seed, targets=pr.targets, temperature=pr.temperature,
+                            class_methods=None if real_only else pr.class_methods, rank=pr.rank)
     n_train = len(train_set)
     if n_train == 0:
         raise UserError(f"No training images for method {method!r} with k={k}: the build has none of that method.")
