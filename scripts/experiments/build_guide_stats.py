@@ -8,6 +8,11 @@ how many images (in sample-index order) it took for the filter to keep N, and th
 
     python scripts/build_guide_stats.py out/digits-i8 --min-confidence 0.9
     python scripts/experiments/build_guide_stats.py out/digits-report200 --keep 100
+    python scripts/experiments/build_guide_stats.py out/tune-k3 --choose-below 0.5
+
+With ``--choose-below A`` (on a tune-seed build with ``--baseline``): the classes whose plain-prompt acceptance (the
+share of ``sd`` images the guide gives >= --min-confidence) is below A — DCT only where plain prompts fail — printed
+as the ``class_methods`` value of a `reproduce_table2.py` row (``--row NAME=BUILD:sd,class_methods={...}``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("build", type=Path)
     p.add_argument("--min-confidence", type=float, default=0.9)
     p.add_argument("--keep", type=int, help="also: images generated until the filter kept this many per class")
+    p.add_argument("--choose-below", type=float, metavar="A",
+                   help="also: the classes whose plain-prompt acceptance is below A, as a class_methods value")
     args = p.parse_args(argv)
 
     rows = pq.read_table(args.build / "index.parquet").to_pylist()
@@ -67,6 +74,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{m}: images generated to keep {args.keep} per class: {', '.join(needed)}")
         evals = [int(token_metadata(t).get("unet_evals", 0)) for t in sorted((args.build / "tokens").glob("[0-9]*.safetensors"))]
         print(f"tokens: {len(evals)} files, {sum(evals)} UNet calls to learn them (unet_evals)")
+    if args.choose_below is not None:
+        if not any(m == "sd" for m, _ in total):
+            raise SystemExit("--choose-below needs the plain-prompt images: a build made with --baseline")
+        names = {r["class_index"]: r["class_name"] for r in rows}
+        share = {c: kept[("sd", c)] / total[("sd", c)] for c in classes if total[("sd", c)]}
+        low = [c for c in classes if share.get(c, 1.0) < args.choose_below]
+        print("plain acceptance: " + ", ".join(f"{names[c]} {share[c]:.2f}" for c in classes if c in share))
+        print(f"below {args.choose_below}: " + (", ".join(names[c] for c in low) or "none"))
+        print("class_methods={" + ", ".join(f"{names[c]}: dct" for c in low) + "}")
 
 
 if __name__ == "__main__":
