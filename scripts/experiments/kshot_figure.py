@@ -5,7 +5,7 @@ Reads the cells `pipelines/reproduce_table2.py --row ... --out DIR` saved (``DIR
 each ``K=DIR`` given.
 
     python scripts/experiments/kshot_figure.py 1=build/digits-clipk1/eval/t2k1 3=build/digits-clipk3b/eval/t2k3 \
-        5=build/digits-clipk5/eval/t2k5 --rows real,sd,sd+conf,dct,dct+conf --out scripts/experiments/figures/kshot.png
+        5=build/digits-clipk5/eval/t2k5 --rows real,sd,sd+conf,sd+best,dct,dct+conf,dct+best --out scripts/experiments/figures/kshot.png
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 COLORS = {"real": (150, 150, 150), "sd": (120, 160, 220), "sd+conf": (40, 90, 190), "dct": (240, 170, 110),
-          "dct+conf": (210, 100, 30), "mix+conf": (120, 170, 90), "dct+cliptrust": (170, 120, 200)}
+          "dct+conf": (210, 100, 30), "mix+conf": (120, 170, 90), "dct+cliptrust": (170, 120, 200),
+          "sd+best": (20, 40, 110), "dct+best": (150, 60, 10), "lowacc+best": (60, 130, 60)}
 
 
 def row_stats(folder: Path, row: str, k: int) -> tuple[float, float, float] | None:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("tables", nargs="+", help="K=DIR: a reproduce_table2 --out folder per k")
-    p.add_argument("--rows", default="real,sd,sd+conf,dct,dct+conf")
+    p.add_argument("--rows", default="real,sd,sd+conf,sd+best,dct,dct+conf,dct+best")
     p.add_argument("--learners", default="cnn,linear")
     p.add_argument("--lo", type=float, default=60.0, help="the y axis starts here (%)")
     p.add_argument("--out", type=Path, required=True)
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     tables = [(int(t.split("=", 1)[0]), Path(t.split("=", 1)[1])) for t in args.tables]
     rows, learners = args.rows.split(","), args.learners.split(",")
     font = ImageFont.load_default()
-    panel_w, h, left, top, bottom = 120 + 90 * len(tables), 300, 46, 30, 40
+    group = max(90, 14 * len(rows) + 10)  # one group of bars per k
+    panel_w, h, left, top, bottom = 120 + group * len(tables), 300, 46, 30, 40
     img = Image.new("RGB", (panel_w * len(learners), h + 26), "white")
     d = ImageDraw.Draw(img)
     y_of = lambda v: top + (100 - v) / (100 - args.lo) * (h - top - bottom)
@@ -55,10 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         for v in range(int(args.lo), 101, 10):
             d.line([(x0, y_of(v)), (x0 + panel_w - left - 10, y_of(v))], fill=(230, 230, 230))
             d.text((x0 - 30, y_of(v) - 5), f"{v}%", fill="black", font=font)
-        bar = (90 - 10) / len(rows)
+        bar = (group - 10) / len(rows)
         for ki, (k, folder) in enumerate(tables):
-            gx = x0 + 10 + ki * 90
-            d.text((gx + 25, h - bottom + 8), f"k = {k}", fill="black", font=font)
+            gx = x0 + 10 + ki * group
+            d.text((gx + group / 2 - 20, h - bottom + 8), f"k = {k}", fill="black", font=font)
             for ri, row in enumerate(rows):
                 s = row_stats(folder / learner, row, k)
                 if s is None:
