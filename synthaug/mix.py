@@ -253,7 +253,8 @@ class SynthAugDataset(VisionDataset):
         # lowest sample index first, then method: a cap keeps the first images of every method in turn (or the
         # guide's surest first, with rank="confidence")
         if rank == "confidence":
-            conf = np.array([-np.inf if v is None or v != v else v for v in rows["guide_prob"]], dtype=np.float64)
+            conf = np.nan_to_num(np.array([np.nan if v is None else v for v in rows["guide_prob"]], dtype=np.float64),
+                                 nan=-np.inf)
             order = sorted(sel.tolist(), key=lambda r: (cls_all[r], -conf[r], idx_all[r], rows["method"][r]))
         else:
             order = sorted(sel.tolist(), key=lambda r: (cls_all[r], idx_all[r], rows["method"][r]))
