@@ -3,121 +3,41 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from ..atomic import write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import check_label_agreement
 from ..config import from_dict
 from ..datasets.catalog import get_dataset
-from ..datasets.fewshot import few_shot_indices
+from ..datasets.fewshot import shots_by_class
 from ..errors import UserError
 from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
 from ..layout import (
     fits_guide,
     fitted_guide_id,
     guide_source,
+    pending_shards,
     resume_command,
-    shard_done,
     shard_paths,
+    token_done,
     token_path,
-    trust_path,
 )
 from ..models import load_diffusion
 from ..shards import ShardWriter
-from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
-from ..tokens.dct import learn_dct_token
-from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
-from ..tokens.io import add_tokens, load_tokens, save_token
-from ..tokens.mcti import learn_mcti_token
-from ..tokens.trust import TrustVerdict, check_token_trust, read_verdict, trust_settings_sha256
+from ..token_methods import TokenMethod, get_method
+from ..tokens.io import add_tokens
+from ..tokens.trust import TrustVerdict, kept_or_checked
+from .hooks import WorkerHooks
 from .plan import ClassJob, ShardTask
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Hooks: optional callbacks at fixed points of a class job
-# --------------------------------------------------------------------------------------------------------------------
-HOOKS_ENV = "SYNTHAUG_WORKER_HOOKS"
-
-
-HOOK_POINTS = ("on_job_start", "on_token_learned", "on_shard_written")
-
-
-_LOADED_HOOKS: dict[str, ModuleType] = {}  # one import per process, however many workers it runs
-
-
-@dataclass(frozen=True)
-class WorkerHooks:
-    """A module whose functions a worker calls at fixed points of every class job (tracing, fault injection in tests).
-
-    Named by the environment variable ``SYNTHAUG_WORKER_HOOKS`` on the driver: a module name on ``sys.path`` or the
-    path of a ``.py`` file (on shared storage when workers run on other machines). The module may define any of
-
-    - ``on_job_start(worker, job, attempt)``: before the job loads models or learns anything;
-    - ``on_token_learned(worker, job)``: the token is learned, its file not yet written;
-    - ``on_shard_written(worker, job, shard_id)``: a shard is complete on disk (its ``_stats.json`` included);
-
-    and ``SETTINGS``, names of environment variables that the driver reads and hands to every worker as
-    ``worker.hook_settings`` (so they reach Ray actors of a cluster started elsewhere). `worker` is the
-    `ClassWorker` (``worker.out``, ``worker.in_ray``, ``worker.hook_settings``), `job` the `ClassJob`. An exception
-    in a hook fails the job like any other error. Without the variable no hook runs.
-
-    Attributes:
-        module: the module name or ``.py`` path.
-        settings: the values of the module's ``SETTINGS`` found in the driver's environment.
-    """
-
-    module: str
-    settings: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerHooks | None:
-        """The hooks the environment names (importing the module once here, so a wrong name fails before any job)."""
-        environ = os.environ if environ is None else environ
-        spec = environ.get(HOOKS_ENV, "").strip()
-        if not spec:
-            return None
-        names = getattr(_import_hooks(spec), "SETTINGS", ())
-        return cls(spec, {k: environ[k] for k in names if k in environ})
-
-    def load(self) -> ModuleType:
-        return _import_hooks(self.module)
-
-
-def _import_hooks(spec: str) -> ModuleType:
-    if spec in _LOADED_HOOKS:
-        return _LOADED_HOOKS[spec]
-    try:
-        if spec.endswith(".py"):
-            path = Path(spec).expanduser().resolve()
-            loader = importlib.util.spec_from_file_location(f"_synthaug_hooks_{path.stem}", path)
-            if loader is None or not path.is_file():
-                raise FileNotFoundError(f"no file {path}")
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(spec)
-    except Exception as e:  # noqa: BLE001 (any import failure is a bad setting)
-        raise UserError(f"`{HOOKS_ENV}` {spec!r} cannot be imported ({type(e).__name__}: {e}): name a module on "
-                        f"sys.path or a .py file, or unset {HOOKS_ENV}.") from None
-    unknown = sorted(n for n in vars(module) if n.startswith("on_") and n not in HOOK_POINTS)
-    if unknown:
-        raise UserError(f"`{HOOKS_ENV}` {spec!r} defines {', '.join(unknown)}, which no worker calls: the hook "
-                        f"points are {', '.join(HOOK_POINTS)}.")
-    _LOADED_HOOKS[spec] = module
-    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,6 +72,7 @@ class ClassWorker:
                  hooks: WorkerHooks | None = None, in_ray: bool = False, overlap_writes: bool = True,
                  models: dict[str, Any] | None = None) -> None:
         self.config = from_dict(config)
+        self.method: TokenMethod = get_method(self.config.method)  # picked once: no branch on its name below
         self.out = Path(out)
         self.classes = [c if isinstance(c, str) else tuple(c) for c in classes]
         self.selected = list(selected)
@@ -186,7 +107,6 @@ class ClassWorker:
             return self._models
         import torch
 
-
         cfg = self.config
         if self.threads:
             self._threads_before = torch.get_num_threads()
@@ -199,29 +119,18 @@ class ClassWorker:
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}
-        if cfg.method in ("ti", "mcti"):
-            models.update(self._few_shot(pipe))
+        if self.method.shots is not None:  # the k real images it learns from (of every class, or of the build's)
+            models["shots"] = self._shots(None if self.method.shots == "all" else self.selected)
+        models.update(self.method.prepare(cfg, models))
         if cfg.generate.init == "real":
             models["init_images"] = self._init_images()
         self._models = models
         return models
 
-    def _few_shot(self, pipe: Any) -> dict[str, Any]:
-        """The few-shot images TI/MC-TI learn from (MC-TI: of every class; its regularizer needs them all)."""
+    def _shots(self, classes: Sequence[int] | None = None) -> dict[int, list[Any]]:
+        """The user's k real images of `classes` (None: of every class), ``{class: [image, ...]}``."""
         cfg = self.config
-        dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
-        wanted = None if cfg.method == "mcti" else set(self.selected)
-        images: dict[int, list[Any]] = {}
-        for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
-            target = int(dataset.targets[i])
-            if wanted is None or target in wanted:
-                images.setdefault(target, []).append(dataset[i][0])
-        extra: dict[str, Any] = {"images_by_class": images, "clip": None, "features": None}
-        if cfg.method == "mcti":
-
-            extra["clip"] = load_clip(cfg.mcti.clip_model, pipe)
-            extra["features"] = class_features(extra["clip"], images)
-        return extra
+        return shots_by_class(get_dataset(cfg.dataset, cfg.root, cfg.split), cfg.shots, cfg.shots_seed, classes)
 
     def _init_images(self) -> dict[int, dict[int, Any]]:
         """generate.init "real": each selected class's real start images, by their index in the split."""
@@ -258,7 +167,7 @@ class ClassWorker:
         learned, token_seconds = self._ensure_token(job, models)
         learned, token_seconds = learned or c in batched, token_seconds + batched.get(c, 0.0)
         verdict = self._ensure_trust(job, models)
-        plain = verdict is not None and not verdict.trusted and self.config.dct.trust == "fallback"
+        plain = verdict is not None and not verdict.trusted and self.method.trust(self.config) == "fallback"
         if plain:
             logger.warning("class %d (%s): token not trusted, generating with the plain prompt (dct.trust=fallback): "
                            "%s", job.class_index, job.name, verdict.describe())
@@ -268,55 +177,10 @@ class ClassWorker:
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
     def _ensure_trust(self, job: ClassJob, models: dict[str, Any]) -> TrustVerdict | None:
-        """``dct.trust``: the class token's trust verdict, checked once and kept in ``tokens/NNN_trust.json`` (None
-        when the check is off). A kept verdict checked with other settings (``generate.*``, the real images it read)
-        is checked again: a build whose config changed before any image was made keeps its tokens, not its verdicts."""
-        cfg = self.config
-        if cfg.method != "dct" or cfg.dct.trust == "off":
+        """The class token's trust verdict (`kept_or_checked`), None when the method's tokens are not checked."""
+        if self.method.trust(self.config) == "off":
             return None
-        path = trust_path(self.out, job.class_index)
-        space, clip_source = "guide", None
-        if cfg.dct.trust_features == "clip":  # default_clip_model may read the model's config: only when asked
-            clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
-            space = f"clip:{clip_source or 'digits'}"
-        settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.shots,
-                                         shots_seed=cfg.shots_seed, images=cfg.dct.trust_images,
-                                         seed=cfg.dct.seed, features=space)
-        if path.is_file():
-            try:
-                kept = read_verdict(path)
-            except ValueError as e:  # damage is redone, never retried as it is
-                logger.warning("class %d (%s): its trust verdict %s is damaged (%s); checking again",
-                               job.class_index, job.name, path, e)
-            else:
-                if kept.settings_sha256 == settings:
-                    return kept
-                logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
-                            job.class_index, job.name)
-        if "real_by_class" not in models:
-            dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
-            by_class: dict[int, list[Any]] = {}
-            for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
-                by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
-            models["real_by_class"] = by_class
-        features = None
-        if cfg.dct.trust_features == "clip":  # only its image tower is read: no pairing with the text encoder needed
-            if "trust_clip" not in models:
-                models["trust_clip"] = load_clip(clip_source, device=models["pipe"].device)
-            clip = models["trust_clip"]
-
-            def features(pixels):
-                return image_features(clip, pixels)
-
-        verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
-                                    token=job.token, real_images=models["real_by_class"], config=cfg.generate,
-                                    images=cfg.dct.trust_images, seed=cfg.dct.seed, features=features,
-                                    features_name=cfg.dct.trust_features, generate=generate)
-        verdict = replace(verdict, settings_sha256=settings)
-        write_text(path, verdict.to_json() + "\n")
-        (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
-                                                              job.name, verdict.describe())
-        return verdict
+        return kept_or_checked(self.out, job, models, self.config, real_images=self._shots, generate=generate)
 
     def _write_shards(self, job: ClassJob, models: dict[str, Any], *, plain: bool = False) -> dict[str, Any]:
         """Generate and write every unfinished shard of the job, batch by batch (`plain`: the token's shards with
@@ -327,7 +191,7 @@ class ClassWorker:
         next shard can complete (so a job stopped in that hook leaves exactly the shards reported so far).
         """
         c = job.class_index
-        pending = [t for t in job.shards if not shard_done(self.out, t.shard_id, t.method)]
+        pending = pending_shards(self.out, job)
         stats: dict[str, Any] = {"shards_written": [], "images": 0, "batch_size": None, "compile_seconds": 0.0,
                                  "generate_seconds": 0.0, "write_seconds": 0.0, "write_wait_seconds": 0.0}
         if not pending:
@@ -431,39 +295,29 @@ class ClassWorker:
         return seconds
 
     def _learn_tokens_together(self, jobs: Sequence[ClassJob], models: dict[str, Any]) -> dict[int, float]:
-        """``dct.classes_per_batch``: learn the missing tokens of `jobs` several classes per denoising batch
-        (`learn_dct_tokens`, continuous batching) and save each as its class finishes. Returns the seconds each
-        learned class took, its share of the wall time. Out of memory at this batch leaves the rest to their own
-        jobs, which learn them one at a time; any other error fails this job (whose retry learns its token alone).
+        """The method's batches (``dct.classes_per_batch``): learn the missing tokens of `jobs` several classes per
+        batch and save each as its class finishes. Returns the seconds each learned class took, its share of the
+        wall time. Out of memory at this batch leaves the rest to their own jobs, which learn them one at a time; any
+        other error fails this job (whose retry learns its token alone).
         """
         import torch
 
-        cfg = self.config
-        todo = [j for j in jobs if not token_path(self.out, j.class_index).is_file()]
-        if cfg.method != "dct" or len(todo) < 2:
+        cfg, method = self.config, self.method
+        todo = [j for j in jobs if not token_done(self.out, j.class_index)]
+        if not method.batches(cfg) or len(todo) < 2:
             return {}
-        pipe, guide = models["pipe"], models["guide"]
         if "classes_per_batch" not in models:
-            models["classes_per_batch"] = classes_per_batch_for(pipe, guide, cfg.dct, DCTJob(
-                todo[0].class_index, todo[0].name, token=todo[0].token))
+            models["classes_per_batch"] = method.classes_per_batch(cfg, models, todo[0])
         if models["classes_per_batch"] < 2:
             return {}
-        by_index = {j.class_index: j for j in todo}
         seconds: dict[int, float] = {}
         started = time.perf_counter()
         try:
-            for dct_job, result in learn_dct_tokens(
-                    pipe, guide, (DCTJob(j.class_index, j.name, token=j.token) for j in todo), cfg.dct,
-                    classes_per_batch=models["classes_per_batch"], val_prompt=cfg.generate.prompt,
-                    progress=self._step):
+            for job, result in method.learn_batch(cfg, models, todo, models["classes_per_batch"], self._step):
                 if isinstance(result, UserError):
                     raise result
-                job = by_index[dct_job.class_index]
-                self._hook("on_token_learned", job)
-                save_token(result, token_path(self.out, job.class_index))
+                self._save_token(job, result, result.seconds)
                 seconds[job.class_index] = result.seconds
-                self._report({"kind": "token", "class_index": job.class_index, "steps": result.steps,
-                              "stop_reason": result.stop_reason, "seconds": result.seconds})
         except torch.OutOfMemoryError as e:  # the classes left go one by one (any other error fails the job)
             logger.warning("learning %d class tokens together stopped after %d (%s: %s); the rest are learned one "
                            "at a time", len(todo), len(seconds), type(e).__name__, str(e).splitlines()[0][:200])
@@ -477,30 +331,22 @@ class ClassWorker:
         Generation always uses the token as read back from its file, so a resumed build and an uninterrupted one
         generate from the very same values.
         """
-        cfg, pipe, path = self.config, models["pipe"], token_path(self.out, job.class_index)
         learned, seconds = False, 0.0
-        if not path.is_file():
+        if not token_done(self.out, job.class_index):
             t0 = time.perf_counter()
-            if cfg.method == "dct":
-
-                result = learn_dct_token(pipe, models["guide"], job.class_index, job.name, cfg.dct, token=job.token,
-                                         val_prompt=cfg.generate.prompt, progress=self._step)
-            else:
-
-                result = learn_mcti_token(pipe, models["clip"], models["images_by_class"], job.class_index, cfg.mcti,
-                                          method=cfg.method, token=job.token, label=job.name,
-                                          features=models["features"])
-            seconds = time.perf_counter() - t0
-            self._hook("on_token_learned", job)
-            if hasattr(result, "save"):
-                result.save(path)
-            else:
-                save_token(result, path)
-            learned = True
-            self._report({"kind": "token", "class_index": job.class_index, "steps": getattr(result, "steps", None),
-                          "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
-        add_tokens(pipe, load_class_token(path, job.token, self.out))
+            result = self.method.learn(self.config, models, job, self._step)
+            seconds, learned = time.perf_counter() - t0, True
+            self._save_token(job, result, seconds)
+        add_tokens(models["pipe"], load_class_token(token_path(self.out, job.class_index), job.token, self.out,
+                                                    self.method))
         return learned, seconds
+
+    def _save_token(self, job: ClassJob, result: Any, seconds: float) -> None:
+        """A learned token into its file (the ``on_token_learned`` hook first), reported as a ``"token"`` event."""
+        self._hook("on_token_learned", job)
+        self.method.save(result, token_path(self.out, job.class_index))
+        self._report({"kind": "token", "class_index": job.class_index, "steps": getattr(result, "steps", None),
+                      "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
 
     def _step(self, info: dict[str, Any]) -> None:
         """A token-learning iteration (`synthaug.tokens.progress.StepProgress`'s dict) as a ``"step"`` event."""
@@ -525,12 +371,13 @@ class QueueReport:
             self.queue.put_nowait(event)
 
 
-def load_class_token(path: Path, token: str, out: str | Path) -> dict[str, Any]:
-    """A class's token file, which must hold exactly that class's token. Raises `UserError` (naming the file, what
-    it holds, and that deleting it makes the build learn the token again) for a damaged or misplaced file."""
+def load_class_token(path: Path, token: str, out: str | Path, method: TokenMethod) -> dict[str, Any]:
+    """A class's token file (read by the build's `method`), which must hold exactly that class's token. Raises
+    `UserError` (naming the file, what it holds, and that deleting it makes the build learn the token again) for a
+    damaged or misplaced file."""
     fix = f"delete {path} and rerun `{resume_command(out)}` (the token is learned again)"
     try:
-        tokens = load_tokens(path)
+        tokens = method.load(path)
     except UserError as e:
         raise UserError(f"{str(e).rstrip('.').removesuffix(': write it again')}: {fix}.") from None
     if list(tokens) != [token]:
