@@ -6,9 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +16,22 @@ from ..config import from_dict
 from ..datasets.catalog import get_dataset
 from ..datasets.fewshot import shots_by_class
 from ..errors import UserError
-from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
+from ..generation import generate, real_start_images
 from ..layout import (
     fits_guide,
     fitted_guide_id,
     guide_source,
-    pending_shards,
     resume_command,
-    shard_paths,
     token_done,
     token_path,
 )
 from ..models import load_diffusion
-from ..shards import ShardWriter
 from ..token_methods import TokenMethod, get_method
 from ..tokens.io import add_tokens
 from ..tokens.trust import TrustVerdict, kept_or_checked
 from .hooks import WorkerHooks
-from .plan import ClassJob, ShardTask
+from .images import ClassImages
+from .plan import ClassJob
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +78,10 @@ class ClassWorker:
         self.hooks = hooks
         self.hook_settings = dict(hooks.settings) if hooks else {}
         self.in_ray = in_ray
-        self.overlap_writes = overlap_writes
         self._models: dict[str, Any] | None = models
         self._threads_before: int | None = None
-        self._generate: Any = None  # the generate config with its batch size resolved, set on the first shard
-        self._unet: Any = None  # the compiled UNet with generate.compile
+        self._images = ClassImages(self.out, self.config, report=self._report, hook=self._hook,
+                                   overlap_writes=overlap_writes)
 
     def ping(self) -> int:
         """The worker's process id (the driver asks after a crash whether the actor came back)."""
@@ -94,7 +89,8 @@ class ClassWorker:
 
     def close(self) -> None:
         """Drop the models and give back the thread setting (in-process use)."""
-        self._models = self._generate = self._unet = None
+        self._models = None
+        self._images.close()
         if self._threads_before is not None:
             import torch
 
@@ -171,7 +167,7 @@ class ClassWorker:
         if plain:
             logger.warning("class %d (%s): token not trusted, generating with the plain prompt (dct.trust=fallback): "
                            "%s", job.class_index, job.name, verdict.describe())
-        stats = self._write_shards(job, models, plain=plain)
+        stats = self._images.write(job, models, plain=plain)
         return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds, **stats,
                 "classes_per_batch": models.get("classes_per_batch"),
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
@@ -181,118 +177,6 @@ class ClassWorker:
         if self.method.trust(self.config) == "off":
             return None
         return kept_or_checked(self.out, job, models, self.config, real_images=self._shots, generate=generate)
-
-    def _write_shards(self, job: ClassJob, models: dict[str, Any], *, plain: bool = False) -> dict[str, Any]:
-        """Generate and write every unfinished shard of the job, batch by batch (`plain`: the token's shards with
-        the plain prompt, a distrusted token's fallback).
-
-        The images of batch i are encoded and written on the `ShardWriter`'s thread while batch i+1 generates. A
-        shard's progress event and ``on_shard_written`` hook come once it is complete on disk, and always before the
-        next shard can complete (so a job stopped in that hook leaves exactly the shards reported so far).
-        """
-        c = job.class_index
-        pending = pending_shards(self.out, job)
-        stats: dict[str, Any] = {"shards_written": [], "images": 0, "batch_size": None, "compile_seconds": 0.0,
-                                 "generate_seconds": 0.0, "write_seconds": 0.0, "write_wait_seconds": 0.0}
-        if not pending:
-            return stats
-        pipe = models["pipe"]
-        if self._generate is None:
-            stats["compile_seconds"] = self._prepare_generation(pipe, pending, c)
-        gen = self._generate
-        sizes = {t.shard_id: t.size for t in pending}
-
-        def on_disk(done: list) -> None:
-            for shard_id, _ in done:
-                stats["shards_written"].append(shard_id)
-                stats["images"] += sizes[shard_id]
-                self._report({"kind": "shard", "class_index": c, "shard": shard_id, "images": sizes[shard_id]})
-                self._hook("on_shard_written", job, shard_id)
-
-        t0 = time.perf_counter()
-        shards = self.config.shards
-        # on a GPU, PNG encoding of a fast batch needs a few cores to keep up; on CPUs, torch holds the cores
-        encoders = min(4, os.cpu_count() or 1) if pipe.device.type == "cuda" else 1
-        with ShardWriter(self.out, image_format=shards.image_format, quality=shards.quality,
-                         background=self.overlap_writes, encode_threads=encoders) as writer, use_unet(pipe, self._unet):
-            next_seed: dict[str, int] = {}  # keep_confidence: the seed index each method's next shard starts at
-            for task in pending:
-                writer.begin(task.shard_id)
-                token = None if task.method == "sd" or plain else job.token
-                make = partial(generate, pipe, class_index=c, label=job.name, token=token, config=gen,
-                               method=task.method, classifier=models["guide"],
-                               init_images=models.get("init_images", {}).get(c))
-                batches = (self._all_images(task, make, gen.batch_size) if gen.keep_confidence is None else
-                           self._kept_images(job, task, make, gen, next_seed))
-                for images, done in batches:
-                    writer.put(images)
-                    self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": done})
-                    on_disk(writer.finished())
-                on_disk(writer.drain())  # the previous shard: its hook runs before this one can complete
-                writer.end()
-            on_disk(writer.drain())
-        stats.update(batch_size=gen.batch_size, generate_seconds=time.perf_counter() - t0,
-                     write_seconds=writer.write_seconds, write_wait_seconds=writer.wait_seconds)
-        return stats
-
-    @staticmethod
-    def _all_images(task: ShardTask, make: Callable, batch_size: int) -> Iterator[tuple[list, int]]:
-        """Every image of the shard, batch by batch; batches start at the shard's first index, exactly as
-        `generate` would split the whole range itself."""
-        for lo in range(task.start, task.stop, batch_size):
-            hi = min(lo + batch_size, task.stop)
-            yield make(indices=range(lo, hi)), hi - task.start
-
-    def _kept_images(self, job: ClassJob, task: ShardTask, make: Callable, gen: Any,
-                     next_seed: dict[str, int]) -> Iterator[tuple[list, int]]:
-        """``generate.keep_confidence``: the shard's images, the first ones from its start seed on whose guide
-        probability passes the threshold (past ``generate.max_attempts`` seeds, any). Batches lie on a fixed grid
-        of seed indices, so a resumed shard generates exactly the batches an uninterrupted build did (the images
-        before its start seed are made again and dropped)."""
-        threshold, size = gen.keep_confidence, gen.batch_size
-        limit = gen.max_attempts or 10 * self.config.per_class
-        first = next_seed.get(task.method)
-        if first is None:
-            first = 0 if task.chunk == 0 else self._seed_after(job, task)
-        kept, below, lo = 0, 0, first - first % size
-        while kept < task.size:
-            images = [im for im in make(indices=range(lo, lo + size)) if im.index >= first
-                      and (im.index >= limit or (im.guide_prob is not None and im.guide_prob >= threshold))]
-            images = images[: task.size - kept]
-            below += sum(im.index >= limit and (im.guide_prob is None or im.guide_prob < threshold) for im in images)
-            if images:
-                kept += len(images)
-                next_seed[task.method] = images[-1].index + 1
-                yield images, kept
-            lo += size
-        if below:
-            logger.warning("class %d (%s, %s): %d image(s) of shard %d kept below generate.keep_confidence %g after "
-                           "%d seeds (generate.max_attempts)", job.class_index, job.name, task.method, below,
-                           task.shard_id, threshold, limit)
-
-    def _seed_after(self, job: ClassJob, task: ShardTask) -> int:
-        """The seed index after the last image of the previous shard of the same method (finished on disk)."""
-        import pyarrow.parquet as pq
-
-        before = next(t for t in job.shards if t.method == task.method and t.chunk == task.chunk - 1)
-        column = pq.read_table(shard_paths(self.out, before.shard_id, before.method).parquet,
-                               columns=["index"]).column("index")
-        return int(max(column.to_pylist())) + 1
-
-    def _prepare_generation(self, pipe: Any, pending: Sequence[ShardTask], class_index: int) -> float:
-        """Once per worker: resolve ``generate.batch_size`` (auto: from free memory on CUDA) and, with
-        ``generate.compile`` (auto: on CUDA), compile the UNet for the batch sizes the shards use. Returns the compile
-        seconds."""
-        gen = self.config.generate
-        gen = replace(gen, batch_size=batch_size_for(pipe, gen))
-        seconds = 0.0
-        if compiles(pipe, gen):
-            sizes = sorted({n for t in pending for n in batch_sizes(t.start, t.stop, gen.batch_size)}, reverse=True)
-            self._unet, seconds = compile_unet(pipe, gen, sizes)
-            logger.info("generate.compile: UNet compiled for batch sizes %s in %.1f s", sizes, seconds)
-            self._report({"kind": "compile", "class_index": class_index, "seconds": seconds})
-        self._generate = gen
-        return seconds
 
     def _learn_tokens_together(self, jobs: Sequence[ClassJob], models: dict[str, Any]) -> dict[int, float]:
         """The method's batches (``dct.classes_per_batch``): learn the missing tokens of `jobs` several classes per
