@@ -1,9 +1,8 @@
 """The build folder: its one owner. File names, token and shard naming, done-markers, the one reader and writer of
-``config.yaml`` and ``plan.json``, and what clearing a build deletes.
-
-The one answer to "what is done": a token file (`token_done`), a shard's stats file (`shard_done`, `pending_shards`)
-whose shard still matches it (`check_shard`, `damaged_shards`), a trust verdict that reads (`kept_verdict`), a class
-job (`job_done`), a finished build (`build_finished`).
+``config.yaml`` and ``plan.json``, and what clearing a build deletes. The one answer to "what is done": a token
+file (`token_done`), a shard's stats file (`shard_done`, `pending_shards`) whose shard still matches it
+(`check_shard`, `damaged_shards`), a trust verdict that reads (`kept_verdict`), a class job (`job_done`), a finished
+build (`build_finished`).
 
 No torch import; shared by the builder (which writes a build), the readers (`synthaug.shards`, `synthaug.index`,
 `synthaug.mix`, `synthaug.evaluate`, `synthaug.report`) and the CLI: none of them spells a path of the folder or
@@ -18,6 +17,12 @@ parses one of its files itself. A build folder::
 
 A shard's name carries its split, the method that made its images (``dct-00003``): Hugging Face ``datasets``, timm
 and Ray Data all tell splits apart by file name, and a folder of tars only is what their directory readers expect.
+
+Also here: the format version (`BUILD_FORMAT`; a format-1 or 2 folder is refused: `legacy_build_error`), the records
+`plan.json` holds (`ClassJob`, `ShardTask`) and a stats file's (`ShardStats`, named `STATS_PREFIX`...), what
+`--overwrite` may delete (`clear_build`) and the `.overwriting` marker, the order a build puts its config and plan
+down in (`begin_build`), the card's name and marker (`CARD_FILE`, `is_build_card`), the build lock (`build_lock`),
+the resume command, ``shots.json``, the fitted guide's folder and what a `guide` value names (`guide_members`).
 """
 
 from __future__ import annotations
@@ -122,13 +127,8 @@ CARD_FILE = "README.md"
 
 
 INDEX_FILE = "index.parquet"
-
-
 INFO_FILE = "_info.json"
-
-
 CLASSES_FILE = "classes.json"
-
 
 KNOWN_METHODS = tuple(dict.fromkeys(("dct", "sd", *method_names())))  # what a shard is named by: sd, the plain prompt
 
