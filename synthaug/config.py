@@ -6,12 +6,6 @@ config is written as ``out/config.yaml`` before any work. YAML keys equal field 
 applied over the dataset's defaults and before the file's own keys; a preset may carry its own values for a dataset
 (`PRESET_VARIANTS`), used there instead of its generic ones. The tables live in `synthaug.presets`. Each config
 dataclass documents its fields in its ``Attributes:`` section, which ``synthaug config --explain KEY`` prints.
-
-What is here: the sections `dct`, `mcti`, `guide_fit`, `generate`, `shards`, `run`; the user's k real images are the
-top-level `shots` / `shots_seed` (the old per-stage keys are refused naming them); one `validate` for every rule
-that needs no data, with the section checks it shares (`check_dct_levers`, `check_generate_levers`,
-`strength_steps`); the presets (`PRESETS`, `PRESET_VARIANTS`); the scheduler names and `timestep_spacing` values.
-The ``method`` names come from `synthaug.token_methods`; `synthaug.config_docs.explain` reads the docs.
 """
 
 from __future__ import annotations

@@ -43,14 +43,16 @@ class ClassWorker:
     """Runs class jobs. Models load once, on the first job, and stay for the next ones.
 
     The local executor runs one in-process; the Ray executor wraps it with ``ray.remote`` (one actor per GPU). The
-    constructor does nothing that can fail, so a broken model or dataset shows up as a failed job with its error.
+    constructor only picks the config's token method (`synthaug.token_methods.get_method`: every method call below
+    goes to that one object) and loads nothing, so a broken model or dataset shows up as a failed job with its error.
 
     Args:
         config: the build config as a plain dict (`synthaug.config.to_dict`); plain data crosses process borders.
         out: the build directory (shared storage when actors run on other machines).
         classes: the dataset's classes, each as its names (`synthaug.datasets.class_aliases`); the loaded guide's
             labels are checked against them (the guide's logit c must be class c).
-        selected: the classes of the build (TI loads only their few-shot images; MC-TI loads every class's).
+        selected: the classes of the build (a method that learns from the learned classes' k real images, TI, loads
+            only theirs; one that reads every class's, MC-TI, loads all).
         report: called with progress events (dicts); the Ray executor passes one that feeds a queue.
         device: overrides ``config.device`` (a Ray actor sees its one GPU as ``cuda``).
         threads: CPU threads for torch while the worker runs; the same count gives the same bytes on CPU.
@@ -58,8 +60,9 @@ class ClassWorker:
         in_ray: whether this runs as a Ray actor (for hooks: a crash there ends the process).
         overlap_writes: encode and write batch i's images on a background thread while batch i+1 generates
             (`synthaug.shards.ShardWriter`); False writes them in line (the same bytes; benchmarks compare the two).
-        models: models already loaded (``{"pipe", "guide"}``, plus what TI/MC-TI need), instead of loading them from
-            the config on the first job (benchmarks and tests that reuse one pipeline).
+        models: models already loaded (``{"pipe", "guide"}``, plus ``"shots"`` and what the method's `prepare` adds
+            where it needs them), instead of loading them from the config on the first job (benchmarks and tests
+            that reuse one pipeline).
     """
 
     def __init__(self, config: dict[str, Any], out: str, classes: Sequence[str | Sequence[str]],
