@@ -103,7 +103,7 @@ def test_a_loop_through_a_package_init_is_a_cycle(tmp_path):
 def _layer_rows() -> list[str]:
     """The modules of ARCHITECTURE.md's layer table, top to bottom (``errors.py``, ..., ``tokens/``, ...)."""
     doc = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
-    return re.findall(r"^\| \w+ \| `([^`]+)` \|", doc, re.M)
+    return re.findall(r"^\| \w+ \| `([^`]+)` \|", doc, re.MULTILINE)
 
 
 def _row(module: str, rows: list[str]) -> int | None:
