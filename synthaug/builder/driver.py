@@ -274,7 +274,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         finally:
             tracker.close()
         # 5. Finish: merge when all is done, else record the failures
-        done = [j for j in jobs if job_done(out, j, verdicts(config))]
+        done = [j for j in jobs if job_done(out, j, _verdicts(config))]
         failures = tracker.failures
         if len(done) == len(jobs):
             finalize(out, config, jobs)
@@ -304,7 +304,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 # --------------------------------------------------------------------------------------------------------------------
 # The build's steps
 # --------------------------------------------------------------------------------------------------------------------
-def verdicts(config: BuildConfig) -> Callable[[Path], Any] | None:
+def _verdicts(config: BuildConfig) -> Callable[[Path], Any] | None:
     """The reader of the build's trust verdicts when its method's tokens are checked (`synthaug.layout.job_done`
     then counts a class done only once its verdict reads), else None."""
     return read_verdict if get_method(config.method).trust(config) != "off" else None
@@ -317,7 +317,7 @@ def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig) -> lis
     files of a finished build go, so none claims a completeness the folder does not have."""
     for task, problem in damaged_shards(out, jobs, unmark=True):
         logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
-    read = verdicts(config)
+    read = _verdicts(config)
     todo = []
     for j in jobs:
         if job_done(out, j) and not job_done(out, j, read):
@@ -345,7 +345,7 @@ def finished_build(config: BuildConfig) -> BuildResult | None:
     if not planned or not planned.jobs or not _plan_is_the_configs(out, planned, config):
         return None
     jobs = list(planned.jobs)
-    if not build_finished(out, jobs, verdicts(config)):
+    if not build_finished(out, jobs, _verdicts(config)):
         return None  # the full path does what is left
     images = images_on_disk(out, jobs)
     return BuildResult(out=out, classes=len(jobs), classes_done=len(jobs), images=images, images_new=0, tokens_new=0,

@@ -143,8 +143,8 @@ class ClassWorker:
 
         `companions`: class jobs whose tokens may be learned in the same denoising batches as this job's
         (``dct.classes_per_batch``): their token files are written as each class finishes, and their own jobs then
-        find them (their shards are not written here). Ignored unless the method is DCT and more than one class
-        fits a batch, and on a retry (`attempt` > 0).
+        find them (their shards are not written here). Ignored unless the method batches (`TokenMethod.batches`)
+        and more than one class fits a batch, and on a retry (`attempt` > 0).
 
         Returns:
             ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid",
