@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import UserError
+from .token_methods import method_names
 
 log = logging.getLogger("synthaug")
 
@@ -52,7 +53,7 @@ CONFIG_FLAGS: dict[str, tuple[str, dict]] = {
                                           "own)"}),
     "--guide": ("guide", {"help": "classifier that steers DCT tokens: timm name, hf-hub:id, torchvision:name, dir, "
                                   "..., or 'fit' (build: a few-shot guide fitted on the --shots images)"}),
-    "--method": ("method", {"choices": ["dct", "ti", "mcti"], "help": "how class tokens are learned (default dct)"}),
+    "--method": ("method", {"choices": list(method_names()), "help": "how class tokens are learned (default dct)"}),
     "--device": ("device", {"help": "auto | cpu | cuda | cuda:N"}),
     "--out": ("out", {"help": "output directory (default out/DATASET)"}),
     "--per-class": ("per_class", {"type": int, "help": "images per class (default 100)"}),
@@ -150,8 +151,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     results = learn_tokens(cfg, out=args.tokens_out, progress=not args.quiet)
     for r in results:
         what = r.metadata.get("target") or f"class {r.class_index:>4} {r.label!r}"  # an attribute token: its target
-        print(f"{r.token}  {what}: {r.updates} updates ({r.steps} measurements), stop={r.stop_reason}, "
-              f"best step {r.best_step}, {r.seconds:.1f}s")
+        how = (f"{r.updates} updates ({r.steps} measurements), stop={r.stop_reason}, best step {r.best_step}"
+               if hasattr(r, "stop_reason") else f"{r.steps} updates")  # DCT records its stop and kept step
+        print(f"{r.token}  {what}: {how}, {r.seconds:.1f}s")
     return 0
 
 
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing --out built with another config")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("learn", help="learn DCT tokens for a few classes (no images)")
+    p = sub.add_parser("learn", help="learn class tokens (any --method) for a few classes (no images)")
     _config_options(p, "--guide-target")
     p.add_argument("--tokens-out", required=True, help="directory for the token files")
     p.set_defaults(func=cmd_learn)

@@ -18,6 +18,7 @@ from .classifier.source import check_label_agreement, declared_labels, declared_
 from .config import from_dict
 from .datasets.base import class_aliases
 from .datasets.catalog import get_dataset
+from .datasets.fewshot import shots_by_class
 from .datasets.select import select_classes
 from .errors import UserError, write_errors
 from .generation import generate, real_start_images
@@ -54,6 +55,7 @@ from .models import load_diffusion
 from .reshard import RESHARD_FILE, default_dest, verify_export
 from .shards import OPTIONAL_COLUMNS, encode_image
 from .target import GuideTarget, check_label_free, parse_guide_target
+from .token_methods import get_method
 from .tokens.clip import classify, load_clip
 from .tokens.dct import TokenResult, learn_dct_token
 from .tokens.io import (
@@ -315,47 +317,56 @@ def _own_guide(config) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # `synthaug learn`: tokens for a few classes, without images
 # --------------------------------------------------------------------------------------------------------------------
-def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> list[TokenResult]:
-    """Learn DCT tokens for the config's selected classes and write them to `out` — what `synthaug learn` runs.
+def learn_tokens(config, *, out: str | os.PathLike, progress: bool = True) -> list:
+    """Learn the class tokens of the config's selected classes with its ``method`` (DCT, TI, MC-TI: any registered
+    `synthaug.token_methods.TokenMethod`) and write them to `out` — what `synthaug learn` runs.
 
     Writes ``{class:03d}.safetensors`` per class (the same files `synthaug build` writes under ``tokens/``) and
-    ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again.
+    ``tokens.safetensors`` with all of them. A class whose file exists is loaded, not learned again (read back as a
+    `TokenResult`). The method's inputs are checked before any model loads (its k real images: ``shots`` /
+    ``shots_seed``, read from the dataset's split; a CLIP); the guide loads only for a guide-steered method.
 
-    With ``config.guide_target = "attribute:NAME[=0|1]"`` (``--guide-target``) it learns one attribute token instead,
-    steered by the multi-label guide's output NAME, and writes ``attribute-NAME-1.safetensors`` (token
+    With ``config.guide_target = "attribute:NAME[=0|1]"`` (``--guide-target``; DCT) it learns one attribute token
+    instead, steered by the multi-label guide's output NAME, and writes ``attribute-NAME-1.safetensors`` (token
     ``<synthaug-NAME-1>``; the file's metadata records the target); the dataset and class selection are not used,
     and the prompts (``dct.prompts``, ``generate.prompt``) must have no ``{label}``.
 
     >>> results = learn_tokens(load_config(overrides={"classes": "seven"}), out="tokens/")
+    >>> ti = learn_tokens(load_config(overrides={"classes": "seven", "method": "ti"}), out="ti-tokens/")
     >>> attr = learn_tokens(load_config(overrides={"guide": "digits-attr-guide",
     ...                                            "guide_target": "attribute:closed_loop=1",
     ...                                            "dct.prompts": ["A photo of {token}"],
     ...                                            "generate.prompt": "A photo of {token}"}), out="tokens/")
     """
-    if config.method != "dct":
-        raise UserError(f"`method` must be 'dct' for `synthaug learn` but is {config.method!r}: TI/MC-TI tokens "
-                        f"need the few-shot images, use `synthaug build --method {config.method}`.")
     target = parse_guide_target(config.guide_target)
     if not target.is_class:
         return [_learn_attribute_token(config, target, Path(out), progress)]
+    method = get_method(config.method)
     dataset = get_dataset(config.dataset, config.root, config.split)
     names = [str(c) for c in dataset.classes]
     selected = select_classes(dataset, config.classes)
+    method.check(config, dataset=dataset, class_names=names, selected=selected)
     out = Path(out)
     pipe = load_diffusion(config.model, device=config.device, dtype=config.dtype, scheduler=config.scheduler,
                           timestep_spacing=config.timestep_spacing, channels_last=config.channels_last)
-    guide = load_classifier(_own_guide(config), device=pipe.device, trained_on=config.guide_trained_on)
-    check_label_agreement(class_aliases(dataset), labels=guide.labels, count=guide.num_classes, what="guide",
-                          source=config.guide, dataset=config.dataset)
+    models: dict[str, Any] = {"pipe": pipe, "guide": None}
+    if method.steered:
+        models["guide"] = guide = load_classifier(_own_guide(config), device=pipe.device,
+                                                  trained_on=config.guide_trained_on)
+        check_label_agreement(class_aliases(dataset), labels=guide.labels, count=guide.num_classes, what="guide",
+                              source=config.guide, dataset=config.dataset)
+    if method.shots is not None:
+        models["shots"] = shots_by_class(dataset, config.shots, config.shots_seed,
+                                         None if method.shots == "all" else selected)
+    models.update(method.prepare(config, models))
     results = []
     for c in selected:
         path = out / f"{c:03d}.safetensors"
         if path.is_file():
             results.append(_saved_token(path, c, names[c]))
             continue
-        result = learn_dct_token(pipe, guide, c, names[c], config.dct, progress=progress,
-                                 val_prompt=config.generate.prompt)
-        save_token(result, path)
+        result = method.learn(config, models, ClassJob(c, names[c], token_string(c), ()), progress)
+        method.save(result, path)
         results.append(result)
     save_tokens(results, out / ALL_TOKENS_FILE, {"model_id": config.model})
     return results

@@ -24,6 +24,7 @@ from .dataset_names import check_dataset_name
 from .errors import UserError
 from .presets import DATASET_DEFAULTS, METHOD_DEFAULTS, PAPER_PROMPTS, PRESET_VARIANTS, PRESETS, SEED_SETS
 from .target import parse_guide_target
+from .token_methods import method_names
 
 # Schedulers by the names users type; each maps to (diffusers class name, extra config overrides).
 SCHEDULERS = {
@@ -349,7 +350,7 @@ class BuildConfig:
         guide_target: What the guide is steered towards (`synthaug.target`): null: the class (a token per selected
             class, the paper's main method); "attribute:NAME[=0|1]": one output of a multi-label guide
             (``synthaug learn`` only: one token).
-        method: How tokens are learned: "dct", "ti" or "mcti".
+        method: How tokens are learned: "dct", "ti" or "mcti" (a method of `synthaug.token_methods`).
         shots: The user's k real images per class: ``few_shot_indices(targets, shots, shots_seed)`` of the build's
             dataset split, the images ``SynthAugDataset(shots=k, seed=shots_seed)`` mixes in. Every stage that reads
             real images reads these: TI / MC-TI learn from them, ``guide: fit`` fits on them, the trust check
@@ -396,8 +397,7 @@ class BuildConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-VALID = {
-    "method": ("dct", "ti", "mcti"),
+VALID = {  # (``method``: the registered token methods, `synthaug.token_methods.method_names`)
     "run.executor": ("auto", "ray", "local"),
     "shards.image_format": ("png", "jpg", "webp"),
     "dct.select": ("min_loss", "last", "val"),
@@ -701,7 +701,7 @@ def validate(cfg: BuildConfig) -> None:
     """
     _check_types(cfg, "")
     check_dataset_name(cfg.dataset)  # a misspelt name is refused here, before the CLI imports torch
-    for key, valid in VALID.items():
+    for key, valid in {"method": method_names(), **VALID}.items():
         v = get(cfg, key)
         if v not in valid:
             raise UserError(f"`{key}` must be one of {', '.join(valid)} but is {v!r}.")

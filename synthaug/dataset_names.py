@@ -3,6 +3,8 @@
 `synthaug.datasets.catalog` resolves a name to a dataset; this module holds the names themselves (kinds, aliases,
 the paper's named subsets, torchvision's sets and their splits), so that `synthaug.config.validate` and the CLI
 refuse a misspelt name in milliseconds, before any heavy import.
+
+`check_dataset_name` refuses an unknown name in one line, with the nearest names as a "did you mean".
 """
 
 from __future__ import annotations

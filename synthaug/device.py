@@ -3,6 +3,8 @@
 Consumes a device (and the per-item and fixed costs a caller measured) and produces a byte count or a batch size.
 Below both `synthaug.generation` (images per batch) and `synthaug.tokens` (classes per DCT batch), which ask the same
 two questions; torch is imported when the free memory is read, so the arithmetic needs none.
+
+`free_cuda_memory` counts the caching allocator's unused share as free; `auto_batch_size` turns it into a batch.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Every message names the argument, the value received, what is valid, and the fix (ARCHITECTURE.md, "Bad input"). The CLI prints a
 `UserError` on one line and exits 2; anything else is a bug and keeps its traceback.
+
+Also here: `SourceError`, what is wrong with a model source, the source named once by the caller that knows it;
+`first_line`, an exception's first line, for quoting; `write_errors`, a write the machine refuses (full disk,
+read-only folder) as one such line.
 """
 
 from __future__ import annotations

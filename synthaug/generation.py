@@ -6,6 +6,12 @@ index row records (ARCHITECTURE.md, "The build folder"). Each image has its own 
 `image_seed`, so an image's pixels depend only on (seed, class, index, prompt, token, settings) — not on the batch it
 was generated in, nor on the worker that made it. The plain-prompt baseline (``token=None``, method ``"sd"``) uses the identical seeds, so a DCT
 image and its baseline differ only by the token.
+
+What is here: `generate`, `image_seed`, `image_draw` (per-image draws of template, start image and strength);
+`real_start_images` (real starts through diffusers' `StableDiffusionImg2ImgPipeline.from_pipe`); the batch from free
+CUDA memory (`batch_size_for`, `probe_memory`; the arithmetic in `synthaug.device`); the UNet compiled for
+generation, by default on CUDA (`compiles`, `compile_unet`, `use_unet`), its code cached on disk
+(`compile_cache_dir`).
 """
 
 from __future__ import annotations

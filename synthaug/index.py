@@ -6,6 +6,8 @@ verdicts a previous evaluation wrote) and writes ``classes.json``, ``_info.json`
 (the shard index of ``wids.ShardListDataset``). `load_index` reads it,
 `verify` checks every byte against the recorded sha256, and `open_build` gives the readers (`synthaug.mix`,
 `synthaug.evaluate`, `synthaug.report`) a finished build's index, classes and config.
+
+`train_methods`: the build's own methods, its ``train`` split.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
-"""The build folder: its one owner. File names, token and shard naming, done-markers (and whether a finished shard's
-files still match its stats: `check_shard`, `damaged_shards`), the one reader and writer of
-``config.yaml`` and ``plan.json``, and what clearing a build deletes.
+"""The build folder: its one owner. File names, token and shard naming, done-markers, the one reader and writer of
+``config.yaml`` and ``plan.json``, and what clearing a build deletes. The one answer to "what is done": a token
+file (`token_done`), a shard's stats file (`shard_done`, `pending_shards`) whose shard still matches it
+(`check_shard`, `damaged_shards`), a trust verdict that reads (`kept_verdict`), a class job (`job_done`), a finished
+build (`build_finished`).
 
 No torch import; shared by the builder (which writes a build), the readers (`synthaug.shards`, `synthaug.index`,
 `synthaug.mix`, `synthaug.evaluate`, `synthaug.report`) and the CLI: none of them spells a path of the folder or
@@ -15,6 +17,12 @@ parses one of its files itself. A build folder::
 
 A shard's name carries its split, the method that made its images (``dct-00003``): Hugging Face ``datasets``, timm
 and Ray Data all tell splits apart by file name, and a folder of tars only is what their directory readers expect.
+
+Also here: the format version (`BUILD_FORMAT`; a format-1 or 2 folder is refused: `legacy_build_error`), the records
+`plan.json` holds (`ClassJob`, `ShardTask`) and a stats file's (`ShardStats`, named `STATS_PREFIX`...), what
+`--overwrite` may delete (`clear_build`) and the `.overwriting` marker, the order a build puts its config and plan
+down in (`begin_build`), the card's name and marker (`CARD_FILE`, `is_build_card`), the build lock (`build_lock`),
+the resume command, ``shots.json``, the fitted guide's folder and what a `guide` value names (`guide_members`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import MISSING, asdict, dataclass, fields
 from itertools import pairwise
 from pathlib import Path
@@ -35,6 +43,7 @@ from .atomic import TMP_PREFIX, write_text
 from .config import BuildConfig, dump_yaml, from_dict
 from .errors import UserError
 from .jsonfmt import dumps
+from .token_methods import method_names
 
 CONFIG_FILE = "config.yaml"
 
@@ -118,15 +127,10 @@ CARD_FILE = "README.md"
 
 
 INDEX_FILE = "index.parquet"
-
-
 INFO_FILE = "_info.json"
-
-
 CLASSES_FILE = "classes.json"
 
-
-KNOWN_METHODS = ("dct", "sd", "ti", "mcti")
+KNOWN_METHODS = tuple(dict.fromkeys(("dct", "sd", *method_names())))  # what a shard is named by: sd, the plain prompt
 
 
 _METHOD_RE = re.compile(r"[a-z0-9_]+")
@@ -226,11 +230,6 @@ def done_shards(out: str | os.PathLike) -> dict[int, str]:
                 (parsed := parse_shard_name(n[len(STATS_PREFIX): -len(STATS_SUFFIX)])):
             found[parsed[0]] = parsed[1]
     return dict(sorted(found.items()))
-
-
-def done_shard_ids(out: str | os.PathLike) -> list[int]:
-    """Ids of every finished shard of `out`, ascending."""
-    return list(done_shards(out))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -342,10 +341,15 @@ def sha256_of(path: Path) -> str | None:
     return sha.hexdigest()
 
 
-def damaged_shards(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> list[tuple[ShardTask, str]]:
-    """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`)."""
-    return [(t, problem) for j in jobs for t in j.shards
-            if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method)) is not None]
+def damaged_shards(out: str | os.PathLike, jobs: Iterable[ClassJob], *, unmark: bool = False
+                   ) -> list[tuple[ShardTask, str]]:
+    """(shard task, problem) of every planned shard marked done whose files do not match its stats (`check_shard`);
+    `unmark`: take their done-markers, so that their jobs write them again."""
+    damaged = [(t, problem) for j in jobs for t in j.shards
+               if shard_done(out, t.shard_id, t.method) and (problem := check_shard(out, t.shard_id, t.method))]
+    for task, _ in damaged if unmark else ():
+        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
+    return damaged
 
 
 def shard_tars(out: str | os.PathLike) -> dict[int, Path]:
@@ -520,7 +524,7 @@ def class_token_files(out: str | os.PathLike) -> list[Path]:
 
 def work_done(out: str | os.PathLike) -> bool:
     """True when `out` holds a class token or a finished shard: something a config change would invalidate."""
-    return bool(class_token_files(out)) or bool(done_shard_ids(out))
+    return bool(class_token_files(out)) or bool(done_shards(out))
 
 
 @contextlib.contextmanager
@@ -782,9 +786,45 @@ def begin_build(out: str | os.PathLike, config: BuildConfig, plan: Plan, mode: s
     return kept
 
 
-def job_done(out: str | os.PathLike, job: ClassJob) -> bool:
-    """True when the class job's token and every one of its shards are on disk."""
-    return token_path(out, job.class_index).is_file() and all(shard_done(out, t.shard_id, t.method) for t in job.shards)
+# What is done: the one answer the driver, the executors and the workers ask for
+def token_done(out: str | os.PathLike, class_index: int) -> bool:
+    """True when the class's token file exists (whole: it is written atomically)."""
+    return token_path(out, class_index).is_file()
+
+
+def pending_shards(out: str | os.PathLike, job: ClassJob) -> list[ShardTask]:
+    """The job's shards not yet done (no stats file), in plan order."""
+    return [t for t in job.shards if not shard_done(out, t.shard_id, t.method)]
+
+
+def kept_verdict(out: str | os.PathLike, class_index: int, read: Callable[[Path], Any]) -> tuple[Any, str | None]:
+    """``(verdict, None)``: the class's trust verdict as `read` (its file's reader, raising `ValueError` on damage)
+    reads it; or ``(None, why)``, why being "missing" or "damaged (...)"."""
+    path = trust_path(out, class_index)
+    if not path.is_file():
+        return None, "missing"
+    try:
+        return read(path), None
+    except ValueError as e:
+        return None, f"damaged ({e})"
+
+
+def job_done(out: str | os.PathLike, job: ClassJob, verdict: Callable[[Path], Any] | None = None) -> bool:
+    """True when the class job's token and every one of its shards are on disk and, where the build keeps trust
+    verdicts (`verdict`: their reader), the class's verdict reads (`kept_verdict`)."""
+    return token_done(out, job.class_index) and not pending_shards(out, job) and \
+        (verdict is None or kept_verdict(out, job.class_index, verdict)[1] is None)
+
+
+def build_finished(out: str | os.PathLike, jobs: list[ClassJob], verdict: Callable[[Path], Any] | None = None) -> bool:
+    """True when `out` holds the finished build of `jobs`: every job done (`job_done`), no shard damaged, the final
+    files there and the index written after the last shard."""
+    out = Path(out)
+    if not jobs or not all(job_done(out, j, verdict) for j in jobs) or damaged_shards(out, jobs) \
+            or any(not (out / f).is_file() for f in FINAL_FILES):
+        return False
+    newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
+    return (out / INDEX_FILE).stat().st_mtime >= newest
 
 
 def images_on_disk(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> int:
@@ -794,7 +834,7 @@ def images_on_disk(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> int:
 
 def tokens_on_disk(out: str | os.PathLike, jobs: Iterable[ClassJob]) -> int:
     """Class tokens of `jobs` on disk."""
-    return sum(token_path(out, j.class_index).is_file() for j in jobs)
+    return sum(token_done(out, j.class_index) for j in jobs)
 
 
 def forget_build(out: str | os.PathLike) -> None:

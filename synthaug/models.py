@@ -7,6 +7,9 @@ downloads when offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``): abse
 
 Also here: the real CLIP BPE tokenizer built without any download (from the OpenAI BPE merges shipped in the
 package), and the tiny model builder that tests use (configs in the manner of diffusers' own tests).
+
+`load_diffusion` holds the UNet and VAE channels-last on CUDA (`set_channels_last`); `clip_tokenizer()` is the
+real CLIP BPE, no download.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Consumes a build directory (ARCHITECTURE.md, "The build folder") and whatever `s
 - per class: the plain-prompt and token images of the same seeds side by side, each with the judge's verdict (and
   the guide's probability), and the token's training curve (loss, batch accuracy, class probability per step, the
   kept step and the stop reason).
+
+The grids are laid out by `torchvision.utils.make_grid`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Worlds for tests and benchmarks: tiny pipelines with the real wiring, and the real SD-1.5 / SD-2.1 layouts and ViT guides with random weights."""
+"""Worlds for tests and benchmarks: tiny pipelines with the real wiring, and the real SD-1.5 / SD-2.1 layouts and ViT guides with random weights.
+
+Mechanics, memory and speed only: the tiny SD pipeline, tiny timm guide and tiny build overrides; the exact SD-1.5
+and SD-2.1-v architectures (`sd_pipeline`, `sd_configs`) and ViT-B/16 guides (`vit_guide`: the ``vit-mae-cub``
+mean-pooled head, or a plain ViT).
+"""
 
 from __future__ import annotations
 

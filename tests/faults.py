@@ -1,4 +1,4 @@
-"""Fault injection for the build tests, as worker hooks (`synthaug.builder.worker.WorkerHooks`).
+"""Fault injection for the build tests, as worker hooks (`synthaug.builder.hooks.WorkerHooks`).
 
 conftest.py names this file in ``SYNTHAUG_WORKER_HOOKS`` for the whole session; a fault acts only while its setting
 is in the driver's environment (a test sets it with ``monkeypatch.setenv``, or in a CLI subprocess's environment):

@@ -535,6 +535,33 @@ def test_ti_and_mcti_builds(tmp_path, world, method, steps):
     assert inspect(out, verify=True).ok
 
 
+@pytest.mark.parametrize("method,steps", [("ti", 2), ("mcti", 4)])
+def test_learn_ti_and_mcti(tmp_path, world, method, steps, capsys):
+    """`synthaug learn --method ti|mcti` learns the few-shot tokens from the dataset's k real images, as a build's
+    worker does (the same tokens, within float rounding of the thread count), and reads them back on a rerun."""
+    from synthaug.cli import main
+    from synthaug.tokens.io import load_tokens
+
+    clip = bw.save_clip(world[0].parent)
+    few = {"shots": 2, "mcti.steps": 2, "mcti.extra_steps": 2, "mcti.batch_size": 2, "mcti.clip_model": str(clip)}
+    cfg = bw.write_config(tmp_path / "config.yaml", tmp_path / "unused", *world, method=method, classes="0-1",
+                          baseline=False, **few)
+    argv = ["learn", "--config", str(cfg), "--tokens-out", str(tmp_path / "tokens"), "-q"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("s:")[0].rpartition(",")[0] for line in lines] == [
+        f"<synthaug-000>  class    0 'zero': {steps} updates", f"<synthaug-001>  class    1 'one': {steps} updates"]
+    assert build(bw.config(tmp_path / "build", *world, method=method, classes="0-1", per_class=1, baseline=False,
+                           **few), progress=False).ok
+    for c in (0, 1):
+        (token, learned), = load_tokens(tmp_path / "tokens" / f"{c:03d}.safetensors").items()
+        (built_token, built), = load_tokens(tmp_path / "build" / "tokens" / f"{c:03d}.safetensors").items()
+        assert token == built_token == f"<synthaug-00{c}>"
+        assert torch.allclose(learned, built, rtol=0, atol=1e-5 * float(built.abs().max()))
+    assert main(argv) == 0 and " 0.0s" in capsys.readouterr().out  # read back, not learned again
+    assert sorted(load_tokens(tmp_path / "tokens" / "tokens.safetensors")) == ["<synthaug-000>", "<synthaug-001>"]
+
+
 def test_ray_job_entry_point_exit_codes(tmp_path, world, reference, monkeypatch, capsys):
     """pipelines/ray_build.py: 0 when done, 1 when jobs failed every retry (with the resume command), 2 on bad input."""
     import importlib.util

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from synthaug.builder.executors import in_flight, plan_workers
-from synthaug.builder.worker import HOOKS_ENV, WorkerHooks
+from synthaug.builder.hooks import HOOKS_ENV, WorkerHooks
 from synthaug.config import RunConfig, load_config
 from synthaug.errors import UserError
 

@@ -13,7 +13,7 @@ import torch
 from test_generation_pace import gen_config
 from test_tokens import Guide, cfg
 
-import synthaug.builder.worker as worker_module
+import synthaug.builder.images as images_module
 from synthaug.config import BuildConfig, load_config
 from synthaug.errors import UserError
 from synthaug.generation import COMPILE_CACHE_ENV, compile_cache_dir, compile_unet, compiles, generate, use_unet
@@ -146,7 +146,7 @@ def test_a_cpu_worker_leaves_the_unet_eager_by_default(tiny_pipe, tmp_path, monk
     from test_generation_pace import _run_worker
 
     calls = []
-    monkeypatch.setattr(worker_module, "compile_unet",
+    monkeypatch.setattr(images_module, "compile_unet",
                         lambda *a, **k: calls.append(1) or functools.partial(compile_unet, backend="aot_eager")(*a, **k))
     result, _ = _run_worker(tiny_pipe, tmp_path / "a")
     assert result["compile_seconds"] == 0.0 and not calls

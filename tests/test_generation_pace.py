@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import synthaug.builder.worker as worker_module
+import synthaug.builder.images as images_module
 from synthaug import generation
 from synthaug.builder.plan import ClassJob, ShardTask
 from synthaug.builder.worker import ClassWorker
@@ -213,7 +213,7 @@ def test_a_build_reports_the_compile_time_apart(tmp_path, world, monkeypatch):
 
     from synthaug import build
 
-    monkeypatch.setattr(worker_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
+    monkeypatch.setattr(images_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
     compiled = build(bw.config(tmp_path / "a", *world, **{"classes": "0", "generate.compile": True}), progress=False)
     assert compiled.ok and compiled.compile_seconds > 0
     assert f"(UNet compile {compiled.compile_seconds:.1f}s)" in compiled.summary()
@@ -222,8 +222,8 @@ def test_a_build_reports_the_compile_time_apart(tmp_path, world, monkeypatch):
 
 
 def test_worker_compiles_once_and_reports_the_compile_time_apart(tiny_pipe, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(worker_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
-    with caplog.at_level(logging.INFO, logger="synthaug.builder.worker"):
+    monkeypatch.setattr(images_module, "compile_unet", functools.partial(compile_unet, backend="aot_eager"))
+    with caplog.at_level(logging.INFO, logger="synthaug.builder.images"):
         result, events = _run_worker(tiny_pipe, tmp_path / "c", set={"generate.compile": True})
     assert result["compile_seconds"] > 0 and result["generate_seconds"] > 0
     assert "generate.compile: UNet compiled for batch sizes [2, 1] in" in caplog.text

@@ -1,7 +1,8 @@
 """The package's shape, as ARCHITECTURE.md states it: no import cycle (between modules, through package
 `__init__` files and function-local imports too, nor between packages), no module over 900 lines, no private name
-imported from another module, the build folder's files parsed by `synthaug.layout` alone, and the checks a build runs
-before any work free of the worker stack."""
+imported from another module, the build folder's files parsed by `synthaug.layout` alone, the checks a build runs
+before any work free of the worker stack, and every module in ARCHITECTURE.md's layer table, importing only rows
+above its own."""
 
 from __future__ import annotations
 
@@ -97,6 +98,28 @@ def test_a_loop_through_a_package_init_is_a_cycle(tmp_path):
     mods = {"synthaug.a": tmp_path / "a.py", "synthaug.b": tmp_path / "b/__init__.py",
             "synthaug.b.c": tmp_path / "b/c.py", "synthaug.b.d": tmp_path / "b/d.py"}
     assert _cycle(_graph(mods)) == ["synthaug.a", "synthaug.b", "synthaug.b.d", "synthaug.a"]
+
+
+def _layer_rows() -> list[str]:
+    """The modules of ARCHITECTURE.md's layer table, top to bottom (``errors.py``, ..., ``tokens/``, ...)."""
+    doc = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    return re.findall(r"^\| \w+ \| `([^`]+)` \|", doc, re.MULTILINE)
+
+
+def _row(module: str, rows: list[str]) -> int | None:
+    rel = module.removeprefix("synthaug.").replace(".", "/")
+    return next((i for i, name in enumerate(rows)
+                 if name == f"{rel}.py" or (name.endswith("/") and f"{rel}/".startswith(name))), None)
+
+
+def test_every_module_has_a_layer_row_and_imports_only_rows_above_its_own():
+    """ARCHITECTURE.md, "Layers": a module imports only from the rows above its own (a package's row: its modules
+    import each other too), function-local imports included."""
+    rows, mods = _layer_rows(), _modules()
+    assert not [m for m in mods if m not in ("synthaug", "synthaug.__main__") and _row(m, rows) is None]
+    down = [(m, t) for m, targets in _graph(mods).items() for t in sorted(targets)
+            if (rm := _row(m, rows)) is not None and (rt := _row(t, rows)) is not None and rt > rm]
+    assert not down, f"imports of a row below the importer's: {down}"
 
 
 def test_no_module_over_900_lines():

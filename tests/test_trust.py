@@ -64,17 +64,17 @@ def test_the_check_asks_in_the_feature_space_it_is_given(pipe):
 
 
 def test_build_checks_in_clips_feature_space_when_asked(tmp_path, world, monkeypatch):
-    from synthaug.builder import worker
+    from synthaug.tokens import trust
     from synthaug.tokens.clip import DIGITS_CLIP
 
     loaded = []
-    real_load = worker.load_clip
+    real_load = trust.load_clip
 
     def counted(*args, **kwargs):
         loaded.append(args[0] if args else kwargs.get("clip_model"))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "load_clip", counted)
+    monkeypatch.setattr(trust, "load_clip", counted)
     out = tmp_path / "clip"
     cfg = bw.config(out, *world, **{"dct.trust": "warn", "shots": 2, "dct.trust_images": 2,
                                     "dct.trust_features": "clip", "mcti.clip_model": str(DIGITS_CLIP)})
@@ -130,7 +130,7 @@ def test_build_fallback_generates_distrusted_classes_with_the_plain_prompt(tmp_p
 def test_a_kept_verdict_is_reused_only_with_the_settings_it_was_checked_with(tmp_path, world, monkeypatch):
     import shutil
 
-    from synthaug.builder import worker
+    from synthaug.tokens import trust as trust_module
 
     first = tmp_path / "first"
     trust = {"dct.trust": "warn", "shots": 2, "dct.trust_images": 2}
@@ -139,13 +139,13 @@ def test_a_kept_verdict_is_reused_only_with_the_settings_it_was_checked_with(tmp
     assert len(kept) == 3 and all(TrustVerdict.from_json(v).settings_sha256 for v in kept.values())
 
     checks = []
-    real_check = worker.check_token_trust
+    real_check = trust_module.check_token_trust
 
     def counted(*args, **kwargs):
         checks.append(kwargs["class_index"])
         return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "check_token_trust", counted)
+    monkeypatch.setattr(trust_module, "check_token_trust", counted)
 
     def tokens_without_images(name):  # a build whose config may still change: its tokens (and verdicts), no image
         folder = tmp_path / name

@@ -243,7 +243,7 @@ MAX_BENCH_CLASSES = 16
 # Generation
 # --------------------------------------------------------------------------------------------------------------------
 def generation(pipe, guide, scale: Scale, tmp: Path, table: Table) -> None:
-    import synthaug.builder.worker as worker_module
+    import synthaug.builder.images as images_module
     from synthaug.builder.plan import ClassJob, ShardTask
     from synthaug.builder.worker import ClassWorker
     from synthaug.config import load_config, to_dict
@@ -279,13 +279,13 @@ def generation(pipe, guide, scale: Scale, tmp: Path, table: Table) -> None:
         return worker.run(job)
 
     rows = ((False, False, "NCHW, eager (before)"), (True, True, "channels-last, compiled (default)"))
-    original = worker_module.compile_unet
+    original = images_module.compile_unet
     if scale.compile_options:  # the worker compiles with these (aot_eager on the tiny run)
-        worker_module.compile_unet = lambda *a, **k: original(*a, **{**scale.compile_options, **k})
+        images_module.compile_unet = lambda *a, **k: original(*a, **{**scale.compile_options, **k})
     try:
         _generation_rows(rows, scale, table, bare, build, cache, cache_state)
     finally:
-        worker_module.compile_unet = original
+        images_module.compile_unet = original
         set_channels_last(pipe, False)
 
 

@@ -12,6 +12,13 @@ downloader, writer and distributor:
 
 The build folder's paths and files (``config.yaml``, ``plan.json``, tokens, shards) belong to `synthaug.layout`.
 The package is named ``builder`` so that ``synthaug.build`` stays the function.
+
+More of each part: `cluster` probes a Ray address before any work; `executors.Tracker` draws the progress bars
+from the workers' events (classes, images, and the token's step, loss, accuracy and stop state while it learns);
+`worker.ClassWorker` learns the token through the build's token method (`synthaug.token_methods.get_method`, picked
+once) and writes the images through `images.ClassImages`; `hooks.WorkerHooks` (optional, named by
+``SYNTHAUG_WORKER_HOOKS``) are called at fixed points of each job; `_reaper` is a watchdog process that ends what a
+SIGKILLed driver's local Ray left. What is done is `synthaug.layout`'s answer (`job_done`, `build_finished`).
 """
 
 from .driver import BuildFailed, BuildResult, build

@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from ..layout import (
     ClassJob,
     Plan,
     begin_build,
+    build_finished,
     build_lock,
     damaged_shards,
     fits_guide,
@@ -56,16 +58,17 @@ from ..layout import (
     forget_build,
     images_on_disk,
     job_done,
+    kept_verdict,
     read_build_config,
     read_plan,
     resume_command,
     shard_name,
-    shard_paths,
     token_path,
     tokens_on_disk,
     trust_path,
     write_shots,
 )
+from ..token_methods import get_method
 from ..tokens.io import int_or_none, save_tokens, token_metadata_or_empty, token_updates
 from ..tokens.trust import read_verdict
 from .cluster import resolve_executor
@@ -271,7 +274,7 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
         finally:
             tracker.close()
         # 5. Finish: merge when all is done, else record the failures
-        done = [j for j in jobs if job_done(out, j) and _verdict_problem(out, j, config) is None]
+        done = [j for j in jobs if job_done(out, j, _verdicts(config))]
         failures = tracker.failures
         if len(done) == len(jobs):
             finalize(out, config, jobs)
@@ -301,40 +304,31 @@ def build(config: BuildConfig, *, overwrite: bool = False, progress: bool = True
 # --------------------------------------------------------------------------------------------------------------------
 # The build's steps
 # --------------------------------------------------------------------------------------------------------------------
-def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig | None = None) -> list[ClassJob]:
-    """The jobs left to do. A damaged shard (its files do not match its stats) loses its done-marker first, so that
-    its job writes it again; with ``dct.trust`` on (`config`), a job whose trust verdict is missing or damaged is left
-    to do too (its worker checks the token again; the verdict is seeded, so it is the same). With work left, the files
-    of a finished build go, so none claims a completeness the folder does not have."""
-    for task, problem in damaged_shards(out, jobs):
+def _verdicts(config: BuildConfig) -> Callable[[Path], Any] | None:
+    """The reader of the build's trust verdicts when its method's tokens are checked (`synthaug.layout.job_done`
+    then counts a class done only once its verdict reads), else None."""
+    return read_verdict if get_method(config.method).trust(config) != "off" else None
+
+
+def unfinished_jobs(out: Path, jobs: list[ClassJob], config: BuildConfig) -> list[ClassJob]:
+    """The jobs left to do (`synthaug.layout.job_done`). A damaged shard (its files do not match its stats) loses
+    its done-marker first, so that its job writes it again; a job whose trust verdict is missing or damaged is left
+    to do too (its worker checks the token again; the verdict is seeded, so it is the same). With work left, the
+    files of a finished build go, so none claims a completeness the folder does not have."""
+    for task, problem in damaged_shards(out, jobs, unmark=True):
         logger.warning("shard %s is damaged (%s): it is made again", shard_name(task.shard_id, task.method), problem)
-        shard_paths(out, task.shard_id, task.method).stats.unlink(missing_ok=True)
+    read = _verdicts(config)
     todo = []
     for j in jobs:
-        verdict = _verdict_problem(out, j, config) if config is not None and job_done(out, j) else None
-        if verdict is not None:
-            logger.warning("%s: %s: the class's trust check is run again", trust_path(out, j.class_index), verdict)
-        if verdict is not None or not job_done(out, j):
+        if job_done(out, j) and not job_done(out, j, read):
+            logger.warning("%s: %s: the class's trust check is run again", trust_path(out, j.class_index),
+                           kept_verdict(out, j.class_index, read)[1])
+        if not job_done(out, j, read):
             todo.append(j)
     if todo:
         for name in FINAL_FILES:
             (out / name).unlink(missing_ok=True)
     return todo
-
-
-def _verdict_problem(out: Path, job: ClassJob, config: BuildConfig) -> str | None:
-    """What is wrong with the job's trust verdict file (``dct.trust`` on): missing, or damaged (`read_verdict`);
-    None when it reads, or when the build checks no trust."""
-    if config.method != "dct" or config.dct.trust == "off":
-        return None
-    path = trust_path(out, job.class_index)
-    if not path.is_file():
-        return "missing"
-    try:
-        read_verdict(path)
-    except ValueError as e:
-        return f"damaged ({e})"
-    return None
 
 
 def finished_build(config: BuildConfig) -> BuildResult | None:
@@ -351,13 +345,8 @@ def finished_build(config: BuildConfig) -> BuildResult | None:
     if not planned or not planned.jobs or not _plan_is_the_configs(out, planned, config):
         return None
     jobs = list(planned.jobs)
-    if not all(job_done(out, j) for j in jobs) or any(not (out / f).is_file() for f in FINAL_FILES):
-        return None
-    if damaged_shards(out, jobs) or any(_verdict_problem(out, j, config) for j in jobs):
-        return None  # the full path redoes them
-    newest = max(shard_paths(out, t.shard_id, t.method).stats.stat().st_mtime for j in jobs for t in j.shards)
-    if (out / INDEX_FILE).stat().st_mtime < newest:
-        return None
+    if not build_finished(out, jobs, _verdicts(config)):
+        return None  # the full path does what is left
     images = images_on_disk(out, jobs)
     return BuildResult(out=out, classes=len(jobs), classes_done=len(jobs), images=images, images_new=0, tokens_new=0,
                        seconds=0.0, executor="none", workers=0, resumed=True, resume_command=resume_command(out))
@@ -385,9 +374,10 @@ def finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
     """All jobs done: the all-tokens file, then the index, classes.json and _info.json (`merge_index`)."""
     tokens: dict[str, Any] = {}
     classes = []
+    method = get_method(config.method)
     for j in jobs:
         path = token_path(out, j.class_index)
-        tokens.update(load_class_token(path, j.token, out))
+        tokens.update(load_class_token(path, j.token, out, method))
         meta = token_metadata_or_empty(path)
         images: Counter[str] = Counter()
         for t in j.shards:
@@ -398,15 +388,13 @@ def finalize(out: Path, config: BuildConfig, jobs: list[ClassJob]) -> None:
             "stop_reason": meta.get("stop_reason") or None, "best_step": int_or_none(meta.get("best_step")),
             "images": dict(images), "shards": [t.shard_id for t in j.shards],
         })
-        trust = trust_path(out, j.class_index)
-        if trust.is_file():  # dct.trust: the verdict and its numbers; "fallback" when the class got the plain prompt
-            try:
-                verdict = read_verdict(trust)
-            except ValueError as e:  # `unfinished_jobs` redoes a damaged one: this one was damaged since
-                raise UserError(f"{trust} is damaged ({e}): resume with {resume_command(out)} to check the "
-                                f"class's token again.") from None
+        verdict, problem = kept_verdict(out, j.class_index, read_verdict)
+        if problem not in (None, "missing"):  # `unfinished_jobs` redoes a damaged one: this one was damaged since
+            raise UserError(f"{trust_path(out, j.class_index)} is {problem}: resume with {resume_command(out)} to "
+                            f"check the class's token again.")
+        if verdict is not None:  # dct.trust: the verdict and its numbers; "fallback" when the class got the plain prompt
             classes[-1]["trust"] = {**json.loads(verdict.to_json()),
-                                    "fallback": config.dct.trust == "fallback" and not verdict.trusted}
+                                    "fallback": method.trust(config) == "fallback" and not verdict.trusted}
     save_tokens(tokens, out / TOKENS_DIR / ALL_TOKENS_FILE,
                 metadata={"model_id": config.model, "method": config.method, "guide": config.guide})
     merge_index(out, classes, train_methods=[config.method])

@@ -27,10 +27,12 @@ from typing import Any
 
 from ..config import BuildConfig, RunConfig, to_dict
 from ..errors import WRITE_ERRNOS, UserError
-from ..layout import ClassJob, resume_command, shard_done, token_path
+from ..layout import ClassJob, images_on_disk, resume_command, token_done
+from ..token_methods import get_method
 from ..tokens.progress import step_postfix
 from .cluster import ray_session
-from .worker import ClassWorker, QueueReport, WorkerHooks
+from .hooks import WorkerHooks
+from .worker import ClassWorker, QueueReport
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class Tracker:
         from tqdm.auto import tqdm
 
         images_total = sum(t.size for j in all_jobs for t in j.shards)
-        images_done = sum(t.size for j in all_jobs for t in j.shards if shard_done(out, t.shard_id, t.method))
+        images_done = images_on_disk(out, all_jobs)
         self.classes = tqdm(total=len(all_jobs), initial=len(all_jobs) - len(jobs), desc="classes", unit="class",
                             disable=not enabled, position=0, dynamic_ncols=True)
         self.images = tqdm(total=images_total, initial=images_done, desc="images ", unit="img", disable=not enabled,
@@ -135,8 +137,9 @@ def retryable(error: BaseException) -> bool:
 
 
 def batches_tokens(config: BuildConfig) -> bool:
-    """Whether a worker may learn several classes' tokens in one denoising batch (``dct.classes_per_batch``)."""
-    return config.method == "dct" and config.dct.classes_per_batch != 1
+    """Whether a worker may learn several classes' tokens in one batch (the method's `batches`:
+    ``dct.classes_per_batch``)."""
+    return get_method(config.method).batches(config)
 
 
 def companions_wanted(config: BuildConfig) -> int:
@@ -371,7 +374,7 @@ class RayExecutor:
         if not self.together:
             return []
         free = (j for j in self.pending if j.class_index not in self.claimed and j is not job
-                and not token_path(self.out, j.class_index).is_file())
+                and not token_done(self.out, j.class_index))
         return list(itertools.islice(free, self.companions_wanted))  # stats only as many files as it takes
 
     def release(self, ref: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ..classifier.source import check_label_agreement, declared_labels, parse_so
 from ..config import BuildConfig, diff, get, resolve_auto
 from ..datasets.base import class_aliases
 from ..datasets.catalog import get_dataset
+from ..datasets.fewshot import check_shots
 from ..datasets.select import select_classes
 from ..errors import UserError
 from ..layout import (
@@ -26,7 +26,7 @@ from ..layout import (
     LOCK_FILE,
     OVERWRITE_MARKER,
     PLAN_FILE,
-    done_shard_ids,
+    done_shards,
     fits_guide,
     guide_members,
     legacy_build_error,
@@ -38,7 +38,7 @@ from ..layout import (
 )
 from ..models import check_device, cuda_available, resolve_device, resolve_dtype, resolve_model_path
 from ..target import parse_guide_target
-from ..tokens.clip import check_clip_pairing
+from ..token_methods import get_method
 from .cluster import check_ray_address, import_ray, resolve_executor
 
 # Config keys that may change between a build and its resumption: where and how the work runs, not what it makes.
@@ -72,8 +72,9 @@ def same_work_diff(old: BuildConfig, new: BuildConfig) -> list[str]:
 SHARD_ONLY_KEYS = ("generate", "shards", "per_class", "baseline", "dct.trust", "dct.trust_images",
                    "dct.trust_features")
 
-# The user's k real images: for DCT with a given guide they decide only the images (real starts) and the trust
-# verdict; TI / MC-TI learn their tokens from them, and ``guide: fit`` fits the guide that steers them.
+# The user's k real images: for a method that does not learn from them (DCT) with a given guide they decide only
+# the images (real starts) and the trust verdict; TI / MC-TI learn their tokens from them, and ``guide: fit`` fits
+# the guide that steers them.
 SHOTS_KEYS = ("shots", "shots_seed")
 
 def _check_out(out: Path, config: BuildConfig, overwrite: bool) -> str:
@@ -141,8 +142,9 @@ def _existing_build(out: Path, config: BuildConfig, overwrite: bool) -> str:
         return "resume"
     if has_plan and not work_done(out):
         return "replace"  # nothing was made with the old config: the corrected command simply starts
-    shard_only = SHARD_ONLY_KEYS + (SHOTS_KEYS if config.method == "dct" and not fits_guide(config) else ())
-    if has_plan and not done_shard_ids(out) and all(
+    learns_from_shots = get_method(config.method).shots is not None
+    shard_only = SHARD_ONLY_KEYS + (SHOTS_KEYS if not learns_from_shots and not fits_guide(config) else ())
+    if has_plan and not done_shards(out) and all(
             any(k == s or k.startswith(s + ".") for s in shard_only) for k in changed):
         return "replace"  # the tokens stay valid: only how many images, and how they are made and stored, changed
     shown = "; ".join(f"{k}: {_short(get(old, k))} -> {_short(get(config, k))}" for k in changed[:6])
@@ -240,17 +242,6 @@ def _check_guide(source: str) -> None:
                         f"(timm.models.save_for_hf) or a transformers one (save_pretrained).")
 
 
-def _check_shots(config: BuildConfig, dataset: Any, class_names: list[str], need: Any, who: str) -> None:
-    """Every class in `need` has the build's `shots` real images in its split."""
-    counts = Counter(int(t) for t in dataset.targets)
-    short = [c for c in need if counts.get(c, 0) < config.shots]
-    if short:
-        c = short[0]
-        raise UserError(f"`shots` is {config.shots} but class {c} ({class_names[c]!r}) has {counts.get(c, 0)} images "
-                        f"in split {config.split!r} ({who} {config.shots} of every class): lower --shots or pick "
-                        f"another split.")
-
-
 def _check_backbone(backbone: str | None) -> None:
     """A fitted guide's backbone given as a path exists (hub ids and timm names are checked when they load)."""
     if backbone is not None and backbone.startswith((".", "/", "~")) and not Path(backbone).expanduser().is_dir():
@@ -295,27 +286,14 @@ def check_build(config: BuildConfig, overwrite: bool) -> CheckedBuild:
     # guide is fitted on every class of the dataset, in its order, from `shots` images of each)
     for member in guide_members(config.guide):  # each guide of an ensemble ("A,B")
         if member == "fit":
-            _check_shots(config, dataset, class_names, range(len(class_names)), "`guide` 'fit' fits on")
+            check_shots(dataset, config.shots, range(len(class_names)), class_names, config.split,
+                        "`guide` 'fit' fits on")
             _check_backbone(config.guide_fit.backbone)
             continue
         _check_guide(member)
         n_guide = guide_num_classes(member)
         check_label_agreement(class_aliases(dataset), labels=declared_labels(member)[0] if n_guide else None,
                               count=n_guide, what="guide", source=member, dataset=config.dataset)
-    # 7. What the method needs
-    if config.method in ("ti", "mcti"):
-        need = range(len(class_names)) if config.method == "mcti" else selected
-        _check_shots(config, dataset, class_names, need, f"method {config.method!r} learns from")
-        if config.method == "mcti" and len(class_names) < 2:
-            raise UserError("`method` 'mcti' needs at least 2 classes (its regularizer discriminates between them): "
-                            "use method 'ti'.")
-        if config.method == "mcti":
-            check_clip_pairing(config.model, config.mcti.clip_model)
-    # 8. A CLIP that is read (MC-TI, or the trust check in CLIP's feature space) exists
-    uses_clip = config.method == "mcti" or (config.dct.trust != "off" and config.dct.trust_features == "clip")
-    if uses_clip and config.mcti.clip_model is not None:
-        p = Path(config.mcti.clip_model).expanduser()
-        if config.mcti.clip_model.startswith((".", "/", "~")) and not p.exists():
-            raise UserError(f"`mcti.clip_model` {config.mcti.clip_model!r} does not exist: pass a CLIPModel "
-                            f"directory or a hub id like 'openai/clip-vit-large-patch14'.")
+    # 7. What the method needs (its k real images, a CLIP, its own settings)
+    get_method(config.method).check(config, dataset=dataset, class_names=class_names, selected=selected)
     return CheckedBuild(out, mode, class_names, selected, class_aliases(dataset))

@@ -3,121 +3,37 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from ..atomic import write_text
 from ..classifier.load import load_classifier
 from ..classifier.source import check_label_agreement
 from ..config import from_dict
 from ..datasets.catalog import get_dataset
-from ..datasets.fewshot import few_shot_indices
+from ..datasets.fewshot import shots_by_class
 from ..errors import UserError
-from ..generation import batch_size_for, batch_sizes, compile_unet, compiles, generate, real_start_images, use_unet
+from ..generation import generate, real_start_images
 from ..layout import (
     fits_guide,
     fitted_guide_id,
     guide_source,
     resume_command,
-    shard_done,
-    shard_paths,
+    token_done,
     token_path,
-    trust_path,
 )
 from ..models import load_diffusion
-from ..shards import ShardWriter
-from ..tokens.clip import class_features, default_clip_model, image_features, load_clip
-from ..tokens.dct import learn_dct_token
-from ..tokens.dct_batch import DCTJob, classes_per_batch_for, learn_dct_tokens
-from ..tokens.io import add_tokens, load_tokens, save_token
-from ..tokens.mcti import learn_mcti_token
-from ..tokens.trust import TrustVerdict, check_token_trust, read_verdict, trust_settings_sha256
-from .plan import ClassJob, ShardTask
+from ..token_methods import TokenMethod, get_method
+from ..tokens.io import add_tokens
+from ..tokens.trust import TrustVerdict, kept_or_checked
+from .hooks import WorkerHooks
+from .images import ClassImages
+from .plan import ClassJob
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Hooks: optional callbacks at fixed points of a class job
-# --------------------------------------------------------------------------------------------------------------------
-HOOKS_ENV = "SYNTHAUG_WORKER_HOOKS"
-
-
-HOOK_POINTS = ("on_job_start", "on_token_learned", "on_shard_written")
-
-
-_LOADED_HOOKS: dict[str, ModuleType] = {}  # one import per process, however many workers it runs
-
-
-@dataclass(frozen=True)
-class WorkerHooks:
-    """A module whose functions a worker calls at fixed points of every class job (tracing, fault injection in tests).
-
-    Named by the environment variable ``SYNTHAUG_WORKER_HOOKS`` on the driver: a module name on ``sys.path`` or the
-    path of a ``.py`` file (on shared storage when workers run on other machines). The module may define any of
-
-    - ``on_job_start(worker, job, attempt)``: before the job loads models or learns anything;
-    - ``on_token_learned(worker, job)``: the token is learned, its file not yet written;
-    - ``on_shard_written(worker, job, shard_id)``: a shard is complete on disk (its ``_stats.json`` included);
-
-    and ``SETTINGS``, names of environment variables that the driver reads and hands to every worker as
-    ``worker.hook_settings`` (so they reach Ray actors of a cluster started elsewhere). `worker` is the
-    `ClassWorker` (``worker.out``, ``worker.in_ray``, ``worker.hook_settings``), `job` the `ClassJob`. An exception
-    in a hook fails the job like any other error. Without the variable no hook runs.
-
-    Attributes:
-        module: the module name or ``.py`` path.
-        settings: the values of the module's ``SETTINGS`` found in the driver's environment.
-    """
-
-    module: str
-    settings: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerHooks | None:
-        """The hooks the environment names (importing the module once here, so a wrong name fails before any job)."""
-        environ = os.environ if environ is None else environ
-        spec = environ.get(HOOKS_ENV, "").strip()
-        if not spec:
-            return None
-        names = getattr(_import_hooks(spec), "SETTINGS", ())
-        return cls(spec, {k: environ[k] for k in names if k in environ})
-
-    def load(self) -> ModuleType:
-        return _import_hooks(self.module)
-
-
-def _import_hooks(spec: str) -> ModuleType:
-    if spec in _LOADED_HOOKS:
-        return _LOADED_HOOKS[spec]
-    try:
-        if spec.endswith(".py"):
-            path = Path(spec).expanduser().resolve()
-            loader = importlib.util.spec_from_file_location(f"_synthaug_hooks_{path.stem}", path)
-            if loader is None or not path.is_file():
-                raise FileNotFoundError(f"no file {path}")
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(spec)
-    except Exception as e:  # noqa: BLE001 (any import failure is a bad setting)
-        raise UserError(f"`{HOOKS_ENV}` {spec!r} cannot be imported ({type(e).__name__}: {e}): name a module on "
-                        f"sys.path or a .py file, or unset {HOOKS_ENV}.") from None
-    unknown = sorted(n for n in vars(module) if n.startswith("on_") and n not in HOOK_POINTS)
-    if unknown:
-        raise UserError(f"`{HOOKS_ENV}` {spec!r} defines {', '.join(unknown)}, which no worker calls: the hook "
-                        f"points are {', '.join(HOOK_POINTS)}.")
-    _LOADED_HOOKS[spec] = module
-    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,14 +43,16 @@ class ClassWorker:
     """Runs class jobs. Models load once, on the first job, and stay for the next ones.
 
     The local executor runs one in-process; the Ray executor wraps it with ``ray.remote`` (one actor per GPU). The
-    constructor does nothing that can fail, so a broken model or dataset shows up as a failed job with its error.
+    constructor only picks the config's token method (`synthaug.token_methods.get_method`: every method call below
+    goes to that one object) and loads nothing, so a broken model or dataset shows up as a failed job with its error.
 
     Args:
         config: the build config as a plain dict (`synthaug.config.to_dict`); plain data crosses process borders.
         out: the build directory (shared storage when actors run on other machines).
         classes: the dataset's classes, each as its names (`synthaug.datasets.class_aliases`); the loaded guide's
             labels are checked against them (the guide's logit c must be class c).
-        selected: the classes of the build (TI loads only their few-shot images; MC-TI loads every class's).
+        selected: the classes of the build (a method that learns from the learned classes' k real images, TI, loads
+            only theirs; one that reads every class's, MC-TI, loads all).
         report: called with progress events (dicts); the Ray executor passes one that feeds a queue.
         device: overrides ``config.device`` (a Ray actor sees its one GPU as ``cuda``).
         threads: CPU threads for torch while the worker runs; the same count gives the same bytes on CPU.
@@ -142,8 +60,9 @@ class ClassWorker:
         in_ray: whether this runs as a Ray actor (for hooks: a crash there ends the process).
         overlap_writes: encode and write batch i's images on a background thread while batch i+1 generates
             (`synthaug.shards.ShardWriter`); False writes them in line (the same bytes; benchmarks compare the two).
-        models: models already loaded (``{"pipe", "guide"}``, plus what TI/MC-TI need), instead of loading them from
-            the config on the first job (benchmarks and tests that reuse one pipeline).
+        models: models already loaded (``{"pipe", "guide"}``, plus ``"shots"`` and what the method's `prepare` adds
+            where it needs them), instead of loading them from the config on the first job (benchmarks and tests
+            that reuse one pipeline).
     """
 
     def __init__(self, config: dict[str, Any], out: str, classes: Sequence[str | Sequence[str]],
@@ -152,6 +71,7 @@ class ClassWorker:
                  hooks: WorkerHooks | None = None, in_ray: bool = False, overlap_writes: bool = True,
                  models: dict[str, Any] | None = None) -> None:
         self.config = from_dict(config)
+        self.method: TokenMethod = get_method(self.config.method)  # picked once: no branch on its name below
         self.out = Path(out)
         self.classes = [c if isinstance(c, str) else tuple(c) for c in classes]
         self.selected = list(selected)
@@ -161,11 +81,10 @@ class ClassWorker:
         self.hooks = hooks
         self.hook_settings = dict(hooks.settings) if hooks else {}
         self.in_ray = in_ray
-        self.overlap_writes = overlap_writes
         self._models: dict[str, Any] | None = models
         self._threads_before: int | None = None
-        self._generate: Any = None  # the generate config with its batch size resolved, set on the first shard
-        self._unet: Any = None  # the compiled UNet with generate.compile
+        self._images = ClassImages(self.out, self.config, report=self._report, hook=self._hook,
+                                   overlap_writes=overlap_writes)
 
     def ping(self) -> int:
         """The worker's process id (the driver asks after a crash whether the actor came back)."""
@@ -173,7 +92,8 @@ class ClassWorker:
 
     def close(self) -> None:
         """Drop the models and give back the thread setting (in-process use)."""
-        self._models = self._generate = self._unet = None
+        self._models = None
+        self._images.close()
         if self._threads_before is not None:
             import torch
 
@@ -185,7 +105,6 @@ class ClassWorker:
         if self._models is not None:
             return self._models
         import torch
-
 
         cfg = self.config
         if self.threads:
@@ -199,29 +118,18 @@ class ClassWorker:
         check_label_agreement(self.classes, labels=guide.labels, count=guide.num_classes, what="guide",
                               source=cfg.guide, dataset=cfg.dataset)
         models: dict[str, Any] = {"pipe": pipe, "guide": guide}
-        if cfg.method in ("ti", "mcti"):
-            models.update(self._few_shot(pipe))
+        if self.method.shots is not None:  # the k real images it learns from (of every class, or of the build's)
+            models["shots"] = self._shots(None if self.method.shots == "all" else self.selected)
+        models.update(self.method.prepare(cfg, models))
         if cfg.generate.init == "real":
             models["init_images"] = self._init_images()
         self._models = models
         return models
 
-    def _few_shot(self, pipe: Any) -> dict[str, Any]:
-        """The few-shot images TI/MC-TI learn from (MC-TI: of every class; its regularizer needs them all)."""
+    def _shots(self, classes: Sequence[int] | None = None) -> dict[int, list[Any]]:
+        """The user's k real images of `classes` (None: of every class), ``{class: [image, ...]}``."""
         cfg = self.config
-        dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
-        wanted = None if cfg.method == "mcti" else set(self.selected)
-        images: dict[int, list[Any]] = {}
-        for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
-            target = int(dataset.targets[i])
-            if wanted is None or target in wanted:
-                images.setdefault(target, []).append(dataset[i][0])
-        extra: dict[str, Any] = {"images_by_class": images, "clip": None, "features": None}
-        if cfg.method == "mcti":
-
-            extra["clip"] = load_clip(cfg.mcti.clip_model, pipe)
-            extra["features"] = class_features(extra["clip"], images)
-        return extra
+        return shots_by_class(get_dataset(cfg.dataset, cfg.root, cfg.split), cfg.shots, cfg.shots_seed, classes)
 
     def _init_images(self) -> dict[int, dict[int, Any]]:
         """generate.init "real": each selected class's real start images, by their index in the split."""
@@ -235,8 +143,8 @@ class ClassWorker:
 
         `companions`: class jobs whose tokens may be learned in the same denoising batches as this job's
         (``dct.classes_per_batch``): their token files are written as each class finishes, and their own jobs then
-        find them (their shards are not written here). Ignored unless the method is DCT and more than one class
-        fits a batch, and on a retry (`attempt` > 0).
+        find them (their shards are not written here). Ignored unless the method batches (`TokenMethod.batches`)
+        and more than one class fits a batch, and on a retry (`attempt` > 0).
 
         Returns:
             ``{"class_index", "token_learned", "token_seconds", "shards_written", "images", "seconds", "pid",
@@ -258,212 +166,45 @@ class ClassWorker:
         learned, token_seconds = self._ensure_token(job, models)
         learned, token_seconds = learned or c in batched, token_seconds + batched.get(c, 0.0)
         verdict = self._ensure_trust(job, models)
-        plain = verdict is not None and not verdict.trusted and self.config.dct.trust == "fallback"
+        plain = verdict is not None and not verdict.trusted and self.method.trust(self.config) == "fallback"
         if plain:
             logger.warning("class %d (%s): token not trusted, generating with the plain prompt (dct.trust=fallback): "
                            "%s", job.class_index, job.name, verdict.describe())
-        stats = self._write_shards(job, models, plain=plain)
+        stats = self._images.write(job, models, plain=plain)
         return {"class_index": c, "token_learned": learned, "token_seconds": token_seconds, **stats,
                 "classes_per_batch": models.get("classes_per_batch"),
                 "seconds": time.perf_counter() - started, "pid": os.getpid()}
 
     def _ensure_trust(self, job: ClassJob, models: dict[str, Any]) -> TrustVerdict | None:
-        """``dct.trust``: the class token's trust verdict, checked once and kept in ``tokens/NNN_trust.json`` (None
-        when the check is off). A kept verdict checked with other settings (``generate.*``, the real images it read)
-        is checked again: a build whose config changed before any image was made keeps its tokens, not its verdicts."""
-        cfg = self.config
-        if cfg.method != "dct" or cfg.dct.trust == "off":
+        """The class token's trust verdict (`kept_or_checked`), None when the method's tokens are not checked."""
+        if self.method.trust(self.config) == "off":
             return None
-        path = trust_path(self.out, job.class_index)
-        space, clip_source = "guide", None
-        if cfg.dct.trust_features == "clip":  # default_clip_model may read the model's config: only when asked
-            clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
-            space = f"clip:{clip_source or 'digits'}"
-        settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.shots,
-                                         shots_seed=cfg.shots_seed, images=cfg.dct.trust_images,
-                                         seed=cfg.dct.seed, features=space)
-        if path.is_file():
-            try:
-                kept = read_verdict(path)
-            except ValueError as e:  # damage is redone, never retried as it is
-                logger.warning("class %d (%s): its trust verdict %s is damaged (%s); checking again",
-                               job.class_index, job.name, path, e)
-            else:
-                if kept.settings_sha256 == settings:
-                    return kept
-                logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
-                            job.class_index, job.name)
-        if "real_by_class" not in models:
-            dataset = get_dataset(cfg.dataset, cfg.root, cfg.split)
-            by_class: dict[int, list[Any]] = {}
-            for i in few_shot_indices(dataset.targets, cfg.shots, cfg.shots_seed, allow_fewer=True):
-                by_class.setdefault(int(dataset.targets[i]), []).append(dataset[i][0])
-            models["real_by_class"] = by_class
-        features = None
-        if cfg.dct.trust_features == "clip":  # only its image tower is read: no pairing with the text encoder needed
-            if "trust_clip" not in models:
-                models["trust_clip"] = load_clip(clip_source, device=models["pipe"].device)
-            clip = models["trust_clip"]
-
-            def features(pixels):
-                return image_features(clip, pixels)
-
-        verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
-                                    token=job.token, real_images=models["real_by_class"], config=cfg.generate,
-                                    images=cfg.dct.trust_images, seed=cfg.dct.seed, features=features,
-                                    features_name=cfg.dct.trust_features, generate=generate)
-        verdict = replace(verdict, settings_sha256=settings)
-        write_text(path, verdict.to_json() + "\n")
-        (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
-                                                              job.name, verdict.describe())
-        return verdict
-
-    def _write_shards(self, job: ClassJob, models: dict[str, Any], *, plain: bool = False) -> dict[str, Any]:
-        """Generate and write every unfinished shard of the job, batch by batch (`plain`: the token's shards with
-        the plain prompt, a distrusted token's fallback).
-
-        The images of batch i are encoded and written on the `ShardWriter`'s thread while batch i+1 generates. A
-        shard's progress event and ``on_shard_written`` hook come once it is complete on disk, and always before the
-        next shard can complete (so a job stopped in that hook leaves exactly the shards reported so far).
-        """
-        c = job.class_index
-        pending = [t for t in job.shards if not shard_done(self.out, t.shard_id, t.method)]
-        stats: dict[str, Any] = {"shards_written": [], "images": 0, "batch_size": None, "compile_seconds": 0.0,
-                                 "generate_seconds": 0.0, "write_seconds": 0.0, "write_wait_seconds": 0.0}
-        if not pending:
-            return stats
-        pipe = models["pipe"]
-        if self._generate is None:
-            stats["compile_seconds"] = self._prepare_generation(pipe, pending, c)
-        gen = self._generate
-        sizes = {t.shard_id: t.size for t in pending}
-
-        def on_disk(done: list) -> None:
-            for shard_id, _ in done:
-                stats["shards_written"].append(shard_id)
-                stats["images"] += sizes[shard_id]
-                self._report({"kind": "shard", "class_index": c, "shard": shard_id, "images": sizes[shard_id]})
-                self._hook("on_shard_written", job, shard_id)
-
-        t0 = time.perf_counter()
-        shards = self.config.shards
-        # on a GPU, PNG encoding of a fast batch needs a few cores to keep up; on CPUs, torch holds the cores
-        encoders = min(4, os.cpu_count() or 1) if pipe.device.type == "cuda" else 1
-        with ShardWriter(self.out, image_format=shards.image_format, quality=shards.quality,
-                         background=self.overlap_writes, encode_threads=encoders) as writer, use_unet(pipe, self._unet):
-            next_seed: dict[str, int] = {}  # keep_confidence: the seed index each method's next shard starts at
-            for task in pending:
-                writer.begin(task.shard_id)
-                token = None if task.method == "sd" or plain else job.token
-                make = partial(generate, pipe, class_index=c, label=job.name, token=token, config=gen,
-                               method=task.method, classifier=models["guide"],
-                               init_images=models.get("init_images", {}).get(c))
-                batches = (self._all_images(task, make, gen.batch_size) if gen.keep_confidence is None else
-                           self._kept_images(job, task, make, gen, next_seed))
-                for images, done in batches:
-                    writer.put(images)
-                    self._report({"kind": "images", "class_index": c, "shard": task.shard_id, "done": done})
-                    on_disk(writer.finished())
-                on_disk(writer.drain())  # the previous shard: its hook runs before this one can complete
-                writer.end()
-            on_disk(writer.drain())
-        stats.update(batch_size=gen.batch_size, generate_seconds=time.perf_counter() - t0,
-                     write_seconds=writer.write_seconds, write_wait_seconds=writer.wait_seconds)
-        return stats
-
-    @staticmethod
-    def _all_images(task: ShardTask, make: Callable, batch_size: int) -> Iterator[tuple[list, int]]:
-        """Every image of the shard, batch by batch; batches start at the shard's first index, exactly as
-        `generate` would split the whole range itself."""
-        for lo in range(task.start, task.stop, batch_size):
-            hi = min(lo + batch_size, task.stop)
-            yield make(indices=range(lo, hi)), hi - task.start
-
-    def _kept_images(self, job: ClassJob, task: ShardTask, make: Callable, gen: Any,
-                     next_seed: dict[str, int]) -> Iterator[tuple[list, int]]:
-        """``generate.keep_confidence``: the shard's images, the first ones from its start seed on whose guide
-        probability passes the threshold (past ``generate.max_attempts`` seeds, any). Batches lie on a fixed grid
-        of seed indices, so a resumed shard generates exactly the batches an uninterrupted build did (the images
-        before its start seed are made again and dropped)."""
-        threshold, size = gen.keep_confidence, gen.batch_size
-        limit = gen.max_attempts or 10 * self.config.per_class
-        first = next_seed.get(task.method)
-        if first is None:
-            first = 0 if task.chunk == 0 else self._seed_after(job, task)
-        kept, below, lo = 0, 0, first - first % size
-        while kept < task.size:
-            images = [im for im in make(indices=range(lo, lo + size)) if im.index >= first
-                      and (im.index >= limit or (im.guide_prob is not None and im.guide_prob >= threshold))]
-            images = images[: task.size - kept]
-            below += sum(im.index >= limit and (im.guide_prob is None or im.guide_prob < threshold) for im in images)
-            if images:
-                kept += len(images)
-                next_seed[task.method] = images[-1].index + 1
-                yield images, kept
-            lo += size
-        if below:
-            logger.warning("class %d (%s, %s): %d image(s) of shard %d kept below generate.keep_confidence %g after "
-                           "%d seeds (generate.max_attempts)", job.class_index, job.name, task.method, below,
-                           task.shard_id, threshold, limit)
-
-    def _seed_after(self, job: ClassJob, task: ShardTask) -> int:
-        """The seed index after the last image of the previous shard of the same method (finished on disk)."""
-        import pyarrow.parquet as pq
-
-        before = next(t for t in job.shards if t.method == task.method and t.chunk == task.chunk - 1)
-        column = pq.read_table(shard_paths(self.out, before.shard_id, before.method).parquet,
-                               columns=["index"]).column("index")
-        return int(max(column.to_pylist())) + 1
-
-    def _prepare_generation(self, pipe: Any, pending: Sequence[ShardTask], class_index: int) -> float:
-        """Once per worker: resolve ``generate.batch_size`` (auto: from free memory on CUDA) and, with
-        ``generate.compile`` (auto: on CUDA), compile the UNet for the batch sizes the shards use. Returns the compile
-        seconds."""
-        gen = self.config.generate
-        gen = replace(gen, batch_size=batch_size_for(pipe, gen))
-        seconds = 0.0
-        if compiles(pipe, gen):
-            sizes = sorted({n for t in pending for n in batch_sizes(t.start, t.stop, gen.batch_size)}, reverse=True)
-            self._unet, seconds = compile_unet(pipe, gen, sizes)
-            logger.info("generate.compile: UNet compiled for batch sizes %s in %.1f s", sizes, seconds)
-            self._report({"kind": "compile", "class_index": class_index, "seconds": seconds})
-        self._generate = gen
-        return seconds
+        return kept_or_checked(self.out, job, models, self.config, real_images=self._shots, generate=generate)
 
     def _learn_tokens_together(self, jobs: Sequence[ClassJob], models: dict[str, Any]) -> dict[int, float]:
-        """``dct.classes_per_batch``: learn the missing tokens of `jobs` several classes per denoising batch
-        (`learn_dct_tokens`, continuous batching) and save each as its class finishes. Returns the seconds each
-        learned class took, its share of the wall time. Out of memory at this batch leaves the rest to their own
-        jobs, which learn them one at a time; any other error fails this job (whose retry learns its token alone).
+        """The method's batches (``dct.classes_per_batch``): learn the missing tokens of `jobs` several classes per
+        batch and save each as its class finishes. Returns the seconds each learned class took, its share of the
+        wall time. Out of memory at this batch leaves the rest to their own jobs, which learn them one at a time; any
+        other error fails this job (whose retry learns its token alone).
         """
         import torch
 
-        cfg = self.config
-        todo = [j for j in jobs if not token_path(self.out, j.class_index).is_file()]
-        if cfg.method != "dct" or len(todo) < 2:
+        cfg, method = self.config, self.method
+        todo = [j for j in jobs if not token_done(self.out, j.class_index)]
+        if not method.batches(cfg) or len(todo) < 2:
             return {}
-        pipe, guide = models["pipe"], models["guide"]
         if "classes_per_batch" not in models:
-            models["classes_per_batch"] = classes_per_batch_for(pipe, guide, cfg.dct, DCTJob(
-                todo[0].class_index, todo[0].name, token=todo[0].token))
+            models["classes_per_batch"] = method.classes_per_batch(cfg, models, todo[0])
         if models["classes_per_batch"] < 2:
             return {}
-        by_index = {j.class_index: j for j in todo}
         seconds: dict[int, float] = {}
         started = time.perf_counter()
         try:
-            for dct_job, result in learn_dct_tokens(
-                    pipe, guide, (DCTJob(j.class_index, j.name, token=j.token) for j in todo), cfg.dct,
-                    classes_per_batch=models["classes_per_batch"], val_prompt=cfg.generate.prompt,
-                    progress=self._step):
+            for job, result in method.learn_batch(cfg, models, todo, models["classes_per_batch"], self._step):
                 if isinstance(result, UserError):
                     raise result
-                job = by_index[dct_job.class_index]
-                self._hook("on_token_learned", job)
-                save_token(result, token_path(self.out, job.class_index))
+                self._save_token(job, result, result.seconds)
                 seconds[job.class_index] = result.seconds
-                self._report({"kind": "token", "class_index": job.class_index, "steps": result.steps,
-                              "stop_reason": result.stop_reason, "seconds": result.seconds})
         except torch.OutOfMemoryError as e:  # the classes left go one by one (any other error fails the job)
             logger.warning("learning %d class tokens together stopped after %d (%s: %s); the rest are learned one "
                            "at a time", len(todo), len(seconds), type(e).__name__, str(e).splitlines()[0][:200])
@@ -477,30 +218,22 @@ class ClassWorker:
         Generation always uses the token as read back from its file, so a resumed build and an uninterrupted one
         generate from the very same values.
         """
-        cfg, pipe, path = self.config, models["pipe"], token_path(self.out, job.class_index)
         learned, seconds = False, 0.0
-        if not path.is_file():
+        if not token_done(self.out, job.class_index):
             t0 = time.perf_counter()
-            if cfg.method == "dct":
-
-                result = learn_dct_token(pipe, models["guide"], job.class_index, job.name, cfg.dct, token=job.token,
-                                         val_prompt=cfg.generate.prompt, progress=self._step)
-            else:
-
-                result = learn_mcti_token(pipe, models["clip"], models["images_by_class"], job.class_index, cfg.mcti,
-                                          method=cfg.method, token=job.token, label=job.name,
-                                          features=models["features"])
-            seconds = time.perf_counter() - t0
-            self._hook("on_token_learned", job)
-            if hasattr(result, "save"):
-                result.save(path)
-            else:
-                save_token(result, path)
-            learned = True
-            self._report({"kind": "token", "class_index": job.class_index, "steps": getattr(result, "steps", None),
-                          "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
-        add_tokens(pipe, load_class_token(path, job.token, self.out))
+            result = self.method.learn(self.config, models, job, self._step)
+            seconds, learned = time.perf_counter() - t0, True
+            self._save_token(job, result, seconds)
+        add_tokens(models["pipe"], load_class_token(token_path(self.out, job.class_index), job.token, self.out,
+                                                    self.method))
         return learned, seconds
+
+    def _save_token(self, job: ClassJob, result: Any, seconds: float) -> None:
+        """A learned token into its file (the ``on_token_learned`` hook first), reported as a ``"token"`` event."""
+        self._hook("on_token_learned", job)
+        self.method.save(result, token_path(self.out, job.class_index))
+        self._report({"kind": "token", "class_index": job.class_index, "steps": getattr(result, "steps", None),
+                      "stop_reason": getattr(result, "stop_reason", None), "seconds": seconds})
 
     def _step(self, info: dict[str, Any]) -> None:
         """A token-learning iteration (`synthaug.tokens.progress.StepProgress`'s dict) as a ``"step"`` event."""
@@ -525,12 +258,13 @@ class QueueReport:
             self.queue.put_nowait(event)
 
 
-def load_class_token(path: Path, token: str, out: str | Path) -> dict[str, Any]:
-    """A class's token file, which must hold exactly that class's token. Raises `UserError` (naming the file, what
-    it holds, and that deleting it makes the build learn the token again) for a damaged or misplaced file."""
+def load_class_token(path: Path, token: str, out: str | Path, method: TokenMethod) -> dict[str, Any]:
+    """A class's token file (read by the build's `method`), which must hold exactly that class's token. Raises
+    `UserError` (naming the file, what it holds, and that deleting it makes the build learn the token again) for a
+    damaged or misplaced file."""
     fix = f"delete {path} and rerun `{resume_command(out)}` (the token is learned again)"
     try:
-        tokens = load_tokens(path)
+        tokens = method.load(path)
     except UserError as e:
         raise UserError(f"{str(e).rstrip('.').removesuffix(': write it again')}: {fix}.") from None
     if list(tokens) != [token]:

@@ -14,6 +14,15 @@ decoded image into a token.
 
 Nothing here downloads when offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``): weights that are not on disk
 give a one-line `UserError` naming `classifier`, the value and the fix, never a hub stack trace.
+
+The modules: `base` (the wrapper, eval preprocessing; `multi_label` when a config declares ``problem_type:
+multi_label_classification``); `load` (source strings: `LOADERS`, a source kind -> its loader; the source named in
+an error once, there); `source` (a source string read without loading: kind, declared labels, label agreement with a
+dataset); one file per source: `from_timm`, `from_transformers`, `from_torchvision`, `from_checkpoint`; `hub`
+(cached hub files, offline errors); `probe` (a few-shot guide: a linear head on a frozen CLIP / transformers / timm
+backbone's features, `ProbeModel`, its folder format and loader, `load_backbone`); `fit` (k real images per class
+-> a fitted probe folder: `fit_guide`, `fit_dataset_guide`, features and strength by leave-one-out on the shots,
+`FitRecord` = ``guide.json``); `ensemble` (``"A,B"`` -> `GuideEnsemble`, the mean of the members' log-probabilities).
 """
 
 from .base import Classifier, MeanPoolViT, eval_transform

@@ -15,6 +15,11 @@ Each dataset takes ``(root, split="train", transform=None, target_transform=None
   per class for the same seed.
 
 Missing or malformed data raises `UserError`: "Dataset not found or corrupted at {root}: expected {file}. {fix}".
+
+One file per dataset (`digits`, `cub`, `inat`, `imagenet`, `folder`, `tvsets`); `base`: the shared image-list
+dataset and name cleaning; `catalog.get_dataset(name, root, split)` (a dataset's splits: its class's `SPLITS`);
+`fewshot`: seeded k-shot subsets, the user's k real images by class (`shots_by_class`) and the check that a split
+has them (`check_shots`); `select.select_classes(dataset, selection)`: one selection rule for every stage.
 """
 
 from ..names import clean_class_name, normalize_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,3 +129,28 @@ def targets_of(dataset: Any) -> list[int]:
         return [int(dataset.dataset.targets[i]) for i in dataset.indices]
     raise UserError(f"`real` ({type(dataset).__name__}) has no `targets`: pass a synthaug.datasets / torchvision "
                     "dataset, or a torch Subset of one.")
+
+
+def shots_by_class(dataset: Any, shots: int, seed: int = 0, classes: Sequence[int] | None = None
+                   ) -> dict[int, list[Any]]:
+    """The user's k real images (`few_shot_indices`, fewer where a class has fewer) as ``{class: [image, ...]}``,
+    of `classes` only when given: what the token methods learn from and the trust check compares with."""
+    wanted = None if classes is None else set(classes)
+    images: dict[int, list[Any]] = {}
+    for i in few_shot_indices(dataset.targets, shots, seed, allow_fewer=True):
+        target = int(dataset.targets[i])
+        if wanted is None or target in wanted:
+            images.setdefault(target, []).append(dataset[i][0])
+    return images
+
+
+def check_shots(dataset: Any, shots: int, need: Sequence[int], class_names: Sequence[str], split: str,
+                who: str) -> None:
+    """Every class in `need` has `shots` images in the dataset's split, or a one-line `UserError` naming the first
+    that has fewer (`who` says what reads them)."""
+    counts = Counter(int(t) for t in dataset.targets)
+    short = [c for c in need if counts.get(c, 0) < shots]
+    if short:
+        c = short[0]
+        raise UserError(f"`shots` is {shots} but class {c} ({class_names[c]!r}) has {counts.get(c, 0)} images "
+                        f"in split {split!r} ({who} {shots} of every class): lower --shots or pick another split.")

@@ -6,6 +6,23 @@ Tokens are saved in diffusers' textual-inversion format (``{token: [1, dim]}`` i
 the CLIP model MC-TI and token classification (Eq. 6) use.
 
 >>> from synthaug.tokens import learn_dct_token, save_tokens, load_tokens
+
+The modules: `text` (token names, prompts, tokenizing, encoding, `splice_tokens` — the one way a learned vector
+enters the text encoder); `dct` (pipeline + classifier + class, or an attribute of a multi-label guide ->
+`TokenResult`); `dct_batch` (many class jobs -> each class's `TokenResult` as it finishes, many classes per
+denoising batch: `learn_dct_tokens`; and the `DCT` token method); `augment` (the straight-through clamp and the
+differentiable augmentations of DCT's loss); `x0` (a denoising step's predicted clean image, for DCT's x0 loss);
+`progress` (a token's per-step progress: a tqdm bar whose postfix is the loss, batch accuracy and stop rules' state,
+or a callable fed one dict per iteration, which a build's worker sends as a ``"step"`` event the driver's `Tracker`
+shows on its class bar; no torch); `mcti` (few-shot images -> TI / MC-TI token; the `TI` and `MCTI` token methods);
+`trust` (a token + the k real images of every class -> `TrustVerdict`: does the guide recognise the class's real
+images, do the token's images land on the class in the guide's — or CLIP's image — feature space at least as often
+as the plain prompt's; ``dct.trust: off | warn | fallback``, ``dct.trust_features: guide | clip``; a build's verdict
+kept in ``tokens/NNN_trust.json``: `kept_or_checked`); `clip` (the CLIP model MC-TI uses; Eq. 6 classification);
+`io` (diffusers textual-inversion safetensors: save, load, add to a pipeline, read metadata).
+
+`dct_batch` and `mcti` register their methods (`synthaug.token_methods`): a build and ``synthaug learn`` call them
+through the registry only.
 """
 
 from .clip import (

@@ -93,6 +93,13 @@ def check_clip_pairing(model: str, clip_model: str | None) -> None:
                         f"{SD_CLIPS[768]}), or method 'ti', which needs no CLIP.")
 
 
+def check_clip_path(clip_model: str | None) -> None:
+    """Refuse, before any model loads, a ``mcti.clip_model`` given as a path that does not exist."""
+    if clip_model is not None and clip_model.startswith((".", "/", "~")) and not Path(clip_model).expanduser().exists():
+        raise UserError(f"`mcti.clip_model` {clip_model!r} does not exist: pass a CLIPModel directory or a hub id "
+                        f"like 'openai/clip-vit-large-patch14'.")
+
+
 # T_1 of the paper: the template of the regularizer's text feature and of classification (CLIP's zero-shot habit).
 CLASSIFY_TEMPLATE = "a photo of a {token}"
 

@@ -33,7 +33,9 @@ from ..config import DCTConfig
 from ..device import auto_batch_size, free_cuda_memory
 from ..errors import UserError
 from ..target import GuideTarget
+from ..token_methods import TokenMethod, register_method
 from .augment import augment_draws, clamp01
+from .clip import check_clip_path
 from .dct import (
     Keeper,
     TokenPlan,
@@ -64,6 +66,7 @@ from .dct import (
     x0_images,
     x0_step_weight,
 )
+from .io import load_tokens, save_token
 from .progress import bar_update, progress_bar
 
 if TYPE_CHECKING:
@@ -432,3 +435,49 @@ def _forward(live: list[_Pass], lo: int, hi: int, warn: bool,
             continue
         out.append((loss if share == 1.0 else loss * share, logits, calls))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The method, registered: what a build's worker and `synthaug learn` call
+# --------------------------------------------------------------------------------------------------------------------
+@register_method
+class DCT(TokenMethod):
+    """DCT: a class token steered by the guide (`learn_dct_token`), several classes per batch with
+    ``dct.classes_per_batch`` (`learn_dct_tokens`); its tokens may be checked against the real images
+    (``dct.trust``, `synthaug.tokens.trust`)."""
+
+    name = "dct"
+    steered = True
+
+    def check(self, config, *, dataset, class_names, selected) -> None:
+        if config.dct.trust != "off" and config.dct.trust_features == "clip":  # the trust check reads a CLIP
+            check_clip_path(config.mcti.clip_model)
+
+    def trust(self, config) -> str:
+        return config.dct.trust
+
+    def learn(self, config, models, job, progress) -> TokenResult:
+        return learn_dct_token(models["pipe"], models["guide"], job.class_index, job.name, config.dct,
+                               token=job.token, val_prompt=config.generate.prompt, progress=progress)
+
+    def batches(self, config) -> bool:
+        return config.dct.classes_per_batch != 1
+
+    def classes_per_batch(self, config, models, job) -> int:
+        return classes_per_batch_for(models["pipe"], models["guide"], config.dct,
+                                     DCTJob(job.class_index, job.name, token=job.token))
+
+    def learn_batch(self, config, models, jobs, classes_per_batch, progress):
+        by_index = {j.class_index: j for j in jobs}
+        learned = learn_dct_tokens(models["pipe"], models["guide"],
+                                   (DCTJob(j.class_index, j.name, token=j.token) for j in by_index.values()),
+                                   config.dct, classes_per_batch=classes_per_batch, val_prompt=config.generate.prompt,
+                                   progress=progress)
+        for dct_job, result in learned:
+            yield by_index[dct_job.class_index], result
+
+    def save(self, result, path) -> None:
+        save_token(result, path)
+
+    def load(self, path) -> dict:
+        return load_tokens(path)

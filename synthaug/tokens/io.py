@@ -118,7 +118,7 @@ def save_token(result: TokenResult, path: str | os.PathLike) -> None:
 
 
 def save_tokens(
-    results: list[TokenResult] | dict[str, torch.Tensor],
+    results: list[TokenResult] | list[Any] | dict[str, torch.Tensor],
     path: str | os.PathLike,
     metadata: dict | None = None,
 ) -> None:
@@ -141,7 +141,8 @@ def save_tokens(
             tensors[r.token] = r.embedding
         meta["classes"] = json.dumps([
             {"token": r.token, "class_index": r.class_index, "label": r.label, "steps": r.steps,
-             "stop_reason": r.stop_reason, "best_step": r.best_step, "model_id": r.metadata.get("model_id"),
+             "stop_reason": getattr(r, "stop_reason", None), "best_step": getattr(r, "best_step", None),
+             "model_id": r.metadata.get("model_id"),
              "guide": r.metadata.get("guide"), "guide_trained_on": r.metadata.get("guide_trained_on")}
             for r in results
         ])

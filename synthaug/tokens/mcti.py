@@ -32,9 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MCTIConfig
+from ..datasets.fewshot import check_shots
 from ..errors import UserError
-from .clip import CLASSIFY_TEMPLATE, check_paired, class_features, text_features
-from .io import save_tokens
+from ..token_methods import TokenMethod, register_method
+from .clip import (
+    CLASSIFY_TEMPLATE,
+    check_clip_pairing,
+    check_clip_path,
+    check_paired,
+    class_features,
+    load_clip,
+    text_features,
+)
+from .io import load_tokens, save_tokens
 from .text import (
     encode,
     single_token_id,
@@ -462,3 +472,50 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The methods, registered: what a build's worker and `synthaug learn` call
+# --------------------------------------------------------------------------------------------------------------------
+@register_method
+class TI(TokenMethod):
+    """Textual inversion: each learned class's token from its own k real images (``mcti.*``: the warm-up alone)."""
+
+    name = "ti"
+    shots = "selected"
+
+    def check(self, config, *, dataset, class_names, selected) -> None:
+        need = range(len(class_names)) if self.shots == "all" else selected
+        check_shots(dataset, config.shots, need, class_names, config.split, f"method {self.name!r} learns from")
+        _check_config(config.mcti, self.name)
+
+    def learn(self, config, models, job, progress) -> MCTIResult:
+        return learn_mcti_token(models["pipe"], models.get("clip"), models["shots"], job.class_index, config.mcti,
+                                method=self.name, token=job.token, label=job.name, features=models.get("features"))
+
+    def save(self, result, path) -> None:
+        result.save(path)
+
+    def load(self, path) -> dict:
+        return load_tokens(path)
+
+
+@register_method
+class MCTI(TI):
+    """MC-TI: the TI warm-up, then joint steps with the CLIP regularizer that discriminates every class from the
+    others: it reads every class's k real images and the CLIP paired with the model's text encoder."""
+
+    name = "mcti"
+    shots = "all"
+
+    def check(self, config, *, dataset, class_names, selected) -> None:
+        super().check(config, dataset=dataset, class_names=class_names, selected=selected)
+        if len(class_names) < 2:
+            raise UserError("`method` 'mcti' needs at least 2 classes (its regularizer discriminates between them): "
+                            "use method 'ti'.")
+        check_clip_pairing(config.model, config.mcti.clip_model)
+        check_clip_path(config.mcti.clip_model)
+
+    def prepare(self, config, models) -> dict:
+        clip = load_clip(config.mcti.clip_model, models["pipe"])
+        return {"clip": clip, "features": class_features(clip, models["shots"])}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import write_text
+from ..layout import kept_verdict, trust_path
+from .clip import default_clip_model, image_features, load_clip
+
+logger = logging.getLogger(__name__)
 
 TRUST_MODES = ("off", "warn", "fallback")
 
@@ -220,3 +227,51 @@ def check_token_trust(
 
 __all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "read_verdict", "trust_seed",
            "trust_settings_sha256"]
+
+
+def kept_or_checked(out: str | os.PathLike, job: Any, models: dict[str, Any], config: Any, *,
+                    real_images: Callable[[], dict[int, list[Any]]], generate: Callable) -> TrustVerdict:
+    """``dct.trust`` in a build: the class token's verdict, checked once and kept in ``tokens/NNN_trust.json``. A kept
+    verdict checked with other settings (``generate.*``, the real images it read) is checked again: a build whose
+    config changed before any image was made keeps its tokens, not its verdicts.
+
+    `job`: the class job (``class_index``, ``name``, ``token``); `models`: the worker's (``pipe``, ``guide``), where
+    the real images (`real_images`, called once: every class's k) and a CLIP are kept for the next class; `config`:
+    the `BuildConfig`; `generate`: `synthaug.generation.generate`.
+    """
+    cfg = config
+    space, clip_source = "guide", None
+    if cfg.dct.trust_features == "clip":  # default_clip_model may read the model's config: only when asked
+        clip_source = cfg.mcti.clip_model if cfg.mcti.clip_model is not None else default_clip_model(cfg.model)
+        space = f"clip:{clip_source or 'digits'}"
+    settings = trust_settings_sha256(generate=cfg.generate, shots=cfg.shots, shots_seed=cfg.shots_seed,
+                                     images=cfg.dct.trust_images, seed=cfg.dct.seed, features=space)
+    kept, problem = kept_verdict(out, job.class_index, read_verdict)
+    if kept is not None and kept.settings_sha256 == settings:
+        return kept
+    if kept is not None:
+        logger.info("class %d (%s): its trust verdict was checked with other settings; checking again",
+                    job.class_index, job.name)
+    elif problem != "missing":  # damage is redone, never retried as it is
+        logger.warning("class %d (%s): its trust verdict %s is %s; checking again", job.class_index, job.name,
+                       trust_path(out, job.class_index), problem)
+    if "real_by_class" not in models:
+        models["real_by_class"] = real_images()
+    features = None
+    if cfg.dct.trust_features == "clip":  # only its image tower is read: no pairing with the text encoder needed
+        if "trust_clip" not in models:
+            models["trust_clip"] = load_clip(clip_source, device=models["pipe"].device)
+        clip = models["trust_clip"]
+
+        def features(pixels):
+            return image_features(clip, pixels)
+
+    verdict = check_token_trust(models["pipe"], models["guide"], class_index=job.class_index, label=job.name,
+                                token=job.token, real_images=models["real_by_class"], config=cfg.generate,
+                                images=cfg.dct.trust_images, seed=cfg.dct.seed, features=features,
+                                features_name=cfg.dct.trust_features, generate=generate)
+    verdict = dataclasses.replace(verdict, settings_sha256=settings)
+    write_text(trust_path(out, job.class_index), verdict.to_json() + "\n")
+    (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
+                                                          job.name, verdict.describe())
+    return verdict
