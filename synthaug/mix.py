@@ -5,6 +5,12 @@ Consumes a build directory (``index.parquet`` + ``shards/``) and, optionally, a 
 `class_to_idx`, `samples`, `targets`, three mixing modes, and per-epoch draws that are the same in every DataLoader
 worker for the same seed and epoch. Synthetic images are read with one positioned read from their tar (offset/size
 from the index) — no extraction, no scan.
+
+Which synthetic images: the build's own method by default (`synthaug.index.train_methods`, the ``train`` split; the
+``--baseline`` plain-prompt images only when asked), per-class methods (``class_methods``), a guide-confidence
+threshold (``min_confidence``) and a per-class cap that keeps the first or the guide's surest images
+(``synthetic_per_class``, ``rank``). ``targets="soft"``: the guide's recorded probabilities for synthetic items,
+one-hot for real ones.
 """
 
 from __future__ import annotations

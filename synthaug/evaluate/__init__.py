@@ -12,6 +12,13 @@ results, machine-readable files under ``out/eval/`` and terminal tables (`format
 - `compute_fid` (Tables 3/5, `fid`): FID and KID (torchmetrics) of each method's images against real images, with
   Inception-v3 features or a classifier's penultimate features.
 - `evaluate_shots` (`shots`): few-shot classification with learned tokens.
+- `paired`: Table 2 rows from any builds and settings → means with 95% t-intervals, paired differences and t-tests
+  against baseline rows. `tables` renders and saves results, `names` maps judge labels to build classes, `images`
+  reads images in batches.
+
+The judge's sign test is `scipy.stats.binomtest` where scipy is installed, the same exact sum without it;
+`synthaug evaluate` refuses a judge that is the build's guide unless ``--allow-guide-judge``. Table 2's learners are
+a timm CNN or ``arch="linear"`` (logistic regression on pixels), with hard or soft targets.
 """
 
 from .downstream import CellResult, DownstreamConfig, DownstreamResult, DownstreamRow, train_downstream
