@@ -39,6 +39,7 @@ from .layout import (
     done_shards,
     fits_guide,
     fitted_guide_dir,
+    kept_verdict,
     legacy_build_error,
     read_config,
     read_plan,
@@ -47,6 +48,7 @@ from .layout import (
     sample_key,
     shard_done,
     shard_name,
+    token_done,
     token_path,
     token_string,
     trust_path,
@@ -236,24 +238,21 @@ def inspect(out: str | os.PathLike, *, verify: bool = False) -> InspectResult:
             counts.setdefault(t.method, {}).setdefault(j.class_index, 0)
         for m, n in per.items():
             counts[m][j.class_index] = n
-        path = token_path(out, j.class_index)
-        meta = token_metadata_or_empty(path) if path.is_file() else {}
-        tokens_done += path.is_file()
+        has_token = token_done(out, j.class_index)
+        meta = token_metadata_or_empty(token_path(out, j.class_index)) if has_token else {}
+        tokens_done += has_token
         shards_done += done_here
         images += sum(per.values())
-        classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": path.is_file(),
+        classes.append({"index": j.class_index, "name": j.name, "token": j.token, "token_done": has_token,
                         "images": {m: per.get(m, 0) for m in sorted({t.method for t in j.shards})},
                         "shards_done": done_here, "shards": len(j.shards), "steps": int_or_none(meta.get("steps")),
                         "updates": token_updates(meta),
                         "stop_reason": meta.get("stop_reason") or None})
-        trust = trust_path(out, j.class_index)
-        if trust.is_file():
-            try:
-                verdict = read_verdict(trust)
-            except ValueError as e:  # the resume checks the class's token again
-                damaged.append(f"{TOKENS_DIR}/{trust.name}: damaged ({e}); resume with {resume_command(out)} to "
-                               f"check the class's token again.")
-            else:
+        verdict, why = kept_verdict(out, j.class_index, read_verdict)
+        if why is not None and why != "missing":  # damaged: the resume checks the class's token again
+            damaged.append(f"{TOKENS_DIR}/{trust_path(out, j.class_index).name}: {why}; resume with "
+                           f"{resume_command(out)} to check the class's token again.")
+        elif verdict is not None:
                 classes[-1]["trust"] = {**json.loads(verdict.to_json()),
                                         "fallback": (config.get("dct") or {}).get("trust") == "fallback"
                                         and not verdict.trusted}
@@ -614,7 +613,7 @@ def export_tokens(out: str | os.PathLike, format: str = "a1111", dest: str | os.
     if format not in EXPORT_FORMATS:
         raise UserError(f"`format` must be one of {', '.join(EXPORT_FORMATS)} but is {format!r}.")
     out, _, jobs = _open_build(out)
-    present = [j for j in jobs if token_path(out, j.class_index).is_file()]
+    present = [j for j in jobs if token_done(out, j.class_index)]
     if not present:
         raise UserError(f"`out` {str(out)!r} has no learned tokens yet under {out / TOKENS_DIR}: run or resume the "
                         f"build first (`{resume_command(out)}`).")
