@@ -9,6 +9,11 @@ how many images (in sample-index order) it took for the filter to keep N, and th
     python scripts/build_guide_stats.py out/digits-i8 --min-confidence 0.9
     python scripts/experiments/build_guide_stats.py out/digits-report200 --keep 100
     python scripts/experiments/build_guide_stats.py out/tune-k3 --choose-below 0.5
+    python scripts/experiments/build_guide_stats.py out/digits-k1 --rank 100
+
+With ``--rank N``: per method, the guide probability of each class's N-th surest image (what ``rank="confidence"``
+with ``synthetic_per_class=N`` amounts to as a threshold: min / median / max over the classes) and, after `synthaug
+evaluate`, the share of those N per class the judge calls right, against the first N by sample index.
 
 With ``--choose-below A`` (on a tune-seed build with ``--baseline``): the classes whose plain-prompt acceptance (the
 share of ``sd`` images the guide gives >= --min-confidence) is below A — DCT only where plain prompts fail — printed
@@ -18,6 +23,7 @@ as the ``class_methods`` value of a `reproduce_table2.py` row (``--row NAME=BUIL
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("build", type=Path)
     p.add_argument("--min-confidence", type=float, default=0.9)
     p.add_argument("--keep", type=int, help="also: images generated until the filter kept this many per class")
+    p.add_argument("--rank", type=int, metavar="N", help="also: the N surest images per class (rank='confidence')")
     p.add_argument("--choose-below", type=float, metavar="A",
                    help="also: the classes whose plain-prompt acceptance is below A, as a class_methods value")
     args = p.parse_args(argv)
@@ -74,6 +81,23 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{m}: images generated to keep {args.keep} per class: {', '.join(needed)}")
         evals = [int(token_metadata(t).get("unet_evals", 0)) for t in sorted((args.build / "tokens").glob("[0-9]*.safetensors"))]
         print(f"tokens: {len(evals)} files, {sum(evals)} UNet calls to learn them (unet_evals)")
+    if args.rank:
+        def prob(r):
+            return -1.0 if r["guide_prob"] is None else r["guide_prob"]
+
+        for m in methods:
+            cut, surest, first = [], [], []
+            for c in classes:
+                mine = [r for r in rows if r["method"] == m and r["class_index"] == c]
+                best = sorted(mine, key=lambda r: (-prob(r), r["index"]))[:args.rank]
+                cut.append(prob(best[-1]))
+                surest += [r.get("judge_prob") is not None and r["judge_prob"] >= 0.5 for r in best]
+                first += [r.get("judge_prob") is not None and r["judge_prob"] >= 0.5
+                          for r in sorted(mine, key=lambda r: r["index"])[:args.rank]]
+            print(f"{m}: the {args.rank}-th surest image per class has guide probability {min(cut):.2f} / "
+                  f"{statistics.median(cut):.2f} / {max(cut):.2f} (min / median / max); right by the judge: "
+                  f"{100 * sum(surest) / len(surest):.1f}% of the surest, {100 * sum(first) / len(first):.1f}% of "
+                  f"the first {args.rank}")
     if args.choose_below is not None:
         if not any(m == "sd" for m, _ in total):
             raise SystemExit("--choose-below needs the plain-prompt images: a build made with --baseline")

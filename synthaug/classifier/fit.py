@@ -342,9 +342,12 @@ def fit_guide(
     # 3. Leave-one-out over the candidate settings; the estimate a user reads is the whole procedure's (nested:
     #    each held-out fold's setting chosen on the other folds alone), since the chosen setting's own score is the
     #    best of many on few images and so optimistic
-    grid = (float(strength),) if strength is not None else STRENGTHS if head == "linear" else SCALES
-    default = (features or "pooled", float(strength) if strength is not None
-               else float(grid[len(grid) // 2 - 1]) if head == "linear" else float(SCALES[1]))
+    if strength is not None:  # fixed: the only candidate
+        grid = (float(strength),)
+    else:
+        grid = STRENGTHS if head == "linear" else SCALES
+    default = (features or "pooled", float(grid[0]) if strength is not None
+               else float(STRENGTHS[len(STRENGTHS) // 2 - 1]) if head == "linear" else float(SCALES[1]))
     candidates: list[dict[str, Any]] = []
     why = selected_acc = None
     every = torch.ones(len(y_shots), dtype=torch.bool)

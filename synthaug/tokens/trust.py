@@ -225,10 +225,6 @@ def check_token_trust(
                         reason="; ".join(reasons), features=features_name)
 
 
-__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "read_verdict", "trust_seed",
-           "trust_settings_sha256"]
-
-
 def kept_or_checked(out: str | os.PathLike, job: Any, models: dict[str, Any], config: Any, *,
                     real_images: Callable[[], dict[int, list[Any]]], generate: Callable) -> TrustVerdict:
     """``dct.trust`` in a build: the class token's verdict, checked once and kept in ``tokens/NNN_trust.json``. A kept
@@ -275,3 +271,7 @@ def kept_or_checked(out: str | os.PathLike, job: Any, models: dict[str, Any], co
     (logger.info if verdict.trusted else logger.warning)("class %d (%s) trust check: %s", job.class_index,
                                                           job.name, verdict.describe())
     return verdict
+
+
+__all__ = ["MIN_GUIDE_ACCURACY", "TRUST_MODES", "TrustVerdict", "check_token_trust", "kept_or_checked", "read_verdict",
+           "trust_seed", "trust_settings_sha256"]
